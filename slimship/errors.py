@@ -1,0 +1,46 @@
+"""One error family for everything slimship raises on purpose.
+
+Every message says what went wrong, where (file, config key, graph node, op) and what to do.
+"""
+
+from __future__ import annotations
+
+
+class SlimshipError(Exception):
+    """Base class: a problem a user can act on."""
+
+
+class ConfigError(SlimshipError):
+    """A configuration file or option is invalid; the message names the key path."""
+
+
+class SlimmingError(SlimshipError):
+    """The slimming engine could not trace, analyse, rewrite or verify a model."""
+
+
+class VerificationError(SlimmingError):
+    """A slim or exported model does not match its source within tolerance."""
+
+
+class ExportError(SlimshipError):
+    """A model could not be exported or converted (names the op / node where known)."""
+
+
+class ModelFileError(SlimshipError):
+    """A model file is missing, corrupt, truncated or of an unknown format."""
+
+
+class TargetError(SlimshipError):
+    """A target profile is invalid, unreachable or lacks the runtime it needs."""
+
+
+class DeviceError(TargetError):
+    """A remote device disconnected, timed out or returned an invalid result."""
+
+
+class ReleaseError(SlimshipError):
+    """A release bundle could not be written or does not verify."""
+
+
+class CompressionError(SlimshipError):
+    """A compression method was misconfigured or failed to reach its target."""
