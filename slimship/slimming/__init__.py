@@ -1,1 +1,31 @@
-"""slimship.slimming"""
+"""Slimming engine: trace -> channel graph -> value analysis -> plan -> rewrite -> verify."""
+
+from slimship.slimming.api import (
+    ChannelGroup,
+    GroupSet,
+    SlimReport,
+    SlimResult,
+    count_flops,
+    count_params,
+    find_groups,
+    make_random_identical,
+    slim,
+    verify_outputs,
+    zero_group,
+    zero_random_groups,
+)
+
+__all__ = [
+    "ChannelGroup",
+    "GroupSet",
+    "SlimReport",
+    "SlimResult",
+    "count_flops",
+    "count_params",
+    "find_groups",
+    "make_random_identical",
+    "slim",
+    "verify_outputs",
+    "zero_group",
+    "zero_random_groups",
+]

@@ -1,0 +1,41 @@
+"""slimship: slim structurally-sparse PyTorch models, export them, and prove the speedup on targets."""
+
+from slimship._version import __version__
+from slimship.errors import (
+    CompressionError,
+    ConfigError,
+    DeviceError,
+    ExportError,
+    ModelFileError,
+    ReleaseError,
+    SlimmingError,
+    SlimshipError,
+    TargetError,
+    VerificationError,
+)
+from slimship.slimming import (
+    SlimResult,
+    find_groups,
+    make_random_identical,
+    slim,
+    zero_random_groups,
+)
+
+__all__ = [
+    "CompressionError",
+    "ConfigError",
+    "DeviceError",
+    "ExportError",
+    "ModelFileError",
+    "ReleaseError",
+    "SlimResult",
+    "SlimmingError",
+    "SlimshipError",
+    "TargetError",
+    "VerificationError",
+    "__version__",
+    "find_groups",
+    "make_random_identical",
+    "slim",
+    "zero_random_groups",
+]

@@ -1,0 +1,194 @@
+"""The channel graph: every position of every tracked tensor dimension gets an id; ops couple ids.
+
+A *layout* is, per tensor dimension, an array of position ids (or None for an untracked dimension,
+such as a dynamic batch). Rules (see `rules.py`) unify ids that must be removed together, pin ids
+that must stay, and register *sites*: the places where values along a dimension are mixed (a
+convolution's input channels, a matmul's inner dimension), which is where value analysis must
+prove a removal exact. Connected components of the unified ids are the removable channels.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import torch
+from torch.fx import Node
+
+Layout = list[np.ndarray | None]
+
+# Site kinds: how a consumer mixes values along a dimension, and so which proofs can remove or merge there.
+LINEAR = "linear"  # y = x @ W.T: zero removable, constants foldable into the bias, equal columns mergeable
+CONV = "conv"  # like LINEAR, over kernels; folding needs zero padding
+CONV_T = "conv_transpose"  # transposed convolution: like CONV, its weight's dim 0 is the input side
+DOT = "dot"  # product of two activations summed over the dimension: a zero in either operand removes it
+SUM = "sum"  # plain sum over the dimension: zeros removable
+
+MERGEABLE_SITES = {LINEAR, CONV, CONV_T}
+
+
+@dataclass
+class Site:
+    """A consumer that mixes values along one dimension of its operands (aligned positions)."""
+
+    node: Node
+    kind: str
+    operands: list[tuple[Node, int]]  # (tensor node, dim): position j of each operand is the same channel
+    weight: Node | None = None  # the consumer's weight parameter (get_attr) for LINEAR/CONV sites
+    weight_dim: int = 1
+    bias: Node | None = None
+    foldable: bool = False  # constants along this dim can be folded into `bias` exactly
+
+
+@dataclass
+class ChannelGraph:
+    gm: torch.fx.GraphModule
+    count: int = 0
+    layouts: dict[Node, Any] = field(default_factory=dict)
+    _edges: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    _pins: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+    consumer_dims: set[tuple[Node, int]] = field(default_factory=set)  # param dims read by a site
+    stat_dims: set[tuple[Node, int]] = field(default_factory=set)  # variance-like buffers: never zeroed
+    unsupported: dict[str, list[str]] = field(default_factory=dict)  # op -> nodes pinned for lack of a rule
+    component: np.ndarray | None = None
+    pinned: np.ndarray | None = None  # per component
+    pin_reason: dict[int, str] = field(default_factory=dict)  # component -> first reason
+
+    # ---- building ------------------------------------------------------------------------------
+    def fresh(self, size: int | None, pin: str | None = None) -> np.ndarray | None:
+        if size is None:
+            return None
+        ids = np.arange(self.count, self.count + size, dtype=np.int64)
+        self.count += size
+        if pin is not None:
+            self._pins.append((ids, pin))
+        return ids
+
+    def fresh_layout(self, node: Node, pin: str | None = None) -> Layout:
+        return [self.fresh(s, pin) for s in shape_of(node)]
+
+    def unify(self, a: np.ndarray | None, b: np.ndarray | None, reason: str = "dynamic dimension") -> None:
+        if a is None and b is None:
+            return
+        if a is None or b is None:
+            self.pin(a if a is not None else b, reason)
+            return
+        if len(a) != len(b):
+            self.pin(a, f"size mismatch ({reason})")
+            self.pin(b, f"size mismatch ({reason})")
+            return
+        self._edges.append((a, b))
+
+    def pin(self, ids: np.ndarray | None, reason: str) -> None:
+        if ids is not None and len(ids):
+            self._pins.append((ids, reason))
+
+    def pin_layout(self, layout: Any, reason: str) -> None:
+        for ids in iter_dims(layout):
+            self.pin(ids, reason)
+
+    def layout(self, value: Any) -> Any:
+        """Layout of a graph value (Node); None for scalars and non-tensors."""
+        if isinstance(value, Node):
+            return self.layouts.get(value)
+        return None
+
+    # ---- solving -------------------------------------------------------------------------------
+    def solve(self) -> None:
+        """Connected components of unified ids; a component is pinned if any of its ids is."""
+        n = self.count
+        if self._edges:
+            rows = np.concatenate([a for a, _ in self._edges])
+            cols = np.concatenate([b for _, b in self._edges])
+        else:
+            rows = cols = np.zeros(0, dtype=np.int64)
+        matrix = scipy.sparse.coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+        _, labels = scipy.sparse.csgraph.connected_components(matrix, directed=False)
+        self.component = labels.astype(np.int64)
+        ncomp = int(labels.max()) + 1 if n else 0
+        self.pinned = np.zeros(ncomp, dtype=bool)
+        for ids, reason in self._pins:
+            comps = np.unique(labels[ids])
+            for c in comps[~self.pinned[comps]]:
+                self.pin_reason[int(c)] = reason
+            self.pinned[comps] = True
+
+    def comps(self, ids: np.ndarray) -> np.ndarray:
+        assert self.component is not None
+        return self.component[ids]
+
+
+def iter_dims(layout: Any):
+    """Yield every tracked id array of a layout or a tuple of layouts."""
+    if layout is None:
+        return
+    if isinstance(layout, np.ndarray):
+        yield layout
+        return
+    for item in layout:
+        yield from iter_dims(item)
+
+
+def is_multi(layout: Any) -> bool:
+    """True for the layout of a multi-output node (a list of layouts)."""
+    return isinstance(layout, list) and any(isinstance(x, list) for x in layout)
+
+
+def shape_of(node: Node) -> list[int | None]:
+    """Concrete sizes of a tensor node's dims; None for symbolic ones."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return []
+    return [int(s) if isinstance(s, int) else None for s in val.shape]
+
+
+def is_tensor_node(value: Any) -> bool:
+    return isinstance(value, Node) and isinstance(value.meta.get("val"), torch.Tensor)
+
+
+def op_name(node: Node) -> str:
+    """'aten.conv2d' style name for a call_function node."""
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target._schema.name.split('::')[-1]}"
+    return getattr(target, "__name__", str(target))
+
+
+def op_args(node: Node) -> dict[str, Any]:
+    """Arguments of an ATen call by schema name, defaults filled in."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return {}
+    out: dict[str, Any] = {}
+    schema_args = target._schema.arguments
+    for i, arg in enumerate(schema_args):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+        else:
+            out[arg.name] = None
+    return out
+
+
+def set_op_arg(node: Node, name: str, value: Any) -> None:
+    """Set an ATen call's argument by schema name (positional if it was given positionally)."""
+    schema_args = node.target._schema.arguments
+    index = next(i for i, a in enumerate(schema_args) if a.name == name)
+    if index < len(node.args):
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs[name] = value
+        node.kwargs = kwargs

@@ -1,0 +1,186 @@
+"""Rewrite: slice (or sum merged columns of) every parameter, then fix the sizes the graph holds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.fx import Node
+
+from slimship.slimming.graph import CONV, ChannelGraph, op_args, op_name, set_op_arg, shape_of
+from slimship.slimming.plan import Plan
+
+
+def rewrite(g: ChannelGraph, plan: Plan) -> dict[str, torch.Tensor]:
+    """Apply `plan` to `g.gm` in place; returns the new tensors by qualified name."""
+    gm = g.gm
+    tensors = {str(n.target): (n, _get(gm, str(n.target))) for n in gm.graph.nodes if n.op == "get_attr"}
+    new: dict[str, torch.Tensor] = {name: t.detach().clone() for name, (_, t) in tensors.items()}
+    _apply_folds(plan, new)
+    _apply_merges(g, plan, tensors, new)
+    for name, (node, _) in tensors.items():
+        layout = g.layouts.get(node)
+        tensor = new[name]
+        for d, ids in enumerate(layout or []):
+            if ids is None or not len(ids):
+                continue
+            keep = plan.keep[g.component[ids]]
+            if not keep.all():
+                tensor = tensor.index_select(d, torch.from_numpy(np.flatnonzero(keep)))
+        new[name] = tensor
+    for name, tensor in new.items():
+        _set(gm, name, tensor)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function":
+            fix = ARG_RULES.get(op_name(node))
+            if fix is not None:
+                fix(g, plan, node, op_args(node))
+    gm.graph.lint()
+    gm.recompile()
+    return new
+
+
+def _apply_folds(plan: Plan, new: dict[str, torch.Tensor]) -> None:
+    for fold in plan.folds:
+        weight = new[str(fold.site.weight.target)]
+        bias = new[str(fold.site.bias.target)]
+        columns = weight.index_select(1, torch.from_numpy(fold.positions)).double()
+        if fold.site.kind == CONV:
+            columns = columns.sum(dim=tuple(range(2, columns.dim())))
+        shift = columns @ torch.from_numpy(fold.consts)
+        new[str(fold.site.bias.target)] = (bias.double() + shift).to(bias.dtype)
+
+
+def _apply_merges(g: ChannelGraph, plan: Plan, tensors: dict[str, Any], new: dict[str, torch.Tensor]) -> None:
+    if not plan.merged_into:
+        return
+    done: set[tuple[str, int]] = set()
+    for node, d in g.consumer_dims:
+        key = (str(node.target), d)
+        if key in done or node.op != "get_attr":
+            continue
+        done.add(key)
+        comps = g.component[g.layouts[node][d]]
+        tensor = new[key[0]]
+        for other, rep in plan.merged_into.items():
+            src = np.flatnonzero(comps == other)
+            if not len(src):
+                continue
+            dst = np.flatnonzero(comps == rep)
+            tensor = tensor.index_add(d, torch.from_numpy(dst), tensor.index_select(d, torch.from_numpy(src)))
+        new[key[0]] = tensor
+
+
+def _get(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
+    prefix, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(prefix) if prefix else gm
+    old = getattr(owner, leaf)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = tensor.contiguous()
+    else:
+        setattr(owner, leaf, tensor.contiguous())
+
+
+# ---- sizes held by the graph -------------------------------------------------------------------
+def new_size(g: ChannelGraph, plan: Plan, node: Node, d: int) -> int | None:
+    layout = g.layouts.get(node)
+    if layout is None or d >= len(layout) or layout[d] is None:
+        return None
+    return int(plan.keep[g.component[layout[d]]].sum())
+
+
+ArgRule = Callable[[ChannelGraph, Plan, Node, dict[str, Any]], None]
+ARG_RULES: dict[str, ArgRule] = {}
+
+
+def arg_rule(*names: str) -> Callable[[ArgRule], ArgRule]:
+    def register(fn: ArgRule) -> ArgRule:
+        for name in names:
+            ARG_RULES[name] = fn
+        return fn
+
+    return register
+
+
+@arg_rule("aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand")
+def shape_list(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
+    key = "size" if "size" in a else "shape"
+    sizes = list(a[key])
+    offset = len(shape_of(node)) - len(sizes)
+    for i, s in enumerate(sizes):
+        if isinstance(s, int) and s != -1:
+            size = new_size(g, plan, node, i + offset)
+            if size is not None:
+                sizes[i] = size
+    set_op_arg(node, key, sizes)
+
+
+@arg_rule("aten.unflatten")
+def unflatten(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
+    d = int(a["dim"]) % len(shape_of(a["self"]))
+    sizes = list(a["sizes"])
+    for i, s in enumerate(sizes):
+        if isinstance(s, int) and s != -1:
+            size = new_size(g, plan, node, d + i)
+            if size is not None:
+                sizes[i] = size
+    set_op_arg(node, "sizes", sizes)
+
+
+@arg_rule("aten.split", "aten.split_with_sizes", "aten.chunk")
+def split(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
+    x = a["self"]
+    d = int(a.get("dim") or 0) % len(shape_of(x))
+    layouts = g.layouts.get(node)
+    if not layouts or layouts[0][d] is None:
+        return
+    sizes = [int(plan.keep[g.component[lay[d]]].sum()) for lay in layouts]
+    old = [int(v.shape[d]) for v in node.meta["val"]]
+    if sizes != old:
+        node.target = torch.ops.aten.split_with_sizes.default
+        node.args, node.kwargs = (x, sizes, d), {}
+
+
+@arg_rule("aten.slice", "aten.narrow")
+def slice_bounds(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
+    x = a.get("self", a.get("input"))
+    d = int(a.get("dim") or 0) % len(shape_of(x))
+    layout = g.layouts.get(x)
+    if layout is None or layout[d] is None:
+        return
+    keep = plan.keep[g.component[layout[d]]]
+    if keep.all():
+        return
+    prefix = np.concatenate([[0], np.cumsum(keep)])
+    if op_name(node) == "aten.narrow":
+        start, length = int(a["start"]), int(a["length"])
+        set_op_arg(node, "start", int(prefix[start]))
+        set_op_arg(node, "length", int(prefix[start + length] - prefix[start]))
+        return
+    lo, hi, _ = slice(a.get("start"), a.get("end")).indices(len(keep))
+    set_op_arg(node, "start", int(prefix[lo]))
+    set_op_arg(node, "end", int(prefix[hi]))
+
+
+@arg_rule("aten.scaled_dot_product_attention")
+def attention_scale(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
+    """A narrower head dim must not change the softmax scale: pin it to the original value."""
+    q = a["query"]
+    head_dim = shape_of(q)[-1]
+    if a.get("scale") is None and new_size(g, plan, q, len(shape_of(q)) - 1) not in (None, head_dim):
+        kwargs = dict(node.kwargs)
+        kwargs["scale"] = 1.0 / math.sqrt(head_dim)
+        node.kwargs = kwargs

@@ -1,0 +1,73 @@
+"""Trace a model with torch.export into a GraphModule whose parameters keep their qualified names."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimship.errors import SlimmingError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Traced:
+    """A traced copy of the model: `gm` runs like the model; `dynamic_batch` says whether dim 0 is free."""
+
+    gm: torch.fx.GraphModule
+    example_inputs: tuple[Any, ...]
+    dynamic_batch: bool
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """Accept a tensor, a tuple or a list of example inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list | tuple):
+        return tuple(example_inputs)
+    raise SlimmingError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def _export(model: nn.Module, inputs: tuple[Any, ...], dynamic: bool) -> torch.export.ExportedProgram:
+    dynamic_shapes = None
+    if dynamic:
+        dynamic_shapes = tuple(
+            {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+            for x in inputs
+        )
+    return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def trace(model: nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> Traced:
+    """Export a deep copy of `model` (in eval mode) and return its GraphModule.
+
+    A dynamic batch dimension is tried first; a model that specialises its batch falls back to a
+    static trace (logged).
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if not isinstance(model, nn.Module):
+        raise SlimmingError(f"expected an nn.Module or ExportedProgram, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    source = copy.deepcopy(model).eval()
+    errors = []
+    for dynamic in (True, False) if dynamic_batch else (False,):
+        try:
+            with torch.no_grad():
+                program = _export(source, inputs, dynamic)
+            gm = program.module()
+            return Traced(gm=gm, example_inputs=inputs, dynamic_batch=dynamic)
+        except Exception as exc:  # torch.export raises many exception types
+            errors.append(exc)
+            log.info("export with dynamic_batch=%s failed: %s", dynamic, str(exc).splitlines()[0])
+    raise SlimmingError(
+        f"torch.export could not trace {type(model).__name__}: {str(errors[-1]).splitlines()[0]}. "
+        "Make the forward exportable (no data-dependent Python control flow) or pass an ExportedProgram."
+    ) from errors[-1]

@@ -1,0 +1,608 @@
+"""Value analysis: what is provable about each slice of each tracked dimension.
+
+For a tensor dim, `DimFacts.const[p]` is the value every element of slice p provably has (NaN when
+unknown; 0.0 is a zero-invariant channel), and `DimFacts.cls[p]` labels slices that are provably
+equal (identical filters). Facts come from parameter values and flow through one small rule per op;
+an op without a rule proves nothing. Only dims in removable components are analysed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from slimship.slimming.graph import ChannelGraph, is_tensor_node, op_args, op_name, shape_of
+
+_labels = itertools.count(1 << 40)
+
+
+@dataclass
+class DimFacts:
+    const: np.ndarray  # float64, NaN = unknown
+    cls: np.ndarray  # int64 equality labels
+
+    @classmethod
+    def unknown(cls, n: int) -> DimFacts:
+        start = next(_labels)
+        for _ in range(n):
+            next(_labels)
+        return cls(np.full(n, np.nan), np.arange(start, start + n, dtype=np.int64))
+
+    def take(self, index: np.ndarray | slice) -> DimFacts:
+        return DimFacts(self.const[index], self.cls[index])
+
+
+Facts = list[DimFacts | None]
+
+
+def relabel(keys: np.ndarray, const: np.ndarray) -> np.ndarray:
+    """Equality labels from key rows; slices with the same known constant are equal too."""
+    keys = keys.reshape(len(keys), -1)
+    _, inverse = np.unique(keys, axis=0, return_inverse=True)
+    labels = inverse.reshape(-1).astype(np.int64) + next(_labels)
+    for _ in range(len(keys)):
+        next(_labels)
+    known = ~np.isnan(const)
+    if known.any():
+        _, first = np.unique(const[known], return_inverse=True)
+        labels[known] = first.reshape(-1) + next(_labels)
+        for _ in range(int(known.sum())):
+            next(_labels)
+    return labels
+
+
+class ValueAnalysis:
+    """Runs the value rules over the graph, given the solved channel graph."""
+
+    def __init__(self, g: ChannelGraph) -> None:
+        self.g = g
+        self.gm = g.gm
+        self.facts: dict[Node, Any] = {}
+        self._param_cache: dict[tuple[Node, int], DimFacts] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_function":
+                fn = VALUE_RULES.get(op_name(node))
+                result = fn(self, node, op_args(node)) if fn is not None else None
+                self.facts[node] = result
+
+    # ---- queries -----------------------------------------------------------------------------
+    def live(self, node: Node, d: int) -> bool:
+        layout = self.g.layouts.get(node)
+        if layout is None or d >= len(layout) or not isinstance(layout[d], np.ndarray):
+            return False
+        ids = layout[d]
+        return bool(len(ids)) and not bool(self.g.pinned[self.g.comps(ids)].all())
+
+    def param(self, node: Node) -> torch.Tensor:
+        return self.gm.get_parameter(node.target) if _is_param(self.gm, node) else _get_attr(self.gm, node)
+
+    def dim(self, value: Any, d: int) -> DimFacts | None:
+        """Facts of dim d of a value (activation or parameter)."""
+        if not isinstance(value, Node):
+            return None
+        if value.op == "get_attr":
+            return self.param_facts(value, d)
+        facts = self.facts.get(value)
+        if facts is None or d >= len(facts):
+            return None
+        return facts[d]
+
+    def dim_or_unknown(self, value: Any, d: int, n: int) -> DimFacts:
+        facts = self.dim(value, d)
+        return facts if facts is not None else DimFacts.unknown(n)
+
+    def param_facts(self, node: Node, d: int) -> DimFacts:
+        key = (node, d)
+        if key not in self._param_cache:
+            tensor = self.param(node).detach()
+            rows = tensor.movedim(d, 0).reshape(tensor.shape[d], -1).double()
+            if rows.shape[1] == 0:
+                const = np.zeros(rows.shape[0])
+            else:
+                lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
+                const = torch.where(lo == hi, lo, torch.full_like(lo, float("nan"))).numpy()
+            _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+            start = next(_labels)
+            for _ in range(rows.shape[0]):
+                next(_labels)
+            self._param_cache[key] = DimFacts(const, inverse.numpy().astype(np.int64) + start)
+        return self._param_cache[key]
+
+
+def _is_param(gm: torch.fx.GraphModule, node: Node) -> bool:
+    try:
+        gm.get_parameter(node.target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _get_attr(gm: torch.fx.GraphModule, node: Node) -> torch.Tensor:
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+ValueRule = Callable[[ValueAnalysis, Node, dict[str, Any]], Any]
+VALUE_RULES: dict[str, ValueRule] = {}
+
+
+def value_rule(*names: str) -> Callable[[ValueRule], ValueRule]:
+    def register(fn: ValueRule) -> ValueRule:
+        for name in names:
+            VALUE_RULES[name] = fn
+        return fn
+
+    return register
+
+
+def _rank(node: Node) -> int:
+    return len(shape_of(node))
+
+
+def _none(node: Node) -> Facts:
+    return [None] * _rank(node)
+
+
+# ---- elementwise --------------------------------------------------------------------------------
+def _flat_values(a: dict[str, Any]) -> list[Any]:
+    out = []
+    for v in a.values():
+        out.extend(v if isinstance(v, list | tuple) else [v])
+    return out
+
+
+def pointwise(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    """Evaluate the op itself on per-slice constants; equality is the tuple of operand labels."""
+    out_shape = shape_of(node)
+    rank = len(out_shape)
+    result: Facts = []
+    for d in range(rank):
+        if not va.live(node, d):
+            result.append(None)
+            continue
+        n = out_shape[d]
+        keys, subst = [], {}
+        for name, value in a.items():
+            if not is_tensor_node(value):
+                continue
+            t_shape = shape_of(value)
+            td = d - (rank - len(t_shape))
+            if td < 0 or t_shape[td] == 1:
+                subst[name] = torch.full((n,), float("nan"), dtype=torch.float64)
+                continue
+            facts = va.dim_or_unknown(value, td, n)
+            keys.append(facts.cls)
+            subst[name] = torch.from_numpy(facts.const.copy())
+        const = _evaluate(node, a, subst, n)
+        name = op_name(node)
+        if name in ("aten.mul", "aten.mul_"):
+            for value in subst.values():
+                const[value.numpy() == 0] = 0.0
+        key = np.stack(keys, axis=1) if keys else np.zeros((n, 1), dtype=np.int64)
+        result.append(DimFacts(const, relabel(key, const)))
+    return result
+
+
+def _evaluate(node: Node, a: dict[str, Any], subst: dict[str, torch.Tensor], n: int) -> np.ndarray:
+    kwargs = {k: subst.get(k, v) for k, v in a.items()}
+    try:
+        schema = node.target._schema
+        args = [kwargs[arg.name] for arg in schema.arguments if not arg.kwarg_only]
+        kw = {arg.name: kwargs[arg.name] for arg in schema.arguments if arg.kwarg_only}
+        for k in ("dtype", "device", "layout", "memory_format", "pin_memory", "non_blocking", "copy"):
+            kw.pop(k, None)
+        out = node.target(*args, **kw)
+        out = out.double().reshape(-1)
+        return out.numpy().copy() if out.numel() == n else np.full(n, np.nan)
+    except Exception:
+        return np.full(n, np.nan)
+
+
+# The coupling table's elementwise ops share this value rule.
+from slimship.slimming.rules import BINARY, UNARY  # noqa: E402
+
+for _name in (*UNARY, *BINARY):
+    VALUE_RULES[_name] = pointwise
+
+
+# ---- layers ------------------------------------------------------------------------------------
+@value_rule("aten.linear")
+def linear(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x, w, b = a["input"], a["weight"], a.get("bias")
+    rank = _rank(node)
+    result = _none(node)
+    bias = va.param(b).detach().double() if b is not None else None
+    for d in range(rank - 1):  # slices along leading dims: zero stays zero without a bias
+        if va.live(node, d):
+            facts = va.dim_or_unknown(x, d, shape_of(node)[d])
+            zero_bias = bias is None or bool((bias == 0).all())
+            const = np.where((facts.const == 0) & zero_bias, 0.0, np.nan)
+            result[d] = DimFacts(const, relabel(facts.cls, const))
+    if va.live(node, rank - 1):
+        weight = va.param(w).detach().double()
+        result[rank - 1] = _mixing_out(va, weight, bias, va.dim(x, len(shape_of(x)) - 1), exact_const=True)
+    return result
+
+
+def _mixing_out(
+    va: ValueAnalysis, weight: torch.Tensor, bias: torch.Tensor | None, facts: DimFacts | None, exact_const: bool
+) -> DimFacts:
+    """Output-channel facts of y_o = sum_i W[o, i] * x_i + b_o (weights may carry kernel dims)."""
+    out_ch, in_ch = weight.shape[0], weight.shape[1]
+    facts = facts if facts is not None else DimFacts.unknown(in_ch)
+    w = weight.reshape(out_ch, in_ch, -1)
+    zero_in = torch.from_numpy(facts.const == 0)
+    known_in = torch.from_numpy(~np.isnan(facts.const))
+    w = torch.where(zero_in[None, :, None], torch.zeros_like(w), w)
+    touches = (w != 0).any(dim=2)  # (O, I)
+    b = bias if bias is not None else torch.zeros(out_ch, dtype=torch.float64)
+    if exact_const:
+        const_ok = ~(touches & ~known_in[None, :]).any(dim=1)
+        c_in = torch.from_numpy(np.nan_to_num(facts.const))
+        const = b + (w.sum(dim=2) * c_in[None, :]).sum(dim=1)
+    else:
+        const_ok = ~touches.any(dim=1)
+        const = b.clone()
+    const = torch.where(const_ok, const, torch.full_like(const, float("nan"))).numpy()
+    # equal output channels: same effective weights after summing equal input slices, same bias
+    labels = torch.from_numpy(np.unique(facts.cls, return_inverse=True)[1].reshape(-1))
+    merged = torch.zeros(out_ch, int(labels.max()) + 1 if in_ch else 0, w.shape[2], dtype=torch.float64)
+    merged.index_add_(1, labels, w)
+    keys = torch.cat([merged.reshape(out_ch, -1), b[:, None]], dim=1).numpy()
+    return DimFacts(const, relabel(keys, const))
+
+
+@value_rule("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution")
+def conv(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    result = _none(node)
+    if not va.live(node, 1):
+        return result
+    x, w, b = a["input"], a["weight"], a.get("bias")
+    weight = va.param(w).detach().double()
+    bias = va.param(b).detach().double() if b is not None else None
+    groups = int(a.get("groups") or 1)
+    in_ch = shape_of(x)[1]
+    padding = a.get("padding")
+    zero_pad = padding in (None, "valid") or (not isinstance(padding, str) and not any(padding))
+    if groups == 1:
+        result[1] = _mixing_out(va, weight, bias, va.dim(x, 1), exact_const=zero_pad)
+    elif groups == in_ch == weight.shape[0]:
+        facts = va.dim_or_unknown(x, 1, in_ch)
+        wf = va.param_facts(w, 0)
+        b = bias if bias is not None else torch.zeros(in_ch, dtype=torch.float64)
+        vanish = (facts.const == 0) | (wf.const == 0)
+        const = np.where(vanish, b.numpy(), np.nan)
+        keys = np.stack([facts.cls, wf.cls, b.numpy().view(np.int64)], axis=1)
+        result[1] = DimFacts(const, relabel(keys, const))
+    return result
+
+
+@value_rule("aten.batch_norm", "aten._native_batch_norm_legit_no_training")
+def batch_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Any:
+    x = a["input"]
+    n = shape_of(x)[1]
+    facts = va.dim_or_unknown(x, 1, n)
+
+    def vec(name: str, default: float) -> np.ndarray:
+        p = a.get(name)
+        return va.param(p).detach().double().numpy() if p is not None else np.full(n, default)
+
+    scale = vec("weight", 1.0) / np.sqrt(vec("running_var", 1.0) + float(a["eps"]))
+    shift = vec("bias", 0.0) - vec("running_mean", 0.0) * scale
+    const = np.where(scale == 0, shift, facts.const * scale + shift)
+    keys = np.stack([facts.cls.astype(np.float64), scale, shift], axis=1)
+    out: Facts = [None] * len(shape_of(x))
+    out[1] = DimFacts(const, relabel(keys, const))
+    if op_name(node) == "aten._native_batch_norm_legit_no_training":
+        return [out, None, None]
+    return out
+
+
+@value_rule("aten.instance_norm")
+def instance_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a["input"]
+    n = shape_of(x)[1]
+    facts = va.dim_or_unknown(x, 1, n)
+    w = va.param(a["weight"]).detach().double().numpy() if a.get("weight") is not None else np.ones(n)
+    b = va.param(a["bias"]).detach().double().numpy() if a.get("bias") is not None else np.zeros(n)
+    const = np.where(~np.isnan(facts.const) | (w == 0), b, np.nan)
+    out: Facts = [None] * len(shape_of(x))
+    out[1] = DimFacts(const, relabel(np.stack([facts.cls.astype(np.float64), w, b], axis=1), const))
+    return out
+
+
+@value_rule("aten.embedding")
+def embedding(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    out = _none(node)
+    if va.live(node, len(out) - 1):
+        out[-1] = va.param_facts(a["weight"], 1)
+    return out
+
+
+# ---- per-channel ops ---------------------------------------------------------------------------
+KEEPS_CONSTANT = {
+    "aten.max_pool1d",
+    "aten.max_pool2d",
+    "aten.max_pool3d",
+    "aten.adaptive_avg_pool1d",
+    "aten.adaptive_avg_pool2d",
+    "aten.adaptive_avg_pool3d",
+    "aten.adaptive_max_pool2d",
+    "aten.upsample_nearest1d",
+    "aten.upsample_nearest2d",
+    "aten.upsample_bilinear2d",
+    "aten.upsample_bicubic2d",
+    "aten.upsample_linear1d",
+    "aten.max_pool2d_with_indices",
+}
+
+
+@value_rule(*KEEPS_CONSTANT, "aten.avg_pool1d", "aten.avg_pool2d", "aten.avg_pool3d")
+def channelwise(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Any:
+    x = a.get("input", a.get("self"))
+    xf = [va.dim(x, d) for d in range(len(shape_of(x)))]
+    lead = 2 if isinstance(node.meta["val"], torch.Tensor) and _rank(node) == len(xf) else 1
+    keep_const = op_name(node) in KEEPS_CONSTANT
+    facts: Facts = []
+    for d in range(lead):
+        f = xf[d]
+        if f is not None and not keep_const:
+            f = DimFacts(np.where(f.const == 0, 0.0, np.nan), f.cls)
+        facts.append(f)
+    val = node.meta["val"]
+    if isinstance(val, list | tuple):
+        return [facts + [None] * (len(v.shape) - lead) for v in val]
+    return facts + [None] * (_rank(node) - lead)
+
+
+@value_rule("aten.mean", "aten.sum", "aten.amax", "aten.amin")
+def reduction(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts | None:
+    x = a.get("self", a.get("input"))
+    dims = a.get("dim")
+    if dims is None or (isinstance(dims, list | tuple) and not dims):
+        return None
+    dims = [dims] if isinstance(dims, int) else dims
+    shape = shape_of(x)
+    reduced = {int(d) % len(shape) for d in dims}
+    count = np.prod([s if s is not None else np.nan for i, s in enumerate(shape) if i in reduced])
+    out: Facts = []
+    for d in range(len(shape)):
+        if d in reduced:
+            if a.get("keepdim"):
+                out.append(None)
+            continue
+        f = va.dim(x, d)
+        if f is not None and op_name(node) == "aten.sum":
+            f = DimFacts(f.const * count, f.cls)
+        out.append(f)
+    return out
+
+
+@value_rule("aten.softmax", "aten._softmax")
+def softmax(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a.get("self", a.get("input"))
+    shape = shape_of(x)
+    d = int(a["dim"]) % len(shape)
+    out: Facts = []
+    for i in range(len(shape)):
+        f = va.dim(x, i) if i != d else None
+        if f is not None:
+            f = DimFacts(np.where(np.isnan(f.const), np.nan, 1.0 / shape[d]) if shape[d] else f.const, f.cls)
+        out.append(f)
+    return out
+
+
+# ---- products ----------------------------------------------------------------------------------
+@value_rule("aten.matmul", "aten.bmm", "aten.mm")
+def matmul(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x, y = a["self"], a["mat2" if "mat2" in a else "other"]
+    rank = _rank(node)
+    xr, yr = len(shape_of(x)), len(shape_of(y))
+    out = _none(node)
+    xf, yf = va.dim(x, xr - 2), va.dim(y, yr - 1)
+    if xf is not None:
+        out[rank - 2] = DimFacts(np.where(xf.const == 0, 0.0, np.nan), xf.cls)
+    if yf is not None:
+        out[rank - 1] = DimFacts(np.where(yf.const == 0, 0.0, np.nan), yf.cls)
+    for d in range(rank - 2):
+        if va.live(node, d):
+            parts = [va.dim(t, d - (rank - r)) for t, r in ((x, xr), (y, yr)) if d - (rank - r) >= 0]
+            parts = [p for p in parts if p is not None and len(p.const) == shape_of(node)[d]]
+            if parts:
+                zero = np.any([p.const == 0 for p in parts], axis=0)
+                const = np.where(zero, 0.0, np.nan)
+                out[d] = DimFacts(const, relabel(np.stack([p.cls for p in parts], axis=1), const))
+    return out
+
+
+@value_rule("aten.scaled_dot_product_attention")
+def sdpa(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    q, k, v = a["query"], a["key"], a["value"]
+    rank = _rank(node)
+    out = _none(node)
+    vf = va.dim(v, rank - 1)
+    if vf is not None:
+        out[rank - 1] = DimFacts(np.where(vf.const == 0, 0.0, np.nan), vf.cls)
+    for d in range(rank - 2):
+        if va.live(node, d):
+            n = shape_of(node)[d]
+            parts = [va.dim_or_unknown(t, d, n) for t in (q, k, v)]
+            const = np.where(parts[2].const == 0, 0.0, np.nan)
+            out[d] = DimFacts(const, relabel(np.stack([p.cls for p in parts], axis=1), const))
+    return out
+
+
+# ---- shape ops ---------------------------------------------------------------------------------
+@value_rule("aten.permute")
+def permute(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    n = len(shape_of(a["self"]))
+    return [va.dim(a["self"], int(d) % n) for d in a["dims"]]
+
+
+@value_rule("aten.transpose", "aten.swapaxes")
+def transpose(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a["self"]
+    n = len(shape_of(x))
+    facts = [va.dim(x, d) for d in range(n)]
+    d0, d1 = int(a["dim0"]) % n, int(a["dim1"]) % n
+    facts[d0], facts[d1] = facts[d1], facts[d0]
+    return facts
+
+
+@value_rule("aten.t", "aten.numpy_T")
+def t(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a["self"]
+    return [va.dim(x, d) for d in reversed(range(len(shape_of(x))))]
+
+
+@value_rule("aten.unsqueeze")
+def unsqueeze(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a["self"]
+    facts: Facts = [va.dim(x, d) for d in range(len(shape_of(x)))]
+    d = int(a["dim"]) % (len(facts) + 1)
+    return facts[:d] + [None] + facts[d:]
+
+
+@value_rule("aten.squeeze")
+def squeeze(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a["self"]
+    shape = shape_of(x)
+    dims = a.get("dim")
+    if dims is None:
+        drop = {i for i, s in enumerate(shape) if s == 1}
+    else:
+        dims = [dims] if isinstance(dims, int) else dims
+        drop = {int(d) % len(shape) for d in dims if shape[int(d) % len(shape)] == 1}
+    return [va.dim(x, d) for d in range(len(shape)) if d not in drop]
+
+
+@value_rule("aten.expand", "aten.expand_as")
+def expand(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a["self"]
+    in_shape, out_shape = shape_of(x), shape_of(node)
+    lead = len(out_shape) - len(in_shape)
+    facts: Facts = [None] * lead
+    for d in range(len(in_shape)):
+        keep = not (in_shape[d] == 1 and out_shape[lead + d] != 1)
+        facts.append(va.dim(x, d) if keep else None)
+    return facts
+
+
+@value_rule("aten.cat", "aten.concat", "aten.concatenate")
+def cat(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    tensors = [t for t in a["tensors"] if is_tensor_node(t) and shape_of(t) != [0]]
+    rank = _rank(node)
+    d = int(a.get("dim") or 0) % rank
+    out: Facts = []
+    for i in range(rank):
+        if not va.live(node, i):
+            out.append(None)
+        elif i == d:
+            parts = [va.dim_or_unknown(t, i, shape_of(t)[i]) for t in tensors]
+            out.append(DimFacts(np.concatenate([p.const for p in parts]), np.concatenate([p.cls for p in parts])))
+        else:
+            n = shape_of(node)[i]
+            parts = [va.dim_or_unknown(t, i, n) for t in tensors]
+            consts = np.stack([p.const for p in parts])
+            const = np.where((consts == consts[0]).all(axis=0), consts[0], np.nan)
+            out.append(DimFacts(const, relabel(np.stack([p.cls for p in parts], axis=1), const)))
+    return out
+
+
+@value_rule("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unsafe_split", "aten.tensor_split")
+def split(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> list[Facts]:
+    x = a["self"]
+    shape = shape_of(x)
+    d = int(a.get("dim") or 0) % len(shape)
+    facts = [va.dim(x, i) for i in range(len(shape))]
+    outs, offset = [], 0
+    for val in node.meta["val"]:
+        size = int(val.shape[d])
+        part = list(facts)
+        if facts[d] is not None:
+            part[d] = facts[d].take(slice(offset, offset + size))
+        outs.append(part)
+        offset += size
+    return outs
+
+
+@value_rule("getitem")
+def getitem(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Any:
+    source, index = node.args
+    facts = va.facts.get(source)
+    if isinstance(facts, list) and isinstance(index, int) and index < len(facts):
+        item = facts[index]
+        return item if isinstance(item, list) else None
+    return None
+
+
+@value_rule("aten.slice", "aten.narrow")
+def slice_(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a.get("self", a.get("input"))
+    shape = shape_of(x)
+    d = int(a.get("dim") or 0) % len(shape)
+    facts = [va.dim(x, i) for i in range(len(shape))]
+    if facts[d] is not None:
+        if op_name(node) == "aten.narrow":
+            start, end, step = a["start"], a["start"] + a["length"], 1
+        else:
+            start, end, step = a.get("start"), a.get("end"), a.get("step") or 1
+        if all(isinstance(v, int | None) for v in (start, end)) and step == 1:
+            lo, hi, _ = slice(start, end).indices(shape[d])
+            facts[d] = facts[d].take(slice(lo, hi))
+        else:
+            facts[d] = None
+    return facts
+
+
+@value_rule("aten.select")
+def select(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    x = a["self"]
+    n = len(shape_of(x))
+    d = int(a["dim"]) % n
+    return [va.dim(x, i) for i in range(n) if i != d]
+
+
+@value_rule("aten.view", "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.unflatten")
+def reshape(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    """Map slices through the outermost dims of each block (see rules.reshape)."""
+    from slimship.slimming.rules import _int, _reshape_blocks, _sym_sizes
+
+    x = a.get("self", a.get("input"))
+    in_sizes, out_sizes = _sym_sizes(x), _sym_sizes(node)
+    blocks = _reshape_blocks(in_sizes, out_sizes)
+    out: Facts = [None] * len(out_sizes)
+    if blocks is None:
+        return out
+    for ins, outs in blocks:
+        in_dims = [i for i in ins if in_sizes[i] != 1]
+        out_dims = [o for o in outs if out_sizes[o] != 1]
+        if not in_dims or not out_dims:
+            continue
+        if len(in_dims) == 1 and len(out_dims) == 1:
+            out[out_dims[0]] = va.dim(x, in_dims[0])
+            continue
+        o = out_dims[0]
+        facts = va.dim(x, in_dims[0])
+        sizes = [_int(in_sizes[i]) for i in in_dims] + [_int(out_sizes[j]) for j in out_dims]
+        if facts is None or not va.live(node, o) or any(s is None for s in sizes):
+            continue
+        total = int(np.prod([_int(in_sizes[i]) for i in in_dims]))
+        inner_in = total // _int(in_sizes[in_dims[0]])
+        inner_out = total // _int(out_sizes[o])
+        flat = np.arange(total)
+        src = flat // inner_in
+        consts = facts.const[src].reshape(-1, inner_out)
+        const = np.where((consts == consts[:, :1]).all(axis=1), consts[:, 0], np.nan)
+        keys = np.stack([facts.cls[src], flat % inner_in], axis=1).reshape(-1, inner_out * 2)
+        out[o] = DimFacts(const, relabel(keys, const))
+    return out
+
