@@ -214,7 +214,9 @@ def verify_outputs(
                 raise VerificationError(f"{what}: {len(got)} outputs instead of {len(ref)}")
             for i, (r, c) in enumerate(zip(ref, got, strict=True)):
                 if r.shape != c.shape:
-                    raise VerificationError(f"{what}: output {i} has shape {tuple(c.shape)}, expected {tuple(r.shape)}")
+                    raise VerificationError(
+                        f"{what}: output {i} has shape {tuple(c.shape)}, expected {tuple(r.shape)}"
+                    )
                 if not r.is_floating_point():
                     if not torch.equal(r, c):
                         raise VerificationError(f"{what}: integer output {i} differs")
@@ -313,7 +315,9 @@ def slim(
         check = verify_outputs(reference, gm, inputs, rtol=rtol, n_random=n_random, seed=seed)
         if check.passed:
             break
-        culprits = _find_culprits(pristine, reference, inputs, merge, fold_constants, excluded, analysis, rtol, seed)
+        culprits = _find_culprits(
+            pristine, reference, inputs, merge, fold_constants, excluded, analysis, rtol, seed
+        )
         if not culprits:
             raise VerificationError(
                 f"slim model differs from its source (max rel diff {check.max_rel_diff:.3g} > {rtol}); "
@@ -324,7 +328,9 @@ def slim(
     else:
         raise VerificationError(f"slim model does not verify even with spaces {sorted(excluded)} kept")
     layers = [
-        LayerReport(name, shape, list(new[name].shape)) for name, shape in before.items() if new[name].dim() > 0
+        LayerReport(name, shape, list(new[name].shape))
+        for name, shape in before.items()
+        if new[name].dim() > 0
     ]
     report = SlimReport(_report_spaces(analysis), layers, analysis.graph.unsupported, check, sorted(excluded))
     return SlimResult(
@@ -394,7 +400,13 @@ def find_groups(model: nn.Module, example_inputs: Any) -> GroupSet:
         slices: dict[int, dict[str, list]] = defaultdict(lambda: {"produce": [], "consume": [], "stats": []})
         for node, d in members:
             comps = g.component[g.layouts[node][d]]
-            role = "consume" if (node, d) in g.consumer_dims else "stats" if (node, d) in g.stat_dims else "produce"
+            role = (
+                "consume"
+                if (node, d) in g.consumer_dims
+                else "stats"
+                if (node, d) in g.stat_dims
+                else "produce"
+            )
             for comp in np.unique(comps):
                 if not g.pinned[comp]:
                     positions = tuple(int(p) for p in np.flatnonzero(comps == comp))
@@ -404,7 +416,10 @@ def find_groups(model: nn.Module, example_inputs: Any) -> GroupSet:
             comps = np.unique(np.concatenate([g.component[g.layouts[n][d]] for n, d in members]))
             pinned[name] = g.pin_reason.get(int(comps[0]), "pinned")
             continue
-        for comp in sorted(slices, key=lambda c: min(p for _, _, ps in slices[c]["produce"] or slices[c]["consume"] for p in ps)):
+        for comp in sorted(
+            slices,
+            key=lambda c: min(p for _, _, ps in slices[c]["produce"] or slices[c]["consume"] for p in ps),
+        ):
             if comp in seen or not slices[comp]["produce"]:
                 continue
             seen.add(comp)
@@ -447,7 +462,9 @@ def zero_group(model: nn.Module, group: ChannelGroup) -> None:
 @torch.no_grad()
 def copy_group(model: nn.Module, source: ChannelGroup, target: ChannelGroup) -> None:
     """Make `target`'s producing slices (and statistics) equal to `source`'s."""
-    for (name, dim, src), (_, _, dst) in zip(source.produce + source.stats, target.produce + target.stats, strict=True):
+    for (name, dim, src), (_, _, dst) in zip(
+        source.produce + source.stats, target.produce + target.stats, strict=True
+    ):
         t = _tensor(model, name)
         t[_index(dim, dst, t.dim())] = t[_index(dim, src, t.dim())].clone()
 
@@ -487,7 +504,9 @@ def make_random_identical(model: nn.Module, example_inputs: Any, fraction: float
         for member in members:
             source = found.groups[rng.choice(reps)]
             target = found.groups[member]
-            if [len(p[2]) for p in source.produce + source.stats] != [len(p[2]) for p in target.produce + target.stats]:
+            if [len(p[2]) for p in source.produce + source.stats] != [
+                len(p[2]) for p in target.produce + target.stats
+            ]:
                 continue
             copy_group(model, source, target)
             merging += 1

@@ -94,7 +94,9 @@ def make_plan(g: ChannelGraph, va: ValueAnalysis, merge: bool = True, fold: bool
         for comp, sites in at_sites.items():
             if removed[comp] or not all(views[i].mergeable for i, _ in sites):
                 continue
-            signature = tuple((i, tuple(views[i].cls[pos].tolist())) for i, pos in sorted(sites, key=lambda s: s[0]))
+            signature = tuple(
+                (i, tuple(views[i].cls[pos].tolist())) for i, pos in sorted(sites, key=lambda s: s[0])
+            )
             by_signature[signature].append(comp)
         for members in by_signature.values():
             rep = min(members)
@@ -178,7 +180,9 @@ def spaces(g: ChannelGraph) -> dict[str, list[tuple[Node, int]]]:
         cols.append(comps[1:])
     rows_a = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     cols_a = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-    matrix = scipy.sparse.coo_matrix((np.ones(len(rows_a), dtype=np.int8), (rows_a, cols_a)), shape=(ncomp, ncomp))
+    matrix = scipy.sparse.coo_matrix(
+        (np.ones(len(rows_a), dtype=np.int8), (rows_a, cols_a)), shape=(ncomp, ncomp)
+    )
     _, label = scipy.sparse.csgraph.connected_components(matrix, directed=False)
     grouped: dict[int, list[tuple[Node, int]]] = defaultdict(list)
     seen_targets: set[tuple[str, int]] = set()

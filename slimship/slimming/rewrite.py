@@ -175,6 +175,25 @@ def slice_bounds(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> 
     set_op_arg(node, "end", int(prefix[hi]))
 
 
+@arg_rule("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution")
+def depthwise_groups(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
+    """A depthwise convolution has one group per channel: the group count follows the channels."""
+    groups = int(a.get("groups") or 1)
+    if groups > 1 and groups == shape_of(a["input"])[1] == shape_of(node)[1]:
+        size = new_size(g, plan, node, 1)
+        if size is not None and size != groups:
+            set_op_arg(node, "groups", size)
+
+
+@arg_rule("aten.group_norm")
+def group_count(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
+    """Whole groups are removed: the group count shrinks by the groups that went."""
+    channels = shape_of(a["input"])[1]
+    size = new_size(g, plan, node, 1)
+    if size is not None and size != channels:
+        set_op_arg(node, "num_groups", size // (channels // int(a["num_groups"])))
+
+
 @arg_rule("aten.scaled_dot_product_attention")
 def attention_scale(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
     """A narrower head dim must not change the softmax scale: pin it to the original value."""

@@ -158,7 +158,9 @@ def linear(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
         g.unify(wl[0], g.layout(b)[0], "linear bias")
     g.unify(xl[-1], wl[1], "linear input features")
     g.consumer_dims.add((w, 1))
-    g.sites.append(Site(node, LINEAR, [(x, len(xl) - 1), (w, 1)], weight=w, weight_dim=1, bias=b, foldable=True))
+    g.sites.append(
+        Site(node, LINEAR, [(x, len(xl) - 1), (w, 1)], weight=w, weight_dim=1, bias=b, foldable=True)
+    )
     g.layouts[node] = out
 
 
@@ -232,7 +234,26 @@ def batch_norm(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
         g.layouts[node] = list(xl)
 
 
-@rule("aten.layer_norm", "aten.native_layer_norm", "aten.group_norm", "aten.native_group_norm")
+@rule("aten.group_norm")
+def group_norm(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    """The channels of one group are normalised together, so a whole group is one removable unit."""
+    x = a["input"]
+    xl = list(g.layout(x))
+    ids = xl[1]
+    groups = int(a["num_groups"])
+    if ids is None:
+        return pin_unknown(g, node, f"group_norm {node.name} on a dynamic channel dim")
+    size = len(ids) // groups
+    for k in range(groups):
+        block = ids[k * size : (k + 1) * size]
+        g.unify(block[:-1], block[1:], f"group_norm {node.name} group")
+    for p in (a.get("weight"), a.get("bias")):
+        if p is not None:
+            g.unify(ids, g.layout(p)[0], "group_norm affine")
+    g.layouts[node] = xl
+
+
+@rule("aten.layer_norm", "aten.native_layer_norm", "aten.native_group_norm")
 def mixing_norm(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     """Normalisation that mixes a channel dimension: those dims stay."""
     x = a["input"]
@@ -655,6 +676,8 @@ def no_layout(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     g.layouts[node] = None
 
 
-@rule("aten.arange", "aten.zeros", "aten.ones", "aten.full", "aten.empty", "aten.scalar_tensor", "aten.tensor")
+@rule(
+    "aten.arange", "aten.zeros", "aten.ones", "aten.full", "aten.empty", "aten.scalar_tensor", "aten.tensor"
+)
 def factory(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     g.layouts[node] = g.fresh_layout(node, pin=f"constant tensor {node.name}")

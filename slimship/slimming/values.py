@@ -233,7 +233,11 @@ def linear(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
 
 
 def _mixing_out(
-    va: ValueAnalysis, weight: torch.Tensor, bias: torch.Tensor | None, facts: DimFacts | None, exact_const: bool
+    va: ValueAnalysis,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    facts: DimFacts | None,
+    exact_const: bool,
 ) -> DimFacts:
     """Output-channel facts of y_o = sum_i W[o, i] * x_i + b_o (weights may carry kernel dims)."""
     out_ch, in_ch = weight.shape[0], weight.shape[1]
@@ -316,6 +320,26 @@ def instance_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     const = np.where(~np.isnan(facts.const) | (w == 0), b, np.nan)
     out: Facts = [None] * len(shape_of(x))
     out[1] = DimFacts(const, relabel(np.stack([facts.cls.astype(np.float64), w, b], axis=1), const))
+    return out
+
+
+@value_rule("aten.group_norm")
+def group_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    """A group whose input channels are all constant normalises to zero: the output is the bias."""
+    x = a["input"]
+    n = shape_of(x)[1]
+    groups = int(a["num_groups"])
+    facts = va.dim_or_unknown(x, 1, n)
+    w = va.param(a["weight"]).detach().double().numpy() if a.get("weight") is not None else np.ones(n)
+    b = va.param(a["bias"]).detach().double().numpy() if a.get("bias") is not None else np.zeros(n)
+    group_const = (~np.isnan(facts.const)).reshape(groups, -1).all(axis=1).repeat(n // groups)
+    const = np.where(group_const | (w == 0), b, np.nan)
+    out: Facts = [None] * len(shape_of(x))
+    size = n // groups
+    group_label = relabel(facts.cls.reshape(groups, size), np.full(groups, np.nan)).repeat(size)
+    offset = np.tile(np.arange(size), groups)
+    keys = np.stack([group_label.astype(np.float64), offset.astype(np.float64), w, b], axis=1)
+    out[1] = DimFacts(const, relabel(keys, const))
     return out
 
 
@@ -507,7 +531,9 @@ def cat(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
             out.append(None)
         elif i == d:
             parts = [va.dim_or_unknown(t, i, shape_of(t)[i]) for t in tensors]
-            out.append(DimFacts(np.concatenate([p.const for p in parts]), np.concatenate([p.cls for p in parts])))
+            out.append(
+                DimFacts(np.concatenate([p.const for p in parts]), np.concatenate([p.cls for p in parts]))
+            )
         else:
             n = shape_of(node)[i]
             parts = [va.dim_or_unknown(t, i, n) for t in tensors]
@@ -605,4 +631,3 @@ def reshape(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
         keys = np.stack([facts.cls[src], flat % inner_in], axis=1).reshape(-1, inner_out * 2)
         out[o] = DimFacts(const, relabel(keys, const))
     return out
-
