@@ -1,1 +1,45 @@
-"""slimship.runtimes"""
+"""slimship.runtimes: runners, targets, transports, measurements (only torch_runner imports torch)."""
+
+from slimship.runtimes.alignment import AlignmentResult, measure_alignment, round_channels_up
+from slimship.runtimes.measure import (
+    BenchResult,
+    LatencyStats,
+    Measurement,
+    Parity,
+    Speedup,
+    bench,
+    format_bench_table,
+    measure,
+    measure_speedup,
+)
+from slimship.runtimes.runners import LiteRTRunner, OnnxRuntimeRunner, Runner, runner_for
+from slimship.runtimes.targets import BUILTIN_TARGETS, SshOptions, Target, get_target, load_targets
+from slimship.runtimes.transports import RunResult, Transport, open_transport, register_transport
+
+__all__ = [
+    "BUILTIN_TARGETS",
+    "AlignmentResult",
+    "BenchResult",
+    "LatencyStats",
+    "LiteRTRunner",
+    "Measurement",
+    "OnnxRuntimeRunner",
+    "Parity",
+    "RunResult",
+    "Runner",
+    "Speedup",
+    "SshOptions",
+    "Target",
+    "Transport",
+    "bench",
+    "format_bench_table",
+    "get_target",
+    "load_targets",
+    "measure",
+    "measure_alignment",
+    "measure_speedup",
+    "open_transport",
+    "register_transport",
+    "round_channels_up",
+    "runner_for",
+]

@@ -9,7 +9,22 @@ CLI contract (stable; other modules rely on it):
     python device_runner.py --model M.tflite|M.onnx --inputs inputs.npz --out result.json
         [--runtime auto|onnxruntime|litert|tflite_runtime] [--threads N]
         [--warmup W] [--runs R] [--save-outputs outputs.npz]
+        [--model M2 ...]            (pair mode: models are timed interleaved, A B A B ...)
+        [--affinity 0,1] [--xnnpack on|off] [--eval eval.npz]
 `inputs.npz` holds arrays named in0, in1, ... in the model's input order.
+`eval.npz` holds batches as b0_in0, b0_in1, b1_in0, ...; the result gets each batch's top-1
+predictions (argmax over the last axis of output 0) per model.
+
+Result JSON (always written, atomically): ok, model, load_ms, runtime, latencies_ms (first model),
+peak_rss_kb, baseline_rss_kb, affinity, and in every mode `models`: one entry per --model with
+model, load_ms, runtime, latencies_ms and (with --eval) eval_top1. With two or more models,
+`pair_ratios` holds latency(model 0) / latency(model k) for each interleaved round.
+On failure: ok=false and `error` ("Type: message"); exit status 1.
+
+peak_rss_kb is resource.getrusage(RUSAGE_SELF).ru_maxrss of this process: the high-water mark
+of resident memory of everything it holds (Python, numpy, the runtime and all loaded models), not
+of one model alone. baseline_rss_kb is the same figure taken before any model was loaded.
+`--save-outputs` writes out0, out1, ... of the first model, and m1_out0, ... of further ones.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from typing import Any
@@ -39,7 +55,9 @@ def _tflite_interpreter_class(runtime: str) -> tuple[Any, str, str]:
             return litert_interpreter.Interpreter, "litert", version
         except ImportError:
             if runtime == "litert":
-                raise RunnerLoadError("runtime 'litert' requested but ai_edge_litert is not installed") from None
+                raise RunnerLoadError(
+                    "runtime 'litert' requested but ai_edge_litert is not installed"
+                ) from None
     try:
         from tflite_runtime import interpreter as tflite_interpreter
     except ImportError:
@@ -92,10 +110,19 @@ class OrtRunner:
 class TFLiteRunner:
     """LiteRT interpreter (ai_edge_litert), else tflite_runtime."""
 
-    def __init__(self, path: str, threads: int | None = None, runtime: str = "auto") -> None:
+    def __init__(
+        self, path: str, threads: int | None = None, runtime: str = "auto", xnnpack: bool = True
+    ) -> None:
         cls, self.backend, self.version = _tflite_interpreter_class(runtime)
+        kwargs: dict[str, Any] = {"model_path": path, "num_threads": threads or None}
+        if not xnnpack:
+            # BUILTIN_WITHOUT_DEFAULT_DELEGATES: the built-in kernels without the XNNPACK delegate
+            # that the interpreter otherwise applies by default.
+            module = sys.modules[cls.__module__]
+            kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        self.xnnpack = xnnpack
         try:
-            self.interpreter = cls(model_path=path, num_threads=threads or None)
+            self.interpreter = cls(**kwargs)
             self.interpreter.allocate_tensors()
         except Exception as exc:
             raise RunnerLoadError(f"{path}: {self.backend} cannot load this model: {exc}") from exc
@@ -116,7 +143,12 @@ class TFLiteRunner:
         return [_dequantize(self.interpreter.get_tensor(d["index"]), d) for d in self.outputs]
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "version": self.version, "threads": self.threads}
+        return {
+            "backend": self.backend,
+            "version": self.version,
+            "threads": self.threads,
+            "xnnpack": self.xnnpack,
+        }
 
 
 def _quantize(value: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
@@ -135,8 +167,10 @@ def _dequantize(value: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return value.copy()
 
 
-def open_runner(path: str, runtime: str = "auto", threads: int | None = None) -> OrtRunner | TFLiteRunner:
-    """Open a runner for an .onnx or .tflite file."""
+def open_runner(
+    path: str, runtime: str = "auto", threads: int | None = None, xnnpack: bool = True
+) -> OrtRunner | TFLiteRunner:
+    """Open a runner for an .onnx or .tflite file (`xnnpack` applies to TFLite only)."""
     if not os.path.isfile(path):
         raise RunnerLoadError(f"{path}: no such model file")
     if path.endswith(".onnx"):
@@ -146,7 +180,7 @@ def open_runner(path: str, runtime: str = "auto", threads: int | None = None) ->
     if path.endswith(".tflite"):
         if runtime == "onnxruntime":
             raise RunnerLoadError(f"{path}: onnxruntime cannot run TFLite files")
-        return TFLiteRunner(path, threads, runtime)
+        return TFLiteRunner(path, threads, runtime, xnnpack)
     raise RunnerLoadError(f"{path}: unknown model format (expected .onnx or .tflite)")
 
 
@@ -155,9 +189,99 @@ def load_inputs(path: str) -> list[np.ndarray]:
         return [data[f"in{i}"] for i in range(len(data.files))]
 
 
+def load_eval_batches(path: str) -> list[list[np.ndarray]]:
+    """Read b{i}_in{j} arrays from an .npz into a list of input lists."""
+    with np.load(path, allow_pickle=False) as data:
+        names = set(data.files)
+        batches = []
+        while f"b{len(batches)}_in0" in names:
+            b = len(batches)
+            count = sum(1 for n in names if n.startswith(f"b{b}_in"))
+            batches.append([data[f"b{b}_in{j}"] for j in range(count)])
+    return batches
+
+
+def apply_affinity(spec: str | None) -> list[int] | None:
+    """Pin this process to the given cores ("0,1"); return the cores in effect."""
+    if spec:
+        cores = {int(c) for c in spec.split(",") if c.strip()}
+        if not hasattr(os, "sched_setaffinity"):
+            raise OSError("CPU affinity was requested but this platform has no sched_setaffinity")
+        os.sched_setaffinity(0, cores)
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return None
+
+
+def _peak_rss_kb() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak // 1024) if sys.platform == "darwin" else int(peak)  # macOS reports bytes
+
+
+def _time_interleaved(runners: list[Any], inputs: list[np.ndarray], runs: int) -> list[list[float]]:
+    """Time `runs` rounds; in each round every model runs once, in order (A B A B ...)."""
+    latencies: list[list[float]] = [[] for _ in runners]
+    for _ in range(runs):
+        for k, runner in enumerate(runners):
+            t0 = time.perf_counter()
+            runner.run(inputs)
+            latencies[k].append((time.perf_counter() - t0) * 1e3)
+    return latencies
+
+
+def _top1(outputs: list[np.ndarray]) -> list[int]:
+    return [int(v) for v in np.asarray(outputs[0]).reshape(-1, np.asarray(outputs[0]).shape[-1]).argmax(-1)]
+
+
+def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    result["affinity"] = apply_affinity(args.affinity)
+    result["baseline_rss_kb"] = _peak_rss_kb()
+    inputs = load_inputs(args.inputs)
+    entries: list[dict[str, Any]] = []
+    runners = []
+    first_outputs: list[list[np.ndarray]] = []
+    for path in args.model:
+        start = time.perf_counter()
+        runner = open_runner(path, args.runtime, args.threads, args.xnnpack == "on")
+        entry = {"model": os.path.basename(path), "load_ms": (time.perf_counter() - start) * 1e3}
+        first_outputs.append(runner.run(inputs))
+        entry["runtime"] = runner.describe()
+        runners.append(runner)
+        entries.append(entry)
+    for _ in range(max(args.warmup - 1, 0)):
+        for runner in runners:
+            runner.run(inputs)
+    latencies = _time_interleaved(runners, inputs, args.runs)
+    for entry, lat in zip(entries, latencies, strict=True):
+        entry["latencies_ms"] = lat
+    if args.eval:
+        batches = load_eval_batches(args.eval)
+        for entry, runner in zip(entries, runners, strict=True):
+            entry["eval_top1"] = [_top1(runner.run(batch)) for batch in batches]
+    if len(runners) > 1:
+        result["pair_ratios"] = [
+            [a / b for a, b in zip(latencies[0], lat, strict=True)] for lat in latencies[1:]
+        ]
+    if args.save_outputs:
+        arrays = {}
+        for k, outputs in enumerate(first_outputs):
+            prefix = "" if k == 0 else f"m{k}_"
+            arrays.update({f"{prefix}out{i}": o for i, o in enumerate(outputs)})
+        tmp = args.save_outputs + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, args.save_outputs)
+    result.update(
+        ok=True,
+        models=entries,
+        load_ms=entries[0]["load_ms"],
+        runtime=entries[0]["runtime"],
+        latencies_ms=entries[0]["latencies_ms"],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, action="append", help="repeat for interleaved pairs")
     parser.add_argument("--inputs", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--runtime", default="auto", choices=("auto", *RUNTIMES))
@@ -165,26 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--save-outputs", default=None)
+    parser.add_argument("--affinity", default=None, help="comma-separated CPU cores, e.g. 0,1")
+    parser.add_argument("--xnnpack", default="on", choices=("on", "off"))
+    parser.add_argument("--eval", default=None, help="npz of evaluation batches b{i}_in{j}")
     args = parser.parse_args(argv)
-    result: dict[str, Any] = {"ok": False, "model": os.path.basename(args.model)}
+    result: dict[str, Any] = {"ok": False, "model": os.path.basename(args.model[0])}
     try:
-        start = time.perf_counter()
-        runner = open_runner(args.model, args.runtime, args.threads)
-        result["load_ms"] = (time.perf_counter() - start) * 1e3
-        inputs = load_inputs(args.inputs)
-        outputs = runner.run(inputs)
-        for _ in range(max(args.warmup - 1, 0)):
-            runner.run(inputs)
-        latencies = []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            runner.run(inputs)
-            latencies.append((time.perf_counter() - t0) * 1e3)
-        result.update(ok=True, runtime=runner.describe(), latencies_ms=latencies)
-        if args.save_outputs:
-            np.savez(args.save_outputs, **{f"out{i}": o for i, o in enumerate(outputs)})
+        _measure(args, result)
     except Exception as exc:  # reported to the host as data, never as a traceback
         result["error"] = f"{type(exc).__name__}: {exc}"
+    result["peak_rss_kb"] = _peak_rss_kb()
     tmp = args.out + ".tmp"
     with open(tmp, "w") as handle:
         json.dump(result, handle)

@@ -1,0 +1,317 @@
+"""Shared pieces of the exporters: result records, parity checks, error localisation, file checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimship.errors import ExportError, ModelFileError
+from slimship.runtimes.device_runner import RunnerLoadError, open_runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TensorSpec:
+    """Name, shape (a string for a dynamic dimension) and dtype of one model input or output."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """How far an exported model's outputs are from PyTorch's on the same inputs.
+
+    `max_rel_diff` is max|diff| / max(1, max|reference|); the check passes when it is <= `rel_bound`,
+    i.e. when max|diff| <= `tolerance` (= rel_bound * max(1, max|reference|)).
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    rel_bound: float
+    passed: bool
+    cases: list[str]
+    top1_agreement: float | None = None
+    top1_min: float | None = None
+
+
+@dataclasses.dataclass
+class Timings:
+    """Wall-clock seconds per stage."""
+
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[stage] = round(self.stages.get(stage, 0.0) + time.perf_counter() - start, 4)
+
+
+# ---------------------------------------------------------------- inputs and reference outputs
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors (a single tensor is accepted)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    inputs = tuple(example_inputs)
+    for i, value in enumerate(inputs):
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(
+                f"example input {i} is a {type(value).__name__}, not a torch.Tensor: pass a tuple of tensors"
+            )
+    return inputs
+
+
+def eval_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """`model.eval()`, tolerating modules from `torch.export(...).module()` that refuse it."""
+    try:
+        return model.eval()
+    except NotImplementedError:  # an unlifted exported module is already in inference form
+        return model
+
+
+def to_numpy(inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    return [t.detach().cpu().numpy() for t in inputs]
+
+
+def torch_outputs(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Run the PyTorch model and flatten its outputs (tensor, tuple, dict ...) into numpy arrays."""
+    with torch.no_grad():
+        out = model(*inputs)
+    leaves = [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    return [x.detach().cpu().numpy() for x in leaves]
+
+
+def random_like(
+    inputs: Sequence[torch.Tensor], seed: int, batch: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs with the example's dtypes and shapes (batch dimension replaced if given)."""
+    gen = torch.Generator().manual_seed(seed)
+    result = []
+    for t in inputs:
+        shape = list(t.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if t.dtype.is_floating_point:
+            result.append(torch.randn(shape, generator=gen, dtype=torch.float32).to(t.dtype))
+        elif t.dtype == torch.bool:
+            result.append(torch.randint(0, 2, shape, generator=gen).bool())
+        else:  # integer ids: stay within the example's range so embeddings stay in bounds
+            high = int(t.max().item()) + 1 if t.numel() else 1
+            result.append(torch.randint(0, max(high, 1), shape, generator=gen, dtype=t.dtype))
+    return tuple(result)
+
+
+def batches_as_tuples(batches: Iterable[Any] | None) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration / evaluation data: an iterable of tensors or tuples of tensors (labels ignored)."""
+    if batches is None:
+        return []
+    return [as_input_tuple(b) for b in batches]
+
+
+# ---------------------------------------------------------------- parity
+
+
+def compare_outputs(
+    reference: list[list[np.ndarray]],
+    candidate: list[list[np.ndarray]],
+    case_names: list[str],
+    rel_bound: float,
+) -> ParityReport:
+    """Compare per-case output lists; tolerance scales with max(1, max|reference|)."""
+    max_abs = 0.0
+    ref_scale = 1.0
+    for case, ref_outs, cand_outs in zip(case_names, reference, candidate, strict=True):
+        if len(ref_outs) != len(cand_outs):
+            raise ExportError(
+                f"parity case {case!r}: PyTorch gives {len(ref_outs)} outputs, the exported model "
+                f"{len(cand_outs)}; check output_names and the model's return value"
+            )
+        for ref, cand in zip(ref_outs, cand_outs, strict=True):
+            ref32 = np.asarray(ref, dtype=np.float64)
+            cand32 = np.asarray(cand, dtype=np.float64).reshape(ref32.shape)
+            if ref32.size:
+                max_abs = max(max_abs, float(np.max(np.abs(ref32 - cand32))))
+                ref_scale = max(ref_scale, float(np.max(np.abs(ref32))))
+    tolerance = rel_bound * ref_scale
+    return ParityReport(
+        max_abs_diff=max_abs,
+        max_rel_diff=max_abs / ref_scale,
+        tolerance=tolerance,
+        rel_bound=rel_bound,
+        passed=bool(max_abs <= tolerance),
+        cases=list(case_names),
+    )
+
+
+def top1_agreement(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    """Share of rows whose argmax over the last axis of the first output agrees."""
+    agree = total = 0
+    for ref_outs, cand_outs in zip(reference, candidate, strict=True):
+        ref = np.asarray(ref_outs[0])
+        cand = np.asarray(cand_outs[0]).reshape(ref.shape)
+        ref_top = ref.reshape(-1, ref.shape[-1]).argmax(-1)
+        cand_top = cand.reshape(-1, cand.shape[-1]).argmax(-1)
+        agree += int((ref_top == cand_top).sum())
+        total += ref_top.size
+    return agree / total if total else float("nan")
+
+
+# ---------------------------------------------------------------- model files
+
+
+def open_model_runner(path: str | Path, runtime: str = "auto"):
+    """`device_runner.open_runner`, with a load failure turned into a ModelFileError."""
+    check_model_file(path)
+    try:
+        return open_runner(str(path), runtime=runtime)
+    except RunnerLoadError as exc:
+        raise ModelFileError(
+            f"{path}: cannot be loaded ({exc}). The file may be corrupt or truncated: export it again."
+        ) from None
+
+
+_MAGIC = {".tflite": (4, b"TFL3")}
+
+
+def check_model_file(path: str | Path) -> None:
+    """Cheap structural checks before a runtime sees the file: exists, non-empty, right magic."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{p}: no such model file")
+    if p.stat().st_size == 0:
+        raise ModelFileError(f"{p}: the file is empty (truncated write?); export it again")
+    if p.suffix in _MAGIC:
+        offset, magic = _MAGIC[p.suffix]
+        with open(p, "rb") as handle:
+            head = handle.read(offset + len(magic))
+        if head[offset:] != magic:
+            raise ModelFileError(
+                f"{p}: not a TFLite flatbuffer (missing the {magic.decode()} identifier); the file is "
+                "corrupt or of another format"
+            )
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def module_hash(model: torch.nn.Module) -> str:
+    """sha256 over the sorted state_dict (names, dtypes, shapes, bytes): identifies the source weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- error localisation
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def _op_names(node: torch.fx.Node) -> tuple[str, list[str]] | None:
+    """(display name `ns::op`, spellings that may appear in an error) for a call_function node."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    qualified = target.name() if callable(getattr(target, "name", None)) else None  # ns::op[.overload]
+    if not qualified:
+        return None
+    base = qualified.split(".")[0]
+    ns, _, op = base.partition("::")
+    return base, [f"{ns}.{op}", base]
+
+
+def _source_line(node: torch.fx.Node) -> str | None:
+    """The innermost frame of the node's stack trace outside torch / site-packages, else its module path."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    frames = [(i, ln) for i, ln in enumerate(lines) if ln.startswith("File ")]
+    user = [(i, ln) for i, ln in frames if "site-packages" not in ln and "/torch/" not in ln]
+    chosen = (user or frames)[-1] if (user or frames) else None
+    if chosen:
+        i, frame = chosen
+        code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+        return f"{frame}: {code}" if code else frame
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, cls = list(stack.values())[-1]
+        return f"inside module {path or '<root>'} ({getattr(cls, '__name__', cls)})"
+    return None
+
+
+def locate_failure(
+    exc: BaseException, graph_module: torch.fx.GraphModule | None
+) -> tuple[str | None, str | None, str | None]:
+    """(op, fx node name, source line) for an export failure, where they can be found.
+
+    Ops are looked up among the graph's own nodes (deepest exception in the chain first), so only an
+    op that is really in the model is named.
+    """
+    texts = [_ANSI.sub("", str(e)) for e in reversed(_chain(exc))]
+    node_hint = next(
+        (m.group(1) for t in texts for m in [re.search(r"translating node %(\w+)", t)] if m), None
+    )
+    if graph_module is None:
+        return None, node_hint, None
+    nodes = list(graph_module.graph.nodes)
+    if node_hint:
+        for node in nodes:
+            names = _op_names(node)
+            if node.name == node_hint and names:
+                return names[0], node.name, _source_line(node)
+    for text in texts:
+        for node in nodes:
+            names = _op_names(node)
+            if names and any(re.search(rf"(?<![\w.:]){re.escape(n)}\b", text) for n in names[1]):
+                return names[0], node.name, _source_line(node)
+    return None, node_hint, None
+
+
+def export_error(
+    stage: str, exc: BaseException, graph_module: torch.fx.GraphModule | None, way_out: str
+) -> ExportError:
+    """An ExportError naming the op, graph node and source line where known, with a way out."""
+    op, node, line = locate_failure(exc, graph_module)
+    root = _chain(exc)[-1]
+    first = next((ln for ln in _ANSI.sub("", str(root)).strip().splitlines() if ln.strip()), "")
+    where = []
+    if op:
+        where.append(f"op {op}")
+    if node:
+        where.append(f"graph node {node!r}")
+    if line:
+        where.append(f"source {line}")
+    location = f" at {', '.join(where)}" if where else ""
+    return ExportError(f"{stage} failed{location}: {type(root).__name__}: {first[:400]}. {way_out}")
+
+
+def nbytes_and_hash(path: Path) -> tuple[int, str]:
+    from slimship._util import sha256_file
+
+    return path.stat().st_size, sha256_file(path)

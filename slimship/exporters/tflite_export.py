@@ -1,0 +1,336 @@
+"""TFLite / LiteRT export with litert-torch: fp32, fp16 weights, dynamic-range int8, full int8.
+
+How each variant is made with what litert-torch 0.10 ships:
+- fp32: `litert_torch.convert(module, args)`.
+- fp16: the fp32 flatbuffer, then ai-edge-quantizer's `float_casting` weight-only recipe (16-bit float
+  weights for FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D / CONV_2D_TRANSPOSE / EMBEDDING_LOOKUP, with
+  DEQUANTIZE ops feeding float kernels).
+- int8-dynamic: PT2E with litert-torch's `PT2EQuantizer` (symmetric, per-channel, is_dynamic=True),
+  converted with `QuantConfig(pt2e_quantizer=...)` -> dynamic-range int8 kernels.
+- int8: the same quantizer with static activation observers, calibrated on the user's batches (or the
+  example inputs), -> full-integer model (int8 inputs/outputs with scale/zero point).
+
+Parity bounds (max|diff| <= bound * max(1, max|reference|)) and top-1 minimums live in PARITY_BOUNDS.
+Quantized variants are checked on in-distribution data only (example inputs, calibration and check
+inputs), since activation ranges were calibrated on those; float variants also on random inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimship._util import atomic_write_bytes
+from slimship.errors import ExportError, VerificationError
+from slimship.exporters._common import (
+    ParityReport,
+    TensorSpec,
+    Timings,
+    as_input_tuple,
+    batches_as_tuples,
+    compare_outputs,
+    eval_mode,
+    export_error,
+    nbytes_and_hash,
+    open_model_runner,
+    random_like,
+    to_numpy,
+    top1_agreement,
+    torch_outputs,
+)
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8")
+
+# variant -> (relative bound on max|diff|, minimum top-1 agreement on eval data).
+# fp16 weights keep ~3 decimal digits; int8 bounds are loose on purpose (per-tensor 8-bit activations
+# on small random-init nets reach ~0.3 of the output scale), so top-1 agreement on the user's
+# evaluation data is the real quality gate for the int8 variants.
+PARITY_BOUNDS: dict[str, tuple[float, float]] = {
+    "fp32": (1e-4, 0.99),
+    "fp16": (1e-2, 0.97),
+    "int8-dynamic": (1e-1, 0.90),
+    "int8": (4e-1, 0.85),
+}
+
+_FP16_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
+_WAY_OUT = (
+    "Way out: rewrite that op with ops LiteRT supports (see the LiteRT op list), wrap it with "
+    "litert_torch's custom-op/composite support, or export to ONNX instead."
+)
+
+
+@dataclasses.dataclass
+class TFLiteExport:
+    """A written .tflite file and how it was made and checked."""
+
+    path: Path
+    bytes: int
+    sha256: str
+    variant: str
+    nhwc: bool
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    ops: dict[str, int]
+    parity: ParityReport
+    calibration_batches: int
+    timings: dict[str, float]
+
+
+def export_tflite(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    variant: str = "fp32",
+    calibration: Iterable[Any] | None = None,
+    nhwc: bool = False,
+    check_inputs: list[Any] | None = None,
+    eval_batches: Iterable[Any] | None = None,
+) -> TFLiteExport:
+    """Convert `model` to a .tflite `variant` at `path` and verify it against PyTorch.
+
+    `calibration` / `eval_batches`: iterables of input tensors or tuples (extra items such as labels
+    are ignored only when they are not tensors; pass input tuples). With `nhwc=True` every 4-D input
+    is taken channel-last (N, H, W, C) by the converted model. Raises ExportError, VerificationError.
+    """
+    if variant not in VARIANTS:
+        raise ExportError(f"variant={variant!r} is not one of {VARIANTS}")
+    path = Path(path)
+    inputs = as_input_tuple(example_inputs)
+    model = eval_mode(model)
+    calib = batches_as_tuples(calibration) or [inputs]
+    timings = Timings()
+    nhwc_args = [i for i, t in enumerate(inputs) if t.dim() == 4] if nhwc else []
+    if nhwc and not nhwc_args:
+        raise ExportError("nhwc=True but no example input is 4-D (N, C, H, W)")
+
+    with timings.measure("convert"), _quiet_litert():
+        data = _convert(model, inputs, variant, calib, nhwc_args)
+    atomic_write_bytes(path, data)
+    evals = batches_as_tuples(eval_batches)
+    with timings.measure("parity"):
+        parity = tflite_parity(
+            model,
+            path,
+            inputs,
+            variant=variant,
+            nhwc_args=nhwc_args,
+            check_inputs=[*(calib if variant == "int8" else []), *map(as_input_tuple, check_inputs or [])],
+            eval_batches=evals,
+        )
+    nbytes, digest = nbytes_and_hash(path)
+    from slimship.exporters.tflite_compat import read_ops, tensor_specs
+
+    in_specs, out_specs = tensor_specs(path)
+    result = TFLiteExport(
+        path=path,
+        bytes=nbytes,
+        sha256=digest,
+        variant=variant,
+        nhwc=bool(nhwc_args),
+        inputs=in_specs,
+        outputs=out_specs,
+        ops=read_ops(path),
+        parity=parity,
+        calibration_batches=len(calib) if variant == "int8" else 0,
+        timings=timings.stages,
+    )
+    if not parity.passed:
+        top1 = "" if parity.top1_agreement is None else f", top-1 agreement {parity.top1_agreement:.3f}"
+        raise VerificationError(
+            f"{path}: TFLite {variant} outputs differ from PyTorch: max|diff| {parity.max_abs_diff:.3g} "
+            f"(tolerance {parity.tolerance:.3g}){top1} (minimum {parity.top1_min}). "
+            "Try a less aggressive variant, or more representative calibration data for int8."
+        )
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_litert() -> Iterator[None]:
+    """Hide litert-torch's console progress unless our logger is at DEBUG."""
+    key = "LITERT_TORCH_SHOW_PROGRESS"
+    old = os.environ.get(key)
+    if not log.isEnabledFor(logging.DEBUG):
+        os.environ[key] = "n"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _channel_last(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, *range(2, t.dim()), 1).contiguous()
+
+
+def _layout(inputs: tuple[torch.Tensor, ...], nhwc_args: list[int]) -> tuple[torch.Tensor, ...]:
+    return tuple(_channel_last(t) if i in nhwc_args else t for i, t in enumerate(inputs))
+
+
+def _convert(
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    variant: str,
+    calib: list[tuple[torch.Tensor, ...]],
+    nhwc_args: list[int],
+) -> bytes:
+    import litert_torch
+
+    module = litert_torch.to_channel_last_io(model, args=nhwc_args) if nhwc_args else model
+    args = _layout(inputs, nhwc_args)
+    quant_config = None
+    if variant in ("int8-dynamic", "int8"):
+        module, quant_config = _pt2e_quantize(module, args, variant, [_layout(c, nhwc_args) for c in calib])
+    try:
+        edge = litert_torch.convert(module, args, quant_config=quant_config)
+        data = bytes(edge.model_content())
+    except Exception as exc:
+        graph = _graph_for_errors(module, args)
+        raise export_error(f"LiteRT conversion ({variant})", exc, graph, _WAY_OUT) from exc
+    if variant == "fp16":
+        data = _fp16_weights(data)
+    return data
+
+
+def _graph_for_errors(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule | None:
+    graph = getattr(module, "graph", None)
+    if isinstance(graph, torch.fx.Graph):
+        return module  # type: ignore[return-value]
+    try:
+        return torch.export.export(module, args, strict=False).graph_module
+    except Exception:
+        return None
+
+
+def _pt2e_quantize(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    variant: str,
+    calib: list[tuple[torch.Tensor, ...]],
+) -> tuple[torch.nn.Module, Any]:
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    dynamic = variant == "int8-dynamic"
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    )
+    try:
+        traced = torch.export.export(module, args, strict=False).module()
+        prepared = quantize_pt2e.prepare_pt2e(traced, quantizer)
+        with torch.no_grad():
+            for batch in calib if not dynamic else [args]:
+                prepared(*batch)
+        converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+    except Exception as exc:
+        raise export_error(
+            f"PT2E quantization ({variant})", exc, _graph_for_errors(module, args), _WAY_OUT
+        ) from exc
+    return converted, quant_config.QuantConfig(pt2e_quantizer=quantizer)
+
+
+def _fp16_weights(fp32_model: bytes) -> bytes:
+    from ai_edge_quantizer import qtyping, quantizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "fp32.tflite"
+        src.write_bytes(fp32_model)
+        q = quantizer.Quantizer(float_model=str(src))
+        for op in _FP16_OPS:
+            q.add_weight_only_config(
+                regex=".*",
+                operation_name=getattr(qtyping.TFLOperationName, op),
+                num_bits=16,
+                algorithm_key="float_casting",
+            )
+        try:
+            result = q.quantize()
+        except Exception as exc:
+            raise ExportError(f"fp16 weight casting with ai-edge-quantizer failed: {exc}") from exc
+    if result.quantized_model is None:
+        raise ExportError("fp16 weight casting produced no model (ai-edge-quantizer returned nothing)")
+    return bytes(result.quantized_model)
+
+
+def tflite_parity(
+    model: torch.nn.Module,
+    path: str | Path,
+    example_inputs: Any,
+    *,
+    variant: str = "fp32",
+    nhwc_args: list[int] | None = None,
+    check_inputs: list[tuple[torch.Tensor, ...]] | None = None,
+    eval_batches: list[tuple[torch.Tensor, ...]] | None = None,
+    runtime: str = "litert",
+) -> ParityReport:
+    """Compare a .tflite file with PyTorch on the same inputs (NHWC-transposed for `nhwc_args`)."""
+    inputs = as_input_tuple(example_inputs)
+    nhwc_args = nhwc_args or []
+    rel_bound, top1_min = PARITY_BOUNDS[variant]
+    runner = open_model_runner(path, runtime=runtime)
+    cases = [("example", inputs)] + [(f"check_{i}", c) for i, c in enumerate(check_inputs or [])]
+    if variant in ("fp32", "fp16"):
+        cases += [(f"random_{i}", random_like(inputs, seed=i)) for i in range(2)]
+    reference = [torch_outputs(model, case) for _, case in cases]
+    candidate = [run_tflite(runner, to_numpy(_layout(case, nhwc_args))) for _, case in cases]
+    report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound)
+    if eval_batches:
+        ref_eval = [torch_outputs(model, b) for b in eval_batches]
+        cand_eval = [run_tflite(runner, to_numpy(_layout(b, nhwc_args))) for b in eval_batches]
+        report.top1_agreement = top1_agreement(ref_eval, cand_eval)
+        report.top1_min = top1_min
+        report.passed = report.passed and report.top1_agreement >= top1_min
+    return report
+
+
+def run_tflite(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Run a TFLite runner with inputs in signature-argument order (args_0, args_1 ...)."""
+    order = _arg_order(runner)
+    feed = [arrays[i] for i in order] if order else arrays
+    try:
+        outputs = runner.run(feed)
+    except Exception as exc:
+        raise VerificationError(f"the TFLite interpreter failed to run the model: {exc}") from exc
+    out_order = output_order([d["name"] for d in getattr(runner, "outputs", [])])
+    return [outputs[out_order.index(i)] for i in range(len(outputs))] if out_order else outputs
+
+
+def output_order(names: list[str]) -> list[int] | None:
+    """Output index per interpreter output position, from names like `serving_default_output_<i>...`."""
+    order = []
+    for name in names:
+        match = re.search(r"output_(\d+)", name)
+        if not match:
+            return None
+        order.append(int(match.group(1)))
+    return order if sorted(order) == list(range(len(order))) else None
+
+
+def _arg_order(runner) -> list[int] | None:
+    """Map interpreter input positions to argument indices when the names say (…args_<i>)."""
+    return input_order([d["name"] for d in getattr(runner, "inputs", [])])
+
+
+def input_order(names: list[str]) -> list[int] | None:
+    """Argument index per interpreter input position, from names like `serving_default_args_<i>`."""
+    order = []
+    for name in names:
+        tail = name.rsplit("args_", 1)
+        if len(tail) != 2 or not tail[1].split(":")[0].isdigit():
+            return None
+        order.append(int(tail[1].split(":")[0]))
+    return order if sorted(order) == list(range(len(order))) else None

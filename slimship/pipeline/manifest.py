@@ -1,0 +1,150 @@
+"""The release manifest: its JSON Schema, how it is built, validated and documented.
+
+`manifest.json` sits at the root of a bundle directory `NAME-VERSION/` and describes every other file.
+The schema (JSON Schema draft 2020-12) ships as `slimship/pipeline/manifest.schema.json`;
+`schema_markdown()` renders its field descriptions as a Markdown table for the README.
+
+Top-level fields (schema version 1.0):
+
+- `schema_version` "1.0"; a reader accepts any 1.x.
+- `name`, `version`: the release (`[A-Za-z0-9._-]+`, `1.2.3` or `1.2.3-rc1`).
+- `created_by`: "slimship X.Y.Z" (no dates, so two writes of the same inputs give the same bytes).
+- `files`: every file but manifest.json, sorted by path: `path`, `sha256`, `bytes`, `role`, `format`.
+- `model`: `inputs` / `outputs` (name, shape, dtype), `source_sha256`, optional `layout`, `preprocessing`.
+- `reference_io`: the .npz of stored inputs (in0..) and slim PyTorch outputs (out0..) used by verify.
+- `slimming`: params/FLOPs before and after, `per_layer` {layer: {channels_before, channels_kept}}.
+- `parity`: per model file role (plus `pt2`): `max_abs_diff`, `max_rel_diff`, `tolerance` (absolute).
+- `accuracy`: per format/target key (`dense-torch`, `slim-onnx`, ...): metric -> value.
+- `latency`: `device` and `emulated` maps, target -> p50_ms/p90_ms/p99_ms, speedup, samples, ...
+  Emulated timings never appear under `device`.
+- `versions`: python and the packages that made the bundle (null when not installed).
+- `config`: the configuration that produced the release.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import platform
+from importlib import metadata, resources
+from typing import Any
+
+import jsonschema
+
+from slimship._version import __version__
+from slimship.errors import ReleaseError
+
+SCHEMA_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+
+# Distribution names recorded in `versions` (importlib.metadata names).
+VERSION_PACKAGES = (
+    "slimship",
+    "torch",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "litert-torch",
+    "ai-edge-litert",
+    "tflite-runtime",
+    "safetensors",
+)
+
+
+@functools.cache
+def load_schema() -> dict[str, Any]:
+    """The manifest JSON Schema shipped with the package."""
+    text = resources.files("slimship.pipeline").joinpath("manifest.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> None:
+    """Raise ReleaseError listing every schema violation of `manifest` (`where` names the file)."""
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = [f"  {_json_path(e.absolute_path)}: {e.message}" for e in errors[:20]]
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ReleaseError(
+            f"{where}: does not match the manifest schema {SCHEMA_VERSION}:\n" + "\n".join(lines) + more
+        )
+
+
+def _json_path(parts: Any) -> str:
+    path = "$"
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of python and the packages in VERSION_PACKAGES (None when not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = __version__ if name == "slimship" else metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def finite_or_none(value: Any) -> Any:
+    """Recursively replace non-finite floats (nan, inf) by None so the JSON stays valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def split_latency(latency: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Sort target timings into `device` and `emulated` by each entry's `emulated` flag."""
+    split: dict[str, dict[str, dict[str, Any]]] = {"device": {}, "emulated": {}}
+    for target, entry in latency.items():
+        if "emulated" not in entry:
+            raise ReleaseError(
+                f"latency[{target!r}] has no 'emulated' flag: say whether the timing was measured on the "
+                "device (False) or emulated on the host (True)"
+            )
+        split["emulated" if entry["emulated"] else "device"][target] = dict(entry)
+    return split
+
+
+def schema_markdown() -> str:
+    """A Markdown table of the manifest fields and their meanings, from the schema's descriptions."""
+    schema = load_schema()
+    rows = ["| field | type | meaning |", "| --- | --- | --- |"]
+    for path, node in _walk(schema, schema, "", depth=0):
+        kind = node.get("type", "")
+        kind = "/".join(kind) if isinstance(kind, list) else kind
+        rows.append(f"| `{path}` | {kind} | {node.get('description', '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _walk(schema: dict[str, Any], node: dict[str, Any], prefix: str, depth: int):
+    for key, child in node.get("properties", {}).items():
+        resolved = _resolve(schema, child)
+        path = f"{prefix}.{key}" if prefix else key
+        yield path, {**resolved, **{k: v for k, v in child.items() if k != "$ref"}}
+        if depth < 2:
+            yield from _walk(schema, resolved, path, depth + 1)
+            extra = resolved.get("additionalProperties")
+            if isinstance(extra, dict) and "properties" in _resolve(schema, extra):
+                yield from _walk(schema, _resolve(schema, extra), f"{path}.<key>", depth + 1)
+        items = resolved.get("items")
+        if isinstance(items, dict) and depth < 2:
+            yield from _walk(schema, _resolve(schema, items), f"{path}[]", depth + 1)
+
+
+def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if not ref:
+        return node
+    target: Any = schema
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    return target

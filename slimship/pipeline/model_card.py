@@ -1,0 +1,154 @@
+"""MODEL_CARD.md: what a person deploying the model needs, rendered from the manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimship.pipeline.report import primary_metric
+
+
+def render_model_card(manifest: dict[str, Any], notes: str = "") -> str:
+    """Markdown model card: inputs, outputs, files and sizes, accuracy, latency per target, limits."""
+    parts = [
+        f"# {manifest['name']} {manifest['version']}\n",
+        "Slim model made by slimship from the source model with sha256 "
+        f"`{manifest['model']['source_sha256']}`. Verify this bundle before use with "
+        "`slimship.pipeline.verify.verify_bundle(path)`.\n",
+        _inputs(manifest["model"]),
+        _files(manifest["files"]),
+        _size(manifest["slimming"]),
+        _accuracy(manifest["accuracy"]),
+        _latency(manifest["latency"]),
+        _parity(manifest["parity"]),
+        _limits(manifest, notes),
+    ]
+    return "\n".join(p for p in parts if p).rstrip() + "\n"
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _inputs(model: dict[str, Any]) -> str:
+    rows = [[f"`{t['name']}`", f"`{list(t['shape'])}`", t["dtype"]] for t in model["inputs"]]
+    out_rows = [[f"`{t['name']}`", f"`{list(t['shape'])}`", t["dtype"]] for t in model["outputs"]]
+    text = "## Intended inputs\n\n" + _md_table(["input", "shape", "dtype"], rows)
+    text += f"\nLayout: {model.get('layout') or 'not stated (shapes above are as traced)'}.\n"
+    pre = model.get("preprocessing")
+    text += (
+        f"\nPreprocessing: {pre if pre else 'not stated; feed tensors like the stored reference inputs'}.\n"
+    )
+    text += (
+        "\nThe bundle's `reference_io.npz` holds example inputs (`in0`, ...) "
+        "and expected outputs (`out0`, ...).\n"
+    )
+    return text + "\n## Outputs\n\n" + _md_table(["output", "shape", "dtype"], out_rows)
+
+
+def _files(files: list[dict[str, Any]]) -> str:
+    rows = [[f"`{f['path']}`", f["role"], f["format"], f["bytes"]] for f in files]
+    return "## Files\n\n" + _md_table(["path", "role", "format", "bytes"], rows)
+
+
+def _size(slimming: dict[str, Any]) -> str:
+    rows = []
+    for label, before, after in (
+        ("parameters", slimming.get("params_before"), slimming.get("params_after")),
+        ("FLOPs", slimming.get("flops_before"), slimming.get("flops_after")),
+    ):
+        if before is not None and after is not None:
+            rows.append([label, before, after, f"{after / before:.1%}" if before else "-"])
+    layers = slimming.get("per_layer") or {}
+    text = "## Size\n\n" + (
+        _md_table(["", "dense", "slim", "kept"], rows) if rows else "No size summary given.\n"
+    )
+    if layers:
+        kept = sum(v["channels_kept"] for v in layers.values())
+        total = sum(v["channels_before"] for v in layers.values())
+        text += f"\n{len(layers)} layers slimmed: {kept:,} of {total:,} channels kept.\n"
+    return text
+
+
+def _accuracy(accuracy: dict[str, dict[str, Any]]) -> str:
+    if not accuracy:
+        return "## Accuracy\n\nNo accuracy figures were measured for this release.\n"
+    metrics = sorted({m for entry in accuracy.values() for m in entry})
+    rows = [[key, *(accuracy[key].get(m) for m in metrics)] for key in sorted(accuracy)]
+    return "## Accuracy\n\n" + _md_table(["format / target", *metrics], rows)
+
+
+def _latency(latency: dict[str, dict[str, dict[str, Any]]]) -> str:
+    text = "## Latency per target\n\n"
+    headers = ["target", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup"]
+    for kind, title in (("device", "Measured on the device"), ("emulated", "Emulated on the build host")):
+        entries = latency[kind]
+        if entries:
+            rows = [
+                [
+                    t,
+                    e.get("variant"),
+                    e["p50_ms"],
+                    e["p90_ms"],
+                    e["p99_ms"],
+                    e.get("dense_p50_ms"),
+                    e.get("speedup"),
+                ]
+                for t, e in sorted(entries.items())
+            ]
+            text += f"### {title}\n\n" + _md_table(headers, rows) + "\n"
+    if not latency["device"] and not latency["emulated"]:
+        text += "No latency was measured for this release.\n"
+    return text
+
+
+def _parity(parity: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        [r, e.get("max_abs_diff"), e.get("max_rel_diff"), e["tolerance"]] for r, e in sorted(parity.items())
+    ]
+    return "## Parity with the slim PyTorch model\n\n" + _md_table(
+        ["model file", "max abs diff", "max rel diff", "tolerance (abs)"], rows
+    )
+
+
+def _limits(manifest: dict[str, Any], notes: str) -> str:
+    limits = []
+    if notes.strip():
+        limits.append(notes.strip())
+    if manifest["latency"]["emulated"]:
+        limits.append(
+            "Timings listed as emulated were taken on the build host with a device profile; they are not "
+            "measurements on the device and can differ from it."
+        )
+    if any(isinstance(d, int) for t in manifest["model"]["inputs"] for d in t["shape"]):
+        limits.append(
+            "Input shapes are fixed as listed unless a dimension is named; other shapes are untested."
+        )
+    dense = [k for k in manifest["accuracy"] if k.startswith("dense")]
+    if dense:
+        reference = primary_metric(manifest["accuracy"][dense[0]])
+        for key, metrics in sorted(manifest["accuracy"].items()):
+            value = primary_metric(metrics)
+            if reference and value and value[0] == reference[0] and value[1] < reference[1]:
+                limits.append(f"`{key}` loses {reference[1] - value[1]:.4g} {value[0]} against `{dense[0]}`.")
+    lossy = [r for r in manifest["parity"] if "int8" in r or "fp16" in r]
+    if lossy:
+        limits.append(
+            "Quantized or reduced-precision files ("
+            + ", ".join(f"`{r}`" for r in sorted(lossy))
+            + ") differ from the slim PyTorch model within the tolerances above, not bit for bit."
+        )
+    return "## Known limits\n\n" + "".join(f"- {item}\n" for item in limits or ["None recorded."])

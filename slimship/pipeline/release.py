@@ -1,0 +1,469 @@
+"""Release bundles: a slim model with its exports, manifest, model card and report, written safely.
+
+`write_release(inputs, out_dir)` produces, side by side in `out_dir`:
+
+    NAME-VERSION/                 the bundle directory
+        manifest.json             schema: slimship/pipeline/manifest.schema.json (see manifest.py)
+        MODEL_CARD.md             what a person deploying the model needs
+        report.html               self-contained page with plots
+        model.pt2                 torch.export program of the slim model (role "pt2")
+        model.safetensors         its state_dict, keys unchanged (role "safetensors")
+        reference_io.npz          stored inputs in0.. and slim PyTorch outputs out0.. (role "reference-io")
+        models/ROLE.EXT           each given model file, e.g. models/onnx.onnx, models/tflite-int8.tflite
+                                  (an ONNX model with external data is stored with its tensors inlined)
+    NAME-VERSION.tar.gz           the same directory as a tarball (beside it, never inside it)
+
+Guarantees:
+- Reproducible: the same inputs give byte-identical files and tarball. Nothing dated goes into the
+  manifest; the .npz is written with fixed zip timestamps; the tarball has sorted entries, mtime 0,
+  uid/gid 0, empty user/group names, modes 0644/0755, and a gzip header with mtime 0 and no file name.
+  `torch.export.save` is deterministic for a fixed file name (its archive root is the file's stem and its
+  serialization id is derived from the content), so model.pt2 always gets the same name.
+- Safe: everything is written into a hidden temporary directory in `out_dir`, verified with
+  `verify_bundle`, then renamed into place. An existing NAME-VERSION (directory or tarball) is never
+  overwritten, and a failure at any point removes the temporary directory, leaving no partial bundle.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimship._util import dump_json, sha256_file, to_jsonable
+from slimship._version import __version__
+from slimship.errors import ReleaseError
+from slimship.pipeline import manifest as mf
+from slimship.pipeline.model_card import render_model_card
+from slimship.pipeline.report import render_report
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]+)?$")
+ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+PT2_NAME, WEIGHTS_NAME, REFERENCE_NAME = "model.pt2", "model.safetensors", "reference_io.npz"
+CARD_NAME, REPORT_NAME, MODELS_DIR = "MODEL_CARD.md", "report.html", "models"
+RESERVED_ROLES = frozenset({"pt2", "safetensors", "reference-io", "model-card", "report", "manifest"})
+# Model file suffixes verify re-runs (parity required at release time).
+RUNNABLE_FORMATS = frozenset({"onnx", "tflite", "pt2"})
+_FORMAT_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite", ".pt2": "pt2", ".md": "markdown", ".html": "html"}
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_TAR_MTIME = 0
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class ReleaseInputs:
+    """Everything a release is made from (filled by the pipeline).
+
+    `reference` holds `source_sha256` (required) and optionally `inputs` / `outputs` (lists of
+    {name, shape, dtype}; missing parts are taken from the example tensors), `input_names`,
+    `output_names`, `layout`, `preprocessing`. `parity[role]` needs `tolerance` (largest absolute
+    difference accepted) for every .onnx/.tflite model file; `latency[target]` needs p50_ms, p90_ms,
+    p99_ms and `emulated`. See manifest.schema.json for every field.
+    """
+
+    name: str
+    version: str
+    slim_module: torch.nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    model_files: dict[str, Path]
+    reference: dict[str, Any]
+    slimming: dict[str, Any]
+    parity: dict[str, dict[str, float]]
+    accuracy: dict[str, dict[str, float]]
+    latency: dict[str, dict[str, Any]]
+    config: dict[str, Any]
+    extra_plots: dict[str, Any] = field(default_factory=dict)
+    model_card_notes: str = ""
+
+
+@dataclass
+class ReleaseResult:
+    """Where the bundle went and what it holds."""
+
+    bundle_dir: Path
+    tarball: Path
+    tarball_sha256: str
+    manifest: dict[str, Any]
+    files: list[str]
+
+
+def bundle_stem(name: str, version: str) -> str:
+    return f"{name}-{version}"
+
+
+def write_release(inputs: ReleaseInputs, out_dir: Path, *, verify: bool = True) -> ReleaseResult:
+    """Write `out_dir/NAME-VERSION/` and `out_dir/NAME-VERSION.tar.gz`; never overwrite an existing version.
+
+    With `verify` (default) the staged bundle is checked with `verify_bundle` before it is published.
+    """
+    _validate_inputs(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = bundle_stem(inputs.name, inputs.version)
+    final_dir, final_tar = out_dir / stem, out_dir / f"{stem}.tar.gz"
+    _refuse_existing(final_dir, final_tar)
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".partial", dir=out_dir))
+    try:
+        bundle = staging / stem
+        bundle.mkdir()
+        manifest = _write_bundle(inputs, bundle)
+        staged_tar = staging / final_tar.name
+        write_tarball(bundle, staged_tar)
+        if verify:
+            from slimship.pipeline.verify import verify_bundle
+
+            verify_bundle(bundle)
+        _publish(bundle, staged_tar, final_dir, final_tar)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("release %s written to %s", stem, final_dir)
+    return ReleaseResult(
+        bundle_dir=final_dir,
+        tarball=final_tar,
+        tarball_sha256=sha256_file(final_tar),
+        manifest=manifest,
+        files=[f["path"] for f in manifest["files"]] + [mf.MANIFEST_NAME],
+    )
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _validate_inputs(inputs: ReleaseInputs) -> None:
+    if not NAME_RE.match(inputs.name or ""):
+        raise ReleaseError(f"release name {inputs.name!r} is invalid: use letters, digits, '.', '_' and '-'")
+    if not VERSION_RE.match(inputs.version or ""):
+        raise ReleaseError(
+            f"release version {inputs.version!r} is invalid: use MAJOR.MINOR.PATCH, e.g. 1.2.3 or 1.2.3-rc1"
+        )
+    if not isinstance(inputs.example_inputs, tuple) or not all(
+        isinstance(t, torch.Tensor) for t in inputs.example_inputs
+    ):
+        raise ReleaseError(
+            "example_inputs must be a tuple of torch.Tensor (the slim module's positional inputs)"
+        )
+    source = inputs.reference.get("source_sha256")
+    if not isinstance(source, str) or not re.fullmatch(r"[0-9a-f]{64}", source):
+        raise ReleaseError(
+            f"reference['source_sha256'] is {source!r}: "
+            "give the lowercase hex sha256 of the source model file"
+        )
+    for role, path in inputs.model_files.items():
+        _validate_model_file(role, Path(path), inputs.parity)
+    mf.split_latency(inputs.latency)
+
+
+def _validate_model_file(role: str, path: Path, parity: dict[str, dict[str, float]]) -> None:
+    if not ROLE_RE.match(role) or role in RESERVED_ROLES:
+        reserved = ", ".join(sorted(RESERVED_ROLES))
+        raise ReleaseError(f"model_files role {role!r} is invalid: use [A-Za-z0-9._-] and none of {reserved}")
+    if not path.is_file():
+        raise ReleaseError(f"model_files[{role!r}]: {path} is not a file")
+    fmt = _format_of(path)
+    if fmt in RUNNABLE_FORMATS and "tolerance" not in parity.get(role, {}):
+        raise ReleaseError(
+            f"model_files[{role!r}] ({path}): parity[{role!r}]['tolerance'] is missing; give the largest "
+            "absolute difference from the slim PyTorch model that verify may accept"
+        )
+
+
+def _copy_model_file(role: str, source: Path, dest: Path) -> None:
+    """Copy a model file; an ONNX model with external data is stored with its tensors inlined."""
+    if _format_of(source) == "onnx" and _onnx_has_external_data(source):
+        import onnx
+
+        model = onnx.load(str(source))  # loads the external tensors from beside the file
+        if model.ByteSize() >= _PROTOBUF_LIMIT:
+            raise ReleaseError(
+                f"model_files[{role!r}] ({source}) keeps tensors in external data and is too large (>2 GiB) "
+                "to inline into one .onnx file; bundles carry one file per model"
+            )
+        onnx.save(model, str(dest))
+        return
+    shutil.copyfile(source, dest)
+
+
+def _onnx_has_external_data(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _format_of(path: Path) -> str:
+    return _FORMAT_BY_SUFFIX.get(path.suffix.lower(), path.suffix.lower().lstrip(".") or "bin")
+
+
+def _refuse_existing(*paths: Path) -> None:
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            raise ReleaseError(
+                f"{path} already exists: a released version is never overwritten; bump the version "
+                "or remove the old release yourself"
+            )
+
+
+# ------------------------------------------------------------------------------------------ bundle
+
+
+def _write_bundle(inputs: ReleaseInputs, bundle: Path) -> dict[str, Any]:
+    module = inputs.slim_module
+    was_training = module.training
+    module.eval()
+    try:
+        outputs = _reference_outputs(module, inputs.example_inputs)
+        pt2_parity = _write_pt2(module, inputs.example_inputs, outputs, bundle / PT2_NAME)
+        _write_safetensors(module, bundle / WEIGHTS_NAME)
+    finally:
+        module.train(was_training)
+    arrays = {f"in{i}": t.detach().cpu().numpy() for i, t in enumerate(inputs.example_inputs)}
+    arrays.update({f"out{i}": o for i, o in enumerate(outputs)})
+    (bundle / REFERENCE_NAME).write_bytes(npz_bytes(arrays))
+
+    roles = {PT2_NAME: "pt2", WEIGHTS_NAME: "safetensors", REFERENCE_NAME: "reference-io"}
+    if inputs.model_files:
+        (bundle / MODELS_DIR).mkdir()
+    for role in sorted(inputs.model_files):
+        source = Path(inputs.model_files[role])
+        rel = f"{MODELS_DIR}/{role}{source.suffix.lower()}"
+        _copy_model_file(role, source, bundle / rel)
+        roles[rel] = role
+
+    parity = {"pt2": pt2_parity, **to_jsonable(inputs.parity)}
+    manifest = _manifest(inputs, bundle, roles, parity, len(inputs.example_inputs), outputs)
+    mf.validate_manifest(manifest, where=f"{bundle / mf.MANIFEST_NAME} (being written)")
+    (bundle / CARD_NAME).write_text(render_model_card(manifest, inputs.model_card_notes), encoding="utf-8")
+    (bundle / REPORT_NAME).write_text(render_report(manifest, inputs.extra_plots), encoding="utf-8")
+    roles.update({CARD_NAME: "model-card", REPORT_NAME: "report"})
+    manifest["files"] = _file_entries(bundle, roles)
+    mf.validate_manifest(manifest, where=f"{bundle / mf.MANIFEST_NAME} (being written)")
+    (bundle / mf.MANIFEST_NAME).write_text(dump_json(manifest), encoding="utf-8")
+    return manifest
+
+
+def _reference_outputs(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    with torch.no_grad():
+        result = module(*example_inputs)
+    return _flatten_outputs(result, "slim_module")
+
+
+def _flatten_outputs(result: Any, where: str) -> list[np.ndarray]:
+    leaves, _ = torch.utils._pytree.tree_flatten(result)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        raise ReleaseError(
+            f"{where} must return tensors (or a tuple/list/dict of tensors), got {type(result)}"
+        )
+    return [leaf.detach().cpu().contiguous().numpy() for leaf in leaves]
+
+
+def _write_pt2(
+    module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], outputs: list[np.ndarray], path: Path
+) -> dict[str, float]:
+    """Export and save the slim module; return its parity against the eager outputs."""
+    try:
+        program = torch.export.export(module, example_inputs, strict=False)
+    except Exception as exc:
+        raise ReleaseError(f"{path.name}: torch.export could not trace the slim module: {exc}") from exc
+    torch.export.save(program, str(path))
+    with torch.no_grad():
+        exported = _flatten_outputs(program.module()(*example_inputs), path.name)
+    diff = max_diffs(exported, outputs, path.name)
+    scale = max((float(np.abs(o).max()) for o in outputs if o.size), default=1.0)
+    return {**diff, "tolerance": 1e-4 * max(1.0, scale)}
+
+
+def max_diffs(actual: list[np.ndarray], expected: list[np.ndarray], where: str) -> dict[str, float]:
+    """Largest absolute and relative differences over all outputs; ReleaseError on count/shape mismatch."""
+    if len(actual) != len(expected):
+        raise ReleaseError(f"{where}: returns {len(actual)} outputs, the reference has {len(expected)}")
+    abs_diff, rel_diff = 0.0, 0.0
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
+        if a.shape != e.shape:
+            raise ReleaseError(
+                f"{where}: output {i} has shape {list(a.shape)}, the reference has {list(e.shape)}"
+            )
+        if a.size == 0:
+            continue
+        delta = np.abs(a - e)
+        abs_diff = max(abs_diff, float(np.nan_to_num(delta, nan=np.inf).max()))
+        rel_diff = max(rel_diff, float((delta / np.maximum(np.abs(e), 1e-12)).max()))
+    return {"max_abs_diff": abs_diff, "max_rel_diff": rel_diff}
+
+
+def _write_safetensors(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save
+
+    # Clone so tied/shared tensors save under every key (keys stay those of state_dict).
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    path.write_bytes(save(state, metadata={"format": "pt"}))
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz (readable by np.load) with fixed entry order and timestamps, so its bytes are reproducible."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            data = io.BytesIO()
+            np.lib.format.write_array(data, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            archive.writestr(info, data.getvalue())
+    return buffer.getvalue()
+
+
+def _tensor_specs(
+    reference: dict[str, Any], kind: str, arrays: list[tuple[list[int], str]]
+) -> list[dict[str, Any]]:
+    """Input/output specs: the given ones completed with shapes/dtypes of the example tensors."""
+    given = reference.get(kind)
+    if given is None:
+        names = reference.get(f"{kind[:-1]}_names") or [f"{kind[:-1]}_{i}" for i in range(len(arrays))]
+        given = [{"name": n} for n in names]
+    if len(given) != len(arrays):
+        raise ReleaseError(
+            f"reference[{kind!r}] lists {len(given)} {kind}, the slim module has {len(arrays)}: "
+            "make them agree"
+        )
+    specs = []
+    for spec, (shape, dtype) in zip(given, arrays):
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        spec.setdefault("shape", shape)
+        spec.setdefault("dtype", dtype)
+        specs.append(spec)
+    return specs
+
+
+def _manifest(
+    inputs: ReleaseInputs,
+    bundle: Path,
+    roles: dict[str, str],
+    parity: dict[str, Any],
+    n_inputs: int,
+    outputs: list[np.ndarray],
+) -> dict[str, Any]:
+    ref = to_jsonable(inputs.reference)
+    in_arrays = [(list(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs.example_inputs]
+    out_arrays = [(list(o.shape), str(o.dtype)) for o in outputs]
+    model = {k: v for k, v in ref.items() if k not in ("inputs", "outputs", "input_names", "output_names")}
+    model["inputs"] = _tensor_specs(ref, "inputs", in_arrays)
+    model["outputs"] = _tensor_specs(ref, "outputs", out_arrays)
+    manifest = {
+        "schema_version": mf.SCHEMA_VERSION,
+        "name": inputs.name,
+        "version": inputs.version,
+        "created_by": f"slimship {__version__}",
+        "files": _file_entries(bundle, roles),
+        "model": model,
+        "reference_io": {
+            "path": REFERENCE_NAME,
+            "inputs": [f"in{i}" for i in range(n_inputs)],
+            "outputs": [f"out{i}" for i in range(len(outputs))],
+        },
+        "slimming": to_jsonable(inputs.slimming),
+        "parity": parity,
+        "accuracy": to_jsonable(inputs.accuracy),
+        "latency": mf.split_latency(to_jsonable(inputs.latency)),
+        "versions": mf.package_versions(),
+        "config": to_jsonable(inputs.config),
+    }
+    return mf.finite_or_none(manifest)
+
+
+def _file_entries(bundle: Path, roles: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": rel,
+            "sha256": sha256_file(bundle / rel),
+            "bytes": (bundle / rel).stat().st_size,
+            "role": roles[rel],
+            "format": _format_of(Path(rel)),
+        }
+        for rel in sorted(roles)
+    ]
+
+
+# ------------------------------------------------------------------------------------------ tarball
+
+
+def _walk_sorted(root: Path) -> Iterator[Path]:
+    """Every entry below root (directories before their contents), in sorted order."""
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        yield entry
+        if entry.is_dir() and not entry.is_symlink():
+            yield from _walk_sorted(entry)
+
+
+def write_tarball(bundle: Path, dest: Path) -> Path:
+    """A reproducible .tar.gz of `bundle` (entries under `bundle.name/`), written to `dest`."""
+    raw = io.BytesIO()
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        tar.addfile(_tarinfo(bundle.name, tarfile.DIRTYPE, 0))
+        for path in _walk_sorted(bundle):
+            arcname = f"{bundle.name}/{path.relative_to(bundle).as_posix()}"
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                raise ReleaseError(f"{path}: only regular files and directories can go into a bundle")
+            if path.is_dir():
+                tar.addfile(_tarinfo(arcname, tarfile.DIRTYPE, 0))
+            else:
+                with path.open("rb") as handle:
+                    tar.addfile(_tarinfo(arcname, tarfile.REGTYPE, path.stat().st_size), handle)
+    dest.write_bytes(raw.getvalue())
+    return dest
+
+
+def _tarinfo(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.mtime = _TAR_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+# ------------------------------------------------------------------------------------------ publish
+
+
+def _publish(bundle: Path, staged_tar: Path, final_dir: Path, final_tar: Path) -> None:
+    """Move the staged bundle and tarball into place without replacing anything (rolled back on failure)."""
+    _refuse_existing(final_dir, final_tar)
+    os.rename(bundle, final_dir)
+    try:
+        _move_no_replace(staged_tar, final_tar)
+    except BaseException:
+        os.rename(final_dir, bundle)
+        raise
+
+
+def _move_no_replace(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)  # atomic, and fails if dest exists: never replaces
+    except FileExistsError:
+        raise ReleaseError(
+            f"{dest} appeared while the release was being written; nothing was published"
+        ) from None
+    except OSError:  # a filesystem without hard links
+        _refuse_existing(dest)
+        os.replace(source, dest)

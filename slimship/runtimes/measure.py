@@ -1,0 +1,299 @@
+"""Measurements on a target: latency percentiles, load time, peak memory, accuracy, parity, speedup.
+
+Peak memory (`peak_rss_kb`) is the resident-set high-water mark (getrusage ru_maxrss) of the
+process that ran the model on the target: it includes the interpreter, numpy and the runtime, so
+compare models by it on the same target only; `baseline_rss_kb` is that figure before any model
+was loaded, and `model_rss_kb` the difference.
+
+A speedup is measured as interleaved pairs (dense, slim, dense, slim ...) in one process on the
+target and reported as the median of the per-pair ratios dense/slim, with p10-p90 and the IQR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimship.runtimes.execute import _as_list, run_on_target
+from slimship.runtimes.targets import Target
+
+EvalBatch = tuple[Any, Any]  # (inputs: array | list of arrays, labels: int array | None)
+
+
+@dataclass
+class LatencyStats:
+    n: int
+    mean_ms: float
+    std_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
+        a = np.asarray(samples_ms, dtype=np.float64)
+        if a.size == 0:
+            raise ValueError("no latency samples: runs must be >= 1")
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return cls(int(a.size), float(a.mean()), float(a.std()), float(p50), float(p90), float(p99),
+                   float(a.min()), float(a.max()))  # fmt: skip
+
+
+@dataclass
+class Parity:
+    """Outputs of the measured model vs the reference model on the same inputs."""
+
+    max_abs: float
+    mean_abs: float
+    max_rel: float  # max |a-b| / (max |b| + 1e-12), per output, worst output
+
+
+@dataclass
+class Measurement:
+    model: str
+    target: str
+    runtime: dict[str, Any]
+    precision: str
+    load_ms: float
+    latency: LatencyStats
+    peak_rss_kb: int
+    baseline_rss_kb: int
+    model_rss_kb: int
+    affinity: list[int] | None
+    accuracy: float | None = None  # top-1 vs labels on the evaluation batches
+    agreement: float | None = None  # top-1 agreement with the reference model
+    eval_samples: int = 0
+    parity: Parity | None = None
+
+
+@dataclass
+class Speedup:
+    dense: str
+    slim: str
+    target: str
+    pairs: int
+    median: float  # median of per-pair dense/slim latency ratios
+    p10: float
+    p90: float
+    q25: float
+    q75: float
+    flops_ratio: float | None = None  # dense FLOPs / slim FLOPs
+    efficiency: float | None = None  # median speedup / flops_ratio
+
+    @property
+    def iqr(self) -> float:
+        return self.q75 - self.q25
+
+
+@dataclass
+class BenchResult:
+    target: Target
+    measurements: list[Measurement] = field(default_factory=list)
+    speedups: list[Speedup] = field(default_factory=list)
+
+
+def _reference_fn(reference: Any) -> Callable[[list[np.ndarray]], list[np.ndarray]] | None:
+    if reference is None:
+        return None
+    run = reference.run if hasattr(reference, "run") else reference
+    return lambda xs: [np.asarray(o) for o in run(xs)]
+
+
+def _top1(outputs: list[np.ndarray]) -> np.ndarray:
+    first = np.asarray(outputs[0])
+    return first.reshape(-1, first.shape[-1]).argmax(-1)
+
+
+def parity(outputs: list[np.ndarray], reference: list[np.ndarray]) -> Parity:
+    """Worst-case differences between two output lists of the same structure."""
+    if len(outputs) != len(reference):
+        raise ValueError(f"model has {len(outputs)} outputs, reference has {len(reference)}")
+    max_abs = mean_abs = max_rel = 0.0
+    for a, b in zip(outputs, reference, strict=True):
+        diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64).reshape(np.shape(a)))
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        mean_abs = max(mean_abs, float(diff.mean()) if diff.size else 0.0)
+        max_rel = max(max_rel, float(diff.max(initial=0.0)) / (float(np.abs(b).max(initial=0.0)) + 1e-12))
+    return Parity(max_abs, mean_abs, max_rel)
+
+
+def _accuracy(
+    top1: list[list[int]], eval_batches: list[EvalBatch], ref: Any
+) -> tuple[float | None, float | None, int]:
+    preds = np.concatenate([np.asarray(t, dtype=np.int64) for t in top1]) if top1 else np.zeros(0, np.int64)
+    labels = [b[1] for b in eval_batches]
+    accuracy = None
+    if all(lab is not None for lab in labels) and preds.size:
+        accuracy = float((preds == np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])).mean())
+    agreement = None
+    if ref is not None and preds.size:
+        ref_preds = np.concatenate([_top1(ref(_as_list(b[0]))) for b in eval_batches])
+        agreement = float((preds == ref_preds).mean())
+    return accuracy, agreement, int(preds.size)
+
+
+def _measurement(model: Path, entry: dict[str, Any], result: dict[str, Any], target: Target) -> Measurement:
+    return Measurement(
+        model=str(model),
+        target=target.name,
+        runtime=entry["runtime"],
+        precision=target.precision,
+        load_ms=float(entry["load_ms"]),
+        latency=LatencyStats.from_samples(entry["latencies_ms"]),
+        peak_rss_kb=int(result["peak_rss_kb"]),
+        baseline_rss_kb=int(result["baseline_rss_kb"]),
+        model_rss_kb=int(result["peak_rss_kb"]) - int(result["baseline_rss_kb"]),
+        affinity=result.get("affinity"),
+    )
+
+
+def measure(
+    model_path: str | Path,
+    inputs: Any,
+    target: Target,
+    *,
+    warmup: int = 5,
+    runs: int = 50,
+    eval_batches: list[EvalBatch] | None = None,
+    reference: Any = None,
+    staging_dir: Path | None = None,
+) -> Measurement:
+    """Load time, latency stats, peak RSS; accuracy/agreement on `eval_batches`; parity vs `reference`.
+
+    `reference` is a Runner (or a callable) taking a list of arrays and returning a list of arrays,
+    run on this host (typically the torch model).
+    """
+    ref = _reference_fn(reference)
+    run = run_on_target(
+        target, [Path(model_path)], inputs, warmup=warmup, runs=runs,
+        eval_inputs=[_as_list(b[0]) for b in eval_batches] if eval_batches else None,
+        save_outputs=ref is not None, staging_dir=staging_dir,
+    )  # fmt: skip
+    entry = run.result["models"][0]
+    m = _measurement(Path(model_path), entry, run.result, target)
+    if eval_batches:
+        m.accuracy, m.agreement, m.eval_samples = _accuracy(entry["eval_top1"], eval_batches, ref)
+    if ref is not None:
+        m.parity = parity(run.outputs[0], ref(_as_list(inputs)))
+    return m
+
+
+def speedup_from_ratios(ratios: Sequence[float], dense: str, slim: str, target: str,
+                        flops: tuple[float, float] | None = None) -> Speedup:  # fmt: skip
+    """Median and spread of per-pair dense/slim ratios; efficiency if FLOPs (dense, slim) are given."""
+    r = np.asarray(ratios, dtype=np.float64)
+    if r.size == 0:
+        raise ValueError("no pairs: runs must be >= 1")
+    p10, q25, med, q75, p90 = (float(v) for v in np.percentile(r, [10, 25, 50, 75, 90]))
+    flops_ratio = efficiency = None
+    if flops is not None:
+        dense_flops, slim_flops = flops
+        if slim_flops <= 0 or dense_flops <= 0:
+            raise ValueError(f"FLOPs must be positive, got dense={dense_flops} slim={slim_flops}")
+        flops_ratio = dense_flops / slim_flops
+        efficiency = med / flops_ratio
+    return Speedup(dense, slim, target, int(r.size), med, p10, p90, q25, q75, flops_ratio, efficiency)
+
+
+def measure_speedup(
+    dense: str | Path,
+    slim: str | Path,
+    inputs: Any,
+    target: Target,
+    *,
+    warmup: int = 5,
+    runs: int = 50,
+    flops: tuple[float, float] | None = None,
+    staging_dir: Path | None = None,
+) -> tuple[Speedup, list[Measurement]]:
+    """Interleaved dense/slim pairs in one process on `target`; also returns both measurements."""
+    run = run_on_target(
+        target, [Path(dense), Path(slim)], inputs, warmup=warmup, runs=runs, staging_dir=staging_dir
+    )
+    entries = run.result["models"]
+    sp = speedup_from_ratios(run.result["pair_ratios"][0], str(dense), str(slim), target.name, flops)
+    pair = (Path(dense), Path(slim))
+    return sp, [_measurement(p, e, run.result, target) for p, e in zip(pair, entries, strict=True)]
+
+
+def bench(
+    models: list[Path],
+    target: Target,
+    inputs: Any,
+    *,
+    dense: Path | None = None,
+    warmup: int = 5,
+    runs: int = 50,
+    eval_batches: list[EvalBatch] | None = None,
+    reference: Any = None,
+    flops: dict[str, float] | None = None,
+) -> BenchResult:
+    """Measure every model on `target`; with `dense`, also the speedup of each model over it.
+
+    `flops` maps a model path (as given) to its FLOPs; with both dense and slim present, the
+    speedup efficiency (speedup / FLOPs ratio) is reported.
+    """
+    result = BenchResult(target=target)
+    for model in models:
+        result.measurements.append(
+            measure(
+                model,
+                inputs,
+                target,
+                warmup=warmup,
+                runs=runs,
+                eval_batches=eval_batches,
+                reference=reference,
+            )
+        )
+    if dense is not None:
+        for model in models:
+            if Path(model) == Path(dense):
+                continue
+            pair_flops = None
+            if flops and str(dense) in flops and str(model) in flops:
+                pair_flops = (flops[str(dense)], flops[str(model)])
+            sp, _ = measure_speedup(dense, model, inputs, target, warmup=warmup, runs=runs, flops=pair_flops)
+            result.speedups.append(sp)
+    return result
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_bench_table(result: BenchResult) -> Any:
+    """A rich Table: one row per model, with the speedup over dense where measured."""
+    from rich.table import Table
+
+    t = result.target
+    title = f"target {t.name}: {t.transport}, threads={t.threads or 'default'}, precision={t.precision}"
+    table = Table(title=title)
+    for col in ("model", "runtime", "load ms", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "peak RSS MB",
+                "top-1", "agree", "max |Δ|", "speedup (p10-p90)", "efficiency"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    speedups = {s.slim: s for s in result.speedups}
+    for m in result.measurements:
+        s = speedups.get(m.model)
+        table.add_row(
+            m.model,
+            f"{m.runtime.get('backend')} {m.runtime.get('version')}",
+            f"{m.load_ms:.1f}",
+            f"{m.latency.p50_ms:.3f}",
+            f"{m.latency.p90_ms:.3f}",
+            f"{m.latency.p99_ms:.3f}",
+            f"{m.latency.mean_ms:.3f}±{m.latency.std_ms:.3f}",
+            f"{m.peak_rss_kb / 1024:.1f}",
+            _fmt(m.accuracy, ".3f"),
+            _fmt(m.agreement, ".3f"),
+            _fmt(m.parity.max_abs if m.parity else None, ".2e"),
+            f"{s.median:.2f}x ({s.p10:.2f}-{s.p90:.2f})" if s else "-",
+            _fmt(s.efficiency if s else None, ".2f"),
+        )
+    return table

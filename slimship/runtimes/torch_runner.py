@@ -1,0 +1,55 @@
+"""Reference runner on PyTorch (host only: devices never import torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimship.errors import ModelFileError
+
+
+class TorchRunner:
+    """Runs an `nn.Module` (given directly) or a `torch.export` program (.pt2) in eval mode."""
+
+    def __init__(self, module: torch.nn.Module | None = None, threads: int | None = None) -> None:
+        self.module = module.eval() if module is not None else None
+        self.threads = threads
+        self.source = "module" if module is not None else None
+
+    def load(self, path: str | Path) -> TorchRunner:
+        path = Path(path)
+        if path.suffix != ".pt2":
+            raise ModelFileError(
+                f"{path}: TorchRunner loads torch.export programs (.pt2); pass a module instead"
+            )
+        try:
+            self.module = torch.export.load(str(path)).module()
+        except Exception as exc:
+            raise ModelFileError(f"{path}: torch.export.load failed: {exc}") from exc
+        self.source = str(path)
+        return self
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if self.module is None:
+            raise ModelFileError("TorchRunner: no module; pass one or call load(path)")
+        previous = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                out = self.module(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
+        finally:
+            torch.set_num_threads(previous)
+        outs = out if isinstance(out, list | tuple) else [out]
+        return [o.detach().cpu().numpy() for o in outs]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "torch",
+            "version": torch.__version__,
+            "threads": self.threads,
+            "source": self.source,
+        }

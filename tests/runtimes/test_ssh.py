@@ -1,0 +1,167 @@
+"""Remote runs over a real OpenSSH server on loopback, with the edge env (tflite-runtime 2.14, numpy<2)
+as the device's python."""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from slimship.errors import DeviceError, TargetError
+from slimship.runtimes.edge_env import ensure_edge_python
+from slimship.runtimes.execute import RUNNER_NAME
+from slimship.runtimes.measure import measure, measure_speedup
+from slimship.runtimes.targets import SshOptions, Target
+from slimship.runtimes.torch_runner import TorchRunner
+
+from .sshd import SshServer, ensure_sshd, free_port, keygen, start_sshd
+
+pytestmark = pytest.mark.ssh
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory: pytest.TempPathFactory):
+    reason = ensure_sshd()
+    if reason:
+        pytest.skip(reason)
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def edge_python() -> str:
+    return str(ensure_edge_python())
+
+
+def ssh_target(server: SshServer, python: str, **changes) -> Target:
+    fields = dict(
+        name="loopback-edge",
+        transport=f"ssh://{server.user}@127.0.0.1:{server.port}",
+        python=python,
+        runtime="tflite_runtime",
+        threads=1,
+        ssh=SshOptions(key=str(server.client_key), known_hosts=str(server.known_hosts), connect_timeout=5),
+        run_timeout=60,
+    )
+    fields.update(changes)
+    return Target(**fields)
+
+
+@pytest.fixture
+def remote_leftovers():
+    """Remote work dirs (mktemp -d on the loopback 'device') created during the test and not removed."""
+    before = set(glob.glob(f"/tmp/tmp.*/{RUNNER_NAME}"))
+    return lambda: sorted(set(glob.glob(f"/tmp/tmp.*/{RUNNER_NAME}")) - before)
+
+
+def test_bench_runs_in_edge_env_over_ssh(sshd_server, edge_python, tiny_models, tmp_path, remote_leftovers):
+    target = ssh_target(sshd_server, edge_python)
+    ref = TorchRunner(tiny_models["dense"]["module"])
+    m = measure(
+        tiny_models["dense"]["tflite"],
+        [tiny_models["x"]],
+        target,
+        warmup=2,
+        runs=7,
+        reference=ref,
+        staging_dir=tmp_path,
+    )
+    assert m.runtime["backend"] == "tflite_runtime" and m.runtime["version"] == "2.14.0"
+    assert m.latency.n == 7 and m.latency.p50_ms > 0
+    assert m.parity is not None and m.parity.max_abs < 1e-4
+    assert m.peak_rss_kb >= m.baseline_rss_kb > 0
+    assert list(tmp_path.iterdir()) == [] and remote_leftovers() == []
+
+
+def test_interleaved_pairs_over_ssh(sshd_server, edge_python, tiny_models):
+    target = ssh_target(sshd_server, edge_python)
+    sp, (dense, slim) = measure_speedup(
+        tiny_models["dense"]["tflite"],
+        tiny_models["slim"]["tflite"],
+        [tiny_models["x"]],
+        target,
+        warmup=1,
+        runs=9,
+        flops=(4.0, 1.0),
+    )
+    assert sp.pairs == 9 and dense.latency.n == slim.latency.n == 9
+    assert sp.p10 <= sp.median <= sp.p90
+    assert sp.efficiency == pytest.approx(sp.median / 4.0)
+
+
+def test_remote_without_runtime_is_a_target_error(sshd_server, tiny_models, tmp_path, remote_leftovers):
+    # this venv's python has numpy but no tflite_runtime
+    target = ssh_target(sshd_server, sys.executable)
+    with pytest.raises(TargetError, match="no TFLite interpreter") as info:
+        measure(tiny_models["dense"]["tflite"], [tiny_models["x"]], target, runs=2, staging_dir=tmp_path)
+    assert type(info.value) is TargetError
+    assert list(tmp_path.iterdir()) == [] and remote_leftovers() == []
+
+
+def test_missing_remote_python_is_a_target_error(sshd_server, tiny_models, tmp_path):
+    target = ssh_target(sshd_server, "/nonexistent/python3")
+    with pytest.raises(TargetError, match="not found"):
+        measure(tiny_models["dense"]["tflite"], [tiny_models["x"]], target, runs=2, staging_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_listening_is_a_device_error(sshd_server, edge_python, tiny_models, tmp_path):
+    target = ssh_target(
+        sshd_server, edge_python, transport=f"ssh://{sshd_server.user}@127.0.0.1:{free_port()}"
+    )
+    with pytest.raises(DeviceError, match="SSH connection failed"):
+        measure(tiny_models["dense"]["tflite"], [tiny_models["x"]], target, runs=2, staging_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_host_key_is_refused(sshd_server, edge_python, tiny_models, tmp_path):
+    other = keygen(tmp_path / "other_host_key")
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd_server.port} {Path(f'{other}.pub').read_text()}")
+    ssh = SshOptions(key=str(sshd_server.client_key), known_hosts=str(known), connect_timeout=5)
+    staging = tmp_path / "stage"
+    with pytest.raises(DeviceError, match="host key"):
+        measure(
+            tiny_models["dense"]["tflite"],
+            [tiny_models["x"]],
+            ssh_target(sshd_server, edge_python, ssh=ssh),
+            runs=2,
+            staging_dir=staging,
+        )
+    assert list(staging.iterdir()) == []
+
+
+def test_run_timeout_stops_the_remote_run(sshd_server, edge_python, tiny_models, tmp_path):
+    target = ssh_target(sshd_server, edge_python, run_timeout=2)
+    with pytest.raises(DeviceError, match="run_timeout"):
+        measure(
+            tiny_models["dense"]["tflite"], [tiny_models["x"]], target, runs=10_000_000, staging_dir=tmp_path
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_killed_mid_run_is_a_device_error(edge_python, tiny_models, tmp_path, remote_leftovers):
+    server = start_sshd(tmp_path / "sshd")
+    staging = tmp_path / "stage"
+    killer = threading.Timer(3.0, server.stop)
+    killer.start()
+    try:
+        with pytest.raises(DeviceError):
+            measure(
+                tiny_models["dense"]["tflite"],
+                [tiny_models["x"]],
+                ssh_target(server, edge_python),
+                runs=10_000_000,
+                staging_dir=staging,
+            )
+    finally:
+        killer.cancel()
+        server.stop()
+        for leftover in remote_leftovers():  # the 'device' vanished before cleanup could reach it
+            shutil.rmtree(Path(leftover).parent)
+    assert list(staging.iterdir()) == []
