@@ -211,6 +211,12 @@ def _format_of(path: Path) -> str:
     return _FORMAT_BY_SUFFIX.get(path.suffix.lower(), path.suffix.lower().lstrip(".") or "bin")
 
 
+def check_new_version(out_dir: Path, name: str, version: str) -> None:
+    """Raise ReleaseError now if NAME-VERSION already exists in `out_dir` (checked again at publish time)."""
+    stem = bundle_stem(name, version)
+    _refuse_existing(Path(out_dir) / stem, Path(out_dir) / f"{stem}.tar.gz")
+
+
 def _refuse_existing(*paths: Path) -> None:
     for path in paths:
         if path.exists() or path.is_symlink():

@@ -1,0 +1,244 @@
+"""The `slimship` command: parses arguments and calls the pipeline or one stage."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from slimship._version import __version__
+from slimship.errors import SlimshipError
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from slimship.pipeline.config import validate
+    from slimship.pipeline.demo import DEMO_CONFIG
+    from slimship.pipeline.run import run_pipeline
+
+    config = copy.deepcopy(DEMO_CONFIG)
+    config["release"]["out"] = str(args.out)
+    if args.version:
+        config["release"]["version"] = args.version
+    run_pipeline(validate(config, "demo"))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from slimship.pipeline.config import load_config
+    from slimship.pipeline.run import run_pipeline
+
+    config = load_config(args.config)
+    if args.out:
+        config["release"]["out"] = str(args.out)
+    run_pipeline(config)
+    return 0
+
+
+def _load_program_module(path: Path) -> tuple[Any, tuple[Any, ...]]:
+    """A .pt2 program and its stored example inputs."""
+    import torch
+
+    from slimship.errors import ModelFileError
+
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a readable torch.export program (.pt2): {str(exc)[:200]}") from None
+    example = getattr(program, "example_inputs", None)
+    args = tuple(example[0]) if example else None
+    return program.module(), args
+
+
+def _example(args: argparse.Namespace, stored: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    import torch
+
+    if args.input_shape:
+        return (torch.randn(1, *args.input_shape),)
+    if stored:
+        return stored
+    raise SlimshipError("the model file stores no example inputs: pass --input-shape C H W")
+
+
+def _cmd_slim(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from slimship.slimming import slim
+
+    module, stored = _load_program_module(Path(args.model))
+    example = _example(args, stored)
+    result = slim(module, example)
+    program = torch.export.export(result.model, example, strict=False)
+    torch.export.save(program, str(args.out))
+    console = Console()
+    console.print(f"slim model written to {args.out}")
+    console.print_json(json.dumps(_jsonable(result.summary())))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from slimship.exporters import export_onnx, export_tflite
+
+    module, stored = _load_program_module(Path(args.model))
+    example = _example(args, stored)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.model).stem
+    for fmt in args.format:
+        if fmt == "onnx":
+            result = export_onnx(module, example, out / f"{stem}.onnx")
+        else:
+            variant = fmt.removeprefix("tflite-")
+            result = export_tflite(module, example, out / f"{stem}-{variant}.tflite", variant=variant)
+        print(f"{result.path}  {result.bytes} bytes  parity max|diff| {result.parity.max_abs_diff:.3g}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+    from rich.console import Console
+
+    from slimship._util import atomic_write_bytes, dump_json
+    from slimship.runtimes.measure import bench, format_bench_table
+    from slimship.runtimes.targets import get_target, load_targets
+
+    extra = load_targets(args.targets_file) if args.targets_file else None
+    target = get_target(args.target, extra)
+    if args.inputs:
+        with np.load(args.inputs, allow_pickle=False) as data:
+            inputs = [data[k] for k in sorted(data.files)]
+    else:
+        inputs = [np.random.default_rng(0).standard_normal((1, *args.input_shape)).astype(np.float32)]
+    models = [Path(m) for m in args.models]
+    dense = Path(args.dense) if args.dense else None
+    if dense is not None and dense not in models:
+        models.insert(0, dense)
+    result = bench(models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup)
+    Console().print(format_bench_table(result))
+    if args.json:
+        atomic_write_bytes(args.json, dump_json(result).encode())
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from slimship.pipeline.verify import verify_bundle
+
+    result = verify_bundle(Path(args.bundle))
+    print(json.dumps(_jsonable(result), indent=2, default=str))
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    """Bundle a slim .pt2 with fresh ONNX/TFLite exports (no bench figures)."""
+    import tempfile
+
+    from slimship.exporters import export_onnx, export_tflite
+    from slimship.pipeline.release import ReleaseInputs, write_release
+
+    module, stored = _load_program_module(Path(args.model))
+    example = _example(args, stored)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = export_onnx(module, example, Path(tmp) / "model.onnx")
+        tfl = export_tflite(module, example, Path(tmp) / "model-fp32.tflite")
+        parity = {
+            fmt: {"max_abs_diff": e.parity.max_abs_diff, "max_rel_diff": e.parity.max_rel_diff,
+                  "tolerance": e.parity.tolerance}
+            for fmt, e in (("onnx", onnx), ("tflite-fp32", tfl))
+        }  # fmt: skip
+        from slimship._util import sha256_file
+
+        inputs = ReleaseInputs(
+            name=args.name, version=args.version, slim_module=module, example_inputs=example,
+            model_files={"onnx": onnx.path, "tflite-fp32": tfl.path},
+            reference={"source_sha256": sha256_file(args.model)}, slimming={}, parity=parity,
+            accuracy={}, latency={}, config={"command": "release", "model": str(args.model)},
+        )  # fmt: skip
+        result = write_release(inputs, Path(args.out))
+    print(result.bundle_dir)
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    from slimship._util import to_jsonable
+
+    return to_jsonable(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimship", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"slimship {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in digits CNN")
+    p.add_argument("--out", type=Path, default=Path("artifacts"), help="release directory (default: artifacts)")
+    p.add_argument("--version", dest="version", default=None, help="release version (default 0.1.0)")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("run", help="the pipeline driven by a YAML config")
+    p.add_argument("config", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="override release.out")
+    p.set_defaults(fn=_cmd_run)
+
+    shape = {"type": int, "nargs": "+", "default": None, "help": "input shape without batch, e.g. 1 8 8"}
+    p = sub.add_parser("slim", help="slim a torch.export program (.pt2)")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--input-shape", **shape)
+    p.set_defaults(fn=_cmd_slim)
+
+    p = sub.add_parser("export", help="export a .pt2 to ONNX / TFLite, with parity checks")
+    p.add_argument("model", type=Path)
+    p.add_argument("--format", nargs="+", default=["onnx", "tflite-fp32"],
+                   choices=["onnx", "tflite-fp32", "tflite-fp16", "tflite-int8-dynamic", "tflite-int8"])  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--input-shape", **shape)
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("bench", help="measure .onnx/.tflite models on a target")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--target", default="host")
+    p.add_argument("--targets-file", default=None)
+    p.add_argument("--dense", default=None, help="dense model: report speedups against it")
+    p.add_argument("--inputs", default=None, help=".npz with in0, in1, ...")
+    p.add_argument("--input-shape", type=int, nargs="+", default=[1, 8, 8])
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("release", help="bundle a slim .pt2 with its ONNX and TFLite exports")
+    p.add_argument("model", type=Path)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", dest="version", required=True)
+    p.add_argument("--out", type=Path, default=Path("artifacts"))
+    p.add_argument("--input-shape", **shape)
+    p.set_defaults(fn=_cmd_release)
+
+    p = sub.add_parser("verify", help="check a release bundle (directory or .tar.gz)")
+    p.add_argument("bundle")
+    p.set_defaults(fn=_cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except SlimshipError as exc:
+        print(f"slimship: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimship: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The pipeline: compose the stages (train, compress, slim, export, bench, release) from a config."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from slimship._util import set_seed, sha256_bytes
+from slimship.errors import ConfigError
+from slimship.pipeline.config import resolve
+
+log = logging.getLogger(__name__)
+
+EVAL_SAMPLES = 200
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run produced and measured (JSON-convertible)."""
+
+    release_dir: Path | None
+    summary: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Stages:
+    """Prints one line per stage with its duration."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        with self.console.status(f"[bold]{name}[/bold] ..."):
+            result = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        self.console.print(f"[green]✓[/green] {name} ({self.timings[name]:.1f} s)")
+        return result
+
+
+def load_state_dict_file(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a state_dict saved with torch.save (weights only: no code runs from the file)."""
+    from slimship.errors import ModelFileError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such checkpoint") from None
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a weights-only PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelFileError(f"{path}: does not fit model.factory's model: {str(exc).splitlines()[0]}") from None
+
+
+def _accuracy(model: torch.nn.Module, test: Any) -> float | None:
+    if test is None:
+        return None
+    from slimship.data import evaluate_accuracy
+
+    return round(float(evaluate_accuracy(model, test)), 3)
+
+
+def _train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, seed: int) -> None:
+    from slimship.compress.base import train_loop
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    train_loop(model, train, epochs=epochs, optimizer=optimizer, seed=seed, desc="dense training")
+
+
+def _export_all(model, example, formats, workdir: Path, stem: str, calib, evals, dynamic: bool) -> dict[str, Any]:
+    from slimship.exporters import export_onnx, export_tflite
+
+    out: dict[str, Any] = {}
+    for fmt in formats:
+        if fmt == "onnx":
+            out[fmt] = export_onnx(model, example, workdir / f"{stem}.onnx", dynamic_batch=dynamic)
+        else:
+            variant = fmt.removeprefix("tflite-")
+            out[fmt] = export_tflite(
+                model, example, workdir / f"{stem}-{variant}.tflite", variant=variant,
+                calibration=calib, eval_batches=evals,
+            )  # fmt: skip
+    return out
+
+
+def run_pipeline(config: dict[str, Any], console: Console | None = None) -> PipelineResult:
+    """Run every configured stage; returns the release location and the summary figures."""
+    from slimship.pipeline.release import check_new_version
+
+    console = console or Console()
+    rcfg = config["release"]
+    check_new_version(Path(rcfg["out"]), rcfg["name"], rcfg["version"])  # fail before any work
+    stages = _Stages(console)
+    seed = int(config["seed"])
+    set_seed(seed)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+
+    model_cfg = config["model"]
+    model = resolve(model_cfg["factory"], "model.factory")(**model_cfg["kwargs"])
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"'model.factory' returned {type(model).__name__}, not an nn.Module")
+    if "checkpoint" in model_cfg:
+        load_state_dict_file(model, model_cfg["checkpoint"])
+    train = test = None
+    if config["data"]:
+        data_cfg = config["data"]
+        train, test = resolve(data_cfg["factory"], "data.factory")(**data_cfg.get("kwargs", {}))
+    generator = torch.Generator().manual_seed(seed)
+    example = (torch.randn(1, *model_cfg["input_shape"], generator=generator),)  # what a device runs
+    # tracing with batch 2 keeps the batch dim dynamic (a batch of 1 is specialised by torch.export)
+    trace_example = (torch.randn(2, *model_cfg["input_shape"], generator=generator),)
+
+    if config["train"] and train is not None and config["train"].get("epochs", 0) > 0:
+        tcfg = config["train"]
+        stages.run("train dense model", _train_dense, model, train, tcfg["epochs"], tcfg.get("lr", 1e-3), seed)
+    model.eval()
+    dense_acc = _accuracy(model, test)
+
+    compressed, compress_info = model, {}
+    if config["compress"]:
+        from slimship.compress import compress
+
+        ccfg = config["compress"]
+        result = stages.run(
+            f"compress ({ccfg['method']})", compress, ccfg["method"], model, trace_example, train, test,
+            **ccfg.get("options", {}),
+        )  # fmt: skip
+        compressed, compress_info = result.model.eval(), {"method": result.method, **_plain(result.info)}
+
+    from slimship.slimming import slim
+
+    scfg = config["slim"]
+    slim_result = stages.run(
+        "slim (trace, analyse, rewrite, verify)", slim, compressed, trace_example,
+        merge=scfg["merge"], fold_constants=scfg["fold_constants"], rtol=scfg["rtol"],
+    )  # fmt: skip
+    slim_model = slim_result.model
+    slim_acc = _accuracy(slim_model, test)
+
+    formats = config["export"]["formats"]
+    calib = evals = None
+    eval_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    if test is not None:
+        xs, ys = [], []
+        for x, y in test:
+            xs.append(x)
+            ys.append(y)
+        x_all, y_all = torch.cat(xs)[:EVAL_SAMPLES], torch.cat(ys)[:EVAL_SAMPLES]
+        calib = [(x_all[i : i + 1],) for i in range(0, min(64, len(x_all)))]
+        evals = [(x_all[i : i + 1],) for i in range(len(x_all))]
+        eval_pairs = [(x_all[i : i + 1].numpy(), y_all[i : i + 1].numpy()) for i in range(len(x_all))]
+
+    with tempfile.TemporaryDirectory(prefix="slimship-") as tmp:
+        workdir = Path(tmp)
+        dynamic = bool(config["export"]["dynamic_batch"])
+        dense_exports = stages.run(
+            "export dense", _export_all, compressed, example, formats, workdir, "dense", calib, evals, dynamic
+        )
+        slim_exports = stages.run(
+            "export slim", _export_all, slim_model, example, formats, workdir, "slim", calib, evals, dynamic
+        )
+        latency, accuracy, rows = stages.run(
+            "bench on targets", _bench, config, example, dense_exports, slim_exports, slim_model, eval_pairs,
+            (slim_result.flops_before, slim_result.flops_after),
+        )  # fmt: skip
+        accuracy["dense-torch"] = {"top1": dense_acc}
+        accuracy["slim-torch"] = {"top1": slim_acc}
+        summary = {
+            "params": [slim_result.params_before, slim_result.params_after],
+            "flops": [slim_result.flops_before, slim_result.flops_after],
+            "flops_ratio": round(slim_result.flops_ratio, 3),
+            "accuracy": {"dense": dense_acc, "slim": slim_acc},
+            "files": {fmt: [dense_exports[fmt].bytes, slim_exports[fmt].bytes] for fmt in formats},
+            "latency": rows,
+            "compress": compress_info,
+        }
+        release_dir = stages.run(
+            "write release bundle", _release, config, slim_model, example, slim_result, slim_exports,
+            accuracy, latency, compressed, compress_info,
+        )  # fmt: skip
+    console.print(summary_table(summary))
+    if release_dir is not None:
+        console.print(f"release bundle: [bold]{release_dir}[/bold]")
+    return PipelineResult(release_dir, summary, stages.timings)
+
+
+def _plain(info: dict[str, Any]) -> dict[str, Any]:
+    """Keep JSON-friendly scalars and short lists of a compression method's info."""
+    out = {}
+    for key, value in info.items():
+        if isinstance(value, int | float | str | bool) or value is None:
+            out[key] = value
+        elif isinstance(value, list | dict) and len(str(value)) < 4000:
+            out[key] = value
+    return out
+
+
+def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs, flops):
+    from slimship.runtimes.measure import measure, measure_speedup
+    from slimship.runtimes.targets import get_target, load_targets
+    from slimship.runtimes.torch_runner import TorchRunner
+
+    extra = load_targets(config["targets_file"]) if config.get("targets_file") else None
+    bcfg = config["bench"]
+    inputs = [t.numpy() for t in example]
+    reference = TorchRunner(slim_model)
+    latency: dict[str, dict[str, Any]] = {}
+    accuracy: dict[str, dict[str, Any]] = {}
+    rows = []
+    for target_name in config["targets"]:
+        target = get_target(target_name, extra)
+        for fmt, slim_export in slim_exports.items():
+            if fmt.startswith("tflite") and fmt != f"tflite-{target.precision}" and target.precision != "fp32":
+                continue
+            if target.precision == "int8" and fmt == "onnx":
+                continue
+            dense_path, slim_path = dense_exports[fmt].path, slim_export.path
+            speedup, (dense_m, slim_m) = measure_speedup(
+                dense_path, slim_path, inputs, target, warmup=bcfg["warmup"], runs=bcfg["runs"], flops=flops
+            )
+            measured = measure(slim_path, inputs, target, warmup=1, runs=1, eval_batches=eval_pairs or None,
+                               reference=reference)  # fmt: skip
+            key = f"{target.name}/{fmt}"
+            latency[key] = {
+                "target": target.name,
+                "format": fmt,
+                "runtime": slim_m.runtime.get("backend"),
+                "emulated": bool(target.emulated),
+                "p50_ms": slim_m.latency.p50_ms,
+                "p90_ms": slim_m.latency.p90_ms,
+                "p99_ms": slim_m.latency.p99_ms,
+                "dense_p50_ms": dense_m.latency.p50_ms,
+                "speedup": round(speedup.median, 4),
+                "speedup_p10": round(speedup.p10, 4),
+                "speedup_p90": round(speedup.p90, 4),
+                "efficiency": round(speedup.efficiency, 4) if speedup.efficiency else None,
+                "peak_rss_kb": slim_m.peak_rss_kb,
+            }
+            accuracy[f"slim-{fmt}@{target.name}"] = {
+                "top1": measured.accuracy,
+                "agreement": measured.agreement,
+                "max_abs_diff": measured.parity.max_abs if measured.parity else None,
+            }
+            rows.append(latency[key] | {"accuracy": measured.accuracy})
+    return latency, accuracy, rows
+
+
+def _release(config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, compress_info):
+    from slimship.pipeline.release import ReleaseInputs, write_release
+
+    rcfg = config["release"]
+    source_bytes = b"".join(
+        t.detach().contiguous().numpy().tobytes() for t in source.state_dict().values() if t.is_floating_point()
+    )
+    parity = {}
+    files = {}
+    for fmt, export in slim_exports.items():
+        files[fmt] = export.path
+        parity[fmt] = {
+            "max_abs_diff": export.parity.max_abs_diff,
+            "max_rel_diff": export.parity.max_rel_diff,
+            "tolerance": export.parity.tolerance,
+        }
+    slimming = slim_result.summary() | {
+        "layers": [
+            {"name": layer.name, "before": layer.shape_before, "after": layer.shape_after}
+            for layer in slim_result.report.layers
+        ],
+    }
+    inputs = ReleaseInputs(
+        name=rcfg["name"],
+        version=rcfg["version"],
+        slim_module=slim_model,
+        example_inputs=example,
+        model_files=files,
+        reference={"source_sha256": sha256_bytes(source_bytes)},
+        slimming=slimming,
+        parity=parity,
+        accuracy=accuracy,
+        latency=latency,
+        config=config,
+        extra_plots={"compress": compress_info} if compress_info else {},
+        model_card_notes=rcfg.get("notes", ""),
+    )
+    return write_release(inputs, Path(rcfg["out"])).bundle_dir
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The short table printed at the end of a run."""
+    table = Table(title="slimship summary", show_lines=False)
+    table.add_column("metric")
+    table.add_column("dense", justify="right")
+    table.add_column("slim", justify="right")
+    table.add_column("ratio", justify="right")
+    p0, p1 = summary["params"]
+    f0, f1 = summary["flops"]
+    table.add_row("params", f"{p0:,}", f"{p1:,}", f"{p0 / max(p1, 1):.2f}x")
+    table.add_row("FLOPs", f"{f0:,}", f"{f1:,}", f"{f0 / max(f1, 1):.2f}x")
+    for fmt, (b0, b1) in summary["files"].items():
+        table.add_row(f"{fmt} bytes", f"{b0:,}", f"{b1:,}", f"{b0 / max(b1, 1):.2f}x")
+    acc = summary["accuracy"]
+    if acc["dense"] is not None:
+        table.add_row("test top-1 (torch)", f"{acc['dense']:.2f}%", f"{acc['slim']:.2f}%", "")
+    for row in summary["latency"]:
+        label = f"p50 {row['target']}/{row['format']}" + (" (emulated)" if row["emulated"] else "")
+        table.add_row(
+            label, f"{row['dense_p50_ms']:.3f} ms", f"{row['p50_ms']:.3f} ms", f"{row['speedup']:.2f}x speedup"
+        )
+        if row.get("accuracy") is not None:
+            table.add_row(f"top-1 {row['target']}/{row['format']}", "", f"{row['accuracy']:.2f}%", "")
+    return table

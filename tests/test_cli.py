@@ -1,0 +1,81 @@
+"""The `slimship` command end to end: stage subcommands, errors, and a full `run` (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from slimship import zero_random_groups
+from slimship.cli import main
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
+
+
+def _saved_program(tmp_path: Path) -> tuple[Path, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 1, 8, 8)
+    zero_random_groups(model, x, fraction=0.5, seed=0)
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (x,), strict=False), path)
+    return path, model, x
+
+
+def test_slim_subcommand_writes_a_smaller_equivalent_program(tmp_path, capsys) -> None:
+    path, model, x = _saved_program(tmp_path)
+    out = tmp_path / "slim.pt2"
+    assert main(["slim", str(path), "--out", str(out)]) == 0
+    slim_module = torch.export.load(out).module()
+    assert sum(p.numel() for p in slim_module.parameters()) < sum(p.numel() for p in model.parameters())
+    assert torch.allclose(slim_module(x), model(x), atol=1e-5)
+    assert '"flops_ratio"' in capsys.readouterr().out
+
+
+def test_corrupt_model_file_gives_a_clear_error(tmp_path, capsys) -> None:
+    bad = tmp_path / "broken.pt2"
+    bad.write_bytes(b"not a zip archive")
+    assert main(["slim", str(bad), "--out", str(tmp_path / "x.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.pt2" in err and "not a readable torch.export program" in err
+    assert main(["slim", str(tmp_path / "missing.pt2"), "--out", str(tmp_path / "x.pt2")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_config_error_exits_2_with_the_key_path(tmp_path, capsys) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    config["export"]["formats"] = ["onnx", "coreml"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 2
+    assert "'export.formats'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_config_writes_a_verified_release(tmp_path, capsys) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    config["train"]["epochs"] = 1
+    config["compress"]["options"] = {"target": 0.5, "epochs": 2}
+    config["bench"] = {"runs": 5, "warmup": 1}
+    config["release"]["out"] = str(tmp_path / "artifacts")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    bundle = tmp_path / "artifacts" / "lenet5-digits-0.1.0"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    names = {f["path"] for f in manifest["files"]}
+    assert any(n.endswith(".onnx") for n in names) and any(n.endswith(".tflite") for n in names)
+    assert manifest["slimming"]["flops_after"] < manifest["slimming"]["flops_before"]
+    assert main(["verify", str(bundle)]) == 0
+    # the same version again is refused and the existing bundle is untouched
+    before = (bundle / "manifest.json").read_bytes()
+    assert main(["run", str(path)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (bundle / "manifest.json").read_bytes() == before
