@@ -12,6 +12,7 @@ from typing import Any
 
 from slimship._version import __version__
 from slimship.errors import SlimshipError
+from slimship.pipeline.config import FORMATS
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -49,7 +50,9 @@ def _load_program_module(path: Path) -> tuple[Any, tuple[Any, ...]]:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        raise ModelFileError(f"{path}: not a readable torch.export program (.pt2): {str(exc)[:200]}") from None
+        raise ModelFileError(
+            f"{path}: not a readable torch.export program (.pt2): {str(exc)[:200]}"
+        ) from None
     example = getattr(program, "example_inputs", None)
     args = tuple(example[0]) if example else None
     return program.module(), args
@@ -177,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in digits CNN")
-    p.add_argument("--out", type=Path, default=Path("artifacts"), help="release directory (default: artifacts)")
+    p.add_argument(
+        "--out", type=Path, default=Path("artifacts"), help="release directory (default: artifacts)"
+    )
     p.add_argument("--version", dest="version", default=None, help="release version (default 0.1.0)")
     p.set_defaults(fn=_cmd_demo)
 
@@ -195,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a .pt2 to ONNX / TFLite, with parity checks")
     p.add_argument("model", type=Path)
-    p.add_argument("--format", nargs="+", default=["onnx", "tflite-fp32"],
-                   choices=["onnx", "tflite-fp32", "tflite-fp16", "tflite-int8-dynamic", "tflite-int8"])  # fmt: skip
+    p.add_argument("--format", nargs="+", default=["onnx", "tflite-fp32"], choices=list(FORMATS))
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--input-shape", **shape)
     p.set_defaults(fn=_cmd_export)
@@ -229,7 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    if not args.verbose:  # library chatter (exporter registrations, pytree notices) is not for users
+        for name in ("torch", "onnxscript", "torch.onnx", "absl"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.fn(args)
     except SlimshipError as exc:

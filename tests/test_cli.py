@@ -79,3 +79,26 @@ def test_run_config_writes_a_verified_release(tmp_path, capsys) -> None:
     assert main(["run", str(path)]) == 2
     assert "exists" in capsys.readouterr().err
     assert (bundle / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_arm64_emulated_rows_are_labelled_and_kept_apart(tmp_path, capsys) -> None:
+    config = yaml.safe_load((CONFIG.parent / "arm64-emu.yaml").read_text())
+    config["train"]["epochs"] = 1
+    config["compress"]["options"] = {"target": 0.5, "epochs": 1}
+    config["bench"] = {"runs": 3, "warmup": 1}
+    config["release"]["out"] = str(tmp_path / "artifacts")
+    path = tmp_path / "arm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "emulated ARM64: parity only" in out
+    manifest = json.loads((tmp_path / "artifacts" / "lenet5-arm64-0.1.0" / "manifest.json").read_text())
+    text = json.dumps(manifest)
+    for runtime in ("litert", "tflite-runtime", "onnxruntime"):
+        assert f"@arm64-emu-{runtime}" in text
+    assert not any("arm64" in key for key in manifest["latency"]["device"])  # never as a device timing
+    assert sum("arm64" in key for key in manifest["latency"]["emulated"]) == 3
+    for key, entry in manifest["accuracy"].items():
+        if "arm64" in key:
+            assert entry["max_abs_diff"] < 1e-4

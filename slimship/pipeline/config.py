@@ -54,7 +54,7 @@ SCHEMA: dict[str, tuple[Check, str]] = {
     "slim.rtol": (lambda v: isinstance(v, int | float) and 0 < v < 1, "a number in (0, 1)"),
     "export": (lambda v: isinstance(v, dict), "a mapping"),
     "export.formats": (
-        lambda v: isinstance(v, list) and v and all(f in FORMATS for f in v) and "onnx" in v or _tfl_only(v),
+        lambda v: isinstance(v, list) and bool(v) and all(f in FORMATS for f in v),
         f"a non-empty list of {', '.join(FORMATS)}",
     ),
     "export.dynamic_batch": (lambda v: isinstance(v, bool), "true or false"),
@@ -67,16 +67,15 @@ SCHEMA: dict[str, tuple[Check, str]] = {
     "bench.runs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "bench.warmup": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "release": (lambda v: isinstance(v, dict), "a mapping with name, version, out"),
-    "release.name": (lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum(), "letters, digits, - and _"),
+    "release.name": (
+        lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").replace(".", "").isalnum(),
+        "letters, digits, '.', '-' and '_'",
+    ),
     "release.version": (lambda v: isinstance(v, str) and v[:1].isdigit(), "a version such as 1.0.0"),
     "release.out": (lambda v: isinstance(v, str), "a directory path"),
     "release.notes": (lambda v: isinstance(v, str), "text for the model card"),
 }
 REQUIRED = ("model.factory", "model.input_shape")
-
-
-def _tfl_only(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(f in FORMATS for f in v)
 
 
 def _merge(base: Any, override: Any) -> Any:
@@ -104,7 +103,8 @@ def _check_section(section: dict[str, Any], prefix: str, source: str) -> None:
     for key, value in section.items():
         path = f"{prefix}{key}"
         if path not in SCHEMA:
-            siblings = sorted(k[len(prefix) :] for k in SCHEMA if k.startswith(prefix) and "." not in k[len(prefix) :])
+            level = [k[len(prefix) :] for k in SCHEMA if k.startswith(prefix)]
+            siblings = sorted(k for k in level if "." not in k)
             raise ConfigError(f"{source}: unknown key '{path}'; allowed here: {', '.join(siblings)}")
         check, allowed = SCHEMA[path]
         if value is None and path in ("data", "train", "compress"):

@@ -1,4 +1,4 @@
-"""The embedded default job of `slimship demo`: digits CNN -> HESSO -> slim -> ONNX/TFLite -> bench -> release."""
+"""The built-in job of `slimship demo`: digits CNN -> HESSO -> slim -> ONNX/TFLite -> bench -> release."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ from typing import Any
 
 DEMO_CONFIG: dict[str, Any] = {
     "seed": 0,
-    "model": {"factory": "slimship.models:digits_cnn", "kwargs": {"widths": [64, 128, 128]}, "input_shape": [1, 8, 8]},
+    "model": {
+        "factory": "slimship.models:digits_cnn",
+        "kwargs": {"widths": [64, 128, 128]},
+        "input_shape": [1, 8, 8],
+    },
     "data": {"factory": "slimship.data:digits_loaders", "kwargs": {"batch_size": 64, "seed": 0}},
     "train": {"epochs": 4, "lr": 0.003},
     "compress": {"method": "hesso", "options": {"target": 0.6, "epochs": 8, "lr": 0.02}},

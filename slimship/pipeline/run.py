@@ -57,13 +57,17 @@ def load_state_dict_file(model: torch.nn.Module, path: str | Path) -> None:
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such checkpoint") from None
     except Exception as exc:
-        raise ModelFileError(f"{path}: not a weights-only PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+        raise ModelFileError(
+            f"{path}: not a weights-only PyTorch checkpoint ({str(exc).splitlines()[0]})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
-        raise ModelFileError(f"{path}: does not fit model.factory's model: {str(exc).splitlines()[0]}") from None
+        raise ModelFileError(
+            f"{path}: does not fit model.factory's model: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _accuracy(model: torch.nn.Module, test: Any) -> float | None:
@@ -81,7 +85,9 @@ def _train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, see
     train_loop(model, train, epochs=epochs, optimizer=optimizer, seed=seed, desc="dense training")
 
 
-def _export_all(model, example, formats, workdir: Path, stem: str, calib, evals, dynamic: bool) -> dict[str, Any]:
+def _export_all(
+    model, example, formats, workdir: Path, stem: str, calib, evals, dynamic: bool
+) -> dict[str, Any]:
     from slimship.exporters import export_onnx, export_tflite
 
     out: dict[str, Any] = {}
@@ -126,11 +132,13 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
 
     if config["train"] and train is not None and config["train"].get("epochs", 0) > 0:
         tcfg = config["train"]
-        stages.run("train dense model", _train_dense, model, train, tcfg["epochs"], tcfg.get("lr", 1e-3), seed)
+        stages.run(
+            "train dense model", _train_dense, model, train, tcfg["epochs"], tcfg.get("lr", 1e-3), seed
+        )
     model.eval()
     dense_acc = _accuracy(model, test)
 
-    compressed, compress_info = model, {}
+    compressed, compress_info, compress_plots = model, {}, {}
     if config["compress"]:
         from slimship.compress import compress
 
@@ -140,6 +148,7 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
             **ccfg.get("options", {}),
         )  # fmt: skip
         compressed, compress_info = result.model.eval(), {"method": result.method, **_plain(result.info)}
+        compress_plots = _history_plots(result.method, result.history)
 
     from slimship.slimming import slim
 
@@ -190,7 +199,7 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
         }
         release_dir = stages.run(
             "write release bundle", _release, config, slim_model, example, slim_result, slim_exports,
-            accuracy, latency, compressed, compress_info,
+            accuracy, latency, compressed, compress_plots,
         )  # fmt: skip
     console.print(summary_table(summary))
     if release_dir is not None:
@@ -202,9 +211,8 @@ def _plain(info: dict[str, Any]) -> dict[str, Any]:
     """Keep JSON-friendly scalars and short lists of a compression method's info."""
     out = {}
     for key, value in info.items():
-        if isinstance(value, int | float | str | bool) or value is None:
-            out[key] = value
-        elif isinstance(value, list | dict) and len(str(value)) < 4000:
+        scalar = isinstance(value, int | float | str | bool) or value is None
+        if scalar or (isinstance(value, list | dict) and len(str(value)) < 4000):
             out[key] = value
     return out
 
@@ -224,11 +232,37 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
     for target_name in config["targets"]:
         target = get_target(target_name, extra)
         for fmt, slim_export in slim_exports.items():
-            if fmt.startswith("tflite") and fmt != f"tflite-{target.precision}" and target.precision != "fp32":
+            if (
+                fmt.startswith("tflite")
+                and fmt != f"tflite-{target.precision}"
+                and target.precision != "fp32"
+            ):
                 continue
             if target.precision == "int8" and fmt == "onnx":
                 continue
             dense_path, slim_path = dense_exports[fmt].path, slim_export.path
+            if (
+                target.emulated
+            ):  # parity and accuracy on the target's own kernels; its timings are not a device's
+                if (fmt == "onnx") != (target.runtime == "onnxruntime"):
+                    continue
+                evals = eval_pairs[:50] or None
+                emulated = measure(
+                    slim_path, inputs, target, warmup=0, runs=2, eval_batches=evals, reference=reference
+                )
+                accuracy[f"slim-{fmt}@{target.name}"] = {
+                    "top1": emulated.accuracy,
+                    "agreement": emulated.agreement,
+                    "max_abs_diff": emulated.parity.max_abs if emulated.parity else None,
+                }
+                latency[f"{target.name}/{fmt}"] = {  # the manifest files these under latency.emulated
+                    "target": target.name, "format": fmt, "emulated": True,
+                    "p50_ms": emulated.latency.p50_ms, "p90_ms": emulated.latency.p90_ms,
+                    "p99_ms": emulated.latency.p99_ms,
+                }  # fmt: skip
+                row = {"target": target.name, "format": fmt, "emulated": True, "accuracy": emulated.accuracy}
+                rows.append(row | {"max_abs_diff": accuracy[f"slim-{fmt}@{target.name}"]["max_abs_diff"]})
+                continue
             speedup, (dense_m, slim_m) = measure_speedup(
                 dense_path, slim_path, inputs, target, warmup=bcfg["warmup"], runs=bcfg["runs"], flops=flops
             )
@@ -249,6 +283,8 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                 "speedup_p90": round(speedup.p90, 4),
                 "efficiency": round(speedup.efficiency, 4) if speedup.efficiency else None,
                 "peak_rss_kb": slim_m.peak_rss_kb,
+                "variant": f"slim-{fmt}@{target.name}",
+                "dense_variant": "dense-torch",
             }
             accuracy[f"slim-{fmt}@{target.name}"] = {
                 "top1": measured.accuracy,
@@ -259,12 +295,31 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
     return latency, accuracy, rows
 
 
-def _release(config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, compress_info):
+def _history_plots(method: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report plot per numeric series a compression method recorded per epoch."""
+    keys = sorted(
+        {k for rec in history for k, v in rec.items() if isinstance(v, int | float) and k != "epoch"}
+    )
+    series = {}
+    for key in keys:
+        points = [
+            (i, float(rec[key])) for i, rec in enumerate(history) if isinstance(rec.get(key), int | float)
+        ]
+        if len(points) > 1:
+            series[key] = {"x": [p[0] for p in points], "y": [p[1] for p in points]}
+    if not series:
+        return {}
+    return {f"{method} training": {"series": series, "xlabel": "epoch", "ylabel": "value"}}
+
+
+def _release(config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots):
     from slimship.pipeline.release import ReleaseInputs, write_release
 
     rcfg = config["release"]
     source_bytes = b"".join(
-        t.detach().contiguous().numpy().tobytes() for t in source.state_dict().values() if t.is_floating_point()
+        t.detach().contiguous().numpy().tobytes()
+        for t in source.state_dict().values()
+        if t.is_floating_point()
     )
     parity = {}
     files = {}
@@ -276,6 +331,11 @@ def _release(config, slim_model, example, slim_result, slim_exports, accuracy, l
             "tolerance": export.parity.tolerance,
         }
     slimming = slim_result.summary() | {
+        "per_layer": {
+            s.name: {"channels_before": s.channels_before, "channels_kept": s.channels_after}
+            for s in slim_result.report.spaces
+            if s.channels_before > 1
+        },
         "layers": [
             {"name": layer.name, "before": layer.shape_before, "after": layer.shape_after}
             for layer in slim_result.report.layers
@@ -293,7 +353,7 @@ def _release(config, slim_model, example, slim_result, slim_exports, accuracy, l
         accuracy=accuracy,
         latency=latency,
         config=config,
-        extra_plots={"compress": compress_info} if compress_info else {},
+        extra_plots=plots,
         model_card_notes=rcfg.get("notes", ""),
     )
     return write_release(inputs, Path(rcfg["out"])).bundle_dir
@@ -316,9 +376,18 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if acc["dense"] is not None:
         table.add_row("test top-1 (torch)", f"{acc['dense']:.2f}%", f"{acc['slim']:.2f}%", "")
     for row in summary["latency"]:
-        label = f"p50 {row['target']}/{row['format']}" + (" (emulated)" if row["emulated"] else "")
+        if row["emulated"]:
+            table.add_row(
+                f"{row['target']}/{row['format']} (emulated ARM64: parity only)", "",
+                f"top-1 {row['accuracy']:.2f}%", f"max|diff| {row['max_abs_diff']:.1e}",
+            )  # fmt: skip
+            continue
+        label = f"p50 {row['target']}/{row['format']}"
         table.add_row(
-            label, f"{row['dense_p50_ms']:.3f} ms", f"{row['p50_ms']:.3f} ms", f"{row['speedup']:.2f}x speedup"
+            label,
+            f"{row['dense_p50_ms']:.3f} ms",
+            f"{row['p50_ms']:.3f} ms",
+            f"{row['speedup']:.2f}x speedup",
         )
         if row.get("accuracy") is not None:
             table.add_row(f"top-1 {row['target']}/{row['format']}", "", f"{row['accuracy']:.2f}%", "")

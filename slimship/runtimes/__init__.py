@@ -1,5 +1,6 @@
 """slimship.runtimes: runners, targets, transports, measurements (only torch_runner imports torch)."""
 
+from slimship.runtimes import arm64_emu as _arm64_emu  # noqa: F401  (registers qemu-aarch64://)
 from slimship.runtimes.alignment import AlignmentResult, measure_alignment, round_channels_up
 from slimship.runtimes.measure import (
     BenchResult,

@@ -771,3 +771,40 @@ def _tail(proc: subprocess.CompletedProcess[str], lines: int = 6, errors_first: 
     if errors_first and errors:
         text = errors
     return " | ".join(text[-lines:]) or f"exit code {proc.returncode}"
+
+
+class EmulatedTargetTransport(Arm64EmuTransport):
+    """The Transport protocol of `slimship.runtimes.transports` over the emulated ARM64 python.
+
+    `run_on_target` passes argv with the device's python first; here that python is always the
+    emulated one, so argv[0] is replaced by it.
+    """
+
+    def __init__(self, target: Any) -> None:
+        runtime = target.runtime if target.runtime in RUNTIMES else "litert"
+        super().__init__(runtime=runtime, progress=True)
+
+    def prepare(self) -> str:  # type: ignore[override]
+        super().prepare()
+        return str(self.workdir)
+
+    def put(self, local: Path, remote: str) -> str:  # type: ignore[override]
+        return str(super().put(local, Path(remote).name))
+
+    def run(self, argv: Sequence[str], timeout: float | None = 1800.0) -> Any:  # type: ignore[override]
+        from slimship.runtimes.transports import RunResult
+
+        proc = super().run(list(argv[1:]), timeout=timeout)
+        return RunResult(proc.returncode, proc.stdout, proc.stderr)
+
+    def get(self, remote: str, local: Path) -> Path:
+        return super().get(Path(remote).name, local)
+
+
+def _register() -> None:
+    from slimship.runtimes.transports import register_transport
+
+    register_transport("qemu-aarch64", EmulatedTargetTransport)
+
+
+_register()

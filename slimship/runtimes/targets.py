@@ -85,6 +85,18 @@ BUILTIN_TARGETS: dict[str, Target] = {
             runtime="litert",
             description="full-int8 TFLite, one thread",
         ),
+        *(
+            Target(
+                f"arm64-emu-{runtime.replace('_', '-')}",
+                threads=1,
+                runtime=runtime,
+                transport="qemu-aarch64://local",
+                emulated=True,
+                run_timeout=1800.0,
+                description=f"ARM64 {runtime} under qemu user-mode emulation (not device timings)",
+            )
+            for runtime in ("litert", "tflite_runtime", "onnxruntime")
+        ),
     )
 }
 

@@ -237,7 +237,9 @@ class _Analysis:
     spaces: dict[str, list]
 
 
-def _analyse(gm: torch.fx.GraphModule, merge: bool, fold: bool, exclude: set[str]) -> _Analysis:
+def _analyse(
+    gm: torch.fx.GraphModule, merge: bool, fold: bool, exclude: set[str], channel_multiple: int | None = None
+) -> _Analysis:
     g = build_channel_graph(gm)
     va = ValueAnalysis(g)
     plan = make_plan(g, va, merge=merge, fold=fold)
@@ -246,7 +248,20 @@ def _analyse(gm: torch.fx.GraphModule, merge: bool, fold: bool, exclude: set[str
         for node, d in named.get(name, []):
             comps = np.unique(g.component[g.layouts[node][d]])
             _keep(plan, comps, "kept in place: slimming this space did not verify")
+    if channel_multiple and channel_multiple > 1:
+        _align(g, plan, named, channel_multiple)
     return _Analysis(g, va, plan, named)
+
+
+def _align(g: ChannelGraph, plan: Plan, named: dict[str, list], multiple: int) -> None:
+    """Round each space's kept channels up to a multiple the target's kernels favour."""
+    for members in named.values():
+        comps = np.unique(np.concatenate([g.component[g.layouts[n][d]] for n, d in members]))
+        dropped = [int(c) for c in comps if not plan.keep[c]]
+        if not dropped:
+            continue
+        need = (-(len(comps) - len(dropped))) % multiple
+        _keep(plan, np.array(dropped[:need], dtype=np.int64), f"kept for channel alignment (multiple of {multiple})")
 
 
 def _keep(plan: Plan, comps: np.ndarray, reason: str) -> None:
@@ -294,12 +309,14 @@ def slim(
     n_random: int = 2,
     dynamic_batch: bool = True,
     seed: int = 0,
+    channel_multiple: int | None = None,
 ) -> SlimResult:
     """Remove zero-invariant channel groups and merge identical ones; verify the result numerically.
 
     Returns a SlimResult whose `.model` is a GraphModule with the source's parameter names. A space
     whose rewrite does not verify is kept in place (named in `report.excluded_spaces`); if the model
-    still does not match, a VerificationError is raised.
+    still does not match, a VerificationError is raised. `channel_multiple` rounds every space's kept
+    channels up to that multiple (see `slimship.runtimes.measure_alignment` for a target's value).
     """
     inputs = as_input_tuple(example_inputs)
     traced = trace(model, inputs, dynamic_batch=dynamic_batch)
@@ -309,7 +326,7 @@ def slim(
     excluded: set[str] = set()
     for _attempt in range(4):
         gm = copy.deepcopy(pristine)
-        analysis = _analyse(gm, merge, fold_constants, excluded)
+        analysis = _analyse(gm, merge, fold_constants, excluded, channel_multiple)
         before = {str(n.target): list(_param_shape(gm, n)) for n in gm.graph.nodes if n.op == "get_attr"}
         new = rewrite(analysis.graph, analysis.plan)
         check = verify_outputs(reference, gm, inputs, rtol=rtol, n_random=n_random, seed=seed)

@@ -169,9 +169,10 @@ def spaces(g: ChannelGraph) -> dict[str, list[tuple[Node, int]]]:
         if node.op != "get_attr" or layout is None:
             continue
         for d, ids in enumerate(layout):
-            if ids is not None and len(ids) and (node, d) not in g.stat_dims:
-                if not g.pinned[g.component[ids]].all() or (node, d) in g.consumer_dims or d == 0:
-                    param_dims.append((node, d))
+            if ids is None or not len(ids) or (node, d) in g.stat_dims:
+                continue
+            if not g.pinned[g.component[ids]].all() or (node, d) in g.consumer_dims or d == 0:
+                param_dims.append((node, d))
     ncomp = len(g.pinned)
     rows, cols = [], []
     for node, d in param_dims:

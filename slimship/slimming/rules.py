@@ -153,7 +153,7 @@ def pointwise(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
 def linear(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     x, w, b = a["input"], a["weight"], a.get("bias")
     xl, wl = g.layout(x), g.layout(w)
-    out = list(xl[:-1]) + [wl[0]]
+    out = [*xl[:-1], wl[0]]
     if b is not None:
         g.unify(wl[0], g.layout(b)[0], "linear bias")
     g.unify(xl[-1], wl[1], "linear input features")
@@ -289,7 +289,7 @@ def embedding(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     w, idx = a["weight"], a["indices"]
     wl = g.layout(w)
     g.pin(wl[0], "embedding vocabulary")
-    g.layouts[node] = list(g.layout(idx)) + [wl[1]]
+    g.layouts[node] = [*g.layout(idx), wl[1]]
 
 
 # ---- per-channel spatial ops ------------------------------------------------------------------

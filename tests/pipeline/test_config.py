@@ -32,9 +32,15 @@ def test_defaults_fill_missing_sections() -> None:
         ({"model": {"input_shape": [1, 8, 8]}}, "missing required key 'model.factory'"),
         ({"model": {"factory": "nocolon", "input_shape": [1]}}, "'model.factory' is 'nocolon'"),
         ({"model": {"factory": "a:b", "input_shape": [0, 8]}}, "'model.input_shape'"),
-        ({"model": {"factory": "a:b", "input_shape": [1]}, "export": {"formats": ["coreml"]}}, "'export.formats'"),
+        (
+            {"model": {"factory": "a:b", "input_shape": [1]}, "export": {"formats": ["coreml"]}},
+            "'export.formats'",
+        ),
         ({"model": {"factory": "a:b", "input_shape": [1]}, "bench": {"runz": 3}}, "unknown key 'bench.runz'"),
-        ({"model": {"factory": "a:b", "input_shape": [1]}, "release": {"version": "v1"}}, "'release.version'"),
+        (
+            {"model": {"factory": "a:b", "input_shape": [1]}, "release": {"version": "v1"}},
+            "'release.version'",
+        ),
         ([1, 2], "top level must be a mapping"),
     ],
 )
@@ -44,21 +50,21 @@ def test_errors_name_the_key_path(raw, message) -> None:
 
 
 def test_unknown_key_lists_allowed_keys() -> None:
-    with pytest.raises(ConfigError, match="allowed here: .*runs.*warmup"):
+    with pytest.raises(ConfigError, match=r"allowed here: .*runs.*warmup"):
         validate({"model": {"factory": "a:b", "input_shape": [1]}, "bench": {"rnus": 1}})
 
 
 def test_resolve_names_the_key(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="'data.factory': cannot import module 'no_such_mod'"):
+    with pytest.raises(ConfigError, match=r"'data.factory': cannot import module 'no_such_mod'"):
         resolve("no_such_mod:fn", "data.factory")
-    with pytest.raises(ConfigError, match="has no callable 'nope'"):
+    with pytest.raises(ConfigError, match=r"has no callable 'nope'"):
         resolve("slimship.data:nope", "data.factory")
 
 
 def test_broken_yaml_names_the_file(tmp_path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
         load_config(path)
-    with pytest.raises(ConfigError, match="no such config file"):
+    with pytest.raises(ConfigError, match=r"no such config file"):
         load_config(tmp_path / "missing.yaml")

@@ -154,3 +154,20 @@ def test_equal_constant_channels_merge_even_before_a_padded_conv() -> None:
     space = next(s for s in result.report.spaces if s.name == "0.weight[0]")
     assert (space.channels_after, space.merged) == (6, 2)
     assert torch.allclose(result.model(x), model(x), atol=1e-5)
+
+
+def test_channel_multiple_rounds_kept_channels_up() -> None:
+    model, x = _cnn(), torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        model[3].weight[:7] = 0
+        model[3].bias[:7] = 0
+        model[4].weight[:7] = 0
+        model[4].bias[:7] = 0
+    plain = slim(model, x)
+    aligned = slim(model, x, channel_multiple=4)
+    space = {s.name: s for s in plain.report.spaces}["3.weight[0]"]
+    aligned_space = {s.name: s for s in aligned.report.spaces}["3.weight[0]"]
+    assert space.channels_after == 9
+    assert aligned_space.channels_after == 12
+    assert any("alignment" in reason for reason in aligned_space.kept)
+    assert torch.allclose(aligned.model(x), model(x), atol=1e-5)
