@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     if not args.verbose:  # library chatter (exporter registrations, pytree notices) is not for users
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         for name in ("torch", "onnxscript", "torch.onnx", "absl"):
             logging.getLogger(name).setLevel(logging.ERROR)
     try:

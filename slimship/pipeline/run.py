@@ -86,14 +86,17 @@ def _train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, see
 
 
 def _export_all(
-    model, example, formats, workdir: Path, stem: str, calib, evals, dynamic: bool
+    model, examples, formats, workdir: Path, stem: str, calib, evals, dynamic: bool
 ) -> dict[str, Any]:
+    """ONNX from the batch-2 example (keeps the batch dynamic), TFLite from the batch-1 one (as devices run)."""
     from slimship.exporters import export_onnx, export_tflite
+
+    example, trace_example = examples
 
     out: dict[str, Any] = {}
     for fmt in formats:
         if fmt == "onnx":
-            out[fmt] = export_onnx(model, example, workdir / f"{stem}.onnx", dynamic_batch=dynamic)
+            out[fmt] = export_onnx(model, trace_example, workdir / f"{stem}.onnx", dynamic_batch=dynamic)
         else:
             variant = fmt.removeprefix("tflite-")
             out[fmt] = export_tflite(
@@ -176,11 +179,13 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
     with tempfile.TemporaryDirectory(prefix="slimship-") as tmp:
         workdir = Path(tmp)
         dynamic = bool(config["export"]["dynamic_batch"])
+        examples = (example, trace_example)
+        export_args = (formats, workdir)
         dense_exports = stages.run(
-            "export dense", _export_all, compressed, example, formats, workdir, "dense", calib, evals, dynamic
+            "export dense", _export_all, compressed, examples, *export_args, "dense", calib, evals, dynamic
         )
         slim_exports = stages.run(
-            "export slim", _export_all, slim_model, example, formats, workdir, "slim", calib, evals, dynamic
+            "export slim", _export_all, slim_model, examples, *export_args, "slim", calib, evals, dynamic
         )
         latency, accuracy, rows = stages.run(
             "bench on targets", _bench, config, example, dense_exports, slim_exports, slim_model, eval_pairs,
@@ -251,7 +256,7 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                     slim_path, inputs, target, warmup=0, runs=2, eval_batches=evals, reference=reference
                 )
                 accuracy[f"slim-{fmt}@{target.name}"] = {
-                    "top1": emulated.accuracy,
+                    "top1": _percent(emulated.accuracy),
                     "agreement": emulated.agreement,
                     "max_abs_diff": emulated.parity.max_abs if emulated.parity else None,
                 }
@@ -260,7 +265,8 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                     "p50_ms": emulated.latency.p50_ms, "p90_ms": emulated.latency.p90_ms,
                     "p99_ms": emulated.latency.p99_ms,
                 }  # fmt: skip
-                row = {"target": target.name, "format": fmt, "emulated": True, "accuracy": emulated.accuracy}
+                row = {"target": target.name, "format": fmt, "emulated": True}
+                row["accuracy"] = _percent(emulated.accuracy)
                 rows.append(row | {"max_abs_diff": accuracy[f"slim-{fmt}@{target.name}"]["max_abs_diff"]})
                 continue
             speedup, (dense_m, slim_m) = measure_speedup(
@@ -287,12 +293,17 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                 "dense_variant": "dense-torch",
             }
             accuracy[f"slim-{fmt}@{target.name}"] = {
-                "top1": measured.accuracy,
+                "top1": _percent(measured.accuracy),
                 "agreement": measured.agreement,
                 "max_abs_diff": measured.parity.max_abs if measured.parity else None,
             }
-            rows.append(latency[key] | {"accuracy": measured.accuracy})
+            rows.append(latency[key] | {"accuracy": _percent(measured.accuracy)})
     return latency, accuracy, rows
+
+
+def _percent(fraction: float | None) -> float | None:
+    """Runtimes report accuracy as a fraction; the pipeline speaks in percent like evaluate_accuracy."""
+    return None if fraction is None else round(100.0 * fraction, 3)
 
 
 def _history_plots(method: str, history: list[dict[str, Any]]) -> dict[str, Any]:
