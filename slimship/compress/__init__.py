@@ -1,1 +1,70 @@
-"""slimship.compress"""
+"""slimship.compress: methods that create slimmable structure (zero or identical channel groups).
+
+``compress("hesso", model, example_inputs, train, test, target=0.5)`` runs one method by name; every
+method also stays importable on its own.
+"""
+
+from slimship.compress.base import (
+    METHODS,
+    CompressResult,
+    compress,
+    group_norms,
+    group_sparsity,
+    load_builtin_methods,
+    method_options,
+    register,
+    train_loop,
+)
+from slimship.compress.csgd import csgd
+from slimship.compress.distill import hakd, latency_table, thinned
+from slimship.compress.drop import drop
+from slimship.compress.hspg import hesso, hspg
+from slimship.compress.imports import (
+    fold_mask_keys,
+    import_pruned,
+    load_state_checkpoint,
+    make_prune_permanent,
+)
+
+__all__ = [
+    "METHODS",
+    "CompressResult",
+    "compress",
+    "csgd",
+    "drop",
+    "fold_mask_keys",
+    "group_norms",
+    "group_sparsity",
+    "hakd",
+    "hesso",
+    "hspg",
+    "import_pruned",
+    "latency_table",
+    "load_builtin_methods",
+    "load_state_checkpoint",
+    "make_prune_permanent",
+    "method_options",
+    "register",
+    "thinned",
+    "train_loop",
+]
+
+# methods written alongside (ADC, simulation-guided pruning, LoRITa): re-exported when present
+try:
+    from slimship.compress.adc import adc
+
+    __all__ += ["adc"]
+except ModuleNotFoundError:  # pragma: no cover
+    pass
+try:
+    from slimship.compress.simguided import magnitude, simguided
+
+    __all__ += ["magnitude", "simguided"]
+except ModuleNotFoundError:  # pragma: no cover
+    pass
+try:
+    from slimship.compress.lorita import lorita
+
+    __all__ += ["lorita"]
+except ModuleNotFoundError:  # pragma: no cover
+    pass

@@ -88,7 +88,7 @@ def _train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, see
 def _export_all(
     model, examples, formats, workdir: Path, stem: str, calib, evals, dynamic: bool
 ) -> dict[str, Any]:
-    """ONNX from the batch-2 example (keeps the batch dynamic), TFLite from the batch-1 one (as devices run)."""
+    """ONNX from the batch-2 example (a dynamic batch), TFLite from the batch-1 one (as devices run)."""
     from slimship.exporters import export_onnx, export_tflite
 
     example, trace_example = examples

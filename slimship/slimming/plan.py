@@ -117,9 +117,9 @@ def _site_view(g: ChannelGraph, va: ValueAnalysis, site: Site, weight_uses: Coun
     n = len(ids)
     zero = np.zeros(n, dtype=bool)
     for node, dim in site.operands:
-        facts = va.dim(node, dim)
-        if facts is not None:
-            zero |= facts.const == 0
+        const = va.const(node, dim)
+        if const is not None:
+            zero |= const == 0
     facts0 = va.dim_or_unknown(node0, dim0, n)
     weighted = site.kind in (LINEAR, CONV) or site.kind in MERGEABLE_SITES
     has_param_weight = site.weight is not None and site.weight.op == "get_attr"

@@ -41,19 +41,38 @@ class DimFacts:
 Facts = list[DimFacts | None]
 
 
+def _reserve(n: int) -> int:
+    """Take a fresh block of labels [start, start + n] from the global counter; return start."""
+    start = next(_labels)
+    if n > 0:
+        next(itertools.islice(_labels, n - 1, n))
+    return start
+
+
+def _row_inverse(keys: np.ndarray) -> np.ndarray:
+    """Index of each row among the distinct rows of a 2-D array (equal rows, equal index).
+
+    Wide rows are grouped by hashing their bytes, which gives the same partition as
+    `np.unique(axis=0)` (float equality, so -0.0 == 0.0) at a fraction of the cost of its
+    lexicographic sort; rows with NaN or narrow keys take `np.unique` itself.
+    """
+    if keys.shape[1] <= 8 or not len(keys) or (keys.dtype.kind == "f" and np.isnan(keys).any()):
+        return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+    if keys.dtype.kind == "f":
+        keys = keys + 0.0  # -0.0 -> 0.0: equal as floats, so equal as bytes
+    rows = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1])))
+    seen: dict[bytes, int] = {}
+    return np.fromiter((seen.setdefault(r.tobytes(), len(seen)) for r in rows.reshape(-1)), np.int64, len(rows))
+
+
 def relabel(keys: np.ndarray, const: np.ndarray) -> np.ndarray:
     """Equality labels from key rows; slices with the same known constant are equal too."""
     keys = keys.reshape(len(keys), -1)
-    _, inverse = np.unique(keys, axis=0, return_inverse=True)
-    labels = inverse.reshape(-1).astype(np.int64) + next(_labels)
-    for _ in range(len(keys)):
-        next(_labels)
+    labels = _row_inverse(keys).astype(np.int64) + _reserve(len(keys))
     known = ~np.isnan(const)
     if known.any():
         _, first = np.unique(const[known], return_inverse=True)
-        labels[known] = first.reshape(-1) + next(_labels)
-        for _ in range(int(known.sum())):
-            next(_labels)
+        labels[known] = first.reshape(-1) + _reserve(int(known.sum()))
     return labels
 
 
@@ -65,6 +84,7 @@ class ValueAnalysis:
         self.gm = g.gm
         self.facts: dict[Node, Any] = {}
         self._param_cache: dict[tuple[Node, int], DimFacts] = {}
+        self._const_cache: dict[tuple[Node, int], np.ndarray] = {}
         for node in self.gm.graph.nodes:
             if node.op == "call_function":
                 fn = VALUE_RULES.get(op_name(node))
@@ -97,20 +117,35 @@ class ValueAnalysis:
         facts = self.dim(value, d)
         return facts if facts is not None else DimFacts.unknown(n)
 
+    def const(self, value: Any, d: int) -> np.ndarray | None:
+        """Only the constants of dim d of a value (for parameters, cheaper than `dim`)."""
+        if isinstance(value, Node) and value.op == "get_attr":
+            return self.param_const(value, d)
+        facts = self.dim(value, d)
+        return facts.const if facts is not None else None
+
+    def param_const(self, node: Node, d: int) -> np.ndarray:
+        """Per slice along d of a parameter: its value if every element is equal, else NaN."""
+        key = (node, d)
+        if key not in self._const_cache:
+            tensor = self.param(node).detach()
+            rows = tensor.movedim(d, 0).reshape(tensor.shape[d], -1)
+            if rows.shape[1] == 0:
+                const = np.zeros(rows.shape[0])
+            else:  # min/max in the parameter's own dtype: exact, and widened afterwards
+                lo, hi = rows.min(dim=1).values.double(), rows.max(dim=1).values.double()
+                const = torch.where(lo == hi, lo, torch.full_like(lo, float("nan"))).numpy()
+            self._const_cache[key] = const
+        return self._const_cache[key]
+
     def param_facts(self, node: Node, d: int) -> DimFacts:
         key = (node, d)
         if key not in self._param_cache:
+            const = self.param_const(node, d)
             tensor = self.param(node).detach()
             rows = tensor.movedim(d, 0).reshape(tensor.shape[d], -1).double()
-            if rows.shape[1] == 0:
-                const = np.zeros(rows.shape[0])
-            else:
-                lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
-                const = torch.where(lo == hi, lo, torch.full_like(lo, float("nan"))).numpy()
             _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-            start = next(_labels)
-            for _ in range(rows.shape[0]):
-                next(_labels)
+            start = _reserve(rows.shape[0])
             self._param_cache[key] = DimFacts(const, inverse.numpy().astype(np.int64) + start)
         return self._param_cache[key]
 
@@ -245,7 +280,8 @@ def _mixing_out(
     w = weight.reshape(out_ch, in_ch, -1)
     zero_in = torch.from_numpy(facts.const == 0)
     known_in = torch.from_numpy(~np.isnan(facts.const))
-    w = torch.where(zero_in[None, :, None], torch.zeros_like(w), w)
+    if bool(zero_in.any()):
+        w = w.masked_fill(zero_in[None, :, None], 0.0)
     touches = (w != 0).any(dim=2)  # (O, I)
     b = bias if bias is not None else torch.zeros(out_ch, dtype=torch.float64)
     if exact_const:
@@ -258,8 +294,11 @@ def _mixing_out(
     const = torch.where(const_ok, const, torch.full_like(const, float("nan"))).numpy()
     # equal output channels: same effective weights after summing equal input slices, same bias
     labels = torch.from_numpy(np.unique(facts.cls, return_inverse=True)[1].reshape(-1))
-    merged = torch.zeros(out_ch, int(labels.max()) + 1 if in_ch else 0, w.shape[2], dtype=torch.float64)
-    merged.index_add_(1, labels, w)
+    if in_ch and int(labels.max()) + 1 == in_ch:  # no equal inputs: the sum only permutes columns,
+        merged = w  # which changes no row equality
+    else:
+        merged = torch.zeros(out_ch, int(labels.max()) + 1 if in_ch else 0, w.shape[2], dtype=torch.float64)
+        merged.index_add_(1, labels, w)
     keys = torch.cat([merged.reshape(out_ch, -1), b[:, None]], dim=1).numpy()
     return DimFacts(const, relabel(keys, const))
 
