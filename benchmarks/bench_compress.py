@@ -1,0 +1,188 @@
+"""Compression methods on digits: FLOPs/params after `slim`, accuracy dense vs compressed, measured speedup.
+
+    PYTHONPATH=. python benchmarks/bench_compress.py [--quick] [--models lenet5,small_resnet]
+        [--methods hesso,hspg,drop,csgd,hakd] [--pairs 200] [--out benchmarks/RESULTS_compress.md]
+
+For each model (from slimship.models) a dense baseline is trained on scikit-learn's digits (fixed split,
+seed 0); each method starts from that trained model. The compressed model is slimmed with `slim`
+(HAKD's student is already thin: its FLOPs are compared with the teacher's). Latency: dense and
+compressed models are exported to ONNX and TFLite (fp32), opened with 1 thread, and timed in
+interleaved pairs (dense, slim, dense, slim ...); the speedup is the median of per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimship.compress import compress, train_loop
+from slimship.compress.base import make_optimizer
+from slimship.data import digits_loaders, evaluate_accuracy
+from slimship.exporters.onnx_export import export_onnx
+from slimship.exporters.tflite_export import export_tflite
+from slimship.models import lenet5, small_resnet
+from slimship.runtimes.device_runner import open_runner
+from slimship.slimming import slim
+from slimship.slimming.api import count_flops, count_params
+
+MODELS = {"lenet5": lenet5, "small_resnet": small_resnet}
+TARGETS = {
+    "hesso": (4.0, 1.0),
+    "hspg": (4.0, 1.0),
+    "drop": (4.0, 1.0),
+    "csgd": (2.0, 1.0),
+    "hakd": (4.0, 1.5),
+}
+LATENCY_BATCH = 16
+
+
+def options(method: str, epochs: int, lr: float) -> dict[str, Any]:
+    common = {"epochs": epochs, "lr": lr, "seed": 0}
+    return {
+        "hesso": {**common, "target": 0.6},
+        "hspg": {**common, "target": 0.6},
+        "drop": {**common, "target": 0.6},
+        "csgd": {**common, "target": 0.5},
+        "hakd": {**common, "speedup": 2.0, "min_flops_ratio": 4.0, "runtimes": ("onnxruntime",)},
+    }[method]
+
+
+def interleaved_speedup(dense: Path, slimmed: Path, x: torch.Tensor, pairs: int) -> float:
+    """Median of per-pair latency ratios dense/slim, 1 thread."""
+    a, b = open_runner(str(dense), threads=1), open_runner(str(slimmed), threads=1)
+    arrays = [x.numpy()]
+    for _ in range(10):
+        a.run(arrays)
+        b.run(arrays)
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        a.run(arrays)
+        t1 = time.perf_counter()
+        b.run(arrays)
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+    return statistics.median(ratios)
+
+
+def speedups(dense: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, pairs: int) -> dict[str, float]:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        d, s = Path(tmp) / "dense", Path(tmp) / "slim"
+        export_onnx(dense, (x,), d.with_suffix(".onnx"))
+        export_onnx(small, (x,), s.with_suffix(".onnx"))
+        out["onnxruntime"] = interleaved_speedup(d.with_suffix(".onnx"), s.with_suffix(".onnx"), x, pairs)
+        export_tflite(dense, (x,), d.with_suffix(".tflite"))
+        export_tflite(small, (x,), s.with_suffix(".tflite"))
+        out["litert"] = interleaved_speedup(d.with_suffix(".tflite"), s.with_suffix(".tflite"), x, pairs)
+    return out
+
+
+def run_model(
+    name: str, methods: list[str], epochs: int, dense_epochs: int, lr: float, method_lr: float, pairs: int
+):
+    train, test = digits_loaders(64, 0)
+    x1 = next(iter(test))[0][:2]
+    xl = torch.cat([x for x, _ in test])[:LATENCY_BATCH]
+    dense = MODELS[name](seed=0)
+    t0 = time.time()
+    train_loop(dense, train, epochs=dense_epochs, optimizer=make_optimizer(dense, lr), seed=0, desc="dense")
+    dense.eval()
+    dense_acc = evaluate_accuracy(dense, test)
+    logging.warning(
+        "%s dense: %.2f%% after %d epochs (%.0fs)", name, dense_acc, dense_epochs, time.time() - t0
+    )
+    rows = []
+    for method in methods:
+        t0 = time.time()
+        result = compress(method, dense, (x1,), train, test, **options(method, epochs, method_lr))
+        if method == "hakd":
+            small = result.model.eval()
+            flops_b, flops_a = count_flops(dense, (x1,)), count_flops(small, (x1,))
+            params_b, params_a = count_params(dense), count_params(small)
+        else:
+            s = slim(result.model, (x1,))
+            small, flops_b, flops_a = s.model, s.flops_before, s.flops_after
+            params_b, params_a = s.params_before, s.params_after
+        acc = evaluate_accuracy(small, test)
+        sp = speedups(copy.deepcopy(dense), small, xl, pairs)
+        flops_target, drop_target = TARGETS[method]
+        row = {
+            "model": name, "method": method, "flops_x": flops_b / flops_a, "params_x": params_b / params_a,
+            "dense_acc": dense_acc, "acc": acc, "drop": dense_acc - acc,
+            "ort_x": sp["onnxruntime"], "litert_x": sp["litert"],
+            "met": flops_b / flops_a >= flops_target and dense_acc - acc <= drop_target,
+            "target": f">={flops_target:g}x, <={drop_target:g} pt", "seconds": time.time() - t0,
+        }  # fmt: skip
+        logging.warning("%s", row)
+        rows.append(row)
+    return rows
+
+
+HEADER = ["model", "method", "FLOPs x", "params x", "dense acc", "acc", "drop pt", "ORT x", "LiteRT x",
+          "target", "met", "s"]  # fmt: skip
+
+
+def cells(r: dict[str, Any]) -> list[str]:
+    return [r["model"], r["method"], f"{r['flops_x']:.2f}", f"{r['params_x']:.2f}", f"{r['dense_acc']:.2f}",
+            f"{r['acc']:.2f}", f"{r['drop']:+.2f}", f"{r['ort_x']:.2f}", f"{r['litert_x']:.2f}", r["target"],
+            "yes" if r["met"] else "NO", f"{r['seconds']:.0f}"]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few epochs, few pairs (smoke run)")
+    parser.add_argument("--models", default="lenet5,small_resnet")
+    parser.add_argument("--methods", default="hesso,hspg,drop,csgd,hakd")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--dense-epochs", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--method-lr", type=float, default=0.01, help="learning rate of the methods")
+    parser.add_argument("--pairs", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(1)
+    epochs = args.epochs or (3 if args.quick else 40)
+    dense_epochs = args.dense_epochs or (3 if args.quick else 40)
+    pairs = args.pairs or (20 if args.quick else 200)
+    rows = []
+    for name in args.models.split(","):
+        rows += run_model(name, args.methods.split(","), epochs, dense_epochs, args.lr, args.method_lr, pairs)
+    widths = [max(len(h), *(len(cells(r)[k]) for r in rows)) for k, h in enumerate(HEADER)]
+    print("  ".join(h.rjust(w) for h, w in zip(HEADER, widths, strict=True)))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(cells(r), widths, strict=True)))
+    setting = (
+        f"digits (sklearn, seed 0 split), dense {dense_epochs} epochs, methods {epochs} epochs, "
+        f"SGD lr {args.lr} (methods {args.method_lr}) momentum 0.9, latency batch {LATENCY_BATCH}, 1 thread, "
+        f"{pairs} interleaved pairs (median ratio)"
+    )
+    print(setting)
+    if args.out:
+        lines = [
+            "# Compression methods on digits",
+            "",
+            f"`PYTHONPATH=. python benchmarks/bench_compress.py{' --quick' if args.quick else ''}`:",
+            f"{setting}.",
+            "FLOPs/params x: reduction after `slim` (HAKD: student vs teacher).",
+            "ORT/LiteRT x: measured latency speedup.",
+            "",
+            "| " + " | ".join(HEADER) + " |",
+            "|" + "---|" * len(HEADER),
+            *("| " + " | ".join(cells(r)) + " |" for r in rows),
+            "",
+        ]
+        args.out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+"""Shared ground for compression methods: result type, registry, the training loop, group helpers.
+
+A method is a function ``fn(model, example_inputs, train, test=None, *, option=default, ...)`` that
+returns a :class:`CompressResult`; ``@register("name")`` makes it callable as ``compress("name", ...)``.
+Methods work on the channel groups ``slimship.slimming.find_groups`` derives from the graph, never on
+hand-listed layers, and leave structure the slimming engine can remove: exactly-zero groups or exactly
+identical groups.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import io
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimship._util import atomic_write_bytes
+from slimship.errors import CompressionError
+from slimship.slimming.api import ChannelGroup, GroupSet, find_groups
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Hook = Callable[..., dict[str, Any] | None]
+
+#: modules whose import registers methods; missing ones are skipped (they may not exist yet)
+BUILTIN_MODULES = ("hspg", "csgd", "drop", "distill", "imports", "adc", "simguided", "lorita")
+
+
+@dataclass
+class CompressResult:
+    """A compressed model (same architecture; structure shows as zero or identical groups)."""
+
+    model: nn.Module
+    method: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, Callable[..., CompressResult]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., CompressResult]], Callable[..., CompressResult]]:
+    """Decorator: make `fn` available as ``compress(name, ...)``."""
+
+    def wrap(fn: Callable[..., CompressResult]) -> Callable[..., CompressResult]:
+        if name in METHODS and METHODS[name] is not fn:
+            raise CompressionError(f"compression method {name!r} is registered twice")
+        METHODS[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_builtin_methods() -> None:
+    """Import the method modules that exist so that they register themselves."""
+    for module in BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"slimship.compress.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"slimship.compress.{module}":
+                raise
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """The keyword options of `method` with their defaults."""
+    fn = _lookup(method)
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def _lookup(method: str) -> Callable[..., CompressResult]:
+    load_builtin_methods()
+    if method not in METHODS:
+        raise CompressionError(
+            f"unknown compression method {method!r}; allowed: {', '.join(sorted(METHODS)) or '(none)'}"
+        )
+    return METHODS[method]
+
+
+def compress(
+    method: str,
+    model: nn.Module,
+    example_inputs: Any,
+    train: Iterable[Batch] | None,
+    test: Iterable[Batch] | None = None,
+    **options: Any,
+) -> CompressResult:
+    """Run compression `method` on a copy of `model`; unknown methods or options raise CompressionError."""
+    fn = _lookup(method)
+    allowed = method_options(method)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise CompressionError(
+            f"compression method {method!r} has no option {', '.join(map(repr, unknown))}; "
+            f"allowed options: {', '.join(sorted(allowed))}"
+        )
+    log.info("compress: %s with %s", method, options or "defaults")
+    result = fn(model, example_inputs, train, test, **options)
+    result.method = method
+    return result
+
+
+# ---- training loop ---------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save `payload` to `path` atomically (temp file + rename)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint with ``weights_only=True``; a file that needs more is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpicklable content, truncation, foreign format
+        raise CompressionError(
+            f"training checkpoint {path} could not be loaded with weights_only=True ({exc}); "
+            "delete it to start the training afresh"
+        ) from exc
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def _set_epoch(batches: Iterable[Batch], epoch: int) -> None:
+    if hasattr(batches, "set_epoch"):
+        batches.set_epoch(epoch)
+
+
+def train_loop(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    step_hook: Hook | None = None,
+    epoch_hook: Hook | None = None,
+    grad_hook: Hook | None = None,
+    checkpoint: Path | str | None = None,
+    state: dict[str, Any] | None = None,
+    stop_after: int | None = None,
+    seed: int = 0,
+    desc: str = "train",
+) -> list[dict[str, Any]]:
+    """Train `model` in place for `epochs` passes over `batches`; return one record per epoch.
+
+    Hooks get ``(model, epoch, step)``: ``grad_hook`` after ``backward`` (may edit gradients),
+    ``step_hook`` after ``optimizer.step()``, ``epoch_hook`` at the end of an epoch (its dict is merged
+    into the epoch's record). ``loss_fn(outputs, targets, inputs)`` may take the inputs too (distillation).
+    ``state`` is a dict of the caller's mutable training state (tensors, numbers, lists); it is saved in
+    the checkpoint and restored in place on resume. With `checkpoint`, the model, optimizer, epoch, RNG
+    states, history and `state` are written atomically after every epoch and a run that finds the file
+    resumes from it. `stop_after` ends this call after that many epochs in total (for time budgets and
+    resume tests); the checkpoint then lets a later call finish the run.
+    """
+    if epochs < 0:
+        raise CompressionError(f"epochs must be >= 0, got {epochs}")
+    path = Path(checkpoint) if checkpoint is not None else None
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    history: list[dict[str, Any]] = []
+    start = 0
+    if path is not None and path.exists():
+        saved = load_checkpoint(path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        _set_rng_state(saved["rng"])
+        history = list(saved["history"])
+        start = int(saved["epoch"])
+        if state is not None:
+            state.clear()
+            state.update(saved.get("state", {}))
+        log.info("%s: resuming from checkpoint %s at epoch %d of %d", desc, path, start, epochs)
+    takes_inputs = _accepts_inputs(loss_fn)
+    end = epochs if stop_after is None else min(epochs, stop_after)
+    steps_per_epoch = _len_or_none(batches)
+    step = sum(int(h.get("steps", 0)) for h in history)
+    for epoch in range(start, end):
+        model.train()
+        _set_epoch(batches, epoch)
+        total = correct = count = 0.0
+        with _progress(f"{desc} {epoch + 1}/{epochs}", steps_per_epoch) as advance:
+            n_steps = 0
+            for x, y in batches:
+                optimizer.zero_grad(set_to_none=True)
+                out = _logits(model(x))
+                loss = loss_fn(out, y, x) if takes_inputs else loss_fn(out, y)
+                if not torch.isfinite(loss):
+                    raise CompressionError(
+                        f"{desc}: the loss became {float(loss)} at epoch {epoch + 1}, step {step}; "
+                        "lower the learning rate (lr) or clip the gradients"
+                    )
+                loss.backward()
+                if grad_hook is not None:
+                    grad_hook(model, epoch, step)
+                optimizer.step()
+                step += 1
+                n_steps += 1
+                if step_hook is not None:
+                    step_hook(model, epoch, step)
+                total += float(loss.detach()) * len(y)
+                count += len(y)
+                if out.dim() == 2 and y.dim() == 1:
+                    correct += float((out.detach().argmax(1) == y).sum())
+                advance()
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "steps": n_steps,
+            "loss": total / max(count, 1),
+            "train_accuracy": 100.0 * correct / max(count, 1),
+        }
+        if epoch_hook is not None:
+            record.update(epoch_hook(model, epoch, step) or {})
+        history.append(record)
+        log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs, _fmt_record(record))
+        if path is not None:
+            save_checkpoint(
+                path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "rng": _rng_state(),
+                    "history": history,
+                    "state": state if state is not None else {},
+                },
+            )
+    model.eval()
+    return history
+
+
+def _accepts_inputs(fn: Callable[..., Any]) -> bool:
+    try:
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 3
+
+
+def _len_or_none(batches: Iterable[Batch]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _fmt_record(record: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+
+
+class _progress:
+    """A rich progress bar for one epoch (silent when logging is not at INFO or output is not a tty)."""
+
+    def __init__(self, desc: str, total: int | None) -> None:
+        self.desc, self.total = desc, total
+        self.progress: Any = None
+
+    def __enter__(self) -> Callable[[], None]:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self.progress.start()
+        task = self.progress.add_task(self.desc, total=self.total)
+        return lambda: self.progress.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+# ---- groups ----------------------------------------------------------------------------------------
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    prefix, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(prefix) if prefix else model
+    return getattr(owner, leaf)
+
+
+def _index(dim: int, positions: Sequence[int], ndim: int) -> tuple[Any, ...]:
+    index: list[Any] = [slice(None)] * ndim
+    index[dim] = torch.as_tensor(list(positions), dtype=torch.long)
+    return tuple(index)
+
+
+def as_groups(groups: GroupSet | Sequence[ChannelGroup]) -> list[ChannelGroup]:
+    return list(groups.groups) if isinstance(groups, GroupSet) else list(groups)
+
+
+def group_slices(
+    model: nn.Module, group: ChannelGroup, params_only: bool = True
+) -> list[tuple[torch.Tensor, tuple[Any, ...]]]:
+    """(tensor, index) of each producing slice of `group`; buffers (running means) only if asked."""
+    params = {id(p) for p in model.parameters()}
+    out = []
+    for name, dim, positions in group.produce:
+        t = _tensor(model, name)
+        if params_only and id(t) not in params:
+            continue
+        out.append((t, _index(dim, positions, t.dim())))
+    return out
+
+
+def group_vector(model: nn.Module, group: ChannelGroup, grad: bool = False) -> torch.Tensor:
+    """The group's parameter slices (or their gradients) flattened into one vector."""
+    parts = []
+    for t, idx in group_slices(model, group):
+        src = t.grad if grad else t
+        parts.append(torch.zeros(t[idx].numel()) if src is None else src.detach()[idx].reshape(-1))
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+@torch.no_grad()
+def group_norms(model: nn.Module, groups: GroupSet | Sequence[ChannelGroup]) -> torch.Tensor:
+    """L2 norm of each group's producing parameter slices (float64, one entry per group)."""
+    return torch.tensor([float(group_vector(model, g).double().norm()) for g in as_groups(groups)])
+
+
+@torch.no_grad()
+def zero_groups(model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
+    """Set every producing slice (parameters and running means) of `groups` to exactly zero."""
+    for g in groups:
+        for name, dim, positions in g.produce:
+            t = _tensor(model, name)
+            t[_index(dim, positions, t.dim())] = 0
+
+
+def zero_mask(model: nn.Module, groups: GroupSet | Sequence[ChannelGroup]) -> list[bool]:
+    """True for each group whose producing parameter slices are all exactly zero."""
+    return [bool((group_vector(model, g) == 0).all()) for g in as_groups(groups)]
+
+
+def prunable_groups(
+    model: nn.Module, example_inputs: Any, spaces: Sequence[str] | None = None
+) -> tuple[GroupSet, dict[str, list[int]]]:
+    """find_groups plus the spaces with at least two groups (a space keeps one channel at least).
+
+    `spaces` restricts the spaces used (unknown names raise CompressionError listing the known ones).
+    """
+    found = find_groups(model, example_inputs)
+    by_space = {s: idx for s, idx in found.by_space.items() if len(idx) >= 2}
+    if spaces is not None:
+        missing = sorted(set(spaces) - set(found.by_space))
+        if missing:
+            raise CompressionError(
+                f"spaces {missing} are not prunable channel spaces of this model; "
+                f"known: {sorted(found.by_space)}"
+            )
+        by_space = {s: idx for s, idx in by_space.items() if s in set(spaces)}
+    if not by_space:
+        raise CompressionError(
+            "the model has no prunable channel groups (every space is pinned: "
+            f"{found.pinned_spaces or 'no channel spaces found'})"
+        )
+    return found, by_space
+
+
+def group_sparsity(model: nn.Module, groups: GroupSet | Sequence[ChannelGroup]) -> float:
+    """Fraction of `groups` that are exactly zero."""
+    mask = zero_mask(model, groups)
+    return sum(mask) / max(len(mask), 1)
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """A deep copy to train, so the caller's model is left untouched."""
+    return copy.deepcopy(model)
+
+
+def check_fraction(name: str, value: float, high_open: bool = True) -> float:
+    ok = 0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0
+    if not isinstance(value, int | float) or not ok:
+        raise CompressionError(f"option {name!r} must be in [0, 1{')' if high_open else ']'}, got {value!r}")
+    return float(value)
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+    """SGD with momentum (the methods' default optimiser)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def maybe_accuracy(model: nn.Module, batches: Iterable[Batch] | None) -> float | None:
+    """Top-1 accuracy in percent on `batches` (None without batches)."""
+    if batches is None:
+        return None
+    from slimship.data import evaluate_accuracy
+
+    return float(evaluate_accuracy(model, batches))
+
+
+class GroupTensors:
+    """Fast access to the parameter slices of a fixed list of groups on one model.
+
+    Built once per training run; the slices index the model's own parameters, so a checkpoint loaded
+    with ``load_state_dict`` (which copies in place) is seen immediately.
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
+        self.model = model
+        self.groups = list(groups)
+        self.slices = [group_slices(model, g) for g in self.groups]
+        self.buffers = [
+            [(t, idx) for t, idx in group_slices(model, g, params_only=False) if not t.requires_grad]
+            for g in self.groups
+        ]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def vector(self, i: int, grad: bool = False) -> torch.Tensor:
+        parts = []
+        for t, idx in self.slices[i]:
+            src = t.grad if grad else t
+            parts.append(torch.zeros(t[idx].numel()) if src is None else src.detach()[idx].reshape(-1))
+        return torch.cat(parts)
+
+    def norm(self, i: int) -> float:
+        return float(self.vector(i).double().norm())
+
+    def norms(self) -> torch.Tensor:
+        return torch.tensor([self.norm(i) for i in range(len(self))], dtype=torch.float64)
+
+    def sizes(self) -> list[int]:
+        return [sum(t[idx].numel() for t, idx in s) for s in self.slices]
+
+    @torch.no_grad()
+    def set_vector(self, i: int, vector: torch.Tensor) -> None:
+        offset = 0
+        for t, idx in self.slices[i]:
+            n = t[idx].numel()
+            t[idx] = vector[offset : offset + n].reshape(t[idx].shape).to(t.dtype)
+            offset += n
+
+    @torch.no_grad()
+    def scale(self, i: int, factor: float) -> None:
+        for t, idx in self.slices[i]:
+            t[idx] = t[idx] * factor
+
+    @torch.no_grad()
+    def zero(self, i: int) -> None:
+        for t, idx in self.slices[i] + self.buffers[i]:
+            t[idx] = 0
+
+    @torch.no_grad()
+    def zero_grad(self, i: int) -> None:
+        for t, idx in self.slices[i]:
+            if t.grad is not None:
+                t.grad[idx] = 0
+
+    @torch.no_grad()
+    def add_grad(self, i: int, vector: torch.Tensor) -> None:
+        offset = 0
+        for t, idx in self.slices[i]:
+            n = t[idx].numel()
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+            t.grad[idx] = t.grad[idx] + vector[offset : offset + n].reshape(t[idx].shape)
+            offset += n
+
+    def is_zero(self, i: int) -> bool:
+        return bool((self.vector(i) == 0).all())
+
+    @torch.no_grad()
+    def set_grad(self, i: int, vector: torch.Tensor) -> None:
+        offset = 0
+        for t, idx in self.slices[i]:
+            n = t[idx].numel()
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+            t.grad[idx] = vector[offset : offset + n].reshape(t[idx].shape).to(t.dtype)
+            offset += n
+
+    def shape_key(self, i: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the group's producing slices (parameters, buffers) and statistics."""
+        g = self.groups[i]
+        return tuple((len(p[2]), p[1]) for p in g.produce + g.stats)

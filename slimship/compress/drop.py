@@ -1,0 +1,153 @@
+"""Drop Pruning: iterative prune-retrain with stochastic drop-out and drop-in of whole channel groups.
+
+The pruning stage is cut into ``rounds``. At the start of each round, every space first drops back in
+each pruned group with probability ``drop_in`` (re-initialised from a random active group of the same
+space plus noise; never in the last round), then drops out enough active groups to reach this round's
+share of the space's ``target``: they are drawn without replacement from the ``pool`` x needed
+lowest-norm active groups with probability inversely proportional to their norm, and set to exactly zero.
+Pruned groups are held at zero (gradients and values) while the rest retrains; fine-tuning ends the run.
+Randomness comes from a generator seeded by ``(seed, round)``, so a resumed run draws the same groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimship.compress.base import (
+    Batch,
+    CompressResult,
+    check_fraction,
+    make_optimizer,
+    register,
+    train_loop,
+    working_copy,
+)
+from slimship.compress.hspg import GroupSparsifier, _finish, _stage_steps, _steps_per_epoch
+from slimship.errors import CompressionError
+from slimship.slimming.api import copy_group
+
+log = logging.getLogger(__name__)
+
+
+def _revive(model: nn.Module, sp: GroupSparsifier, i: int, donor: int, gen: torch.Generator) -> None:
+    """Re-initialise group `i` as a noisy copy of active group `donor` (statistics included)."""
+    a, b = sp.tensors.groups[donor], sp.tensors.groups[i]
+    if sp.tensors.shape_key(donor) == sp.tensors.shape_key(i):
+        copy_group(model, a, b)
+        vector = sp.tensors.vector(i)
+    else:
+        vector = torch.randn(sp.sizes[i], generator=gen) * sp.tensors.vector(donor).std()
+    noise = torch.randn(vector.shape, generator=gen) * 0.1 * float(vector.std() if vector.numel() > 1 else 1)
+    sp.tensors.set_vector(i, vector + noise)
+
+
+def _round(
+    model: nn.Module,
+    sp: GroupSparsifier,
+    state: dict[str, Any],
+    r: int,
+    rounds: int,
+    drop_in: float,
+    pool: float,
+    seed: int,
+) -> None:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
+    pruned = set(state["zero"])
+    revived = dropped = 0
+    for space, members in sp.spaces.items():
+        mine = [i for i in members if i in pruned]
+        active = [i for i in members if i not in pruned]
+        if r < rounds - 1 and mine and active:
+            back = [
+                i
+                for i, u in zip(mine, torch.rand(len(mine), generator=gen).tolist(), strict=True)
+                if u < drop_in
+            ]
+            for i in back:
+                donor = active[int(torch.randint(len(active), (1,), generator=gen))]
+                _revive(model, sp, i, donor, gen)
+                pruned.discard(i)
+            revived += len(back)
+        active = [i for i in members if i not in pruned]
+        need = round(sp.quota[space] * (r + 1) / rounds) - (len(members) - len(active))
+        if need <= 0:
+            continue
+        ranked = sorted(active, key=lambda i: (sp.magnitude(i), i))
+        candidates = ranked[: min(len(ranked), max(need, math.ceil(pool * need)))]
+        weights = torch.tensor([1.0 / (sp.magnitude(i) + 1e-12) for i in candidates], dtype=torch.float64)
+        chosen = torch.multinomial(weights, need, replacement=False, generator=gen).tolist()
+        for k in chosen:
+            pruned.add(candidates[k])
+            sp.tensors.zero(candidates[k])
+        dropped += need
+    state["zero"] = sorted(pruned)
+    state["revived"] = state.get("revived", 0) + revived
+    log.info("drop: round %d/%d: %d groups dropped out, %d dropped back in", r + 1, rounds, dropped, revived)
+
+
+@register("drop")
+def drop(
+    model: nn.Module,
+    example_inputs: Any,
+    train: Iterable[Batch] | None,
+    test: Iterable[Batch] | None = None,
+    *,
+    target: float = 0.5,
+    epochs: int = 30,
+    pruning_epochs: int | None = None,
+    rounds: int = 5,
+    drop_in: float = 0.2,
+    pool: float = 2.0,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    spaces: list[str] | None = None,
+    seed: int = 0,
+    checkpoint: Path | str | None = None,
+    stop_after: int | None = None,
+) -> CompressResult:
+    """Iterative stochastic prune-retrain on channel groups towards `target` group sparsity per space."""
+    check_fraction("drop_in", drop_in, high_open=False)
+    if rounds < 1 or pool < 1:
+        raise CompressionError(f"rounds must be >= 1 and pool >= 1, got rounds={rounds}, pool={pool}")
+    model = working_copy(model)
+    sp = GroupSparsifier(model, example_inputs, target, spaces)
+    n = _steps_per_epoch(train)
+    if pruning_epochs is None:
+        pruning_epochs = max(rounds, round(0.6 * epochs))
+    _, end = _stage_steps(epochs, 0, pruning_epochs, n, "pruning_epochs")
+    starts = [round(r * end / rounds) for r in range(rounds)]
+    state: dict[str, Any] = {"zero": [], "round": -1, "revived": 0}
+
+    def grad_hook(m: nn.Module, epoch: int, step: int) -> None:
+        if step in starts and starts.index(step) > state["round"]:
+            state["round"] = starts.index(step)
+            _round(m, sp, state, state["round"], rounds, drop_in, pool, seed)
+        sp.hold_zero_grads(state)
+
+    def step_hook(m: nn.Module, epoch: int, step: int) -> None:
+        sp.hold_zeros(state)
+
+    history = train_loop(
+        model,
+        train,
+        epochs=epochs,
+        optimizer=make_optimizer(model, lr, momentum, weight_decay),
+        grad_hook=grad_hook,
+        step_hook=step_hook,
+        epoch_hook=lambda m, e, s: sp.epoch_record(test, m),
+        checkpoint=checkpoint,
+        state=state,
+        stop_after=stop_after,
+        seed=seed,
+        desc="drop",
+    )
+    extra = {"rounds": rounds, "drop_in": drop_in, "revived": state["revived"], "round_starts": starts}
+    return _finish("drop", model, sp, history, test, extra, epochs)

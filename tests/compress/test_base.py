@@ -1,0 +1,143 @@
+"""Registry, option checking, train_loop determinism and checkpoint resume, group helpers."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from slimship.compress import compress, group_norms, train_loop
+from slimship.compress.base import GroupTensors, make_optimizer, prunable_groups
+from slimship.data import Batches
+from slimship.errors import CompressionError
+from slimship.slimming import find_groups, slim
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models train fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyNet().eval()
+
+
+def tiny_data(n: int = 128, seed: int = 0) -> Batches:
+    """Four classes: noise images whose brightness depends on the class (learnt in a few steps)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = (
+        rng.normal(0, 0.5, (n, 1, 8, 8)).astype(np.float32)
+        + (y.astype(np.float32) - 1.5)[:, None, None, None]
+    )
+    return Batches(x, y.astype(np.int64), batch_size=32, shuffle=True, seed=seed)
+
+
+def example() -> tuple[torch.Tensor]:
+    return (torch.from_numpy(tiny_data(8, seed=1).x),)
+
+
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def check_slims(model: nn.Module) -> None:
+    """`slim` removes the structure: fewer params, outputs equal within 1e-5 relative."""
+    inputs = example()
+    result = slim(model, inputs)
+    assert result.params_after < result.params_before
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, 8, 8, generator=generator)
+    with torch.no_grad():
+        ref, got = model.eval()(x), result.model(x)
+    assert float((ref - got).abs().max()) <= 1e-5 * max(float(ref.abs().max()), 1e-8)
+
+
+def test_unknown_method_lists_allowed() -> None:
+    with pytest.raises(CompressionError, match=r"unknown compression method 'nope'.*hesso"):
+        compress("nope", tiny_model(), example(), tiny_data())
+
+
+def test_unknown_option_named_with_allowed() -> None:
+    with pytest.raises(CompressionError, match=r"no option 'sparsity'.*allowed options:.*target"):
+        compress("hesso", tiny_model(), example(), tiny_data(), sparsity=0.5)
+
+
+def _train(epochs: int, checkpoint=None, stop_after=None, model=None):
+    model = model or tiny_model()
+    opt = make_optimizer(model, 0.05)
+    data = tiny_data()
+    hist = train_loop(model, data, epochs=epochs, optimizer=opt, checkpoint=checkpoint, stop_after=stop_after)
+    return model, hist
+
+
+def test_train_loop_deterministic_and_learns() -> None:
+    a, ha = _train(3)
+    b, hb = _train(3)
+    assert same_state(a, b)
+    assert ha == hb
+    assert ha[-1]["loss"] < ha[0]["loss"]
+
+
+def test_train_loop_resume_equals_uninterrupted(tmp_path, caplog) -> None:
+    full, hist_full = _train(3)
+    ckpt = tmp_path / "run.pt"
+    _, partial = _train(3, checkpoint=ckpt, stop_after=1)
+    assert len(partial) == 1 and ckpt.exists()
+    with caplog.at_level(logging.INFO, logger="slimship.compress.base"):
+        resumed, hist = _train(3, checkpoint=ckpt)
+    assert "resuming from checkpoint" in caplog.text
+    assert same_state(full, resumed)
+    assert hist == hist_full
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
+    ckpt = tmp_path / "run.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CompressionError, match=r"run\.pt"):
+        _train(1, checkpoint=ckpt)
+
+
+def test_group_norms_match_slices() -> None:
+    model = tiny_model()
+    found = find_groups(model, example())
+    norms = group_norms(model, found)
+    g = found.groups[0]
+    manual = torch.cat(
+        [model.get_parameter(n).detach().select(d, p[0]).reshape(-1) for n, d, p in g.produce
+         if n in dict(model.named_parameters())]
+    ).norm()  # fmt: skip
+    assert norms.shape == (len(found.groups),)
+    assert torch.isclose(norms[0].float(), manual, rtol=1e-5)
+    GroupTensors(model, found.groups).zero(0)
+    assert group_norms(model, found)[0] == 0
+
+
+def test_prunable_groups_rejects_unknown_space() -> None:
+    with pytest.raises(CompressionError, match="not prunable channel spaces"):
+        prunable_groups(tiny_model(), example(), spaces=["nope"])
