@@ -39,6 +39,7 @@ SCHEMA: dict[str, tuple[Check, str]] = {
     ),
     "model.kwargs": (lambda v: isinstance(v, dict), "a mapping of keyword arguments"),
     "model.checkpoint": (lambda v: isinstance(v, str), "a path to a state_dict file"),
+    "model.allow_pickle": (lambda v: isinstance(v, bool), "true only for a trusted checkpoint"),
     "data": (lambda v: v is None or isinstance(v, dict), "a mapping with factory and kwargs, or null"),
     "data.factory": (lambda v: isinstance(v, str) and ":" in v, "an import path returning (train, test)"),
     "data.kwargs": (lambda v: isinstance(v, dict), "a mapping of keyword arguments"),

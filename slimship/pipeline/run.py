@@ -48,28 +48,6 @@ class _Stages:
         return result
 
 
-def load_state_dict_file(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a state_dict saved with torch.save (weights only: no code runs from the file)."""
-    from slimship.errors import ModelFileError
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such checkpoint") from None
-    except Exception as exc:
-        raise ModelFileError(
-            f"{path}: not a weights-only PyTorch checkpoint ({str(exc).splitlines()[0]})"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelFileError(
-            f"{path}: does not fit model.factory's model: {str(exc).splitlines()[0]}"
-        ) from None
-
-
 def _accuracy(model: torch.nn.Module, test: Any) -> float | None:
     if test is None:
         return None
@@ -123,7 +101,12 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"'model.factory' returned {type(model).__name__}, not an nn.Module")
     if "checkpoint" in model_cfg:
-        load_state_dict_file(model, model_cfg["checkpoint"])
+        from slimship.compress.imports import load_state_checkpoint
+
+        built = model
+        model = load_state_checkpoint(
+            model_cfg["checkpoint"], lambda: built, allow_pickle=model_cfg.get("allow_pickle", False)
+        )
     train = test = None
     if config["data"]:
         data_cfg = config["data"]
