@@ -1,0 +1,361 @@
+"""LoRITa: low-rank induced training, then SVD truncation into pairs of thin layers.
+
+Training (``compress("lorita", ...)``): every Linear and every ungrouped convolution (its weight seen as
+an ``out x (in * k * k)`` matrix) is over-parametrised as a product of `depth` factors
+(``torch.nn.utils.parametrize``) and trained with weight decay, which drives the product to low rank.
+After training the factors are multiplied back, leaving a model of the original architecture.
+
+Slimming (``factorize``): the SVD of each weight is truncated at a rank set by `rank_ratio` or by an
+`energy` threshold, and the layer becomes two thin ones (``Linear(in, r)`` then ``Linear(r, out)``, or
+``conv(in, r, k)`` then a 1x1 ``conv(r, out)``) only where that lowers its FLOPs. Each replaced layer is
+checked numerically: on the inputs it sees, its output error must not exceed what the truncation
+allows (``sigma_{r+1} * ||input||``, the spectral bound of the dropped part).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from slimship.compress.base import (
+    Batch,
+    CompressResult,
+    maybe_accuracy,
+    register,
+    train_loop,
+    working_copy,
+)
+from slimship.errors import CompressionError, VerificationError
+from slimship.slimming.api import count_flops, count_params, verify_outputs
+from slimship.slimming.trace import as_input_tuple
+
+log = logging.getLogger(__name__)
+
+
+def _matrix_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Linear layers and ungrouped, non-transposed convolutions (the layers LoRITa works on)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) or (
+            isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups == 1
+        ):
+            out.append((name, m))
+    return out
+
+
+class ProductOfFactors(nn.Module):
+    """Parametrization ``W = A_N ... A_2 A_1`` (reshaped to the weight's shape), initialised from W's SVD."""
+
+    def __init__(self, shape: torch.Size, depth: int) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.depth = depth
+
+    def forward(self, *factors: torch.Tensor) -> torch.Tensor:
+        w = factors[0]
+        for f in factors[1:]:
+            w = f @ w
+        return w.reshape(self.shape)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        matrix = weight.reshape(weight.shape[0], -1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        root = s ** (1.0 / self.depth)
+        first = root[:, None] * vh  # (h, in)
+        last = u * root[None, :]  # (out, h)
+        middle = [torch.diag(root) for _ in range(self.depth - 2)]
+        return (first, *middle, last)
+
+
+def overparametrize(model: nn.Module, depth: int) -> list[str]:
+    """Make every matrix layer's weight a product of `depth` factors, in place; return the layer names."""
+    if depth < 2:
+        raise CompressionError(f"option 'depth' must be >= 2 (factors per weight), got {depth}")
+    names = []
+    for name, m in _matrix_layers(model):
+        parametrize.register_parametrization(m, "weight", ProductOfFactors(m.weight.shape, depth))
+        names.append(name)
+    return names
+
+
+def collapse(model: nn.Module) -> nn.Module:
+    """Multiply the factors back into plain weights, in place."""
+    for _, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return model
+
+
+@register("lorita")
+def lorita(
+    model: nn.Module,
+    example_inputs: Any,
+    train: Iterable[Batch] | None,
+    test: Iterable[Batch] | None = None,
+    *,
+    depth: int = 3,
+    epochs: int = 20,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    rank_ratio: float | None = None,
+    energy: float | None = 0.98,
+    min_saving: float = 0.0,
+    checkpoint: str | None = None,
+    seed: int = 0,
+) -> CompressResult:
+    """Train with each weight over-parametrised as `depth` factors (Adam + weight decay), then collapse.
+
+    `rank_ratio` / `energy` / `min_saving` are not used here: they are handed to ``factorize`` through
+    ``info["factorize"]`` (the pipeline's slimming step for this method, ``info["slim_step"]``).
+    """
+    if train is None:
+        raise CompressionError("lorita needs training data (train batches)")
+    _check_rank_options(rank_ratio, energy)
+    model = working_copy(model)
+    names = overparametrize(model, depth)
+    if not names:
+        raise CompressionError("lorita: the model has no Linear or ungrouped convolution layer to factorise")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history = train_loop(
+        model,
+        train,
+        epochs=epochs,
+        optimizer=optimizer,
+        checkpoint=checkpoint,
+        seed=seed,
+        desc=f"lorita (depth {depth})",
+    )
+    collapse(model)
+    model.eval()
+    spectra = {name: _singular_values(m).tolist() for name, m in _matrix_layers(model) if name in names}
+    info = {
+        "slim_step": "factorize",
+        "factorize": {"rank_ratio": rank_ratio, "energy": energy, "min_saving": min_saving},
+        "depth": depth,
+        "layers": names,
+        "effective_rank": {n: _rank_for(torch.tensor(s), None, energy or 0.98) for n, s in spectra.items()},
+        "test_accuracy": maybe_accuracy(model, test),
+    }
+    return CompressResult(model=model, method="lorita", history=history, info=info)
+
+
+# ---- factorize ------------------------------------------------------------------------------------
+@dataclass
+class LayerFactor:
+    name: str
+    kind: str  # linear | conv
+    shape: list[int]
+    full_rank: int
+    rank: int
+    replaced: bool
+    flops_before: float
+    flops_after: float
+    rel_truncation_error: float  # ||W - W_r||_F / ||W||_F
+    rel_output_error: float  # measured on the layer's own inputs
+    output_error_bound: float  # sigma_{r+1} * ||input||_F (relative to ||output||_F)
+
+
+@dataclass
+class FactorizeResult:
+    model: nn.Module
+    layers: list[LayerFactor]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    max_rel_output_diff: float  # whole model, slim vs collapsed, on the example inputs
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_before / max(self.flops_after, 1)
+
+
+def _check_rank_options(rank_ratio: float | None, energy: float | None) -> None:
+    if rank_ratio is not None and not 0 < rank_ratio <= 1:
+        raise CompressionError(f"option 'rank_ratio' must be in (0, 1], got {rank_ratio!r}")
+    if energy is not None and not 0 < energy <= 1:
+        raise CompressionError(f"option 'energy' must be in (0, 1], got {energy!r}")
+
+
+def _singular_values(m: nn.Module) -> torch.Tensor:
+    return torch.linalg.svdvals(m.weight.detach().reshape(m.weight.shape[0], -1).double())
+
+
+def _rank_for(s: torch.Tensor, rank_ratio: float | None, energy: float | None) -> int:
+    full = len(s)
+    if rank_ratio is not None:
+        return max(1, min(full, math.ceil(rank_ratio * full)))
+    power = s.double() ** 2
+    total = float(power.sum())
+    if total == 0:
+        return 1
+    kept = torch.cumsum(power, 0) / total
+    return max(1, min(full, int((kept < energy - 1e-12).sum()) + 1))
+
+
+def _pair(m: nn.Module, rank: int, u, s, vh) -> nn.Sequential:
+    root = s[:rank].sqrt()
+    a = (root[:, None] * vh[:rank]).float()
+    b = (u[:, :rank] * root[None, :]).float()
+    if isinstance(m, nn.Linear):
+        first, second = (
+            nn.Linear(m.in_features, rank, bias=False),
+            nn.Linear(rank, m.out_features, bias=m.bias is not None),
+        )
+        first.weight.data.copy_(a)
+        second.weight.data.copy_(b)
+    else:
+        conv = type(m)
+        first = conv(
+            m.in_channels,
+            rank,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            bias=False,
+            padding_mode=m.padding_mode,
+        )
+        second = conv(rank, m.out_channels, 1, bias=m.bias is not None)
+        first.weight.data.copy_(a.reshape(rank, *m.weight.shape[1:]))
+        second.weight.data.copy_(b.reshape(m.out_channels, rank, *([1] * (m.weight.dim() - 2))))
+    if m.bias is not None:
+        second.bias.data.copy_(m.bias.detach())
+    return nn.Sequential(first, second)
+
+
+def _layer_inputs(model: nn.Module, names: list[str], inputs: tuple[Any, ...]) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        def fn(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            seen.setdefault(name, args[0].detach())
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _input_norm(m: nn.Module, x: torch.Tensor) -> float:
+    """Frobenius norm of the matrix the weight multiplies (the unfolded input for a 2-D convolution)."""
+    if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        x = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
+        return float(x.double().norm())
+    if isinstance(m, nn.Linear):
+        return float(x.double().norm())
+    # other convolutions: each input value is read at most prod(kernel) times
+    return float(x.double().norm()) * math.sqrt(math.prod(m.kernel_size))
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def factorize(
+    model: nn.Module,
+    example_inputs: Any,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    min_saving: float = 0.0,
+) -> FactorizeResult:
+    """Replace each matrix layer by two thin ones at the truncated rank wherever that lowers its FLOPs.
+
+    Exactly one of `rank_ratio` (fraction of the full rank) or `energy` (fraction of sum sigma^2 kept)
+    sets the rank. With `min_saving` > 0 a layer is replaced only if that removes at least that fraction
+    of its FLOPs (a marginal saving is not worth the truncation error). Raises VerificationError if a
+    replaced layer's output error on its inputs exceeds the truncation bound.
+    """
+    if (rank_ratio is None) == (energy is None):
+        raise CompressionError("factorize: pass exactly one of rank_ratio or energy")
+    _check_rank_options(rank_ratio, energy)
+    if not 0 <= min_saving < 1:
+        raise CompressionError(f"factorize: min_saving must be in [0, 1), got {min_saving!r}")
+    inputs = as_input_tuple(example_inputs)
+    source = copy.deepcopy(model).eval()
+    collapse(source)
+    slim_model = copy.deepcopy(source)
+    layers = _matrix_layers(source)
+    from slimship.compress.adc import _layer_flops
+
+    flops = _layer_flops(source, inputs)
+    xs = _layer_inputs(source, [n for n, _ in layers], inputs)
+    reports = []
+    for name, m in layers:
+        if name not in xs:
+            continue
+        matrix = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        full = len(s)
+        rank = _rank_for(s, rank_ratio, energy)
+        out_f, in_f = matrix.shape
+        before = flops.get(name, 0.0)
+        after = before * rank * (in_f + out_f) / (in_f * out_f)
+        replaced = after < before * (1 - min_saving) and rank < full
+        total = float((s**2).sum())
+        trunc = math.sqrt(float((s[rank:] ** 2).sum()) / total) if total > 0 else 0.0
+        rel_err = bound = 0.0
+        if replaced:
+            pair = _pair(m, rank, u, s, vh).eval()
+            with torch.no_grad():
+                y_ref, y_new = m(xs[name]).double(), pair(xs[name]).double()
+            ref_norm = max(float(y_ref.norm()), 1e-12)
+            err = float((y_new - y_ref).norm())
+            sigma_next = float(s[rank]) if rank < full else 0.0
+            allowed = sigma_next * _input_norm(m, xs[name])
+            if err > allowed * (1 + 1e-3) + 1e-5 * ref_norm:
+                raise VerificationError(
+                    f"factorize: layer {name!r} at rank {rank}/{full} has output error {err:.4g}, more than "
+                    f"its truncation allows ({allowed:.4g}); please report this model"
+                )
+            rel_err, bound = err / ref_norm, allowed / ref_norm
+            _set_module(slim_model, name, pair)
+        else:
+            after = before
+        kind = "linear" if isinstance(m, nn.Linear) else "conv"
+        reports.append(
+            LayerFactor(
+                name,
+                kind,
+                list(m.weight.shape),
+                full,
+                rank if replaced else full,
+                replaced,
+                before,
+                after,
+                trunc if replaced else 0.0,
+                rel_err,
+                bound,
+            )
+        )
+    slim_model.eval()
+    check = verify_outputs(source, slim_model, inputs, rtol=float("inf"), n_random=0, what="factorized model")
+    return FactorizeResult(
+        model=slim_model,
+        layers=reports,
+        flops_before=count_flops(source, inputs),
+        flops_after=count_flops(slim_model, inputs),
+        params_before=count_params(source),
+        params_after=count_params(slim_model),
+        max_rel_output_diff=check.max_rel_diff,
+        options={"rank_ratio": rank_ratio, "energy": energy, "min_saving": min_saving},
+    )
