@@ -14,6 +14,7 @@ import importlib
 import inspect
 import io
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,41 @@ def _logits(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
+#: learning-rate schedules of `train_loop`: name -> factor(progress in [0, 1], floor) on the base rate
+LR_SCHEDULES: dict[str, Callable[[float, float], float]] = {
+    "constant": lambda progress, floor: 1.0,
+    "cosine": lambda progress, floor: floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, floor: float = 0.0) -> float:
+    """Multiplier of the base learning rate for 0-based `step` of `total_steps` under `schedule`."""
+    if schedule not in LR_SCHEDULES:
+        raise CompressionError(
+            f"lr_schedule={schedule!r} is not a known schedule; allowed: {', '.join(LR_SCHEDULES)}"
+        )
+    return LR_SCHEDULES[schedule](min(step / max(total_steps, 1), 1.0), floor)
+
+
+def _check_schedule(schedule: str, floor: float, batches: Iterable[Batch]) -> int | None:
+    lr_factor(schedule, 0, 1, floor)  # raises on an unknown name
+    if not 0.0 <= floor <= 1.0:
+        raise CompressionError(f"lr_floor is a fraction of the base learning rate in [0, 1], got {floor}")
+    steps = _len_or_none(batches)
+    if schedule != "constant" and steps is None:
+        raise CompressionError(
+            f"lr_schedule={schedule!r} needs batches with a len() (to know the total steps); "
+            "pass a sized batch iterable or lr_schedule='constant'"
+        )
+    return steps
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> float:
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
+    return float(optimizer.param_groups[0]["lr"])
+
+
 def _set_epoch(batches: Iterable[Batch], epoch: int) -> None:
     if hasattr(batches, "set_epoch"):
         batches.set_epoch(epoch)
@@ -183,6 +219,8 @@ def train_loop(
     stop_after: int | None = None,
     seed: int = 0,
     desc: str = "train",
+    lr_schedule: str = "constant",
+    lr_floor: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Train `model` in place for `epochs` passes over `batches`; return one record per epoch.
 
@@ -194,9 +232,16 @@ def train_loop(
     states, history and `state` are written atomically after every epoch and a run that finds the file
     resumes from it. `stop_after` ends this call after that many epochs in total (for time budgets and
     resume tests); the checkpoint then lets a later call finish the run.
+
+    ``lr_schedule`` (a name in ``LR_SCHEDULES``) sets every parameter group's rate before each step from
+    the global step: ``"cosine"`` decays per step from the optimizer's rate to ``lr_floor`` x that rate
+    over all ``epochs``. The base rates are saved in the checkpoint, so a resumed run follows the same
+    curve as an uninterrupted one; epoch records then carry the last rate used (``lr``).
     """
     if epochs < 0:
         raise CompressionError(f"epochs must be >= 0, got {epochs}")
+    steps_per_epoch = _check_schedule(lr_schedule, lr_floor, batches)
+    base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
     path = Path(checkpoint) if checkpoint is not None else None
     torch.manual_seed(seed)
     random.seed(seed)
@@ -210,14 +255,16 @@ def train_loop(
         _set_rng_state(saved["rng"])
         history = list(saved["history"])
         start = int(saved["epoch"])
+        base_lrs = _saved_base_lrs(saved, lr_schedule, lr_floor, base_lrs, path)
         if state is not None:
             state.clear()
             state.update(saved.get("state", {}))
         log.info("%s: resuming from checkpoint %s at epoch %d of %d", desc, path, start, epochs)
     takes_inputs = _accepts_inputs(loss_fn)
     end = epochs if stop_after is None else min(epochs, stop_after)
-    steps_per_epoch = _len_or_none(batches)
+    total_steps = epochs * (steps_per_epoch or 0)
     step = sum(int(h.get("steps", 0)) for h in history)
+    lr = base_lrs[0] if base_lrs else 0.0
     for epoch in range(start, end):
         model.train()
         _set_epoch(batches, epoch)
@@ -226,6 +273,8 @@ def train_loop(
             n_steps = 0
             for x, y in batches:
                 optimizer.zero_grad(set_to_none=True)
+                if lr_schedule != "constant":
+                    lr = _set_lr(optimizer, base_lrs, lr_factor(lr_schedule, step, total_steps, lr_floor))
                 out = _logits(model(x))
                 loss = loss_fn(out, y, x) if takes_inputs else loss_fn(out, y)
                 if not torch.isfinite(loss):
@@ -252,6 +301,8 @@ def train_loop(
             "loss": total / max(count, 1),
             "train_accuracy": 100.0 * correct / max(count, 1),
         }
+        if lr_schedule != "constant":
+            record["lr"] = lr
         if epoch_hook is not None:
             record.update(epoch_hook(model, epoch, step) or {})
         history.append(record)
@@ -266,10 +317,25 @@ def train_loop(
                     "rng": _rng_state(),
                     "history": history,
                     "state": state if state is not None else {},
+                    "lr_schedule": {"name": lr_schedule, "floor": lr_floor, "base_lrs": base_lrs},
                 },
             )
     model.eval()
     return history
+
+
+def _saved_base_lrs(
+    saved: dict[str, Any], schedule: str, floor: float, base_lrs: list[float], path: Path
+) -> list[float]:
+    """The base rates of the run a checkpoint belongs to; a different schedule is refused."""
+    info = saved.get("lr_schedule", {"name": "constant", "floor": 0.0, "base_lrs": base_lrs})
+    if info["name"] != schedule or float(info["floor"]) != floor:
+        raise CompressionError(
+            f"training checkpoint {path} was written with lr_schedule={info['name']!r}, "
+            f"lr_floor={info['floor']}, this run asks for {schedule!r}, {floor}; "
+            "use the same options or delete the checkpoint"
+        )
+    return [float(v) for v in info["base_lrs"]]
 
 
 def _accepts_inputs(fn: Callable[..., Any]) -> bool:

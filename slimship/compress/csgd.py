@@ -33,6 +33,7 @@ from slimship.compress.base import (
     train_loop,
     working_copy,
 )
+from slimship.compress.hspg import space_fractions
 from slimship.errors import CompressionError
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,13 @@ def csgd(
     test: Iterable[Batch] | None = None,
     *,
     target: float = 0.5,
+    space_targets: dict[str, float] | None = None,
     epochs: int = 20,
     lr: float = 0.05,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    lr_schedule: str = "cosine",
+    lr_floor: float = 0.01,
     centripetal: float = 0.1,
     clustering: str = "kmeans",
     spaces: list[str] | None = None,
@@ -134,8 +138,11 @@ def csgd(
     local_spaces: dict[str, list[int]] = {}
     for local, i in enumerate(order):
         local_spaces.setdefault(found.groups[i].space, []).append(local)
+    fractions = space_fractions(local_spaces, target, space_targets)
     clusters = [
-        c for members in local_spaces.values() for c in cluster_space(gt, members, target, clustering, seed)
+        c
+        for space, members in local_spaces.items()
+        for c in cluster_space(gt, members, fractions[space], clustering, seed)
     ]
     multi = [c for c in clusters if len(c) > 1]
     log.info("csgd: %d groups in %d clusters (%d with several members)", len(gt), len(clusters), len(multi))
@@ -167,6 +174,8 @@ def csgd(
         stop_after=stop_after,
         seed=seed,
         desc="csgd",
+        lr_schedule=lr_schedule,
+        lr_floor=lr_floor,
     )
     completed = bool(history) and history[-1]["epoch"] >= epochs
     gap = cluster_gap(gt, multi)

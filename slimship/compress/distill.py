@@ -182,6 +182,8 @@ def hakd(
     lr: float = 0.05,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    lr_schedule: str = "cosine",
+    lr_floor: float = 0.01,
     temperature: float = 4.0,
     alpha: float = 0.7,
     clip_grad: float | None = 5.0,
@@ -248,6 +250,8 @@ def hakd(
         stop_after=stop_after,
         seed=seed,
         desc="hakd",
+        lr_schedule=lr_schedule,
+        lr_floor=lr_floor,
     )
     info = {
         "latency_table": [

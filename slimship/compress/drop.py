@@ -100,6 +100,7 @@ def drop(
     test: Iterable[Batch] | None = None,
     *,
     target: float = 0.5,
+    space_targets: dict[str, float] | None = None,
     epochs: int = 30,
     pruning_epochs: int | None = None,
     rounds: int = 5,
@@ -108,6 +109,8 @@ def drop(
     lr: float = 0.05,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    lr_schedule: str = "cosine",
+    lr_floor: float = 0.01,
     spaces: list[str] | None = None,
     seed: int = 0,
     checkpoint: Path | str | None = None,
@@ -118,7 +121,7 @@ def drop(
     if rounds < 1 or pool < 1:
         raise CompressionError(f"rounds must be >= 1 and pool >= 1, got rounds={rounds}, pool={pool}")
     model = working_copy(model)
-    sp = GroupSparsifier(model, example_inputs, target, spaces)
+    sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
     n = _steps_per_epoch(train)
     if pruning_epochs is None:
         pruning_epochs = max(rounds, round(0.6 * epochs))
@@ -148,6 +151,8 @@ def drop(
         stop_after=stop_after,
         seed=seed,
         desc="drop",
+        lr_schedule=lr_schedule,
+        lr_floor=lr_floor,
     )
     extra = {"rounds": rounds, "drop_in": drop_in, "revived": state["revived"], "round_starts": starts}
     return _finish("drop", model, sp, history, test, extra, epochs)

@@ -46,21 +46,40 @@ from slimship.errors import CompressionError
 log = logging.getLogger(__name__)
 
 
+def space_fractions(
+    by_space: dict[str, list[int]], target: float, space_targets: dict[str, float] | None
+) -> dict[str, float]:
+    """Fraction of each space's groups to remove: `target`, or the space's entry in `space_targets`."""
+    overrides = dict(space_targets or {})
+    unknown = sorted(set(overrides) - set(by_space))
+    if unknown:
+        raise CompressionError(
+            f"space_targets names {unknown}, which are not prunable spaces here; known: {sorted(by_space)}"
+        )
+    return {s: check_fraction(f"space_targets[{s!r}]", overrides.get(s, target)) for s in by_space}
+
+
 class GroupSparsifier:
     """Shared bookkeeping: prunable groups per space, per-space quotas, held-zero groups."""
 
     def __init__(
-        self, model: nn.Module, example_inputs: Any, target: float, spaces: list[str] | None
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        target: float,
+        spaces: list[str] | None,
+        space_targets: dict[str, float] | None = None,
     ) -> None:
         self.target = check_fraction("target", target)
         found, by_space = prunable_groups(model, example_inputs, spaces)
+        fractions = space_fractions(by_space, self.target, space_targets)
         order = [i for idx in by_space.values() for i in idx]
         self.tensors = GroupTensors(model, [found.groups[i] for i in order])
         self.space_of: list[str] = [found.groups[i].space for i in order]
         self.spaces: dict[str, list[int]] = {}
         for local, space in enumerate(self.space_of):
             self.spaces.setdefault(space, []).append(local)
-        self.quota = {s: min(round(self.target * len(m)), len(m) - 1) for s, m in self.spaces.items()}
+        self.quota = {s: min(round(fractions[s] * len(m)), len(m) - 1) for s, m in self.spaces.items()}
         self.sizes = self.tensors.sizes()
 
     def zero_list(self, state: dict[str, Any]) -> list[int]:
@@ -144,12 +163,15 @@ def hspg(
     test: Iterable[Batch] | None = None,
     *,
     target: float = 0.5,
+    space_targets: dict[str, float] | None = None,
     epochs: int = 30,
     warmup_epochs: int | None = None,
     projection_epochs: int | None = None,
     lr: float = 0.05,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    lr_schedule: str = "cosine",
+    lr_floor: float = 0.01,
     lam: float = 1e-3,
     epsilon: float = 0.0,
     spaces: list[str] | None = None,
@@ -161,7 +183,7 @@ def hspg(
     if epsilon < 0 or lam < 0:
         raise CompressionError(f"lam and epsilon must be >= 0, got lam={lam}, epsilon={epsilon}")
     model = working_copy(model)
-    sp = GroupSparsifier(model, example_inputs, target, spaces)
+    sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
     n = _steps_per_epoch(train)
     start, end = _stage_steps(epochs, warmup_epochs, projection_epochs, n, "projection_epochs")
     shrink_steps = max(1, (end - start) // 2)
@@ -227,6 +249,8 @@ def hspg(
         stop_after=stop_after,
         seed=seed,
         desc="hspg",
+        lr_schedule=lr_schedule,
+        lr_floor=lr_floor,
     )
     extra = {"forced_to_zero": state["forced"], "lam": lam, "epsilon": epsilon, "stages": [start, end]}
     return _finish("hspg", model, sp, history, test, extra, epochs)
@@ -248,6 +272,7 @@ def hesso(
     test: Iterable[Batch] | None = None,
     *,
     target: float = 0.5,
+    space_targets: dict[str, float] | None = None,
     epochs: int = 30,
     warmup_epochs: int | None = None,
     pruning_epochs: int | None = None,
@@ -255,6 +280,8 @@ def hesso(
     lr: float = 0.05,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    lr_schedule: str = "cosine",
+    lr_floor: float = 0.01,
     spaces: list[str] | None = None,
     seed: int = 0,
     checkpoint: Path | str | None = None,
@@ -264,7 +291,7 @@ def hesso(
     if periods < 1:
         raise CompressionError(f"periods must be >= 1, got {periods}")
     model = working_copy(model)
-    sp = GroupSparsifier(model, example_inputs, target, spaces)
+    sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
     n = _steps_per_epoch(train)
     start, end = _stage_steps(epochs, warmup_epochs, pruning_epochs, n, "pruning_epochs")
     bounds = [start + round(p * (end - start) / periods) for p in range(periods + 1)]
@@ -322,6 +349,8 @@ def hesso(
         stop_after=stop_after,
         seed=seed,
         desc="hesso",
+        lr_schedule=lr_schedule,
+        lr_floor=lr_floor,
     )
     extra = {"periods": periods, "stages": [start, end]}
     return _finish("hesso", model, sp, history, test, extra, epochs)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from slimship.compress import compress, group_norms, train_loop
-from slimship.compress.base import GroupTensors, make_optimizer, prunable_groups
+from slimship.compress.base import GroupTensors, lr_factor, make_optimizer, prunable_groups
 from slimship.data import Batches
 from slimship.errors import CompressionError
 from slimship.slimming import find_groups, slim
@@ -141,3 +141,56 @@ def test_group_norms_match_slices() -> None:
 def test_prunable_groups_rejects_unknown_space() -> None:
     with pytest.raises(CompressionError, match="not prunable channel spaces"):
         prunable_groups(tiny_model(), example(), spaces=["nope"])
+
+
+def _train_cosine(epochs: int, checkpoint=None, stop_after=None, floor: float = 0.1):
+    model = tiny_model()
+    opt = make_optimizer(model, 0.05)
+    hist = train_loop(
+        model, tiny_data(), epochs=epochs, optimizer=opt, checkpoint=checkpoint, stop_after=stop_after,
+        lr_schedule="cosine", lr_floor=floor,
+    )  # fmt: skip
+    return model, hist, opt
+
+
+def test_lr_factor_cosine_endpoints() -> None:
+    assert lr_factor("cosine", 0, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor("cosine", 50, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor("cosine", 100, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor("constant", 70, 100, 0.1) == 1.0
+    with pytest.raises(CompressionError, match=r"lr_schedule='step'.*cosine"):
+        lr_factor("step", 0, 10)
+
+
+def test_cosine_schedule_decays_and_is_deterministic() -> None:
+    a, ha, opt = _train_cosine(3)
+    b, hb, _ = _train_cosine(3)
+    assert same_state(a, b) and ha == hb
+    lrs = [h["lr"] for h in ha]
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 3
+    steps = 3 * len(tiny_data())
+    # the last step used is steps - 1 of steps: just above the floor
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * lr_factor("cosine", steps - 1, steps, 0.1))
+    constant, hc = _train(3)
+    assert not same_state(a, constant)
+    assert "lr" not in hc[0]
+
+
+def test_cosine_resume_equals_uninterrupted(tmp_path) -> None:
+    full, hist_full, opt_full = _train_cosine(4)
+    ckpt = tmp_path / "cos.pt"
+    _, partial, _ = _train_cosine(4, checkpoint=ckpt, stop_after=2)
+    assert len(partial) == 2
+    resumed, hist, opt = _train_cosine(4, checkpoint=ckpt)
+    assert same_state(full, resumed)
+    assert hist == hist_full
+    assert opt.param_groups[0]["lr"] == opt_full.param_groups[0]["lr"]
+
+
+def test_checkpoint_of_other_schedule_refused(tmp_path) -> None:
+    ckpt = tmp_path / "cos.pt"
+    _train_cosine(3, checkpoint=ckpt, stop_after=1)
+    with pytest.raises(CompressionError, match=r"lr_schedule='cosine'.*'constant'"):
+        _train(3, checkpoint=ckpt)
+    with pytest.raises(CompressionError, match="lr_floor"):
+        _train_cosine(3, checkpoint=ckpt, floor=0.2)

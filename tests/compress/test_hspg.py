@@ -49,3 +49,12 @@ def test_stages_must_fit() -> None:
 def test_target_out_of_range() -> None:
     with pytest.raises(CompressionError, match="'target' must be in"):
         compress("hesso", tiny_model(), example(), tiny_data(), target=1.5)
+
+
+def test_space_targets_override_per_space() -> None:
+    opts = {**OPTIONS["hesso"], "space_targets": {"conv1.weight[0]": 0.25}}
+    result = compress("hesso", tiny_model(), example(), tiny_data(), **opts)
+    assert result.info["per_space"] == {"conv1.weight[0]": [2, 8], "conv2.weight[0]": [6, 12]}
+    check_slims(result.model)
+    with pytest.raises(CompressionError, match=r"space_targets names \['fc'\].*conv1"):
+        compress("hspg", tiny_model(), example(), tiny_data(), space_targets={"fc": 0.5})
