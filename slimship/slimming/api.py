@@ -261,7 +261,11 @@ def _align(g: ChannelGraph, plan: Plan, named: dict[str, list], multiple: int) -
         if not dropped:
             continue
         need = (-(len(comps) - len(dropped))) % multiple
-        _keep(plan, np.array(dropped[:need], dtype=np.int64), f"kept for channel alignment (multiple of {multiple})")
+        _keep(
+            plan,
+            np.array(dropped[:need], dtype=np.int64),
+            f"kept for channel alignment (multiple of {multiple})",
+        )
 
 
 def _keep(plan: Plan, comps: np.ndarray, reason: str) -> None:

@@ -10,8 +10,8 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from torch.fx import Node
 
-from slimship.slimming.graph import CONV, LINEAR, MERGEABLE_SITES, ChannelGraph, Site, iter_dims
-from slimship.slimming.values import ValueAnalysis
+from slimship.slimming.graph import CONV, LINEAR, MERGEABLE_SITES, ChannelGraph, Site, iter_dims, unique_ints
+from slimship.slimming.values import ValueAnalysis, _row_inverse
 
 KEEP_ONE = "a space keeps at least one channel"
 
@@ -60,55 +60,100 @@ def make_plan(g: ChannelGraph, va: ValueAnalysis, merge: bool = True, fold: bool
     ncomp = len(g.pinned)
     weight_uses = Counter(s.weight.target for s in g.sites if s.weight is not None)
     views = [_site_view(g, va, s, weight_uses) for s in g.sites]
-    at_sites: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for index, view in enumerate(views):
-        for comp in np.unique(view.comps):
-            if not g.pinned[comp]:
-                at_sites[int(comp)].append((index, np.flatnonzero(view.comps == comp)))
+    runs = [_runs(view.comps) for view in views]
+    bad = np.zeros(ncomp, dtype=bool)  # some site neither sees it zero nor can fold it
+    seen = np.zeros(ncomp, dtype=bool)  # consumed at some site
+    unmergeable = np.zeros(ncomp, dtype=bool)  # consumed at a site that cannot merge
+    fold_at: list[tuple[int, int, np.ndarray]] = []  # (comp, site index, positions) to fold if removed
+    for index, (view, (comps, order, starts, ends)) in enumerate(zip(views, runs, strict=True)):
+        if not len(comps):
+            continue
+        seen[comps] = True
+        if not view.mergeable:
+            unmergeable[comps] = True
+        all_zero = np.logical_and.reduceat(view.zero[order], starts)
+        foldable = np.zeros(len(comps), dtype=bool)
+        if fold and view.foldable:
+            foldable = np.logical_and.reduceat(~np.isnan(view.const[order]), starts) & ~all_zero
+        bad[comps[~(all_zero | foldable)]] = True
+        fold_at.extend((int(comps[k]), index, order[starts[k] : ends[k]]) for k in np.flatnonzero(foldable))
 
-    removed = np.zeros(ncomp, dtype=bool)
+    removed = ~g.pinned & ~bad
     folds: dict[int, list[Fold]] = {}
-    kept_reason: dict[int, str] = {}
-    for comp in np.flatnonzero(~g.pinned):
-        comp = int(comp)
-        ok, comp_folds = True, []
-        for index, pos in at_sites.get(comp, []):
+    for comp, index, pos in sorted(fold_at, key=lambda f: (f[0], f[1])):
+        if removed[comp]:
             view = views[index]
-            if view.zero[pos].all():
-                continue
-            if fold and view.foldable and not np.isnan(view.const[pos]).any():
-                comp_folds.append(Fold(view.site, pos, np.where(view.zero[pos], 0.0, view.const[pos]), comp))
-                continue
-            ok = False
-            break
-        if ok:
-            removed[comp] = True
-            if comp_folds:
-                folds[comp] = comp_folds
-        else:
-            kept_reason[comp] = "not provably zero, constant or equal to another channel where it is consumed"
+            consts = np.where(view.zero[pos], 0.0, view.const[pos])
+            folds.setdefault(comp, []).append(Fold(view.site, pos, consts, comp))
+    kept_reason: dict[int, str] = {
+        int(comp): "not provably zero, constant or equal to another channel where it is consumed"
+        for comp in np.flatnonzero(~g.pinned & bad)
+    }
 
     merged_into: dict[int, int] = {}
     if merge:
-        by_signature: dict[tuple, list[int]] = defaultdict(list)
-        for comp, sites in at_sites.items():
-            if removed[comp] or not all(views[i].mergeable for i, _ in sites):
-                continue
-            signature = tuple(
-                (i, tuple(views[i].cls[pos].tolist())) for i, pos in sorted(sites, key=lambda s: s[0])
-            )
-            by_signature[signature].append(comp)
-        for members in by_signature.values():
+        eligible = seen & ~g.pinned & ~removed & ~unmergeable
+        for members in _equal_signatures(views, runs, eligible):
             rep = min(members)
             for other in members:
                 if other != rep:
                     merged_into[other] = rep
                     kept_reason.pop(other, None)
-            if len(members) > 1:
-                kept_reason.pop(rep, None)
+            kept_reason.pop(rep, None)
 
     _keep_one_per_dim(g, removed, merged_into, folds, kept_reason)
     return Plan(removed, merged_into, [f for fs in folds.values() for f in fs], kept_reason)
+
+
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct values (ascending), a stable sorting order, and where each value's run starts and
+    ends in it: value k sits at positions order[starts[k]:ends[k]] (ascending)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])) if len(values) else order
+    ends = np.append(starts[1:], len(order)).astype(np.int64) if len(values) else order
+    return ordered[starts], order, starts, ends
+
+
+def _equal_signatures(views: list[_SiteView], runs: list, eligible: np.ndarray) -> list[list[int]]:
+    """Groups (of two or more) of eligible components with the same equality labels at every site.
+
+    A component's signature is the sequence, over the sites that consume it (in site order), of
+    the labels at its positions there. Groups come in the order of their first member, members in
+    the order of (first consuming site, component).
+    """
+    rows = []  # per (component, site): component, site, kind (one position or several), code
+    interned: dict[tuple, int] = {}
+    for index, (view, (comps, order, starts, ends)) in enumerate(zip(views, runs, strict=True)):
+        chosen = np.flatnonzero(eligible[comps]) if len(comps) else np.zeros(0, dtype=np.int64)
+        if not len(chosen):
+            continue
+        single = (ends - starts)[chosen] == 1
+        code = np.zeros(len(chosen), dtype=np.int64)
+        code[single] = view.cls[order[starts[chosen[single]]]]
+        for j in np.flatnonzero(~single):
+            k = chosen[j]
+            code[j] = interned.setdefault(tuple(view.cls[order[starts[k] : ends[k]]].tolist()), len(interned))
+        site = np.full(len(chosen), index, dtype=np.int64)
+        rows.append(np.stack([comps[chosen], site, (~single).astype(np.int64), code], axis=1))
+    if not rows:
+        return []
+    table = np.concatenate(rows)
+    table = table[np.lexsort((table[:, 1], table[:, 0]))]  # by component, then site
+    comps, first, n_sites = np.unique(table[:, 0], return_index=True, return_counts=True)
+    # refine a signature id one site at a time: equal ids <=> equal prefixes (among equal lengths)
+    sig = np.zeros(len(comps), dtype=np.int64)
+    for r in range(int(n_sites.max())):
+        has = np.flatnonzero(n_sites > r)
+        at = table[first[has] + r]
+        sig[has] = _row_inverse(np.stack([sig[has], at[:, 1], at[:, 2], at[:, 3]], axis=1))
+    sig = _row_inverse(np.stack([sig, n_sites], axis=1))
+    order = np.lexsort((comps, table[first, 1]))  # by first consuming site, then component
+    size = np.bincount(sig)
+    groups: dict[int, list[int]] = {}
+    for k in order[size[sig[order]] > 1]:
+        groups.setdefault(int(sig[k]), []).append(int(comps[k]))
+    return list(groups.values())
 
 
 def _site_view(g: ChannelGraph, va: ValueAnalysis, site: Site, weight_uses: Counter) -> _SiteView:
@@ -176,7 +221,7 @@ def spaces(g: ChannelGraph) -> dict[str, list[tuple[Node, int]]]:
     ncomp = len(g.pinned)
     rows, cols = [], []
     for node, d in param_dims:
-        comps = np.unique(g.component[g.layouts[node][d]])
+        comps = unique_ints(g.component[g.layouts[node][d]])
         rows.append(comps[:-1])
         cols.append(comps[1:])
     rows_a = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)

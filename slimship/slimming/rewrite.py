@@ -19,7 +19,9 @@ def rewrite(g: ChannelGraph, plan: Plan) -> dict[str, torch.Tensor]:
     """Apply `plan` to `g.gm` in place; returns the new tensors by qualified name."""
     gm = g.gm
     tensors = {str(n.target): (n, _get(gm, str(n.target))) for n in gm.graph.nodes if n.op == "get_attr"}
-    new: dict[str, torch.Tensor] = {name: t.detach().clone() for name, (_, t) in tensors.items()}
+    # every change below builds a new tensor (nothing is written in place), so no copies up front
+    start = {name: t.detach() for name, (_, t) in tensors.items()}
+    new: dict[str, torch.Tensor] = dict(start)
     _apply_folds(plan, new)
     _apply_merges(g, plan, tensors, new)
     for name, (node, _) in tensors.items():
@@ -33,7 +35,8 @@ def rewrite(g: ChannelGraph, plan: Plan) -> dict[str, torch.Tensor]:
                 tensor = tensor.index_select(d, torch.from_numpy(np.flatnonzero(keep)))
         new[name] = tensor
     for name, tensor in new.items():
-        _set(gm, name, tensor)
+        if tensor is not start[name]:  # unchanged tensors stay where they are
+            _set(gm, name, tensor)
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
             fix = ARG_RULES.get(op_name(node))

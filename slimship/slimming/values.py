@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from slimship.slimming.graph import ChannelGraph, is_tensor_node, op_args, op_name, shape_of
+from slimship.slimming.graph import ChannelGraph, is_tensor_node, op_args, op_name, shape_of, unique_ints
 
 _labels = itertools.count(1 << 40)
 
@@ -49,20 +49,56 @@ def _reserve(n: int) -> int:
     return start
 
 
-def _row_inverse(keys: np.ndarray) -> np.ndarray:
-    """Index of each row among the distinct rows of a 2-D array (equal rows, equal index).
+def _row_inverse(
+    keys: np.ndarray, cols: np.ndarray | None = None, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Index of each row among the distinct rows of a 2-D array (equal rows, equal index, < len).
 
-    Wide rows are grouped by hashing their bytes, which gives the same partition as
-    `np.unique(axis=0)` (float equality, so -0.0 == 0.0) at a fraction of the cost of its
-    lexicographic sort; rows with NaN or narrow keys take `np.unique` itself.
+    Only rows `rows` and columns `cols` are compared (all by default). The same partition as
+    `np.unique(keys[rows][:, cols], axis=0)` (float equality: -0.0 == 0.0), found faster: rows
+    are grouped by the bytes of a few sampled columns and only rows that share a sample are
+    compared in full. Keys with NaN (NaN != NaN) or no columns take `np.unique(axis=0)` itself.
     """
-    if keys.shape[1] <= 8 or not len(keys) or (keys.dtype.kind == "f" and np.isnan(keys).any()):
-        return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+    rows = np.arange(keys.shape[0]) if rows is None else rows
+    n, m = len(rows), keys.shape[1] if cols is None else len(cols)
+    if not m or not n or (keys.dtype.kind == "f" and np.isnan(keys).any()):
+        chosen = keys[rows] if cols is None else keys[np.ix_(rows, cols)]
+        return np.unique(chosen, axis=0, return_inverse=True)[1].reshape(-1)
+    if m == 1:  # one column: a plain 1-D unique (float equality too)
+        column = keys[rows, 0 if cols is None else cols[0]]
+        return np.unique(column, return_inverse=True)[1].reshape(-1)
+    picked = np.unique(np.linspace(0, m - 1, num=16).astype(np.int64)) if m > 16 else np.arange(m)
+    sample = keys[np.ix_(rows, picked if cols is None else cols[picked])]
+    _, first, inverse = np.unique(_void_rows(sample), return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(first) == n or len(picked) == m:
+        return inverse
+    shared = np.flatnonzero(np.bincount(inverse)[inverse] > 1)
+    a, b = keys[rows[shared]], keys[rows[first[inverse[shared]]]]
+    if cols is not None:
+        a, b = a[:, cols], b[:, cols]
+    if (a == b).all():
+        return inverse
+    full = np.unique(_void_rows(a), return_inverse=True)[1].reshape(-1)
+    inverse[shared] = len(first) + full  # equal in full implies equal in the sample
+    return np.unique(inverse, return_inverse=True)[1].reshape(-1)
+
+
+def _void_rows(keys: np.ndarray) -> np.ndarray:
+    """Each row of a NaN-free 2-D array as one opaque item: equal items are equal rows."""
     if keys.dtype.kind == "f":
         keys = keys + 0.0  # -0.0 -> 0.0: equal as floats, so equal as bytes
-    rows = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1])))
-    seen: dict[bytes, int] = {}
-    return np.fromiter((seen.setdefault(r.tobytes(), len(seen)) for r in rows.reshape(-1)), np.int64, len(rows))
+    keys = np.ascontiguousarray(keys)
+    return keys.view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).reshape(-1)
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as numpy, without a copy where numpy has the dtype (else widened exactly)."""
+    tensor = tensor.detach()
+    try:
+        return tensor.numpy()
+    except TypeError:  # bfloat16 and other dtypes numpy lacks
+        return tensor.double().numpy()
 
 
 def relabel(keys: np.ndarray, const: np.ndarray) -> np.ndarray:
@@ -85,6 +121,7 @@ class ValueAnalysis:
         self.facts: dict[Node, Any] = {}
         self._param_cache: dict[tuple[Node, int], DimFacts] = {}
         self._const_cache: dict[tuple[Node, int], np.ndarray] = {}
+        self._tensors: dict[Any, torch.Tensor] = {}  # the graph's parameters and buffers, by target
         for node in self.gm.graph.nodes:
             if node.op == "call_function":
                 fn = VALUE_RULES.get(op_name(node))
@@ -100,7 +137,11 @@ class ValueAnalysis:
         return bool(len(ids)) and not bool(self.g.pinned[self.g.comps(ids)].all())
 
     def param(self, node: Node) -> torch.Tensor:
-        return self.gm.get_parameter(node.target) if _is_param(self.gm, node) else _get_attr(self.gm, node)
+        target = node.target
+        if target not in self._tensors:
+            is_param = _is_param(self.gm, node)
+            self._tensors[target] = self.gm.get_parameter(target) if is_param else _get_attr(self.gm, node)
+        return self._tensors[target]
 
     def dim(self, value: Any, d: int) -> DimFacts | None:
         """Facts of dim d of a value (activation or parameter)."""
@@ -128,13 +169,16 @@ class ValueAnalysis:
         """Per slice along d of a parameter: its value if every element is equal, else NaN."""
         key = (node, d)
         if key not in self._const_cache:
-            tensor = self.param(node).detach()
-            rows = tensor.movedim(d, 0).reshape(tensor.shape[d], -1)
-            if rows.shape[1] == 0:
-                const = np.zeros(rows.shape[0])
-            else:  # min/max in the parameter's own dtype: exact, and widened afterwards
-                lo, hi = rows.min(dim=1).values.double(), rows.max(dim=1).values.double()
-                const = torch.where(lo == hi, lo, torch.full_like(lo, float("nan"))).numpy()
+            values = _as_numpy(self.param(node))
+            n = values.shape[d]
+            pre, post = int(np.prod(values.shape[:d])), int(np.prod(values.shape[d + 1 :]))
+            if pre * post == 0:
+                const = np.zeros(n)
+            else:  # min/max in the parameter's own dtype (exact, in any order), widened afterwards
+                blocks = values.reshape(pre, n, post)
+                lo = blocks.min(axis=0).min(axis=1).astype(np.float64)
+                hi = blocks.max(axis=0).max(axis=1).astype(np.float64)
+                const = np.where(lo == hi, lo, np.nan)
             self._const_cache[key] = const
         return self._const_cache[key]
 
@@ -262,7 +306,7 @@ def linear(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
             const = np.where((facts.const == 0) & zero_bias, 0.0, np.nan)
             result[d] = DimFacts(const, relabel(facts.cls, const))
     if va.live(node, rank - 1):
-        weight = va.param(w).detach().double()
+        weight = va.param(w).detach()
         result[rank - 1] = _mixing_out(va, weight, bias, va.dim(x, len(shape_of(x)) - 1), exact_const=True)
     return result
 
@@ -274,33 +318,74 @@ def _mixing_out(
     facts: DimFacts | None,
     exact_const: bool,
 ) -> DimFacts:
-    """Output-channel facts of y_o = sum_i W[o, i] * x_i + b_o (weights may carry kernel dims)."""
+    """Output-channel facts of y_o = sum_i W[o, i] * x_i + b_o (weights may carry kernel dims).
+
+    Zero and equality tests on the weight are exact in its own dtype and run in numpy (much
+    faster than torch for these reductions); constant sums are taken in float64 over the rows
+    that can be constant.
+    """
     out_ch, in_ch = weight.shape[0], weight.shape[1]
     facts = facts if facts is not None else DimFacts.unknown(in_ch)
-    w = weight.reshape(out_ch, in_ch, -1)
-    zero_in = torch.from_numpy(facts.const == 0)
-    known_in = torch.from_numpy(~np.isnan(facts.const))
-    if bool(zero_in.any()):
-        w = w.masked_fill(zero_in[None, :, None], 0.0)
-    touches = (w != 0).any(dim=2)  # (O, I)
+    w_np = _as_numpy(weight).reshape(out_ch, in_ch, -1)
+    kernel = w_np.shape[2]
+    w2 = w_np.reshape(out_ch, in_ch * kernel)
+    zero_np = facts.const == 0
+    live = ~zero_np  # zero inputs count as zero weights: their columns never matter
+    empty = _EmptyRows(w2, kernel)
     b = bias if bias is not None else torch.zeros(out_ch, dtype=torch.float64)
+    b_np = b.numpy()
+    # a row is constant when it has no non-zero weight on an input it cannot treat as a constant
+    const_ok = empty(np.isnan(facts.const) if exact_const else live)
+    const = np.full(out_ch, np.nan)
     if exact_const:
-        const_ok = ~(touches & ~known_in[None, :]).any(dim=1)
-        c_in = torch.from_numpy(np.nan_to_num(facts.const))
-        const = b + (w.sum(dim=2) * c_in[None, :]).sum(dim=1)
+        # an all-zero row is its bias (+ a zero sum); other constant rows sum their constant inputs
+        blank = empty(np.ones(in_ch, dtype=bool))
+        const[blank] = b_np[blank] + 0.0
+        rows = torch.from_numpy(np.flatnonzero(const_ok & ~blank))
+        if len(rows):
+            c_in = torch.from_numpy(np.nan_to_num(facts.const))
+            zero_in = torch.from_numpy(zero_np)
+            w_rows = weight.reshape(out_ch, in_ch, -1).index_select(0, rows).double()
+            w_rows = w_rows.masked_fill(zero_in[None, :, None], 0.0)
+            const[rows.numpy()] = (b[rows] + (w_rows.sum(dim=2) * c_in[None, :]).sum(dim=1)).numpy()
     else:
-        const_ok = ~touches.any(dim=1)
-        const = b.clone()
-    const = torch.where(const_ok, const, torch.full_like(const, float("nan"))).numpy()
-    # equal output channels: same effective weights after summing equal input slices, same bias
-    labels = torch.from_numpy(np.unique(facts.cls, return_inverse=True)[1].reshape(-1))
-    if in_ch and int(labels.max()) + 1 == in_ch:  # no equal inputs: the sum only permutes columns,
-        merged = w  # which changes no row equality
+        const[const_ok] = b_np[const_ok]
+    # equal output channels: same effective weights over the live inputs after summing equal
+    # input slices, and the same bias
+    labels = np.unique(facts.cls[live], return_inverse=True)[1].reshape(-1)
+    if len(unique_ints(labels)) == len(labels):  # no equal inputs: the sum would only permute columns
+        blank = empty(live)  # rows with no weight on a live input: all equal
+        cols = (
+            None if live.all() else (np.flatnonzero(live)[:, None] * kernel + np.arange(kernel)).reshape(-1)
+        )
+        row_label = np.zeros(out_ch, dtype=np.int64)
+        others = np.flatnonzero(~blank)
+        row_label[others] = 1 + _row_inverse(w2, cols, others)
     else:
-        merged = torch.zeros(out_ch, int(labels.max()) + 1 if in_ch else 0, w.shape[2], dtype=torch.float64)
-        merged.index_add_(1, labels, w)
-    keys = torch.cat([merged.reshape(out_ch, -1), b[:, None]], dim=1).numpy()
+        merged = torch.zeros(out_ch, int(labels.max()) + 1, kernel, dtype=torch.float64)
+        merged.index_add_(1, torch.from_numpy(labels), torch.from_numpy(w_np[:, live]).double())
+        row_label = _row_inverse(merged.reshape(out_ch, merged.shape[1] * kernel).numpy())
+    keys = np.stack([row_label.astype(np.float64), b_np], axis=1)
     return DimFacts(const, relabel(keys, const))
+
+
+class _EmptyRows:
+    """Which rows of a weight (O, I*K) have no non-zero entry on a given set of inputs (exact:
+    NaN counts as non-zero, as in a direct test)."""
+
+    def __init__(self, w2: np.ndarray, kernel: int) -> None:
+        self.kernel = kernel
+        self.nonzero = w2 != 0
+        self.nonzero_rows: np.ndarray | None = None
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        if inputs.all():
+            if self.nonzero_rows is None:
+                self.nonzero_rows = self.nonzero.any(axis=1)
+            return ~self.nonzero_rows
+        if not inputs.any():
+            return np.ones(self.nonzero.shape[0], dtype=bool)
+        return ~(self.nonzero & np.repeat(inputs, self.kernel)).any(axis=1)
 
 
 @value_rule("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution")
@@ -309,7 +394,7 @@ def conv(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     if not va.live(node, 1):
         return result
     x, w, b = a["input"], a["weight"], a.get("bias")
-    weight = va.param(w).detach().double()
+    weight = va.param(w).detach()
     bias = va.param(b).detach().double() if b is not None else None
     groups = int(a.get("groups") or 1)
     in_ch = shape_of(x)[1]
