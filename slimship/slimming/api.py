@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimship.errors import SlimmingError, VerificationError
-from slimship.slimming.graph import ChannelGraph
+from slimship.slimming.graph import ChannelGraph, get_tensor
 from slimship.slimming.plan import Plan, make_plan, spaces
 from slimship.slimming.rewrite import rewrite
 from slimship.slimming.rules import build_channel_graph
@@ -331,7 +331,11 @@ def slim(
     for _attempt in range(4):
         gm = copy.deepcopy(pristine)
         analysis = _analyse(gm, merge, fold_constants, excluded, channel_multiple)
-        before = {str(n.target): list(_param_shape(gm, n)) for n in gm.graph.nodes if n.op == "get_attr"}
+        before = {
+            str(n.target): list(get_tensor(gm, str(n.target)).shape)
+            for n in gm.graph.nodes
+            if n.op == "get_attr"
+        }
         new = rewrite(analysis.graph, analysis.plan)
         check = verify_outputs(reference, gm, inputs, rtol=rtol, n_random=n_random, seed=seed)
         if check.passed:
@@ -366,13 +370,6 @@ def slim(
         dynamic_batch=traced.dynamic_batch,
         _new_tensors=new,
     )
-
-
-def _param_shape(gm: torch.fx.GraphModule, node: Any) -> torch.Size:
-    obj: Any = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    return obj.shape
 
 
 def _find_culprits(pristine, reference, inputs, merge, fold, excluded, analysis, rtol, seed) -> set[str]:
@@ -460,12 +457,6 @@ def _add_stats(g: ChannelGraph, slices: dict[int, dict[str, list]]) -> None:
                     slices[int(comp)]["stats"].append(entry)
 
 
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    prefix, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(prefix) if prefix else model
-    return getattr(owner, leaf)
-
-
 def _index(dim: int, positions: tuple[int, ...], ndim: int) -> tuple[Any, ...]:
     index: list[Any] = [slice(None)] * ndim
     index[dim] = list(positions)
@@ -476,7 +467,7 @@ def _index(dim: int, positions: tuple[int, ...], ndim: int) -> tuple[Any, ...]:
 def zero_group(model: nn.Module, group: ChannelGroup) -> None:
     """Set every producing slice of `group` to exactly zero (variance buffers untouched)."""
     for name, dim, positions in group.produce:
-        t = _tensor(model, name)
+        t = get_tensor(model, name)
         t[_index(dim, positions, t.dim())] = 0
 
 
@@ -486,7 +477,7 @@ def copy_group(model: nn.Module, source: ChannelGroup, target: ChannelGroup) -> 
     for (name, dim, src), (_, _, dst) in zip(
         source.produce + source.stats, target.produce + target.stats, strict=True
     ):
-        t = _tensor(model, name)
+        t = get_tensor(model, name)
         t[_index(dim, dst, t.dim())] = t[_index(dim, src, t.dim())].clone()
 
 

@@ -162,6 +162,27 @@ def is_tensor_node(value: Any) -> bool:
     return isinstance(value, Node) and isinstance(value.meta.get("val"), torch.Tensor)
 
 
+def get_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter, buffer or constant tensor at a qualified name such as 'layer1.0.conv1.weight'."""
+    prefix, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(prefix) if prefix else module
+    return getattr(owner, leaf)
+
+
+def registrar(table: dict[str, Any]) -> Any:
+    """A decorator factory filling `table`: `@rule("aten.relu", "aten.gelu")` registers one function twice."""
+
+    def decorator(*names: str) -> Any:
+        def register(fn: Any) -> Any:
+            for name in names:
+                table[name] = fn
+            return fn
+
+        return register
+
+    return decorator
+
+
 def op_name(node: Node) -> str:
     """'aten.conv2d' style name for a call_function node."""
     target = node.target

@@ -11,14 +11,25 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from slimship.slimming.graph import CONV, ChannelGraph, op_args, op_name, set_op_arg, shape_of
+from slimship.slimming.graph import (
+    CONV,
+    ChannelGraph,
+    get_tensor,
+    op_args,
+    op_name,
+    registrar,
+    set_op_arg,
+    shape_of,
+)
 from slimship.slimming.plan import Plan
 
 
 def rewrite(g: ChannelGraph, plan: Plan) -> dict[str, torch.Tensor]:
     """Apply `plan` to `g.gm` in place; returns the new tensors by qualified name."""
     gm = g.gm
-    tensors = {str(n.target): (n, _get(gm, str(n.target))) for n in gm.graph.nodes if n.op == "get_attr"}
+    tensors = {
+        str(n.target): (n, get_tensor(gm, str(n.target))) for n in gm.graph.nodes if n.op == "get_attr"
+    }
     # every change below builds a new tensor (nothing is written in place), so no copies up front
     start = {name: t.detach() for name, (_, t) in tensors.items()}
     new: dict[str, torch.Tensor] = dict(start)
@@ -78,13 +89,6 @@ def _apply_merges(g: ChannelGraph, plan: Plan, tensors: dict[str, Any], new: dic
         new[key[0]] = tensor
 
 
-def _get(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _set(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
     prefix, _, leaf = name.rpartition(".")
     owner = gm.get_submodule(prefix) if prefix else gm
@@ -109,13 +113,7 @@ ArgRule = Callable[[ChannelGraph, Plan, Node, dict[str, Any]], None]
 ARG_RULES: dict[str, ArgRule] = {}
 
 
-def arg_rule(*names: str) -> Callable[[ArgRule], ArgRule]:
-    def register(fn: ArgRule) -> ArgRule:
-        for name in names:
-            ARG_RULES[name] = fn
-        return fn
-
-    return register
+arg_rule = registrar(ARG_RULES)
 
 
 @arg_rule("aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand")

@@ -27,6 +27,7 @@ from slimship.slimming.graph import (
     is_tensor_node,
     op_args,
     op_name,
+    registrar,
     shape_of,
 )
 
@@ -34,13 +35,7 @@ Rule = Callable[[ChannelGraph, Node, dict[str, Any]], None]
 RULES: dict[str, Rule] = {}
 
 
-def rule(*names: str) -> Callable[[Rule], Rule]:
-    def register(fn: Rule) -> Rule:
-        for name in names:
-            RULES[name] = fn
-        return fn
-
-    return register
+rule = registrar(RULES)
 
 
 def build_channel_graph(gm: torch.fx.GraphModule) -> ChannelGraph:

@@ -17,7 +17,16 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from slimship.slimming.graph import ChannelGraph, is_tensor_node, op_args, op_name, shape_of, unique_ints
+from slimship.slimming.graph import (
+    ChannelGraph,
+    get_tensor,
+    is_tensor_node,
+    op_args,
+    op_name,
+    registrar,
+    shape_of,
+    unique_ints,
+)
 
 _labels = itertools.count(1 << 40)
 
@@ -140,7 +149,7 @@ class ValueAnalysis:
         target = node.target
         if target not in self._tensors:
             is_param = _is_param(self.gm, node)
-            self._tensors[target] = self.gm.get_parameter(target) if is_param else _get_attr(self.gm, node)
+            self._tensors[target] = self.gm.get_parameter(target) if is_param else get_tensor(self.gm, target)
         return self._tensors[target]
 
     def dim(self, value: Any, d: int) -> DimFacts | None:
@@ -202,24 +211,11 @@ def _is_param(gm: torch.fx.GraphModule, node: Node) -> bool:
         return False
 
 
-def _get_attr(gm: torch.fx.GraphModule, node: Node) -> torch.Tensor:
-    obj: Any = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 ValueRule = Callable[[ValueAnalysis, Node, dict[str, Any]], Any]
 VALUE_RULES: dict[str, ValueRule] = {}
 
 
-def value_rule(*names: str) -> Callable[[ValueRule], ValueRule]:
-    def register(fn: ValueRule) -> ValueRule:
-        for name in names:
-            VALUE_RULES[name] = fn
-        return fn
-
-    return register
+value_rule = registrar(VALUE_RULES)
 
 
 def _rank(node: Node) -> int:
