@@ -128,14 +128,21 @@ def arm64_env() -> arm64_emu.Arm64Env:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A slim model: half of TinyCNN's channel groups zeroed, then removed by `slimship.slim`."""
     import litert_torch
 
+    from slimship import slim, zero_random_groups
+
     torch.manual_seed(0)
-    model = TinyCNN().eval()
+    dense = TinyCNN().eval()
     with torch.no_grad():
-        model.features[3].running_mean.uniform_(-0.5, 0.5)
-        model.features[3].running_var.uniform_(0.5, 1.5)
+        dense.features[3].running_mean.uniform_(-0.5, 0.5)
+        dense.features[3].running_var.uniform_(0.5, 1.5)
     x = torch.randn(1, 3, 16, 16)
+    zero_random_groups(dense, torch.randn(2, 3, 16, 16), fraction=0.5, seed=0)
+    slimmed = slim(dense, torch.randn(2, 3, 16, 16))
+    assert slimmed.params_after < slimmed.params_before
+    model = slimmed.model
     with torch.no_grad():
         reference = model(x).numpy()
     out = tmp_path_factory.mktemp("arm64-models")
