@@ -215,7 +215,7 @@ def main() -> None:
     setting = (
         f"digits (sklearn, seed 0 split), {', '.join(budgets.values())}, "
         f"SGD lr {args.lr} (methods {args.method_lr}) momentum 0.9, {args.lr_schedule} schedule per step "
-        "to 0.01 x lr, latency batch {LATENCY_BATCH}, 1 thread, "
+        f"to 0.01 x lr, latency batch {LATENCY_BATCH}, 1 thread, "
         f"{pairs} interleaved pairs (median ratio)"
     )
     print(setting)
