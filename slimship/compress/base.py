@@ -29,6 +29,7 @@ from torch import nn
 from slimship._util import atomic_write_bytes
 from slimship.errors import CompressionError
 from slimship.slimming.api import ChannelGroup, GroupSet, find_groups
+from slimship.slimming.graph import get_tensor, slice_index
 
 log = logging.getLogger(__name__)
 
@@ -391,18 +392,6 @@ class _progress:
 
 
 # ---- groups ----------------------------------------------------------------------------------------
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    prefix, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(prefix) if prefix else model
-    return getattr(owner, leaf)
-
-
-def _index(dim: int, positions: Sequence[int], ndim: int) -> tuple[Any, ...]:
-    index: list[Any] = [slice(None)] * ndim
-    index[dim] = torch.as_tensor(list(positions), dtype=torch.long)
-    return tuple(index)
-
-
 def as_groups(groups: GroupSet | Sequence[ChannelGroup]) -> list[ChannelGroup]:
     return list(groups.groups) if isinstance(groups, GroupSet) else list(groups)
 
@@ -414,10 +403,10 @@ def group_slices(
     params = {id(p) for p in model.parameters()}
     out = []
     for name, dim, positions in group.produce:
-        t = _tensor(model, name)
+        t = get_tensor(model, name)
         if params_only and id(t) not in params:
             continue
-        out.append((t, _index(dim, positions, t.dim())))
+        out.append((t, slice_index(dim, positions, t.dim())))
     return out
 
 
@@ -441,8 +430,8 @@ def zero_groups(model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
     """Set every producing slice (parameters and running means) of `groups` to exactly zero."""
     for g in groups:
         for name, dim, positions in g.produce:
-            t = _tensor(model, name)
-            t[_index(dim, positions, t.dim())] = 0
+            t = get_tensor(model, name)
+            t[slice_index(dim, positions, t.dim())] = 0
 
 
 def zero_mask(model: nn.Module, groups: GroupSet | Sequence[ChannelGroup]) -> list[bool]:

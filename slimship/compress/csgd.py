@@ -23,8 +23,6 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     GroupTensors,
-    _index,
-    _tensor,
     check_fraction,
     make_optimizer,
     maybe_accuracy,
@@ -35,6 +33,7 @@ from slimship.compress.base import (
 )
 from slimship.compress.hspg import space_fractions
 from slimship.errors import CompressionError
+from slimship.slimming.graph import get_tensor, slice_index
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +81,11 @@ def set_cluster_to_mean(model: nn.Module, gt: GroupTensors, cluster: list[int]) 
     slots = [g.produce + g.stats for g in groups]
     for parts in zip(*slots, strict=True):
         name, dim = parts[0][0], parts[0][1]
-        t = _tensor(model, name)
-        views = [t[_index(dim, p[2], t.dim())] for p in parts]
+        t = get_tensor(model, name)
+        views = [t[slice_index(dim, p[2], t.dim())] for p in parts]
         mean = torch.stack([v.double() for v in views]).mean(0).to(t.dtype)
         for p in parts:
-            t[_index(dim, p[2], t.dim())] = mean
+            t[slice_index(dim, p[2], t.dim())] = mean
 
 
 def cluster_gap(gt: GroupTensors, clusters: list[list[int]]) -> float:

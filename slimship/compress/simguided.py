@@ -27,8 +27,6 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     GroupTensors,
-    _index,
-    _tensor,
     check_fraction,
     make_optimizer,
     maybe_accuracy,
@@ -38,6 +36,7 @@ from slimship.compress.base import (
     working_copy,
 )
 from slimship.errors import CompressionError
+from slimship.slimming.graph import get_tensor, slice_index
 from slimship.slimming.trace import as_input_tuple
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class SpaceMasks:
         self.by_space = by_space
         self.cut: set[int] = set()
         self.consume = [
-            [(t := _tensor(model, name), _index(dim, pos, t.dim())) for name, dim, pos in g.consume]
+            [(t := get_tensor(model, name), slice_index(dim, pos, t.dim())) for name, dim, pos in g.consume]
             for g in tensors.groups
         ]
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimship.errors import SlimmingError, VerificationError
-from slimship.slimming.graph import ChannelGraph, get_tensor
+from slimship.slimming.graph import ChannelGraph, get_tensor, slice_index
 from slimship.slimming.plan import Plan, make_plan, spaces
 from slimship.slimming.rewrite import rewrite
 from slimship.slimming.rules import build_channel_graph
@@ -457,18 +457,12 @@ def _add_stats(g: ChannelGraph, slices: dict[int, dict[str, list]]) -> None:
                     slices[int(comp)]["stats"].append(entry)
 
 
-def _index(dim: int, positions: tuple[int, ...], ndim: int) -> tuple[Any, ...]:
-    index: list[Any] = [slice(None)] * ndim
-    index[dim] = list(positions)
-    return tuple(index)
-
-
 @torch.no_grad()
 def zero_group(model: nn.Module, group: ChannelGroup) -> None:
     """Set every producing slice of `group` to exactly zero (variance buffers untouched)."""
     for name, dim, positions in group.produce:
         t = get_tensor(model, name)
-        t[_index(dim, positions, t.dim())] = 0
+        t[slice_index(dim, positions, t.dim())] = 0
 
 
 @torch.no_grad()
@@ -478,7 +472,7 @@ def copy_group(model: nn.Module, source: ChannelGroup, target: ChannelGroup) -> 
         source.produce + source.stats, target.produce + target.stats, strict=True
     ):
         t = get_tensor(model, name)
-        t[_index(dim, dst, t.dim())] = t[_index(dim, src, t.dim())].clone()
+        t[slice_index(dim, dst, t.dim())] = t[slice_index(dim, src, t.dim())].clone()
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ prove a removal exact. Connected components of the unified ids are the removable
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +168,13 @@ def get_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
     prefix, _, leaf = name.rpartition(".")
     owner = module.get_submodule(prefix) if prefix else module
     return getattr(owner, leaf)
+
+
+def slice_index(dim: int, positions: Sequence[int], ndim: int) -> tuple[Any, ...]:
+    """An index selecting `positions` along `dim` of an `ndim`-dimensional tensor."""
+    index: list[Any] = [slice(None)] * ndim
+    index[dim] = torch.as_tensor(list(positions), dtype=torch.long)
+    return tuple(index)
 
 
 def registrar(table: dict[str, Any]) -> Any:
