@@ -2,6 +2,9 @@
 
 A method is a function ``fn(model, example_inputs, train, test=None, *, option=default, ...)`` that
 returns a :class:`CompressResult`; ``@register("name")`` makes it callable as ``compress("name", ...)``.
+A method that trains with SGD takes ``training: Training`` instead of repeating the shared options:
+``@register("name", training=Training(epochs=20))`` gives it flat keyword options (``epochs=``, ``lr=``,
+...) with those per-method defaults, visible in its signature and in ``method_options``.
 Methods work on the channel groups ``slimship.slimming.find_groups`` derives from the graph, never on
 hand-listed layers, and leave structure the slimming engine can remove: exactly-zero groups or exactly
 identical groups.
@@ -10,6 +13,7 @@ identical groups.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import inspect
 import io
@@ -17,7 +21,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +57,48 @@ class CompressResult:
 METHODS: dict[str, Callable[..., CompressResult]] = {}
 
 
-def register(name: str) -> Callable[[Callable[..., CompressResult]], Callable[..., CompressResult]]:
-    """Decorator: make `fn` available as ``compress(name, ...)``."""
+def register(
+    name: str, *, training: Training | None = None
+) -> Callable[[Callable[..., CompressResult]], Callable[..., CompressResult]]:
+    """Decorator: make `fn` available as ``compress(name, ...)``.
+
+    With `training`, `fn` takes a ``training: Training`` argument; the registered method takes the
+    fields of :class:`Training` as flat keyword options instead, defaulting to `training`'s values.
+    """
 
     def wrap(fn: Callable[..., CompressResult]) -> Callable[..., CompressResult]:
-        if name in METHODS and METHODS[name] is not fn:
+        method = fn if training is None else _with_training(fn, training)
+        if name in METHODS and METHODS[name] is not method:
             raise CompressionError(f"compression method {name!r} is registered twice")
-        METHODS[name] = fn
-        return fn
+        METHODS[name] = method
+        return method
 
     return wrap
+
+
+def _with_training(fn: Callable[..., CompressResult], defaults: Training) -> Callable[..., CompressResult]:
+    """`fn(..., training=Training)` as a method with the Training fields as flat keyword options."""
+    signature = inspect.signature(fn)
+    own = [p for p in signature.parameters.values() if p.name != "training"]
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, f.name))
+        for f in fields(Training)
+    ]
+    clash = {p.name for p in own} & {p.name for p in shared}
+    if "training" not in signature.parameters or clash:
+        raise CompressionError(
+            f"method {fn.__name__} must take `training` and none of the Training options "
+            f"itself (clash: {sorted(clash)})"
+        )
+    names = {p.name for p in shared}
+
+    @functools.wraps(fn)
+    def method(model: nn.Module, example_inputs: Any, train: Any, test: Any = None, **options: Any):
+        run = {k: options.pop(k) for k in list(options) if k in names}
+        return fn(model, example_inputs, train, test, training=replace(defaults, **run), **options)
+
+    method.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    return method
 
 
 def load_builtin_methods() -> None:
@@ -198,6 +234,63 @@ def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: flo
     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
         group["lr"] = base * factor
     return float(optimizer.param_groups[0]["lr"])
+
+
+@dataclass(frozen=True)
+class Training:
+    """The SGD run a training method shares with the others: length, rates, schedule, seed, checkpoint."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    lr_floor: float = 0.01
+    seed: int = 0
+    checkpoint: Path | str | None = None
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise CompressionError(
+                f"lr must be > 0 and momentum, weight_decay >= 0; got lr={self.lr}, "
+                f"momentum={self.momentum}, weight_decay={self.weight_decay}"
+            )
+
+    def run(
+        self,
+        model: nn.Module,
+        batches: Iterable[Batch],
+        *,
+        desc: str,
+        loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+        grad_hook: Hook | None = None,
+        step_hook: Hook | None = None,
+        epoch_hook: Hook | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """`train_loop` with SGD (momentum) and these options."""
+        return train_loop(
+            model,
+            batches,
+            epochs=self.epochs,
+            optimizer=make_optimizer(model, self.lr, self.momentum, self.weight_decay),
+            loss_fn=loss_fn,
+            grad_hook=grad_hook,
+            step_hook=step_hook,
+            epoch_hook=epoch_hook,
+            checkpoint=self.checkpoint,
+            state=state,
+            stop_after=self.stop_after,
+            seed=self.seed,
+            desc=desc,
+            lr_schedule=self.lr_schedule,
+            lr_floor=self.lr_floor,
+        )
+
+    def completed(self, history: list[dict[str, Any]]) -> bool:
+        """True when `history` reaches the last epoch (False after a `stop_after` cut)."""
+        return bool(history) and history[-1]["epoch"] >= self.epochs
 
 
 def _set_epoch(batches: Iterable[Batch], epoch: int) -> None:

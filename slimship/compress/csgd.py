@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,12 +22,11 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     GroupTensors,
+    Training,
     check_fraction,
-    make_optimizer,
     maybe_accuracy,
     prunable_groups,
     register,
-    train_loop,
     working_copy,
 )
 from slimship.compress.hspg import space_fractions
@@ -100,27 +98,19 @@ def cluster_gap(gt: GroupTensors, clusters: list[list[int]]) -> float:
     return worst
 
 
-@register("csgd")
+@register("csgd", training=Training(epochs=20))
 def csgd(
     model: nn.Module,
     example_inputs: Any,
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
+    training: Training,
     target: float = 0.5,
     space_targets: dict[str, float] | None = None,
-    epochs: int = 20,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    lr_schedule: str = "cosine",
-    lr_floor: float = 0.01,
+    spaces: list[str] | None = None,
     centripetal: float = 0.1,
     clustering: str = "kmeans",
-    spaces: list[str] | None = None,
-    seed: int = 0,
-    checkpoint: Path | str | None = None,
-    stop_after: int | None = None,
 ) -> CompressResult:
     """Train with the centripetal update so each space keeps ``1 - target`` of its channels distinct."""
     check_fraction("target", target)
@@ -141,7 +131,7 @@ def csgd(
     clusters = [
         c
         for space, members in local_spaces.items()
-        for c in cluster_space(gt, members, fractions[space], clustering, seed)
+        for c in cluster_space(gt, members, fractions[space], clustering, training.seed)
     ]
     multi = [c for c in clusters if len(c) > 1]
     log.info("csgd: %d groups in %d clusters (%d with several members)", len(gt), len(clusters), len(multi))
@@ -162,21 +152,8 @@ def csgd(
             record["test_accuracy"] = acc
         return record
 
-    history = train_loop(
-        model,
-        train,
-        epochs=epochs,
-        optimizer=make_optimizer(model, lr, momentum, weight_decay),
-        grad_hook=grad_hook,
-        epoch_hook=epoch_hook,
-        checkpoint=checkpoint,
-        stop_after=stop_after,
-        seed=seed,
-        desc="csgd",
-        lr_schedule=lr_schedule,
-        lr_floor=lr_floor,
-    )
-    completed = bool(history) and history[-1]["epoch"] >= epochs
+    history = training.run(model, train, desc="csgd", grad_hook=grad_hook, epoch_hook=epoch_hook)
+    completed = training.completed(history)
     gap = cluster_gap(gt, multi)
     accuracy_before_merge = maybe_accuracy(model, test)
     if completed:

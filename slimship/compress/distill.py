@@ -34,11 +34,10 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     GroupTensors,
-    make_optimizer,
+    Training,
     maybe_accuracy,
     prunable_groups,
     register,
-    train_loop,
 )
 from slimship.errors import CompressionError
 from slimship.slimming.api import count_flops, count_params, slim
@@ -163,13 +162,14 @@ def choose_student(
 
 
 @register("distill")
-@register("hakd")
+@register("hakd", training=Training())
 def hakd(
     model: nn.Module,
     example_inputs: Any,
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
+    training: Training,
     student_factory: Callable[[float], nn.Module] | None = None,
     widths: tuple[float, ...] = (0.75, 0.5, 0.35, 0.25),
     speedup: float | None = 2.0,
@@ -178,18 +178,9 @@ def hakd(
     runtimes: tuple[str, ...] = ("onnxruntime",),
     repeats: int = 30,
     student_init: str = "teacher",
-    epochs: int = 30,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    lr_schedule: str = "cosine",
-    lr_floor: float = 0.01,
     temperature: float = 4.0,
     alpha: float = 0.7,
     clip_grad: float | None = 5.0,
-    seed: int = 0,
-    checkpoint: Path | str | None = None,
-    stop_after: int | None = None,
 ) -> CompressResult:
     """Pick a student by measured latency under a budget and train it by distillation from `model`."""
     if student_init not in INITS:
@@ -208,10 +199,10 @@ def hakd(
     for w in sorted(set(widths), reverse=True):
         if student_factory is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.manual_seed(training.seed)
                 candidates[f"w{w:g}"] = student_factory(w).eval()
         else:
-            candidates[f"w{w:g}"] = thinned(teacher, inputs, w, student_init, seed)
+            candidates[f"w{w:g}"] = thinned(teacher, inputs, w, student_init, training.seed)
     table = latency_table({"teacher": teacher, **candidates}, inputs, tuple(runtimes), repeats)
     primary = runtimes[0]
     teacher_flops, teacher_params = count_flops(teacher, inputs), count_params(teacher)
@@ -236,22 +227,15 @@ def hakd(
             "hakd: no candidate meets %.4g ms on %s; taking the fastest (%s)", budget, primary, chosen["name"]
         )
     student = candidates[chosen["name"]]
-    history = train_loop(
+    history = training.run(
         student,
         train,
-        epochs=epochs,
-        optimizer=make_optimizer(student, lr, momentum, weight_decay),
+        desc="hakd",
         loss_fn=distillation_loss(teacher, temperature, alpha),
         grad_hook=None
         if clip_grad is None
         else lambda m, e, s: nn.utils.clip_grad_norm_(m.parameters(), clip_grad),
         epoch_hook=lambda m, e, s: {"test_accuracy": a} if (a := maybe_accuracy(m, test)) is not None else {},
-        checkpoint=checkpoint,
-        stop_after=stop_after,
-        seed=seed,
-        desc="hakd",
-        lr_schedule=lr_schedule,
-        lr_floor=lr_floor,
     )
     info = {
         "latency_table": [
@@ -274,7 +258,7 @@ def hakd(
         "test_accuracy": maybe_accuracy(student, test),
         "temperature": temperature,
         "alpha": alpha,
-        "completed": bool(history) and history[-1]["epoch"] >= epochs,
+        "completed": training.completed(history),
         "latency_median_of": repeats,
     }
     return CompressResult(model=student, method="hakd", history=history, info=info)

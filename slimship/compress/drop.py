@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,10 +22,9 @@ from torch import nn
 from slimship.compress.base import (
     Batch,
     CompressResult,
+    Training,
     check_fraction,
-    make_optimizer,
     register,
-    train_loop,
     working_copy,
 )
 from slimship.compress.hspg import GroupSparsifier, _finish, _stage_steps, _steps_per_epoch
@@ -92,29 +90,21 @@ def _round(
     log.info("drop: round %d/%d: %d groups dropped out, %d dropped back in", r + 1, rounds, dropped, revived)
 
 
-@register("drop")
+@register("drop", training=Training())
 def drop(
     model: nn.Module,
     example_inputs: Any,
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
+    training: Training,
     target: float = 0.5,
     space_targets: dict[str, float] | None = None,
-    epochs: int = 30,
+    spaces: list[str] | None = None,
     pruning_epochs: int | None = None,
     rounds: int = 5,
     drop_in: float = 0.2,
     pool: float = 2.0,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    lr_schedule: str = "cosine",
-    lr_floor: float = 0.01,
-    spaces: list[str] | None = None,
-    seed: int = 0,
-    checkpoint: Path | str | None = None,
-    stop_after: int | None = None,
 ) -> CompressResult:
     """Iterative stochastic prune-retrain on channel groups towards `target` group sparsity per space."""
     check_fraction("drop_in", drop_in, high_open=False)
@@ -124,35 +114,28 @@ def drop(
     sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
     n = _steps_per_epoch(train)
     if pruning_epochs is None:
-        pruning_epochs = max(rounds, round(0.6 * epochs))
-    _, end = _stage_steps(epochs, 0, pruning_epochs, n, "pruning_epochs")
+        pruning_epochs = max(rounds, round(0.6 * training.epochs))
+    _, end = _stage_steps(training.epochs, 0, pruning_epochs, n, "pruning_epochs")
     starts = [round(r * end / rounds) for r in range(rounds)]
     state: dict[str, Any] = {"zero": [], "round": -1, "revived": 0}
 
     def grad_hook(m: nn.Module, epoch: int, step: int) -> None:
         if step in starts and starts.index(step) > state["round"]:
             state["round"] = starts.index(step)
-            _round(m, sp, state, state["round"], rounds, drop_in, pool, seed)
+            _round(m, sp, state, state["round"], rounds, drop_in, pool, training.seed)
         sp.hold_zero_grads(state)
 
     def step_hook(m: nn.Module, epoch: int, step: int) -> None:
         sp.hold_zeros(state)
 
-    history = train_loop(
+    history = training.run(
         model,
         train,
-        epochs=epochs,
-        optimizer=make_optimizer(model, lr, momentum, weight_decay),
+        desc="drop",
         grad_hook=grad_hook,
         step_hook=step_hook,
         epoch_hook=lambda m, e, s: sp.epoch_record(test, m),
-        checkpoint=checkpoint,
         state=state,
-        stop_after=stop_after,
-        seed=seed,
-        desc="drop",
-        lr_schedule=lr_schedule,
-        lr_floor=lr_floor,
     )
     extra = {"rounds": rounds, "drop_in": drop_in, "revived": state["revived"], "round_starts": starts}
-    return _finish("drop", model, sp, history, test, extra, epochs)
+    return _finish("drop", model, sp, history, test, extra, training)

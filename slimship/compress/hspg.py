@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,12 +32,11 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     GroupTensors,
+    Training,
     check_fraction,
-    make_optimizer,
     maybe_accuracy,
     prunable_groups,
     register,
-    train_loop,
     working_copy,
 )
 from slimship.errors import CompressionError
@@ -141,7 +139,7 @@ def _finish(
     history: list[dict[str, Any]],
     test: Iterable[Batch] | None,
     extra: dict[str, Any],
-    epochs: int,
+    training: Training,
 ) -> CompressResult:
     info = {
         "target": sparsifier.target,
@@ -149,35 +147,27 @@ def _finish(
         "groups": len(sparsifier.tensors),
         "per_space": sparsifier.per_space(),
         "test_accuracy": maybe_accuracy(model, test),
-        "completed": bool(history) and history[-1]["epoch"] >= epochs,
+        "completed": training.completed(history),
         **extra,
     }
     return CompressResult(model=model, method=method, history=history, info=info)
 
 
-@register("hspg")
+@register("hspg", training=Training())
 def hspg(
     model: nn.Module,
     example_inputs: Any,
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
+    training: Training,
     target: float = 0.5,
     space_targets: dict[str, float] | None = None,
-    epochs: int = 30,
+    spaces: list[str] | None = None,
     warmup_epochs: int | None = None,
     projection_epochs: int | None = None,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    lr_schedule: str = "cosine",
-    lr_floor: float = 0.01,
     lam: float = 1e-3,
     epsilon: float = 0.0,
-    spaces: list[str] | None = None,
-    seed: int = 0,
-    checkpoint: Path | str | None = None,
-    stop_after: int | None = None,
 ) -> CompressResult:
     """Half-space stochastic projected gradient towards a `target` group sparsity per space."""
     if epsilon < 0 or lam < 0:
@@ -185,7 +175,8 @@ def hspg(
     model = working_copy(model)
     sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
     n = _steps_per_epoch(train)
-    start, end = _stage_steps(epochs, warmup_epochs, projection_epochs, n, "projection_epochs")
+    start, end = _stage_steps(training.epochs, warmup_epochs, projection_epochs, n, "projection_epochs")
+    lr = training.lr  # the base rate sizes the group-lasso steps
     shrink_steps = max(1, (end - start) // 2)
     state: dict[str, Any] = {"zero": [], "redundant": [], "lam": [], "forced": 0}
     before: dict[int, torch.Tensor] = {}
@@ -236,24 +227,17 @@ def hspg(
                 log.info("hspg: %d redundant groups projected to zero at the end of the stage", len(left))
         sp.hold_zeros(state)
 
-    history = train_loop(
+    history = training.run(
         model,
         train,
-        epochs=epochs,
-        optimizer=make_optimizer(model, lr, momentum, weight_decay),
+        desc="hspg",
         grad_hook=grad_hook,
         step_hook=step_hook,
         epoch_hook=lambda m, e, s: sp.epoch_record(test, m),
-        checkpoint=checkpoint,
         state=state,
-        stop_after=stop_after,
-        seed=seed,
-        desc="hspg",
-        lr_schedule=lr_schedule,
-        lr_floor=lr_floor,
     )
     extra = {"forced_to_zero": state["forced"], "lam": lam, "epsilon": epsilon, "stages": [start, end]}
-    return _finish("hspg", model, sp, history, test, extra, epochs)
+    return _finish("hspg", model, sp, history, test, extra, training)
 
 
 def _rank(values: list[float]) -> list[float]:
@@ -264,28 +248,20 @@ def _rank(values: list[float]) -> list[float]:
     return ranks
 
 
-@register("hesso")
+@register("hesso", training=Training())
 def hesso(
     model: nn.Module,
     example_inputs: Any,
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
+    training: Training,
     target: float = 0.5,
     space_targets: dict[str, float] | None = None,
-    epochs: int = 30,
+    spaces: list[str] | None = None,
     warmup_epochs: int | None = None,
     pruning_epochs: int | None = None,
     periods: int = 5,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    lr_schedule: str = "cosine",
-    lr_floor: float = 0.01,
-    spaces: list[str] | None = None,
-    seed: int = 0,
-    checkpoint: Path | str | None = None,
-    stop_after: int | None = None,
 ) -> CompressResult:
     """Saliency-ranked groups shrunk progressively to exactly zero until each space reaches `target`."""
     if periods < 1:
@@ -293,7 +269,7 @@ def hesso(
     model = working_copy(model)
     sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
     n = _steps_per_epoch(train)
-    start, end = _stage_steps(epochs, warmup_epochs, pruning_epochs, n, "pruning_epochs")
+    start, end = _stage_steps(training.epochs, warmup_epochs, pruning_epochs, n, "pruning_epochs")
     bounds = [start + round(p * (end - start) / periods) for p in range(periods + 1)]
     state: dict[str, Any] = {"zero": [], "shrinking": [], "period": -1}
 
@@ -336,21 +312,14 @@ def hesso(
                 state["shrinking"] = []
         sp.hold_zeros(state)
 
-    history = train_loop(
+    history = training.run(
         model,
         train,
-        epochs=epochs,
-        optimizer=make_optimizer(model, lr, momentum, weight_decay),
+        desc="hesso",
         grad_hook=grad_hook,
         step_hook=step_hook,
         epoch_hook=lambda m, e, s: sp.epoch_record(test, m),
-        checkpoint=checkpoint,
         state=state,
-        stop_after=stop_after,
-        seed=seed,
-        desc="hesso",
-        lr_schedule=lr_schedule,
-        lr_floor=lr_floor,
     )
     extra = {"periods": periods, "stages": [start, end]}
-    return _finish("hesso", model, sp, history, test, extra, epochs)
+    return _finish("hesso", model, sp, history, test, extra, training)

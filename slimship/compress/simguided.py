@@ -218,65 +218,42 @@ def _simulated_training(model, train, masks: SpaceMasks, sparsity, epochs, optim
     return history
 
 
-@register("simguided")
-def simguided(
-    model: nn.Module,
-    example_inputs: Any,
-    train: Iterable[Batch] | None,
-    test: Iterable[Batch] | None = None,
-    *,
-    target: float = 0.5,
-    prune_steps: int = 4,
-    epochs_per_step: int = 2,
-    finetune_epochs: int = 2,
-    lr: float = 0.01,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-) -> CompressResult:
-    """Simulation-guided iterative pruning to group sparsity `target` (per channel space)."""
-    return _run(
-        "simguided",
-        model,
-        example_inputs,
-        train,
-        test,
-        target,
-        prune_steps,
-        epochs_per_step,
-        finetune_epochs,
-        lr,
-        weight_decay,
-        seed,
-    )
+def _method(kind: str, summary: str):
+    """The registered function of `kind` ("simguided" or "magnitude"): both share options and schedule."""
+
+    def method(
+        model: nn.Module,
+        example_inputs: Any,
+        train: Iterable[Batch] | None,
+        test: Iterable[Batch] | None = None,
+        *,
+        target: float = 0.5,
+        prune_steps: int = 4,
+        epochs_per_step: int = 2,
+        finetune_epochs: int = 2,
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> CompressResult:
+        return _run(
+            kind,
+            model,
+            example_inputs,
+            train,
+            test,
+            target,
+            prune_steps,
+            epochs_per_step,
+            finetune_epochs,
+            lr,
+            weight_decay,
+            seed,
+        )
+
+    method.__name__ = method.__qualname__ = kind
+    method.__doc__ = summary
+    return register(kind)(method)
 
 
-@register("magnitude")
-def magnitude(
-    model: nn.Module,
-    example_inputs: Any,
-    train: Iterable[Batch] | None,
-    test: Iterable[Batch] | None = None,
-    *,
-    target: float = 0.5,
-    prune_steps: int = 4,
-    epochs_per_step: int = 2,
-    finetune_epochs: int = 2,
-    lr: float = 0.01,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-) -> CompressResult:
-    """Plain iterative magnitude pruning of channel groups to `target` (the simguided baseline)."""
-    return _run(
-        "magnitude",
-        model,
-        example_inputs,
-        train,
-        test,
-        target,
-        prune_steps,
-        epochs_per_step,
-        finetune_epochs,
-        lr,
-        weight_decay,
-        seed,
-    )
+simguided = _method("simguided", "Simulation-guided iterative pruning to group sparsity `target`.")
+magnitude = _method("magnitude", "Iterative magnitude pruning of channel groups to `target` (baseline).")

@@ -97,7 +97,27 @@ def validate(raw: Any, source: str = "config") -> dict[str, Any]:
     for path in REQUIRED:
         if _get(config, path) is None:
             raise ConfigError(f"{source}: missing required key '{path}' ({SCHEMA[path][1]})")
+    _check_compress(config.get("compress"), source)
     return config
+
+
+def _check_compress(section: dict[str, Any] | None, source: str) -> None:
+    """The method exists and takes every option given (checked before any training starts)."""
+    if not section or section.get("method") is None:
+        return
+    from slimship.compress.base import METHODS, load_builtin_methods, method_options
+
+    load_builtin_methods()
+    method = section["method"]
+    if method not in METHODS:
+        raise ConfigError(f"{source}: 'compress.method' is {method!r}; allowed: {', '.join(sorted(METHODS))}")
+    allowed = method_options(method)
+    for key in section.get("options") or {}:
+        if key not in allowed:
+            raise ConfigError(
+                f"{source}: unknown key 'compress.options.{key}' for method {method!r}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
 
 
 def _check_section(section: dict[str, Any], prefix: str, source: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -10,7 +12,16 @@ import torch
 from torch import nn
 
 from slimship.compress import compress, group_norms, train_loop
-from slimship.compress.base import GroupTensors, lr_factor, make_optimizer, prunable_groups
+from slimship.compress.base import (
+    METHODS,
+    GroupTensors,
+    Training,
+    lr_factor,
+    make_optimizer,
+    method_options,
+    prunable_groups,
+    register,
+)
 from slimship.data import Batches
 from slimship.errors import CompressionError
 from slimship.slimming import find_groups, slim
@@ -86,6 +97,36 @@ def test_unknown_method_lists_allowed() -> None:
 def test_unknown_option_named_with_allowed() -> None:
     with pytest.raises(CompressionError, match=r"no option 'sparsity'.*allowed options:.*target"):
         compress("hesso", tiny_model(), example(), tiny_data(), sparsity=0.5)
+
+
+def test_training_options_are_flat_with_per_method_defaults() -> None:
+    hspg_options, csgd_options = method_options("hspg"), method_options("csgd")
+    for field in fields(Training):
+        assert field.name in hspg_options and field.name in csgd_options
+    assert "training" not in hspg_options
+    assert csgd_options["epochs"] == 20 and hspg_options["epochs"] == Training().epochs
+    assert inspect.signature(METHODS["drop"]).parameters["lr"].default == Training().lr
+
+
+def test_training_options_reach_the_run() -> None:
+    result = compress("hesso", tiny_model(), example(), tiny_data(), epochs=2, lr=0.02, target=0.5)
+    assert [h["epoch"] for h in result.history] == [1, 2] and result.info["completed"]
+    cut = compress("hesso", tiny_model(), example(), tiny_data(), epochs=3, stop_after=1)
+    assert len(cut.history) == 1 and not cut.info["completed"]
+
+
+def test_bad_training_option_is_named() -> None:
+    with pytest.raises(CompressionError, match="lr must be > 0"):
+        compress("csgd", tiny_model(), example(), tiny_data(), lr=0.0)
+
+
+def test_method_may_not_redeclare_a_training_option() -> None:
+    def clashing(model, example_inputs, train, test=None, *, training: Training, lr: float = 0.1):
+        raise AssertionError("never called")
+
+    with pytest.raises(CompressionError, match=r"clash: \['lr'\]"):
+        register("clashing", training=Training())(clashing)
+    assert "clashing" not in METHODS
 
 
 def _train(epochs: int, checkpoint=None, stop_after=None, model=None):

@@ -42,6 +42,17 @@ def test_defaults_fill_missing_sections() -> None:
             "'release.version'",
         ),
         ([1, 2], "top level must be a mapping"),
+        (
+            {"model": {"factory": "a:b", "input_shape": [1]}, "compress": {"method": "obd"}},
+            "'compress.method' is 'obd'; allowed: adc, csgd",
+        ),
+        (
+            {
+                "model": {"factory": "a:b", "input_shape": [1]},
+                "compress": {"method": "csgd", "options": {"epochs": 3, "centripedal": 0.1}},
+            },
+            "unknown key 'compress.options.centripedal' for method 'csgd'; allowed: centripetal",
+        ),
     ],
 )
 def test_errors_name_the_key_path(raw, message) -> None:
