@@ -1,7 +1,7 @@
-"""Measured latency vs output channels of one conv / linear layer, and whether channel alignment pays.
+"""Measured latency vs output channels of one layer (conv, 1x1, depthwise, linear): does alignment pay?
 
     PYTHONPATH=. python benchmarks/bench_channel_alignment.py [--target mobile-1t] [--fmt onnx|tflite]
-        [--op conv|linear] [--lo 24] [--hi 64] [--runs 40]
+        [--op conv|conv1x1|dwconv|linear] [--lo 24] [--hi 64] [--runs 40]
 
 For each candidate multiple m: roundup = mean latency(round_up(c, m)) / latency(c) over
 non-aligned c (about 1: padding is free), step = median latency(b + 1) / latency(b) over multiples
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from slimship.runtimes.alignment import measure_alignment
+from slimship.runtimes.alignment import LAYER_KINDS, measure_alignment
 from slimship.runtimes.targets import BUILTIN_TARGETS
 
 
@@ -21,10 +21,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="mobile-1t", choices=sorted(BUILTIN_TARGETS))
     parser.add_argument("--fmt", default="onnx", choices=("onnx", "tflite"))
-    parser.add_argument("--op", default="conv", choices=("conv", "linear"))
+    parser.add_argument("--op", default="conv", choices=LAYER_KINDS)
     parser.add_argument("--lo", type=int, default=24)
     parser.add_argument("--hi", type=int, default=64)
-    parser.add_argument("--in-channels", type=int, default=32)
+    parser.add_argument("--in-channels", type=int, default=None, help="default 32; dwconv: --hi")
     parser.add_argument("--spatial", type=int, default=28)
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()

@@ -8,12 +8,14 @@ Each model is built with random weights and random BatchNorm running statistics 
 About half of its removable channel groups are zeroed: per channel space a fraction drawn from
 fraction +- jitter (uneven widths, as sparse training leaves them; `--jitter 0` is exactly
 `zero_random_groups(fraction=...)`, whose halves of 64..512 are already multiples of 8). It is then
-slimmed twice: plainly, and with `channel_multiple` set to the multiple that runtime's conv kernels
-favour, measured with `measure_alignment` on the same target (a staircase of latency vs output
-channels; see slimship/runtimes/alignment.py). Dense, slim and aligned-slim models are exported to
-ONNX and TFLite fp32 and timed on the target in ONE process, interleaved (dense, slim, aligned,
-dense, slim, aligned ...); a speedup is the median of the per-round ratios dense/slim, and
-efficiency = speedup / FLOPs ratio (1.0: the FLOPs cut is fully turned into time).
+slimmed twice: plainly, and with `channel_multiple` set to the multiple that runtime's kernels
+favour for the op kinds the model contains (3x3 conv, 1x1 conv, depthwise conv), each measured with
+`measure_alignment` on the same target (a staircase of latency vs output channels; see
+slimship/runtimes/alignment.py) and combined with `multiple_for_kinds`. Dense, slim and
+aligned-slim models are exported to ONNX and TFLite fp32 and timed on the target in ONE process,
+interleaved (dense, slim, aligned, dense, slim, aligned ...); a speedup is the median of the
+per-round ratios dense/slim, and efficiency = speedup / FLOPs ratio (1.0: the FLOPs cut is fully
+turned into time).
 
 When no multiple is favoured (flat latency, alignment buys nothing) the aligned column uses
 --fallback-multiple (default 8) as a counter-check, labelled "not favoured".
@@ -39,7 +41,8 @@ from torch import nn
 
 from slimship import find_groups, slim, zero_random_groups
 from slimship.exporters import export_onnx, export_tflite
-from slimship.runtimes import get_target, measure_alignment
+from slimship.runtimes import get_target
+from slimship.runtimes.alignment import AlignmentResult, measure_alignment_kinds, multiple_for_kinds
 from slimship.runtimes.execute import run_on_target
 from slimship.runtimes.measure import Speedup, speedup_from_ratios
 from slimship.runtimes.targets import BUILTIN_TARGETS, Target
@@ -51,6 +54,10 @@ log = logging.getLogger("bench_slim_speedup")
 # --quick: each multiple b of 8 and b + 1 (the step), plus counts that round up to them (TFLite one-layer
 # models are slow to convert, so the full 24..64 sweep costs minutes)
 QUICK_SWEEP = (28, 32, 33, 36, 40, 41, 44, 48, 49, 52, 56, 57, 60, 64)
+# the op kinds each model's channel spaces go through, and the spatial size each kind is swept at
+# (a depthwise conv does ~1/C of a full conv's work, so it is swept at a larger size to be measurable)
+MODEL_KINDS = {"resnet18": ("conv", "conv1x1"), "mobilenetv2": ("conv", "conv1x1", "dwconv")}
+SWEEP_SPATIAL = {"conv": 28, "conv1x1": 28, "dwconv": 56}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -306,10 +313,11 @@ def conv_kind(node) -> str:
     return kind if node.domain == "com.microsoft.nchwc" else kind + " NCHW"
 
 
-def ort_kernel_times(path: Path, x: np.ndarray, runs: int) -> dict[str, float]:
+def ort_kernel_times(paths: list[Path], x: np.ndarray, runs: int) -> list[dict[str, float]]:
     """onnxruntime's own per-node kernel time (median over runs, in us), summed per conv kind / op type.
 
-    Runs in this process, pinned to the target's cores for the duration, 1 thread.
+    One profiling session per model, run interleaved (one run of each per round, like the timing), so
+    host load drifts hit every model alike. In this process, 1 thread (pinned by the caller).
     """
     import json
 
@@ -317,25 +325,30 @@ def ort_kernel_times(path: Path, x: np.ndarray, runs: int) -> dict[str, float]:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
-        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(tmp) / "prof")
-        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        kinds = {n.name: conv_kind(n) for n in onnx.load(opts.optimized_model_filepath).graph.node}
-        feed = {session.get_inputs()[0].name: x}
+        sessions, kinds = [], []
+        for k, path in enumerate(paths):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
+            opts.enable_profiling, opts.profile_file_prefix = True, str(Path(tmp) / f"prof{k}")
+            opts.optimized_model_filepath = str(Path(tmp) / f"opt{k}.onnx")
+            sessions.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
+            kinds.append({n.name: conv_kind(n) for n in onnx.load(opts.optimized_model_filepath).graph.node})
         for _ in range(runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    per_node: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_node.setdefault(e["name"].removesuffix("_kernel_time"), []).append(float(e["dur"]))
-    totals: dict[str, float] = {}
-    for node, durations in per_node.items():
-        kind = kinds.get(node, "?")
-        totals[kind] = totals.get(kind, 0.0) + float(np.median(durations))
-    return totals
+            for session in sessions:
+                session.run(None, {session.get_inputs()[0].name: x})
+        events = [json.loads(Path(session.end_profiling()).read_text()) for session in sessions]
+    out = []
+    for model_events, model_kinds in zip(events, kinds, strict=True):
+        per_node: dict[str, list[float]] = {}
+        for e in model_events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_node.setdefault(e["name"].removesuffix("_kernel_time"), []).append(float(e["dur"]))
+        totals: dict[str, float] = {}
+        for node, durations in per_node.items():
+            kind = model_kinds.get(node, "?")
+            totals[kind] = totals.get(kind, 0.0) + float(np.median(durations))
+        out.append(totals)
+    return out
 
 
 def ort_profile(name: str, variants: list[Variant], multiple: int, target: Target, res: int, runs: int):
@@ -346,7 +359,7 @@ def ort_profile(name: str, variants: list[Variant], multiple: int, target: Targe
     try:
         if target.affinity:
             os.sched_setaffinity(0, set(target.affinity))
-        times = [ort_kernel_times(v.paths["onnxruntime"], x, runs) for v in chosen]
+        times = ort_kernel_times([v.paths["onnxruntime"] for v in chosen], x, runs)
     finally:
         os.sched_setaffinity(0, saved)
     return name, [v.name for v in chosen], times
@@ -408,11 +421,22 @@ def alignment_table(rows: list[Row]) -> list[str]:
     return out
 
 
-def alignment_lines(results: dict[str, object]) -> list[str]:
-    out = ["| runtime | favoured multiple | roundup / step per candidate multiple |", "|---|---|---|"]
-    for rt, res in results.items():
-        scores = ", ".join(f"{m}: {s['roundup']:.3f} / {s['step']:.3f}" for m, s in res.scores.items())
-        out.append(f"| {rt} | {res.multiple if res.multiple else 'none'} | {scores} |")
+def alignment_lines(
+    results: dict[str, dict[str, AlignmentResult]], used: dict[tuple[str, str], int]
+) -> list[str]:
+    out = ["| runtime | op kind | swept at | favoured multiple | roundup / step per candidate multiple |",
+           "|---|---|---|---|---|"]  # fmt: skip
+    for rt, kinds in results.items():
+        for kind, res in kinds.items():
+            scores = ", ".join(f"{m}: {s['roundup']:.3f} / {s['step']:.3f}" for m, s in res.scores.items())
+            where = f"{res.channels[0]}..{res.channels[-1]} ch, {SWEEP_SPATIAL[kind]}x{SWEEP_SPATIAL[kind]}"
+            out.append(f"| {rt} | {kind} | {where} | {res.multiple if res.multiple else 'none'} | {scores} |")
+    title = "Multiple used per model (largest favoured multiple over the op kinds the model contains):"
+    out += ["", title, "", "| model | op kinds | " + " | ".join(results) + " |",
+            "|---|---|" + "---|" * len(results)]  # fmt: skip
+    for name in dict.fromkeys(m for m, _ in used):
+        cells = " | ".join(str(used.get((name, rt), "-")) for rt in results)
+        out.append(f"| {name} | {', '.join(MODEL_KINDS[name])} | {cells} |")
     return out
 
 
@@ -463,27 +487,39 @@ def main(argv: list[str] | None = None) -> int:
     target: Target = get_target(args.target)
     started = time.perf_counter()
 
-    # 1. which multiple each runtime's conv kernels favour, measured on the target
+    # 1. which multiple each runtime's kernels favour per op kind, measured on the target
     forced = parse_multiples(args.multiple)
     sweep = QUICK_SWEEP if args.quick else range(24, 65)
-    align_results, multiples, favoured = {}, {}, {}
+    model_names = [m for m in args.models.split(",") if m]
+    kinds = tuple(dict.fromkeys(k for name in model_names for k in MODEL_KINDS[name]))
+    align_results: dict[str, dict[str, AlignmentResult]] = {}
     for rt in runtimes:
         if rt in forced:
-            multiples[rt], favoured[rt] = forced[rt], True
             continue
         t0 = time.perf_counter()
-        r = measure_alignment(target.with_overrides(runtime=rt), op="conv", channels=sweep, fmt=FORMATS[rt],
-                              runs=15 if args.quick else 30)  # fmt: skip
-        align_results[rt] = r
-        multiples[rt], favoured[rt] = (r.multiple, True) if r.multiple else (args.fallback_multiple, False)
-        log.info("alignment %s: favoured multiple %s (%.0fs)", rt, r.multiple, time.perf_counter() - t0)
+        align_results[rt] = measure_alignment_kinds(
+            target.with_overrides(runtime=rt), kinds, spatial=SWEEP_SPATIAL, channels=sweep, fmt=FORMATS[rt],
+            runs=15 if args.quick else 30,
+        )  # fmt: skip
+        found = {k: r.multiple for k, r in align_results[rt].items()}
+        log.info("alignment %s: favoured multiples %s (%.0fs)", rt, found, time.perf_counter() - t0)
+    used: dict[tuple[str, str], int] = {}
+
+    def model_multiples(name: str) -> tuple[dict[str, int], dict[str, bool]]:
+        multiples, favoured = {}, {}
+        for rt in runtimes:
+            m = forced.get(rt) or multiple_for_kinds(align_results.get(rt, {}), MODEL_KINDS[name])
+            multiples[rt], favoured[rt] = (m, True) if m else (args.fallback_multiple, False)
+            used[(name, rt)] = multiples[rt]
+        return multiples, favoured
 
     # 2. variants, export, interleaved timing
     rows: list[Row] = []
     profiles = []
     loads: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-slim-") as tmp:
-        for name in [m for m in args.models.split(",") if m]:
+        for name in model_names:
+            multiples, favoured = model_multiples(name)
             t0 = time.perf_counter()
             zeroing = (args.fraction, args.jitter, args.seed)
             variants = build_variants(name, res, zeroing, multiples, runtimes, Path(tmp))
@@ -508,11 +544,13 @@ def main(argv: list[str] | None = None) -> int:
         "(other processes share the cores; the speedups are per-round ratios, p10-p90 shows the spread)",
     ]
     lines = [*header, "", "Speedup over dense (median of per-round ratios dense/slim):", "",
-             *speedup_table(rows), "", "Channel alignment, measured favoured multiple per runtime:", "",
-             *(alignment_lines(align_results) if align_results else [f"forced: {forced}"]), "",
+             *speedup_table(rows), "",
+             "Channel alignment, measured favoured multiple per runtime and op kind:", "",
+             *(alignment_lines(align_results, used) if align_results else [f"forced: {forced}"]), "",
              "Plain vs aligned slimming (same interleaved run):", "", *alignment_table(rows), "",
-             *(["onnxruntime kernel time per op kind (its profiler, median per node, summed; speedups "
-                 "dense/slim and dense/aligned):", "", *profile_table(profiles), ""] if profiles else []),
+             *(["onnxruntime kernel time per op kind (its profiler, median per node, summed, sessions run "
+                 "interleaved; speedups dense/slim and dense/aligned):", "", *profile_table(profiles), ""]
+               if profiles else []),
              f"total time {time.perf_counter() - started:.0f}s"]  # fmt: skip
     text = "\n".join(lines)
     print(text)

@@ -1,7 +1,13 @@
 """slimship.runtimes: runners, targets, transports, measurements (only torch_runner imports torch)."""
 
 from slimship.runtimes import arm64_emu as _arm64_emu  # noqa: F401  (registers qemu-aarch64://)
-from slimship.runtimes.alignment import AlignmentResult, measure_alignment, round_channels_up
+from slimship.runtimes.alignment import (
+    AlignmentResult,
+    measure_alignment,
+    measure_alignment_kinds,
+    multiple_for_kinds,
+    round_channels_up,
+)
 from slimship.runtimes.measure import (
     BenchResult,
     LatencyStats,
@@ -38,7 +44,9 @@ __all__ = [
     "load_targets",
     "measure",
     "measure_alignment",
+    "measure_alignment_kinds",
     "measure_speedup",
+    "multiple_for_kinds",
     "open_transport",
     "register_transport",
     "round_channels_up",

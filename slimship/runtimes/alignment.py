@@ -1,12 +1,16 @@
-"""Channel alignment, measured: which channel multiple do a target's kernels favour?
+"""Channel alignment, measured: which channel multiple do a target's kernels favour, per op kind?
 
-Tiny one-layer models (a 3x3 conv or a linear layer) are built for a sweep of output channel
-counts and timed on the target in one interleaved run. Kernels that work in blocks of m channels
-show a staircase: latency is flat inside a block and jumps past each multiple of m. A multiple is
-favoured when (a) rounding a count up to it costs nothing (mean latency(round_up)/latency(c)
-within tol) and (b) crossing it costs (median latency(b+1)/latency(b) above 1 + tol). The favoured
-multiple is the largest such m, or None when latency shows no such staircase (alignment buys
-nothing there, so slimming should keep exactly what it can).
+Tiny one-layer models are built for a sweep of output channel counts and timed on the target in one
+interleaved run. The op kinds (`LAYER_KINDS`) are the ones channel spaces go through: a 3x3 conv
+("conv"), a pointwise 1x1 conv ("conv1x1"), a depthwise 3x3 conv ("dwconv", whose input and output
+channels are both the swept count) and a linear layer ("linear"). Kernels that work in blocks of m
+channels show a staircase: latency is flat inside a block and jumps past each multiple of m. A
+multiple is favoured when (a) rounding the counts up to it costs no more than rounding to any other
+candidate (mean latency after rounding within tol of the best; it can be below 1 when unaligned
+counts fall off a fast path) and (b) crossing it costs (median latency(b+1)/latency(b) above 1 + tol).
+The favoured multiple is the largest such m, or None when latency shows no such staircase (alignment buys
+nothing there, so slimming should keep exactly what it can). The favoured multiple may differ per op
+kind; `measure_alignment_kinds` sweeps several and `multiple_for_kinds` combines them for a space.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from slimship.runtimes.targets import Target
 
 log = logging.getLogger(__name__)
 CANDIDATE_MULTIPLES = (16, 8, 4, 2)
+LAYER_KINDS = ("conv", "conv1x1", "dwconv", "linear")
 
 
 @dataclass
@@ -54,52 +59,95 @@ def derive_multiple(
     candidates: Iterable[int] = CANDIDATE_MULTIPLES,
     tol: float = 0.03,
 ) -> tuple[int | None, dict[int, dict[str, float]]]:
-    """Largest multiple m whose round-up is free and whose block boundaries cost; scores for every m.
+    """Largest multiple m whose round-up is (nearly) the cheapest and whose block boundaries cost.
 
-    roundup: mean over non-aligned c of latency(round_up(c, m)) / latency(c); <= 1 + tol means
-    the extra channels up to the multiple cost nothing (a mean, so that a multiple spanning two
-    real blocks, where half the round-ups cross a step, does not pass). step: median over multiples b of
-    latency(b + 1) / latency(b); > 1 + tol means crossing a multiple costs. Both must hold.
+    roundup: mean latency when every swept count c is rounded up to m, over the mean latency of the
+    counts as they are (the same counts for every m). 1.0: the padding is free; below 1: unaligned
+    counts fall off a fast path (so rounding up is faster). m qualifies when its roundup is within
+    tol of the best one (and of 1.0), so a larger multiple is chosen only when it costs no more than
+    a smaller one (a kernel that pads to 4 and blocks by 8 gets 8, not 16). step: median over
+    multiples b of latency(b + 1) / latency(b); it must exceed 1 + tol (crossing a multiple costs),
+    otherwise latency has no staircase at m and aligning to it buys nothing.
     """
     lat = dict(zip(channels, latencies, strict=True))
+    steps = {
+        m: [lat[b + 1] / lat[b] for b in channels if b % m == 0 and b + 1 in lat]
+        for m in sorted(set(candidates), reverse=True)
+    }
+    scored = [m for m, s in steps.items() if s]
+    while scored:  # counts whose round-up to every scored multiple was swept; drop m too large for that
+        counts = [c for c in channels if all(math.ceil(c / m) * m in lat for m in scored)]
+        if counts:
+            break
+        scored.pop(0)
     scores: dict[int, dict[str, float]] = {}
-    for m in sorted(candidates, reverse=True):
-        ups = [lat[math.ceil(c / m) * m] / lat[c] for c in channels if c % m and math.ceil(c / m) * m in lat]
-        steps = [lat[b + 1] / lat[b] for b in channels if b % m == 0 and b + 1 in lat]
-        if ups and steps:
-            scores[m] = {"roundup": float(np.mean(ups)), "step": float(np.median(steps))}
+    if scored:
+        base = float(np.mean([lat[c] for c in counts]))
+        for m in scored:
+            roundup = float(np.mean([lat[math.ceil(c / m) * m] for c in counts])) / base
+            scores[m] = {"roundup": roundup, "step": float(np.median(steps[m]))}
+    best = min([1.0, *(s["roundup"] for s in scores.values())])
     favoured = next(
-        (m for m, s in scores.items() if s["roundup"] <= 1.0 + tol and s["step"] > 1.0 + tol), None
+        (m for m, s in scores.items() if s["roundup"] <= best * (1.0 + tol) and s["step"] > 1.0 + tol), None
     )
     return favoured, scores
+
+
+def _check_kind(op: str) -> None:
+    if op not in LAYER_KINDS:
+        raise ValueError(f"op must be one of {LAYER_KINDS}, got {op!r}")
+
+
+def layer_input_shape(op: str, in_channels: int, spatial: int) -> tuple[int, ...]:
+    """Input shape of the one-layer model for `op` (a depthwise model slices its channels from it)."""
+    _check_kind(op)
+    return (spatial, in_channels) if op == "linear" else (1, in_channels, spatial, spatial)
 
 
 def build_layer_onnx(
     path: Path, op: str, in_channels: int, out_channels: int, spatial: int, seed: int = 0
 ) -> Path:
-    """Write a one-layer ONNX model: 3x3 Conv (NCHW) or MatMul+Add (linear) with random weights."""
+    """Write a one-layer ONNX model with random weights: see LAYER_KINDS.
+
+    conv / conv1x1: 3x3 (padded) / 1x1 Conv, in_channels -> out_channels (NCHW). dwconv: the first
+    out_channels of the input (Slice, so one input shape serves the whole sweep), then a depthwise
+    3x3 Conv over them; in_channels must be >= out_channels. linear: MatMul + Add.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    _check_kind(op)
     rng = np.random.default_rng(seed)
-    if op == "conv":
-        x_shape, y_shape = [1, in_channels, spatial, spatial], [1, out_channels, spatial, spatial]
-        w = rng.standard_normal((out_channels, in_channels, 3, 3)).astype(np.float32)
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-        nodes = [node]
-    elif op == "linear":
-        x_shape, y_shape = [spatial, in_channels], [spatial, out_channels]
+    x_shape = list(layer_input_shape(op, in_channels, spatial))
+    y_shape = [spatial, out_channels] if op == "linear" else [1, out_channels, spatial, spatial]
+    extra = []
+    if op in ("conv", "conv1x1"):
+        k = 3 if op == "conv" else 1
+        w = rng.standard_normal((out_channels, in_channels, k, k)).astype(np.float32)
+        pads = [k // 2] * 4
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=pads, kernel_shape=[k, k])]
+    elif op == "dwconv":
+        if out_channels > in_channels:
+            raise ValueError(f"dwconv slices {out_channels} channels from an input of {in_channels}")
+        w = rng.standard_normal((out_channels, 1, 3, 3)).astype(np.float32)
+        bounds = [("starts", [0]), ("ends", [out_channels]), ("axes", [1])]
+        extra = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in bounds]
+        nodes = [
+            helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["xs"]),
+            helper.make_node(
+                "Conv", ["xs", "w", "b"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3], group=out_channels
+            ),
+        ]
+    else:
         w = rng.standard_normal((in_channels, out_channels)).astype(np.float32)
         nodes = [helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])]
-    else:
-        raise ValueError(f"op must be 'conv' or 'linear', got {op!r}")
     b = rng.standard_normal(out_channels).astype(np.float32)
     graph = helper.make_graph(
         nodes,
         f"{op}_{out_channels}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), *extra],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
@@ -108,23 +156,40 @@ def build_layer_onnx(
     return path
 
 
+def _slice_depthwise(channels: int):
+    """The dwconv one-layer torch module: the input's first `channels` channels, depthwise 3x3."""
+    import torch
+
+    class SliceDepthwise(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x[:, :channels])
+
+    return SliceDepthwise()
+
+
 def build_layer_tflite(
     path: Path, op: str, in_channels: int, out_channels: int, spatial: int, seed: int = 0
 ) -> Path:
-    """Write a one-layer TFLite model through litert_torch (slower to build than ONNX)."""
+    """Write a one-layer TFLite model through litert_torch (slower to build than ONNX); see LAYER_KINDS."""
     import litert_torch
     import torch
 
+    _check_kind(op)
     torch.manual_seed(seed)
-    if op == "conv":
-        layer, x = (
-            torch.nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            torch.randn(1, in_channels, spatial, spatial),
-        )
-    elif op == "linear":
-        layer, x = torch.nn.Linear(in_channels, out_channels), torch.randn(spatial, in_channels)
+    x = torch.randn(*layer_input_shape(op, in_channels, spatial))
+    if op in ("conv", "conv1x1"):
+        k = 3 if op == "conv" else 1
+        layer = torch.nn.Conv2d(in_channels, out_channels, k, padding=k // 2)
+    elif op == "dwconv":
+        if out_channels > in_channels:
+            raise ValueError(f"dwconv slices {out_channels} channels from an input of {in_channels}")
+        layer = _slice_depthwise(out_channels)
     else:
-        raise ValueError(f"op must be 'conv' or 'linear', got {op!r}")
+        layer = torch.nn.Linear(in_channels, out_channels)
     litert_torch.convert(layer.eval(), (x,)).export(str(path))
     return path
 
@@ -134,7 +199,7 @@ def measure_alignment(
     *,
     op: str = "conv",
     channels: Iterable[int] = range(24, 65),
-    in_channels: int = 32,
+    in_channels: int | None = None,
     spatial: int = 28,
     fmt: str = "onnx",
     warmup: int = 3,
@@ -142,17 +207,45 @@ def measure_alignment(
     tol: float = 0.03,
     workdir: Path | None = None,
 ) -> AlignmentResult:
-    """Time one-layer models over `channels` on `target` (interleaved, one process); derive the multiple."""
+    """Time one-layer models over `channels` on `target` (interleaved, one process); derive the multiple.
+
+    in_channels defaults to 32 (for dwconv: the largest swept count, which the layer slices from).
+    """
+    _check_kind(op)
     channels = sorted(set(channels))
+    if in_channels is None:
+        in_channels = max(channels) if op == "dwconv" else 32
     build = {"onnx": build_layer_onnx, "tflite": build_layer_tflite}.get(fmt)
     if build is None:
         raise ValueError(f"fmt must be 'onnx' or 'tflite', got {fmt!r}")
     with tempfile.TemporaryDirectory(prefix="slimship-align-", dir=workdir) as tmp:
         paths = [build(Path(tmp) / f"{op}_{c}.{fmt}", op, in_channels, c, spatial) for c in channels]
-        x_shape = (1, in_channels, spatial, spatial) if op == "conv" else (spatial, in_channels)
-        x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
-        run = run_on_target(target, paths, [x], warmup=warmup, runs=runs)
+        x = np.random.default_rng(0).standard_normal(layer_input_shape(op, in_channels, spatial))
+        run = run_on_target(target, paths, [x.astype(np.float32)], warmup=warmup, runs=runs)
     p50 = [float(np.median(e["latencies_ms"])) for e in run.result["models"]]
     multiple, scores = derive_multiple(channels, p50, tol=tol)
     log.info("target %s, %s %s: favoured multiple %s (scores %s)", target.name, op, fmt, multiple, scores)
     return AlignmentResult(target.name, op, fmt, channels, p50, scores, multiple, tol)
+
+
+def measure_alignment_kinds(
+    target: Target,
+    kinds: Iterable[str] = ("conv", "conv1x1", "dwconv"),
+    *,
+    spatial: dict[str, int] | None = None,
+    **kwargs,
+) -> dict[str, AlignmentResult]:
+    """measure_alignment for each op kind (one interleaved run per kind); `spatial` per kind if given."""
+    out = {}
+    for kind in kinds:
+        extra = {"spatial": spatial[kind]} if spatial and kind in spatial else {}
+        out[kind] = measure_alignment(target, op=kind, **kwargs, **extra)
+    return out
+
+
+def multiple_for_kinds(results: dict[str, AlignmentResult], kinds: Iterable[str]) -> int | None:
+    """The multiple a channel space touching ops of `kinds` should be rounded to: the largest favoured
+    multiple among those kinds (candidates are powers of two, so it is a multiple of every other one);
+    kinds without a measurement are ignored; None when none of them favours alignment."""
+    favoured = [results[k].multiple for k in kinds if k in results and results[k].multiple]
+    return max(favoured) if favoured else None

@@ -5,9 +5,13 @@ import onnx
 import pytest
 
 from slimship.runtimes.alignment import (
+    CANDIDATE_MULTIPLES,
+    AlignmentResult,
     build_layer_onnx,
     derive_multiple,
     measure_alignment,
+    measure_alignment_kinds,
+    multiple_for_kinds,
     round_channels_up,
 )
 from slimship.runtimes.runners import runner_for
@@ -38,13 +42,48 @@ def test_derive_multiple_finds_the_staircase():
     assert multiple is None and scores[8] == {"roundup": 1.0, "step": 1.0}
 
 
-@pytest.mark.parametrize("op", ["conv", "linear"])
+def test_derive_multiple_prefers_the_block_over_a_larger_multiple_when_unaligned_counts_fall_back():
+    # like onnxruntime's depthwise conv: counts not a multiple of 4 leave the blocked kernel (2x slower),
+    # multiples of 4 are padded to blocks of 8 (flat inside a block): rounding up is faster for every
+    # candidate, but only up to 8 is it free; 16 costs more than 8
+    channels = list(range(24, 65))
+    blocks = [1.0 + 0.2 * ((c + 7) // 8) for c in channels]
+    lat = [b * (1.0 if c % 4 == 0 else 2.0) for c, b in zip(channels, blocks, strict=True)]
+    multiple, scores = derive_multiple(channels, lat)
+    assert multiple == 8
+    assert scores[16]["roundup"] > scores[8]["roundup"] and scores[8]["roundup"] < 1.0
+
+
+def test_derive_multiple_scores_only_multiples_the_sweep_can_round_to():
+    multiple, scores = derive_multiple([6, 7, 8, 9, 10], [1.0, 1.0, 1.0, 2.0, 2.0])
+    assert set(scores) == {8, 4, 2} and multiple == 8
+
+
+@pytest.mark.parametrize("op", ["conv", "conv1x1", "dwconv", "linear"])
 def test_layer_models_have_the_requested_channels(tmp_path, op):
-    path = build_layer_onnx(tmp_path / f"{op}.onnx", op, in_channels=6, out_channels=11, spatial=5)
+    path = build_layer_onnx(tmp_path / f"{op}.onnx", op, in_channels=16, out_channels=11, spatial=5)
     onnx.checker.check_model(onnx.load(str(path)))
-    x = np.ones((1, 6, 5, 5) if op == "conv" else (5, 6), np.float32)
+    x = np.ones((5, 16) if op == "linear" else (1, 16, 5, 5), np.float32)
     (y,) = runner_for(path).run([x])
-    assert y.shape == ((1, 11, 5, 5) if op == "conv" else (5, 11))
+    assert y.shape == ((5, 11) if op == "linear" else (1, 11, 5, 5))
+
+
+def test_dwconv_layer_is_depthwise_over_the_first_channels(tmp_path):
+    path = build_layer_onnx(tmp_path / "dw.onnx", "dwconv", in_channels=8, out_channels=3, spatial=4)
+    (conv,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    assert {a.name: a.i for a in conv.attribute}["group"] == 3
+    x = np.zeros((1, 8, 4, 4), np.float32)
+    x[:, 3:] = 100.0  # channels past the first 3 must not reach the output
+    (y,) = runner_for(path).run([x])
+    (y0,) = runner_for(path).run([np.zeros_like(x)])
+    np.testing.assert_array_equal(y, y0)
+    with pytest.raises(ValueError, match="dwconv slices 9"):
+        build_layer_onnx(tmp_path / "bad.onnx", "dwconv", in_channels=8, out_channels=9, spatial=4)
+
+
+def test_unknown_layer_kind_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="op must be one of"):
+        build_layer_onnx(tmp_path / "x.onnx", "conv5x5", in_channels=4, out_channels=4, spatial=4)
 
 
 def test_measure_alignment_times_every_count(tmp_path):
@@ -62,3 +101,36 @@ def test_measure_alignment_times_every_count(tmp_path):
     assert set(result.scores) <= {16, 8, 4, 2} and 2 in result.scores
     assert result.multiple in (None, *result.scores)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_depthwise_sweep_per_kind_picks_a_measured_multiple(tmp_path):
+    results = measure_alignment_kinds(
+        BUILTIN_TARGETS["mobile-1t"],
+        ("conv1x1", "dwconv"),
+        channels=range(14, 19),
+        spatial={"dwconv": 6, "conv1x1": 4},
+        in_channels=None,
+        runs=3,
+        warmup=1,
+        workdir=tmp_path,
+    )
+    assert list(results) == ["conv1x1", "dwconv"]
+    dw = results["dwconv"]
+    assert dw.op == "dwconv" and dw.channels == [14, 15, 16, 17, 18] and len(dw.p50_ms) == 5
+    assert min(dw.p50_ms) > 0 and set(dw.scores) == {16, 8, 4, 2}
+    for r in results.values():
+        assert r.multiple in (None, *r.scores)
+    combined = multiple_for_kinds(results, ["conv1x1", "dwconv", "linear"])
+    assert combined in {None} | {r.multiple for r in results.values()}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_multiple_for_kinds_takes_the_largest_favoured_multiple():
+    def result(multiple):
+        return AlignmentResult("t", "op", "onnx", [], [], {}, multiple, 0.03)
+
+    results = {"conv": result(8), "dwconv": result(16), "conv1x1": result(None)}
+    assert multiple_for_kinds(results, ["conv", "dwconv"]) == 16
+    assert multiple_for_kinds(results, ["conv", "conv1x1", "linear"]) == 8
+    assert multiple_for_kinds(results, ["conv1x1"]) is None
+    assert set(CANDIDATE_MULTIPLES) >= {8, 16}
