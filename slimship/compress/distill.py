@@ -149,16 +149,22 @@ def distillation_loss(teacher: nn.Module, temperature: float, alpha: float) -> C
 def choose_student(
     rows: list[dict[str, Any]], budget_ms: float, runtime: str, min_flops_ratio: float | None
 ) -> tuple[dict[str, Any], bool]:
-    """The candidate with the most parameters under the budget; else the fastest (second value False)."""
-    fits = [
-        r
-        for r in rows
-        if r["latency_ms"][runtime] <= budget_ms
-        and (min_flops_ratio is None or r["flops_ratio"] >= min_flops_ratio)
-    ]
+    """The candidate with the most parameters under the budget; else the fastest (second value False).
+
+    `min_flops_ratio` is a hard floor: candidates below it are never chosen, not even as the fallback
+    (CompressionError when none reaches it).
+    """
+    allowed = [r for r in rows if min_flops_ratio is None or r["flops_ratio"] >= min_flops_ratio]
+    if not allowed:
+        best = max(r["flops_ratio"] for r in rows)
+        raise CompressionError(
+            f"no student width reaches min_flops_ratio={min_flops_ratio} (best {best:.2f}x); "
+            "add narrower widths or lower min_flops_ratio"
+        )
+    fits = [r for r in allowed if r["latency_ms"][runtime] <= budget_ms]
     if fits:
         return max(fits, key=lambda r: (r["params"], -r["latency_ms"][runtime])), True
-    return min(rows, key=lambda r: (r["latency_ms"][runtime], r["params"])), False
+    return min(allowed, key=lambda r: (r["latency_ms"][runtime], r["params"])), False
 
 
 @register("distill")

@@ -1,10 +1,12 @@
 """Drop Pruning: iterative prune-retrain with stochastic drop-out and drop-in of whole channel groups.
 
 The pruning stage is cut into ``rounds``. At the start of each round, every space first drops back in
-each pruned group with probability ``drop_in`` (re-initialised from a random active group of the same
-space plus noise; never in the last round), then drops out enough active groups to reach this round's
-share of the space's ``target``: they are drawn without replacement from the ``pool`` x needed
-lowest-norm active groups with probability inversely proportional to their norm, and set to exactly zero.
+each pruned group with probability ``drop_in`` (never in the last round), with the values it had when it
+was dropped (``revive="restore"``; dropping masks a group, it does not forget it) or as a noisy copy of
+a random active group of the same space (``revive="copy"``), then drops out enough active groups to reach
+this round's share of the space's ``target``: they are drawn without replacement from the ``pool`` x
+needed lowest-norm active groups with probability inversely proportional to their norm (the last round
+takes the lowest-norm ones: nothing drops back in after it), and set to exactly zero.
 Pruned groups are held at zero (gradients and values) while the rest retrains; fine-tuning ends the run.
 Randomness comes from a generator seeded by ``(seed, round)``, so a resumed run draws the same groups.
 """
@@ -27,11 +29,29 @@ from slimship.compress.base import (
     register,
     working_copy,
 )
-from slimship.compress.hspg import GroupSparsifier, _finish, _stage_steps, _steps_per_epoch
+from slimship.compress.hspg import CRITERIA, GroupSparsifier, _finish, _stage_steps, _steps_per_epoch
 from slimship.errors import CompressionError
 from slimship.slimming.api import copy_group
 
 log = logging.getLogger(__name__)
+
+#: how a dropped-in group comes back: its values from when it was dropped, or a noisy copy of a live group
+REVIVALS = ("restore", "copy")
+
+
+def _slices(sp: GroupSparsifier, i: int) -> list[tuple[torch.Tensor, tuple[Any, ...]]]:
+    return sp.tensors.slices[i] + sp.tensors.buffers[i]
+
+
+def _snapshot(sp: GroupSparsifier, i: int) -> list[torch.Tensor]:
+    """The values (statistics included) of group `i` as it is dropped out."""
+    return [t[idx].detach().clone() for t, idx in _slices(sp, i)]
+
+
+@torch.no_grad()
+def _restore(sp: GroupSparsifier, i: int, values: list[torch.Tensor]) -> None:
+    for (t, idx), v in zip(_slices(sp, i), values, strict=True):
+        t[idx] = v
 
 
 def _revive(model: nn.Module, sp: GroupSparsifier, i: int, donor: int, gen: torch.Generator) -> None:
@@ -55,6 +75,8 @@ def _round(
     drop_in: float,
     pool: float,
     seed: int,
+    revive: str,
+    criterion: str,
 ) -> None:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
     pruned = set(state["zero"])
@@ -70,19 +92,25 @@ def _round(
             ]
             for i in back:
                 donor = active[int(torch.randint(len(active), (1,), generator=gen))]
-                _revive(model, sp, i, donor, gen)
+                if revive == "restore" and str(i) in state["dropped_values"]:
+                    _restore(sp, i, state["dropped_values"].pop(str(i)))
+                else:
+                    _revive(model, sp, i, donor, gen)
                 pruned.discard(i)
             revived += len(back)
         active = [i for i in members if i not in pruned]
         need = round(sp.quota[space] * (r + 1) / rounds) - (len(members) - len(active))
         if need <= 0:
             continue
-        ranked = sorted(active, key=lambda i: (sp.magnitude(i), i))
-        candidates = ranked[: min(len(ranked), max(need, math.ceil(pool * need)))]
+        ranked = sp.least_salient(active, criterion)
+        last = r == rounds - 1  # the final cut is not drawn: nothing can drop back in after it
+        candidates = ranked[: need if last else min(len(ranked), max(need, math.ceil(pool * need)))]
         weights = torch.tensor([1.0 / (sp.magnitude(i) + 1e-12) for i in candidates], dtype=torch.float64)
         chosen = torch.multinomial(weights, need, replacement=False, generator=gen).tolist()
         for k in chosen:
             pruned.add(candidates[k])
+            if revive == "restore" and r < rounds - 1:
+                state["dropped_values"][str(candidates[k])] = _snapshot(sp, candidates[k])
             sp.tensors.zero(candidates[k])
         dropped += need
     state["zero"] = sorted(pruned)
@@ -105,9 +133,15 @@ def drop(
     rounds: int = 5,
     drop_in: float = 0.2,
     pool: float = 2.0,
+    revive: str = "restore",
+    criterion: str = "magnitude",
 ) -> CompressResult:
     """Iterative stochastic prune-retrain on channel groups towards `target` group sparsity per space."""
     check_fraction("drop_in", drop_in, high_open=False)
+    if criterion not in CRITERIA:
+        raise CompressionError(f"criterion={criterion!r} is not one of {CRITERIA}")
+    if revive not in REVIVALS:
+        raise CompressionError(f"revive={revive!r} is not one of {REVIVALS}")
     if rounds < 1 or pool < 1:
         raise CompressionError(f"rounds must be >= 1 and pool >= 1, got rounds={rounds}, pool={pool}")
     model = working_copy(model)
@@ -117,12 +151,12 @@ def drop(
         pruning_epochs = max(rounds, round(0.6 * training.epochs))
     _, end = _stage_steps(training.epochs, 0, pruning_epochs, n, "pruning_epochs")
     starts = [round(r * end / rounds) for r in range(rounds)]
-    state: dict[str, Any] = {"zero": [], "round": -1, "revived": 0}
+    state: dict[str, Any] = {"zero": [], "round": -1, "revived": 0, "dropped_values": {}}
 
     def grad_hook(m: nn.Module, epoch: int, step: int) -> None:
         if step in starts and starts.index(step) > state["round"]:
             state["round"] = starts.index(step)
-            _round(m, sp, state, state["round"], rounds, drop_in, pool, training.seed)
+            _round(m, sp, state, state["round"], rounds, drop_in, pool, training.seed, revive, criterion)
         sp.hold_zero_grads(state)
 
     def step_hook(m: nn.Module, epoch: int, step: int) -> None:

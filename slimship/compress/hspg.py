@@ -4,7 +4,8 @@ Both train on the channel groups the slimming engine finds and end with whole gr
 so ``slim`` removes them physically.
 
 * ``hspg`` (Half-Space Stochastic Projected Gradient): plain SGD for a warm-up stage, then for the
-  redundant groups (the ``target`` fraction of each space with the smallest norm) a group-lasso step
+  redundant groups (the ``target`` fraction of each space least salient at the end of the warm-up, as in
+  OTOv2's saliency-guided partition; ``criterion="magnitude"`` ranks by norm alone) a group-lasso step
   ``x - lr * lam_g * x / ||x||`` after every SGD step, followed by the half-space test: a group whose
   trial point leaves the half-space ``{z : z . x >= epsilon * ||x||^2}`` of its previous iterate is
   projected to exactly zero. ``lam_g = lam + ||x_g|| / (lr * shrink_steps)`` so the regulariser can
@@ -57,6 +58,18 @@ def space_fractions(
     return {s: check_fraction(f"space_targets[{s!r}]", overrides.get(s, target)) for s in by_space}
 
 
+def _rank(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    ranks = [0.0] * len(values)
+    for r, k in enumerate(order):
+        ranks[k] = r / max(len(values) - 1, 1)
+    return ranks
+
+
+#: how groups are ranked for removal (see GroupSparsifier.least_salient)
+CRITERIA = ("salience", "magnitude")
+
+
 class GroupSparsifier:
     """Shared bookkeeping: prunable groups per space, per-space quotas, held-zero groups."""
 
@@ -103,6 +116,17 @@ class GroupSparsifier:
 
     def taylor(self, i: int) -> float:
         return float((self.tensors.vector(i) * self.tensors.vector(i, grad=True)).sum().abs())
+
+    def least_salient(self, members: list[int], criterion: str = "salience") -> list[int]:
+        """`members` from least to most important: by ``magnitude``, or ``salience`` (the rank average
+        of normalised magnitude and first-order Taylor score; needs the gradients of a step)."""
+        if criterion == "magnitude":
+            return sorted(members, key=lambda i: (self.magnitude(i), i))
+        if criterion not in CRITERIA:
+            raise CompressionError(f"criterion={criterion!r} is not one of {CRITERIA}")
+        magnitude = _rank([self.magnitude(i) for i in members])
+        taylor = _rank([self.taylor(i) for i in members])
+        return [i for _, i in sorted(zip((a + b for a, b in zip(magnitude, taylor)), members))]
 
     def epoch_record(self, test: Iterable[Batch] | None, model: nn.Module) -> dict[str, Any]:
         record: dict[str, Any] = {"group_sparsity": self.sparsity()}
@@ -168,10 +192,13 @@ def hspg(
     projection_epochs: int | None = None,
     lam: float = 1e-3,
     epsilon: float = 0.0,
+    criterion: str = "salience",
 ) -> CompressResult:
     """Half-space stochastic projected gradient towards a `target` group sparsity per space."""
     if epsilon < 0 or lam < 0:
         raise CompressionError(f"lam and epsilon must be >= 0, got lam={lam}, epsilon={epsilon}")
+    if criterion not in CRITERIA:
+        raise CompressionError(f"criterion={criterion!r} is not one of {CRITERIA}")
     model = working_copy(model)
     sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
     n = _steps_per_epoch(train)
@@ -183,8 +210,7 @@ def hspg(
 
     def choose_redundant() -> None:
         for space, members in sp.spaces.items():
-            ranked = sorted(members, key=lambda i: (sp.magnitude(i), i))
-            state["redundant"] += ranked[: sp.quota[space]]
+            state["redundant"] += sp.least_salient(members, criterion)[: sp.quota[space]]
         state["lam"] = [lam + sp.tensors.norm(i) / (lr * shrink_steps) for i in state["redundant"]]
         log.info("hspg: projection stage on %d redundant groups", len(state["redundant"]))
 
@@ -240,14 +266,6 @@ def hspg(
     return _finish("hspg", model, sp, history, test, extra, training)
 
 
-def _rank(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda k: values[k])
-    ranks = [0.0] * len(values)
-    for r, k in enumerate(order):
-        ranks[k] = r / max(len(values) - 1, 1)
-    return ranks
-
-
 @register("hesso", training=Training())
 def hesso(
     model: nn.Module,
@@ -281,16 +299,7 @@ def hesso(
             active = [i for i in members if i not in taken]
             if want <= have or not active:
                 continue
-            score = [
-                a + b
-                for a, b in zip(
-                    _rank([sp.magnitude(i) for i in active]),
-                    _rank([sp.taylor(i) for i in active]),
-                    strict=True,
-                )
-            ]
-            ranked = [i for _, i in sorted(zip(score, active, strict=True))]
-            state["shrinking"] += ranked[: want - have]
+            state["shrinking"] += sp.least_salient(active)[: want - have]
 
     def grad_hook(m: nn.Module, epoch: int, step: int) -> None:
         sp.hold_zero_grads(state)

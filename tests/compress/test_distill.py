@@ -34,6 +34,16 @@ def test_choose_student_budget_and_fallback() -> None:
     assert choose_student(rows, 0.1, "ort", None) == (rows[2], False)
 
 
+def test_min_flops_ratio_binds_the_fallback_too() -> None:
+    rows = [
+        {"name": "a", "params": 100, "latency_ms": {"ort": 2.0}, "flops_ratio": 5.0},
+        {"name": "b", "params": 50, "latency_ms": {"ort": 1.0}, "flops_ratio": 3.9},
+    ]
+    assert choose_student(rows, 0.5, "ort", 4.0) == (rows[0], False)  # b is faster but under 4x
+    with pytest.raises(CompressionError, match=r"min_flops_ratio=6.0 \(best 5.00x\)"):
+        choose_student(rows, 5.0, "ort", 6.0)
+
+
 @pytest.mark.slow
 def test_hakd_latency_table_and_distillation() -> None:
     data = tiny_data()

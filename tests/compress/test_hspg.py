@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from slimship.compress import compress
+from slimship.compress.hspg import GroupSparsifier
 from slimship.data import evaluate_accuracy
 from slimship.errors import CompressionError
 from tests.compress.test_base import check_slims, example, one_thread, same_state, tiny_data, tiny_model
@@ -58,3 +60,23 @@ def test_space_targets_override_per_space() -> None:
     check_slims(result.model)
     with pytest.raises(CompressionError, match=r"space_targets names \['fc'\].*conv1"):
         compress("hspg", tiny_model(), example(), tiny_data(), space_targets={"fc": 0.5})
+
+
+def test_salience_weighs_the_taylor_score_against_magnitude() -> None:
+    model = tiny_model()
+    sp = GroupSparsifier(model, example(), 0.5, ["conv1.weight[0]"])
+    members = sp.spaces["conv1.weight[0]"]
+    unit = torch.ones(sp.sizes[members[0]])
+    for rank, i in enumerate(members):
+        sp.tensors.set_vector(i, (rank + 1) * unit)
+        sp.tensors.set_grad(i, (100.0 if rank == 0 else rank + 1) * unit)  # the smallest group matters most
+    assert sp.least_salient(members, "magnitude")[0] == members[0]
+    assert sp.least_salient(members, "salience")[0] == members[1]
+    with pytest.raises(CompressionError, match="criterion='random' is not one of"):
+        compress("hspg", tiny_model(), example(), tiny_data(), criterion="random")
+
+
+def test_magnitude_criterion_also_slims() -> None:
+    result = compress("hspg", tiny_model(), example(), tiny_data(), criterion="magnitude", **OPTIONS["hspg"])
+    assert result.info["per_space"] == {"conv1.weight[0]": [4, 8], "conv2.weight[0]": [6, 12]}
+    check_slims(result.model)
