@@ -184,7 +184,8 @@ class LatencyTable:
         return float(np.interp(fraction, xs, ys)) - self.dense_ms
 
     def latency(self, names: Sequence[str], fractions: Sequence[float]) -> float:
-        return self.dense_ms + sum(self.delta(s, f) for s, f in zip(names, fractions, strict=True))
+        additive = self.dense_ms + sum(self.delta(s, f) for s, f in zip(names, fractions, strict=True))
+        return max(additive, self.min_ms)  # never below the measured latency with every space at minimum
 
 
 # ---- latency measurement ---------------------------------------------------------------------------
@@ -201,9 +202,18 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], path: Path, runtime: str)
 
 
 def measure_latency_ms(
-    model: nn.Module, inputs: Any, runtime: str = "onnxruntime", threads: int = 1, runs: int = 60
+    model: nn.Module,
+    inputs: Any,
+    runtime: str = "onnxruntime",
+    threads: int = 1,
+    runs: int = 60,
+    repeats: int = 1,
 ) -> float:
-    """Median latency (ms) of `model` exported for `runtime` and run by the device runner."""
+    """Latency (ms) of `model` exported for `runtime` and run by the device runner.
+
+    The median of `runs` timed runs; with `repeats` > 1, the smallest of that many such medians (load
+    from other processes only ever adds time, so the minimum is the robust estimate on a shared machine).
+    """
     from slimship.runtimes.device_runner import open_runner
 
     if runtime not in RUNTIMES:
@@ -217,12 +227,15 @@ def measure_latency_ms(
         arrays = [t.detach().numpy() for t in inputs]
         for _ in range(10):
             runner.run(arrays)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            runner.run(arrays)
-            times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times))
+        medians = []
+        for _ in range(max(1, repeats)):
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                runner.run(arrays)
+                times.append((time.perf_counter() - start) * 1e3)
+            medians.append(statistics.median(times))
+    return float(min(medians))
 
 
 # ---- policies --------------------------------------------------------------------------------------
@@ -432,6 +445,11 @@ def adc(
     importance: str = "magnitude",
     recalibrate_bn: int = 4,
     seed_uniform: bool = True,
+    top_k: int = 4,
+    select_epochs: int = 1,
+    latency_margin: float = 0.05,
+    latency_rounds: int = 6,
+    latency_repeats: int = 3,
     val_fraction: float = 0.2,
     sigma: float = 0.5,
     sigma_decay: float = 0.97,
@@ -448,7 +466,16 @@ def adc(
     checkpoint: str | Path | None = None,
     seed: int = 0,
 ) -> CompressResult:
-    """Search per-space keep ratios with DDPG under a FLOPs (or latency) budget, prune, fine-tune."""
+    """Search per-space keep ratios with DDPG under a FLOPs (or latency) budget, prune, fine-tune.
+
+    Selection: the `top_k` distinct policies of highest search reward (the uniform policy among them when
+    `seed_uniform`) are each fine-tuned for `select_epochs` on the training part and scored on the
+    validation split; the best one wins (``select_epochs=0``: the highest reward wins). Latency budget:
+    the chosen policy is slimmed and measured on the target; while it is over ``(1 - latency_margin) x``
+    the budget, the latency model is rescaled by measured/predicted and the policy shrunk, for at most
+    `latency_rounds` measurements (each the smallest of `latency_repeats` medians), after which a
+    CompressionError names the target.
+    """
     if train is None:
         raise CompressionError(
             "adc needs training data (train batches) for its validation split and fine-tuning"
@@ -457,6 +484,11 @@ def adc(
         raise CompressionError(f"option 'search' must be one of {SEARCHES}, got {search!r}")
     if not 0 < min_keep <= max_keep <= 1:
         raise CompressionError(f"options need 0 < min_keep <= max_keep <= 1, got {min_keep}, {max_keep}")
+    if top_k < 1 or select_epochs < 0 or latency_rounds < 1 or not 0 <= latency_margin < 1:
+        raise CompressionError(
+            "options need top_k >= 1, select_epochs >= 0, latency_rounds >= 1 and 0 <= latency_margin < 1, "
+            f"got {top_k}, {select_epochs}, {latency_rounds}, {latency_margin}"
+        )
     inputs = as_input_tuple(example_inputs)
     model = working_copy(model).eval()
     found, by_space = prunable_groups(model, inputs)
@@ -512,9 +544,10 @@ def adc(
         recalibrate_batchnorm(model, calib, pruner.tensors, removed)
         return float(maybe_accuracy(model, val)) / 100.0
 
+    uniform = uniform_counts(spaces, budget, max_keep)
+    incumbent = (uniform, score(uniform)) if seed_uniform or search == "uniform" else None
     if search == "uniform":
-        counts = uniform_counts(spaces, budget, max_keep)
-        state = SearchState(best_counts=counts, best_reward=score(counts))
+        state = SearchState(best_counts=uniform, best_reward=incumbent[1])
     else:
         state = _search(
             spaces,
@@ -537,15 +570,42 @@ def adc(
             buffer_size,
             checkpoint,
             seed,
-            uniform_counts(spaces, budget, max_keep) if seed_uniform else None,
+            incumbent,
         )
-    counts = state.best_counts
+    candidates = top_policies(state.curve, incumbent, top_k)
+    counts, selection = candidates[0]["counts"], []
+    if select_epochs > 0 and len(candidates) > 1:
+        tune = _training_batches(rest, getattr(train, "batch_size", 64), seed)
+
+        def select_score(c: list[int]) -> dict[str, float]:
+            removed = pruner.apply(c)
+            recalibrate_batchnorm(model, calib, pruner.tensors, removed)
+            _finetune(model, pruner.tensors, removed, tune, select_epochs, lr, seed)
+            return validation_scores(model, val)
+
+        counts, selection = select_policy(candidates, select_score)
+    info["selection"] = selection
     if target_latency_ms is not None:
-        counts, checks = _meet_measured_latency(
-            pruner, spaces, budget, counts, inputs, target_runtime, target_threads, latency_runs, score
+        where = f"target runtime {target_runtime!r} ({target_threads} thread(s))"
+
+        def measure(c: list[int]) -> float:
+            return _slim_latency(
+                pruner, c, inputs, target_runtime, target_threads, latency_runs, latency_repeats
+            )
+
+        counts, checks = close_latency_loop(
+            budget,
+            counts,
+            measure,
+            latency_margin,
+            latency_rounds,
+            f"target_latency_ms={target_latency_ms}",
+            where,
         )
         info["latency_checks"] = checks
-        info["measured_latency_ms"] = checks[-1]["measured_ms"]
+        chosen = next(c for c in checks if c["chosen"])
+        info["predicted_latency_ms"] = chosen["predicted_ms"]
+        info["measured_latency_ms"] = chosen["measured_ms"]
     info["search_val_accuracy"] = 100.0 * score(counts)  # leaves the policy applied, BN recalibrated
     removed = pruner.pruned(counts)
     history = _finetune(model, pruner.tensors, removed, train, finetune_epochs, lr, seed)
@@ -555,6 +615,7 @@ def adc(
         kept_channels={s.name: [c, s.n] for s, c in zip(spaces, counts, strict=True)},
         reward_curve=[e["reward"] for e in state.curve],
         best_reward=state.best_reward,
+        uniform_reward=None if incumbent is None else incumbent[1],
         episodes=state.curve,
         flops_ratio_predicted=flops.flops(fr) / flops.total,
         predicted_cost=budget.cost(fr),
@@ -591,6 +652,69 @@ def uniform_counts(spaces: list[Space], budget: Budget, max_keep: float = 1.0) -
             return counts
 
 
+def top_policies(
+    curve: list[dict[str, Any]], incumbent: tuple[list[int], float] | None, k: int
+) -> list[dict[str, Any]]:
+    """The `k` distinct policies of highest reward (ties: earliest first); the incumbent always included."""
+    seen: dict[tuple[int, ...], dict[str, Any]] = {}
+    entries = list(curve)
+    if incumbent is not None:
+        entries.insert(0, {"episode": 0, "reward": incumbent[1], "counts": list(incumbent[0])})
+    for e in entries:
+        seen.setdefault(
+            tuple(e["counts"]), {"episode": e["episode"], "reward": e["reward"], "counts": e["counts"]}
+        )
+    ranked = sorted(seen.values(), key=lambda e: (-e["reward"], e["episode"]))
+    top = ranked[:k]
+    if incumbent is not None and not any(e["episode"] == 0 for e in top):
+        top[-1] = next(e for e in ranked if e["episode"] == 0)
+    return [{**e, "counts": list(e["counts"])} for e in top]
+
+
+def select_policy(
+    candidates: list[dict[str, Any]], select_score: Callable[[list[int]], dict[str, float]]
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Score every candidate after its short fine-tune on the validation split; the best wins.
+
+    Highest validation accuracy wins; equal accuracies (frequent near 100 %) go to the lower validation
+    loss, then to the higher search reward.
+    """
+    rows = [{**c, **select_score(list(c["counts"]))} for c in candidates]
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -rows[i]["val_loss"], -i))
+    for i, r in enumerate(rows):
+        r["chosen"] = i == best
+        log.info(
+            "adc candidate (episode %d, reward %.4f): val accuracy %.2f after fine-tune%s",
+            r["episode"],
+            r["reward"],
+            r["val_accuracy"],
+            " (chosen)" if r["chosen"] else "",
+        )
+    return list(rows[best]["counts"]), rows
+
+
+@torch.no_grad()
+def validation_scores(model: nn.Module, batches: list[Batch]) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of `model` on `batches`."""
+    model.eval()
+    correct = loss = count = 0.0
+    for x, y in batches:
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += float((out.argmax(1) == y).sum())
+        count += len(y)
+    return {"val_accuracy": 100.0 * correct / max(count, 1), "val_loss": loss / max(count, 1)}
+
+
+def _training_batches(rest: list[Batch], batch_size: int, seed: int) -> Any:
+    """The training part (validation held back) as shuffled mini-batches."""
+    from slimship.data import Batches
+
+    x = torch.cat([b[0] for b in rest]).numpy()
+    y = torch.cat([b[1] for b in rest]).numpy()
+    return Batches(x, y, batch_size, shuffle=True, seed=seed)
+
+
 def _search(
     spaces,
     flops,
@@ -612,14 +736,18 @@ def _search(
     buffer_size,
     checkpoint,
     seed,
-    start_counts=None,
+    incumbent=None,
 ) -> SearchState:
     torch.manual_seed(seed)
     agent = Agent(hidden, lr_actor, lr_critic, tau, gamma, buffer_size)
     rng = np.random.default_rng(seed)
     state = SearchState(sigma=sigma)
-    if start_counts is not None:  # the uniform policy is the incumbent the agent has to beat
-        state.best_counts, state.best_reward = list(start_counts), score(list(start_counts))
+    if incumbent is not None:
+        # the uniform policy is the incumbent the agent has to beat: its reward is the first baseline and
+        # its transitions seed the replay buffer as a demonstration episode
+        counts, reward = list(incumbent[0]), incumbent[1]
+        state.best_counts, state.best_reward, state.baseline = counts, reward, reward
+        _remember_episode(agent, _episode_states(spaces, flops, counts), counts, spaces, 0.0)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         saved = load_checkpoint(path)
@@ -648,12 +776,10 @@ def _search(
             if key not in cache:
                 cache[key] = score(counts)
             reward = cache[key]
-            state.baseline = reward if state.baseline is None else 0.95 * state.baseline + 0.05 * reward
-            for t, (obs, act) in enumerate(rows):
-                last = t == len(rows) - 1
-                nxt = rows[t + 1][0] if not last else obs
-                r = reward - state.baseline if last else 0.0
-                agent.remember([*obs.tolist(), act, r, *nxt.tolist(), float(last)])
+            if state.baseline is None:
+                state.baseline = reward
+            _remember_episode(agent, [obs for obs, _ in rows], counts, spaces, reward - state.baseline)
+            state.baseline = 0.95 * state.baseline + 0.05 * reward
             if state.episode >= warmup:
                 for _ in range(updates_per_step * len(spaces)):
                     agent.update(rng, batch_size)
@@ -676,6 +802,28 @@ def _search(
                     path, {"agent": agent.state_dict(), "rng": _rng_to(rng), "search": vars(state)}
                 )
     return state
+
+
+def _episode_states(spaces: list[Space], flops: FlopsModel, counts: list[int]) -> list[np.ndarray]:
+    """The states an episode that ends with `counts` walks through."""
+    walked = [s.n for s in spaces]
+    out, prev = [], 1.0
+    for t, s in enumerate(spaces):
+        out.append(_states(spaces, flops, walked, t, prev))
+        walked[t] = counts[t]
+        prev = counts[t] / s.n
+    return out
+
+
+def _remember_episode(
+    agent: Agent, states: list[np.ndarray], counts: list[int], spaces: list[Space], advantage: float
+) -> None:
+    """One transition per step; the reward (relative to the baseline) arrives at the last step."""
+    for t, obs in enumerate(states):
+        last = t == len(states) - 1
+        nxt = obs if last else states[t + 1]
+        act = counts[t] / spaces[t].n
+        agent.remember([*obs.tolist(), act, advantage if last else 0.0, *nxt.tolist(), float(last)])
 
 
 def _rng_to(rng: np.random.Generator) -> dict[str, Any]:
@@ -741,12 +889,14 @@ def _finetune(model, tensors: GroupTensors, removed: list[int], train, epochs: i
 
 
 # ---- latency table ---------------------------------------------------------------------------------
-def _slim_latency(pruner: Pruner, counts: list[int], inputs, runtime: str, threads: int, runs: int) -> float:
+def _slim_latency(
+    pruner: Pruner, counts: list[int], inputs, runtime: str, threads: int, runs: int, repeats: int = 1
+) -> float:
     from slimship.slimming.api import slim
 
     pruner.apply(counts)
     slimmed = slim(pruner.model, inputs).model
-    return measure_latency_ms(slimmed, inputs, runtime, threads, runs)
+    return measure_latency_ms(slimmed, inputs, runtime, threads, runs, repeats)
 
 
 def build_latency_table(
@@ -780,29 +930,71 @@ def build_latency_table(
     return LatencyTable(runtime, threads, dense_ms, min_ms, points)
 
 
-def _meet_measured_latency(pruner, spaces, budget: Budget, counts, inputs, runtime, threads, runs, score):
-    """Measure the chosen policy; while it misses the budget, tighten the table budget and re-clip."""
-    checks = []
+def close_latency_loop(
+    budget: Budget,
+    counts: list[int],
+    measure: Callable[[list[int]], float],
+    margin: float = 0.05,
+    rounds: int = 6,
+    what: str = "latency budget",
+    where: str = "the target",
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Measure `counts` on the target; while over ``(1 - margin) x budget.limit``, tighten and re-measure.
+
+    Each round rescales the latency model at the current policy by measured/predicted (the table limit
+    becomes ``min(limit, predicted) * goal / measured``) and shrinks every kept fraction by one common
+    factor until the model predicts the new limit. Returns the first policy measured within the goal
+    (else the fastest one within the budget) and every check in order (counts, predicted and measured
+    ms, chosen). Raises CompressionError naming `where` when no measured policy meets the budget after
+    `rounds` measurements or at every space's minimum.
+    """
     limit = budget.limit
-    for _ in range(6):
-        measured = _slim_latency(pruner, counts, inputs, runtime, threads, runs)
-        predicted = budget.cost(budget.fractions(counts))
-        checks.append({"counts": list(counts), "predicted_ms": predicted, "measured_ms": measured})
-        if measured <= limit or counts == budget.min_counts:
-            break
-        budget.limit *= limit / measured * 0.97
-        new = list(counts)
-        for t in range(len(spaces)):
-            new[t] = budget.clip(t, new, new[t])
-        counts = new if new != counts else _shrink(counts, budget)
-    budget.limit = limit
-    return counts, checks
+    goal = limit * (1 - margin)
+    checks: list[dict[str, Any]] = []
+    try:
+        for _ in range(rounds):
+            predicted = budget.cost(budget.fractions(counts))
+            measured = measure(counts)
+            checks.append({"counts": list(counts), "predicted_ms": predicted, "measured_ms": measured})
+            log.info(
+                "adc latency check on %s: predicted %.4f ms, measured %.4f ms", where, predicted, measured
+            )
+            if measured <= goal or counts == budget.min_counts:
+                break
+            # rescale the latency model at this policy by measured / predicted
+            budget.limit = min(budget.limit, predicted) * goal / measured
+            counts = shrink_to_budget(counts, budget)
+    finally:
+        budget.limit = limit
+    within = [c for c in checks if c["measured_ms"] <= limit]
+    if not within:
+        last = checks[-1]
+        floor = " with every space at min_keep" if last["counts"] == budget.min_counts else ""
+        raise CompressionError(
+            f"{what} on {where} was not met after {len(checks)} measured round(s): the last policy measured "
+            f"{last['measured_ms']:.4f} ms (predicted {last['predicted_ms']:.4f} ms) against {limit:.4f} ms"
+            f"{floor}; raise the budget, lower min_keep or raise latency_rounds"
+        )
+    in_goal = [c for c in within if c["measured_ms"] <= goal]
+    chosen = in_goal[0] if in_goal else min(within, key=lambda c: c["measured_ms"])
+    for c in checks:
+        c["chosen"] = c is chosen
+    return list(chosen["counts"]), checks
 
 
-def _shrink(counts: list[int], budget: Budget) -> list[int]:
-    """Remove one more channel from the widest space (fallback when re-clipping changes nothing)."""
-    fr = budget.fractions(counts)
-    t = max(range(len(counts)), key=lambda i: (fr[i] if counts[i] > budget.min_counts[i] else -1, -i))
-    out = list(counts)
-    out[t] = max(budget.min_counts[t], out[t] - max(1, out[t] // 10))
-    return out
+def shrink_to_budget(counts: list[int], budget: Budget) -> list[int]:
+    """Scale every kept fraction by the largest common factor (fine grid) the budget allows.
+
+    Always removes at least one channel from the widest space above its minimum, so a loop progresses.
+    """
+    fallback = list(counts)
+    widest = max(
+        range(len(counts)),
+        key=lambda t: ((counts[t] / budget.spaces[t].n) if counts[t] > budget.min_counts[t] else -1.0, -t),
+    )
+    fallback[widest] = max(budget.min_counts[widest], counts[widest] - 1)
+    for factor in np.linspace(1.0, 0.0, 201)[1:]:
+        trial = [max(m, math.floor(factor * c)) for c, m in zip(counts, budget.min_counts, strict=True)]
+        if trial != counts and budget.cost(budget.fractions(trial)) <= budget.limit * (1 + 1e-9):
+            return trial
+    return fallback if fallback != counts else list(budget.min_counts)

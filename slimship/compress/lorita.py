@@ -9,7 +9,9 @@ Slimming (``factorize``): the SVD of each weight is truncated at a rank set by `
 `energy` threshold, and the layer becomes two thin ones (``Linear(in, r)`` then ``Linear(r, out)``, or
 ``conv(in, r, k)`` then a 1x1 ``conv(r, out)``) only where that lowers its FLOPs. Each replaced layer is
 checked numerically: on the inputs it sees, its output error must not exceed what the truncation
-allows (``sigma_{r+1} * ||input||``, the spectral bound of the dropped part).
+allows (``sigma_{r+1} * ||input||``, the spectral bound of the dropped part). With
+``finetune_epochs`` > 0 the thin model is then trained for a few epochs (Adam, no weight decay) to recover
+the truncation loss; it stays a plain model of thin layers, so its export is exact to what was evaluated.
 """
 
 from __future__ import annotations
@@ -110,17 +112,21 @@ def lorita(
     rank_ratio: float | None = None,
     energy: float | None = 0.98,
     min_saving: float = 0.0,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 1e-3,
     checkpoint: str | None = None,
     seed: int = 0,
 ) -> CompressResult:
     """Train with each weight over-parametrised as `depth` factors (Adam + weight decay), then collapse.
 
-    `rank_ratio` / `energy` / `min_saving` are not used here: they are handed to ``factorize`` through
-    ``info["factorize"]`` (the pipeline's slimming step for this method, ``info["slim_step"]``).
+    `rank_ratio` / `energy` / `min_saving` / `finetune_epochs` / `finetune_lr` are not used here: they are
+    handed to ``factorize`` through ``info["factorize"]`` (the pipeline's slimming step for this method,
+    ``info["slim_step"]``); a fine-tune there also needs the training batches.
     """
     if train is None:
         raise CompressionError("lorita needs training data (train batches)")
     _check_rank_options(rank_ratio, energy)
+    _check_finetune(finetune_epochs, finetune_lr, train)
     model = working_copy(model)
     names = overparametrize(model, depth)
     if not names:
@@ -140,7 +146,13 @@ def lorita(
     spectra = {name: _singular_values(m).tolist() for name, m in _matrix_layers(model) if name in names}
     info = {
         "slim_step": "factorize",
-        "factorize": {"rank_ratio": rank_ratio, "energy": energy, "min_saving": min_saving},
+        "factorize": {
+            "rank_ratio": rank_ratio,
+            "energy": energy,
+            "min_saving": min_saving,
+            "finetune_epochs": finetune_epochs,
+            "finetune_lr": finetune_lr,
+        },
         "depth": depth,
         "layers": names,
         "effective_rank": {n: _rank_for(torch.tensor(s), None, energy or 0.98) for n, s in spectra.items()},
@@ -173,8 +185,9 @@ class FactorizeResult:
     flops_after: int
     params_before: int
     params_after: int
-    max_rel_output_diff: float  # whole model, slim vs collapsed, on the example inputs
+    max_rel_output_diff: float  # whole model, slim vs collapsed, on the example inputs (before a fine-tune)
     options: dict[str, Any] = field(default_factory=dict)
+    finetune_history: list[dict[str, Any]] = field(default_factory=list)  # one record per fine-tune epoch
 
     @property
     def flops_ratio(self) -> float:
@@ -186,6 +199,15 @@ def _check_rank_options(rank_ratio: float | None, energy: float | None) -> None:
         raise CompressionError(f"option 'rank_ratio' must be in (0, 1], got {rank_ratio!r}")
     if energy is not None and not 0 < energy <= 1:
         raise CompressionError(f"option 'energy' must be in (0, 1], got {energy!r}")
+
+
+def _check_finetune(epochs: int, lr: float, train: Iterable[Batch] | None) -> None:
+    if epochs < 0 or lr <= 0:
+        raise CompressionError(f"options need finetune_epochs >= 0 and finetune_lr > 0, got {epochs}, {lr}")
+    if epochs > 0 and train is None:
+        raise CompressionError(
+            f"finetune_epochs={epochs} needs training batches (pass train=...), or set finetune_epochs=0"
+        )
 
 
 def _singular_values(m: nn.Module) -> torch.Tensor:
@@ -277,6 +299,11 @@ def factorize(
     rank_ratio: float | None = None,
     energy: float | None = None,
     min_saving: float = 0.0,
+    *,
+    train: Iterable[Batch] | None = None,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 1e-3,
+    seed: int = 0,
 ) -> FactorizeResult:
     """Replace each matrix layer by two thin ones at the truncated rank wherever that lowers its FLOPs.
 
@@ -284,12 +311,17 @@ def factorize(
     sets the rank. With `min_saving` > 0 a layer is replaced only if that removes at least that fraction
     of its FLOPs (a marginal saving is not worth the truncation error). Raises VerificationError if a
     replaced layer's output error on its inputs exceeds the truncation bound.
+
+    `finetune_epochs` > 0 then trains the thin model on `train` (Adam at `finetune_lr`, no weight decay,
+    seeded): the per-layer errors and `max_rel_output_diff` describe the truncation before that fine-tune,
+    ``finetune_history`` the fine-tune itself.
     """
     if (rank_ratio is None) == (energy is None):
         raise CompressionError("factorize: pass exactly one of rank_ratio or energy")
     _check_rank_options(rank_ratio, energy)
     if not 0 <= min_saving < 1:
         raise CompressionError(f"factorize: min_saving must be in [0, 1), got {min_saving!r}")
+    _check_finetune(finetune_epochs, finetune_lr, train)
     inputs = as_input_tuple(example_inputs)
     source = copy.deepcopy(model).eval()
     collapse(source)
@@ -349,6 +381,17 @@ def factorize(
         )
     slim_model.eval()
     check = verify_outputs(source, slim_model, inputs, rtol=float("inf"), n_random=0, what="factorized model")
+    history = []
+    if finetune_epochs > 0 and any(r.replaced for r in reports):
+        history = train_loop(
+            slim_model,
+            train,
+            epochs=finetune_epochs,
+            optimizer=torch.optim.Adam(slim_model.parameters(), lr=finetune_lr),
+            seed=seed,
+            desc="lorita thin-model fine-tune",
+        )
+        slim_model.eval()
     return FactorizeResult(
         model=slim_model,
         layers=reports,
@@ -357,5 +400,12 @@ def factorize(
         params_before=count_params(source),
         params_after=count_params(slim_model),
         max_rel_output_diff=check.max_rel_diff,
-        options={"rank_ratio": rank_ratio, "energy": energy, "min_saving": min_saving},
+        options={
+            "rank_ratio": rank_ratio,
+            "energy": energy,
+            "min_saving": min_saving,
+            "finetune_epochs": finetune_epochs,
+            "finetune_lr": finetune_lr,
+        },
+        finetune_history=history,
     )

@@ -7,6 +7,15 @@ import torch
 from torch import nn
 
 from slimship.compress import compress
+from slimship.compress.adc import (
+    Budget,
+    Pruner,
+    build_spaces,
+    close_latency_loop,
+    top_policies,
+    uniform_counts,
+)
+from slimship.compress.base import GroupTensors, prunable_groups
 from slimship.data import Batches, digits_arrays
 from slimship.errors import CompressionError
 from slimship.slimming.api import count_flops, slim
@@ -88,3 +97,99 @@ def test_unreachable_latency_budget_names_target_and_best(data):
             latency_fractions=(),
             latency_runs=5,
         )
+
+
+def test_top_k_selection_is_deterministic_and_picks_best_validation(data):
+    train, x = data
+    opts = {**OPTS, "top_k": 3, "select_epochs": 1, "seed": 1}
+    a = compress("adc", tiny_cnn(), (x,), train, **opts)
+    b = compress("adc", tiny_cnn(), (x,), train, **opts)
+    assert a.info["selection"] == b.info["selection"] and a.info["policy"] == b.info["policy"]
+    for va, vb in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(va, vb)
+    sel = a.info["selection"]
+    assert 2 <= len(sel) <= 3 and len({tuple(c["counts"]) for c in sel}) == len(sel)
+    assert any(c["episode"] == 0 for c in sel)  # the uniform policy is always a candidate
+    chosen = [c for c in sel if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["val_accuracy"] == max(c["val_accuracy"] for c in sel)
+    assert [a.info["kept_channels"][s][0] for s in a.info["spaces"]] == chosen[0]["counts"]
+    assert a.info["flops_ratio_predicted"] <= 0.4 * 1.001
+
+
+def test_top_policies_ranks_distinct_and_keeps_incumbent():
+    curve = [
+        {"episode": 1, "reward": 0.5, "counts": [3, 4]},
+        {"episode": 2, "reward": 0.7, "counts": [2, 4]},
+        {"episode": 3, "reward": 0.7, "counts": [2, 4]},
+        {"episode": 4, "reward": 0.6, "counts": [4, 1]},
+    ]
+    top = top_policies(curve, ([1, 1], 0.1), 2)
+    assert [c["counts"] for c in top] == [[2, 4], [1, 1]] and top[0]["episode"] == 2
+    assert [c["counts"] for c in top_policies(curve, None, 3)] == [[2, 4], [4, 1], [3, 4]]
+
+
+def _flops_setup():
+    model = tiny_cnn().eval()
+    x = torch.randn(2, 1, 8, 8)
+    found, by_space = prunable_groups(model, (x,))
+    spaces, flops = build_spaces(model, (x,), found.groups, by_space)
+    pruner = Pruner(model, found.groups, spaces, GroupTensors(model, found.groups).norms())
+
+    def true_cost(counts):  # the "target": FLOPs of the physically slimmed model, as a fraction
+        pruner.apply(counts)
+        return slim(pruner.model, (x,)).flops_after / flops.total
+
+    return spaces, flops, true_cost
+
+
+def test_latency_loop_tightens_until_the_measurement_meets_the_budget():
+    spaces, flops, true_cost = _flops_setup()
+    # an optimistic cost model: it predicts 60% of the true cost, so its first policy misses the budget
+    budget = Budget(spaces, lambda fr: 0.6 * flops.flops(fr) / flops.total, 0.5, 0.1)
+    start = uniform_counts(spaces, budget)
+    counts, checks = close_latency_loop(budget, start, true_cost, margin=0.05, rounds=8, where="flops-target")
+    assert checks[0]["counts"] == start and checks[0]["measured_ms"] > 0.5
+    assert len(checks) >= 2 and budget.limit == 0.5  # the limit is restored after the loop
+    chosen = [c for c in checks if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["counts"] == counts
+    assert chosen[0]["measured_ms"] <= 0.5 * 0.95 and true_cost(counts) == chosen[0]["measured_ms"]
+    assert chosen[0]["predicted_ms"] == pytest.approx(
+        0.6 * flops.flops(budget.fractions(counts)) / flops.total
+    )
+
+
+def test_latency_loop_that_cannot_meet_the_budget_names_the_target():
+    spaces, flops, _ = _flops_setup()
+    budget = Budget(spaces, lambda fr: flops.flops(fr) / flops.total, 0.5, 0.1)
+    with pytest.raises(CompressionError, match=r"target_latency_ms=0\.5 on slow-board.*3 measured round"):
+        close_latency_loop(
+            budget,
+            uniform_counts(spaces, budget),
+            lambda counts: 2.0,  # a target slower than the budget whatever the policy
+            rounds=3,
+            what="target_latency_ms=0.5",
+            where="slow-board",
+        )
+
+
+def test_latency_budget_met_on_measured_onnxruntime_latency(data):
+    train, x = data
+    x1 = x[:1]
+    r = compress(
+        "adc",
+        tiny_cnn(),
+        (x1,),
+        train,
+        target_latency_ms=50.0,  # far above this model's latency: met on the first measurement
+        target_runtime="onnxruntime",
+        latency_fractions=(),
+        latency_runs=5,
+        episodes=3,
+        warmup_episodes=2,
+        finetune_epochs=0,
+        select_epochs=0,
+    )
+    checks = r.info["latency_checks"]
+    assert len(checks) == 1 and checks[0]["chosen"]
+    assert 0 < r.info["measured_latency_ms"] <= 50.0 * 0.95
+    assert r.info["predicted_latency_ms"] == checks[0]["predicted_ms"] > 0

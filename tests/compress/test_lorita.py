@@ -87,3 +87,34 @@ def test_factorize_needs_exactly_one_rank_option(data):
     _, x = data
     with pytest.raises(CompressionError, match="exactly one"):
         factorize(tiny_mlp(), (x,))
+
+
+def test_factorize_finetune_trains_the_thin_model_which_exports_exactly(data, tmp_path):
+    import onnxruntime as ort
+
+    train, x = data
+    r = compress("lorita", tiny_mlp(), (x,), train, epochs=1, depth=2, weight_decay=1e-3, finetune_epochs=1)
+    assert r.info["factorize"]["finetune_epochs"] == 1
+    plain = factorize(r.model, (x,), rank_ratio=0.25)
+    tuned = factorize(r.model, (x,), rank_ratio=0.25, train=train, finetune_epochs=1, seed=0)
+    again = factorize(r.model, (x,), rank_ratio=0.25, train=train, finetune_epochs=1, seed=0)
+    assert len(tuned.finetune_history) == 1 and not plain.finetune_history
+    assert tuned.flops_after == plain.flops_after < tuned.flops_before
+    assert tuned.params_after == plain.params_after
+    assert tuned.max_rel_output_diff == plain.max_rel_output_diff  # the truncation, before the fine-tune
+    pairs = list(zip(plain.model.state_dict().values(), tuned.model.state_dict().values(), strict=True))
+    assert any(not torch.equal(p, t) for p, t in pairs)  # the fine-tune moved the thin layers
+    for va, vb in zip(tuned.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(va, vb)  # seeded
+    path = tmp_path / "thin.onnx"
+    torch.onnx.export(tuned.model.eval(), (x,), str(path), dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(path))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), tuned.model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_needs_training_batches(data):
+    _, x = data
+    with pytest.raises(CompressionError, match="finetune_epochs=2 needs training batches"):
+        factorize(tiny_mlp(), (x,), rank_ratio=0.5, finetune_epochs=2)
