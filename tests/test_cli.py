@@ -58,6 +58,24 @@ def test_config_error_exits_2_with_the_key_path(tmp_path, capsys) -> None:
     assert "'export.formats'" in capsys.readouterr().err
 
 
+def test_run_with_lorita_factorizes_in_the_slim_stage(tmp_path) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    config["model"] = {"factory": "slimship.models:digits_mlp", "kwargs": {}, "input_shape": [1, 8, 8]}
+    config["train"] = None
+    config["compress"] = {"method": "lorita", "options": {"epochs": 2, "energy": 0.6, "min_saving": 0.25}}
+    config["export"]["formats"] = ["onnx"]
+    config["bench"] = {"runs": 3, "warmup": 1}
+    config["release"]["out"] = str(tmp_path / "artifacts")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    bundle = tmp_path / "artifacts" / "lenet5-digits-0.1.0"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["slimming"]["flops_after"] < manifest["slimming"]["flops_before"]
+    assert manifest["slimming"]["params_after"] < manifest["slimming"]["params_before"]
+    assert main(["verify", str(bundle)]) == 0
+
+
 @pytest.mark.slow
 def test_run_config_writes_a_verified_release(tmp_path, capsys) -> None:
     config = yaml.safe_load(CONFIG.read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +138,27 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
 
     from slimship.slimming import slim
 
+    slim_source, factorized = compressed, None
+    if compress_info.get("slim_step") == "factorize":  # low-rank methods: thin layers replace wide ones
+        from slimship.compress.lorita import factorize
+
+        factorized = stages.run(
+            "factorize (SVD truncation, verify per layer)", factorize, compressed, trace_example,
+            train=train, seed=seed, **result.info["factorize"],
+        )  # fmt: skip
+        slim_source = factorized.model
     scfg = config["slim"]
     slim_result = stages.run(
-        "slim (trace, analyse, rewrite, verify)", slim, compressed, trace_example,
+        "slim (trace, analyse, rewrite, verify)", slim, slim_source, trace_example,
         merge=scfg["merge"], fold_constants=scfg["fold_constants"], rtol=scfg["rtol"],
     )  # fmt: skip
+    if factorized is not None:
+        slim_result = _from_factorized(slim_result, factorized, compressed)
+        compress_info["factorized_layers"] = [
+            {"name": f.name, "rank": f.rank, "full_rank": f.full_rank, "rel_output_error": f.rel_output_error}
+            for f in factorized.layers
+            if f.replaced
+        ]
     slim_model = slim_result.model
     slim_acc = _accuracy(slim_model, test)
 
@@ -193,6 +209,18 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
     if release_dir is not None:
         console.print(f"release bundle: [bold]{release_dir}[/bold]")
     return PipelineResult(release_dir, summary, stages.timings)
+
+
+def _from_factorized(slim_result: Any, factorized: Any, source: torch.nn.Module) -> Any:
+    """The slim result, with its "before" figures taken from the model the factorisation started from."""
+    from slimship.slimming.api import count_bytes
+
+    return replace(
+        slim_result,
+        params_before=factorized.params_before,
+        flops_before=factorized.flops_before,
+        bytes_before=count_bytes(source),
+    )
 
 
 def _plain(info: dict[str, Any]) -> dict[str, Any]:
