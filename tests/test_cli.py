@@ -58,22 +58,39 @@ def test_config_error_exits_2_with_the_key_path(tmp_path, capsys) -> None:
     assert "'export.formats'" in capsys.readouterr().err
 
 
+def _run_config(config: dict, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """`slimship run` on `config` (short bench, release under tmp_path): config path, bundle, manifest."""
+    config["bench"] = {"runs": 3, "warmup": 1}
+    config["release"]["out"] = str(tmp_path / "artifacts")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    bundle = tmp_path / "artifacts" / f"{config['release']['name']}-{config['release']['version']}"
+    return path, bundle, json.loads((bundle / "manifest.json").read_text())
+
+
 def test_run_with_lorita_factorizes_in_the_slim_stage(tmp_path) -> None:
     config = yaml.safe_load(CONFIG.read_text())
     config["model"] = {"factory": "slimship.models:digits_mlp", "kwargs": {}, "input_shape": [1, 8, 8]}
     config["train"] = None
     config["compress"] = {"method": "lorita", "options": {"epochs": 2, "energy": 0.6, "min_saving": 0.25}}
     config["export"]["formats"] = ["onnx"]
-    config["bench"] = {"runs": 3, "warmup": 1}
-    config["release"]["out"] = str(tmp_path / "artifacts")
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["run", str(path)]) == 0
-    bundle = tmp_path / "artifacts" / "lenet5-digits-0.1.0"
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    _, bundle, manifest = _run_config(config, tmp_path)
     assert manifest["slimming"]["flops_after"] < manifest["slimming"]["flops_before"]
     assert manifest["slimming"]["params_after"] < manifest["slimming"]["params_before"]
     assert main(["verify", str(bundle)]) == 0
+
+
+def test_run_with_adc_reports_its_search(tmp_path) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    config["train"]["epochs"] = 1
+    options = {"episodes": 4, "warmup_episodes": 2, "target_flops_ratio": 0.5, "finetune_epochs": 1}
+    config["compress"] = {"method": "adc", "options": options}
+    config["export"]["formats"] = ["onnx"]
+    _, bundle, manifest = _run_config(config, tmp_path)
+    assert manifest["slimming"]["flops_after"] < manifest["slimming"]["flops_before"]
+    page = (bundle / "report.html").read_text()
+    assert 'id="plot-extra-adc-search-reward"' in page and 'id="plot-extra-adc-policy"' in page
 
 
 @pytest.mark.slow
@@ -81,13 +98,7 @@ def test_run_config_writes_a_verified_release(tmp_path, capsys) -> None:
     config = yaml.safe_load(CONFIG.read_text())
     config["train"]["epochs"] = 1
     config["compress"]["options"] = {"target": 0.5, "epochs": 2}
-    config["bench"] = {"runs": 5, "warmup": 1}
-    config["release"]["out"] = str(tmp_path / "artifacts")
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["run", str(path)]) == 0
-    bundle = tmp_path / "artifacts" / "lenet5-digits-0.1.0"
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    path, bundle, manifest = _run_config(config, tmp_path)
     names = {f["path"] for f in manifest["files"]}
     assert any(n.endswith(".onnx") for n in names) and any(n.endswith(".tflite") for n in names)
     assert manifest["slimming"]["flops_after"] < manifest["slimming"]["flops_before"]

@@ -355,6 +355,8 @@ def _extra_plot(title: str, spec: Any) -> str:
         return _figure_html(slug, spec.encode("utf-8"), title)
     if not isinstance(spec, dict):
         raise TypeError(f"extra_plots[{title!r}]: expected PNG bytes, SVG text or a dict with 'series'")
+    if spec.get("kind") == "barh":
+        return _extra_barh(slug, title, spec)
     series = spec.get("series") or {spec.get("label", title): {"x": spec["x"], "y": spec["y"]}}
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(8.0, 3.8))
@@ -365,6 +367,22 @@ def _extra_plot(title: str, spec: Any) -> str:
             ax.set_ylabel(str(spec.get("ylabel", "")))
             if len(series) > 1:
                 ax.legend()
+            return _figure_html(slug, _svg_bytes(fig), str(spec.get("caption", title)))
+        finally:
+            plt.close(fig)
+
+
+def _extra_barh(slug: str, title: str, spec: dict[str, Any]) -> str:
+    """A horizontal bar chart: {"kind": "barh", "labels": [...], "values": [...], "xlabel": ...}."""
+    labels, values = [str(v) for v in spec["labels"]], [float(v) for v in spec["values"]]
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8.0, max(2.0, 0.28 * len(labels) + 1.0)))
+        try:
+            ys = list(range(len(labels)))
+            ax.barh(ys, values, color=_SLIM_COLOR)
+            ax.set_yticks(ys, labels)
+            ax.invert_yaxis()
+            ax.set_xlabel(str(spec.get("xlabel", "")))
             return _figure_html(slug, _svg_bytes(fig), str(spec.get("caption", title)))
         finally:
             plt.close(fig)

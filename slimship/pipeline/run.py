@@ -135,6 +135,7 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
         )  # fmt: skip
         compressed, compress_info = result.model.eval(), {"method": result.method, **_plain(result.info)}
         compress_plots = _history_plots(result.method, result.history)
+        compress_plots |= _search_plots(result.method, result.info)
 
     from slimship.slimming import slim
 
@@ -332,6 +333,27 @@ def _history_plots(method: str, history: list[dict[str, Any]]) -> dict[str, Any]
     if not series:
         return {}
     return {f"{method} training": {"series": series, "xlabel": "epoch", "ylabel": "value"}}
+
+
+def _search_plots(method: str, info: dict[str, Any]) -> dict[str, Any]:
+    """Plots of a policy search (ADC): its reward per episode and the kept fraction it chose per space."""
+    plots: dict[str, Any] = {}
+    curve = info.get("reward_curve") or []
+    if len(curve) > 1:
+        plots[f"{method} search reward"] = {
+            "series": {"reward": {"x": list(range(1, len(curve) + 1)), "y": [float(r) for r in curve]}},
+            "xlabel": "episode",
+            "ylabel": "reward",
+        }
+    policy = info.get("policy") or {}
+    if policy:
+        plots[f"{method} policy"] = {
+            "kind": "barh",
+            "labels": list(policy),
+            "values": [float(f) for f in policy.values()],
+            "xlabel": "kept fraction of the space's channels",
+        }
+    return plots
 
 
 def _release(config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots):

@@ -136,7 +136,13 @@ def make_release_inputs(tiny_model_dir: Path) -> ReleaseInputs:
                 "y": [0.0, 0.2, 0.4, 0.5],
                 "xlabel": "epoch",
                 "ylabel": "group sparsity",
-            }
+            },
+            "ADC policy": {
+                "kind": "barh",
+                "labels": ["conv1.weight[0]", "conv2.weight[0]"],
+                "values": [0.5, 0.25],
+                "xlabel": "kept fraction",
+            },
         },
         model_card_notes="For tests only: a random-init CNN, not trained on any data.",
     )

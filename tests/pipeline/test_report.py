@@ -44,6 +44,7 @@ def test_report_is_self_contained_with_every_plot(released):
         "plot-channels",
         "plot-latency-distributions",
         "plot-extra-hesso-sparsity-curve",
+        "plot-extra-adc-policy",
     } <= ids
     assert len(images) == len(ids)
     for attrs in images:
