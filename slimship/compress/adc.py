@@ -309,6 +309,10 @@ class Budget:
         return max(c, self.min_counts[t])
 
 
+#: maps kept counts to counts the target runs well (identity: `list`)
+Snap = Callable[[list[int]], list[int]]
+
+
 # ---- DDPG ------------------------------------------------------------------------------------------
 def _mlp(n_in: int, hidden: int, out_act: nn.Module | None) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()]
@@ -450,6 +454,8 @@ def adc(
     latency_margin: float = 0.05,
     latency_rounds: int = 6,
     latency_repeats: int = 3,
+    latency_fill: bool = True,
+    latency_multiple: int | None = None,
     val_fraction: float = 0.2,
     sigma: float = 0.5,
     sigma_decay: float = 0.97,
@@ -474,7 +480,11 @@ def adc(
     the chosen policy is slimmed and measured on the target; while it is over ``(1 - latency_margin) x``
     the budget, the latency model is rescaled by measured/predicted and the policy shrunk, for at most
     `latency_rounds` measurements (each the smallest of `latency_repeats` medians), after which a
-    CompressionError names the target.
+    CompressionError names the target. With `latency_fill`, a policy measured well under the goal is grown
+    towards it in the remaining rounds (the largest policy measured within the goal is kept). With
+    `latency_multiple`, every policy the loop measures keeps multiples of it per space (the channel multiple
+    the target's kernels favour, see ``slimship.runtimes.measure_alignment``): unaligned counts can fall
+    off a runtime's fast kernels, which no per-space latency table predicts.
     """
     if train is None:
         raise CompressionError(
@@ -601,6 +611,8 @@ def adc(
             latency_rounds,
             f"target_latency_ms={target_latency_ms}",
             where,
+            [max(1, math.floor(max_keep * s.n)) for s in spaces] if latency_fill else None,
+            (lambda c: aligned_counts(c, spaces, latency_multiple)) if latency_multiple else list,
         )
         info["latency_checks"] = checks
         chosen = next(c for c in checks if c["chosen"])
@@ -938,8 +950,16 @@ def close_latency_loop(
     rounds: int = 6,
     what: str = "latency budget",
     where: str = "the target",
+    caps: list[int] | None = None,
+    snap: Snap = list,
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Measure `counts` on the target; while over ``(1 - margin) x budget.limit``, tighten and re-measure.
+
+    With `caps` (the largest count per space), a policy measured more than `margin` under that goal is
+    then grown towards it the same way (model rescaled at the policy, every kept fraction scaled up by
+    one common factor), while the rounds last and the growth stays within the goal: the budget is used,
+    not left idle. The largest policy measured within the goal is chosen. `snap` maps every policy to
+    one the target runs well (e.g. channel counts aligned to the multiple its kernels favour).
 
     Each round rescales the latency model at the current policy by measured/predicted (the table limit
     becomes ``min(limit, predicted) * goal / measured``) and shrinks every kept fraction by one common
@@ -951,6 +971,7 @@ def close_latency_loop(
     limit = budget.limit
     goal = limit * (1 - margin)
     checks: list[dict[str, Any]] = []
+    counts = snap(list(counts))
     try:
         for _ in range(rounds):
             predicted = budget.cost(budget.fractions(counts))
@@ -963,7 +984,22 @@ def close_latency_loop(
                 break
             # rescale the latency model at this policy by measured / predicted
             budget.limit = min(budget.limit, predicted) * goal / measured
-            counts = shrink_to_budget(counts, budget)
+            counts = shrink_to_budget(counts, budget, snap)
+        while caps is not None and len(checks) < rounds:
+            last = checks[-1]
+            if not last["measured_ms"] < goal * (1 - margin):
+                break
+            budget.limit = last["predicted_ms"] * goal / last["measured_ms"]
+            bigger = grow_to_budget(last["counts"], budget, caps, snap)
+            if bigger == last["counts"]:
+                break
+            predicted, measured = budget.cost(budget.fractions(bigger)), measure(bigger)
+            checks.append({"counts": list(bigger), "predicted_ms": predicted, "measured_ms": measured})
+            log.info(
+                "adc latency fill on %s: predicted %.4f ms, measured %.4f ms", where, predicted, measured
+            )
+            if measured > goal:
+                break
     finally:
         budget.limit = limit
     within = [c for c in checks if c["measured_ms"] <= limit]
@@ -976,25 +1012,55 @@ def close_latency_loop(
             f"{floor}; raise the budget, lower min_keep or raise latency_rounds"
         )
     in_goal = [c for c in within if c["measured_ms"] <= goal]
-    chosen = in_goal[0] if in_goal else min(within, key=lambda c: c["measured_ms"])
+    chosen = (
+        max(in_goal, key=lambda c: sum(c["counts"]))
+        if in_goal
+        else min(within, key=lambda c: c["measured_ms"])
+    )
     for c in checks:
         c["chosen"] = c is chosen
     return list(chosen["counts"]), checks
 
 
-def shrink_to_budget(counts: list[int], budget: Budget) -> list[int]:
+def grow_to_budget(counts: list[int], budget: Budget, caps: list[int], snap: Snap = list) -> list[int]:
+    """Scale every kept fraction up by the largest common factor (fine grid) within budget and caps."""
+    best = list(counts)
+    for factor in np.linspace(1.0, 4.0, 301)[1:]:
+        trial = snap([min(cap, max(c, math.floor(factor * c))) for c, cap in zip(counts, caps, strict=True)])
+        if budget.cost(budget.fractions(trial)) > budget.limit * (1 + 1e-9):
+            break
+        best = max(best, trial, key=sum)
+    return best
+
+
+def shrink_to_budget(counts: list[int], budget: Budget, snap: Snap = list) -> list[int]:
     """Scale every kept fraction by the largest common factor (fine grid) the budget allows.
 
-    Always removes at least one channel from the widest space above its minimum, so a loop progresses.
+    Always removes at least one channel (after `snap`, one step of its multiple) from the widest space
+    above its minimum, so a loop progresses.
     """
-    fallback = list(counts)
-    widest = max(
-        range(len(counts)),
-        key=lambda t: ((counts[t] / budget.spaces[t].n) if counts[t] > budget.min_counts[t] else -1.0, -t),
-    )
-    fallback[widest] = max(budget.min_counts[widest], counts[widest] - 1)
     for factor in np.linspace(1.0, 0.0, 201)[1:]:
-        trial = [max(m, math.floor(factor * c)) for c, m in zip(counts, budget.min_counts, strict=True)]
+        raw = [max(m, math.floor(factor * c)) for c, m in zip(counts, budget.min_counts, strict=True)]
+        trial = snap(raw)
         if trial != counts and budget.cost(budget.fractions(trial)) <= budget.limit * (1 + 1e-9):
             return trial
-    return fallback if fallback != counts else list(budget.min_counts)
+    fallback = list(counts)
+    while fallback != budget.min_counts:
+        room = [f / sp.n if f > m else -1.0 for f, sp, m in zip(fallback, budget.spaces, budget.min_counts)]
+        widest = max(range(len(room)), key=lambda t: (room[t], -t))
+        fallback[widest] = max(budget.min_counts[widest], fallback[widest] - 1)
+        if snap(fallback) != counts:
+            return snap(fallback)
+    return list(budget.min_counts)
+
+
+def aligned_counts(counts: list[int], spaces: list[Space], multiple: int) -> list[int]:
+    """Each kept count rounded down to a multiple of `multiple` (at least one multiple); a space that is
+    kept whole or is no wider than the multiple stays as it is."""
+    out = []
+    for c, space in zip(counts, spaces, strict=True):
+        if c >= space.n or space.n <= multiple:
+            out.append(c)
+        else:
+            out.append(max(multiple, c - c % multiple))
+    return out

@@ -10,6 +10,7 @@ from slimship.compress import compress
 from slimship.compress.adc import (
     Budget,
     Pruner,
+    aligned_counts,
     build_spaces,
     close_latency_loop,
     top_policies,
@@ -156,6 +157,49 @@ def test_latency_loop_tightens_until_the_measurement_meets_the_budget():
     assert chosen[0]["predicted_ms"] == pytest.approx(
         0.6 * flops.flops(budget.fractions(counts)) / flops.total
     )
+
+
+def test_latency_loop_grows_a_policy_far_under_the_budget():
+    spaces, flops, true_cost = _flops_setup()
+    # a pessimistic cost model: it predicts twice the true cost, so its first policy uses half the budget
+    budget = Budget(spaces, lambda fr: 2.0 * flops.flops(fr) / flops.total, 0.5, 0.1)
+    start = uniform_counts(spaces, budget)
+    caps = [s.n for s in spaces]
+    counts, checks = close_latency_loop(budget, start, true_cost, margin=0.05, rounds=6, caps=caps)
+    assert checks[0]["counts"] == start and checks[0]["measured_ms"] < 0.5 * 0.95 * 0.95
+    assert len(checks) >= 2 and budget.limit == 0.5
+    chosen = next(c for c in checks if c["chosen"])
+    assert chosen["counts"] == counts and sum(counts) > sum(start)
+    assert all(c >= s for c, s in zip(counts, start, strict=True))
+    assert true_cost(counts) <= 0.5 * 0.95
+    # without caps the loop keeps the first policy within the goal
+    same, only = close_latency_loop(budget, start, true_cost, margin=0.05, rounds=6)
+    assert same == start and len(only) == 1
+
+
+@pytest.mark.parametrize("model_factor", [0.6, 2.0])  # optimistic (shrinks) and pessimistic (grows)
+def test_latency_loop_measures_only_aligned_policies(model_factor: float):
+    spaces, flops, true_cost = _flops_setup()
+    budget = Budget(spaces, lambda fr: model_factor * flops.flops(fr) / flops.total, 0.5, 0.1)
+    counts, checks = close_latency_loop(
+        budget,
+        uniform_counts(spaces, budget),
+        true_cost,
+        rounds=6,
+        caps=[s.n for s in spaces],
+        snap=lambda c: aligned_counts(c, spaces, 4),
+    )
+    assert [s.n for s in spaces] == [8, 12, 16]  # all wider than the multiple
+    for check in checks:
+        assert all(c % 4 == 0 for c in check["counts"]), check
+    assert true_cost(counts) <= 0.5 * 0.95
+
+
+def test_aligned_counts_rounds_down_but_keeps_whole_and_narrow_spaces():
+    spaces, _, _ = _flops_setup()  # 8, 12 and 16 channels
+    assert aligned_counts([7, 11, 15], spaces, 4) == [4, 8, 12]
+    assert aligned_counts([3, 12, 16], spaces, 4) == [4, 12, 16]  # at least one multiple; whole stays
+    assert aligned_counts([5, 9, 13], spaces, 16) == [5, 9, 13]  # no wider than the multiple: unchanged
 
 
 def test_latency_loop_that_cannot_meet_the_budget_names_the_target():
