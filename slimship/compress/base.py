@@ -575,6 +575,13 @@ def check_fraction(name: str, value: float, high_open: bool = True) -> float:
     return float(value)
 
 
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """`value` if it is one of `allowed`, else CompressionError naming the option."""
+    if value not in allowed:
+        raise CompressionError(f"{name}={value!r} is not one of {tuple(allowed)}")
+    return value
+
+
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
     """SGD with momentum (the methods' default optimiser)."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

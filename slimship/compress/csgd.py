@@ -23,6 +23,7 @@ from slimship.compress.base import (
     CompressResult,
     GroupTensors,
     Training,
+    check_choice,
     check_fraction,
     maybe_accuracy,
     prunable_groups,
@@ -114,8 +115,7 @@ def csgd(
 ) -> CompressResult:
     """Train with the centripetal update so each space keeps ``1 - target`` of its channels distinct."""
     check_fraction("target", target)
-    if clustering not in CLUSTERINGS:
-        raise CompressionError(f"clustering={clustering!r} is not one of {CLUSTERINGS}")
+    check_choice("clustering", clustering, CLUSTERINGS)
     if centripetal <= 0:
         raise CompressionError(f"centripetal must be > 0, got {centripetal}")
     if train is None:

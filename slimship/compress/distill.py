@@ -35,6 +35,7 @@ from slimship.compress.base import (
     CompressResult,
     GroupTensors,
     Training,
+    check_choice,
     maybe_accuracy,
     prunable_groups,
     register,
@@ -189,8 +190,7 @@ def hakd(
     clip_grad: float | None = 5.0,
 ) -> CompressResult:
     """Pick a student by measured latency under a budget and train it by distillation from `model`."""
-    if student_init not in INITS:
-        raise CompressionError(f"student_init={student_init!r} is not one of {INITS}")
+    check_choice("student_init", student_init, INITS)
     if not widths:
         raise CompressionError("widths is empty: give at least one width multiplier")
     if latency_budget_ms is None and (speedup is None or speedup <= 0):

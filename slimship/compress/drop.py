@@ -25,6 +25,7 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     Training,
+    check_choice,
     check_fraction,
     register,
     working_copy,
@@ -138,10 +139,8 @@ def drop(
 ) -> CompressResult:
     """Iterative stochastic prune-retrain on channel groups towards `target` group sparsity per space."""
     check_fraction("drop_in", drop_in, high_open=False)
-    if criterion not in CRITERIA:
-        raise CompressionError(f"criterion={criterion!r} is not one of {CRITERIA}")
-    if revive not in REVIVALS:
-        raise CompressionError(f"revive={revive!r} is not one of {REVIVALS}")
+    check_choice("criterion", criterion, CRITERIA)
+    check_choice("revive", revive, REVIVALS)
     if rounds < 1 or pool < 1:
         raise CompressionError(f"rounds must be >= 1 and pool >= 1, got rounds={rounds}, pool={pool}")
     model = working_copy(model)

@@ -34,6 +34,7 @@ from slimship.compress.base import (
     CompressResult,
     GroupTensors,
     Training,
+    check_choice,
     check_fraction,
     maybe_accuracy,
     prunable_groups,
@@ -122,8 +123,7 @@ class GroupSparsifier:
         of normalised magnitude and first-order Taylor score; needs the gradients of a step)."""
         if criterion == "magnitude":
             return sorted(members, key=lambda i: (self.magnitude(i), i))
-        if criterion not in CRITERIA:
-            raise CompressionError(f"criterion={criterion!r} is not one of {CRITERIA}")
+        check_choice("criterion", criterion, CRITERIA)
         magnitude = _rank([self.magnitude(i) for i in members])
         taylor = _rank([self.taylor(i) for i in members])
         return [i for _, i in sorted(zip((a + b for a, b in zip(magnitude, taylor)), members))]
@@ -197,8 +197,7 @@ def hspg(
     """Half-space stochastic projected gradient towards a `target` group sparsity per space."""
     if epsilon < 0 or lam < 0:
         raise CompressionError(f"lam and epsilon must be >= 0, got lam={lam}, epsilon={epsilon}")
-    if criterion not in CRITERIA:
-        raise CompressionError(f"criterion={criterion!r} is not one of {CRITERIA}")
+    check_choice("criterion", criterion, CRITERIA)
     model = working_copy(model)
     sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
     n = _steps_per_epoch(train)

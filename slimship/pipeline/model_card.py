@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from slimship.pipeline.manifest import LATENCY_HEADERS, latency_rows
 from slimship.pipeline.report import primary_metric
 
 
@@ -93,23 +94,10 @@ def _accuracy(accuracy: dict[str, dict[str, Any]]) -> str:
 
 def _latency(latency: dict[str, dict[str, dict[str, Any]]]) -> str:
     text = "## Latency per target\n\n"
-    headers = ["target", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup"]
     for kind, title in (("device", "Measured on the device"), ("emulated", "Emulated on the build host")):
         entries = latency[kind]
         if entries:
-            rows = [
-                [
-                    t,
-                    e.get("variant"),
-                    e["p50_ms"],
-                    e["p90_ms"],
-                    e["p99_ms"],
-                    e.get("dense_p50_ms"),
-                    e.get("speedup"),
-                ]
-                for t, e in sorted(entries.items())
-            ]
-            text += f"### {title}\n\n" + _md_table(headers, rows) + "\n"
+            text += f"### {title}\n\n" + _md_table(LATENCY_HEADERS, latency_rows(entries)) + "\n"
     if not latency["device"] and not latency["emulated"]:
         text += "No latency was measured for this release.\n"
     return text

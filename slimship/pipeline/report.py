@@ -20,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from slimship.pipeline.manifest import LATENCY_HEADERS, latency_rows
+
 log = logging.getLogger(__name__)
 
 _RC = {
@@ -168,20 +170,9 @@ def _latency_tables(latency: dict[str, dict[str, dict[str, Any]]]) -> str:
         entries = latency[kind]
         if not entries:
             continue
-        rows = [
-            [
-                t,
-                e.get("variant"),
-                e["p50_ms"],
-                e["p90_ms"],
-                e["p99_ms"],
-                e.get("dense_p50_ms"),
-                e.get("speedup"),
-                len(e.get("samples", [])),
-            ]
-            for t, e in sorted(entries.items())
-        ]
-        headers = ["target", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup", "samples"]
+        samples = [len(e.get("samples", [])) for _, e in sorted(entries.items())]
+        rows = [[*row, n] for row, n in zip(latency_rows(entries), samples, strict=True)]
+        headers = [*LATENCY_HEADERS, "samples"]
         parts.append(f"<h3>{kind.capitalize()}</h3><p>{note}</p>" + _table(headers, rows))
     return "\n".join(parts) or "<p>No latency figures were given.</p>"
 
