@@ -322,21 +322,37 @@ def _mlp(n_in: int, hidden: int, out_act: nn.Module | None) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@dataclass(frozen=True)
+class DDPG:
+    """The search agent's settings: exploration (random warm-up episodes, then truncated-normal noise of
+    width `sigma`, decayed per episode), networks, learning rates, soft-update rate, replay."""
+
+    warmup_episodes: int = 40
+    sigma: float = 0.5
+    sigma_decay: float = 0.97
+    hidden: int = 64
+    lr_actor: float = 1e-3
+    lr_critic: float = 1e-3
+    tau: float = 0.01
+    gamma: float = 1.0
+    batch_size: int = 64
+    updates_per_step: int = 4
+    buffer_size: int = 4000
+
+
 class Agent:
     """Actor-critic with target networks (soft updates) and a replay buffer, all in plain torch."""
 
     STATE = 8
 
-    def __init__(
-        self, hidden: int, lr_actor: float, lr_critic: float, tau: float, gamma: float, capacity: int
-    ):
-        self.actor = _mlp(self.STATE, hidden, nn.Sigmoid())
-        self.critic = _mlp(self.STATE + 1, hidden, None)
+    def __init__(self, ddpg: DDPG) -> None:
+        self.actor = _mlp(self.STATE, ddpg.hidden, nn.Sigmoid())
+        self.critic = _mlp(self.STATE + 1, ddpg.hidden, None)
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
-        self.opt_actor = torch.optim.Adam(self.actor.parameters(), lr=lr_actor)
-        self.opt_critic = torch.optim.Adam(self.critic.parameters(), lr=lr_critic)
-        self.tau, self.gamma, self.capacity = tau, gamma, capacity
+        self.opt_actor = torch.optim.Adam(self.actor.parameters(), lr=ddpg.lr_actor)
+        self.opt_critic = torch.optim.Adam(self.critic.parameters(), lr=ddpg.lr_critic)
+        self.tau, self.gamma, self.capacity = ddpg.tau, ddpg.gamma, ddpg.buffer_size
         self.buffer: list[list[float]] = []  # rows: state, action, reward, next state, done
 
     def act(self, state: np.ndarray) -> float:
@@ -559,29 +575,21 @@ def adc(
     if search == "uniform":
         state = SearchState(best_counts=uniform, best_reward=incumbent[1])
     else:
-        state = _search(
-            spaces,
-            flops,
-            budget,
-            score,
-            episodes,
-            warmup_episodes,
-            min_keep,
-            max_keep,
-            sigma,
-            sigma_decay,
-            hidden,
-            lr_actor,
-            lr_critic,
-            tau,
-            gamma,
-            batch_size,
-            updates_per_step,
-            buffer_size,
-            checkpoint,
-            seed,
-            incumbent,
+        ddpg = DDPG(
+            warmup_episodes=warmup_episodes,
+            sigma=sigma,
+            sigma_decay=sigma_decay,
+            hidden=hidden,
+            lr_actor=lr_actor,
+            lr_critic=lr_critic,
+            tau=tau,
+            gamma=gamma,
+            batch_size=batch_size,
+            updates_per_step=updates_per_step,
+            buffer_size=buffer_size,
         )
+        state = _search(spaces, flops, budget, score, episodes, ddpg, (min_keep, max_keep), checkpoint, seed,
+                        incumbent)  # fmt: skip
     candidates = top_policies(state.curve, incumbent, top_k)
     counts, selection = candidates[0]["counts"], []
     if select_epochs > 0 and len(candidates) > 1:
@@ -728,32 +736,23 @@ def _training_batches(rest: list[Batch], batch_size: int, seed: int) -> Any:
 
 
 def _search(
-    spaces,
-    flops,
-    budget,
-    score,
-    episodes,
-    warmup,
-    min_keep,
-    max_keep,
-    sigma,
-    sigma_decay,
-    hidden,
-    lr_actor,
-    lr_critic,
-    tau,
-    gamma,
-    batch_size,
-    updates_per_step,
-    buffer_size,
-    checkpoint,
-    seed,
-    incumbent=None,
+    spaces: list[Space],
+    flops: FlopsModel,
+    budget: Budget,
+    score: Callable[[list[int]], float],
+    episodes: int,
+    ddpg: DDPG,
+    keep: tuple[float, float],
+    checkpoint: str | Path | None,
+    seed: int,
+    incumbent: tuple[list[int], float] | None = None,
 ) -> SearchState:
+    """`episodes` DDPG episodes, one action (keep fraction in `keep`) per space, rewards from `score`."""
+    min_keep, max_keep = keep
     torch.manual_seed(seed)
-    agent = Agent(hidden, lr_actor, lr_critic, tau, gamma, buffer_size)
+    agent = Agent(ddpg)
     rng = np.random.default_rng(seed)
-    state = SearchState(sigma=sigma)
+    state = SearchState(sigma=ddpg.sigma)
     if incumbent is not None:
         # the uniform policy is the incumbent the agent has to beat: its reward is the first baseline and
         # its transitions seed the replay buffer as a demonstration episode
@@ -776,7 +775,7 @@ def _search(
             rows, prev = [], 1.0
             for t, s in enumerate(spaces):
                 obs = _states(spaces, flops, counts, t, prev)
-                if state.episode < warmup:
+                if state.episode < ddpg.warmup_episodes:
                     a = float(rng.uniform(min_keep, max_keep))
                 else:
                     a = _truncated(rng, agent.act(obs), state.sigma, min_keep, max_keep)
@@ -792,10 +791,10 @@ def _search(
                 state.baseline = reward
             _remember_episode(agent, [obs for obs, _ in rows], counts, spaces, reward - state.baseline)
             state.baseline = 0.95 * state.baseline + 0.05 * reward
-            if state.episode >= warmup:
-                for _ in range(updates_per_step * len(spaces)):
-                    agent.update(rng, batch_size)
-                state.sigma *= sigma_decay
+            if state.episode >= ddpg.warmup_episodes:
+                for _ in range(ddpg.updates_per_step * len(spaces)):
+                    agent.update(rng, ddpg.batch_size)
+                state.sigma *= ddpg.sigma_decay
             if reward > state.best_reward:
                 state.best_reward, state.best_counts = reward, list(counts)
             state.curve.append({"episode": state.episode + 1, "reward": reward, "counts": list(counts)})
