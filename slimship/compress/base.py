@@ -238,7 +238,11 @@ def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: flo
 
 @dataclass(frozen=True)
 class Training:
-    """The SGD run a training method shares with the others: length, rates, schedule, seed, checkpoint."""
+    """The SGD run a training method shares with the others: length, rates, schedule, seed, checkpoint.
+
+    `seed` seeds torch, numpy and `random` before training (initialisations, dropout, random choices a
+    method makes); the order of the batches belongs to the batches themselves (``Batches(seed=...)``).
+    """
 
     epochs: int = 30
     lr: float = 0.05
