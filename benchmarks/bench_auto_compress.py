@@ -30,8 +30,8 @@ from slimship.compress.adc import measure_latency_ms
 from slimship.compress.lorita import factorize
 from slimship.data import Batches, digits_loaders, evaluate_accuracy
 from slimship.models import digits_mlp, digits_vit, lenet5, small_resnet
+from slimship.runtimes import measure_speedup
 from slimship.runtimes.alignment import measure_alignment
-from slimship.runtimes.device_runner import open_runner
 from slimship.runtimes.targets import get_target
 from slimship.slimming.api import count_flops, count_params, slim
 
@@ -54,26 +54,13 @@ def export(model, x, path: Path) -> None:
 
 
 def speedup(dense, slim_model, x, fmt: str, runs: int) -> float:
-    """Median of per-pair latency ratios dense/slim, pairs interleaved, 1 thread."""
+    """Median of per-pair latency ratios dense/slim, pairs interleaved on `mobile-1t` (1 thread, core 0)."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"dense.{fmt}", Path(tmp) / f"slim.{fmt}"]
         export(dense, x, paths[0])
         export(slim_model, x, paths[1])
-        runtime = "onnxruntime" if fmt == "onnx" else "litert"
-        runners = [open_runner(str(p), runtime, 1) for p in paths]
-        arrays = [x.numpy()]
-        for r in runners:
-            for _ in range(10):
-                r.run(arrays)
-        ratios = []
-        for _ in range(runs):
-            t = []
-            for r in runners:
-                start = time.perf_counter()
-                r.run(arrays)
-                t.append(time.perf_counter() - start)
-            ratios.append(t[0] / t[1])
-    return statistics.median(ratios)
+        sp, _ = measure_speedup(*paths, [x.numpy()], get_target("mobile-1t"), warmup=10, runs=runs)
+    return sp.median
 
 
 def reshuffled(train: Batches, seed: int) -> Batches:

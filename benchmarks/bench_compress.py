@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from slimship.data import digits_loaders, evaluate_accuracy
 from slimship.exporters.onnx_export import export_onnx
 from slimship.exporters.tflite_export import export_tflite
 from slimship.models import lenet5, small_resnet
-from slimship.runtimes.device_runner import open_runner
+from slimship.runtimes import get_target, measure_speedup
 from slimship.slimming import slim
 from slimship.slimming.api import count_flops, count_params
 
@@ -86,21 +85,9 @@ def options(model: str, method: str, epochs: int, lr: float, schedule: str) -> d
 
 
 def interleaved_speedup(dense: Path, slimmed: Path, x: torch.Tensor, pairs: int) -> float:
-    """Median of per-pair latency ratios dense/slim, 1 thread."""
-    a, b = open_runner(str(dense), threads=1), open_runner(str(slimmed), threads=1)
-    arrays = [x.numpy()]
-    for _ in range(10):
-        a.run(arrays)
-        b.run(arrays)
-    ratios = []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        a.run(arrays)
-        t1 = time.perf_counter()
-        b.run(arrays)
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / (t2 - t1))
-    return statistics.median(ratios)
+    """Median of per-pair latency ratios dense/slim on `mobile-1t` (one thread pinned to core 0)."""
+    sp, _ = measure_speedup(dense, slimmed, [x.numpy()], get_target("mobile-1t"), warmup=10, runs=pairs)
+    return sp.median
 
 
 def speedups(

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from slimship.exporters import run_surgery
+from slimship.runtimes import get_target
 from slimship.runtimes.device_runner import open_runner
+from slimship.runtimes.execute import run_on_target
 
 
 def conv_bn_cnn() -> nn.Module:
@@ -100,18 +102,10 @@ def randomize_bn(model: nn.Module) -> nn.Module:
 
 
 def latency(paths: dict[str, Path], x: np.ndarray, runs: int) -> dict[str, float]:
-    """Median ms per tool, runs interleaved (a, b, c, a, b, c ...) so drift hits all alike."""
-    runners = {k: open_runner(str(p), threads=1) for k, p in paths.items()}
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for runner in runners.values():
-        for _ in range(10):
-            runner.run([x])
-    for _ in range(runs):
-        for k, runner in runners.items():
-            t0 = time.perf_counter()
-            runner.run([x])
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median ms per tool on `mobile-1t` (1 thread, core 0), runs interleaved (a, b, c, a, b, c ...) so
+    drift hits all alike."""
+    run = run_on_target(get_target("mobile-1t"), list(paths.values()), [x], warmup=10, runs=runs)
+    return {k: statistics.median(e["latencies_ms"]) for k, e in zip(paths, run.result["models"], strict=True)}
 
 
 def main() -> None:
