@@ -67,13 +67,13 @@ def derive_multiple(
     tol of the best one (and of 1.0), so a larger multiple is chosen only when it costs no more than
     a smaller one (a kernel that pads to 4 and blocks by 8 gets 8, not 16). step: median over
     multiples b of latency(b + 1) / latency(b); it must exceed 1 + tol (crossing a multiple costs),
-    otherwise latency has no staircase at m and aligning to it buys nothing.
+    otherwise latency has no staircase at m and aligning to it buys nothing. It must also exceed the
+    step at the multiples of the next smaller candidate that m skips (tol again): blocks of 8 make
+    every multiple of 16 a step too, but 16 is not a period of their staircase.
     """
     lat = dict(zip(channels, latencies, strict=True))
-    steps = {
-        m: [lat[b + 1] / lat[b] for b in channels if b % m == 0 and b + 1 in lat]
-        for m in sorted(set(candidates), reverse=True)
-    }
+    order = sorted(set(candidates), reverse=True)
+    steps = {m: [lat[b + 1] / lat[b] for b in channels if b % m == 0 and b + 1 in lat] for m in order}
     scored = [m for m, s in steps.items() if s]
     while scored:  # counts whose round-up to every scored multiple was swept; drop m too large for that
         counts = [c for c in channels if all(math.ceil(c / m) * m in lat for m in scored)]
@@ -87,8 +87,24 @@ def derive_multiple(
             roundup = float(np.mean([lat[math.ceil(c / m) * m] for c in counts])) / base
             scores[m] = {"roundup": roundup, "step": float(np.median(steps[m]))}
     best = min([1.0, *(s["roundup"] for s in scores.values())])
+
+    def own_staircase(m: int) -> bool:
+        """False when crossing the multiples of a smaller candidate that are not multiples of m costs as
+        much as crossing m's: the staircase then has the smaller period and m only looks like a step."""
+        smaller = [d for d in scored if d < m and m % d == 0]
+        if not smaller:
+            return True
+        d = max(smaller)
+        off = [lat[b + 1] / lat[b] for b in channels if b % d == 0 and b % m and b + 1 in lat]
+        return not off or scores[m]["step"] > float(np.median(off)) * (1.0 + tol)
+
     favoured = next(
-        (m for m, s in scores.items() if s["roundup"] <= best * (1.0 + tol) and s["step"] > 1.0 + tol), None
+        (
+            m
+            for m, s in scores.items()
+            if s["roundup"] <= best * (1.0 + tol) and s["step"] > 1.0 + tol and own_staircase(m)
+        ),
+        None,
     )
     return favoured, scores
 

@@ -54,6 +54,19 @@ def test_derive_multiple_prefers_the_block_over_a_larger_multiple_when_unaligned
     assert scores[16]["roundup"] > scores[8]["roundup"] and scores[8]["roundup"] < 1.0
 
 
+def test_derive_multiple_does_not_take_a_multiple_of_the_block_for_a_period():
+    # small blocks of 8 on a large fixed cost (like onnxruntime's 1x1 convs): rounding up to 16 costs
+    # under tol and every multiple of 16 is a step, but so is every other multiple of 8
+    channels = list(range(24, 65))
+    lat = [10.0 + 0.5 * ((c + 7) // 8) for c in channels]
+    multiple, scores = derive_multiple(channels, lat)
+    assert scores[16]["roundup"] <= scores[8]["roundup"] * 1.03 and scores[16]["step"] > 1.03
+    assert multiple == 8
+    # a real 16-block: the multiples of 8 that are not multiples of 16 cost nothing to cross
+    lat16 = [10.0 + 0.5 * ((c + 15) // 16) for c in channels]
+    assert derive_multiple(channels, lat16)[0] == 16
+
+
 def test_derive_multiple_scores_only_multiples_the_sweep_can_round_to():
     multiple, scores = derive_multiple([6, 7, 8, 9, 10], [1.0, 1.0, 1.0, 2.0, 2.0])
     assert set(scores) == {8, 4, 2} and multiple == 8
