@@ -6,8 +6,9 @@ interleaved run. The op kinds (`LAYER_KINDS`) are the ones channel spaces go thr
 channels are both the swept count) and a linear layer ("linear"). Kernels that work in blocks of m
 channels show a staircase: latency is flat inside a block and jumps past each multiple of m. A
 multiple is favoured when (a) rounding the counts up to it costs no more than rounding to any other
-candidate (mean latency after rounding within tol of the best; it can be below 1 when unaligned
-counts fall off a fast path) and (b) crossing it costs (median latency(b+1)/latency(b) above 1 + tol).
+candidate (mean latency after rounding within cost_tol of the best; it can be below 1 when unaligned
+counts fall off a fast path) and (b) crossing it costs (median latency(b+1)/latency(b) above 1 + tol,
+and above the step at the smaller candidate's multiples that m skips).
 The favoured multiple is the largest such m, or None when latency shows no such staircase (alignment buys
 nothing there, so slimming should keep exactly what it can). The favoured multiple may differ per op
 kind; `measure_alignment_kinds` sweeps several and `multiple_for_kinds` combines them for a space.
@@ -58,14 +59,18 @@ def derive_multiple(
     latencies: Sequence[float],
     candidates: Iterable[int] = CANDIDATE_MULTIPLES,
     tol: float = 0.03,
+    cost_tol: float = 0.01,
 ) -> tuple[int | None, dict[int, dict[str, float]]]:
     """Largest multiple m whose round-up is (nearly) the cheapest and whose block boundaries cost.
 
     roundup: mean latency when every swept count c is rounded up to m, over the mean latency of the
     counts as they are (the same counts for every m). 1.0: the padding is free; below 1: unaligned
     counts fall off a fast path (so rounding up is faster). m qualifies when its roundup is within
-    tol of the best one (and of 1.0), so a larger multiple is chosen only when it costs no more than
-    a smaller one (a kernel that pads to 4 and blocks by 8 gets 8, not 16). step: median over
+    cost_tol (about the sweep's noise) of the best one (and of 1.0), so a larger multiple is chosen only
+    when it costs no more than a smaller one (a kernel that pads to 4 and blocks by 8 gets 8, not 16).
+    The bar is tight because in a network a rounded space pads its producer's outputs and its consumers'
+    inputs, so a layer's round-up cost counts about twice (onnxruntime 1x1 convs: 16 at 1.3-4% over 8
+    per layer made whole models 5-7% slower than 8). step: median over
     multiples b of latency(b + 1) / latency(b); it must exceed 1 + tol (crossing a multiple costs),
     otherwise latency has no staircase at m and aligning to it buys nothing. It must also exceed the
     step at the multiples of the next smaller candidate that m skips (tol again): blocks of 8 make
@@ -102,7 +107,7 @@ def derive_multiple(
         (
             m
             for m, s in scores.items()
-            if s["roundup"] <= best * (1.0 + tol) and s["step"] > 1.0 + tol and own_staircase(m)
+            if s["roundup"] <= best * (1.0 + cost_tol) and s["step"] > 1.0 + tol and own_staircase(m)
         ),
         None,
     )

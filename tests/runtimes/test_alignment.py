@@ -55,16 +55,28 @@ def test_derive_multiple_prefers_the_block_over_a_larger_multiple_when_unaligned
 
 
 def test_derive_multiple_does_not_take_a_multiple_of_the_block_for_a_period():
-    # small blocks of 8 on a large fixed cost (like onnxruntime's 1x1 convs): rounding up to 16 costs
-    # under tol and every multiple of 16 is a step, but so is every other multiple of 8
+    # small blocks of 8 on a large fixed cost (like onnxruntime's 1x1 convs): every multiple of 16 is a
+    # step, but so is every other multiple of 8; even where rounding up to 16 is let pass (cost_tol),
+    # 16 is not the staircase's period
     channels = list(range(24, 65))
     lat = [10.0 + 0.5 * ((c + 7) // 8) for c in channels]
-    multiple, scores = derive_multiple(channels, lat)
+    multiple, scores = derive_multiple(channels, lat, cost_tol=0.03)
     assert scores[16]["roundup"] <= scores[8]["roundup"] * 1.03 and scores[16]["step"] > 1.03
     assert multiple == 8
     # a real 16-block: the multiples of 8 that are not multiples of 16 cost nothing to cross
     lat16 = [10.0 + 0.5 * ((c + 15) // 16) for c in channels]
-    assert derive_multiple(channels, lat16)[0] == 16
+    assert derive_multiple(channels, lat16, cost_tol=0.03)[0] == 16
+
+
+def test_derive_multiple_takes_a_larger_multiple_only_when_it_costs_no_more_than_the_noise():
+    # 16 has its own steps (crossing a multiple of 16 costs more than crossing other multiples of 8)
+    # but rounding up to it costs 1.4% more than rounding to 8: more than the sweep's noise
+    channels = list(range(24, 65))
+    lat = [10.0 + 0.5 * ((c + 7) // 8) + 0.5 * ((c + 15) // 16) for c in channels]
+    multiple, scores = derive_multiple(channels, lat)
+    assert 1.01 < scores[16]["roundup"] / scores[8]["roundup"] < 1.03
+    assert multiple == 8
+    assert derive_multiple(channels, lat, cost_tol=0.03)[0] == 16
 
 
 def test_derive_multiple_scores_only_multiples_the_sweep_can_round_to():
