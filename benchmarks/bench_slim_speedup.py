@@ -1,8 +1,8 @@
-"""Does slimming deliver its FLOPs cut as wall-clock speedup? ResNet- and MobileNetV2-style, 1 thread.
+"""Does slimming deliver its FLOPs cut as wall-clock speedup? ResNet-18, MobileNet v1/v2 layouts, 1 thread.
 
     PYTHONPATH=. python benchmarks/bench_slim_speedup.py [--quick] [--target mobile-1t] [--runs 40]
-        [--models resnet18,mobilenetv2] [--runtimes onnxruntime,litert] [--fraction 0.5] [--jitter 0.1]
-        [--res 224] [--multiple onnxruntime=8,litert=16] [--out results.md]
+        [--models resnet18,mobilenetv1,mobilenetv2] [--runtimes onnxruntime,litert] [--fraction 0.5]
+        [--jitter 0.1] [--res 224] [--multiple onnxruntime=8,litert=16] [--out results.md]
 
 Each model is built with random weights and random BatchNorm running statistics (eval mode, batch 1).
 About half of its removable channel groups are zeroed: per channel space a fraction drawn from
@@ -56,7 +56,11 @@ log = logging.getLogger("bench_slim_speedup")
 QUICK_SWEEP = (28, 32, 33, 36, 40, 41, 44, 48, 49, 52, 56, 57, 60, 64)
 # the op kinds each model's channel spaces go through, and the spatial size each kind is swept at
 # (a depthwise conv does ~1/C of a full conv's work, so it is swept at a larger size to be measurable)
-MODEL_KINDS = {"resnet18": ("conv", "conv1x1"), "mobilenetv2": ("conv", "conv1x1", "dwconv")}
+MODEL_KINDS = {
+    "resnet18": ("conv", "conv1x1"),
+    "mobilenetv1": ("conv", "conv1x1", "dwconv"),
+    "mobilenetv2": ("conv", "conv1x1", "dwconv"),
+}
 SWEEP_SPATIAL = {"conv": 28, "conv1x1": 28, "dwconv": 56}
 
 
@@ -139,7 +143,33 @@ class MobileNetV2Style(nn.Module):
         return self.fc(self.features(x).mean((2, 3)))
 
 
-MODELS = {"resnet18": ResNetStyle, "mobilenetv2": MobileNetV2Style}
+# (output channels, stride) of MobileNet (v1) at width 1.0: one depthwise-separable block each
+MBV1_SETTINGS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2),
+                 (1024, 1))  # fmt: skip
+
+
+class MobileNetV1Style(nn.Module):
+    """MobileNet (v1) layout at width 1.0: 3x3/2 stem at 32, 13 depthwise-separable blocks (3x3 depthwise,
+    1x1 pointwise, BN + ReLU after each) up to 1024 channels, pool, FC. No residuals: every space is local."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [conv_bn(3, 32, 3, 2, act=nn.ReLU())]
+        cin = 32
+        for cout, stride in MBV1_SETTINGS:
+            layers += [
+                conv_bn(cin, cin, 3, stride, groups=cin, act=nn.ReLU()),
+                conv_bn(cin, cout, 1, act=nn.ReLU()),
+            ]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+MODELS = {"resnet18": ResNetStyle, "mobilenetv1": MobileNetV1Style, "mobilenetv2": MobileNetV2Style}
 
 
 @torch.no_grad()
@@ -313,8 +343,29 @@ def conv_kind(node) -> str:
     return kind if node.domain == "com.microsoft.nchwc" else kind + " NCHW"
 
 
-def ort_kernel_times(paths: list[Path], x: np.ndarray, runs: int) -> list[dict[str, float]]:
-    """onnxruntime's own per-node kernel time (median over runs, in us), summed per conv kind / op type.
+@dataclass
+class KernelTimes:
+    """One model's onnxruntime profile: kernel us per op kind, and us and FLOPs per output size."""
+
+    by_kind: dict[str, float]
+    by_size: dict[str, list[float]]  # "56x56" (conv output) or "FC" -> [us, FLOPs]
+
+
+def node_flops(args: dict) -> tuple[str, float] | None:
+    """(output size, FLOPs) of a profiled Conv or Gemm node from the shapes onnxruntime records."""
+    shapes = [next(iter(t.values())) for t in args.get("input_type_shape", [])]
+    out = [next(iter(t.values())) for t in args.get("output_type_shape", [])]
+    if args.get("op_name") == "Conv" and len(shapes) >= 2 and out and len(out[0]) >= 4:
+        w, (h, wd) = shapes[1], out[0][2:4]
+        return f"{h}x{wd}", 2.0 * math.prod(w) * h * wd
+    if args.get("op_name") in ("Gemm", "MatMul") and len(shapes) >= 2:
+        return "FC", 2.0 * math.prod(shapes[0]) * shapes[1][0]
+    return None
+
+
+def ort_kernel_times(paths: list[Path], x: np.ndarray, runs: int) -> list[KernelTimes]:
+    """onnxruntime's own per-node kernel time (median over runs, in us), summed per conv kind / op type
+    and per output size (with the FLOPs of the convs and FC there).
 
     One profiling session per model, run interleaved (one run of each per round, like the timing), so
     host load drifts hit every model alike. In this process, 1 thread (pinned by the caller).
@@ -340,14 +391,22 @@ def ort_kernel_times(paths: list[Path], x: np.ndarray, runs: int) -> list[dict[s
     out = []
     for model_events, model_kinds in zip(events, kinds, strict=True):
         per_node: dict[str, list[float]] = {}
+        node_args: dict[str, dict] = {}
         for e in model_events:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                per_node.setdefault(e["name"].removesuffix("_kernel_time"), []).append(float(e["dur"]))
-        totals: dict[str, float] = {}
+                node = e["name"].removesuffix("_kernel_time")
+                per_node.setdefault(node, []).append(float(e["dur"]))
+                node_args.setdefault(node, e.get("args", {}))
+        times = KernelTimes({}, {})
         for node, durations in per_node.items():
-            kind = model_kinds.get(node, "?")
-            totals[kind] = totals.get(kind, 0.0) + float(np.median(durations))
-        out.append(totals)
+            kind, us = model_kinds.get(node, "?"), float(np.median(durations))
+            times.by_kind[kind] = times.by_kind.get(kind, 0.0) + us
+            sized = node_flops(node_args[node])
+            if sized is not None:
+                cell = times.by_size.setdefault(sized[0], [0.0, 0.0])
+                cell[0] += us
+                cell[1] += sized[1]
+        out.append(times)
     return out
 
 
@@ -368,7 +427,8 @@ def ort_profile(name: str, variants: list[Variant], multiple: int, target: Targe
 def profile_table(profiles) -> list[str]:
     out = ["| model | op kind | " + " | ".join(f"{n} us (share)" for n in profiles[0][1]) + " | speedups |"]
     out.append("|---" * (3 + len(profiles[0][1])) + "|")
-    for name, _, times in profiles:
+    for name, _, model_times in profiles:
+        times = [t.by_kind for t in model_times]
         kinds = sorted(set().union(*times), key=lambda k: -times[0].get(k, 0.0))
         for kind in [*kinds, "total"]:
             vals = [sum(t.values()) if kind == "total" else t.get(kind, 0.0) for t in times]
@@ -376,6 +436,28 @@ def profile_table(profiles) -> list[str]:
             cells = [f"{v:.0f} ({v / max(tot, 1e-9):.0%})" for v, tot in zip(vals, totals, strict=True)]
             ups = " / ".join(f"{vals[0] / v:.2f}x" if v and vals[0] else "-" for v in vals[1:])
             out.append(f"| {name} | {kind} | {' | '.join(cells)} | {ups} |")
+    return out
+
+
+def size_table(profiles) -> list[str]:
+    """Convs and FC per output size: dense vs the last (aligned) variant, time and FLOPs ratios and the
+    throughput each reaches (GFLOP/s): where the FLOPs cut turns into time and where it does not."""
+    last = profiles[0][1][-1]
+    out = [f"| model | output size | dense us | {last} us | time ratio | FLOPs ratio | dense GFLOP/s "
+           f"| {last} GFLOP/s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, _, model_times in profiles:
+        dense, slim_ = model_times[0].by_size, model_times[-1].by_size
+        sizes = sorted(dense, key=lambda k: -dense[k][0])
+        for size in [*sizes, "all"]:
+            (du, df), (su, sf) = (
+                ([sum(c[i] for c in d.values()) for i in (0, 1)] for d in (dense, slim_))
+                if size == "all"
+                else (dense[size], slim_.get(size, [0.0, 0.0]))
+            )
+            if not (du and su and df and sf):
+                continue
+            out.append(f"| {name} | {size} | {du:.0f} | {su:.0f} | {du / su:.2f} | {df / sf:.2f} "
+                       f"| {df / du / 1e3:.0f} | {sf / su / 1e3:.0f} |")  # fmt: skip
     return out
 
 
@@ -464,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="112x112 inputs, fewer runs, short alignment sweep"
     )
     parser.add_argument("--target", default="mobile-1t", choices=sorted(BUILTIN_TARGETS))
-    parser.add_argument("--models", default="resnet18,mobilenetv2")
+    parser.add_argument("--models", default="resnet18,mobilenetv1,mobilenetv2")
     parser.add_argument("--runtimes", default="onnxruntime,litert")
     parser.add_argument("--fraction", type=float, default=0.5, help="share of each space's groups zeroed")
     parser.add_argument("--jitter", type=float, default=0.1, help="per-space fraction in fraction +- jitter")
@@ -549,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
              *(alignment_lines(align_results, used) if align_results else [f"forced: {forced}"]), "",
              "Plain vs aligned slimming (same interleaved run):", "", *alignment_table(rows), "",
              *(["onnxruntime kernel time per op kind (its profiler, median per node, summed, sessions run "
-                 "interleaved; speedups dense/slim and dense/aligned):", "", *profile_table(profiles), ""]
+                 "interleaved; speedups dense/slim and dense/aligned):", "", *profile_table(profiles), "",
+                 "onnxruntime convs and FC per output size, dense vs aligned (same profile; FLOPs from the "
+                 "shapes it records):", "", *size_table(profiles), ""]
                if profiles else []),
              f"total time {time.perf_counter() - started:.0f}s"]  # fmt: skip
     text = "\n".join(lines)
