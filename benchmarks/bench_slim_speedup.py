@@ -42,7 +42,12 @@ from torch import nn
 from slimship import find_groups, slim, zero_random_groups
 from slimship.exporters import export_onnx, export_tflite
 from slimship.runtimes import get_target
-from slimship.runtimes.alignment import AlignmentResult, measure_alignment_kinds, multiple_for_kinds
+from slimship.runtimes.alignment import (
+    SWEEP_SPATIAL,
+    AlignmentResult,
+    measure_alignment_kinds,
+    multiple_for_kinds,
+)
 from slimship.runtimes.execute import run_on_target
 from slimship.runtimes.measure import Speedup, speedup_from_ratios
 from slimship.runtimes.targets import BUILTIN_TARGETS, Target
@@ -54,14 +59,12 @@ log = logging.getLogger("bench_slim_speedup")
 # --quick: each multiple b of 8 and b + 1 (the step), plus counts that round up to them (TFLite one-layer
 # models are slow to convert, so the full 24..64 sweep costs minutes)
 QUICK_SWEEP = (28, 32, 33, 36, 40, 41, 44, 48, 49, 52, 56, 57, 60, 64)
-# the op kinds each model's channel spaces go through, and the spatial size each kind is swept at
-# (a depthwise conv does ~1/C of a full conv's work, so it is swept at a larger size to be measurable)
+# the conv kinds each model's channel spaces go through (`op_kinds` reads them and the FC from the graph)
 MODEL_KINDS = {
     "resnet18": ("conv", "conv1x1"),
     "mobilenetv1": ("conv", "conv1x1", "dwconv"),
     "mobilenetv2": ("conv", "conv1x1", "dwconv"),
 }
-SWEEP_SPATIAL = {"conv": 28, "conv1x1": 28, "dwconv": 56}
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -3,9 +3,11 @@
 from slimship.runtimes import arm64_emu as _arm64_emu  # noqa: F401  (registers qemu-aarch64://)
 from slimship.runtimes.alignment import (
     AlignmentResult,
+    favoured_multiple,
     measure_alignment,
     measure_alignment_kinds,
     multiple_for_kinds,
+    op_kinds,
     round_channels_up,
 )
 from slimship.runtimes.measure import (
@@ -39,6 +41,7 @@ __all__ = [
     "Target",
     "Transport",
     "bench",
+    "favoured_multiple",
     "format_bench_table",
     "get_target",
     "load_targets",
@@ -47,6 +50,7 @@ __all__ = [
     "measure_alignment_kinds",
     "measure_speedup",
     "multiple_for_kinds",
+    "op_kinds",
     "open_transport",
     "register_transport",
     "round_channels_up",

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from slimship.runtimes.targets import Target
 log = logging.getLogger(__name__)
 CANDIDATE_MULTIPLES = (16, 8, 4, 2)
 LAYER_KINDS = ("conv", "conv1x1", "dwconv", "linear")
+# output size each kind is swept at: a depthwise conv does about 1/C of a full conv's work, so it is
+# swept larger to stay measurable
+SWEEP_SPATIAL = {"conv": 28, "conv1x1": 28, "dwconv": 56, "linear": 28}
 
 
 @dataclass
@@ -256,10 +260,12 @@ def measure_alignment_kinds(
     spatial: dict[str, int] | None = None,
     **kwargs,
 ) -> dict[str, AlignmentResult]:
-    """measure_alignment for each op kind (one interleaved run per kind); `spatial` per kind if given."""
+    """measure_alignment for each op kind (one interleaved run per kind) at `spatial` per kind
+    (default SWEEP_SPATIAL)."""
+    spatial = SWEEP_SPATIAL if spatial is None else spatial
     out = {}
     for kind in kinds:
-        extra = {"spatial": spatial[kind]} if spatial and kind in spatial else {}
+        extra = {"spatial": spatial[kind]} if kind in spatial else {}
         out[kind] = measure_alignment(target, op=kind, **kwargs, **extra)
     return out
 
@@ -270,3 +276,34 @@ def multiple_for_kinds(results: dict[str, AlignmentResult], kinds: Iterable[str]
     kinds without a measurement are ignored; None when none of them favours alignment."""
     favoured = [results[k].multiple for k in kinds if k in results and results[k].multiple]
     return max(favoured) if favoured else None
+
+
+def op_kinds(model: Any, example_inputs: tuple[Any, ...]) -> tuple[str, ...]:
+    """The LAYER_KINDS among `model`'s 2-D convs and linear layers, read from its torch.export graph."""
+    import torch
+
+    aten = torch.ops.aten
+    program = torch.export.export(model, tuple(example_inputs), strict=False)
+    found = set()
+    for node in program.graph.nodes:
+        if node.target is aten.linear.default:
+            found.add("linear")
+        elif node.target is aten.conv2d.default:
+            weight = node.args[1].meta["val"]
+            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+            if groups > 1 and weight.shape[1] == 1:
+                found.add("dwconv")
+            else:
+                found.add("conv1x1" if tuple(weight.shape[2:]) == (1, 1) else "conv")
+    return tuple(k for k in LAYER_KINDS if k in found)
+
+
+def favoured_multiple(
+    model: Any, example_inputs: tuple[Any, ...], target: Target, **kwargs: Any
+) -> tuple[int | None, dict[str, AlignmentResult]]:
+    """Sweep the op kinds `model` contains on `target` and combine them: the `channel_multiple` to slim
+    it with for that target (None: alignment does not pay there), and the sweep per kind. The one-layer
+    models are ONNX for an onnxruntime target, TFLite otherwise (`fmt` overrides)."""
+    kwargs.setdefault("fmt", "onnx" if target.runtime in ("auto", "onnxruntime") else "tflite")
+    results = measure_alignment_kinds(target, op_kinds(model, example_inputs), **kwargs)
+    return multiple_for_kinds(results, results), results

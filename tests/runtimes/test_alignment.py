@@ -3,7 +3,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
+from torch import nn
 
+from slimship.runtimes import op_kinds
 from slimship.runtimes.alignment import (
     CANDIDATE_MULTIPLES,
     AlignmentResult,
@@ -159,3 +162,15 @@ def test_multiple_for_kinds_takes_the_largest_favoured_multiple():
     assert multiple_for_kinds(results, ["conv", "conv1x1", "linear"]) == 8
     assert multiple_for_kinds(results, ["conv1x1"]) is None
     assert set(CANDIDATE_MULTIPLES) >= {8, 16}
+
+
+def test_op_kinds_reads_the_layer_kinds_from_the_graph():
+    separable = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 3, 8, 8)
+    assert op_kinds(separable, (x,)) == ("conv", "conv1x1", "dwconv", "linear")
+    assert op_kinds(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), (x,)) == ("conv",)
+    # a grouped (not depthwise) conv is a conv
+    assert op_kinds(nn.Conv2d(4, 8, 3, groups=2).eval(), (torch.randn(1, 4, 8, 8),)) == ("conv",)
