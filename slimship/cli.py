@@ -69,6 +69,25 @@ def _example(args: argparse.Namespace, stored: tuple[Any, ...] | None) -> tuple[
     raise SlimshipError("the model file stores no example inputs: pass --input-shape C H W")
 
 
+def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any, ...]) -> int | None:
+    """--channel-multiple: a number, or 'auto' (measured for the model's op kinds on --target)."""
+    spec = args.channel_multiple
+    if spec is None:
+        return None
+    if spec != "auto":
+        if not spec.isdigit() or int(spec) < 1:
+            raise SlimshipError(f"--channel-multiple is {spec!r}; expected a positive integer or 'auto'")
+        return int(spec)
+    from slimship.runtimes import favoured_multiple, get_target, load_targets
+
+    extra = load_targets(args.targets_file) if args.targets_file else None
+    target = get_target(args.target, extra).with_overrides(runtime=args.align_runtime)
+    multiple, results = favoured_multiple(module, example, target)
+    per_kind = ", ".join(f"{k}: {r.multiple or 'none'}" for k, r in results.items())
+    print(f"channel alignment on {target.name} ({args.align_runtime}): {per_kind} -> {multiple or 'none'}")
+    return multiple
+
+
 def _cmd_slim(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
@@ -77,7 +96,8 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
     module, stored = _load_program_module(Path(args.model))
     example = _example(args, stored)
-    result = slim(module, example)
+    multiple = _channel_multiple(args, module, example)
+    result = slim(module, example, channel_multiple=multiple)
     program = torch.export.export(result.model, example, strict=False)
     torch.export.save(program, str(args.out))
     console = Console()
@@ -196,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slim", help="slim a torch.export program (.pt2)")
     p.add_argument("model", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--channel-multiple",
+        default=None,
+        help="round kept channels up to N, or 'auto': measured on --target",
+    )
+    p.add_argument("--target", default="mobile-1t", help="where 'auto' measures (default mobile-1t)")
+    p.add_argument("--targets-file", default=None)
+    p.add_argument("--align-runtime", default="onnxruntime", choices=["onnxruntime", "litert"])
     p.add_argument("--input-shape", **shape)
     p.set_defaults(fn=_cmd_slim)
 

@@ -39,6 +39,35 @@ def test_slim_subcommand_writes_a_smaller_equivalent_program(tmp_path, capsys) -
     assert '"flops_ratio"' in capsys.readouterr().out
 
 
+def _kept_channels(program: Path) -> list[int]:
+    module = torch.export.load(program).module()
+    return [int(v.shape[0]) for k, v in module.state_dict().items() if k.endswith("weight") and v.dim() == 4]
+
+
+def test_slim_subcommand_rounds_kept_channels_up_to_the_multiple(tmp_path, capsys) -> None:
+    path, model, x = _saved_program(tmp_path)
+    plain, aligned = tmp_path / "plain.pt2", tmp_path / "aligned.pt2"
+    assert main(["slim", str(path), "--out", str(plain)]) == 0
+    assert main(["slim", str(path), "--out", str(aligned), "--channel-multiple", "6"]) == 0
+    assert _kept_channels(plain) == [8, 8]  # half of each 16-channel conv zeroed
+    assert _kept_channels(aligned) == [12, 12]
+    assert torch.allclose(torch.export.load(aligned).module()(x), model(x), atol=1e-5)
+    assert main(["slim", str(path), "--out", str(aligned), "--channel-multiple", "0"]) == 2
+    assert "--channel-multiple is '0'" in capsys.readouterr().err
+
+
+def test_slim_subcommand_measures_the_multiple_on_a_target(tmp_path, capsys) -> None:
+    path, model, x = _saved_program(tmp_path)
+    out = tmp_path / "auto.pt2"
+    assert main(["slim", str(path), "--out", str(out), "--channel-multiple", "auto", "--target", "host"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("channel alignment"))
+    assert "conv:" in line and "linear:" in line  # the op kinds the model contains, each measured
+    chosen = line.rsplit("-> ", 1)[1]
+    kept = _kept_channels(out)
+    assert (chosen == "none" and kept == [8, 8]) or all(k % int(chosen) == 0 or k == 16 for k in kept)
+    assert torch.allclose(torch.export.load(out).module()(x), model(x), atol=1e-5)
+
+
 def test_corrupt_model_file_gives_a_clear_error(tmp_path, capsys) -> None:
     bad = tmp_path / "broken.pt2"
     bad.write_bytes(b"not a zip archive")
@@ -56,6 +85,45 @@ def test_config_error_exits_2_with_the_key_path(tmp_path, capsys) -> None:
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path)]) == 2
     assert "'export.formats'" in capsys.readouterr().err
+
+
+def test_auto_alignment_on_an_emulated_first_target_is_refused_before_any_work(tmp_path, capsys) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    config["slim"]["channel_multiple"] = "auto"
+    config["targets"] = ["arm64-emu-litert", "mobile-1t"]
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'slim.channel_multiple'" in err and "arm64-emu-litert" in err and "emulated" in err
+    config["slim"]["channel_multiple"] = 0
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 2
+    assert "'slim.channel_multiple' is 0" in capsys.readouterr().err
+
+
+def test_run_with_auto_alignment_records_the_measured_multiple(tmp_path) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    config["train"]["epochs"] = 1
+    config["compress"]["options"] = {"target": 0.5, "epochs": 2}
+    config["slim"]["channel_multiple"] = "auto"
+    config["export"]["formats"] = ["onnx"]
+    config["targets"] = ["host"]
+    _, bundle, manifest = _run_config(config, tmp_path)
+    slimming = manifest["slimming"]
+    alignment = slimming["alignment"]
+    assert alignment["target"] == "host" and alignment["runtime"] == "onnxruntime"
+    assert set(alignment["per_kind"]) == {"conv", "linear"}  # LeNet-5's op kinds, each swept
+    multiple = slimming["channel_multiple"]
+    assert multiple == alignment["multiple"]
+    kept = [(v["channels_before"], v["channels_kept"]) for v in slimming["per_layer"].values()]
+    assert any(k < b for b, k in kept) and slimming["flops_after"] < slimming["flops_before"]
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "target `host` (onnxruntime)" in card
+    if multiple:
+        assert all(k % multiple == 0 or k == b for b, k in kept)
+        assert f"multiples of {multiple}" in card
+    assert main(["verify", str(bundle)]) == 0
 
 
 def _run_config(config: dict, tmp_path: Path) -> tuple[Path, Path, dict]:

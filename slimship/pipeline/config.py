@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "data": None,
     "train": None,
     "compress": None,
-    "slim": {"merge": True, "fold_constants": True, "rtol": 1e-5},
+    "slim": {"merge": True, "fold_constants": True, "rtol": 1e-5, "channel_multiple": None},
     "export": {"formats": ["onnx", "tflite-fp32"], "dynamic_batch": True},
     "targets": ["mobile-1t"],
     "bench": {"runs": 50, "warmup": 5},
@@ -53,6 +53,14 @@ SCHEMA: dict[str, tuple[Check, str]] = {
     "slim.merge": (lambda v: isinstance(v, bool), "true or false"),
     "slim.fold_constants": (lambda v: isinstance(v, bool), "true or false"),
     "slim.rtol": (lambda v: isinstance(v, int | float) and 0 < v < 1, "a number in (0, 1)"),
+    "slim.channel_multiple": (
+        lambda v: v is None or v == "auto" or (type(v) is int and v >= 1),
+        "a positive integer, 'auto' (measured on the first target) or null",
+    ),
+    "slim.align_runtime": (
+        lambda v: v in ("onnxruntime", "litert", "tflite_runtime"),
+        "onnxruntime, litert or tflite_runtime (the runtime 'auto' measures on)",
+    ),
     "export": (lambda v: isinstance(v, dict), "a mapping"),
     "export.formats": (
         lambda v: isinstance(v, list) and bool(v) and all(f in FORMATS for f in v),
@@ -98,7 +106,25 @@ def validate(raw: Any, source: str = "config") -> dict[str, Any]:
         if _get(config, path) is None:
             raise ConfigError(f"{source}: missing required key '{path}' ({SCHEMA[path][1]})")
     _check_compress(config.get("compress"), source)
+    _check_alignment(config, source)
     return config
+
+
+def _check_alignment(config: dict[str, Any], source: str) -> None:
+    """`slim.channel_multiple: auto` measures on the first target: there must be one, and a built-in
+    emulated one is refused here (a user target is checked when the run resolves it)."""
+    if config["slim"].get("channel_multiple") != "auto":
+        return
+    from slimship.runtimes.targets import BUILTIN_TARGETS
+
+    if not config["targets"]:
+        raise ConfigError(f"{source}: 'slim.channel_multiple' is 'auto' but 'targets' is empty; name one")
+    first = BUILTIN_TARGETS.get(config["targets"][0])
+    if first is not None and first.emulated:
+        raise ConfigError(
+            f"{source}: 'slim.channel_multiple' is 'auto' but the first target {first.name!r} is emulated "
+            "(its timings are not a device's); put a real target first or give the multiple as a number"
+        )
 
 
 def _check_compress(section: dict[str, Any] | None, source: str) -> None:

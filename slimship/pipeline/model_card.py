@@ -81,6 +81,17 @@ def _size(slimming: dict[str, Any]) -> str:
         kept = sum(v["channels_kept"] for v in layers.values())
         total = sum(v["channels_before"] for v in layers.values())
         text += f"\n{len(layers)} layers slimmed: {kept:,} of {total:,} channels kept.\n"
+    multiple, alignment = slimming.get("channel_multiple"), slimming.get("alignment")
+    if multiple:
+        text += f"Kept channels were rounded up to multiples of {multiple}"
+        if alignment:
+            text += f", the multiple measured on target `{alignment['target']}` ({alignment['runtime']})"
+        text += ".\n"
+    elif alignment:
+        text += (
+            f"Channel alignment was measured on target `{alignment['target']}` ({alignment['runtime']}) "
+            "and did not pay there, so the kept counts are exact.\n"
+        )
     return text
 
 

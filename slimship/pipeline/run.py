@@ -149,9 +149,19 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
         )  # fmt: skip
         slim_source = factorized.model
     scfg = config["slim"]
+    multiple, alignment = scfg["channel_multiple"], None
+    if multiple == "auto":
+        multiple, alignment = stages.run(
+            "measure channel alignment on the first target",
+            _measure_alignment,
+            config,
+            slim_source,
+            trace_example,
+        )
     slim_result = stages.run(
         "slim (trace, analyse, rewrite, verify)", slim, slim_source, trace_example,
         merge=scfg["merge"], fold_constants=scfg["fold_constants"], rtol=scfg["rtol"],
+        channel_multiple=multiple,
     )  # fmt: skip
     if factorized is not None:
         slim_result = _from_factorized(slim_result, factorized, compressed)
@@ -201,15 +211,48 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
             "files": {fmt: [dense_exports[fmt].bytes, slim_exports[fmt].bytes] for fmt in formats},
             "latency": rows,
             "compress": compress_info,
+            "channel_multiple": multiple,
+            "alignment": alignment,
         }
         release_dir = stages.run(
             "write release bundle", _release, config, slim_model, example, slim_result, slim_exports,
             accuracy, latency, compressed, compress_plots,
+            {"channel_multiple": multiple, "alignment": alignment},
         )  # fmt: skip
     console.print(summary_table(summary))
     if release_dir is not None:
         console.print(f"release bundle: [bold]{release_dir}[/bold]")
     return PipelineResult(release_dir, summary, stages.timings)
+
+
+def _measure_alignment(config, model, example) -> tuple[int | None, dict[str, Any]]:
+    """`slim.channel_multiple: auto`: the multiple the first target's kernels favour for the op kinds the
+    model contains, measured there on `slim.align_runtime` (default: the runtime of the first export
+    format, or the target's own runtime)."""
+    from slimship.runtimes.alignment import favoured_multiple
+    from slimship.runtimes.targets import get_target, load_targets
+
+    extra = load_targets(config["targets_file"]) if config.get("targets_file") else None
+    target = get_target(config["targets"][0], extra)
+    if target.emulated:
+        raise ConfigError(
+            f"'slim.channel_multiple' is 'auto' but the first target {target.name!r} is emulated: its "
+            "timings are not a device's; put a real target first or give the multiple as a number"
+        )
+    first = config["export"]["formats"][0]
+    runtime = config["slim"].get("align_runtime") or (
+        target.runtime if target.runtime != "auto" else "onnxruntime" if first == "onnx" else "litert"
+    )
+    multiple, results = favoured_multiple(model, example, target.with_overrides(runtime=runtime))
+    info = {
+        "target": target.name,
+        "runtime": runtime,
+        "multiple": multiple,
+        "per_kind": {kind: r.multiple for kind, r in results.items()},
+        "scores": {kind: {str(m): sc for m, sc in r.scores.items()} for kind, r in results.items()},
+    }
+    log.info("channel alignment on %s (%s): %s", target.name, runtime, info["per_kind"])
+    return multiple, info
 
 
 def _from_factorized(slim_result: Any, factorized: Any, source: torch.nn.Module) -> Any:
@@ -356,7 +399,9 @@ def _search_plots(method: str, info: dict[str, Any]) -> dict[str, Any]:
     return plots
 
 
-def _release(config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots):
+def _release(
+    config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots, aligned
+):
     from slimship.pipeline.release import ReleaseInputs, write_release
 
     rcfg = config["release"]
@@ -374,17 +419,21 @@ def _release(config, slim_model, example, slim_result, slim_exports, accuracy, l
             "max_rel_diff": export.parity.max_rel_diff,
             "tolerance": export.parity.tolerance,
         }
-    slimming = slim_result.summary() | {
-        "per_layer": {
-            s.name: {"channels_before": s.channels_before, "channels_kept": s.channels_after}
-            for s in slim_result.report.spaces
-            if s.channels_before > 1
-        },
-        "layers": [
-            {"name": layer.name, "before": layer.shape_before, "after": layer.shape_after}
-            for layer in slim_result.report.layers
-        ],
-    }
+    slimming = (
+        slim_result.summary()
+        | aligned
+        | {
+            "per_layer": {
+                s.name: {"channels_before": s.channels_before, "channels_kept": s.channels_after}
+                for s in slim_result.report.spaces
+                if s.channels_before > 1
+            },
+            "layers": [
+                {"name": layer.name, "before": layer.shape_before, "after": layer.shape_after}
+                for layer in slim_result.report.layers
+            ],
+        }
+    )
     inputs = ReleaseInputs(
         name=rcfg["name"],
         version=rcfg["version"],
