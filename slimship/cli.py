@@ -78,13 +78,17 @@ def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any,
         if not spec.isdigit() or int(spec) < 1:
             raise SlimshipError(f"--channel-multiple is {spec!r}; expected a positive integer or 'auto'")
         return int(spec)
-    from slimship.runtimes import favoured_multiple, get_target, load_targets
+    from slimship.pipeline.alignment import choose_channel_multiple
+    from slimship.runtimes import get_target, load_targets
 
     extra = load_targets(args.targets_file) if args.targets_file else None
     target = get_target(args.target, extra).with_overrides(runtime=args.align_runtime)
-    multiple, results = favoured_multiple(module, example, target)
-    per_kind = ", ".join(f"{k}: {r.multiple or 'none'}" for k, r in results.items())
-    print(f"channel alignment on {target.name} ({args.align_runtime}): {per_kind} -> {multiple or 'none'}")
+    multiple, info = choose_channel_multiple(module, example, example, target)
+    per_kind = ", ".join(f"{k}: {m or 'none'}" for k, m in info["per_kind"].items())
+    whole = info["whole_model"]
+    check = f"; whole model aligned {whole['aligned_speedup']:.3f}x vs exact" if whole else ""
+    where = f"{target.name} ({args.align_runtime})"
+    print(f"channel alignment on {where}: {per_kind}{check} -> {multiple or 'none'}")
     return multiple
 
 

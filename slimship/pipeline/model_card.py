@@ -82,16 +82,21 @@ def _size(slimming: dict[str, Any]) -> str:
         total = sum(v["channels_before"] for v in layers.values())
         text += f"\n{len(layers)} layers slimmed: {kept:,} of {total:,} channels kept.\n"
     multiple, alignment = slimming.get("channel_multiple"), slimming.get("alignment")
+    where = f"target `{alignment['target']}` ({alignment['runtime']})" if alignment else ""
+    whole = (alignment or {}).get("whole_model")
     if multiple:
         text += f"Kept channels were rounded up to multiples of {multiple}"
-        if alignment:
-            text += f", the multiple measured on target `{alignment['target']}` ({alignment['runtime']})"
+        if whole:
+            text += f", measured on {where}: {whole['aligned_speedup']:.2f}x against exact slimming"
         text += ".\n"
-    elif alignment:
+    elif whole:
+        swept, ratio = alignment["swept_multiple"], whole["aligned_speedup"]
         text += (
-            f"Channel alignment was measured on target `{alignment['target']}` ({alignment['runtime']}) "
-            "and did not pay there, so the kept counts are exact.\n"
+            f"Rounding kept channels up to multiples of {swept} was measured on {where} and made the whole "
+            f"model slower ({ratio:.2f}x), so the kept counts are exact.\n"
         )
+    elif alignment:
+        text += f"Channel alignment was measured on {where} and did not pay, so the kept counts are exact.\n"
     return text
 
 

@@ -157,6 +157,7 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
             config,
             slim_source,
             trace_example,
+            example,
         )
     slim_result = stages.run(
         "slim (trace, analyse, rewrite, verify)", slim, slim_source, trace_example,
@@ -225,11 +226,11 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
     return PipelineResult(release_dir, summary, stages.timings)
 
 
-def _measure_alignment(config, model, example) -> tuple[int | None, dict[str, Any]]:
+def _measure_alignment(config, model, trace_example, example) -> tuple[int | None, dict[str, Any]]:
     """`slim.channel_multiple: auto`: the multiple the first target's kernels favour for the op kinds the
-    model contains, measured there on `slim.align_runtime` (default: the runtime of the first export
-    format, or the target's own runtime)."""
-    from slimship.runtimes.alignment import favoured_multiple
+    model contains, confirmed on the whole model there (see `choose_channel_multiple`), on
+    `slim.align_runtime` (default: the target's own runtime, else that of the first export format)."""
+    from slimship.pipeline.alignment import choose_channel_multiple
     from slimship.runtimes.targets import get_target, load_targets
 
     extra = load_targets(config["targets_file"]) if config.get("targets_file") else None
@@ -243,16 +244,11 @@ def _measure_alignment(config, model, example) -> tuple[int | None, dict[str, An
     runtime = config["slim"].get("align_runtime") or (
         target.runtime if target.runtime != "auto" else "onnxruntime" if first == "onnx" else "litert"
     )
-    multiple, results = favoured_multiple(model, example, target.with_overrides(runtime=runtime))
-    info = {
-        "target": target.name,
-        "runtime": runtime,
-        "multiple": multiple,
-        "per_kind": {kind: r.multiple for kind, r in results.items()},
-        "scores": {kind: {str(m): sc for m, sc in r.scores.items()} for kind, r in results.items()},
-    }
-    log.info("channel alignment on %s (%s): %s", target.name, runtime, info["per_kind"])
-    return multiple, info
+    scfg = config["slim"]
+    return choose_channel_multiple(
+        model, trace_example, example, target.with_overrides(runtime=runtime), runs=config["bench"]["runs"],
+        merge=scfg["merge"], fold_constants=scfg["fold_constants"], rtol=scfg["rtol"],
+    )  # fmt: skip
 
 
 def _from_factorized(slim_result: Any, factorized: Any, source: torch.nn.Module) -> Any:
