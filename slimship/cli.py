@@ -86,7 +86,8 @@ def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any,
     multiple, info = choose_channel_multiple(module, example, example, target)
     per_kind = ", ".join(f"{k}: {m or 'none'}" for k, m in info["per_kind"].items())
     whole = info["whole_model"]
-    check = f"; whole model aligned {whole['aligned_speedup']:.3f}x vs exact" if whole else ""
+    tried = ", ".join(f"{m}: {v['speedup']:.3f}x" for m, v in (whole or {}).get("aligned", {}).items())
+    check = f"; whole model vs exact slimming {tried}" if whole else ""
     where = f"{target.name} ({args.align_runtime})"
     print(f"channel alignment on {where}: {per_kind}{check} -> {multiple or 'none'}")
     return multiple

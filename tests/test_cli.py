@@ -116,12 +116,16 @@ def test_run_with_auto_alignment_records_the_measured_multiple(tmp_path) -> None
     assert set(alignment["per_kind"]) == {"conv", "linear"}  # LeNet-5's op kinds, each swept
     multiple = slimming["channel_multiple"]
     assert multiple == alignment["multiple"]
-    whole = alignment["whole_model"]  # the swept multiple is confirmed (or dropped) on the whole model
-    assert (whole is None) == (alignment["swept_multiple"] is None)
+    whole = alignment["whole_model"]  # the proposed multiples are tried on the whole model
+    assert (whole is None) == (not alignment["candidates"])
     if whole is not None:
-        assert whole["aligned_p50_ms"] > 0 and whole["plain_p50_ms"] > 0
-        assert (whole["kept"] == "aligned") == (whole["aligned_speedup"] >= 1.0)
-        assert multiple == (alignment["swept_multiple"] if whole["kept"] == "aligned" else None)
+        tried = {int(m): v["speedup"] for m, v in whole["aligned"].items()}
+        assert set(tried) == set(alignment["candidates"]) and whole["exact_p50_ms"] > 0
+        fastest = max(tried, key=tried.get)
+        assert multiple == (fastest if tried[fastest] >= 1.0 else None)
+        assert whole["kept"] == (f"aligned-{multiple}" if multiple else "exact")
+    else:
+        assert multiple is None
     kept = [(v["channels_before"], v["channels_kept"]) for v in slimming["per_layer"].values()]
     assert any(k < b for b, k in kept) and slimming["flops_after"] < slimming["flops_before"]
     card = (bundle / "MODEL_CARD.md").read_text()

@@ -5,7 +5,9 @@ The per-kind sweep (`favoured_multiple`) times one-layer models; it is a proxy. 
 space pads its producer's outputs and its consumers' inputs, and layers differ from the swept one in
 size, so a multiple the sweep favours can still make the whole model slower (LiteRT: ResNet-18 aligned
 to 16 ran 7-10% slower than slimmed exactly). So the model is slimmed both ways, exported and timed on
-the target, interleaved; the aligned one is kept only when it is not slower.
+the target, interleaved; the aligned one is kept only when it is not slower. The sweep proposes up to two
+multiples (the one its strict rule picks, and the larger one a 3% round-up cost would allow); the whole
+model decides between them and exact slimming.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from slimship.runtimes.targets import Target
 
@@ -30,6 +34,19 @@ def _export(model: Any, example: tuple[Any, ...], path: Path) -> Path:
     return path
 
 
+def candidate_multiples(results: dict[str, Any], cost_tols: tuple[float, ...] = (0.01, 0.03)) -> list[int]:
+    """The multiples the per-kind sweep proposes: for each round-up tolerance, the largest multiple any
+    kind favours (re-derived from the measured latencies, nothing is timed again)."""
+    from slimship.runtimes.alignment import derive_multiple
+
+    out = set()
+    for tol in cost_tols:
+        favoured = [derive_multiple(r.channels, r.p50_ms, cost_tol=tol)[0] for r in results.values()]
+        if any(favoured):
+            out.add(max(m for m in favoured if m))
+    return sorted(out)
+
+
 def choose_channel_multiple(
     model: Any,
     trace_example: tuple[Any, ...],
@@ -43,40 +60,54 @@ def choose_channel_multiple(
 
     `trace_example` is what `slim` traces with, `run_example` what the exported models run on (batch 1,
     as devices run). The one-layer sweep and the whole-model check use ONNX on an onnxruntime target and
-    TFLite otherwise. Returns None when no multiple is favoured or the aligned model is slower.
+    TFLite otherwise. Returns None when the sweep proposes no multiple or every proposed one makes the
+    whole model slower than exact slimming; otherwise the fastest proposed one.
     """
     from slimship.runtimes.alignment import favoured_multiple
-    from slimship.runtimes.measure import measure_speedup
+    from slimship.runtimes.execute import run_on_target
+    from slimship.runtimes.measure import speedup_from_ratios
     from slimship.slimming import slim
 
     swept, results = favoured_multiple(model, trace_example, target)
+    candidates = candidate_multiples(results)
     info: dict[str, Any] = {
         "target": target.name,
         "runtime": target.runtime,
         "swept_multiple": swept,
+        "candidates": candidates,
         "per_kind": {kind: r.multiple for kind, r in results.items()},
         "scores": {kind: {str(m): sc for m, sc in r.scores.items()} for kind, r in results.items()},
         "whole_model": None,
     }
-    chosen = swept
-    if swept:
+    chosen = None
+    if candidates:
         suffix = ".onnx" if target.runtime in ("auto", "onnxruntime") else ".tflite"
-        plain = slim(model, trace_example, **slim_options)
-        aligned = slim(model, trace_example, channel_multiple=swept, **slim_options)
+        variants = {None: slim(model, trace_example, **slim_options)}
+        for m in candidates:
+            variants[m] = slim(model, trace_example, channel_multiple=m, **slim_options)
         with tempfile.TemporaryDirectory(prefix="slimship-align-") as tmp:
-            paths = [_export(r.model, run_example, Path(tmp) / f"{n}{suffix}") for n, r in
-                     (("plain", plain), ("aligned", aligned))]  # fmt: skip
+            paths = [
+                _export(r.model, run_example, Path(tmp) / f"m{m or 0}{suffix}") for m, r in variants.items()
+            ]
             inputs = [t.detach().numpy() for t in run_example]
-            speedup, (plain_m, aligned_m) = measure_speedup(*paths, inputs, target, runs=runs)
-        chosen = swept if speedup.median >= 1.0 else None
-        info["whole_model"] = {
-            "plain_p50_ms": plain_m.latency.p50_ms,
-            "aligned_p50_ms": aligned_m.latency.p50_ms,
-            "aligned_speedup": round(speedup.median, 4),
-            "flops": [plain.flops_after, aligned.flops_after],
-            "kept": "aligned" if chosen else "plain",
+            run = run_on_target(target, paths, inputs, runs=runs)
+        p50 = [float(np.median(e["latencies_ms"])) for e in run.result["models"]]
+        speedups = {
+            m: speedup_from_ratios(ratios, "exact", f"aligned-{m}", target.name).median
+            for m, ratios in zip(candidates, run.result["pair_ratios"], strict=True)
         }
-        log.info("channel alignment on %s: %d measured %.3fx vs exact slimming, %s kept",
-                 target.name, swept, speedup.median, info["whole_model"]["kept"])  # fmt: skip
+        best = max(candidates, key=lambda m: speedups[m])
+        chosen = best if speedups[best] >= 1.0 else None
+        info["whole_model"] = {
+            "exact_p50_ms": p50[0],
+            "aligned": {
+                str(m): {"p50_ms": ms, "speedup": round(speedups[m], 4), "flops": variants[m].flops_after}
+                for m, ms in zip(candidates, p50[1:], strict=True)
+            },
+            "exact_flops": variants[None].flops_after,
+            "kept": f"aligned-{chosen}" if chosen else "exact",
+        }
+        log.info("channel alignment on %s: whole-model speedups over exact slimming %s, kept %s",
+                 target.name, speedups, info["whole_model"]["kept"])  # fmt: skip
     info["multiple"] = chosen
     return chosen, info

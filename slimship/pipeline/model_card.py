@@ -87,13 +87,14 @@ def _size(slimming: dict[str, Any]) -> str:
     if multiple:
         text += f"Kept channels were rounded up to multiples of {multiple}"
         if whole:
-            text += f", measured on {where}: {whole['aligned_speedup']:.2f}x against exact slimming"
+            ratio = whole["aligned"][str(multiple)]["speedup"]
+            text += f", measured on {where}: {ratio:.2f}x against exact slimming"
         text += ".\n"
     elif whole:
-        swept, ratio = alignment["swept_multiple"], whole["aligned_speedup"]
+        tried = ", ".join(f"{m} ({v['speedup']:.2f}x)" for m, v in whole["aligned"].items())
         text += (
-            f"Rounding kept channels up to multiples of {swept} was measured on {where} and made the whole "
-            f"model slower ({ratio:.2f}x), so the kept counts are exact.\n"
+            f"Rounding kept channels up to multiples of {tried} was measured on {where} and made the whole "
+            "model slower, so the kept counts are exact.\n"
         )
     elif alignment:
         text += f"Channel alignment was measured on {where} and did not pay, so the kept counts are exact.\n"

@@ -174,3 +174,20 @@ def test_op_kinds_reads_the_layer_kinds_from_the_graph():
     assert op_kinds(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), (x,)) == ("conv",)
     # a grouped (not depthwise) conv is a conv
     assert op_kinds(nn.Conv2d(4, 8, 3, groups=2).eval(), (torch.randn(1, 4, 8, 8),)) == ("conv",)
+
+
+def test_the_sweep_proposes_the_strict_and_the_lenient_multiple_for_the_whole_model_to_decide():
+    from slimship.pipeline.alignment import candidate_multiples
+    from slimship.runtimes.alignment import AlignmentResult
+
+    channels = list(range(24, 65))
+    costly16 = [10.0 + 0.5 * ((c + 7) // 8) + 0.5 * ((c + 15) // 16) for c in channels]  # 8, or 16 at 3%
+    flat = [1.0 for _ in channels]
+
+    def result(op: str, p50: list[float]) -> AlignmentResult:
+        multiple, scores = derive_multiple(channels, p50)
+        return AlignmentResult("t", op, "onnx", channels, p50, scores, multiple, 0.03)
+
+    swept = {"conv": result("conv", costly16), "linear": result("linear", flat)}
+    assert candidate_multiples(swept) == [8, 16]
+    assert candidate_multiples({"linear": result("linear", flat)}) == []
