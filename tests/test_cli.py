@@ -96,6 +96,14 @@ def test_auto_alignment_on_an_emulated_first_target_is_refused_before_any_work(t
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "'slim.channel_multiple'" in err and "arm64-emu-litert" in err and "emulated" in err
+    # a user target from targets_file is resolved and refused the same way, before any training
+    (tmp_path / "targets.yaml").write_text(yaml.safe_dump({"targets": {"board-emu": {"emulated": True}}}))
+    config["targets_file"] = str(tmp_path / "targets.yaml")
+    config["targets"] = ["board-emu"]
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "'board-emu' is emulated" in captured.err and "train dense model" not in captured.out
     config["slim"]["channel_multiple"] = 0
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path)]) == 2

@@ -111,16 +111,17 @@ def validate(raw: Any, source: str = "config") -> dict[str, Any]:
 
 
 def _check_alignment(config: dict[str, Any], source: str) -> None:
-    """`slim.channel_multiple: auto` measures on the first target: there must be one, and a built-in
-    emulated one is refused here (a user target is checked when the run resolves it)."""
+    """`slim.channel_multiple: auto` measures on the first target (built-in or from `targets_file`):
+    there must be one, and an emulated one is refused before any work starts."""
     if config["slim"].get("channel_multiple") != "auto":
         return
-    from slimship.runtimes.targets import BUILTIN_TARGETS
+    from slimship.runtimes.targets import get_target, load_targets
 
     if not config["targets"]:
         raise ConfigError(f"{source}: 'slim.channel_multiple' is 'auto' but 'targets' is empty; name one")
-    first = BUILTIN_TARGETS.get(config["targets"][0])
-    if first is not None and first.emulated:
+    extra = load_targets(config["targets_file"]) if config.get("targets_file") else None
+    first = get_target(config["targets"][0], extra)
+    if first.emulated:
         raise ConfigError(
             f"{source}: 'slim.channel_multiple' is 'auto' but the first target {first.name!r} is emulated "
             "(its timings are not a device's); put a real target first or give the multiple as a number"
