@@ -44,3 +44,7 @@ class ReleaseError(SlimshipError):
 
 class CompressionError(SlimshipError):
     """A compression method was misconfigured or failed to reach its target."""
+
+
+class GateError(SlimshipError):
+    """A quality gate failed: the release would not meet what the config demands (CLI exit status 3)."""

@@ -1,187 +1,469 @@
-"""The pipeline's YAML config: loading and validation with messages that name the key path."""
+"""The pipeline's config: one typed model tree (pydantic v2), validated before any work starts.
+
+Every section forbids unknown keys and takes strict types (a bool is not an int; an int is accepted
+where a float is expected). Each field's description is what an error message says is expected, so a
+problem reads `CONFIG: 'export.formats' is ['onnx', 'coreml']; expected a non-empty list of ...`.
+`compress.options` is typed per method (one model built from the method's signature). Validation then
+resolves what the model tree cannot see alone: targets (and the targets file), the factories'
+signatures against their kwargs, and whether `release.out` can be written.
+"""
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import copy
+import functools
 import importlib
-from collections.abc import Callable
+import inspect
+import os
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
+from slimship._yaml import load_yaml
 from slimship.errors import ConfigError
+from slimship.pipeline.names import NAME_RE, NAME_RULE, VERSION_RE, VERSION_RULE
 
 FORMATS = ("onnx", "tflite-fp32", "tflite-fp16", "tflite-int8-dynamic", "tflite-int8")
+ALIGN_RUNTIMES = ("onnxruntime", "litert", "tflite_runtime")
+IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "model": {"kwargs": {}},
-    "data": None,
-    "train": None,
-    "compress": None,
-    "slim": {"merge": True, "fold_constants": True, "rtol": 1e-5, "channel_multiple": None},
-    "export": {"formats": ["onnx", "tflite-fp32"], "dynamic_batch": True},
-    "targets": ["mobile-1t"],
-    "bench": {"runs": 50, "warmup": 5},
-    "release": {"name": "model", "version": "0.1.0", "out": "artifacts"},
-}
-
-# key path -> (check, what is allowed); a trailing ".*" entry lists a section's allowed keys
-Check = Callable[[Any], bool]
-SCHEMA: dict[str, tuple[Check, str]] = {
-    "seed": (lambda v: isinstance(v, int) and v >= 0, "a non-negative integer"),
-    "model": (lambda v: isinstance(v, dict), "a mapping with factory, input_shape, kwargs"),
-    "model.factory": (lambda v: isinstance(v, str) and ":" in v, "an import path 'package.module:function'"),
-    "model.input_shape": (
-        lambda v: isinstance(v, list) and v and all(isinstance(i, int) and i > 0 for i in v),
-        "a list of positive integers without the batch dim, e.g. [1, 8, 8]",
-    ),
-    "model.kwargs": (lambda v: isinstance(v, dict), "a mapping of keyword arguments"),
-    "model.checkpoint": (lambda v: isinstance(v, str), "a path to a state_dict file"),
-    "model.allow_pickle": (lambda v: isinstance(v, bool), "true only for a trusted checkpoint"),
-    "data": (lambda v: v is None or isinstance(v, dict), "a mapping with factory and kwargs, or null"),
-    "data.factory": (lambda v: isinstance(v, str) and ":" in v, "an import path returning (train, test)"),
-    "data.kwargs": (lambda v: isinstance(v, dict), "a mapping of keyword arguments"),
-    "train": (lambda v: v is None or isinstance(v, dict), "a mapping with epochs and lr, or null"),
-    "train.epochs": (lambda v: isinstance(v, int) and v >= 0, "a non-negative integer"),
-    "train.lr": (lambda v: isinstance(v, int | float) and v > 0, "a positive number"),
-    "compress": (lambda v: v is None or isinstance(v, dict), "a mapping with method and options, or null"),
-    "compress.method": (lambda v: isinstance(v, str), "a method name (see `slimship methods`)"),
-    "compress.options": (lambda v: isinstance(v, dict), "a mapping of the method's options"),
-    "slim": (lambda v: isinstance(v, dict), "a mapping"),
-    "slim.merge": (lambda v: isinstance(v, bool), "true or false"),
-    "slim.fold_constants": (lambda v: isinstance(v, bool), "true or false"),
-    "slim.rtol": (lambda v: isinstance(v, int | float) and 0 < v < 1, "a number in (0, 1)"),
-    "slim.channel_multiple": (
-        lambda v: v is None or v == "auto" or (type(v) is int and v >= 1),
-        "a positive integer, 'auto' (measured on the first target) or null",
-    ),
-    "slim.align_runtime": (
-        lambda v: v in ("onnxruntime", "litert", "tflite_runtime"),
-        "onnxruntime, litert or tflite_runtime (the runtime 'auto' measures on)",
-    ),
-    "export": (lambda v: isinstance(v, dict), "a mapping"),
-    "export.formats": (
-        lambda v: isinstance(v, list) and bool(v) and all(f in FORMATS for f in v),
-        f"a non-empty list of {', '.join(FORMATS)}",
-    ),
-    "export.dynamic_batch": (lambda v: isinstance(v, bool), "true or false"),
-    "targets": (
-        lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
-        "a list of target names (built-in or from targets_file)",
-    ),
-    "targets_file": (lambda v: isinstance(v, str), "a path to a targets YAML file"),
-    "bench": (lambda v: isinstance(v, dict), "a mapping"),
-    "bench.runs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "bench.warmup": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "release": (lambda v: isinstance(v, dict), "a mapping with name, version, out"),
-    "release.name": (
-        lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").replace(".", "").isalnum(),
-        "letters, digits, '.', '-' and '_'",
-    ),
-    "release.version": (lambda v: isinstance(v, str) and v[:1].isdigit(), "a version such as 1.0.0"),
-    "release.out": (lambda v: isinstance(v, str), "a directory path"),
-    "release.notes": (lambda v: isinstance(v, str), "text for the model card"),
-}
-REQUIRED = ("model.factory", "model.input_shape")
+Format = Literal["onnx", "tflite-fp32", "tflite-fp16", "tflite-int8-dynamic", "tflite-int8"]
 
 
-def _merge(base: Any, override: Any) -> Any:
-    if isinstance(base, dict) and isinstance(override, dict):
-        out = dict(base)
-        for key, value in override.items():
-            out[key] = _merge(base.get(key), value) if key in base else value
-        return out
-    return copy.deepcopy(override)
+def _f(default: Any, expected: str, **constraints: Any) -> Any:
+    """A field whose description is what an error message says is expected."""
+    if callable(default):
+        return Field(default_factory=default, description=expected, **constraints)
+    return Field(default, description=expected, **constraints)
 
 
-def validate(raw: Any, source: str = "config") -> dict[str, Any]:
-    """Merge defaults into `raw` and check every key; ConfigError names the key path and what is allowed."""
+class Section(BaseModel):
+    """Base of every config section: unknown keys refused, strict types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSpec(Section):
+    factory: str = _f(
+        ..., "an import path 'package.module:function' returning an nn.Module", pattern=IMPORT_PATH
+    )
+    input_shape: list[Annotated[int, Field(gt=0)]] = _f(
+        ..., "a list of positive integers without the batch dim, e.g. [1, 8, 8]", min_length=1
+    )
+    kwargs: dict[str, Any] = _f(dict, "a mapping of the factory's keyword arguments")
+    checkpoint: str | None = _f(None, "a path to a state_dict file")
+    allow_pickle: bool = _f(False, "true only for a trusted checkpoint")
+
+
+class DataSpec(Section):
+    factory: str = _f(
+        ..., "an import path 'package.module:function' returning (train, test)", pattern=IMPORT_PATH
+    )
+    kwargs: dict[str, Any] = _f(dict, "a mapping of the factory's keyword arguments")
+
+
+class TrainSpec(Section):
+    epochs: int = _f(0, "a non-negative integer", ge=0)
+    lr: float = _f(1e-3, "a positive number", gt=0)
+
+
+class SlimSpec(Section):
+    merge: bool = _f(True, "true or false")
+    fold_constants: bool = _f(True, "true or false")
+    rtol: float = _f(1e-5, "a number in (0, 1)", gt=0, lt=1)
+    channel_multiple: Annotated[int, Field(ge=1)] | Literal["auto"] | None = _f(
+        None, "a positive integer, 'auto' (measured on the first target) or null"
+    )
+    align_runtime: Literal["onnxruntime", "litert", "tflite_runtime"] | None = _f(
+        None, f"{', '.join(ALIGN_RUNTIMES)} (the runtime 'auto' measures on) or null"
+    )
+
+
+class ExportSpec(Section):
+    formats: list[Format] = _f(
+        lambda: ["onnx", "tflite-fp32"], f"a non-empty list of {', '.join(FORMATS)}", min_length=1
+    )
+    dynamic_batch: bool = _f(True, "true or false")
+
+
+class BenchSpec(Section):
+    runs: int = _f(50, "an integer >= 1", ge=1)
+    warmup: int = _f(5, "an integer >= 0", ge=0)
+
+
+class ReleaseSpec(Section):
+    name: str = _f("model", NAME_RULE, pattern=NAME_RE.pattern)
+    version: str = _f("0.1.0", VERSION_RULE, pattern=VERSION_RE.pattern)
+    out: str = _f("artifacts", "a directory path (created if missing)", min_length=1)
+    notes: str = _f("", "text for the model card")
+
+
+class GatesSpec(Section):
+    """What a release must meet; a gate set to null is off. See slimship.pipeline.gates."""
+
+    max_accuracy_drop: float | None = _f(
+        1.0, "percentage points of top-1 the slim model may lose against the dense one (>= 0), or null", ge=0
+    )
+    min_speedup: float | None = _f(
+        None, "the smallest dense/slim speedup accepted per target (> 0), or null", gt=0
+    )
+    max_latency_ms: Annotated[float, Field(gt=0)] | dict[str, Annotated[float, Field(gt=0)]] | None = _f(
+        None, "the largest p50 latency in ms, one number for every target or a mapping target -> ms, or null"
+    )
+    min_agreement: float | None = _f(
+        0.9, "the smallest top-1 agreement of quantised variants with the slim model, in [0, 1], or null",
+        ge=0, le=1,
+    )  # fmt: skip
+
+
+class CompressSpec(Section):
+    """Base of the per-method `compress` models (see `compress_model`)."""
+
+    method: str
+    options: BaseModel
+
+
+class PipelineConfig(Section):
+    """The whole config. `targets_file` entries are resolved into `target_profiles()` at validation."""
+
+    seed: int = _f(0, "a non-negative integer", ge=0)
+    model: ModelSpec = _f(..., "a mapping with factory, input_shape, kwargs")
+    data: DataSpec | None = _f(None, "a mapping with factory and kwargs, or null")
+    train: TrainSpec | None = _f(None, "a mapping with epochs and lr, or null")
+    compress: CompressSpec | None = _f(None, "a mapping with method and options, or null")
+    slim: SlimSpec = _f(SlimSpec, "a mapping")
+    export: ExportSpec = _f(ExportSpec, "a mapping")
+    targets: list[str] = _f(lambda: ["mobile-1t"], "a list of target names (built-in or from targets_file)")
+    targets_file: str | None = _f(None, "a path to a targets YAML file")
+    bench: BenchSpec = _f(BenchSpec, "a mapping")
+    release: ReleaseSpec = _f(ReleaseSpec, "a mapping with name, version, out")
+    gates: GatesSpec = _f(GatesSpec, "a mapping of quality gates")
+    _profiles: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def target_profiles(self) -> list[Any]:
+        """The `targets` as resolved Target records (built-in or from `targets_file`), in order."""
+        return [self._profiles[name] for name in self.targets]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (for the manifest)."""
+        data = self.model_dump(mode="json")
+        if self.compress is not None:
+            data["compress"]["options"] = self.compress.options.model_dump(mode="json", exclude_unset=True)
+        return data
+
+
+# ------------------------------------------------------------------------------------ compress options
+
+
+def _yaml_type(tp: Any) -> Any:
+    """The annotation a YAML value can satisfy: tuples and sequences become lists, paths strings.
+    None for what YAML cannot hold (callables)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Path:
+        return str
+    if origin in (tuple, list, Sequence, collections.abc.Sequence) and args:
+        item = _yaml_type(args[0])
+        return None if item is None else list[item]
+    if origin in (Union, types.UnionType):
+        parts = [p for p in dict.fromkeys(_yaml_type(a) for a in args) if p is not None]
+        real = [p for p in parts if p is not type(None)]
+        return Union[tuple(parts)] if real else None  # noqa: UP007
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        return None
+    return tp
+
+
+def _option_types(method: str) -> dict[str, tuple[Any, Any]]:
+    """Option name -> (YAML annotation, default) from the method's signature and type hints."""
+    from slimship.compress.base import METHODS, Training
+
+    fn = METHODS[method]
+    hints: dict[str, Any] = {}
+    for source in (Training, getattr(fn, "__wrapped__", fn)):
+        with contextlib.suppress(Exception):  # a user's method with unresolvable hints: options untyped
+            hints |= typing.get_type_hints(source)
+    out = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        tp = _yaml_type(hints.get(p.name, Any))
+        if tp is not None:
+            out[p.name] = (tp, p.default)
+    return out
+
+
+def _describe(tp: Any, default: Any) -> str:
+    name = getattr(tp, "__name__", None) if typing.get_origin(tp) is None else None
+    return f"{name or str(tp).replace('typing.', '')} (default {default!r})"
+
+
+@functools.cache
+def options_model(method: str) -> type[BaseModel]:
+    """One pydantic model of `method`'s options (types and defaults from its signature)."""
+    fields = {
+        name: (tp, Field(default, description=_describe(tp, default)))
+        for name, (tp, default) in _option_types(method).items()
+    }
+    title = "".join(part.capitalize() for part in method.replace("-", "_").split("_")) + "Options"
+    return create_model(title, __config__=ConfigDict(extra="forbid", strict=True, frozen=True), **fields)
+
+
+@functools.cache
+def compress_model(method: str) -> type[CompressSpec]:
+    """The `compress` section for one method: `method` fixed, `options` typed."""
+    options = options_model(method)
+    return create_model(
+        f"Compress{options.__name__.removesuffix('Options')}",
+        __base__=CompressSpec,
+        method=(Literal[method], Field(description="the compression method")),
+        options=(options, Field(default_factory=options, description="the method's options")),
+    )
+
+
+def _methods() -> list[str]:
+    from slimship.compress.base import METHODS, load_builtin_methods
+
+    load_builtin_methods()
+    return sorted(METHODS)
+
+
+@functools.cache
+def _root_model(methods: tuple[str, ...]) -> type[PipelineConfig]:
+    variants = tuple(compress_model(m) for m in methods)
+    union = Annotated[Union[variants], Field(discriminator="method")]  # noqa: UP007
+    return create_model(
+        "SlimshipConfig",
+        __base__=PipelineConfig,
+        compress=(union | None, _f(None, "a mapping with method and options, or null")),
+    )
+
+
+def config_model() -> type[PipelineConfig]:
+    """The root model with `compress` typed for every registered method."""
+    return _root_model(tuple(_methods()))
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a pipeline config (written to configs/slimship.schema.json)."""
+    schema = config_model().model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "slimship pipeline config"
+    return schema
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The BaseModel classes an annotation can hold (through Optional, Annotated and unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _tag(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("method")
+    args = typing.get_args(field.annotation) if field else ()
+    return args[0] if len(args) == 1 else None
+
+
+def _locate(
+    root: type[BaseModel], loc: tuple[Any, ...]
+) -> tuple[list[str], list[Any], FieldInfo | None, Any]:
+    """Walk a pydantic error location: (field path, the rest of loc, last field, the model it ended in)."""
+    models: list[type[BaseModel]] = [root]
+    path: list[str] = []
+    info: FieldInfo | None = None
+    for i, part in enumerate(loc):
+        owner = next((m for m in models if isinstance(part, str) and part in m.model_fields), None)
+        if owner is not None:
+            info = owner.model_fields[part]
+            path.append(part)
+            models = _models_in(info.annotation)
+            continue
+        tagged = [m for m in models if _tag(m) == part]
+        if tagged:  # a discriminated union puts the tag in the location
+            models = tagged
+            continue
+        return path, list(loc[i:]), info, models
+    return path, [], info, models
+
+
+def _raw_at(raw: Any, path: list[str]) -> Any:
+    for part in path:
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
+
+
+def _problem(root: type[BaseModel], raw: Any, error: dict[str, Any]) -> str:
+    path, rest, info, models = _locate(root, tuple(error["loc"]))
+    key = ".".join(path)
+    expected = info.description if info is not None and info.description else "a valid value"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        full = ".".join([*path, *(str(p) for p in rest)])
+        allowed = sorted({f for m in models for f in m.model_fields}) if models else []
+        return f"unknown key '{full}'; allowed here: {', '.join(allowed) or '(none)'}"
+    if kind in ("missing", "union_tag_not_found"):
+        name = ".".join([*path, *(str(p) for p in rest)]) if kind == "missing" else f"{key}.method"
+        return f"missing required key '{name}'" + (f" ({expected})" if kind == "missing" else "")
+    if kind == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        allowed = str(ctx.get("expected_tags", "")).replace("'", "")
+        return f"'{key}.method' is {ctx.get('tag')!r}; allowed: {allowed}"
+    return f"'{key}' is {_raw_at(raw, path)!r}; expected {expected}"
+
+
+def _error(source: str, problems: list[str]) -> ConfigError:
+    if len(problems) == 1:
+        return ConfigError(f"{source}: {problems[0]}")
+    return ConfigError(f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def validate(raw: Any, source: str = "config", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Check `raw` (with `overrides` merged in) and resolve what the pipeline needs before any work.
+
+    One ConfigError lists every problem, each naming the key path, the value and what is allowed."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
-    config = _merge(DEFAULTS, raw)
-    _check_section(config, "", source)
-    for path in REQUIRED:
-        if _get(config, path) is None:
-            raise ConfigError(f"{source}: missing required key '{path}' ({SCHEMA[path][1]})")
-    _check_compress(config.get("compress"), source)
-    _check_alignment(config, source)
+    raw = merge(raw, overrides or {})
+    root = config_model()
+    try:
+        config = root.model_validate(raw)
+    except ValidationError as exc:
+        problems = list(dict.fromkeys(_problem(root, raw, e) for e in exc.errors()))
+        raise _error(source, problems) from None
+    problems = [p for check in READINESS_CHECKS for p in check(config)]
+    if problems:
+        raise _error(source, problems)
     return config
 
 
-def _check_alignment(config: dict[str, Any], source: str) -> None:
-    """`slim.channel_multiple: auto` measures on the first target (built-in or from `targets_file`):
-    there must be one, and an emulated one is refused before any work starts."""
-    if config["slim"].get("channel_multiple") != "auto":
-        return
-    from slimship.runtimes.targets import get_target, load_targets
-
-    if not config["targets"]:
-        raise ConfigError(f"{source}: 'slim.channel_multiple' is 'auto' but 'targets' is empty; name one")
-    extra = load_targets(config["targets_file"]) if config.get("targets_file") else None
-    first = get_target(config["targets"][0], extra)
-    if first.emulated:
-        raise ConfigError(
-            f"{source}: 'slim.channel_multiple' is 'auto' but the first target {first.name!r} is emulated "
-            "(its timings are not a device's); put a real target first or give the multiple as a number"
-        )
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` merged in, mapping by mapping (neither is changed)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
-def _check_compress(section: dict[str, Any] | None, source: str) -> None:
-    """The method exists and takes every option given (checked before any training starts)."""
-    if not section or section.get("method") is None:
-        return
-    from slimship.compress.base import METHODS, load_builtin_methods, method_options
+def _check_targets(config: PipelineConfig) -> list[str]:
+    """Every target exists (built-in or in `targets_file`); `channel_multiple: auto` has a real first one."""
+    from slimship.runtimes.targets import BUILTIN_TARGETS, load_targets
 
-    load_builtin_methods()
-    method = section["method"]
-    if method not in METHODS:
-        raise ConfigError(f"{source}: 'compress.method' is {method!r}; allowed: {', '.join(sorted(METHODS))}")
-    allowed = method_options(method)
-    for key in section.get("options") or {}:
-        if key not in allowed:
-            raise ConfigError(
-                f"{source}: unknown key 'compress.options.{key}' for method {method!r}; "
-                f"allowed: {', '.join(sorted(allowed))}"
-            )
-
-
-def _check_section(section: dict[str, Any], prefix: str, source: str) -> None:
-    for key, value in section.items():
-        path = f"{prefix}{key}"
-        if path not in SCHEMA:
-            level = [k[len(prefix) :] for k in SCHEMA if k.startswith(prefix)]
-            siblings = sorted(k for k in level if "." not in k)
-            raise ConfigError(f"{source}: unknown key '{path}'; allowed here: {', '.join(siblings)}")
-        check, allowed = SCHEMA[path]
-        if value is None and path in ("data", "train", "compress"):
-            continue
-        if not check(value):
-            raise ConfigError(f"{source}: '{path}' is {value!r}; expected {allowed}")
-        if isinstance(value, dict) and not path.endswith(("kwargs", "options")):
-            _check_section(value, f"{path}.", source)
-
-
-def _get(config: dict[str, Any], path: str) -> Any:
-    value: Any = config
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read and validate a YAML config file."""
-    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return validate(raw, str(path))
+        extra = load_targets(config.targets_file) if config.targets_file else {}
+    except ConfigError as exc:
+        return [f"'targets_file': {exc}"]
+    table = {**BUILTIN_TARGETS, **extra}
+    unknown = [t for t in config.targets if t not in table]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        return [f"'targets' is {config.targets!r}; unknown {names}; known: {', '.join(sorted(table))}"]
+    config._profiles = {name: table[name] for name in config.targets}
+    return _check_alignment(config)
+
+
+def _check_alignment(config: PipelineConfig) -> list[str]:
+    if config.slim.channel_multiple != "auto":
+        return []
+    if not config.targets:
+        return ["'slim.channel_multiple' is 'auto' but 'targets' is empty; name one"]
+    first = config.target_profiles()[0]
+    if first.emulated:
+        return [
+            f"'slim.channel_multiple' is 'auto' but the first target {first.name!r} is emulated "
+            "(its timings are not a device's); put a real target first or give the multiple as a number"
+        ]
+    return []
+
+
+def _check_kwargs(config: PipelineConfig) -> list[str]:
+    """The factories import and take the kwargs given (a wrong key is named before any work)."""
+    specs = [("model", config.model)] + ([("data", config.data)] if config.data else [])
+    problems = []
+    for section, spec in specs:
+        try:
+            fn = resolve(spec.factory, f"{section}.factory")
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        problems += signature_problems(fn, spec.kwargs, f"{section}.kwargs", spec.factory)
+    return problems
+
+
+def signature_problems(fn: Callable[..., Any], kwargs: dict[str, Any], key: str, name: str) -> list[str]:
+    """What is wrong with calling `fn(**kwargs)`: unknown keys, missing required arguments."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = []
+    else:
+        takes = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        unknown = [k for k in kwargs if k not in takes]
+        if unknown:
+            allowed = ", ".join(sorted(takes)) or "no keyword arguments"
+            return [f"unknown key '{key}.{k}'; {name} takes: {allowed}" for k in unknown]
+    missing = [
+        n for n, p in params.items()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs
+    ]  # fmt: skip
+    return [f"missing required key '{key}.{n}' ({name} has no default for it)" for n in missing]
+
+
+def _check_out(config: PipelineConfig) -> list[str]:
+    """`release.out` is a directory (or can be created) and is writable; nothing is created here."""
+    out = Path(config.release.out)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file" if probe == out else f"cannot be created: {probe} is a file"
+        return [f"'release.out' is {config.release.out!r}; it {what}; expected a directory"]
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return [
+            f"'release.out' is {config.release.out!r}; {probe} is not writable; choose a writable directory"
+        ]
+    return []
+
+
+def _check_latency_gate(config: PipelineConfig) -> list[str]:
+    limit = config.gates.max_latency_ms
+    if not isinstance(limit, dict):
+        return []
+    return [
+        f"'gates.max_latency_ms.{name}' names no configured target; targets: {', '.join(config.targets)}"
+        for name in limit
+        if name not in config.targets
+    ]
+
+
+READINESS_CHECKS: tuple[Callable[[PipelineConfig], list[str]], ...] = (
+    _check_targets,
+    _check_kwargs,
+    _check_out,
+    _check_latency_gate,
+)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read (bounded YAML) and validate a config file; `overrides` (e.g. from the CLI) win."""
+    return validate(load_yaml(path, "config file"), str(path), overrides)
 
 
 def resolve(import_path: str, key: str) -> Callable[..., Any]:

@@ -48,12 +48,11 @@ from slimship._version import __version__
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.model_card import render_model_card
+from slimship.pipeline.names import NAME_RE, VERSION_RE
 from slimship.pipeline.report import render_report
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]+)?$")
 ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 PT2_NAME, WEIGHTS_NAME, REFERENCE_NAME = "model.pt2", "model.safetensors", "reference_io.npz"
@@ -91,6 +90,7 @@ class ReleaseInputs:
     config: dict[str, Any]
     extra_plots: dict[str, Any] = field(default_factory=dict)
     model_card_notes: str = ""
+    gates: list[dict[str, Any]] | None = None  # quality gate results (slimship.pipeline.gates)
 
 
 @dataclass
@@ -390,6 +390,8 @@ def _manifest(
         "versions": mf.package_versions(),
         "config": to_jsonable(inputs.config),
     }
+    if inputs.gates is not None:
+        manifest["gates"] = to_jsonable(inputs.gates)
     return mf.finite_or_none(manifest)
 
 

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from slimship._util import set_seed, sha256_bytes
 from slimship.errors import ConfigError
-from slimship.pipeline.config import resolve
+from slimship.pipeline.config import PipelineConfig, resolve
+from slimship.pipeline.gates import QUANTISED_FORMATS, Figures, GateResult, enforce, evaluate_gates
 
 log = logging.getLogger(__name__)
 
@@ -84,54 +85,52 @@ def _export_all(
     return out
 
 
-def run_pipeline(config: dict[str, Any], console: Console | None = None) -> PipelineResult:
-    """Run every configured stage; returns the release location and the summary figures."""
+def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:
+    """Run every configured stage (`config` from `validate` / `load_config`); gates decide before the
+    release is written. Returns the release location and the summary figures."""
     from slimship.pipeline.release import check_new_version
 
     console = console or Console()
-    rcfg = config["release"]
-    check_new_version(Path(rcfg["out"]), rcfg["name"], rcfg["version"])  # fail before any work
+    rcfg = config.release
+    check_new_version(Path(rcfg.out), rcfg.name, rcfg.version)  # fail before any work
     stages = _Stages(console)
-    seed = int(config["seed"])
+    seed = config.seed
     set_seed(seed)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
-    model_cfg = config["model"]
-    model = resolve(model_cfg["factory"], "model.factory")(**model_cfg["kwargs"])
+    model_cfg = config.model
+    model = resolve(model_cfg.factory, "model.factory")(**model_cfg.kwargs)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"'model.factory' returned {type(model).__name__}, not an nn.Module")
-    if "checkpoint" in model_cfg:
+    if model_cfg.checkpoint is not None:
         from slimship.compress.imports import load_state_checkpoint
 
         built = model
         model = load_state_checkpoint(
-            model_cfg["checkpoint"], lambda: built, allow_pickle=model_cfg.get("allow_pickle", False)
+            model_cfg.checkpoint, lambda: built, allow_pickle=model_cfg.allow_pickle
         )
     train = test = None
-    if config["data"]:
-        data_cfg = config["data"]
-        train, test = resolve(data_cfg["factory"], "data.factory")(**data_cfg.get("kwargs", {}))
+    if config.data is not None:
+        train, test = resolve(config.data.factory, "data.factory")(**config.data.kwargs)
     generator = torch.Generator().manual_seed(seed)
-    example = (torch.randn(1, *model_cfg["input_shape"], generator=generator),)  # what a device runs
+    example = (torch.randn(1, *model_cfg.input_shape, generator=generator),)  # what a device runs
     # tracing with batch 2 keeps the batch dim dynamic (a batch of 1 is specialised by torch.export)
-    trace_example = (torch.randn(2, *model_cfg["input_shape"], generator=generator),)
+    trace_example = (torch.randn(2, *model_cfg.input_shape, generator=generator),)
 
-    if config["train"] and train is not None and config["train"].get("epochs", 0) > 0:
-        tcfg = config["train"]
-        stages.run(
-            "train dense model", _train_dense, model, train, tcfg["epochs"], tcfg.get("lr", 1e-3), seed
-        )
+    tcfg = config.train
+    if tcfg is not None and train is not None and tcfg.epochs > 0:
+        stages.run("train dense model", _train_dense, model, train, tcfg.epochs, tcfg.lr, seed)
     model.eval()
     dense_acc = _accuracy(model, test)
 
     compressed, compress_info, compress_plots = model, {}, {}
-    if config["compress"]:
+    if config.compress is not None:
         from slimship.compress import compress
 
-        ccfg = config["compress"]
+        ccfg = config.compress
         result = stages.run(
-            f"compress ({ccfg['method']})", compress, ccfg["method"], model, trace_example, train, test,
-            **ccfg.get("options", {}),
+            f"compress ({ccfg.method})", compress, ccfg.method, model, trace_example, train, test,
+            **ccfg.options.model_dump(exclude_unset=True),
         )  # fmt: skip
         compressed, compress_info = result.model.eval(), {"method": result.method, **_plain(result.info)}
         compress_plots = _history_plots(result.method, result.history)
@@ -148,8 +147,8 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
             train=train, seed=seed, **result.info["factorize"],
         )  # fmt: skip
         slim_source = factorized.model
-    scfg = config["slim"]
-    multiple, alignment = scfg["channel_multiple"], None
+    scfg = config.slim
+    multiple, alignment = scfg.channel_multiple, None
     if multiple == "auto":
         multiple, alignment = stages.run(
             "measure channel alignment on the first target",
@@ -161,8 +160,7 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
         )
     slim_result = stages.run(
         "slim (trace, analyse, rewrite, verify)", slim, slim_source, trace_example,
-        merge=scfg["merge"], fold_constants=scfg["fold_constants"], rtol=scfg["rtol"],
-        channel_multiple=multiple,
+        merge=scfg.merge, fold_constants=scfg.fold_constants, rtol=scfg.rtol, channel_multiple=multiple,
     )  # fmt: skip
     if factorized is not None:
         slim_result = _from_factorized(slim_result, factorized, compressed)
@@ -174,7 +172,7 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
     slim_model = slim_result.model
     slim_acc = _accuracy(slim_model, test)
 
-    formats = config["export"]["formats"]
+    formats = config.export.formats
     calib = evals = None
     eval_pairs: list[tuple[np.ndarray, np.ndarray]] = []
     if test is not None:
@@ -189,7 +187,7 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
 
     with tempfile.TemporaryDirectory(prefix="slimship-") as tmp:
         workdir = Path(tmp)
-        dynamic = bool(config["export"]["dynamic_batch"])
+        dynamic = config.export.dynamic_batch
         examples = (example, trace_example)
         export_args = (formats, workdir)
         dense_exports = stages.run(
@@ -215,10 +213,15 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
             "channel_multiple": multiple,
             "alignment": alignment,
         }
+        gates = _gate_results(config, dense_acc, slim_acc, latency, accuracy)
+        summary["gates"] = [g.to_dict() for g in gates]
+        if any(g.status == "failed" for g in gates):
+            console.print(summary_table(summary))
+            enforce(gates)  # raises GateError: nothing is published
         release_dir = stages.run(
             "write release bundle", _release, config, slim_model, example, slim_result, slim_exports,
             accuracy, latency, compressed, compress_plots,
-            {"channel_multiple": multiple, "alignment": alignment},
+            {"channel_multiple": multiple, "alignment": alignment}, summary["gates"],
         )  # fmt: skip
     console.print(summary_table(summary))
     if release_dir is not None:
@@ -226,23 +229,31 @@ def run_pipeline(config: dict[str, Any], console: Console | None = None) -> Pipe
     return PipelineResult(release_dir, summary, stages.timings)
 
 
+_GATE_STYLE = {"passed": "green", "failed": "bold red", "not evaluated": "yellow", "off": "dim"}
+
+
+def _gate_row(table: Table, gate: GateResult) -> None:
+    label = f"gate {gate.gate}" + (f" {gate.subject}" if gate.subject else "")
+    figure = "" if gate.figure is None else f"{gate.figure:.4g} (limit {gate.limit:.4g})"
+    style = _GATE_STYLE.get(gate.status, "")
+    table.add_row(label, "", figure, f"[{style}]{gate.status}[/{style}]")
+
+
 def _measure_alignment(config, model, trace_example, example) -> tuple[int | None, dict[str, Any]]:
     """`slim.channel_multiple: auto`: the multiple the first target's kernels favour for the op kinds the
     model contains, confirmed on the whole model there (see `choose_channel_multiple`), on
     `slim.align_runtime` (default: the target's own runtime, else that of the first export format)."""
     from slimship.pipeline.alignment import choose_channel_multiple
-    from slimship.runtimes.targets import get_target, load_targets
 
-    extra = load_targets(config["targets_file"]) if config.get("targets_file") else None
-    target = get_target(config["targets"][0], extra)  # not emulated: checked with the config
-    first = config["export"]["formats"][0]
-    runtime = config["slim"].get("align_runtime") or (
+    target = config.target_profiles()[0]  # not emulated: checked with the config
+    first = config.export.formats[0]
+    scfg = config.slim
+    runtime = scfg.align_runtime or (
         target.runtime if target.runtime != "auto" else "onnxruntime" if first == "onnx" else "litert"
     )
-    scfg = config["slim"]
     return choose_channel_multiple(
-        model, trace_example, example, target.with_overrides(runtime=runtime), runs=config["bench"]["runs"],
-        merge=scfg["merge"], fold_constants=scfg["fold_constants"], rtol=scfg["rtol"],
+        model, trace_example, example, target.with_overrides(runtime=runtime), runs=config.bench.runs,
+        merge=scfg.merge, fold_constants=scfg.fold_constants, rtol=scfg.rtol,
     )  # fmt: skip
 
 
@@ -270,18 +281,15 @@ def _plain(info: dict[str, Any]) -> dict[str, Any]:
 
 def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs, flops):
     from slimship.runtimes.measure import measure, measure_speedup
-    from slimship.runtimes.targets import get_target, load_targets
     from slimship.runtimes.torch_runner import TorchRunner
 
-    extra = load_targets(config["targets_file"]) if config.get("targets_file") else None
-    bcfg = config["bench"]
+    bcfg = config.bench
     inputs = [t.numpy() for t in example]
     reference = TorchRunner(slim_model)
     latency: dict[str, dict[str, Any]] = {}
     accuracy: dict[str, dict[str, Any]] = {}
     rows = []
-    for target_name in config["targets"]:
-        target = get_target(target_name, extra)
+    for target in config.target_profiles():
         for fmt, slim_export in slim_exports.items():
             if (
                 fmt.startswith("tflite")
@@ -316,7 +324,7 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                 rows.append(row | {"max_abs_diff": accuracy[f"slim-{fmt}@{target.name}"]["max_abs_diff"]})
                 continue
             speedup, (dense_m, slim_m) = measure_speedup(
-                dense_path, slim_path, inputs, target, warmup=bcfg["warmup"], runs=bcfg["runs"], flops=flops
+                dense_path, slim_path, inputs, target, warmup=bcfg.warmup, runs=bcfg.runs, flops=flops
             )
             measured = measure(slim_path, inputs, target, warmup=1, runs=1, eval_batches=eval_pairs or None,
                                reference=reference)  # fmt: skip
@@ -390,12 +398,27 @@ def _search_plots(method: str, info: dict[str, Any]) -> dict[str, Any]:
     return plots
 
 
+def _gate_results(config: PipelineConfig, dense_acc, slim_acc, latency, accuracy) -> list[GateResult]:
+    """The configured gates on this run's figures (see slimship.pipeline.gates)."""
+    figures = Figures(dense_top1=dense_acc, slim_top1=slim_acc)
+    for key, entry in latency.items():
+        if not entry["emulated"]:
+            figures.p50_ms[key] = entry["p50_ms"]
+            figures.speedup[key] = entry["speedup"]
+    for target in config.target_profiles():
+        for fmt in QUANTISED_FORMATS:
+            agreement = accuracy.get(f"slim-{fmt}@{target.name}", {}).get("agreement")
+            if agreement is not None:
+                figures.agreement[f"{target.name}/{fmt}"] = agreement
+    return evaluate_gates(config.gates, figures)
+
+
 def _release(
-    config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots, aligned
+    config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots, aligned, gates
 ):
     from slimship.pipeline.release import ReleaseInputs, write_release
 
-    rcfg = config["release"]
+    rcfg = config.release
     source_bytes = b"".join(
         t.detach().contiguous().numpy().tobytes()
         for t in source.state_dict().values()
@@ -426,8 +449,8 @@ def _release(
         }
     )
     inputs = ReleaseInputs(
-        name=rcfg["name"],
-        version=rcfg["version"],
+        name=rcfg.name,
+        version=rcfg.version,
         slim_module=slim_model,
         example_inputs=example,
         model_files=files,
@@ -436,29 +459,34 @@ def _release(
         parity=parity,
         accuracy=accuracy,
         latency=latency,
-        config=config,
+        config=config.to_dict(),
         extra_plots=plots,
-        model_card_notes=rcfg.get("notes", ""),
+        model_card_notes=rcfg.notes,
+        gates=gates,
     )
-    return write_release(inputs, Path(rcfg["out"])).bundle_dir
+    return write_release(inputs, Path(rcfg.out)).bundle_dir
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    """The short table printed at the end of a run."""
+    """The short table printed at the end of a run: accuracy, then each gate, then sizes and timings."""
     table = Table(title="slimship summary", show_lines=False)
     table.add_column("metric")
     table.add_column("dense", justify="right")
     table.add_column("slim", justify="right")
     table.add_column("ratio", justify="right")
+    acc = summary["accuracy"]
+    if acc["dense"] is not None:
+        table.add_row("test top-1 (torch)", f"{acc['dense']:.2f}%", f"{acc['slim']:.2f}%", "")
+    else:
+        table.add_row("test top-1 (torch)", "no data", "no data", "")
+    for gate in summary.get("gates", []):
+        _gate_row(table, GateResult(**gate))
     p0, p1 = summary["params"]
     f0, f1 = summary["flops"]
     table.add_row("params", f"{p0:,}", f"{p1:,}", f"{p0 / max(p1, 1):.2f}x")
     table.add_row("FLOPs", f"{f0:,}", f"{f1:,}", f"{f0 / max(f1, 1):.2f}x")
     for fmt, (b0, b1) in summary["files"].items():
         table.add_row(f"{fmt} bytes", f"{b0:,}", f"{b1:,}", f"{b0 / max(b1, 1):.2f}x")
-    acc = summary["accuracy"]
-    if acc["dense"] is not None:
-        table.add_row("test top-1 (torch)", f"{acc['dense']:.2f}%", f"{acc['slim']:.2f}%", "")
     for row in summary["latency"]:
         if row["emulated"]:
             table.add_row(

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from slimship._yaml import load_yaml
 from slimship.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -247,12 +246,7 @@ def target_from_dict(name: str, data: dict[str, Any], where: str = "targets") ->
 def load_targets(path: str | Path) -> dict[str, Target]:
     """Read user targets from a YAML file with a top-level `targets:` mapping."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the targets file: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = load_yaml(path, "targets file")  # bounded: size, alias expansion, plain tags only
     if not isinstance(data, dict) or not isinstance(data.get("targets"), dict):
         raise ConfigError(f"{path}: expected a top-level mapping `targets:` of name -> settings")
     _unknown_keys(data, {"targets": None}, str(path))
