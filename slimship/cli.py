@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -12,20 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from slimship._version import __version__
-from slimship.errors import SlimshipError
+from slimship.errors import GateError, SlimshipError
 from slimship.pipeline.config import FORMATS
 
 
+def _gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The gate options given on the command line (they override the config's `gates:`)."""
+    return {name: getattr(args, name) for name in GATE_HELP if getattr(args, name) is not None}
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from slimship.pipeline.config import validate
-    from slimship.pipeline.demo import DEMO_CONFIG
+    from slimship.pipeline.demo import demo_config
     from slimship.pipeline.run import run_pipeline
 
-    config = copy.deepcopy(DEMO_CONFIG)
-    config["release"]["out"] = str(args.out)
-    if args.version:
-        config["release"]["version"] = args.version
-    run_pipeline(validate(config, "demo"))
+    release = {"out": str(args.out)} | ({"version": args.version} if args.version else {})
+    run_pipeline(demo_config({"release": release, "gates": _gate_overrides(args)}))
     return 0
 
 
@@ -33,10 +33,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from slimship.pipeline.config import load_config
     from slimship.pipeline.run import run_pipeline
 
-    config = load_config(args.config)
+    overrides: dict[str, Any] = {"gates": _gate_overrides(args)}
     if args.out:
-        config["release"]["out"] = str(args.out)
-    run_pipeline(config)
+        overrides["release"] = {"out": str(args.out)}
+    run_pipeline(load_config(args.config, overrides))
+    return 0
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from slimship._util import atomic_write_bytes
+    from slimship.pipeline.config import config_json_schema
+
+    text = json.dumps(config_json_schema(), indent=2, sort_keys=True) + "\n"
+    if args.out:
+        atomic_write_bytes(args.out, text.encode())
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -168,25 +180,37 @@ def _cmd_release(args: argparse.Namespace) -> int:
     import tempfile
 
     from slimship.exporters import export_onnx, export_tflite
+    from slimship.pipeline.config import gates_from_options
     from slimship.pipeline.release import ReleaseInputs, write_release
+    from slimship.pipeline.run import gate_release
 
+    gates = gates_from_options(_gate_overrides(args))  # checked before any export
     module, stored = _load_program_module(Path(args.model))
     example = _example(args, stored)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = export_onnx(module, example, Path(tmp) / "model.onnx")
-        tfl = export_tflite(module, example, Path(tmp) / "model-fp32.tflite")
+        exports = {}
+        for fmt in dict.fromkeys(args.format):
+            variant = fmt.removeprefix("tflite-")
+            exports[fmt] = (
+                export_onnx(module, example, Path(tmp) / "model.onnx")
+                if fmt == "onnx"
+                else export_tflite(module, example, Path(tmp) / f"model-{variant}.tflite", variant=variant)
+            )
         parity = {
             fmt: {"max_abs_diff": e.parity.max_abs_diff, "max_rel_diff": e.parity.max_rel_diff,
                   "tolerance": e.parity.tolerance}
-            for fmt, e in (("onnx", onnx), ("tflite-fp32", tfl))
+            for fmt, e in exports.items()
         }  # fmt: skip
+        files = {fmt: e.path for fmt, e in exports.items()}
+        results = gate_release(module, example, files, gates, args.target)  # GateError: nothing published
         from slimship._util import sha256_file
 
         inputs = ReleaseInputs(
             name=args.name, version=args.version, slim_module=module, example_inputs=example,
-            model_files={"onnx": onnx.path, "tflite-fp32": tfl.path},
-            reference={"source_sha256": sha256_file(args.model)}, slimming={}, parity=parity,
-            accuracy={}, latency={}, config={"command": "release", "model": str(args.model)},
+            model_files=files, reference={"source_sha256": sha256_file(args.model)}, slimming={},
+            parity=parity, accuracy={}, latency={},
+            config={"command": "release", "model": str(args.model), "gates": gates.model_dump()},
+            gates=[r.to_dict() for r in results],
         )  # fmt: skip
         result = write_release(inputs, Path(args.out))
     print(result.bundle_dir)
@@ -210,12 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("artifacts"), help="release directory (default: artifacts)"
     )
     p.add_argument("--version", dest="version", default=None, help="release version (default 0.1.0)")
+    _add_gate_options(p)
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("run", help="the pipeline driven by a YAML config")
     p.add_argument("config", type=Path)
     p.add_argument("--out", type=Path, default=None, help="override release.out")
+    _add_gate_options(p)
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("config-schema", help="the JSON Schema of a pipeline config")
+    p.add_argument("--out", type=Path, default=None, help="write it here (default: stdout)")
+    p.set_defaults(fn=_cmd_config_schema)
 
     shape = {"type": int, "nargs": "+", "default": None, "help": "input shape without batch, e.g. 1 8 8"}
     p = sub.add_parser("slim", help="slim a torch.export program (.pt2)")
@@ -257,12 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", dest="version", required=True)
     p.add_argument("--out", type=Path, default=Path("artifacts"))
     p.add_argument("--input-shape", **shape)
+    p.add_argument("--format", nargs="+", default=["onnx", "tflite-fp32"], choices=list(FORMATS))
+    p.add_argument("--target", default="host", help="where gates time and evaluate the exports")
+    _add_gate_options(p)
     p.set_defaults(fn=_cmd_release)
 
     p = sub.add_parser("verify", help="check a release bundle (directory or .tar.gz)")
     p.add_argument("bundle")
     p.set_defaults(fn=_cmd_verify)
     return parser
+
+
+GATE_HELP = {
+    "max_accuracy_drop": ("POINTS", "top-1 points the slim model may lose against the dense one (default 1)"),
+    "min_speedup": ("X", "smallest dense/slim speedup per target (default off)"),
+    "max_latency_ms": ("MS", "largest p50 latency per target (default off)"),
+    "min_agreement": ("FRACTION", "top-1 agreement of quantised variants with the slim model (default 0.9)"),
+}
+
+
+def _add_gate_options(p: argparse.ArgumentParser) -> None:
+    """Quality gates (override the config's `gates:`); a failing gate exits 3 and publishes nothing."""
+    group = p.add_argument_group("quality gates (a failing gate exits 3 and publishes nothing)")
+    for name, (metavar, text) in GATE_HELP.items():
+        flag = "--" + name.replace("_", "-")
+        group.add_argument(flag, dest=name, type=float, default=None, metavar=metavar, help=text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.fn(args)
+    except GateError as exc:
+        print(f"slimship: gate failed: {exc}", file=sys.stderr)
+        return 3
     except SlimshipError as exc:
         print(f"slimship: error: {exc}", file=sys.stderr)
         return 2

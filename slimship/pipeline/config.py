@@ -349,6 +349,17 @@ def validate(raw: Any, source: str = "config", overrides: dict[str, Any] | None 
     return config
 
 
+def gates_from_options(values: dict[str, Any], source: str = "options") -> GatesSpec:
+    """Gate limits given as command-line options, checked like the `gates:` section (named as flags)."""
+    try:
+        return GatesSpec.model_validate(values)
+    except ValidationError as exc:
+        problems = [_problem(GatesSpec, values, e) for e in exc.errors()]
+        for name in GatesSpec.model_fields:
+            problems = [p.replace(f"'{name}'", f"'--{name.replace('_', '-')}'") for p in problems]
+        raise _error(source, problems) from None
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`base` with `override` merged in, mapping by mapping (neither is changed)."""
     out = copy.deepcopy(base)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from slimship.pipeline.config import PipelineConfig, validate
+
 DEMO_CONFIG: dict[str, Any] = {
     "seed": 0,
     "model": {
@@ -19,3 +21,8 @@ DEMO_CONFIG: dict[str, Any] = {
     "bench": {"runs": 60, "warmup": 10},
     "release": {"name": "digits-cnn", "version": "0.1.0", "out": "artifacts"},
 }
+
+
+def demo_config(overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """The demo job as a validated config, with `overrides` (e.g. release.out, gates) merged in."""
+    return validate(DEMO_CONFIG, "demo", overrides)

@@ -54,9 +54,8 @@ GATE_RULES: dict[str, GateRule] = {
         "p50 latency", lambda f: f.p50_ms, operator.le, " ms", "no timing on a device target"
     ),
     "min_agreement": GateRule(
-        "top-1 agreement with the slim model", lambda f: f.agreement, operator.ge, "",
-        "no quantised variant evaluated on data",
-    ),  # fmt: skip
+        "top-1 agreement with the slim model", lambda f: f.agreement, operator.ge, "", "no quantised variant"
+    ),
 }
 
 

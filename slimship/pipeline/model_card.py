@@ -5,20 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from slimship.pipeline.manifest import LATENCY_HEADERS, latency_rows
-from slimship.pipeline.report import primary_metric
+from slimship.pipeline.report import GATE_HEADERS, gate_rows, primary_metric
 
 
 def render_model_card(manifest: dict[str, Any], notes: str = "") -> str:
-    """Markdown model card: inputs, outputs, files and sizes, accuracy, latency per target, limits."""
+    """Markdown model card: accuracy, quality gates, inputs, outputs, files and sizes, latency, limits."""
     parts = [
         f"# {manifest['name']} {manifest['version']}\n",
         "Slim model made by slimship from the source model with sha256 "
         f"`{manifest['model']['source_sha256']}`. Verify this bundle before use with "
         "`slimship.pipeline.verify.verify_bundle(path)`.\n",
+        _accuracy(manifest["accuracy"]),
+        _gates(manifest.get("gates")),
         _inputs(manifest["model"]),
         _files(manifest["files"]),
         _size(manifest["slimming"]),
-        _accuracy(manifest["accuracy"]),
         _latency(manifest["latency"]),
         _parity(manifest["parity"]),
         _limits(manifest, notes),
@@ -107,6 +108,17 @@ def _accuracy(accuracy: dict[str, dict[str, Any]]) -> str:
     metrics = sorted({m for entry in accuracy.values() for m in entry})
     rows = [[key, *(accuracy[key].get(m) for m in metrics)] for key in sorted(accuracy)]
     return "## Accuracy\n\n" + _md_table(["format / target", *metrics], rows)
+
+
+def _gates(gates: list[dict[str, Any]] | None) -> str:
+    if gates is None:
+        return ""
+    if not gates:
+        return "## Quality gates\n\nNo quality gates were set.\n"
+    text = (
+        "## Quality gates\n\nDecided before the release was published; a failing gate publishes nothing.\n\n"
+    )
+    return text + _md_table(GATE_HEADERS, gate_rows(gates))
 
 
 def _latency(latency: dict[str, dict[str, dict[str, Any]]]) -> str:

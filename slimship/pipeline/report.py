@@ -61,8 +61,9 @@ def render_report(manifest: dict[str, Any], extra_plots: dict[str, Any] | None =
     name, version = manifest["name"], manifest["version"]
     sections = [
         _summary(manifest),
-        _section("Accuracy vs latency", _plot_figure("accuracy-latency", _plot_accuracy_latency, manifest)),
         _section("Accuracy", _accuracy_table(manifest["accuracy"])),
+        _section("Quality gates", _gates_table(manifest.get("gates"))),
+        _section("Accuracy vs latency", _plot_figure("accuracy-latency", _plot_accuracy_latency, manifest)),
         _section("Latency per target", _latency_tables(manifest["latency"])),
         _section(
             "Latency distributions", _plot_figure("latency-distributions", _plot_latency_dists, manifest)
@@ -183,6 +184,24 @@ def _parity_table(parity: dict[str, dict[str, Any]]) -> str:
         for role, e in sorted(parity.items())
     ]
     return _table(["model file", "max abs diff", "max rel diff", "tolerance (abs)"], rows)
+
+
+def gate_rows(gates: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per gate result: gate, subject, figure, limit, result (with why, when not evaluated)."""
+    return [
+        [g["gate"], g.get("subject") or "", g.get("figure"), g.get("limit"),
+         g["status"] + (f" ({g['detail']})" if g.get("detail") else "")]
+        for g in gates
+    ]  # fmt: skip
+
+
+GATE_HEADERS = ["gate", "subject", "figure", "limit", "result"]
+
+
+def _gates_table(gates: list[dict[str, Any]] | None) -> str:
+    if gates is None:
+        return ""
+    return _table(GATE_HEADERS, gate_rows(gates)) if gates else "<p>No quality gates were set.</p>"
 
 
 def _files_table(files: list[dict[str, Any]]) -> str:

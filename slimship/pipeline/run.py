@@ -413,6 +413,50 @@ def _gate_results(config: PipelineConfig, dense_acc, slim_acc, latency, accuracy
     return evaluate_gates(config.gates, figures)
 
 
+RELEASE_EVAL_SAMPLES = 64
+
+
+def gate_release(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    files: dict[str, Path],
+    gates: Any,
+    target_name: str = "host",
+    runs: int = 30,
+) -> list[GateResult]:
+    """Gates for `slimship release` (no data, no dense model): p50 latency of each file on the target when
+    `max_latency_ms` is set, and the top-1 agreement of quantised files with `module` on random inputs.
+    Accuracy drop and speedup have no figures there: "not evaluated". Raises GateError on a failure."""
+    from slimship.runtimes.measure import measure
+    from slimship.runtimes.targets import get_target
+    from slimship.runtimes.torch_runner import TorchRunner
+
+    target = get_target(target_name)
+    figures = Figures()
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (tuple(torch.randn(t.shape, generator=generator).numpy() for t in example), None)
+        for _ in range(RELEASE_EVAL_SAMPLES)
+    ]
+    inputs = [t.numpy() for t in example]
+    for fmt, path in files.items():
+        quantised = fmt in QUANTISED_FORMATS and gates.min_agreement is not None
+        if not quantised and gates.max_latency_ms is None:
+            continue
+        m = measure(path, inputs, target, warmup=2, runs=runs, eval_batches=batches if quantised else None,
+                    reference=TorchRunner(module))  # fmt: skip
+        key = f"{target.name}/{fmt}"
+        if not target.emulated:
+            figures.p50_ms[key] = m.latency.p50_ms
+        if quantised and m.agreement is not None:
+            figures.agreement[key] = m.agreement
+    results = evaluate_gates(gates, figures)
+    for result in results:
+        log.warning("gate %s", result.line())
+    enforce(results)
+    return results
+
+
 def _release(
     config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots, aligned, gates
 ):
