@@ -1,0 +1,158 @@
+"""Quality gates: the rules on figures, and `slimship run` / `slimship release` stopping before publishing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slimship.cli import main
+from slimship.errors import GateError
+from slimship.pipeline.gates import FAILED, NOT_EVALUATED, OFF, PASSED, Figures, enforce, evaluate_gates
+
+GATES = {"max_accuracy_drop": 1.0, "min_speedup": 1.5, "max_latency_ms": {"a": 2.0}, "min_agreement": 0.9}
+FIGS = Figures(
+    dense_top1=90.0,
+    slim_top1=88.5,
+    speedup={"a/onnx": 1.6, "b/onnx": 1.2},
+    p50_ms={"a/onnx": 1.0, "b/onnx": 9.0},
+    agreement={"a/tflite-int8": 0.95},
+)
+
+
+def _status(results, gate, subject=""):
+    return next(r.status for r in results if r.gate == gate and r.subject == subject)
+
+
+def test_each_gate_compares_its_figures_with_its_limit() -> None:
+    results = evaluate_gates(GATES, FIGS)
+    assert _status(results, "max_accuracy_drop", "torch top-1") == FAILED  # 1.5 points > 1.0
+    assert _status(results, "min_speedup", "a/onnx") == PASSED
+    assert _status(results, "min_speedup", "b/onnx") == FAILED
+    assert _status(results, "max_latency_ms", "a/onnx") == PASSED
+    assert not any(r.subject == "b/onnx" for r in results if r.gate == "max_latency_ms")  # no limit for b
+    assert _status(results, "min_agreement", "a/tflite-int8") == PASSED
+    with pytest.raises(GateError) as info:
+        enforce(results)
+    text = str(info.value)
+    assert "max_accuracy_drop torch top-1: top-1 drop, slim vs dense 1.5 pt (limit <= 1 pt): failed" in text
+    assert "min_speedup b/onnx" in text and "min_speedup a/onnx" not in text
+
+
+def test_a_gate_without_figures_is_not_evaluated_never_passed() -> None:
+    results = evaluate_gates(GATES, Figures())
+    assert {r.gate: r.status for r in results} == dict.fromkeys(GATES, NOT_EVALUATED)
+    enforce(results)  # nothing failed
+    off = evaluate_gates(dict.fromkeys(GATES), FIGS)
+    assert {r.status for r in off} == {OFF}
+
+
+def test_the_boundary_passes() -> None:
+    results = evaluate_gates({"max_accuracy_drop": 1.5}, FIGS)
+    assert _status(results, "max_accuracy_drop", "torch top-1") == PASSED
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+RUN = {
+    "seed": 0,
+    "model": {
+        "factory": "slimship.models:digits_mlp",
+        "kwargs": {"hidden": [64, 64]},
+        "input_shape": [1, 8, 8],
+    },
+    "data": {"factory": "slimship.data:digits_loaders", "kwargs": {"batch_size": 64, "seed": 0}},
+    "train": {"epochs": 2, "lr": 0.003},
+    # 90% of the groups removed without fine-tuning: the slim model loses far more than a point
+    "compress": {
+        "method": "magnitude",
+        "options": {"target": 0.9, "prune_steps": 1, "epochs_per_step": 0, "finetune_epochs": 0},
+    },
+    "export": {"formats": ["onnx"]},
+    "targets": ["host"],
+    "bench": {"runs": 3, "warmup": 1},
+    "release": {"name": "gated", "version": "1.0.0"},
+}
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    config = json.loads(json.dumps(config)) | {"release": {**config["release"], "out": str(tmp_path / "out")}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_run_whose_accuracy_drop_exceeds_the_gate_exits_3_and_publishes_nothing(tmp_path, capsys) -> None:
+    assert main(["run", str(_write(tmp_path, RUN))]) == 3  # the default gate: 1 point
+    captured = capsys.readouterr()
+    line = next(ln for ln in captured.err.splitlines() if ln.startswith("slimship: gate failed:"))
+    assert (
+        "max_accuracy_drop torch top-1: top-1 drop, slim vs dense" in line
+        and "(limit <= 1 pt): failed" in line
+    )
+    drop = float(line.split("slim vs dense ", 1)[1].split(" pt", 1)[0])
+    assert drop > 1.0
+    assert "gate max_accuracy_drop" in captured.out  # the summary table lists the gates
+    out = tmp_path / "out"
+    assert not list(out.glob("gated-1.0.0*")) and not list(out.glob(".gated*"))
+
+
+@pytest.mark.slow
+def test_a_passing_run_lists_its_gates_in_the_manifest_card_and_report(tmp_path) -> None:
+    """The same job with the gate loosened on the command line is published, its gates recorded."""
+    path, out = _write(tmp_path, RUN), tmp_path / "out"
+    assert main(["run", str(path), "--max-accuracy-drop", "100", "--min-speedup", "0.01"]) == 0
+    bundle = out / "gated-1.0.0"
+    gates = {
+        (g["gate"], g["subject"]): g for g in json.loads((bundle / "manifest.json").read_text())["gates"]
+    }
+    assert gates[("max_accuracy_drop", "torch top-1")]["status"] == PASSED
+    assert gates[("max_accuracy_drop", "torch top-1")]["figure"] > 1.0
+    assert gates[("min_speedup", "host/onnx")]["status"] == PASSED
+    assert gates[("min_agreement", "")]["status"] == NOT_EVALUATED  # no quantised variant exported
+    assert gates[("max_latency_ms", "")]["status"] == OFF
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert card.index("## Accuracy") < card.index("## Quality gates") < card.index("## Intended inputs")
+    assert "| max_accuracy_drop | torch top-1 |" in card and "not evaluated (no quantised variant)" in card
+    assert "Quality gates" in (bundle / "report.html").read_text()
+    assert main(["verify", str(bundle)]) == 0
+
+
+def _mlp() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    layers = [torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)]
+    return torch.nn.Sequential(*layers).eval(), torch.randn(2, 1, 8, 8)
+
+
+def test_release_command_failing_gate_exits_3_and_publishes_nothing(tmp_path, capsys) -> None:
+    model, x = _mlp()
+    program, out = tmp_path / "slim.pt2", tmp_path / "rel"
+    torch.export.save(torch.export.export(model, (x,), strict=False), program)
+    common = ["release", str(program), "--name", "m", "--version", "1.0.0", "--out", str(out)]
+    assert main([*common, "--format", "onnx", "--max-latency-ms", "1e-9"]) == 3
+    err = capsys.readouterr().err
+    assert (
+        "slimship: gate failed: max_latency_ms host/onnx: p50 latency" in err and "(limit <= 1e-09 ms)" in err
+    )
+    assert not out.exists() or not list(out.iterdir())
+    assert main([*common, "--min-agreement", "1.5"]) == 2  # checked before any export
+    assert "'--min-agreement' is 1.5" in capsys.readouterr().err
+
+
+def test_release_gates_measure_quantised_agreement(tmp_path) -> None:
+    from slimship.exporters import export_tflite
+    from slimship.pipeline.config import gates_from_options
+    from slimship.pipeline.run import gate_release
+
+    model, x = _mlp()
+    tfl = export_tflite(model, (x[:1],), tmp_path / "m-int8-dynamic.tflite", variant="int8-dynamic")
+    results = gate_release(model, (x[:1],), {"tflite-int8-dynamic": tfl.path}, gates_from_options({}))
+    by_gate = {r.gate: r for r in results}
+    agreement = by_gate["min_agreement"]
+    assert agreement.subject == "host/tflite-int8-dynamic" and agreement.limit == 0.9
+    assert agreement.status == (PASSED if agreement.figure >= 0.9 else FAILED)
+    assert by_gate["max_accuracy_drop"].status == NOT_EVALUATED  # no data: never "passed"
+    assert by_gate["min_speedup"].status == OFF
