@@ -148,6 +148,8 @@ def _run_config(config: dict, tmp_path: Path) -> tuple[Path, Path, dict]:
     """`slimship run` on `config` (short bench, release under tmp_path): config path, bundle, manifest."""
     config["bench"] = {"runs": 3, "warmup": 1}
     config["release"]["out"] = str(tmp_path / "artifacts")
+    # these short trainings test stages, not accuracy: the gates are off (tests/pipeline/test_gates.py)
+    config["gates"] = {"max_accuracy_drop": None, "min_agreement": None}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path)]) == 0
@@ -203,6 +205,7 @@ def test_arm64_emulated_rows_are_labelled_and_kept_apart(tmp_path, capsys) -> No
     config["compress"]["options"] = {"target": 0.5, "epochs": 2}
     config["bench"] = {"runs": 3, "warmup": 1}
     config["release"]["out"] = str(tmp_path / "artifacts")
+    config["gates"] = {"max_accuracy_drop": None, "min_agreement": None}  # a short training: stages only
     path = tmp_path / "arm.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path)]) == 0

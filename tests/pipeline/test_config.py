@@ -235,3 +235,12 @@ def test_config_schema_command_validates_the_example(tmp_path) -> None:
     jsonschema.validate(example, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(merge(example, {"compress": {"options": {"target": "half"}}}), schema)
+
+
+def test_demo_config_is_valid_and_takes_overrides(tmp_path) -> None:
+    from slimship.pipeline.demo import demo_config
+
+    config = demo_config({"release": {"out": str(tmp_path)}, "gates": {"min_speedup": 1.1}})
+    assert config.release.out == str(tmp_path) and config.release.name == "digits-cnn"
+    assert config.gates.min_speedup == 1.1 and config.gates.max_accuracy_drop == 1.0
+    assert config.compress.options.model_dump(exclude_unset=True) == {"target": 0.6, "epochs": 8, "lr": 0.02}
