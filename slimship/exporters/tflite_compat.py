@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from slimship.compare import REL_BOUNDS
 from slimship.errors import ModelFileError, SlimshipError
 from slimship.exporters._common import (
     ParityReport,
@@ -28,7 +29,7 @@ from slimship.exporters._common import (
 log = logging.getLogger(__name__)
 
 INTERPRETERS = ("litert", "tflite_runtime")
-COMPAT_REL_BOUND = 1e-4
+COMPAT_REL_BOUND = REL_BOUNDS["fp32"]
 _EDGE_TIMEOUT_S = 300
 
 
