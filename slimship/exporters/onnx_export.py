@@ -301,6 +301,23 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         ) from None
 
 
+_QUANTIZED_OPS = frozenset({"QuantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd"})
+
+
+def onnx_precision(path: str | Path) -> str:
+    """The precision of an .onnx file, read from its initializers (a key of `slimship.compare.REL_BOUNDS`).
+
+    int8 with QuantizeLinear / QLinear* ops (static quantization), int8-dynamic with int8/uint8
+    initializers otherwise, fp16 with float16 initializers, fp32 otherwise.
+    """
+    proto = onnx.load(str(path), load_external_data=False)
+    kinds = {t.data_type for t in proto.graph.initializer}
+    if kinds & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}:
+        static = any(node.op_type in _QUANTIZED_OPS for node in proto.graph.node)
+        return "int8" if static else "int8-dynamic"
+    return "fp16" if onnx.TensorProto.FLOAT16 in kinds else "fp32"
+
+
 def onnx_parity(
     model: torch.nn.Module,
     path: str | Path,
