@@ -351,7 +351,9 @@ def slim(
         log.warning("spaces %s did not verify; keeping them in place", sorted(culprits))
         excluded |= culprits
     else:
-        raise VerificationError(f"slim model does not verify even with spaces {sorted(excluded)} kept")
+        raise VerificationError(
+            f"slim model does not verify even with spaces {sorted(excluded)} kept: {check.reason}"
+        )
     layers = [
         LayerReport(name, shape, list(new[name].shape))
         for name, shape in before.items()
