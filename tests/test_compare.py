@@ -109,3 +109,12 @@ def test_exporters_check_with_the_bounds_verify_uses():
 
     assert REL_BOUNDS["fp32"] == ONNX_FP32_REL_BOUND
     assert {variant: bound for variant, (bound, _) in PARITY_BOUNDS.items()} == REL_BOUNDS
+
+
+def test_top1_agreement_counts_a_nan_row_as_disagreeing():
+    from slimship.exporters._common import top1_agreement
+
+    ref = [[np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])]]
+    nan_row = [[np.array([[0.1, 0.9, 0.0], [NAN, NAN, NAN]])]]  # argmax alone would say class 0: agree
+    assert top1_agreement(ref, ref) == 1.0
+    assert top1_agreement(ref, nan_row) == 0.5
