@@ -224,13 +224,6 @@ def _check_file(path: Path, entry: dict[str, Any]) -> str | None:
 
 # ------------------------------------------------------------------------------------------ parity
 
-#: how verify reads the precision of a runnable file, by format (keys of slimship.compare.REL_BOUNDS)
-_PRECISION_OF = {
-    "pt2": lambda path: "fp32",
-    "onnx": lambda path: _onnx_precision(path),
-    "tflite": lambda path: _tflite_precision(path),
-}
-
 
 def _onnx_precision(path: Path) -> str:
     from slimship.exporters.onnx_export import onnx_precision
@@ -242,6 +235,10 @@ def _tflite_precision(path: Path) -> str:
     from slimship.exporters.tflite_compat import tflite_precision
 
     return tflite_precision(path)
+
+
+#: how verify reads the precision of a runnable file, by format (keys of slimship.compare.REL_BOUNDS)
+_PRECISION_OF = {"pt2": lambda path: "fp32", "onnx": _onnx_precision, "tflite": _tflite_precision}
 
 
 def _check_parity(root: Path, source: Path, manifest: dict[str, Any]) -> dict[str, ParityCheck]:
@@ -261,10 +258,10 @@ def _check_parity(root: Path, source: Path, manifest: dict[str, Any]) -> dict[st
         )
     inputs, expected = _load_reference(ref_path, ref, _shown(source, root, ref_path))
     checks, failures = {}, []
-    for entry in manifest["files"]:
+    for i, entry in enumerate(manifest["files"]):
         if entry["format"] not in RUNNABLE_FORMATS:
             continue
-        path = confined_path(root, entry["path"], f"files[{entry['path']!r}].path", manifest_shown)
+        path = confined_path(root, entry["path"], f"files[{i}].path", manifest_shown)
         check = _parity_of(path, entry, manifest["parity"].get(entry["role"]), inputs, expected,
                            _shown(source, root, path))  # fmt: skip
         checks[entry["role"]] = check

@@ -191,3 +191,26 @@ def test_export_passes_when_nan_positions_match(tmp_path):
     assert torch.isnan(model(x)).any() and not torch.isnan(model(x)).all()
     result = export_onnx(model, x, tmp_path / "sqrt.onnx")
     assert result.parity.passed and np.isfinite(result.parity.max_abs_diff)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "op", "expected"),
+    [
+        (np.float32, "Identity", "fp32"),
+        (np.float16, "Identity", "fp16"),
+        (np.int8, "DequantizeLinear", "int8-dynamic"),
+        (np.int8, "QuantizeLinear", "int8"),
+    ],
+)
+def test_onnx_precision_is_read_from_the_initializers(tmp_path, dtype, op, expected):
+    from onnx import helper, numpy_helper
+
+    from slimship.exporters.onnx_export import onnx_precision
+
+    weight = numpy_helper.from_array(np.ones((2, 2), dtype=dtype), "w")
+    graph = helper.make_graph(
+        [helper.make_node(op, ["w"], ["y"])], "g", [], [helper.make_tensor_value_info("y", 1, None)], [weight]
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert onnx_precision(path) == expected
