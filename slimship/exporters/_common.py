@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimship.compare import compare_cases
 from slimship.errors import ExportError, ModelFileError
 from slimship.runtimes.device_runner import RunnerLoadError, open_runner
 
@@ -34,8 +35,9 @@ class TensorSpec:
 class ParityReport:
     """How far an exported model's outputs are from PyTorch's on the same inputs.
 
-    `max_rel_diff` is max|diff| / max(1, max|reference|); the check passes when it is <= `rel_bound`,
-    i.e. when max|diff| <= `tolerance` (= rel_bound * max(1, max|reference|)).
+    Decided by `slimship.compare.compare`: NaN/Inf must match in place (and sign), and max|diff| over
+    the finite entries <= `tolerance` (= rel_bound * max(1, max|finite reference|)); `max_rel_diff` is
+    max|diff| / max(1, max|finite reference|). A non-finite mismatch makes both diffs inf.
     """
 
     max_abs_diff: float
@@ -46,6 +48,7 @@ class ParityReport:
     cases: list[str]
     top1_agreement: float | None = None
     top1_min: float | None = None
+    reason: str = ""  # why it failed (which output, what mismatch, first index); empty when it passed
 
 
 @dataclasses.dataclass
@@ -135,42 +138,41 @@ def compare_outputs(
     case_names: list[str],
     rel_bound: float,
 ) -> ParityReport:
-    """Compare per-case output lists; tolerance scales with max(1, max|reference|)."""
-    max_abs = 0.0
-    ref_scale = 1.0
+    """Compare per-case output lists with `slimship.compare` (NaN/Inf as values, one scale for all)."""
     for case, ref_outs, cand_outs in zip(case_names, reference, candidate, strict=True):
         if len(ref_outs) != len(cand_outs):
             raise ExportError(
                 f"parity case {case!r}: PyTorch gives {len(ref_outs)} outputs, the exported model "
                 f"{len(cand_outs)}; check output_names and the model's return value"
             )
-        for ref, cand in zip(ref_outs, cand_outs, strict=True):
-            ref32 = np.asarray(ref, dtype=np.float64)
-            cand32 = np.asarray(cand, dtype=np.float64).reshape(ref32.shape)
-            if ref32.size:
-                max_abs = max(max_abs, float(np.max(np.abs(ref32 - cand32))))
-                ref_scale = max(ref_scale, float(np.max(np.abs(ref32))))
-    tolerance = rel_bound * ref_scale
+    result = compare_cases(reference, candidate, case_names, rel_bound)
     return ParityReport(
-        max_abs_diff=max_abs,
-        max_rel_diff=max_abs / ref_scale,
-        tolerance=tolerance,
+        max_abs_diff=result.max_abs_diff,
+        max_rel_diff=result.max_rel_diff,
+        tolerance=result.tolerance,
         rel_bound=rel_bound,
-        passed=bool(max_abs <= tolerance),
+        passed=result.passed,
         cases=list(case_names),
+        reason=result.reason,
     )
 
 
 def top1_agreement(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
-    """Share of rows whose argmax over the last axis of the first output agrees."""
+    """Share of rows whose argmax over the last axis of the first output agrees.
+
+    A row holding a NaN in one model and not at the same places in the other disagrees (argmax would
+    otherwise pick the NaN's index as if it were a class).
+    """
     agree = total = 0
     for ref_outs, cand_outs in zip(reference, candidate, strict=True):
         ref = np.asarray(ref_outs[0])
         cand = np.asarray(cand_outs[0]).reshape(ref.shape)
-        ref_top = ref.reshape(-1, ref.shape[-1]).argmax(-1)
-        cand_top = cand.reshape(-1, cand.shape[-1]).argmax(-1)
-        agree += int((ref_top == cand_top).sum())
-        total += ref_top.size
+        ref_rows, cand_rows = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+        same = ref_rows.argmax(-1) == cand_rows.argmax(-1)
+        if ref_rows.dtype.kind in "fc" or cand_rows.dtype.kind in "fc":
+            same &= (np.isnan(ref_rows) == np.isnan(cand_rows)).all(-1)
+        agree += int(same.sum())
+        total += same.size
     return agree / total if total else float("nan")
 
 

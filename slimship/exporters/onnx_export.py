@@ -16,6 +16,7 @@ import torch
 
 from slimship._util import atomic_write_bytes
 from slimship._version import __version__
+from slimship.compare import REL_BOUNDS
 from slimship.errors import ExportError, ModelFileError, VerificationError
 from slimship.exporters._common import (
     ParityReport,
@@ -36,7 +37,7 @@ from slimship.exporters.onnx_passes import SurgeryReport, default_passes, run_su
 
 log = logging.getLogger(__name__)
 
-ONNX_FP32_REL_BOUND = 1e-4
+ONNX_FP32_REL_BOUND = REL_BOUNDS["fp32"]
 _WAY_OUT_EXPORT = (
     "Way out: replace or rewrite that op in the model (a supported composition of standard ops), "
     "register an ONNX translation for it (torch.onnx custom_translation_table), or export at a higher opset."
@@ -140,7 +141,7 @@ def export_onnx(
     if not parity.passed:
         raise VerificationError(
             f"{path}: ONNX outputs differ from PyTorch by {parity.max_abs_diff:.3g} "
-            f"(> tolerance {parity.tolerance:.3g}) on cases {parity.cases}. "
+            f"(tolerance {parity.tolerance:.3g}) on cases {parity.cases}: {parity.reason}. "
             "Export with surgery=False to see whether a surgery pass or the exporter is at fault."
         )
     return result
@@ -298,6 +299,23 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise ModelFileError(
             f"{p}: not a readable ONNX model ({type(exc).__name__}); the file is corrupt or truncated"
         ) from None
+
+
+_QUANTIZED_OPS = frozenset({"QuantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd"})
+
+
+def onnx_precision(path: str | Path) -> str:
+    """The precision of an .onnx file, read from its initializers (a key of `slimship.compare.REL_BOUNDS`).
+
+    int8 with QuantizeLinear / QLinear* ops (static quantization), int8-dynamic with int8/uint8
+    initializers otherwise, fp16 with float16 initializers, fp32 otherwise.
+    """
+    proto = onnx.load(str(path), load_external_data=False)
+    kinds = {t.data_type for t in proto.graph.initializer}
+    if kinds & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}:
+        static = any(node.op_type in _QUANTIZED_OPS for node in proto.graph.node)
+        return "int8" if static else "int8-dynamic"
+    return "fp16" if onnx.TensorProto.FLOAT16 in kinds else "fp32"
 
 
 def onnx_parity(

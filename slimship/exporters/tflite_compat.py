@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from slimship.compare import REL_BOUNDS
 from slimship.errors import ModelFileError, SlimshipError
 from slimship.exporters._common import (
     ParityReport,
@@ -28,7 +29,7 @@ from slimship.exporters._common import (
 log = logging.getLogger(__name__)
 
 INTERPRETERS = ("litert", "tflite_runtime")
-COMPAT_REL_BOUND = 1e-4
+COMPAT_REL_BOUND = REL_BOUNDS["fp32"]
 _EDGE_TIMEOUT_S = 300
 
 
@@ -88,6 +89,23 @@ def default_rel_bound(path: str | Path) -> float:
     if any(np.dtype(d["dtype"]) == np.int8 for d in interp.get_tensor_details()):
         return 1e-2
     return COMPAT_REL_BOUND
+
+
+def tflite_precision(path: str | Path) -> str:
+    """The variant a .tflite file is, read from its tensors (a key of `slimship.compare.REL_BOUNDS`).
+
+    int8: integer inputs/outputs or no float32 tensor at all (full-integer); int8-dynamic: int8 weights
+    with float activations; fp16: float16 weights; fp32 otherwise.
+    """
+    interp = _interpreter(path)
+    kinds = {np.dtype(d["dtype"]).name for d in interp.get_tensor_details()}
+    io = interp.get_input_details() + interp.get_output_details()
+    if kinds & {"int8", "uint8", "int16"}:
+        quantized_io = any(
+            np.issubdtype(np.dtype(d["dtype"]), np.integer) and d["quantization"][0] for d in io
+        )
+        return "int8" if quantized_io or "float32" not in kinds else "int8-dynamic"
+    return "fp16" if "float16" in kinds else "fp32"
 
 
 def tensor_specs(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from slimship._util import atomic_write_bytes
+from slimship.compare import REL_BOUNDS
 from slimship.errors import ExportError, VerificationError
 from slimship.exporters._common import (
     ParityReport,
@@ -57,11 +58,10 @@ VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8")
 # fp16 weights keep ~3 decimal digits; int8 bounds are loose on purpose (per-tensor 8-bit activations
 # on small random-init nets reach ~0.3 of the output scale), so top-1 agreement on the user's
 # evaluation data is the real quality gate for the int8 variants.
+#: variant -> (relative parity bound from slimship.compare.REL_BOUNDS, top-1 agreement minimum)
 PARITY_BOUNDS: dict[str, tuple[float, float]] = {
-    "fp32": (1e-4, 0.99),
-    "fp16": (1e-2, 0.97),
-    "int8-dynamic": (1e-1, 0.90),
-    "int8": (4e-1, 0.85),
+    variant: (REL_BOUNDS[variant], top1_min)
+    for variant, top1_min in {"fp32": 0.99, "fp16": 0.97, "int8-dynamic": 0.90, "int8": 0.85}.items()
 }
 
 _FP16_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
@@ -149,9 +149,10 @@ def export_tflite(
     )
     if not parity.passed:
         top1 = "" if parity.top1_agreement is None else f", top-1 agreement {parity.top1_agreement:.3f}"
+        why = f" ({parity.reason})" if parity.reason else ""
         raise VerificationError(
             f"{path}: TFLite {variant} outputs differ from PyTorch: max|diff| {parity.max_abs_diff:.3g} "
-            f"(tolerance {parity.tolerance:.3g}){top1} (minimum {parity.top1_min}). "
+            f"(tolerance {parity.tolerance:.3g}){why}{top1} (minimum {parity.top1_min}). "
             "Try a less aggressive variant, or more representative calibration data for int8."
         )
     return result

@@ -13,7 +13,11 @@ Top-level fields (schema version 1.0):
 - `model`: `inputs` / `outputs` (name, shape, dtype), `source_sha256`, optional `layout`, `preprocessing`.
 - `reference_io`: the .npz of stored inputs (in0..) and slim PyTorch outputs (out0..) used by verify.
 - `slimming`: params/FLOPs before and after, `per_layer` {layer: {channels_before, channels_kept}}.
-- `parity`: per model file role (plus `pt2`): `max_abs_diff`, `max_rel_diff`, `tolerance` (absolute).
+- `parity`: per model file role (plus `pt2`): `max_abs_diff`, `max_rel_diff`, `tolerance` (absolute), as
+  measured when the file was made. verify re-measures them with its own bounds (the recorded tolerance
+  can only tighten them) and fails a recorded max_abs_diff it cannot reproduce.
+- Every path (`files[].path`, `reference_io.path`) is relative to the bundle directory (schema
+  `$defs/relpath`); verify also refuses one that goes through a symlink or resolves outside the bundle.
 - `accuracy`: per format/target key (`dense-torch`, `slim-onnx`, ...): metric -> value.
 - `latency`: `device` and `emulated` maps, target -> p50_ms/p90_ms/p99_ms, speedup, samples, ...
   Emulated timings never appear under `device`.

@@ -45,6 +45,7 @@ import torch
 
 from slimship._util import dump_json, sha256_file, to_jsonable
 from slimship._version import __version__
+from slimship.compare import REL_BOUNDS, compare
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.model_card import render_model_card
@@ -296,22 +297,20 @@ def _write_pt2(
 
 
 def max_diffs(actual: list[np.ndarray], expected: list[np.ndarray], where: str) -> dict[str, float]:
-    """Largest absolute and relative differences over all outputs; ReleaseError on count/shape mismatch."""
+    """Largest absolute and relative differences over all outputs, from `slimship.compare.compare`.
+
+    max_rel_diff is max_abs_diff / max(1, max|finite expected|); a NaN/Inf out of place makes both
+    inf (written to the manifest as null). ReleaseError on an output count or shape mismatch.
+    """
     if len(actual) != len(expected):
         raise ReleaseError(f"{where}: returns {len(actual)} outputs, the reference has {len(expected)}")
-    abs_diff, rel_diff = 0.0, 0.0
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
-        if a.shape != e.shape:
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        if np.shape(a) != np.shape(e):
             raise ReleaseError(
-                f"{where}: output {i} has shape {list(a.shape)}, the reference has {list(e.shape)}"
+                f"{where}: output {i} has shape {list(np.shape(a))}, the reference has {list(np.shape(e))}"
             )
-        if a.size == 0:
-            continue
-        delta = np.abs(a - e)
-        abs_diff = max(abs_diff, float(np.nan_to_num(delta, nan=np.inf).max()))
-        rel_diff = max(rel_diff, float((delta / np.maximum(np.abs(e), 1e-12)).max()))
-    return {"max_abs_diff": abs_diff, "max_rel_diff": rel_diff}
+    check = compare(expected, actual, REL_BOUNDS["fp32"])
+    return {"max_abs_diff": check.max_abs_diff, "max_rel_diff": check.max_rel_diff}
 
 
 def _write_safetensors(module: torch.nn.Module, path: Path) -> None:

@@ -3,6 +3,13 @@
 A tarball is extracted into a temporary directory only after every member was checked: regular files
 and directories only (no symlinks, hard links, devices or FIFOs), relative paths without '..', all
 under one top directory; extraction then also uses tarfile's `filter="data"`.
+
+Every path the manifest names (`files[].path`, `reference_io.path`) must be relative, without '..',
+through no symlink and resolve inside the bundle. Parity is judged with verify's own bounds
+(`slimship.compare.REL_BOUNDS` for the precision read from each file, relative to the stored reference
+outputs' finite scale), never loosened by the manifest; the manifest's recorded max_abs_diff must match
+what verify measures within that bound. Checksums prove the files are the ones the manifest lists;
+without a signature nothing proves the manifest itself is the publisher's.
 """
 
 from __future__ import annotations
@@ -10,19 +17,21 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
 from slimship._util import sha256_file
+from slimship.compare import REL_BOUNDS, Comparison, compare
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
-from slimship.pipeline.release import RUNNABLE_FORMATS, max_diffs
+from slimship.pipeline.release import RUNNABLE_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +43,13 @@ class ParityCheck:
     role: str
     path: str
     max_abs_diff: float
-    tolerance: float
+    tolerance: float  # what verify applied: its own bound, tightened (never loosened) by the manifest's
     ok: bool
+    precision: str = ""  # read from the file itself (fp32, fp16, int8-dynamic, int8)
+    rel_bound: float = 0.0  # slimship.compare.REL_BOUNDS[precision]
+    recorded_max_abs_diff: float | None = None  # what the manifest claims
+    recorded_tolerance: float | None = None
+    reason: str = ""  # why it failed; empty when ok
 
 
 @dataclass
@@ -177,12 +191,13 @@ def _shown(source: Path, root: Path, path: Path) -> str:
 def _check_files(root: Path, source: Path, manifest: dict[str, Any]) -> None:
     problems = []
     listed = {mf.MANIFEST_NAME}
-    for entry in manifest["files"]:
+    for i, entry in enumerate(manifest["files"]):
         rel = entry["path"]
+        path = confined_path(root, rel, f"files[{i}].path", _shown(source, root, root / mf.MANIFEST_NAME))
         listed.add(rel)
-        problem = _check_file(root / rel, entry)
+        problem = _check_file(path, entry)
         if problem:
-            problems.append(f"{_shown(source, root, root / rel)}: {problem}")
+            problems.append(f"{_shown(source, root, path)}: {problem}")
     for path in sorted(p for p in root.rglob("*") if not p.is_dir() or p.is_symlink()):
         if path.relative_to(root).as_posix() not in listed:
             problems.append(f"{_shown(source, root, path)}: not listed in the manifest (unexpected file)")
@@ -210,33 +225,164 @@ def _check_file(path: Path, entry: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------ parity
 
 
+def _onnx_precision(path: Path) -> str:
+    from slimship.exporters.onnx_export import onnx_precision
+
+    return onnx_precision(path)
+
+
+def _tflite_precision(path: Path) -> str:
+    from slimship.exporters.tflite_compat import tflite_precision
+
+    return tflite_precision(path)
+
+
+#: how verify reads the precision of a runnable file, by format (keys of slimship.compare.REL_BOUNDS)
+_PRECISION_OF = {"pt2": lambda path: "fp32", "onnx": _onnx_precision, "tflite": _tflite_precision}
+
+
 def _check_parity(root: Path, source: Path, manifest: dict[str, Any]) -> dict[str, ParityCheck]:
+    """Re-run every model file on the stored inputs and judge it with verify's own bounds.
+
+    The tolerance is REL_BOUNDS[precision read from the file] * max(1, max|finite reference output|);
+    the manifest's recorded tolerance can only tighten it. The manifest's recorded max_abs_diff must
+    agree with the measured one within that tolerance, or the manifest claims a parity it cannot show.
+    """
     ref = manifest["reference_io"]
-    with np.load(root / ref["path"], allow_pickle=False) as data:
-        inputs = [data[k] for k in ref["inputs"]]
-        expected = [data[k] for k in ref["outputs"]]
+    manifest_shown = _shown(source, root, root / mf.MANIFEST_NAME)
+    ref_path = confined_path(root, ref["path"], "reference_io.path", manifest_shown)
+    if ref["path"] not in {f["path"] for f in manifest["files"]}:
+        raise ReleaseError(
+            f"{_shown(source, root, ref_path)}: reference_io.path is not listed in files[], so no checksum "
+            "covers it; the manifest was edited, fetch the bundle again"
+        )
+    inputs, expected = _load_reference(ref_path, ref, _shown(source, root, ref_path))
     checks, failures = {}, []
-    for entry in manifest["files"]:
+    for i, entry in enumerate(manifest["files"]):
         if entry["format"] not in RUNNABLE_FORMATS:
             continue
-        where = _shown(source, root, root / entry["path"])
-        tolerance = manifest["parity"].get(entry["role"], {}).get("tolerance")
-        if tolerance is None:
-            raise ReleaseError(
-                f"{where}: the manifest has no parity[{entry['role']!r}].tolerance to check it with"
-            )
-        actual = _run_model(root / entry["path"], entry["format"], inputs, where)
-        diff = max_diffs(actual, expected, where)["max_abs_diff"]
-        ok = bool(np.isfinite(diff) and diff <= tolerance)
-        checks[entry["role"]] = ParityCheck(entry["role"], entry["path"], diff, tolerance, ok)
-        if not ok:
-            failures.append(
-                f"{where}: max abs difference {diff:.3g} from the reference outputs "
-                f"> tolerance {tolerance:.3g}"
-            )
+        path = confined_path(root, entry["path"], f"files[{i}].path", manifest_shown)
+        check = _parity_of(path, entry, manifest["parity"].get(entry["role"]), inputs, expected,
+                           _shown(source, root, path))  # fmt: skip
+        checks[entry["role"]] = check
+        if not check.ok:
+            failures.append(f"{_shown(source, root, path)}: {check.reason}")
     if failures:
         raise ReleaseError(f"{source}: parity check failed:\n  " + "\n  ".join(failures))
     return checks
+
+
+def _load_reference(path: Path, ref: dict[str, Any], where: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return [data[k] for k in ref["inputs"]], [data[k] for k in ref["outputs"]]
+    except KeyError as exc:
+        raise ReleaseError(f"{where}: has no array {exc} named by reference_io in the manifest") from exc
+    except (OSError, ValueError) as exc:
+        raise ReleaseError(f"{where}: not a readable .npz of plain arrays ({exc})") from exc
+
+
+def _parity_of(
+    path: Path,
+    entry: dict[str, Any],
+    recorded: dict[str, Any] | None,
+    inputs: list[np.ndarray],
+    expected: list[np.ndarray],
+    where: str,
+) -> ParityCheck:
+    role = entry["role"]
+    if recorded is None:
+        reason = f"the manifest records no parity[{role!r}] for it; a released model file always has one"
+        return ParityCheck(role, entry["path"], math.inf, 0.0, False, reason=reason)
+    precision = _file_precision(path, entry["format"], where)
+    actual = _run_model(path, entry["format"], inputs, where)
+    result = compare(expected, actual, REL_BOUNDS[precision])
+    own = result.tolerance
+    claimed_tol, claimed_diff = recorded.get("tolerance"), recorded.get("max_abs_diff")
+    tolerance = min(own, claimed_tol) if isinstance(claimed_tol, int | float) else own
+    check = ParityCheck(
+        role, entry["path"], result.max_abs_diff, tolerance, True, precision, result.rel_bound,
+        claimed_diff, claimed_tol,
+    )  # fmt: skip
+    check.reason = _parity_problem(result, tolerance, own, claimed_diff)
+    check.ok = not check.reason
+    if isinstance(claimed_tol, int | float) and claimed_tol > own:
+        log.info("%s: the manifest's tolerance %.3g is looser than verify's %.3g (%s); verify's applies",
+                 where, claimed_tol, own, precision)  # fmt: skip
+    return check
+
+
+def _parity_problem(result: Comparison, tolerance: float, own: float, claimed_diff: Any) -> str:
+    """Why a re-run fails, or "" when it passes its bound and matches the manifest's claim."""
+    if not result.passed:
+        return f"max abs difference {result.max_abs_diff:.3g} from the reference outputs: {result.reason}"
+    if result.max_abs_diff > tolerance:
+        return (
+            f"max abs difference {result.max_abs_diff:.3g} from the reference outputs "
+            f"> the manifest's own tolerance {tolerance:.3g}"
+        )
+    if not isinstance(claimed_diff, int | float) or not math.isfinite(claimed_diff):
+        return f"the manifest records max_abs_diff {claimed_diff!r}, not a finite figure verify can confirm"
+    if abs(claimed_diff - result.max_abs_diff) > own:
+        return (
+            f"the manifest claims max_abs_diff {claimed_diff:.3g}, verify measures "
+            f"{result.max_abs_diff:.3g} (more than the tolerance {own:.3g} apart); the manifest does not "
+            "describe this file"
+        )
+    return ""
+
+
+def _file_precision(path: Path, fmt: str, where: str) -> str:
+    try:
+        return _PRECISION_OF[fmt](path)
+    except ReleaseError:
+        raise
+    except Exception as exc:
+        raise ReleaseError(f"{where}: could not read the model file ({type(exc).__name__}: {exc})") from exc
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def confined_path(root: Path, rel: Any, key: str, where: str | None = None) -> Path:
+    """`root / rel`, refused with a ReleaseError naming `key` unless it stays inside the bundle.
+
+    Relative, '/'-separated, no '..', not absolute, no backslash or drive, no symlink on the way, and
+    resolved inside `root`. `where` names the manifest in the message (default: root/manifest.json).
+    """
+    problem = _path_problem(rel)
+    if problem is None:
+        path = root / rel
+        problem = _link_problem(root, PurePosixPath(rel))
+        if problem is None and not path.resolve().is_relative_to(root.resolve()):
+            problem = "resolves outside the bundle"
+    if problem:
+        shown = where or root / mf.MANIFEST_NAME
+        raise ReleaseError(
+            f"{shown}: {key} is {rel!r}: {problem}; a bundle path must be relative and stay inside the bundle"
+        )
+    return root / rel
+
+
+def _path_problem(rel: Any) -> str | None:
+    if not isinstance(rel, str) or not rel:
+        return "not a non-empty string"
+    if rel.startswith("/") or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        return "an absolute path"
+    if "\\" in rel or "\x00" in rel:
+        return "has a backslash or NUL"
+    if ".." in PurePosixPath(rel).parts:
+        return "has '..'"
+    return None
+
+
+def _link_problem(root: Path, rel: PurePosixPath) -> str | None:
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if current.is_symlink():
+            return f"goes through the symlink {current.relative_to(root).as_posix()!r}"
+    return None
 
 
 def _run_model(path: Path, fmt: str, inputs: list[np.ndarray], where: str) -> list[np.ndarray]:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from slimship._util import atomic_write_bytes, dump_json
+from slimship.compare import compare
 from slimship.errors import TargetError
 from slimship.runtimes.edge_env import default_cache_dir
 
@@ -105,8 +106,8 @@ class Arm64Env:
 class Arm64Parity:
     """Emulated-ARM64 outputs against reference outputs.
 
-    `max_rel_diff` is the largest absolute difference divided by the reference's largest magnitude,
-    per output (element-wise ratios blow up near zero and say nothing).
+    Decided by `slimship.compare.compare`: `max_rel_diff` is the largest absolute difference divided by
+    max(1, the reference's largest finite magnitude); a NaN/Inf out of place makes it inf and fails.
     """
 
     runtime: str
@@ -701,20 +702,18 @@ def check_arm64_parity(
             f"{Path(model_path).name}: emulated ARM64 run gave {len(outputs)} outputs, the reference has "
             f"{len(reference_outputs)}"
         )
-    max_abs = max_rel = 0.0
     for got, ref in zip(outputs, reference_outputs, strict=True):
-        ref = np.asarray(ref, dtype=np.float64)
-        if got.shape != ref.shape:
+        if got.shape != np.shape(ref):
             raise TargetError(
-                f"{Path(model_path).name}: output shape {got.shape} differs from reference {ref.shape}"
+                f"{Path(model_path).name}: output shape {got.shape} differs from reference {np.shape(ref)}"
             )
-        diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
-        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / scale if scale > 0 else diff)
+    check = compare(list(reference_outputs), outputs, rtol)
+    if not check.passed:
+        log.warning("%s: emulated ARM64 parity failed: %s", Path(model_path).name, check.reason)
     return Arm64Parity(
-        runtime, max_abs, max_rel, rtol, max_rel <= rtol, result.get("runtime", {}), env.qemu_version
-    )
+        runtime, check.max_abs_diff, check.max_rel_diff, rtol, check.passed, result.get("runtime", {}),
+        env.qemu_version,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- transport shape

@@ -230,7 +230,12 @@ def _time_interleaved(runners: list[Any], inputs: list[np.ndarray], runs: int) -
 
 
 def _top1(outputs: list[np.ndarray]) -> list[int]:
-    return [int(v) for v in np.asarray(outputs[0]).reshape(-1, np.asarray(outputs[0]).shape[-1]).argmax(-1)]
+    """argmax over the last axis of output 0 per row; -1 for a row holding a NaN (it names no class)."""
+    rows = np.asarray(outputs[0]).reshape(-1, np.asarray(outputs[0]).shape[-1])
+    top = rows.argmax(-1)
+    if rows.dtype.kind in "fc":
+        top = np.where(np.isnan(rows).any(-1), -1, top)
+    return [int(v) for v in top]
 
 
 def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from slimship.compare import compare
 from slimship.runtimes.execute import _as_list, run_on_target
 from slimship.runtimes.targets import Target
 
@@ -51,7 +52,7 @@ class Parity:
 
     max_abs: float
     mean_abs: float
-    max_rel: float  # max |a-b| / (max |b| + 1e-12), per output, worst output
+    max_rel: float  # max |a-b| / max(1, max |finite b|) (slimship.compare); inf when NaN/Inf differ
 
 
 @dataclass
@@ -106,21 +107,29 @@ def _reference_fn(reference: Any) -> Callable[[list[np.ndarray]], list[np.ndarra
 
 
 def _top1(outputs: list[np.ndarray]) -> np.ndarray:
+    """argmax over the last axis of output 0 per row; -1 for a row holding a NaN (as the device runner)."""
     first = np.asarray(outputs[0])
-    return first.reshape(-1, first.shape[-1]).argmax(-1)
+    rows = first.reshape(-1, first.shape[-1])
+    top = rows.argmax(-1)
+    return np.where(np.isnan(rows).any(-1), -1, top) if rows.dtype.kind in "fc" else top
 
 
 def parity(outputs: list[np.ndarray], reference: list[np.ndarray]) -> Parity:
-    """Worst-case differences between two output lists of the same structure."""
+    """Worst-case differences between two output lists of the same structure.
+
+    max_abs and max_rel come from `slimship.compare.compare` (a NaN/Inf out of place makes them inf);
+    mean_abs is the worst per-output mean over the entries finite in both.
+    """
     if len(outputs) != len(reference):
         raise ValueError(f"model has {len(outputs)} outputs, reference has {len(reference)}")
-    max_abs = mean_abs = max_rel = 0.0
+    check = compare(list(reference), list(outputs), 0.0)
+    mean_abs = 0.0
     for a, b in zip(outputs, reference, strict=True):
-        diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64).reshape(np.shape(a)))
-        max_abs = max(max_abs, float(diff.max(initial=0.0)))
-        mean_abs = max(mean_abs, float(diff.mean()) if diff.size else 0.0)
-        max_rel = max(max_rel, float(diff.max(initial=0.0)) / (float(np.abs(b).max(initial=0.0)) + 1e-12))
-    return Parity(max_abs, mean_abs, max_rel)
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64).reshape(np.shape(a))
+        both = np.isfinite(a64) & np.isfinite(b64)
+        if both.any():
+            mean_abs = max(mean_abs, float(np.abs(a64 - b64)[both].mean()))
+    return Parity(check.max_abs_diff, mean_abs, check.max_rel_diff)
 
 
 def _accuracy(

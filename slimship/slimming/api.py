@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from slimship.compare import compare
 from slimship.errors import SlimmingError, VerificationError
 from slimship.slimming.graph import ChannelGraph, get_tensor, slice_index
 from slimship.slimming.plan import Plan, make_plan, spaces
@@ -50,6 +51,7 @@ class Verification:
     tolerance: float
     inputs_checked: int
     passed: bool
+    reason: str = ""  # why it failed: batch, output, kind of mismatch, first index
 
 
 @dataclass
@@ -112,7 +114,9 @@ class SlimResult:
                 owner._buffers[leaf] = tensor.clone()
         for sub in module.modules():
             _sync_attributes(sub)
-        verify_outputs(self.model, module, as_input_tuple(example_inputs), rtol=rtol, what="apply_to")
+        check = verify_outputs(self.model, module, as_input_tuple(example_inputs), rtol=rtol, what="apply_to")
+        if not check.passed:
+            raise VerificationError(f"{check.reason}; does the module hard-code a size slimming changed?")
         return module
 
 
@@ -202,30 +206,26 @@ def verify_outputs(
     seed: int = 0,
     what: str = "slim model",
 ) -> Verification:
-    """Compare outputs on the example inputs and `n_random` random inputs; raise on a mismatch."""
+    """Compare outputs on the example inputs and `n_random` random inputs with `slimship.compare`.
+
+    Per batch, max|diff| must be <= rtol * max(1, max|finite reference|), NaN/Inf must match in place
+    and sign, integer outputs exactly. Returns the worst figures; `passed` is False (with `reason`)
+    on the first batch that fails.
+    """
     generator = torch.Generator().manual_seed(seed)
     batches = [example_inputs] + [random_like_inputs(example_inputs, generator) for _ in range(n_random)]
     worst_abs = worst_rel = 0.0
+    reason = ""
     with torch.no_grad():
-        for inputs in batches:
+        for n, inputs in enumerate(batches):
             ref = _flat_outputs(reference(*inputs))
             got = _flat_outputs(candidate(*inputs))
-            if len(ref) != len(got):
-                raise VerificationError(f"{what}: {len(got)} outputs instead of {len(ref)}")
-            for i, (r, c) in enumerate(zip(ref, got, strict=True)):
-                if r.shape != c.shape:
-                    raise VerificationError(
-                        f"{what}: output {i} has shape {tuple(c.shape)}, expected {tuple(r.shape)}"
-                    )
-                if not r.is_floating_point():
-                    if not torch.equal(r, c):
-                        raise VerificationError(f"{what}: integer output {i} differs")
-                    continue
-                diff = float((r.double() - c.double()).abs().max()) if r.numel() else 0.0
-                scale = max(float(r.double().abs().max()) if r.numel() else 0.0, 1e-8)
-                worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / scale)
-    passed = worst_rel <= rtol
-    return Verification(worst_abs, worst_rel, rtol, len(batches), passed)
+            result = compare(ref, got, rtol)
+            worst_abs, worst_rel = max(worst_abs, result.max_abs_diff), max(worst_rel, result.max_rel_diff)
+            if not result.passed and not reason:
+                batch = "example inputs" if n == 0 else f"random inputs {n}"
+                reason = f"{what} on {batch}: {result.reason}"
+    return Verification(worst_abs, worst_rel, rtol, len(batches), not reason, reason)
 
 
 # ---- slimming --------------------------------------------------------------------------------
@@ -345,13 +345,15 @@ def slim(
         )
         if not culprits:
             raise VerificationError(
-                f"slim model differs from its source (max rel diff {check.max_rel_diff:.3g} > {rtol}); "
-                "no single space explains it. Please report this model."
+                f"slim model differs from its source (max rel diff {check.max_rel_diff:.3g}, bound {rtol}): "
+                f"{check.reason}; no single space explains it. Please report this model."
             )
         log.warning("spaces %s did not verify; keeping them in place", sorted(culprits))
         excluded |= culprits
     else:
-        raise VerificationError(f"slim model does not verify even with spaces {sorted(excluded)} kept")
+        raise VerificationError(
+            f"slim model does not verify even with spaces {sorted(excluded)} kept: {check.reason}"
+        )
     layers = [
         LayerReport(name, shape, list(new[name].shape))
         for name, shape in before.items()

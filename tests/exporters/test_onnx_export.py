@@ -136,3 +136,81 @@ def test_corrupt_and_truncated_onnx_files(cnn_export, cnn, cnn_input, tmp_path):
             onnx_parity(cnn, bad, cnn_input)
         with pytest.raises(ModelFileError):
             load_onnx(bad)
+
+
+def _with_nan_initializer(source, dest, name_part: str) -> str:
+    """Copy an .onnx file with every value of the first initializer named like `name_part` set to NaN."""
+    model = onnx.load(str(source))
+    init = next(t for t in model.graph.initializer if name_part in t.name)
+    values = onnx.numpy_helper.to_array(init)
+    init.CopyFrom(onnx.numpy_helper.from_array(np.full_like(values, np.nan), init.name))
+    onnx.save(model, str(dest))
+    return init.name
+
+
+def test_parity_fails_when_the_onnx_file_outputs_nan(cnn_export, cnn, cnn_input, tmp_path):
+    """An all-NaN output used to pass: max(0.0, nan) is 0.0."""
+    bad = tmp_path / "nan.onnx"
+    _with_nan_initializer(cnn_export.path, bad, "fc.bias")
+    parity = onnx_parity(cnn, bad, cnn_input)
+    assert not parity.passed
+    assert np.isinf(parity.max_abs_diff)
+    assert "NaN at 20 positions where the reference is a number" in parity.reason  # 2 rows x 10 classes
+
+
+def test_export_raises_when_onnxruntime_gives_nan(cnn, cnn_input, tmp_path, monkeypatch):
+    from slimship.errors import VerificationError
+    from slimship.exporters import onnx_export
+
+    real_run = onnx_export._run
+
+    def nan_in_first_output(runner, arrays):
+        outputs = real_run(runner, arrays)
+        outputs[0] = np.where(np.arange(outputs[0].size).reshape(outputs[0].shape) == 3, np.nan, outputs[0])
+        return outputs
+
+    monkeypatch.setattr(onnx_export, "_run", nan_in_first_output)
+    with pytest.raises(VerificationError, match=r"NaN at \d+ positions where the reference is a number"):
+        export_onnx(cnn, cnn_input, tmp_path / "cnn.onnx", surgery=False)
+
+
+class SqrtHead(torch.nn.Module):
+    """NaN wherever the linear output is negative, in PyTorch and onnxruntime alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.fc(x))
+
+
+def test_export_passes_when_nan_positions_match(tmp_path):
+    torch.manual_seed(0)
+    model, x = SqrtHead().eval(), torch.randn(4, 6)
+    assert torch.isnan(model(x)).any() and not torch.isnan(model(x)).all()
+    result = export_onnx(model, x, tmp_path / "sqrt.onnx")
+    assert result.parity.passed and np.isfinite(result.parity.max_abs_diff)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "op", "expected"),
+    [
+        (np.float32, "Identity", "fp32"),
+        (np.float16, "Identity", "fp16"),
+        (np.int8, "DequantizeLinear", "int8-dynamic"),
+        (np.int8, "QuantizeLinear", "int8"),
+    ],
+)
+def test_onnx_precision_is_read_from_the_initializers(tmp_path, dtype, op, expected):
+    from onnx import helper, numpy_helper
+
+    from slimship.exporters.onnx_export import onnx_precision
+
+    weight = numpy_helper.from_array(np.ones((2, 2), dtype=dtype), "w")
+    graph = helper.make_graph(
+        [helper.make_node(op, ["w"], ["y"])], "g", [], [helper.make_tensor_value_info("y", 1, None)], [weight]
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert onnx_precision(path) == expected

@@ -134,3 +134,11 @@ def test_unsupported_op_and_bad_options(cnn, cnn_input, tmp_path):
         export_tflite(cnn, cnn_input, tmp_path / "x.tflite", variant="int4")
     with pytest.raises(ExportError, match="4-D"):
         export_tflite(UsesCustomOp().eval(), (torch.randn(2, 4),), tmp_path / "x.tflite", nhwc=True)
+
+
+def test_precision_is_read_from_the_file(exports):
+    """verify picks its bound from what the file is, not from a role name the manifest could change."""
+    from slimship.exporters.tflite_compat import tflite_precision
+
+    for variant in ("fp32", "fp16", "int8-dynamic", "int8"):
+        assert tflite_precision(exports[(variant, False)].path) == variant

@@ -175,7 +175,9 @@ def test_symlinked_file_in_a_directory_bundle_is_refused(bundle_copy, tmp_path):
     outside = tmp_path / "outside.md"
     shutil.move(bundle_copy / "MODEL_CARD.md", outside)
     (bundle_copy / "MODEL_CARD.md").symlink_to(outside)
-    with pytest.raises(ReleaseError, match=r"MODEL_CARD\.md: is a symlink"):
+    with pytest.raises(
+        ReleaseError, match=r"files\[\d+\]\.path is 'MODEL_CARD\.md': goes through the symlink"
+    ):
         verify_bundle(bundle_copy)
 
 
@@ -191,3 +193,118 @@ def test_not_a_bundle(tmp_path):
         verify_bundle(tmp_path / "missing")
     with pytest.raises(ReleaseError, match=r"no manifest\.json"):
         verify_bundle(tmp_path)
+
+
+# ------------------------------------------------------------------ verify trusts nothing it checks
+
+
+def _replace_file(bundle: Path, rel: str, data: bytes, change=None) -> None:
+    """Write `data` to bundle/rel and update its checksum and size in the manifest (as an attacker could)."""
+    from slimship._util import sha256_file
+
+    (bundle / rel).write_bytes(data)
+
+    def fix(manifest):
+        entry = next(f for f in manifest["files"] if f["path"] == rel)
+        entry.update(sha256=sha256_file(bundle / rel), bytes=(bundle / rel).stat().st_size)
+        if change:
+            change(manifest)
+
+    _rewrite_manifest(bundle, fix)
+
+
+def _onnx_with_bias(bundle: Path, new_bias) -> bytes:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(bundle / "models/onnx.onnx"))
+    init = next(t for t in model.graph.initializer if t.name.endswith("fc.bias"))
+    init.CopyFrom(numpy_helper.from_array(new_bias(numpy_helper.to_array(init)), init.name))
+    return model.SerializeToString()
+
+
+def test_verify_fails_a_model_whose_output_became_nan(bundle_copy):
+    _replace_file(
+        bundle_copy, "models/onnx.onnx", _onnx_with_bias(bundle_copy, lambda b: np.full_like(b, np.nan))
+    )
+    with pytest.raises(ReleaseError, match=r"parity check failed") as info:
+        verify_bundle(bundle_copy)
+    assert "models/onnx.onnx: max abs difference inf" in str(info.value)
+    assert "NaN at 5 positions where the reference is a number" in str(info.value)
+
+
+def test_manifest_tolerance_cannot_loosen_the_check(bundle_copy):
+    """A perturbed model with `tolerance: 1e30` and its own diff recorded still fails verify's bound."""
+
+    def loosen(manifest):
+        manifest["parity"]["onnx"].update(tolerance=1e30, max_abs_diff=0.5, max_rel_diff=0.5)
+
+    _replace_file(bundle_copy, "models/onnx.onnx", _onnx_with_bias(bundle_copy, lambda b: b + 0.5), loosen)
+    with pytest.raises(
+        ReleaseError, match=r"models/onnx\.onnx: max abs difference 0\.5\d* from the reference"
+    ):
+        verify_bundle(bundle_copy)
+
+
+def test_manifest_claiming_a_parity_it_cannot_show_fails(bundle_copy):
+    _rewrite_manifest(bundle_copy, lambda m: m["parity"]["onnx"].update(max_abs_diff=0.25))
+    with pytest.raises(ReleaseError, match=r"claims max_abs_diff 0\.25, verify measures"):
+        verify_bundle(bundle_copy)
+    _rewrite_manifest(bundle_copy, lambda m: m["parity"]["onnx"].update(max_abs_diff=None))
+    with pytest.raises(ReleaseError, match=r"records max_abs_diff None"):
+        verify_bundle(bundle_copy)
+
+
+def test_verify_reports_its_own_bound_and_the_recorded_figures(released):
+    checks = verify_bundle(released.bundle_dir).parity
+    recorded = released.manifest["parity"]
+    for role, check in checks.items():
+        assert check.ok and check.precision == "fp32" and check.rel_bound == 1e-4
+        assert check.recorded_tolerance == recorded[role]["tolerance"]
+        assert check.recorded_max_abs_diff == recorded[role]["max_abs_diff"]
+        assert check.max_abs_diff <= check.tolerance <= check.recorded_tolerance
+
+
+@pytest.mark.parametrize("bad", ["../x.npz", "/etc/passwd", "models/../../x.npz", "a//b.npz"])
+def test_reference_path_escaping_the_bundle_is_refused(bundle_copy, bad):
+    _rewrite_manifest(bundle_copy, lambda m: m["reference_io"].update(path=bad))
+    with pytest.raises(ReleaseError, match=r"\$\.reference_io\.path"):
+        verify_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "C:/x", "a\\b", ""])
+def test_confined_path_refuses_escapes_naming_the_key(tmp_path, bad):
+    from slimship.pipeline.verify import confined_path
+
+    with pytest.raises(ReleaseError, match=r"reference_io\.path is .*: .*stay inside the bundle"):
+        confined_path(tmp_path, bad, "reference_io.path")
+
+
+def test_reference_path_through_a_symlink_is_refused(bundle_copy, tmp_path):
+    from slimship.pipeline.verify import confined_path
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(bundle_copy / "reference_io.npz", outside / "reference_io.npz")
+    (bundle_copy / "refs").symlink_to(outside)
+    with pytest.raises(ReleaseError, match=r"reference_io\.path is 'refs/reference_io\.npz': goes through"):
+        confined_path(bundle_copy, "refs/reference_io.npz", "reference_io.path")
+    _rewrite_manifest(bundle_copy, lambda m: m["reference_io"].update(path="refs/reference_io.npz"))
+    with pytest.raises(ReleaseError, match=r"refs"):
+        verify_bundle(bundle_copy)
+
+
+def test_reference_file_must_be_covered_by_a_checksum(bundle_copy):
+    """reference_io.path naming an unlisted file (here: the manifest itself) is refused before it is read."""
+    _rewrite_manifest(bundle_copy, lambda m: m["reference_io"].update(path="manifest.json"))
+    with pytest.raises(ReleaseError, match=r"reference_io\.path is not listed in files\[\]"):
+        verify_bundle(bundle_copy)
+
+
+def test_files_path_through_a_symlinked_directory_is_refused(bundle_copy, tmp_path):
+    shutil.move(bundle_copy / "models", tmp_path / "models")
+    (bundle_copy / "models").symlink_to(tmp_path / "models")
+    with pytest.raises(
+        ReleaseError, match=r"files\[\d+\]\.path is 'models/onnx\.onnx': goes through the symlink"
+    ):
+        verify_bundle(bundle_copy)

@@ -241,3 +241,13 @@ def test_adb_transport_against_fake_adb(tmp_path, monkeypatch, tiny_models):
             Target("p", transport="adb://FAKE999", python=sys.executable),
             runs=1,
         )
+
+
+def test_parity_figures_count_nan_and_inf_out_of_place():
+    ref = [np.array([[1.0, 2.0], [np.nan, 4.0]], dtype=np.float32)]
+    assert parity([ref[0].copy()], ref).max_abs == 0.0  # NaN where the reference has NaN: equal
+    got = [np.array([[1.0, np.nan], [np.nan, 4.0]], dtype=np.float32)]
+    assert np.isinf(parity(got, ref).max_abs) and np.isinf(parity(got, ref).max_rel)
+    flipped = [np.array([[1.0, 2.0], [np.nan, -np.inf]], dtype=np.float32)]
+    assert np.isinf(parity(flipped, ref).max_abs)
+    assert device_runner._top1(got) == [-1, -1] and device_runner._top1(ref) == [1, -1]

@@ -171,3 +171,55 @@ def test_channel_multiple_rounds_kept_channels_up() -> None:
     assert aligned_space.channels_after == 12
     assert any("alignment" in reason for reason in aligned_space.kept)
     assert torch.allclose(aligned.model(x), model(x), atol=1e-5)
+
+
+class _NaNWhere(nn.Module):
+    """Wraps a model; its output is NaN in the rows where `rows` is True (or finite where the model's is)."""
+
+    def __init__(self, model: nn.Module, rows: list[bool] | None = None, value: float = float("nan")) -> None:
+        super().__init__()
+        self.model, self.rows, self.value = model, rows, value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if self.rows is None:
+            return torch.nan_to_num(out, nan=self.value)
+        mask = torch.tensor(self.rows[: out.shape[0]] + [False] * max(0, out.shape[0] - len(self.rows)))
+        return torch.where(mask[:, None], torch.full_like(out, self.value), out)
+
+
+def test_verification_fails_on_finite_to_nan_and_nan_to_finite() -> None:
+    from slimship.slimming import verify_outputs
+
+    model, x = _cnn(), torch.randn(2, 3, 6, 6)
+    to_nan = verify_outputs(model, _NaNWhere(model, [False, True]), (x,), n_random=0)
+    assert not to_nan.passed and "NaN at 5 positions where the reference is a number" in to_nan.reason
+    nan_model = _NaNWhere(model, [True, False])
+    back = verify_outputs(nan_model, _NaNWhere(nan_model, value=0.0), (x,), n_random=0)
+    assert not back.passed and "a number at 5 positions where the reference is NaN" in back.reason
+    same = verify_outputs(nan_model, _NaNWhere(model, [True, False]), (x,), n_random=1)
+    assert same.passed and same.reason == ""
+
+
+def test_slim_raises_when_the_rewrite_yields_nan(monkeypatch) -> None:
+    """A rewrite that poisons a weight with NaN used to verify: max(0.0, nan) is 0.0."""
+    import pytest
+
+    from slimship.errors import VerificationError
+    from slimship.slimming import api
+    from slimship.slimming.graph import get_tensor
+
+    real_rewrite = api.rewrite
+
+    def poisoned(graph, plan):
+        new = real_rewrite(graph, plan)
+        name = next(n for n in sorted(new) if n.endswith("weight"))
+        with torch.no_grad():
+            get_tensor(graph.gm, name).fill_(float("nan"))
+        return new
+
+    monkeypatch.setattr(api, "rewrite", poisoned)
+    model, x = _cnn(), torch.randn(2, 3, 6, 6)
+    zero_random_groups(model, x, fraction=0.5, seed=0)
+    with pytest.raises(VerificationError, match=r"NaN at \d+ positions where the reference is a number"):
+        slim(model, x)

@@ -1,0 +1,212 @@
+"""One comparison of reference and candidate outputs, used by every parity and verification check.
+
+NaN and Inf are values, not noise: a NaN must sit where the reference has a NaN, an Inf where the reference
+has an Inf of the same sign. Finite entries pass when max|reference - candidate| <= tolerance, with
+tolerance = rel_bound * max(1, max|finite reference|) over all the outputs compared. Integer and bool
+outputs compare exactly. A different number of outputs, a different shape (beyond size-1 dimensions) or a
+float output where the reference is integer (or the reverse) fails with its own reason.
+
+This module depends on numpy only (torch tensors are accepted without importing torch), so every layer,
+slimming included, may import it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Relative parity bound per precision: max|diff| <= bound * max(1, max|finite reference|).
+#: The exporters check their files with these, and `slimship verify` re-checks bundles with them.
+REL_BOUNDS: dict[str, float] = {
+    "fp32": 1e-4,
+    "fp16": 1e-2,
+    "int8-dynamic": 1e-1,
+    "int8": 4e-1,
+}
+
+#: (reason, (output label, first offending index) or None) of a failed output
+Problem = tuple[str, tuple[str, tuple[int, ...]] | None]
+
+
+@dataclass
+class Comparison:
+    """Outcome of `compare`: figures, the decision and, when it failed, why and where first.
+
+    `max_abs_diff` is inf when a NaN/Inf does not match or the outputs cannot be compared at all;
+    `max_rel_diff` is max_abs_diff / max(1, max|finite reference|); `first_mismatch` is
+    (output label, index) of the first offending entry.
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    rel_bound: float
+    passed: bool
+    reason: str = ""
+    first_mismatch: tuple[str, tuple[int, ...]] | None = None
+
+
+def as_array(value: Any) -> np.ndarray:
+    """A numpy array from a numpy array, a torch tensor (any dtype, any device) or a number."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
+        tensor = value.detach().cpu()
+        if str(tensor.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn", "torch.float8_e5m2"):
+            tensor = tensor.float()
+        return tensor.resolve_conj().resolve_neg().numpy()
+    return np.asarray(value)
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return a.dtype.kind in "fc"
+
+
+def finite_scale(reference: Sequence[Any]) -> float:
+    """max(1, max|finite entry|) over the float arrays of `reference`."""
+    scale = 1.0
+    for ref in map(as_array, reference):
+        if _is_float(ref) and ref.size:
+            finite = np.abs(ref[np.isfinite(ref)])
+            if finite.size:
+                scale = max(scale, float(finite.max()))
+    return scale
+
+
+def compare(
+    reference: Sequence[Any] | Any,
+    candidate: Sequence[Any] | Any,
+    rel_bound: float,
+    *,
+    labels: Sequence[str] | None = None,
+) -> Comparison:
+    """Compare outputs (one array or a sequence of arrays) position by position; see the module doc."""
+    refs, cands = _as_list(reference), _as_list(candidate)
+    names = list(labels) if labels is not None else [f"output {i}" for i in range(len(refs))]
+    scale = finite_scale(refs)
+    tolerance = rel_bound * scale
+    if len(refs) != len(cands):
+        reason = f"{len(cands)} outputs where the reference has {len(refs)}"
+        return Comparison(math.inf, math.inf, tolerance, rel_bound, False, reason)
+    worst = 0.0
+    failure: Problem | None = None
+    for name, ref, cand in zip(names, refs, cands, strict=True):
+        diff, problem = _compare_one(name, as_array(ref), as_array(cand), tolerance)
+        worst = max(worst, diff)
+        failure = failure or problem
+    passed = failure is None
+    return Comparison(
+        max_abs_diff=worst,
+        max_rel_diff=worst / scale,
+        tolerance=tolerance,
+        rel_bound=rel_bound,
+        passed=passed,
+        reason="" if passed else failure[0],
+        first_mismatch=None if passed else failure[1],
+    )
+
+
+def compare_cases(
+    reference: Sequence[Sequence[Any]],
+    candidate: Sequence[Sequence[Any]],
+    case_names: Sequence[str],
+    rel_bound: float,
+) -> Comparison:
+    """`compare` over several input cases at once (one scale for all); labels read 'case NAME output I'."""
+    refs, cands, labels = [], [], []
+    for case, ref_outs, cand_outs in zip(case_names, reference, candidate, strict=True):
+        if len(ref_outs) != len(cand_outs):
+            reason = f"case {case!r}: {len(cand_outs)} outputs where the reference has {len(ref_outs)}"
+            tolerance = rel_bound * finite_scale([a for outs in reference for a in outs])
+            return Comparison(math.inf, math.inf, tolerance, rel_bound, False, reason)
+        for i, (r, c) in enumerate(zip(ref_outs, cand_outs, strict=True)):
+            refs.append(r)
+            cands.append(c)
+            labels.append(f"case {case!r} output {i}")
+    return compare(refs, cands, rel_bound, labels=labels)
+
+
+# ------------------------------------------------------------------------------------------ one array
+
+
+def _as_list(value: Sequence[Any] | Any) -> list[Any]:
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+def _compare_one(
+    name: str, ref: np.ndarray, cand: np.ndarray, tolerance: float
+) -> tuple[float, Problem | None]:
+    """(max abs diff of this output, the first problem or None)."""
+    if ref.shape != cand.shape:
+        if ref.size != cand.size or _squeezed(ref.shape) != _squeezed(cand.shape):
+            return math.inf, (f"{name}: shape {list(cand.shape)}, the reference has {list(ref.shape)}", None)
+        cand = cand.reshape(ref.shape)
+    if _is_float(ref) != _is_float(cand):
+        kinds = f"{cand.dtype.name} where the reference is {ref.dtype.name}"
+        return math.inf, (f"{name}: dtype {kinds} (float against integer/bool)", None)
+    if ref.size == 0:
+        return 0.0, None
+    if not _is_float(ref):
+        return _compare_exact(name, ref, cand)
+    return _compare_float(name, _wide(ref), _wide(cand), tolerance)
+
+
+def _wide(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.complex128 if a.dtype.kind == "c" else np.float64)
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def _compare_exact(name: str, ref: np.ndarray, cand: np.ndarray) -> tuple[float, Problem | None]:
+    differ = ref != cand
+    if not differ.any():
+        return 0.0, None
+    diff = float(np.abs(ref.astype(np.float64) - cand.astype(np.float64)).max())
+    index = _first(differ)
+    return diff, (f"{name}: integer/bool output differs at {int(differ.sum())} positions; first at {index}",
+                  (name, index))  # fmt: skip
+
+
+#: (mask of offending positions, message) per kind of non-finite mismatch; r/c are the two arrays.
+_NONFINITE_RULES = (
+    (lambda r, c: np.isnan(c) & ~np.isnan(r), "NaN at {n} positions where the reference is a number"),
+    (lambda r, c: np.isnan(r) & ~np.isnan(c), "a number at {n} positions where the reference is NaN"),
+    (
+        lambda r, c: np.isinf(r) & ~np.isnan(c) & (r != c),
+        "another value at {n} positions where the reference is ±Inf",
+    ),
+    (lambda r, c: np.isinf(c) & np.isfinite(r), "Inf at {n} positions where the reference is finite"),
+)
+
+
+def _compare_float(
+    name: str, ref: np.ndarray, cand: np.ndarray, tolerance: float
+) -> tuple[float, Problem | None]:
+    for rule, message in _NONFINITE_RULES:
+        mask = rule(ref, cand)
+        if mask.any():
+            index = _first(mask)
+            detail = message.format(n=int(mask.sum()))
+            where = f"first at {index} (reference {ref[index]}, got {cand[index]})"
+            return math.inf, (f"{name}: {detail}; {where}", (name, index))
+    both = np.isfinite(ref) & np.isfinite(cand)
+    if not both.any():
+        return 0.0, None
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta = np.where(both, np.abs(ref - cand), 0.0)
+    diff = float(delta.max())
+    if diff <= tolerance:
+        return diff, None
+    index = _first(delta > tolerance) if not math.isinf(diff) else _first(delta == diff)
+    where = f"first at {index} (reference {ref[index]}, got {cand[index]})"
+    return diff, (f"{name}: max|diff| {diff:.3g} > tolerance {tolerance:.3g}; {where}", (name, index))
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
