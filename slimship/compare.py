@@ -64,9 +64,9 @@ def _is_float(a: np.ndarray) -> bool:
     return a.dtype.kind in "fc"
 
 
-def finite_scale(reference: Sequence[Any]) -> float:
-    """max(1, max|finite entry|) over the float arrays of `reference`."""
-    scale = 1.0
+def finite_scale(reference: Sequence[Any], floor: float = 1.0) -> float:
+    """max(floor, max|finite entry|) over the float arrays of `reference`."""
+    scale = floor
     for ref in map(as_array, reference):
         if _is_float(ref) and ref.size:
             finite = np.abs(ref[np.isfinite(ref)])
@@ -81,11 +81,16 @@ def compare(
     rel_bound: float,
     *,
     labels: Sequence[str] | None = None,
+    floor: float = 1.0,
 ) -> Comparison:
-    """Compare outputs (one array or a sequence of arrays) position by position; see the module doc."""
+    """Compare outputs (one array or a sequence of arrays) position by position; see the module doc.
+
+    `floor` is the smallest scale the bound is relative to: 1.0 for exported files (absolute error for
+    small outputs), a tiny value for a check that must be relative to the outputs however small.
+    """
     refs, cands = _as_list(reference), _as_list(candidate)
     names = list(labels) if labels is not None else [f"output {i}" for i in range(len(refs))]
-    scale = finite_scale(refs)
+    scale = finite_scale(refs, floor)
     tolerance = rel_bound * scale
     if len(refs) != len(cands):
         reason = f"{len(cands)} outputs where the reference has {len(refs)}"

@@ -118,3 +118,23 @@ def test_top1_agreement_counts_a_nan_row_as_disagreeing():
     nan_row = [[np.array([[0.1, 0.9, 0.0], [NAN, NAN, NAN]])]]  # argmax alone would say class 0: agree
     assert top1_agreement(ref, ref) == 1.0
     assert top1_agreement(ref, nan_row) == 0.5
+
+
+def test_slim_verification_is_relative_to_small_outputs() -> None:
+    """Slimming is exact: a 1e-3 relative error on outputs of scale 1e-3 fails, though it is 1e-6 absolute."""
+    import torch
+
+    from slimship.slimming.api import verify_outputs
+
+    class Small(torch.nn.Module):
+        def __init__(self, offset: float) -> None:
+            super().__init__()
+            self.offset = offset
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 1e-3 * torch.tanh(x) + self.offset
+
+    x = (torch.randn(4, 8),)
+    assert verify_outputs(Small(0.0), Small(0.0), x).passed
+    result = verify_outputs(Small(0.0), Small(1e-6), x, rtol=1e-5)
+    assert not result.passed and result.max_rel_diff > 1e-4

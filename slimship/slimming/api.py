@@ -197,6 +197,9 @@ def _flat_outputs(value: Any) -> list[torch.Tensor]:
     return []
 
 
+VERIFY_SCALE_FLOOR = 1e-8  # slimming is exact: its bound is relative to the outputs, not to max(1, ...)
+
+
 def verify_outputs(
     reference: nn.Module,
     candidate: nn.Module,
@@ -208,8 +211,8 @@ def verify_outputs(
 ) -> Verification:
     """Compare outputs on the example inputs and `n_random` random inputs with `slimship.compare`.
 
-    Per batch, max|diff| must be <= rtol * max(1, max|finite reference|), NaN/Inf must match in place
-    and sign, integer outputs exactly. Returns the worst figures; `passed` is False (with `reason`)
+    Per batch, max|diff| must be <= rtol * max|finite reference| (relative to the outputs however small,
+    floored at 1e-8), NaN/Inf must match in place and sign, integer outputs exactly. Returns the worst figures; `passed` is False (with `reason`)
     on the first batch that fails.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -220,7 +223,7 @@ def verify_outputs(
         for n, inputs in enumerate(batches):
             ref = _flat_outputs(reference(*inputs))
             got = _flat_outputs(candidate(*inputs))
-            result = compare(ref, got, rtol)
+            result = compare(ref, got, rtol, floor=VERIFY_SCALE_FLOOR)
             worst_abs, worst_rel = max(worst_abs, result.max_abs_diff), max(worst_rel, result.max_rel_diff)
             if not result.passed and not reason:
                 batch = "example inputs" if n == 0 else f"random inputs {n}"
