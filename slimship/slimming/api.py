@@ -212,8 +212,8 @@ def verify_outputs(
     """Compare outputs on the example inputs and `n_random` random inputs with `slimship.compare`.
 
     Per batch, max|diff| must be <= rtol * max|finite reference| (relative to the outputs however small,
-    floored at 1e-8), NaN/Inf must match in place and sign, integer outputs exactly. Returns the worst figures; `passed` is False (with `reason`)
-    on the first batch that fails.
+    floored at 1e-8), NaN/Inf must match in place and sign, integer outputs exactly. Returns the worst
+    figures; `passed` is False (with `reason`) on the first batch that fails.
     """
     generator = torch.Generator().manual_seed(seed)
     batches = [example_inputs] + [random_like_inputs(example_inputs, generator) for _ in range(n_random)]
