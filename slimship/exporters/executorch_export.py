@@ -179,10 +179,12 @@ def _quantize(
             for batch in calib:
                 prepared(*batch)
         converted = convert_pt2e(prepared)
-        shapes = tuple({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)} for _ in inputs) if dynamic else None
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        shapes = tuple({0: batch} for _ in inputs) if dynamic else None
         return torch.export.export(converted, inputs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:
-        raise export_error("PT2E quantization (ExecuTorch int8)", exc, program.graph_module, _WAY_OUT) from exc
+        stage = "PT2E quantization (ExecuTorch int8)"
+        raise export_error(stage, exc, program.graph_module, _WAY_OUT) from exc
 
 
 def _lower(
@@ -266,4 +268,3 @@ def _run(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:
         return runner.run(arrays)
     except Exception as exc:
         raise VerificationError(f"the ExecuTorch runtime failed to run the program: {exc}") from exc
-

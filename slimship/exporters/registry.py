@@ -99,9 +99,9 @@ FORMATS: dict[str, FormatRecord] = {
         FormatRecord("tflite-int8", "tflite", ".tflite", "int8", _TFLITE_RUNTIMES, _tflite("int8"),
                      description="LiteRT, full int8 (calibrated)"),
         FormatRecord("executorch-fp32", "executorch", ".pte", "fp32", ("executorch",), _executorch("fp32"),
-                     extra="executorch", description="ExecuTorch program, XNNPACK delegate, float32"),
+                     extra="executorch", description="ExecuTorch, XNNPACK, float32"),
         FormatRecord("executorch-int8", "executorch", ".pte", "int8", ("executorch",), _executorch("int8"),
-                     extra="executorch", description="ExecuTorch program, XNNPACK delegate, int8 (calibrated)"),
+                     extra="executorch", description="ExecuTorch, XNNPACK, int8 (calibrated)"),
     )
 }  # fmt: skip
 

@@ -41,7 +41,7 @@ RUNTIMES: dict[str, RuntimeRecord] = {
         RuntimeRecord("tflite_runtime", (".tflite",), "tflite_runtime",
                       "Python 3, numpy<2 and tflite-runtime 2.14 (pip install tflite-runtime 'numpy<2')"),
         RuntimeRecord("executorch", (".pte",), "executorch.runtime",
-                      "Python 3, numpy, torch and executorch (pip install executorch; its runtime imports torch)"),
+                      "Python 3, numpy, torch and executorch (its Python runtime imports torch)"),
     )
 }  # fmt: skip
 

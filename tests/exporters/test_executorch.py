@@ -58,7 +58,7 @@ def test_parity_fails_against_another_model(cnn, programs) -> None:
 def test_a_corrupt_program_is_a_model_file_error(tmp_path, programs) -> None:
     bad = tmp_path / "bad.pte"
     bad.write_bytes(programs["executorch-fp32"].path.read_bytes()[:200])
-    with pytest.raises(ModelFileError, match="bad.pte"):
+    with pytest.raises(ModelFileError, match=r"bad\.pte"):
         open_model_runner(bad)
 
 
