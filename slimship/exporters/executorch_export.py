@@ -202,6 +202,13 @@ def _lower(
         raise export_error("ExecuTorch lowering", exc, program.graph_module, _WAY_OUT) from exc
 
 
+def lower_to_bytes(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> bytes:
+    """A fixed-shape fp32 .pte of `model` without a parity check (for kernel sweeps of one layer)."""
+    with _quiet_executorch():
+        program = torch.export.export(model, inputs, strict=False)
+        return _lower(program, model, inputs)[0]
+
+
 def _count_calls(graph_module: torch.fx.GraphModule) -> tuple[int, int]:
     delegated = portable = 0
     for node in graph_module.graph.nodes:
