@@ -13,9 +13,9 @@ favour for the op kinds the model contains (3x3 conv, 1x1 conv, depthwise conv),
 `measure_alignment` on the same target (a staircase of latency vs output channels; see
 slimship/runtimes/alignment.py) and combined with `multiple_for_kinds`. Dense, slim and
 aligned-slim models are exported to ONNX, TFLite fp32 and ExecuTorch fp32 (XNNPACK delegate) and timed
-on the target in ONE process, interleaved (dense, slim, aligned, dense, slim, aligned ...); a speedup is the median of the
-per-round ratios dense/slim, and efficiency = speedup / FLOPs ratio (1.0: the FLOPs cut is fully
-turned into time).
+on the target in ONE process, interleaved (dense, slim, aligned, dense, slim, aligned ...); a speedup
+is the median of the per-round ratios dense/slim, and efficiency = speedup / FLOPs ratio (1.0: the
+FLOPs cut is fully turned into time).
 
 When no multiple is favoured (flat latency, alignment buys nothing) the aligned column uses
 --fallback-multiple (default 8) as a counter-check, labelled "not favoured".
