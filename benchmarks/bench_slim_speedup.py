@@ -1,8 +1,8 @@
 """Does slimming deliver its FLOPs cut as wall-clock speedup? ResNet-18, MobileNet v1/v2 layouts, 1 thread.
 
     PYTHONPATH=. python benchmarks/bench_slim_speedup.py [--quick] [--target mobile-1t] [--runs 40]
-        [--models resnet18,mobilenetv1,mobilenetv2] [--runtimes onnxruntime,litert] [--fraction 0.5]
-        [--jitter 0.1] [--res 224] [--multiple onnxruntime=8,litert=16] [--out results.md]
+        [--models resnet18,mobilenetv1,mobilenetv2] [--runtimes onnxruntime,litert,executorch]
+        [--fraction 0.5] [--jitter 0.1] [--res 224] [--multiple onnxruntime=8,litert=16] [--out results.md]
 
 Each model is built with random weights and random BatchNorm running statistics (eval mode, batch 1).
 About half of its removable channel groups are zeroed: per channel space a fraction drawn from
@@ -12,10 +12,10 @@ slimmed twice: plainly, and with `channel_multiple` set to the multiple that run
 favour for the op kinds the model contains (3x3 conv, 1x1 conv, depthwise conv), each measured with
 `measure_alignment` on the same target (a staircase of latency vs output channels; see
 slimship/runtimes/alignment.py) and combined with `multiple_for_kinds`. Dense, slim and
-aligned-slim models are exported to ONNX and TFLite fp32 and timed on the target in ONE process,
-interleaved (dense, slim, aligned, dense, slim, aligned ...); a speedup is the median of the
-per-round ratios dense/slim, and efficiency = speedup / FLOPs ratio (1.0: the FLOPs cut is fully
-turned into time).
+aligned-slim models are exported to ONNX, TFLite fp32 and ExecuTorch fp32 (XNNPACK delegate) and timed
+on the target in ONE process, interleaved (dense, slim, aligned, dense, slim, aligned ...); a speedup
+is the median of the per-round ratios dense/slim, and efficiency = speedup / FLOPs ratio (1.0: the
+FLOPs cut is fully turned into time).
 
 When no multiple is favoured (flat latency, alignment buys nothing) the aligned column uses
 --fallback-multiple (default 8) as a counter-check, labelled "not favoured".
@@ -41,6 +41,7 @@ from torch import nn
 
 from slimship import find_groups, slim, zero_random_groups
 from slimship.exporters import export_onnx, export_tflite
+from slimship.exporters.executorch_export import export_executorch
 from slimship.runtimes import get_target
 from slimship.runtimes.alignment import (
     SWEEP_SPATIAL,
@@ -53,7 +54,7 @@ from slimship.runtimes.measure import Speedup, speedup_from_ratios
 from slimship.runtimes.targets import BUILTIN_TARGETS, Target
 from slimship.slimming import zero_group
 
-FORMATS = {"onnxruntime": "onnx", "litert": "tflite"}
+FORMATS = {"onnxruntime": "onnx", "litert": "tflite", "executorch": "pte"}
 TARGET_EFFICIENCY = 0.85
 log = logging.getLogger("bench_slim_speedup")
 # --quick: each multiple b of 8 and b + 1 (the step), plus counts that round up to them (TFLite one-layer
@@ -245,6 +246,8 @@ def export(model: nn.Module, x: torch.Tensor, stem: Path, runtimes: list[str]) -
         path = stem.with_suffix("." + FORMATS[rt])
         if FORMATS[rt] == "onnx":
             export_onnx(model, (x,), path, dynamic_batch=False)
+        elif FORMATS[rt] == "pte":
+            export_executorch(model, (x,), path, dynamic_batch=False)
         else:
             export_tflite(model, (x,), path)
         paths[rt] = path
@@ -550,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--target", default="mobile-1t", choices=sorted(BUILTIN_TARGETS))
     parser.add_argument("--models", default="resnet18,mobilenetv1,mobilenetv2")
-    parser.add_argument("--runtimes", default="onnxruntime,litert")
+    parser.add_argument("--runtimes", default="onnxruntime,litert,executorch")
     parser.add_argument("--fraction", type=float, default=0.5, help="share of each space's groups zeroed")
     parser.add_argument("--jitter", type=float, default=0.1, help="per-space fraction in fraction +- jitter")
     parser.add_argument("--res", type=int, default=None, help="input size (default 224, --quick 112)")
@@ -624,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         f"groups zeroed (seed {args.seed}), {runs} interleaved rounds",
         f"host: {cpu_model()}, {os.cpu_count()} cores, python {sys.version.split()[0]}, "
         f"onnxruntime {version('onnxruntime')}, ai-edge-litert {version('ai-edge-litert')}, "
-        f"litert-torch {version('litert-torch')}, torch {torch.__version__}",
+        f"litert-torch {version('litert-torch')}, executorch {version('executorch')}, "
+        f"torch {torch.__version__}",
         f"1-min load average after each timing: {', '.join(f'{v:.1f}' for v in loads)} "
         "(other processes share the cores; the speedups are per-round ratios, p10-p90 shows the spread)",
     ]

@@ -196,11 +196,8 @@ def _slice_depthwise(channels: int):
     return SliceDepthwise()
 
 
-def build_layer_tflite(
-    path: Path, op: str, in_channels: int, out_channels: int, spatial: int, seed: int = 0
-) -> Path:
-    """Write a one-layer TFLite model through litert_torch (slower to build than ONNX); see LAYER_KINDS."""
-    import litert_torch
+def _torch_layer(op: str, in_channels: int, out_channels: int, spatial: int, seed: int):
+    """The one-layer torch module of `op` and its input (see LAYER_KINDS)."""
     import torch
 
     _check_kind(op)
@@ -215,7 +212,28 @@ def build_layer_tflite(
         layer = _slice_depthwise(out_channels)
     else:
         layer = torch.nn.Linear(in_channels, out_channels)
-    litert_torch.convert(layer.eval(), (x,)).export(str(path))
+    return layer.eval(), x
+
+
+def build_layer_tflite(
+    path: Path, op: str, in_channels: int, out_channels: int, spatial: int, seed: int = 0
+) -> Path:
+    """Write a one-layer TFLite model through litert_torch (slower to build than ONNX); see LAYER_KINDS."""
+    import litert_torch
+
+    layer, x = _torch_layer(op, in_channels, out_channels, spatial, seed)
+    litert_torch.convert(layer, (x,)).export(str(path))
+    return path
+
+
+def build_layer_pte(
+    path: Path, op: str, in_channels: int, out_channels: int, spatial: int, seed: int = 0
+) -> Path:
+    """Write a one-layer ExecuTorch program (XNNPACK delegate, fixed shape); see LAYER_KINDS."""
+    from slimship.exporters.executorch_export import lower_to_bytes
+
+    layer, x = _torch_layer(op, in_channels, out_channels, spatial, seed)
+    path.write_bytes(lower_to_bytes(layer, (x,)))
     return path
 
 
@@ -240,9 +258,9 @@ def measure_alignment(
     channels = sorted(set(channels))
     if in_channels is None:
         in_channels = max(channels) if op == "dwconv" else 32
-    build = {"onnx": build_layer_onnx, "tflite": build_layer_tflite}.get(fmt)
+    build = {"onnx": build_layer_onnx, "tflite": build_layer_tflite, "pte": build_layer_pte}.get(fmt)
     if build is None:
-        raise ValueError(f"fmt must be 'onnx' or 'tflite', got {fmt!r}")
+        raise ValueError(f"fmt must be 'onnx', 'tflite' or 'pte', got {fmt!r}")
     with tempfile.TemporaryDirectory(prefix="slimship-align-", dir=workdir) as tmp:
         paths = [build(Path(tmp) / f"{op}_{c}.{fmt}", op, in_channels, c, spatial) for c in channels]
         x = np.random.default_rng(0).standard_normal(layer_input_shape(op, in_channels, spatial))
@@ -298,12 +316,19 @@ def op_kinds(model: Any, example_inputs: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(k for k in LAYER_KINDS if k in found)
 
 
+def sweep_format(runtime: str) -> str:
+    """The one-layer model format a runtime's sweep uses: the suffix of its first file kind."""
+    from slimship.runtimes.registry import get_runtime
+
+    return get_runtime("onnxruntime" if runtime == "auto" else runtime).suffixes[0].lstrip(".")
+
+
 def favoured_multiple(
     model: Any, example_inputs: tuple[Any, ...], target: Target, **kwargs: Any
 ) -> tuple[int | None, dict[str, AlignmentResult]]:
     """Sweep the op kinds `model` contains on `target` and combine them: the `channel_multiple` to slim
     it with for that target (None: alignment does not pay there), and the sweep per kind. The one-layer
-    models are ONNX for an onnxruntime target, TFLite otherwise (`fmt` overrides)."""
-    kwargs.setdefault("fmt", "onnx" if target.runtime in ("auto", "onnxruntime") else "tflite")
+    models are in the format the target's runtime opens (ONNX for `auto`; `fmt` overrides)."""
+    kwargs.setdefault("fmt", sweep_format(target.runtime))
     results = measure_alignment_kinds(target, op_kinds(model, example_inputs), **kwargs)
     return multiple_for_kinds(results, results), results

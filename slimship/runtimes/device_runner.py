@@ -6,14 +6,16 @@ where it is executed as a script and prints nothing but a JSON result file. Keep
 imports from slimship, torch or anything beyond numpy and the runtime it loads.
 
 CLI contract (stable; other modules rely on it):
-    python device_runner.py --model M.tflite|M.onnx --inputs inputs.npz --out result.json
-        [--runtime auto|onnxruntime|litert|tflite_runtime] [--threads N]
+    python device_runner.py --model M.tflite|M.onnx|M.pte --inputs inputs.npz --out result.json
+        [--runtime auto|onnxruntime|litert|tflite_runtime|executorch] [--threads N]
         [--warmup W] [--runs R] [--save-outputs outputs.npz]
         [--model M2 ...]            (pair mode: models are timed interleaved, A B A B ...)
         [--affinity 0,1] [--xnnpack on|off] [--eval eval.npz]
 `inputs.npz` holds arrays named in0, in1, ... in the model's input order.
 `eval.npz` holds batches as b0_in0, b0_in1, b1_in0, ...; the result gets each batch's top-1
 predictions (argmax over the last axis of output 0) per model.
+
+A .pte program needs the `executorch` package, whose Python runtime also imports torch.
 
 Result JSON (always written, atomically): ok, model, load_ms, runtime, latencies_ms (first model),
 peak_rss_kb, baseline_rss_kb, affinity, and in every mode `models`: one entry per --model with
@@ -39,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-RUNTIMES = ("onnxruntime", "litert", "tflite_runtime")
+RUNTIMES = ("onnxruntime", "litert", "tflite_runtime", "executorch")
 
 
 class RunnerLoadError(RuntimeError):
@@ -151,6 +153,42 @@ class TFLiteRunner:
         }
 
 
+class ExecuTorchRunner:
+    """ExecuTorch program (.pte) through `executorch.runtime`; XNNPACK-delegated parts run on XNNPACK."""
+
+    backend = "executorch"
+
+    def __init__(self, path: str, threads: int | None = None) -> None:
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ImportError:
+            raise RunnerLoadError("runtime 'executorch' is not installed (pip install executorch)") from None
+        self._torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            program = Runtime.get().load_program(path)
+            self.method = program.load_method("forward")
+        except Exception as exc:
+            raise RunnerLoadError(f"{path}: executorch cannot load this program: {exc}") from exc
+        if self.method is None:
+            raise RunnerLoadError(f"{path}: the program has no 'forward' method")
+        meta = self.method.metadata
+        self.num_inputs = meta.num_inputs()
+        self.version = _dist_version("executorch")
+        self.threads = threads
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if len(inputs) != self.num_inputs:
+            raise ValueError(f"program takes {self.num_inputs} inputs, got {len(inputs)}")
+        tensors = [self._torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
+        return [np.asarray(o.detach().numpy()).copy() for o in self.method.execute(tensors)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "version": self.version, "threads": self.threads}
+
+
 def _quantize(value: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     dtype = detail["dtype"]
     scale, zero_point = detail.get("quantization", (0.0, 0))
@@ -169,8 +207,8 @@ def _dequantize(value: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 
 def open_runner(
     path: str, runtime: str = "auto", threads: int | None = None, xnnpack: bool = True
-) -> OrtRunner | TFLiteRunner:
-    """Open a runner for an .onnx or .tflite file (`xnnpack` applies to TFLite only)."""
+) -> OrtRunner | TFLiteRunner | ExecuTorchRunner:
+    """Open a runner for an .onnx, .tflite or .pte file (`xnnpack` applies to TFLite only)."""
     if not os.path.isfile(path):
         raise RunnerLoadError(f"{path}: no such model file")
     if path.endswith(".onnx"):
@@ -178,10 +216,14 @@ def open_runner(
             raise RunnerLoadError(f"{path}: runtime {runtime!r} cannot run ONNX files")
         return OrtRunner(path, threads)
     if path.endswith(".tflite"):
-        if runtime == "onnxruntime":
-            raise RunnerLoadError(f"{path}: onnxruntime cannot run TFLite files")
+        if runtime in ("onnxruntime", "executorch"):
+            raise RunnerLoadError(f"{path}: {runtime} cannot run TFLite files")
         return TFLiteRunner(path, threads, runtime, xnnpack)
-    raise RunnerLoadError(f"{path}: unknown model format (expected .onnx or .tflite)")
+    if path.endswith(".pte"):
+        if runtime not in ("auto", "executorch"):
+            raise RunnerLoadError(f"{path}: runtime {runtime!r} cannot run ExecuTorch programs")
+        return ExecuTorchRunner(path, threads)
+    raise RunnerLoadError(f"{path}: unknown model format (expected .onnx, .tflite or .pte)")
 
 
 def load_inputs(path: str) -> list[np.ndarray]:

@@ -24,9 +24,10 @@ from typing import Any
 
 from slimship._yaml import load_yaml
 from slimship.errors import ConfigError
+from slimship.runtimes.registry import RUNTIME_NAMES
 
 PRECISIONS = ("fp32", "fp16", "int8")
-RUNTIME_CHOICES = ("auto", "onnxruntime", "litert", "tflite_runtime")
+RUNTIME_CHOICES = ("auto", *RUNTIME_NAMES)
 TRANSPORT_SCHEMES = ("local", "ssh://user@host[:port]", "adb://SERIAL")
 _BUILTIN_SCHEMES = ("local", "ssh", "adb")
 _SSH_RE = re.compile(

@@ -1,0 +1,277 @@
+"""ExecuTorch export: a `.pte` program with the XNNPACK delegate, fp32 or int8, checked against PyTorch.
+
+How each variant is made with what executorch 1.5 ships:
+- fp32: `torch.export` -> `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])`
+  -> `.to_executorch()`; the XNNPACK delegate takes every op it supports, the portable kernels the rest.
+- int8: PT2E with ExecuTorch's `XNNPACKQuantizer` (symmetric, per-channel weights, static activations)
+  calibrated on the user's batches (or the example inputs), then lowered the same way.
+
+A dynamic batch is kept when the traced example has a batch of 2 or more (ExecuTorch plans memory for
+the upper bound `MAX_BATCH`); otherwise, or when the model does not allow it, the batch is fixed and the
+reason is logged. Parity bounds follow the TFLite ones (`PARITY_BOUNDS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimship._util import atomic_write_bytes
+from slimship.errors import ExportError, VerificationError
+from slimship.exporters._common import (
+    ParityReport,
+    Timings,
+    as_input_tuple,
+    batches_as_tuples,
+    compare_outputs,
+    eval_mode,
+    export_error,
+    nbytes_and_hash,
+    open_model_runner,
+    random_like,
+    to_numpy,
+    top1_agreement,
+    torch_outputs,
+)
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("fp32", "int8")
+MAX_BATCH = 64
+
+# variant -> (relative bound on max|diff|, minimum top-1 agreement on evaluation data); as for TFLite,
+# the int8 bound is loose on purpose and top-1 agreement on the user's data is the real check.
+PARITY_BOUNDS: dict[str, tuple[float, float]] = {"fp32": (1e-4, 0.99), "int8": (4e-1, 0.85)}
+
+_WAY_OUT = (
+    "Way out: rewrite that op with ops ExecuTorch's portable kernels or XNNPACK support, or export to "
+    "ONNX / TFLite instead."
+)
+
+
+@dataclasses.dataclass
+class ExecuTorchExport:
+    """A written .pte file and how it was made and checked."""
+
+    path: Path
+    bytes: int
+    sha256: str
+    variant: str
+    dynamic_batch: bool
+    delegated_ops: int
+    portable_ops: int
+    parity: ParityReport
+    calibration_batches: int
+    timings: dict[str, float]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def executorch_available() -> bool:
+    """True when the optional `executorch` package (slimship[executorch]) can be imported."""
+    try:
+        import executorch.exir  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_executorch(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    variant: str = "fp32",
+    calibration: Iterable[Any] | None = None,
+    eval_batches: Iterable[Any] | None = None,
+    dynamic_batch: bool = True,
+) -> ExecuTorchExport:
+    """Lower `model` to an ExecuTorch program at `path` (XNNPACK delegate) and verify it against PyTorch.
+
+    Raises ExportError (lowering failed, executorch missing) or VerificationError (parity failed).
+    """
+    if variant not in VARIANTS:
+        raise ExportError(f"ExecuTorch variant={variant!r} is not one of {VARIANTS}")
+    if not executorch_available():
+        raise ExportError(
+            "ExecuTorch export needs the optional 'executorch' package: pip install 'slimship[executorch]'"
+        )
+    path = Path(path)
+    inputs = as_input_tuple(example_inputs)
+    model = eval_mode(model)
+    calib = batches_as_tuples(calibration) or [inputs]
+    timings, notes = Timings(), []
+    with timings.measure("trace"):
+        program, dynamic = _trace(model, inputs, dynamic_batch, notes)
+    with timings.measure("lower"), _quiet_executorch():
+        if variant == "int8":
+            program = _quantize(model, program, inputs, calib, dynamic)
+        data, delegated, portable = _lower(program, model, inputs)
+    atomic_write_bytes(path, data)
+    with timings.measure("parity"):
+        parity = executorch_parity(
+            model, path, inputs, variant=variant, check_inputs=calib if variant == "int8" else [],
+            eval_batches=batches_as_tuples(eval_batches), dynamic_batch=dynamic,
+        )  # fmt: skip
+    nbytes, digest = nbytes_and_hash(path)
+    result = ExecuTorchExport(
+        path=path, bytes=nbytes, sha256=digest, variant=variant, dynamic_batch=dynamic,
+        delegated_ops=delegated, portable_ops=portable, parity=parity,
+        calibration_batches=len(calib) if variant == "int8" else 0, timings=timings.stages, notes=notes,
+    )  # fmt: skip
+    if not parity.passed:
+        top1 = "" if parity.top1_agreement is None else f", top-1 agreement {parity.top1_agreement:.3f}"
+        raise VerificationError(
+            f"{path}: ExecuTorch {variant} outputs differ from PyTorch: max|diff| {parity.max_abs_diff:.3g} "
+            f"(tolerance {parity.tolerance:.3g}){top1} (minimum {parity.top1_min}). "
+            "Try fp32, or more representative calibration data for int8."
+        )
+    return result
+
+
+def _trace(
+    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, notes: list[str]
+) -> tuple[torch.export.ExportedProgram, bool]:
+    """torch.export with a dynamic batch where the example and the model allow it, else a fixed one."""
+    batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+    if dynamic_batch and batch >= 2 and all(t.dim() and t.shape[0] == batch for t in inputs):
+        dim = torch.export.Dim("batch", min=1, max=max(MAX_BATCH, batch))
+        try:
+            shapes = tuple({0: dim} for _ in inputs)
+            return torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False), True
+        except Exception as exc:  # the model fixes its batch somewhere (a view with a literal size ...)
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            notes.append(f"batch fixed to {batch}: the model does not allow a dynamic batch ({first})")
+    elif dynamic_batch:
+        notes.append(f"batch fixed to {batch}: a dynamic batch needs an example batch of 2 or more")
+    for note in notes:
+        log.info("ExecuTorch export: %s", note)
+    try:
+        return torch.export.export(model, inputs, strict=False), False
+    except Exception as exc:
+        raise export_error("torch.export (for ExecuTorch)", exc, None, _WAY_OUT) from exc
+
+
+def _quantize(
+    model: torch.nn.Module,
+    program: torch.export.ExportedProgram,
+    inputs: tuple[torch.Tensor, ...],
+    calib: list[tuple[torch.Tensor, ...]],
+    dynamic: bool,
+) -> torch.export.ExportedProgram:
+    """PT2E static int8 with the XNNPACK quantizer, calibrated on `calib`, re-exported for lowering."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    try:
+        prepared = prepare_pt2e(program.module(), quantizer)
+        with torch.no_grad():
+            for batch in calib:
+                prepared(*batch)
+        converted = convert_pt2e(prepared)
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        shapes = tuple({0: batch} for _ in inputs) if dynamic else None
+        return torch.export.export(converted, inputs, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        stage = "PT2E quantization (ExecuTorch int8)"
+        raise export_error(stage, exc, program.graph_module, _WAY_OUT) from exc
+
+
+def _lower(
+    program: torch.export.ExportedProgram, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[bytes, int, int]:
+    """The .pte bytes, and how many graph calls went to XNNPACK and to the portable kernels."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        delegated, portable = _count_calls(edge.exported_program().graph_module)
+        return bytes(edge.to_executorch().buffer), delegated, portable
+    except Exception as exc:
+        raise export_error("ExecuTorch lowering", exc, program.graph_module, _WAY_OUT) from exc
+
+
+def lower_to_bytes(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> bytes:
+    """A fixed-shape fp32 .pte of `model` without a parity check (for kernel sweeps of one layer)."""
+    with _quiet_executorch():
+        program = torch.export.export(model, inputs, strict=False)
+        return _lower(program, model, inputs)[0]
+
+
+def _count_calls(graph_module: torch.fx.GraphModule) -> tuple[int, int]:
+    delegated = portable = 0
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if "executorch_call_delegate" in name:
+            delegated += 1
+        elif name != "getitem":
+            portable += 1
+    return delegated, portable
+
+
+@contextlib.contextmanager
+def _quiet_executorch() -> Iterator[None]:
+    """Keep ExecuTorch's lowering chatter off the console unless our logger is at DEBUG."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("executorch", "torch._export", "torchao")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def executorch_parity(
+    model: torch.nn.Module,
+    path: str | Path,
+    example_inputs: Any,
+    *,
+    variant: str = "fp32",
+    check_inputs: list[tuple[torch.Tensor, ...]] | None = None,
+    eval_batches: list[tuple[torch.Tensor, ...]] | None = None,
+    dynamic_batch: bool = False,
+) -> ParityReport:
+    """Compare a .pte program with PyTorch on the same inputs (and another batch size if dynamic)."""
+    inputs = as_input_tuple(example_inputs)
+    rel_bound, top1_min = PARITY_BOUNDS[variant]
+    runner = open_model_runner(path, runtime="executorch")
+    cases = [("example", inputs)] + [(f"check_{i}", c) for i, c in enumerate(check_inputs or [])]
+    if variant == "fp32":
+        cases += [(f"random_{i}", random_like(inputs, seed=i)) for i in range(2)]
+        if dynamic_batch:
+            cases.append(("random_batch_3", random_like(inputs, seed=7, batch=3)))
+    reference = [torch_outputs(model, case) for _, case in cases]
+    candidate = [_run(runner, to_numpy(case)) for _, case in cases]
+    report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound)
+    if eval_batches:
+        ref_eval = [torch_outputs(model, b) for b in eval_batches]
+        cand_eval = [_run(runner, to_numpy(b)) for b in eval_batches]
+        report.top1_agreement = top1_agreement(ref_eval, cand_eval)
+        report.top1_min = top1_min
+        report.passed = report.passed and report.top1_agreement >= top1_min
+    return report
+
+
+def _run(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    try:
+        return runner.run(arrays)
+    except Exception as exc:
+        raise VerificationError(f"the ExecuTorch runtime failed to run the program: {exc}") from exc

@@ -1,0 +1,131 @@
+"""The one table of deployment formats: every place that dispatches on a format reads it.
+
+A record says what a format is called, the file suffix it writes, its precision, which runtimes open it,
+which optional package it needs, and how to export to it (`export`, one signature for all formats).
+Adding a format is one record here plus its exporter module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from slimship.errors import ExportError
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRequest:
+    """What every exporter is given: the model, its example inputs (a device's batch and a batch-2 trace
+    example for a dynamic batch), calibration and evaluation batches."""
+
+    model: Any
+    example: tuple[Any, ...]
+    trace_example: tuple[Any, ...]
+    calibration: list[Any] | None = None
+    eval_batches: list[Any] | None = None
+    dynamic_batch: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatRecord:
+    """One deployment format."""
+
+    name: str
+    family: str  # "onnx" | "tflite" | "executorch": the kind of file
+    suffix: str
+    precision: str  # fp32 | fp16 | int8-dynamic | int8
+    runtimes: tuple[str, ...]  # runtimes (see runtimes.registry) that open the file
+    exporter: Callable[[ExportRequest, Path], Any]
+    extra: str | None = None  # the optional package extra it needs, e.g. "executorch"
+    description: str = ""
+
+    @property
+    def quantised(self) -> bool:
+        return self.precision.startswith("int8")
+
+    def file_name(self, stem: str) -> str:
+        """The bundle / export file name of this format for a model called `stem`."""
+        tail = "" if self.family == "onnx" else f".{self.precision}"
+        return f"{stem}{tail}{self.suffix}"
+
+    def export(self, request: ExportRequest, path: Path) -> Any:
+        return self.exporter(request, Path(path))
+
+
+def _onnx(request: ExportRequest, path: Path) -> Any:
+    from slimship.exporters.onnx_export import export_onnx
+
+    return export_onnx(request.model, request.trace_example, path, dynamic_batch=request.dynamic_batch)
+
+
+def _tflite(variant: str) -> Callable[[ExportRequest, Path], Any]:
+    def export(request: ExportRequest, path: Path) -> Any:
+        from slimship.exporters.tflite_export import export_tflite
+
+        return export_tflite(
+            request.model, request.example, path, variant=variant, calibration=request.calibration,
+            eval_batches=request.eval_batches,
+        )  # fmt: skip
+
+    return export
+
+
+def _executorch(variant: str) -> Callable[[ExportRequest, Path], Any]:
+    def export(request: ExportRequest, path: Path) -> Any:
+        from slimship.exporters.executorch_export import export_executorch
+
+        return export_executorch(
+            request.model, request.trace_example, path, variant=variant, calibration=request.calibration,
+            eval_batches=request.eval_batches, dynamic_batch=request.dynamic_batch,
+        )  # fmt: skip
+
+    return export
+
+
+_TFLITE_RUNTIMES = ("litert", "tflite_runtime")
+FORMATS: dict[str, FormatRecord] = {
+    record.name: record
+    for record in (
+        FormatRecord("onnx", "onnx", ".onnx", "fp32", ("onnxruntime",), _onnx,
+                     description="ONNX (opset 18) after slimship's surgery passes"),
+        FormatRecord("tflite-fp32", "tflite", ".tflite", "fp32", _TFLITE_RUNTIMES, _tflite("fp32"),
+                     description="LiteRT flatbuffer, float32"),
+        FormatRecord("tflite-fp16", "tflite", ".tflite", "fp16", _TFLITE_RUNTIMES, _tflite("fp16"),
+                     description="LiteRT, float16 weights"),
+        FormatRecord("tflite-int8-dynamic", "tflite", ".tflite", "int8-dynamic", _TFLITE_RUNTIMES,
+                     _tflite("int8-dynamic"), description="LiteRT, int8 weights, dynamic-range kernels"),
+        FormatRecord("tflite-int8", "tflite", ".tflite", "int8", _TFLITE_RUNTIMES, _tflite("int8"),
+                     description="LiteRT, full int8 (calibrated)"),
+        FormatRecord("executorch-fp32", "executorch", ".pte", "fp32", ("executorch",), _executorch("fp32"),
+                     extra="executorch", description="ExecuTorch, XNNPACK, float32"),
+        FormatRecord("executorch-int8", "executorch", ".pte", "int8", ("executorch",), _executorch("int8"),
+                     extra="executorch", description="ExecuTorch, XNNPACK, int8 (calibrated)"),
+    )
+}  # fmt: skip
+
+FAMILY_BY_SUFFIX: dict[str, str] = {r.suffix: r.family for r in FORMATS.values()}
+
+
+def get_format(name: str) -> FormatRecord:
+    """The record of format `name`; ExportError lists the known ones."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ExportError(f"unknown format {name!r}; known: {', '.join(FORMATS)}") from None
+
+
+def family_of(path: str | Path) -> str | None:
+    """The format family of a model file by its suffix (onnx, tflite, executorch), or None."""
+    return FAMILY_BY_SUFFIX.get(Path(path).suffix.lower())
+
+
+def formats_for_runtime(runtime: str) -> list[str]:
+    return [name for name, record in FORMATS.items() if runtime in record.runtimes]
+
+
+def export_formats(names: Iterable[str], request: ExportRequest, out_dir: Path, stem: str) -> dict[str, Any]:
+    """Export to each named format in `out_dir` (file names from `FormatRecord.file_name`)."""
+    return {name: get_format(name).export(request, Path(out_dir) / get_format(name).file_name(stem))
+            for name in names}  # fmt: skip
