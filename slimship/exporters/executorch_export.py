@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from slimship._util import atomic_write_bytes
+from slimship.compare import REL_BOUNDS
 from slimship.errors import ExportError, VerificationError
 from slimship.exporters._common import (
     ParityReport,
@@ -44,11 +45,12 @@ from slimship.exporters._common import (
 log = logging.getLogger(__name__)
 
 VARIANTS = ("fp32", "int8")
+TOP1_MIN = {"fp32": 0.99, "int8": 0.85}
 MAX_BATCH = 64
 
 # variant -> (relative bound on max|diff|, minimum top-1 agreement on evaluation data); as for TFLite,
 # the int8 bound is loose on purpose and top-1 agreement on the user's data is the real check.
-PARITY_BOUNDS: dict[str, tuple[float, float]] = {"fp32": (1e-4, 0.99), "int8": (4e-1, 0.85)}
+PARITY_BOUNDS: dict[str, tuple[float, float]] = {v: (REL_BOUNDS[v], TOP1_MIN[v]) for v in VARIANTS}
 
 _WAY_OUT = (
     "Way out: rewrite that op with ops ExecuTorch's portable kernels or XNNPACK support, or export to "
