@@ -514,8 +514,10 @@ def _finite_int(value: Any) -> int | None:
         return None
 
 
-_PASS_THROUGH = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "clone", "contiguous",
-                           "_to_copy", "to", "expand", "slice", "select", "permute", "transpose"})  # fmt: skip
+_PASS_THROUGH = frozenset(
+    "view reshape flatten unsqueeze squeeze clone contiguous _to_copy to expand slice select permute "
+    "transpose".split()
+)
 
 
 def _embedding_limit(node: torch.fx.Node, depth: int = 6) -> int | None:
