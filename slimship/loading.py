@@ -345,6 +345,22 @@ def _drop_free_text(doc: Any) -> None:
 # ------------------------------------------------------------------------------------------ tensors
 
 
+def require_no_pickle(path: Path, members: dict[str, bytes]) -> None:
+    """PickleRequiredError if rebuilding the program needs unpickling (the sample inputs are never read)."""
+    if "serialized_exported_program.json" in members or "data/weights/model.pt" in members:
+        raise PickleRequiredError(f"{path}: an old-format .pt2 stores its weights as a pickle; {OPT_IN}")
+    for directory, name in ((_WEIGHTS_DIR, _WEIGHTS_CONFIG), (_CONSTANTS_DIR, _CONSTANTS_CONFIG)):
+        config = _json_member(path, members, name).get("config", {}) if name in members else {}
+        for fqn, meta in config.items():
+            path_name = str(meta.get("path_name", ""))
+            if meta.get("use_pickle") or not path_name.startswith(("weight_", _TENSOR_PREFIX)):
+                raise PickleRequiredError(
+                    f"{path}: member {directory + path_name!r} ({fqn}) is stored as a pickle (a tensor "
+                    f"subclass or custom object), and unpickling can run code from the file; it was not "
+                    f"loaded: {OPT_IN}"
+                )
+
+
 def _payload(path: Path, members: dict[str, bytes], directory: str, config_name: str) -> dict[str, Any]:
     """Tensors of a weights/constants config, built from raw bytes; pickled entries are refused."""
     from torch._export.serde.schema import ScalarType
@@ -355,13 +371,6 @@ def _payload(path: Path, members: dict[str, bytes], directory: str, config_name:
     for fqn, meta in config.items():
         member = f"{directory}{meta.get('path_name', '')}"
         where = f"{path}: member {member!r} ({fqn})"
-        if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
-            ("weight_", _TENSOR_PREFIX)
-        ):
-            raise PickleRequiredError(
-                f"{where} is stored as a pickle (a tensor subclass or custom object), and unpickling can run "
-                f"code from the file; it was not loaded: {OPT_IN}"
-            )
         if not _FQN.match(fqn):
             raise ModelFileError(f"{where}: refusing state-dict key {fqn[:80]!r}: not a plain name")
         info = meta.get("tensor_meta") or {}
@@ -406,10 +415,8 @@ def _deserialize(path: Path, members: dict[str, bytes]) -> torch.export.Exported
     from torch._export.serde import schema
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 
+    require_no_pickle(path, members)
     if members.get(_ARCHIVE_FORMAT, b"").strip() != b"pt2" or _MODEL_JSON not in members:
-        legacy = "serialized_exported_program.json" in members or "data/weights/model.pt" in members
-        if legacy:
-            raise PickleRequiredError(f"{path}: an old-format .pt2 stores its weights as a pickle; {OPT_IN}")
         raise ModelFileError(f"{path}: not a readable torch.export program (.pt2): no {_MODEL_JSON}")
     doc = _json_member(path, members, _MODEL_JSON)
     if not isinstance(doc, dict) or "graph_module" not in doc:

@@ -48,6 +48,7 @@ class VerifyResult:
     files_checked: list[str]
     bytes_checked: int
     parity: dict[str, ParityCheck] = field(default_factory=dict)
+    parity_skipped: dict[str, str] = field(default_factory=dict)  # role -> why it was not re-run
     ok: bool = True
 
 
@@ -163,7 +164,8 @@ def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
         bytes_checked=sum(f["bytes"] for f in manifest["files"]),
     )
     if run_parity:
-        result.parity = _check_parity(root, source, manifest)
+        result.parity_skipped = pt2_parity_skips(root, source, manifest)
+        result.parity = _check_parity(root, source, manifest, skip=set(result.parity_skipped))
     log.info("verified %s: %d files, %d parity checks", source, len(result.files_checked), len(result.parity))
     return result
 
@@ -210,14 +212,36 @@ def _check_file(path: Path, entry: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------ parity
 
 
-def _check_parity(root: Path, source: Path, manifest: dict[str, Any]) -> dict[str, ParityCheck]:
+def pt2_parity_skips(root: Path, source: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Roles of .pt2 files whose parity is not re-run: verify never unpickles, and these need it."""
+    from slimship.errors import ModelFileError
+    from slimship.loading import PickleRequiredError, read_archive, require_no_pickle
+
+    skips = {}
+    for entry in manifest["files"]:
+        if entry["format"] != "pt2":
+            continue
+        path = root / entry["path"]
+        try:
+            require_no_pickle(path, read_archive(path))
+        except PickleRequiredError as exc:
+            skips[entry["role"]] = f"not run: {_shown(source, root, path)} needs unpickling ({exc})"
+            log.warning("parity of %s skipped: it needs unpickling, which verify never does", entry["path"])
+        except ModelFileError:
+            continue  # unreadable: the parity run reports it
+    return skips
+
+
+def _check_parity(
+    root: Path, source: Path, manifest: dict[str, Any], skip: set[str] = frozenset()
+) -> dict[str, ParityCheck]:
     ref = manifest["reference_io"]
     with np.load(root / ref["path"], allow_pickle=False) as data:
         inputs = [data[k] for k in ref["inputs"]]
         expected = [data[k] for k in ref["outputs"]]
     checks, failures = {}, []
     for entry in manifest["files"]:
-        if entry["format"] not in RUNNABLE_FORMATS:
+        if entry["format"] not in RUNNABLE_FORMATS or entry["role"] in skip:
             continue
         where = _shown(source, root, root / entry["path"])
         tolerance = manifest["parity"].get(entry["role"], {}).get("tolerance")
@@ -255,9 +279,10 @@ def _run_model(path: Path, fmt: str, inputs: list[np.ndarray], where: str) -> li
 def _run_pt2(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
     import torch
 
+    from slimship.loading import load_program
     from slimship.pipeline.release import _flatten_outputs
 
-    module = torch.export.load(str(path)).module()
+    module = load_program(path).module  # never unpickles
     with torch.no_grad():
         result = module(*(torch.from_numpy(np.array(x)) for x in inputs))
     return _flatten_outputs(result, path.name)
