@@ -345,6 +345,58 @@ def _drop_free_text(doc: Any) -> None:
 # ------------------------------------------------------------------------------------------ tensors
 
 
+_SAMPLE_INPUTS = "data/sample_inputs/model.pt"
+_PICKLE_GLOBALS = re.compile(
+    r"^(torch\._utils _rebuild_tensor_v2|torch\._utils _rebuild_parameter|collections OrderedDict"
+    r"|torch [A-Za-z]*Storage|torch device|torch Size)$"
+)
+_STRING_PUSHES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"})
+_MEMO_OPS = frozenset({"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"})
+
+
+def pickle_imports(data: bytes) -> list[str]:
+    """The globals a pickle would import, read from its opcodes without running it ('?' if unclear)."""
+    import pickletools
+
+    found, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("GLOBAL", "INST"):
+            found.append(str(arg))
+        elif op.name == "STACK_GLOBAL":
+            found.append(" ".join(strings[-2:]) if len(strings) >= 2 else "?")
+        if op.name in _STRING_PUSHES:
+            strings.append(str(arg))
+        elif op.name not in _MEMO_OPS:
+            strings.clear()
+    return found
+
+
+def check_sample_inputs(path: Path, members: dict[str, bytes]) -> None:
+    """Refuse a file whose sample-inputs pickle (never loaded) imports more than tensors need: hostile."""
+    import io
+
+    data = members.get(_SAMPLE_INPUTS)
+    if not data:
+        return
+    where = f"{path}: member {_SAMPLE_INPUTS!r}"
+    try:
+        pickles = [data]
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                pickles = [inner.read(n) for n in inner.namelist() if n.endswith(".pkl")]
+        imports = [name for blob in pickles for name in pickle_imports(blob)]
+    except Exception as exc:
+        raise ModelFileError(
+            f"{where}: unreadable sample-inputs pickle ({type(exc).__name__}: {exc})"
+        ) from None
+    unexpected = sorted({name for name in imports if not _PICKLE_GLOBALS.match(name)})
+    if unexpected:
+        raise PickleRequiredError(
+            f"{where}: the stored sample inputs would import {', '.join(unexpected)[:200]} when unpickled, "
+            f"which can run code; refusing the file: {OPT_IN}"
+        )
+
+
 def require_no_pickle(path: Path, members: dict[str, bytes]) -> None:
     """PickleRequiredError if rebuilding the program needs unpickling (the sample inputs are never read)."""
     if "serialized_exported_program.json" in members or "data/weights/model.pt" in members:
@@ -416,6 +468,7 @@ def _deserialize(path: Path, members: dict[str, bytes]) -> torch.export.Exported
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 
     require_no_pickle(path, members)
+    check_sample_inputs(path, members)
     if members.get(_ARCHIVE_FORMAT, b"").strip() != b"pt2" or _MODEL_JSON not in members:
         raise ModelFileError(f"{path}: not a readable torch.export program (.pt2): no {_MODEL_JSON}")
     doc = _json_member(path, members, _MODEL_JSON)
