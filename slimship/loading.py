@@ -19,6 +19,7 @@ With `allow_pickle=True` it uses torch's own loader (stored sample inputs; may r
 from __future__ import annotations
 
 import json
+import logging
 import re
 import zipfile
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from typing import Any
 import torch
 
 from slimship.errors import ModelFileError
+
+log = logging.getLogger(__name__)
 
 MAX_MEMBERS = 65_536
 MAX_TOTAL_BYTES = 16 << 30
@@ -168,17 +171,40 @@ def check_example(example: tuple[Any, ...], where: str) -> None:
 
 
 def _load_with_torch(path: Path) -> torch.export.ExportedProgram:
+    """torch's own loader (unpickles). Its 'fallback to weights_only=False' log record has a broken format
+    string, so it is replaced by our own warning that says which file was unpickled."""
+    serde_log = logging.getLogger("torch._export.serde.serialize")
+    fallback = _FallbackNotice()
+    serde_log.addFilter(fallback)
     try:
-        return torch.export.load(str(path))
+        program = torch.export.load(str(path))
     except Exception as exc:
         raise ModelFileError(f"{path}: not a readable torch.export program (.pt2): {_cause(exc)}") from None
+    finally:
+        serde_log.removeFilter(fallback)
+    if fallback.seen:
+        log.warning("%s: parts of the file were unpickled with weights_only=False (--allow-pickle)", path)
+    return program
+
+
+class _FallbackNotice(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Fallback to weights_only=False"):
+            self.seen = True
+            return False
+        return True
 
 
 def _cause(exc: BaseException) -> str:
-    """The deepest message in an exception chain (torch wraps real causes in 'see warnings above')."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return f"{type(exc).__name__}: {str(exc)[:300]}"
+    """The message of an error and of the error it was raised from."""
+    text = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if exc.__cause__ is not None:
+        text += f" (caused by {type(exc.__cause__).__name__}: {str(exc.__cause__)[:300]})"
+    return text
 
 
 # ------------------------------------------------------------------------------------------ archive
