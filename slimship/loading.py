@@ -355,7 +355,7 @@ def _walk(node: Any, trail: str) -> Iterator[tuple[str, Any, str]]:
             yield from _walk(value, f"{trail}[{i}]")
 
 
-def _drop_free_text(doc: Any) -> None:
+def _drop_free_text(doc: Any, where: str) -> None:
     """Remove node stack traces and annotations (they end up as comments in generated code)."""
     for key, value, _ in list(_walk(doc, "")):
         if key == "metadata" and isinstance(value, dict):
@@ -365,7 +365,7 @@ def _drop_free_text(doc: Any) -> None:
         if key == "forward_arg_names" and isinstance(value, list):
             for name in value:
                 if not isinstance(name, str) or not _IDENT.match(name):
-                    raise ModelFileError(f"refusing forward argument name {str(name)[:80]!r}")
+                    raise ModelFileError(f"{where}: refusing forward argument name {str(name)[:80]!r}")
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -502,7 +502,7 @@ def _deserialize(path: Path, members: dict[str, bytes]) -> torch.export.Exported
         raise ModelFileError(f"{path}: {_MODEL_JSON} is not a serialized ExportedProgram")
     where = f"{path}: {_MODEL_JSON}"
     check_graph_json(doc, where)
-    _drop_free_text(doc)
+    _drop_free_text(doc, where)
     fallback_unknown_pytree_types(doc)
     state_dict = _payload(path, members, _WEIGHTS_DIR, _WEIGHTS_CONFIG)
     constants = _payload(path, members, _CONSTANTS_DIR, _CONSTANTS_CONFIG)

@@ -354,4 +354,5 @@ def test_release_is_byte_identical_across_processes(tmp_path) -> None:
         done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         digests.append(hashlib.sha256((out / "cnn-1.0.0.tar.gz").read_bytes()).hexdigest())
+    print(f"release tarball sha256 in two processes: {digests}")
     assert digests[0] == digests[1], f"tarball sha256 differs across processes: {digests}"
