@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from slimship.errors import ModelFileError
-from slimship.loading import PickleRequiredError, check_expression, load_program
+from slimship.loading import PickleRequiredError, load_program
+from slimship.pt2_checks import check_expression
 from tests import pt2_tamper as tamper
 
 
