@@ -52,33 +52,30 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_program_module(path: Path) -> tuple[Any, tuple[Any, ...]]:
-    """A .pt2 program and its stored example inputs."""
+def _load_program(args: argparse.Namespace) -> Any:
+    """The .pt2 named on the command line, opened safely (unpickled only with --allow-pickle)."""
+    from slimship.loading import load_program
+
+    loaded = load_program(Path(args.model), allow_pickle=args.allow_pickle)
+    if loaded.examples == "synthesized" and not args.input_shape:
+        shapes = ", ".join(str(list(t.shape)) for t in loaded.example_inputs)
+        print(f"note: example inputs synthesized from the graph's input metadata: {shapes}", file=sys.stderr)
+    return loaded
+
+
+def _example(args: argparse.Namespace, loaded: Any) -> tuple[Any, ...]:
+    """--input-shape (batch of the program's example), else the loaded program's example inputs."""
     import torch
 
-    from slimship.errors import ModelFileError
-
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise ModelFileError(
-            f"{path}: not a readable torch.export program (.pt2): {str(exc)[:200]}"
-        ) from None
-    example = getattr(program, "example_inputs", None)
-    args = tuple(example[0]) if example else None
-    return program.module(), args
-
-
-def _example(args: argparse.Namespace, stored: tuple[Any, ...] | None) -> tuple[Any, ...]:
-    import torch
+    from slimship.loading import check_example
 
     if args.input_shape:
-        return (torch.randn(1, *args.input_shape),)
-    if stored:
-        return stored
-    raise SlimshipError("the model file stores no example inputs: pass --input-shape C H W")
+        batch = loaded.example_inputs[0].shape[0] if loaded.example_inputs else 1
+        example = (torch.randn(max(int(batch), 1), *args.input_shape),)
+    else:
+        example = loaded.example_inputs
+    check_example(example, str(args.model))
+    return example
 
 
 def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any, ...]) -> int | None:
@@ -111,11 +108,11 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
     from slimship.slimming import slim
 
-    module, stored = _load_program_module(Path(args.model))
-    example = _example(args, stored)
-    multiple = _channel_multiple(args, module, example)
-    result = slim(module, example, channel_multiple=multiple)
-    program = torch.export.export(result.model, example, strict=False)
+    loaded = _load_program(args)
+    example = _example(args, loaded)
+    multiple = _channel_multiple(args, loaded.module, example)
+    result = slim(loaded.module, example, channel_multiple=multiple)
+    program = _reexport(result.model, example, loaded.dynamic_shapes(), args.model)
     torch.export.save(program, str(args.out))
     console = Console()
     console.print(f"slim model written to {args.out}")
@@ -123,11 +120,26 @@ def _cmd_slim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reexport(module: Any, example: tuple[Any, ...], dynamic_shapes: Any, source: Path) -> Any:
+    """torch.export of the slim module, keeping the source program's dynamic dims."""
+    import torch
+
+    from slimship.errors import SlimmingError
+
+    try:
+        return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        dims = "with the source's dynamic dims " if dynamic_shapes else ""
+        raise SlimmingError(
+            f"{source}: the slim model could not be exported {dims}({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from slimship.exporters import export_onnx, export_tflite
 
-    module, stored = _load_program_module(Path(args.model))
-    example = _example(args, stored)
+    loaded = _load_program(args)
+    module, example = loaded.module, _example(args, loaded)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.model).stem
@@ -185,8 +197,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from slimship.pipeline.run import gate_release
 
     gates = gates_from_options(_gate_overrides(args))  # checked before any export
-    module, stored = _load_program_module(Path(args.model))
-    example = _example(args, stored)
+    loaded = _load_program(args)
+    module, example = loaded.module, _example(args, loaded)
     with tempfile.TemporaryDirectory() as tmp:
         exports = {}
         for fmt in dict.fromkeys(args.format):
@@ -248,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_config_schema)
 
     shape = {"type": int, "nargs": "+", "default": None, "help": "input shape without batch, e.g. 1 8 8"}
+    pickle = {
+        "action": "store_true",
+        "help": "let the .pt2 unpickle its stored parts (can run code from the file: trusted files only)",
+    }
     p = sub.add_parser("slim", help="slim a torch.export program (.pt2)")
     p.add_argument("model", type=Path)
     p.add_argument("--out", type=Path, required=True)
@@ -260,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets-file", default=None)
     p.add_argument("--align-runtime", default="onnxruntime", choices=["onnxruntime", "litert"])
     p.add_argument("--input-shape", **shape)
+    p.add_argument("--allow-pickle", **pickle)
     p.set_defaults(fn=_cmd_slim)
 
     p = sub.add_parser("export", help="export a .pt2 to ONNX / TFLite, with parity checks")
@@ -267,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", nargs="+", default=["onnx", "tflite-fp32"], choices=list(FORMATS))
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--input-shape", **shape)
+    p.add_argument("--allow-pickle", **pickle)
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("bench", help="measure .onnx/.tflite models on a target")
@@ -290,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", nargs="+", default=["onnx", "tflite-fp32"], choices=list(FORMATS))
     p.add_argument("--target", default="host", help="where gates time and evaluate the exports")
     _add_gate_options(p)
+    p.add_argument("--allow-pickle", **pickle)
     p.set_defaults(fn=_cmd_release)
 
     p = sub.add_parser("verify", help="check a release bundle (directory or .tar.gz)")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from torch import nn
 
 from slimship import zero_random_groups
 from slimship.cli import main
+from tests import pt2_tamper as tamper
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
 
@@ -220,3 +225,137 @@ def test_arm64_emulated_rows_are_labelled_and_kept_apart(tmp_path, capsys) -> No
     for key, entry in manifest["accuracy"].items():
         if "arm64" in key:
             assert entry["max_abs_diff"] < 1e-4
+
+
+# ------------------------------------------------------------------ .pt2 files from disk (safe loading)
+
+
+def _saved_dynamic_program(tmp_path: Path) -> tuple[Path, nn.Module]:
+    """A zero-grouped CNN exported with a dynamic batch (1..64) and saved to disk."""
+    path, model, x = _saved_program(tmp_path)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
+    torch.export.save(program, path)
+    return path, model
+
+
+def test_slim_and_export_keep_the_dynamic_batch_of_a_pt2_from_disk(tmp_path, capsys) -> None:
+    path, model = _saved_dynamic_program(tmp_path)
+    slim_path = tmp_path / "slim.pt2"
+    assert main(["slim", str(path), "--out", str(slim_path)]) == 0
+    assert "example inputs synthesized" in capsys.readouterr().err
+    slim_module = torch.export.load(slim_path).module()
+    assert sum(p.numel() for p in slim_module.parameters()) < sum(p.numel() for p in model.parameters())
+    for batch in (1, 5):  # the dynamic batch survives slimming
+        x = torch.randn(batch, 1, 8, 8)
+        assert torch.allclose(slim_module(x), model(x), atol=1e-5)
+    assert main(["export", str(slim_path), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "slim.onnx").is_file()  # release and verify: see the swapped-model test
+
+
+HOSTILE = {
+    "sample-inputs": lambda src, dst, marker: tamper.hostile_sample_inputs(
+        src, dst, marker, (torch.randn(2, 1, 8, 8),)
+    ),
+    "weight": tamper.hostile_weight,
+    "expression": tamper.hostile_expression,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_pt2_is_refused_by_every_command_without_running_code(tmp_path, capsys, kind) -> None:
+    path, _ = _saved_dynamic_program(tmp_path)
+    marker = tmp_path / "pwned"
+    hostile = HOSTILE[kind](path, tmp_path / "hostile.pt2", marker)
+    commands = {
+        "slim": ["--out", str(tmp_path / "slim.pt2")],
+        "export": ["--format", "onnx", "--out", str(tmp_path / "exported")],
+        "release": ["--name", "x", "--version", "1.0.0", "--out", str(tmp_path / "artifacts")],
+    }
+    for command, extra in commands.items():
+        assert main([command, str(hostile), *extra]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("slimship: error:") and "hostile.pt2" in err
+        assert kind == "expression" or "--allow-pickle" in err
+        assert not marker.exists(), command
+    assert not (tmp_path / "slim.pt2").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_allow_pickle_opts_in_to_the_stored_sample_inputs(tmp_path, capsys) -> None:
+    path, model = _saved_dynamic_program(tmp_path)
+    marker = tmp_path / "pwned"
+    stored = torch.randn(3, 1, 8, 8)
+    hostile = tamper.hostile_sample_inputs(path, tmp_path / "trusted.pt2", marker, (stored,))
+    out = tmp_path / "slim.pt2"
+    assert main(["slim", str(hostile), "--out", str(out), "--allow-pickle"]) == 0
+    assert marker.exists()  # the user consented: torch's loader unpickled the sample inputs
+    assert "synthesized" not in capsys.readouterr().err
+    assert torch.allclose(torch.export.load(out).module()(stored), model(stored), atol=1e-5)
+
+
+def _swap_model(bundle: Path, replacement: Path) -> None:
+    """Replace the bundle's model.pt2 and recompute its manifest checksum, as an attacker would."""
+    from slimship._util import sha256_file
+
+    target = bundle / "model.pt2"
+    target.write_bytes(replacement.read_bytes())
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "model.pt2":
+            entry["sha256"], entry["bytes"] = sha256_file(target), target.stat().st_size
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def test_release_from_disk_verifies_and_verify_never_runs_code_from_a_swapped_model(tmp_path, capsys) -> None:
+    path, _ = _saved_dynamic_program(tmp_path)
+    out = tmp_path / "artifacts"
+    assert main(["release", str(path), "--name", "cnn", "--version", "1.0.0", "--out", str(out)]) == 0
+    bundle = out / "cnn-1.0.0"
+    capsys.readouterr()
+    assert main(["verify", str(out / "cnn-1.0.0.tar.gz")]) == 0  # the release of a .pt2 from disk verifies
+    report = json.loads(capsys.readouterr().out)
+    assert report["parity"]["pt2"]["ok"] and report["parity"]["onnx"]["ok"] and report["parity_skipped"] == {}
+    released = tmp_path / "released.pt2"
+    released.write_bytes((bundle / "model.pt2").read_bytes())
+    marker = tmp_path / "pwned"
+
+    _swap_model(
+        bundle, tamper.hostile_sample_inputs(released, tmp_path / "a.pt2", marker, (torch.ones(2, 1, 8, 8),))
+    )
+    assert main(["verify", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt2" in err and "sample inputs would import" in err
+    assert not marker.exists()
+
+    _swap_model(bundle, tamper.hostile_weight(released, tmp_path / "b.pt2", marker))
+    assert main(["verify", str(bundle)]) == 0  # everything else still checked; the pt2 parity is skipped
+    report = json.loads(capsys.readouterr().out)
+    assert "pt2" not in report["parity"] and "onnx" in report["parity"]
+    assert "model.pt2 needs unpickling" in report["parity_skipped"]["pt2"]
+    assert not marker.exists()
+
+
+def test_batch_zero_example_is_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "empty.pt2"
+    _, model, _ = _saved_program(tmp_path)
+    torch.export.save(torch.export.export(model, (torch.randn(0, 1, 8, 8),), strict=False), path)
+    assert main(["export", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "batch 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_release_is_byte_identical_across_processes(tmp_path) -> None:
+    path, _ = _saved_dynamic_program(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    digests = []
+    for run in ("one", "two"):
+        out = tmp_path / run
+        code = "import sys; from slimship.cli import main; sys.exit(main(sys.argv[1:]))"
+        args = ["release", str(path), "--name", "cnn", "--version", "1.0.0", "--out", str(out)]
+        done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.append(hashlib.sha256((out / "cnn-1.0.0.tar.gz").read_bytes()).hexdigest())
+    print(f"release tarball sha256 in two processes: {digests}")
+    assert digests[0] == digests[1], f"tarball sha256 differs across processes: {digests}"

@@ -18,7 +18,8 @@ Guarantees:
   manifest; the .npz is written with fixed zip timestamps; the tarball has sorted entries, mtime 0,
   uid/gid 0, empty user/group names, modes 0644/0755, and a gzip header with mtime 0 and no file name.
   `torch.export.save` is deterministic for a fixed file name (its archive root is the file's stem and its
-  serialization id is derived from the content), so model.pt2 always gets the same name.
+  serialization id is derived from the content), so model.pt2 always gets the same name; node metadata
+  that holds object ids or source paths (`from_node` provenance, `stack_trace`) is dropped before saving.
 - Safe: everything is written into a hidden temporary directory in `out_dir`, verified with
   `verify_bundle`, then renamed into place. An existing NAME-VERSION (directory or tarball) is never
   overwritten, and a failure at any point removes the temporary directory, leaving no partial bundle.
@@ -45,8 +46,9 @@ import torch
 
 from slimship._util import dump_json, sha256_file, to_jsonable
 from slimship._version import __version__
-from slimship.compare import REL_BOUNDS, compare
+from slimship.compare import REL_BOUNDS, compare, finite_scale
 from slimship.errors import ReleaseError
+from slimship.exporters._common import eval_mode
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.model_card import render_model_card
 from slimship.pipeline.names import NAME_RE, VERSION_RE
@@ -233,13 +235,14 @@ def _refuse_existing(*paths: Path) -> None:
 def _write_bundle(inputs: ReleaseInputs, bundle: Path) -> dict[str, Any]:
     module = inputs.slim_module
     was_training = module.training
-    module.eval()
+    eval_mode(module)  # a module from a loaded .pt2 refuses .eval()/.train() and is already in eval form
     try:
         outputs = _reference_outputs(module, inputs.example_inputs)
         pt2_parity = _write_pt2(module, inputs.example_inputs, outputs, bundle / PT2_NAME)
         _write_safetensors(module, bundle / WEIGHTS_NAME)
     finally:
-        module.train(was_training)
+        if was_training and not module.training:  # eval_mode switched it: switch back
+            module.train(True)
     arrays = {f"in{i}": t.detach().cpu().numpy() for i, t in enumerate(inputs.example_inputs)}
     arrays.update({f"out{i}": o for i, o in enumerate(outputs)})
     (bundle / REFERENCE_NAME).write_bytes(npz_bytes(arrays))
@@ -288,12 +291,25 @@ def _write_pt2(
         program = torch.export.export(module, example_inputs, strict=False)
     except Exception as exc:
         raise ReleaseError(f"{path.name}: torch.export could not trace the slim module: {exc}") from exc
+    strip_process_metadata(program)
     torch.export.save(program, str(path))
     with torch.no_grad():
         exported = _flatten_outputs(program.module()(*example_inputs), path.name)
     diff = max_diffs(exported, outputs, path.name)
-    scale = max((float(np.abs(o).max()) for o in outputs if o.size), default=1.0)
-    return {**diff, "tolerance": 1e-4 * max(1.0, scale)}
+    return {**diff, "tolerance": REL_BOUNDS["fp32"] * finite_scale(outputs)}
+
+
+# Node metadata that differs between processes or checkouts (object ids in provenance, source paths).
+PROCESS_METADATA = ("from_node", "stack_trace")
+
+
+def strip_process_metadata(program: torch.export.ExportedProgram) -> None:
+    """Drop node metadata holding object ids and file paths: the saved .pt2 is the same in every process."""
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                for key in PROCESS_METADATA:
+                    node.meta.pop(key, None)
 
 
 def max_diffs(actual: list[np.ndarray], expected: list[np.ndarray], where: str) -> dict[str, float]:

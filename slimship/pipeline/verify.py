@@ -62,6 +62,7 @@ class VerifyResult:
     files_checked: list[str]
     bytes_checked: int
     parity: dict[str, ParityCheck] = field(default_factory=dict)
+    parity_skipped: dict[str, str] = field(default_factory=dict)  # role -> why it was not re-run
     ok: bool = True
 
 
@@ -177,7 +178,8 @@ def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
         bytes_checked=sum(f["bytes"] for f in manifest["files"]),
     )
     if run_parity:
-        result.parity = _check_parity(root, source, manifest)
+        result.parity_skipped = pt2_parity_skips(root, source, manifest)
+        result.parity = _check_parity(root, source, manifest, skip=set(result.parity_skipped))
     log.info("verified %s: %d files, %d parity checks", source, len(result.files_checked), len(result.parity))
     return result
 
@@ -225,6 +227,26 @@ def _check_file(path: Path, entry: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------ parity
 
 
+def pt2_parity_skips(root: Path, source: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Roles of .pt2 files whose parity is not re-run: verify never unpickles, and these need it."""
+    from slimship.errors import ModelFileError
+    from slimship.loading import PickleRequiredError, read_archive, require_no_pickle
+
+    skips = {}
+    for entry in manifest["files"]:
+        if entry["format"] != "pt2":
+            continue
+        path = root / entry["path"]
+        try:
+            require_no_pickle(path, read_archive(path))
+        except PickleRequiredError as exc:
+            skips[entry["role"]] = f"not run: {_shown(source, root, path)} needs unpickling ({exc})"
+            log.warning("parity of %s skipped: it needs unpickling, which verify never does", entry["path"])
+        except ModelFileError:
+            continue  # unreadable: the parity run reports it
+    return skips
+
+
 def _onnx_precision(path: Path) -> str:
     from slimship.exporters.onnx_export import onnx_precision
 
@@ -241,12 +263,15 @@ def _tflite_precision(path: Path) -> str:
 _PRECISION_OF = {"pt2": lambda path: "fp32", "onnx": _onnx_precision, "tflite": _tflite_precision}
 
 
-def _check_parity(root: Path, source: Path, manifest: dict[str, Any]) -> dict[str, ParityCheck]:
+def _check_parity(
+    root: Path, source: Path, manifest: dict[str, Any], skip: set[str] = frozenset()
+) -> dict[str, ParityCheck]:
     """Re-run every model file on the stored inputs and judge it with verify's own bounds.
 
     The tolerance is REL_BOUNDS[precision read from the file] * max(1, max|finite reference output|);
     the manifest's recorded tolerance can only tighten it. The manifest's recorded max_abs_diff must
     agree with the measured one within that tolerance, or the manifest claims a parity it cannot show.
+    Roles in `skip` (a .pt2 that needs unpickling) are not run.
     """
     ref = manifest["reference_io"]
     manifest_shown = _shown(source, root, root / mf.MANIFEST_NAME)
@@ -259,7 +284,7 @@ def _check_parity(root: Path, source: Path, manifest: dict[str, Any]) -> dict[st
     inputs, expected = _load_reference(ref_path, ref, _shown(source, root, ref_path))
     checks, failures = {}, []
     for i, entry in enumerate(manifest["files"]):
-        if entry["format"] not in RUNNABLE_FORMATS:
+        if entry["format"] not in RUNNABLE_FORMATS or entry["role"] in skip:
             continue
         path = confined_path(root, entry["path"], f"files[{i}].path", manifest_shown)
         check = _parity_of(path, entry, manifest["parity"].get(entry["role"]), inputs, expected,
@@ -401,9 +426,10 @@ def _run_model(path: Path, fmt: str, inputs: list[np.ndarray], where: str) -> li
 def _run_pt2(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
     import torch
 
+    from slimship.loading import load_program
     from slimship.pipeline.release import _flatten_outputs
 
-    module = torch.export.load(str(path)).module()
+    module = load_program(path).module  # never unpickles
     with torch.no_grad():
         result = module(*(torch.from_numpy(np.array(x)) for x in inputs))
     return _flatten_outputs(result, path.name)

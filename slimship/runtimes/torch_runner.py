@@ -25,10 +25,9 @@ class TorchRunner:
             raise ModelFileError(
                 f"{path}: TorchRunner loads torch.export programs (.pt2); pass a module instead"
             )
-        try:
-            self.module = torch.export.load(str(path)).module()
-        except Exception as exc:
-            raise ModelFileError(f"{path}: torch.export.load failed: {exc}") from exc
+        from slimship.loading import load_program
+
+        self.module = load_program(path).module  # never unpickles; ModelFileError names the file
         self.source = str(path)
         return self
 

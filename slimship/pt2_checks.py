@@ -1,0 +1,204 @@
+"""Checks on the parts of a .pt2 that torch would evaluate, import or turn into code (used by loading.py).
+
+Every string from the graph JSON that reaches `sympy.sympify`, an operator lookup or generated Python code is
+checked against an allowlist; pickles are only read as opcodes (`pickletools`), never loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import pickletools
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from slimship.errors import ModelFileError
+
+OPT_IN = "pass --allow-pickle (or set model.allow_pickle: true) only if you trust the file's author"
+
+
+class PickleRequiredError(ModelFileError):
+    """The file can only be opened by unpickling part of it, which was not allowed."""
+
+
+# ------------------------------------------------------------------ allowlists for strings torch evaluates
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FQN = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_SYMBOL = re.compile(r"^[a-z]{1,4}[0-9]+$")  # s0, u3, zf1, ps2 ...
+_OP_TARGET = re.compile(
+    r"^torch\.ops\.(aten|prims|higher_order|quantized_decomposed)\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$"
+)
+_SYM_TARGETS = frozenset(
+    [f"_operator.{n}" for n in "eq ne le ge lt gt neg pos mul add sub floordiv mod pow truediv and_ or_ "
+     "lshift rshift getitem".split()]
+    + ["math.trunc", "math.floor", "math.ceil", "math.sqrt"]
+    + [f"torch.{n}" for n in "sym_not sym_int sym_float sym_ite sym_max sym_min sym_sqrt".split()]
+)  # fmt: skip
+# Names a shape expression may use: the functions the deserializer defines for sympify
+# (torch.utils._sympy.functions), the sympy classes `srepr` writes, and symbol assumption keywords.
+_EXPR_FUNCTIONS = frozenset(
+    "FloorDiv ModularIndexing Where PythonMod Mod CleanDiv CeilToInt FloorToInt CeilDiv LShift RShift "
+    "PowByNatural FloatPow FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat "
+    "TruncToInt RoundToInt RoundDecimal ToFloat Identity "
+    "Symbol Integer Rational Float Add Mul Pow Max Min Abs floor ceiling sqrt And Or Not "
+    "Eq Ne Lt Le Gt Ge Equality Unequality StrictLessThan LessThan StrictGreaterThan GreaterThan "
+    "true false True False oo zoo nan int_oo IntInfinity NegativeIntInfinity Infinity NegativeInfinity "
+    "Half One Zero NegativeOne".split()
+)
+_EXPR_KEYWORDS = frozenset(
+    "integer positive negative nonnegative nonpositive real finite infinite even odd zero nonzero "
+    "commutative extended_real precision".split()
+)
+_EXPR_TOKEN = re.compile(
+    r"\s*(?:(?P<kw>[a-z_]+)=(?!=)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<str>'[^']*')"
+    r"|(?P<num>[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)|(?P<op>\*\*|[<>!=]=|[-+*/%<>(),~&|]))\s*"
+)
+_QUOTED = re.compile(r"^'(?:[a-z]{1,4}[0-9]+|-?[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)'$")
+_GUARD = re.compile(
+    r"^L\[(?:'[A-Za-z_][A-Za-z0-9_]*'|[0-9]+)\](?:\.size\(\)\[[0-9]+\])? (?:==|!=|<=|>=|<|>) -?[0-9]+$"
+)
+_DROPPED_META = ("stack_trace", "custom")  # reach generated code as comments; not needed to run
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def check_expression(text: str, where: str) -> None:
+    """A symbolic shape expression (sympy srepr): known names, symbols, numbers and operators only."""
+    pos = 0
+    while pos < len(text):
+        match = _EXPR_TOKEN.match(text, pos)
+        if not match or match.end() == pos:
+            raise ModelFileError(
+                f"{where}: refusing shape expression {text[:80]!r}: unexpected text at {pos}"
+            )
+        bad = _bad_expr_token(match)
+        if bad:
+            raise ModelFileError(f"{where}: refusing shape expression {text[:80]!r}: {bad}")
+        pos = match.end()
+
+
+def _bad_expr_token(match: re.Match[str]) -> str | None:
+    kw, name, quoted = match.group("kw"), match.group("name"), match.group("str")
+    if kw is not None and kw not in _EXPR_KEYWORDS:
+        return f"unknown keyword {kw!r}"
+    if name is not None and not (_SYMBOL.match(name) or name in _EXPR_FUNCTIONS):
+        return f"unknown name {name!r}"
+    if quoted is not None and not _QUOTED.match(quoted):
+        return f"unexpected string {quoted[:40]!r}"
+    return None
+
+
+def check_target(target: str, where: str) -> None:
+    """An operator a node calls: an ATen/prims/higher-order op overload or a symbolic-int helper."""
+    if not (_OP_TARGET.match(target) or target in _SYM_TARGETS):
+        raise ModelFileError(
+            f"{where}: refusing operator target {target[:80]!r}: only torch.ops.aten/prims/higher_order ops "
+            "and symbolic-int helpers may be called by a loaded program"
+        )
+
+
+_STRING_RULES = {  # key in the graph JSON -> (check, what it must be)
+    "expr_str": check_expression,
+    "target": check_target,
+    "as_operator": check_target,
+}
+_NAME_RULES = {
+    "name": _IDENT,
+    "parameter_name": FQN,
+    "buffer_name": FQN,
+    "tensor_constant_name": FQN,
+    "custom_obj_name": FQN,
+}
+
+
+def check_graph_json(doc: Any, where: str) -> None:
+    """Walk the serialized program and refuse any string torch would evaluate that is not allowlisted."""
+    for key, value, trail in _walk(doc, ""):
+        if not isinstance(value, str):
+            continue
+        if key in _STRING_RULES:
+            _STRING_RULES[key](value, f"{where} at {trail}")
+        elif key in _NAME_RULES and not _NAME_RULES[key].match(value):
+            raise ModelFileError(f"{where} at {trail}: refusing {key} {value[:80]!r}: not a plain name")
+    for name in doc.get("range_constraints") or {}:
+        if not _SYMBOL.match(name):
+            raise ModelFileError(f"{where}: refusing range-constraint symbol {name[:80]!r}")
+    for guard in doc.get("guards_code") or []:
+        if not isinstance(guard, str) or not _GUARD.match(guard):
+            raise ModelFileError(f"{where}: refusing guard code {str(guard)[:80]!r}: not a simple size check")
+
+
+def _walk(node: Any, trail: str) -> Iterator[tuple[str, Any, str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{trail}.{key}"
+            yield key, value, here
+            yield from _walk(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{trail}[{i}]")
+
+
+def drop_free_text(doc: Any, where: str) -> None:
+    """Remove node stack traces and annotations (they end up as comments in generated code)."""
+    for key, value, _ in list(_walk(doc, "")):
+        if key == "metadata" and isinstance(value, dict):
+            for name in _DROPPED_META:
+                value.pop(name, None)
+    for key, value, _ in list(_walk(doc, "")):
+        if key == "forward_arg_names" and isinstance(value, list):
+            for name in value:
+                if not isinstance(name, str) or not _IDENT.match(name):
+                    raise ModelFileError(f"{where}: refusing forward argument name {str(name)[:80]!r}")
+
+
+_SAMPLE_INPUTS = "data/sample_inputs/model.pt"
+_PICKLE_GLOBALS = re.compile(
+    r"^(torch\._utils _rebuild_tensor_v2|torch\._utils _rebuild_parameter|collections OrderedDict"
+    r"|torch [A-Za-z]*Storage|torch device|torch Size)$"
+)
+_STRING_PUSHES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"})
+_MEMO_OPS = frozenset({"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"})
+
+
+def pickle_imports(data: bytes) -> list[str]:
+    """The globals a pickle would import, read from its opcodes without running it ('?' if unclear)."""
+    found, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("GLOBAL", "INST"):
+            found.append(str(arg))
+        elif op.name == "STACK_GLOBAL":
+            found.append(" ".join(strings[-2:]) if len(strings) >= 2 else "?")
+        if op.name in _STRING_PUSHES:
+            strings.append(str(arg))
+        elif op.name not in _MEMO_OPS:
+            strings.clear()
+    return found
+
+
+def check_sample_inputs(path: Path, members: dict[str, bytes]) -> None:
+    """Refuse a file whose sample-inputs pickle (never loaded) imports more than tensors need: hostile."""
+    data = members.get(_SAMPLE_INPUTS)
+    if not data:
+        return
+    where = f"{path}: member {_SAMPLE_INPUTS!r}"
+    try:
+        pickles = [data]
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                pickles = [inner.read(n) for n in inner.namelist() if n.endswith(".pkl")]
+        imports = [name for blob in pickles for name in pickle_imports(blob)]
+    except Exception as exc:
+        raise ModelFileError(
+            f"{where}: unreadable sample-inputs pickle ({type(exc).__name__}: {exc})"
+        ) from None
+    unexpected = sorted({name for name in imports if not _PICKLE_GLOBALS.match(name)})
+    if unexpected:
+        raise PickleRequiredError(
+            f"{where}: the stored sample inputs would import {', '.join(unexpected)[:200]} when unpickled, "
+            f"which can run code; refusing the file: {OPT_IN}"
+        )
