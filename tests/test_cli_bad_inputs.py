@@ -25,7 +25,6 @@ from torch import nn
 from slimship.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-PT2_LOADER = pytest.mark.xfail(reason="pt2 loader being replaced", strict=False)
 CONFIG_REWRITE = pytest.mark.xfail(reason="config loader being rewritten (pydantic)", strict=False)
 FAST_BENCH = ["--runs", "1", "--warmup", "0"]
 
@@ -149,15 +148,18 @@ def _config_with_out(out: str) -> Callable[[dict[str, Path], Path], bytes]:
     return make
 
 
+def _config_marks(kind: str) -> list:
+    """Non-UTF-8 YAML fails in today's config readers (UnicodeDecodeError); the pydantic rewrite fixes it."""
+    return [CONFIG_REWRITE] if kind in ("random", "corrupt") else []
+
+
 def _format_rows() -> dict[str, Row]:
     rows: dict[str, Row] = {}
     for kind in BAD_BYTES:
         for cmd in ("slim", "export", "release"):
             extra = {"slim": ["--out", "{in}/slim.pt2"], "export": ["--out", "{out}"],
                      "release": ["--name", "n", "--version", "1.0.0", "--out", "{out}"]}[cmd]  # fmt: skip
-            rows[f"{cmd}-pt2-{kind}"] = Row(
-                [cmd, "{bad}", *extra], "model.pt2", _bytes_of("pt2", kind), marks=[PT2_LOADER]
-            )
+            rows[f"{cmd}-pt2-{kind}"] = Row([cmd, "{bad}", *extra], "model.pt2", _bytes_of("pt2", kind))
         for ext in ("onnx", "tflite"):
             rows[f"bench-{ext}-{kind}"] = Row(
                 ["bench", "{bad}", *FAST_BENCH], f"m.{ext}", _bytes_of(ext, kind)
@@ -167,13 +169,13 @@ def _format_rows() -> dict[str, Row]:
         )
         rows[f"verify-targz-{kind}"] = Row(["verify", "{bad}"], "b.tar.gz", _bytes_of("tar.gz", kind))
         rows[f"run-yaml-{kind}"] = Row(
-            ["run", "{bad}", "--out", "{out}"], "c.yaml", _bytes_of("yaml", kind), marks=[CONFIG_REWRITE]
+            ["run", "{bad}", "--out", "{out}"], "c.yaml", _bytes_of("yaml", kind), marks=_config_marks(kind)
         )
         rows[f"bench-targets-yaml-{kind}"] = Row(
             ["bench", "{onnx}", "--targets-file", "{bad}", "--target", "t", *FAST_BENCH],
             "t.yaml",
             _bytes_of("targets.yaml", kind),
-            marks=[CONFIG_REWRITE],
+            marks=_config_marks(kind),
         )
     return rows
 
@@ -195,8 +197,8 @@ def _npz_rows() -> dict[str, Row]:
 
 OTHER_ROWS: dict[str, Row] = {
     # folders where files are expected
-    "slim-model-is-a-folder": Row(["slim", "{bad}", "--out", "{in}/s.pt2"], "m.pt2", marks=[PT2_LOADER]),
-    "export-model-is-a-folder": Row(["export", "{bad}", "--out", "{out}"], "m.pt2", marks=[PT2_LOADER]),
+    "slim-model-is-a-folder": Row(["slim", "{bad}", "--out", "{in}/s.pt2"], "m.pt2"),
+    "export-model-is-a-folder": Row(["export", "{bad}", "--out", "{out}"], "m.pt2"),
     "bench-model-is-a-folder": Row(["bench", "{bad}", *FAST_BENCH], "m.onnx"),
     "bench-inputs-is-a-folder": Row(["bench", "{onnx}", "--inputs", "{bad}", *FAST_BENCH], "in.npz"),
     "run-config-is-a-folder": Row(["run", "{bad}"], "c.yaml", marks=[CONFIG_REWRITE]),
@@ -233,20 +235,16 @@ OTHER_ROWS: dict[str, Row] = {
     ),
     # missing files
     **{
-        f"{cmd}-missing-file": Row(argv, named="{missing}", marks=marks)
-        for cmd, argv, marks in (
-            ("slim", ["slim", "{missing}.pt2", "--out", "{in}/s.pt2"], [PT2_LOADER]),
-            ("export", ["export", "{missing}.pt2", "--out", "{out}"], [PT2_LOADER]),
-            (
-                "release",
-                ["release", "{missing}.pt2", "--name", "n", "--version", "1.0.0", "--out", "{out}"],
-                [PT2_LOADER],
-            ),
-            ("bench", ["bench", "{missing}.onnx", *FAST_BENCH], []),
-            ("bench-inputs", ["bench", "{onnx}", "--inputs", "{missing}.npz", *FAST_BENCH], []),
-            ("bench-dense", ["bench", "{onnx}", "--dense", "{missing}.onnx", *FAST_BENCH], []),
-            ("verify", ["verify", "{missing}.tar.gz"], []),
-            ("run", ["run", "{missing}.yaml"], [CONFIG_REWRITE]),
+        f"{cmd}-missing-file": Row(argv, named="{missing}")
+        for cmd, argv in (
+            ("slim", ["slim", "{missing}.pt2", "--out", "{in}/s.pt2"]),
+            ("export", ["export", "{missing}.pt2", "--out", "{out}"]),
+            ("release", ["release", "{missing}.pt2", "--name", "n", "--version", "1.0.0", "--out", "{out}"]),
+            ("bench", ["bench", "{missing}.onnx", *FAST_BENCH]),
+            ("bench-inputs", ["bench", "{onnx}", "--inputs", "{missing}.npz", *FAST_BENCH]),
+            ("bench-dense", ["bench", "{onnx}", "--dense", "{missing}.onnx", *FAST_BENCH]),
+            ("verify", ["verify", "{missing}.tar.gz"]),
+            ("run", ["run", "{missing}.yaml"]),
         )
     },
 }

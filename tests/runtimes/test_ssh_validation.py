@@ -62,7 +62,9 @@ def test_a_targets_file_names_the_target_key(tmp_path) -> None:
 def test_a_target_built_in_python_is_refused_with_a_target_error(spec: str, tmp_path) -> None:
     known = tmp_path / "known_hosts"
     known.write_text("")
-    target = Target("lab-pi", transport=spec, python="/usr/bin/python3", ssh=SshOptions(known_hosts=str(known)))
+    target = Target(
+        "lab-pi", transport=spec, python="/usr/bin/python3", ssh=SshOptions(known_hosts=str(known))
+    )
     for opener in (open_transport, SshTransport):
         with pytest.raises(TargetError, match=r"^target 'lab-pi': transport: the SSH "):
             opener(target)
