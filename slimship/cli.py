@@ -163,7 +163,7 @@ def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
 
     from slimship.inputs import check_inputs, load_npz_inputs, model_input_specs
 
-    specs = {model: model_input_specs(model) for model in models}
+    specs = {model: model_input_specs(model) for model in models}  # each model opened here first
     if not args.inputs:
         return [np.random.default_rng(0).standard_normal((1, *args.input_shape)).astype(np.float32)]
     inputs = load_npz_inputs(args.inputs)
