@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 
+import pytest
+import torch
+import yaml
 from rich.console import Console
 
 from slimship.pipeline.run import summary_table
@@ -47,3 +50,34 @@ def test_the_run_summary_shows_n_a_for_the_flops_ratio() -> None:
     summary = {"params": [10, 10], "flops": [0, 0], "files": {}, "accuracy": {"dense": None}, "latency": []}
     flops_row = next(line for line in _text(summary_table(summary)).splitlines() if "FLOPs" in line)
     assert "n/a" in flops_row and "0.00x" not in flops_row
+
+
+class ReshapeOnly(torch.nn.Module):
+    """No multiply-adds at all: torch's FLOP counter gives 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x).flatten(1)
+
+
+def reshape_only() -> torch.nn.Module:
+    return ReshapeOnly().eval()
+
+
+@pytest.mark.slow
+def test_run_on_a_model_without_flops_completes(tmp_path, capsys) -> None:
+    from slimship.cli import main
+
+    config = {
+        "model": {"factory": "tests.runtimes.test_zero_flops:reshape_only", "input_shape": [1, 4, 4]},
+        "export": {"formats": ["onnx"]},
+        "targets": ["host"],
+        "bench": {"runs": 3, "warmup": 1},
+        "release": {"name": "flat", "version": "0.1.0", "out": str(tmp_path / "out")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    flops_row = next(line for line in out.splitlines() if "FLOPs" in line)
+    assert "n/a" in flops_row
+    assert (tmp_path / "out" / "flat-0.1.0" / "manifest.json").is_file()
