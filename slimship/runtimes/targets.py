@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from slimship.errors import ConfigError, SlimshipError
+from slimship.errors import ConfigError, TransportError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIME_CHOICES = ("auto", "onnxruntime", "litert", "tflite_runtime")
@@ -121,10 +121,8 @@ def get_target(name: str, extra: dict[str, Target] | None = None) -> Target:
     return table[name]
 
 
-def parse_transport(
-    spec: str, where: str = "transport", error: type[SlimshipError] = ConfigError
-) -> dict[str, Any]:
-    """Split a transport string into its parts; raise `error` naming `where` if invalid."""
+def parse_transport(spec: str, where: str = "transport") -> dict[str, Any]:
+    """Split a transport string into its parts; raise TransportError naming `where` if invalid."""
     if spec == "local":
         return {"scheme": "local"}
     if spec.startswith("ssh://") and (m := _SSH_RE.match(spec)):
@@ -132,7 +130,9 @@ def parse_transport(
         for key, value in parts.items():
             pattern, allowed = _SSH_PARTS[key]
             if not pattern.fullmatch(value) or (key == "port" and not 1 <= int(value) <= 65535):
-                raise error(f"{where}: the SSH {key} {value!r} in {spec!r} is not allowed; use {allowed}")
+                raise TransportError(
+                    f"{where}: the SSH {key} {value!r} in {spec!r} is not allowed; use {allowed}"
+                )
         return {
             "scheme": "ssh",
             "user": parts["user"],
@@ -146,7 +146,7 @@ def parse_transport(
     scheme = spec.split("://", 1)[0]
     if "://" in spec and scheme in registered_schemes() and scheme not in _BUILTIN_SCHEMES:
         return {"scheme": scheme, "rest": spec.split("://", 1)[1]}
-    raise error(
+    raise TransportError(
         f"{where}: {spec!r} is not a transport; allowed forms: {', '.join(TRANSPORT_SCHEMES)}"
         + "".join(f", {s}://..." for s in registered_schemes() if s not in _BUILTIN_SCHEMES)
     )

@@ -80,7 +80,7 @@ def registered_schemes() -> tuple[str, ...]:
 
 def open_transport(target: Target) -> Transport:
     """The transport for a target, by its scheme."""
-    parse_transport(target.transport, f"target {target.name!r}: transport", TargetError)
+    parse_transport(target.transport, f"target {target.name!r}: transport")
     factory = _REGISTRY.get(target.scheme)
     if factory is None:
         raise TargetError(
@@ -238,7 +238,7 @@ class SshTransport(_RemoteShellTransport):
 
     def __init__(self, target: Target) -> None:
         super().__init__(target)
-        parts = parse_transport(target.transport, f"target {target.name!r}: transport", TargetError)
+        parts = parse_transport(target.transport, f"target {target.name!r}: transport")
         self.user, self.host, self.port = parts["user"], parts["host"], parts["port"]
         if not target.ssh.known_hosts:
             raise TargetError(
@@ -315,8 +315,7 @@ class AdbTransport(_RemoteShellTransport):
 
     def __init__(self, target: Target) -> None:
         super().__init__(target)
-        where = f"target {target.name!r}: transport"
-        self.serial = parse_transport(target.transport, where, TargetError)["serial"]
+        self.serial = parse_transport(target.transport, f"target {target.name!r}: transport")["serial"]
 
     def _shell_argv(self, command: str) -> list[str]:
         return ["adb", "-s", self.serial, "shell", command]

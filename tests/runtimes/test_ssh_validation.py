@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slimship.errors import ConfigError, TargetError
+from slimship.errors import ConfigError, TargetError, TransportError
 from slimship.runtimes.targets import SshOptions, Target, load_targets, parse_transport
 from slimship.runtimes.transports import SshTransport, open_transport
 
@@ -31,8 +31,9 @@ BAD_SSH = {
 
 @pytest.mark.parametrize(("spec", "part"), BAD_SSH.values(), ids=BAD_SSH)
 def test_bad_ssh_parts_are_refused_by_name(spec: str, part: str) -> None:
-    with pytest.raises(ConfigError, match=rf"^transport: the SSH {part} .* is not allowed; use "):
+    with pytest.raises(TransportError, match=rf"^transport: the SSH {part} .* is not allowed; use ") as info:
         parse_transport(spec)
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, TargetError)
 
 
 @pytest.mark.parametrize(
