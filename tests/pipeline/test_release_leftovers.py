@@ -86,7 +86,6 @@ def test_sigterm_mid_write_removes_the_staging_folder(tmp_path) -> None:
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_the_next_release_removes_a_killed_writers_staging_folder(tmp_path) -> None:
     out = tmp_path / "releases"
     proc = _start_writer(out, tmp_path)
