@@ -45,6 +45,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return target
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The first of `folder` and its parents that exists and is not a folder (None: it can be a folder)."""
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            return part
+    return None
+
+
 def to_jsonable(value: Any) -> Any:
     """Convert dataclasses, enums, paths, numpy and torch scalars into plain JSON values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
     from slimship.slimming import slim
 
+    check_output_file(Path(args.out), "--out")
     loaded = _load_program(args)
     example = _example(args, loaded)
     multiple = _channel_multiple(args, loaded.module, example)
@@ -138,9 +140,10 @@ def _reexport(module: Any, example: tuple[Any, ...], dynamic_shapes: Any, source
 def _cmd_export(args: argparse.Namespace) -> int:
     from slimship.exporters import export_onnx, export_tflite
 
+    out = Path(args.out)
+    check_output_dir(out, "--out")
     loaded = _load_program(args)
     module, example = loaded.module, _example(args, loaded)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.model).stem
     for fmt in args.format:
@@ -154,29 +157,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import numpy as np
     from rich.console import Console
 
     from slimship._util import atomic_write_bytes, dump_json
     from slimship.runtimes.measure import bench, format_bench_table
     from slimship.runtimes.targets import get_target, load_targets
 
+    if args.json and args.json != "-":
+        check_output_file(Path(args.json), "--json")
     extra = load_targets(args.targets_file) if args.targets_file else None
     target = get_target(args.target, extra)
-    if args.inputs:
-        with np.load(args.inputs, allow_pickle=False) as data:
-            inputs = [data[k] for k in sorted(data.files)]
-    else:
-        inputs = [np.random.default_rng(0).standard_normal((1, *args.input_shape)).astype(np.float32)]
     models = [Path(m) for m in args.models]
     dense = Path(args.dense) if args.dense else None
     if dense is not None and dense not in models:
         models.insert(0, dense)
+    inputs = _bench_inputs(args, models)
     result = bench(models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup)
     Console().print(format_bench_table(result))
-    if args.json:
+    if args.json == "-":
+        print(dump_json(result), end="")
+    elif args.json:
         atomic_write_bytes(args.json, dump_json(result).encode())
     return 0
+
+
+def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
+    """--inputs (checked against every model's inputs, read on this host) or random ones of --input-shape."""
+    import numpy as np
+
+    from slimship.inputs import check_inputs, load_npz_inputs, model_input_specs
+
+    specs = {model: model_input_specs(model) for model in models}  # each model opened here first
+    if not args.inputs:
+        return [np.random.default_rng(0).standard_normal((1, *args.input_shape)).astype(np.float32)]
+    inputs = load_npz_inputs(args.inputs)
+    for model, model_specs in specs.items():
+        check_inputs(inputs, model_specs, f"{args.inputs} (for {model})")
+    return inputs
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -193,9 +210,10 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
     from slimship.exporters import export_onnx, export_tflite
     from slimship.pipeline.config import gates_from_options
-    from slimship.pipeline.release import ReleaseInputs, write_release
+    from slimship.pipeline.release import ReleaseInputs, check_new_version, write_release
     from slimship.pipeline.run import gate_release
 
+    check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options(_gate_overrides(args))  # checked before any export
     loaded = _load_program(args)
     module, example = loaded.module, _example(args, loaded)
@@ -296,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=int, nargs="+", default=[1, 8, 8])
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.add_argument("--json", default=None, help="write the result as JSON here (- for stdout)")
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("release", help="bundle a slim .pt2 with its ONNX and TFLite exports")
@@ -333,6 +351,24 @@ def _add_gate_options(p: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=name, type=float, default=None, metavar=metavar, help=text)
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse an output file path that is a folder or whose parent is not an existing folder."""
+    if path.is_dir():
+        raise SlimshipError(f"{option} {path}: is a folder; give the path of a file to write")
+    if not path.parent.is_dir():
+        what = "is a file" if path.parent.exists() else "does not exist"
+        raise SlimshipError(f"{option} {path}: its folder {path.parent} {what}; create the folder first")
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """Refuse an output folder path that is an existing file (or lies below one)."""
+    from slimship._util import file_in_the_way
+
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise SlimshipError(f"{option} {path}: {blocker} is a file, not a folder; give a folder path")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -354,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimship: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: say so, and show the traceback with -v
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        hint = "" if args.verbose else " (run with -v for the traceback; please report)"
+        print(f"slimship: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ class DeviceError(TargetError):
     """A remote device disconnected, timed out or returned an invalid result."""
 
 
+class TransportError(ConfigError, TargetError):
+    """A target's transport string is invalid (e.g. an SSH user or host that ssh would read as an option).
+
+    Both a config error (where it was written) and a target error (the target cannot be reached).
+    """
+
+
 class ReleaseError(SlimshipError):
     """A release bundle could not be written or does not verify."""
 

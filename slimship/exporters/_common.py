@@ -190,25 +190,46 @@ def open_model_runner(path: str | Path, runtime: str = "auto"):
         ) from None
 
 
-_MAGIC = {".tflite": (4, b"TFL3")}
-
-
 def check_model_file(path: str | Path) -> None:
-    """Cheap structural checks before a runtime sees the file: exists, non-empty, right magic."""
+    """Cheap structural checks before a runtime sees the file: a non-empty file whose format's checks pass."""
     p = Path(path)
+    if p.is_dir():
+        raise ModelFileError(f"{p}: is a folder, not a model file")
     if not p.is_file():
         raise ModelFileError(f"{p}: no such model file")
     if p.stat().st_size == 0:
         raise ModelFileError(f"{p}: the file is empty (truncated write?); export it again")
-    if p.suffix in _MAGIC:
-        offset, magic = _MAGIC[p.suffix]
-        with open(p, "rb") as handle:
-            head = handle.read(offset + len(magic))
-        if head[offset:] != magic:
-            raise ModelFileError(
-                f"{p}: not a TFLite flatbuffer (missing the {magic.decode()} identifier); the file is "
-                "corrupt or of another format"
-            )
+    check = _STRUCTURE_CHECKS.get(p.suffix.lower())
+    problem = check(p) if check else None
+    if problem:
+        raise ModelFileError(f"{p}: {problem}; the file is corrupt, truncated or of another format")
+
+
+def _tflite_problem(path: Path) -> str | None:
+    """A TFLite flatbuffer: a root-table offset inside the file, then the TFL3 identifier."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":
+        return "not a TFLite flatbuffer (missing the TFL3 identifier)"
+    if int.from_bytes(head[:4], "little") >= path.stat().st_size:
+        return "a TFLite flatbuffer whose root table lies past the end of the file"
+    return None
+
+
+def _onnx_problem(path: Path) -> str | None:
+    """An ONNX protobuf that parses (tensors in external files are not read) and has a graph with outputs."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-like errors, ValueError ...
+        return f"not a readable ONNX protobuf ({type(exc).__name__}: {str(exc)[:160]})"
+    if model.ir_version <= 0 or not model.opset_import or not model.graph.output:
+        return "not an ONNX model (no IR version, opset or graph outputs)"
+    return None
+
+
+_STRUCTURE_CHECKS = {".tflite": _tflite_problem, ".onnx": _onnx_problem}
 
 
 # ---------------------------------------------------------------- hashing

@@ -347,3 +347,9 @@ def _run(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:
         return runner.run(arrays)
     except Exception as exc:
         raise VerificationError(f"onnxruntime failed to run the exported model: {exc}") from exc
+
+
+def onnx_tensor_specs(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of an .onnx file; ModelFileError if it cannot be read."""
+    model = load_onnx(path)
+    return _specs(model.graph.input, model.graph.initializer), _specs(model.graph.output, [])

@@ -33,10 +33,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tarfile
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimship._util import dump_json, sha256_file, to_jsonable
+from slimship._util import dump_json, file_in_the_way, sha256_file, to_jsonable
 from slimship._version import __version__
 from slimship.compare import REL_BOUNDS, compare, finite_scale
 from slimship.errors import ReleaseError
@@ -67,6 +70,8 @@ _FORMAT_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite", ".pt2": "pt2", ".md":
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _TAR_MTIME = 0
 _PROTOBUF_LIMIT = 2**31 - 1
+STAGING_SUFFIX = ".partial"
+_STAGING_RE = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.partial$")
 
 
 @dataclass
@@ -118,11 +123,29 @@ def write_release(inputs: ReleaseInputs, out_dir: Path, *, verify: bool = True) 
     """
     _validate_inputs(inputs)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = bundle_stem(inputs.name, inputs.version)
     final_dir, final_tar = out_dir / stem, out_dir / f"{stem}.tar.gz"
     _refuse_existing(final_dir, final_tar)
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".partial", dir=out_dir))
+    remove_stale_staging(out_dir)
+    with _sigterm_unwinds():
+        manifest = _stage_and_publish(inputs, out_dir, stem, final_dir, final_tar, verify)
+    log.info("release %s written to %s", stem, final_dir)
+    return ReleaseResult(
+        bundle_dir=final_dir,
+        tarball=final_tar,
+        tarball_sha256=sha256_file(final_tar),
+        manifest=manifest,
+        files=[f["path"] for f in manifest["files"]] + [mf.MANIFEST_NAME],
+    )
+
+
+def _stage_and_publish(
+    inputs: ReleaseInputs, out_dir: Path, stem: str, final_dir: Path, final_tar: Path, verify: bool
+) -> dict[str, Any]:
+    """Write the bundle in a staging folder named after this process, verify, publish; always clean up."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{os.getpid()}.", suffix=STAGING_SUFFIX, dir=out_dir))
     try:
         bundle = staging / stem
         bundle.mkdir()
@@ -136,14 +159,59 @@ def write_release(inputs: ReleaseInputs, out_dir: Path, *, verify: bool = True) 
         _publish(bundle, staged_tar, final_dir, final_tar)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("release %s written to %s", stem, final_dir)
-    return ReleaseResult(
-        bundle_dir=final_dir,
-        tarball=final_tar,
-        tarball_sha256=sha256_file(final_tar),
-        manifest=manifest,
-        files=[f["path"] for f in manifest["files"]] + [mf.MANIFEST_NAME],
-    )
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------ leftovers
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While writing, SIGTERM raises SystemExit so `finally` blocks remove the staging folder.
+
+    The previous handler is restored afterwards. Signal handlers can only be set in the main thread;
+    elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove `.NAME-VERSION.PID.*.partial` folders in `out_dir` whose writing process is gone.
+
+    A staging folder of a live process (this one or another) is kept. Returns the folders removed.
+    """
+    removed = []
+    for path in sorted(Path(out_dir).glob(f".*{STAGING_SUFFIX}")):
+        match = _STAGING_RE.match(path.name)
+        if not match or not path.is_dir() or path.is_symlink() or _process_alive(int(match["pid"])):
+            continue
+        log.warning("removing %s: left behind by process %s, which is gone", path, match["pid"])
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but belongs to someone else, or cannot tell: keep
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -214,8 +282,21 @@ def _format_of(path: Path) -> str:
     return _FORMAT_BY_SUFFIX.get(path.suffix.lower(), path.suffix.lower().lstrip(".") or "bin")
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Raise ReleaseError if the release folder (or a folder above it) is an existing file."""
+    blocker = file_in_the_way(Path(out_dir))
+    if blocker is not None:
+        raise ReleaseError(
+            f"release folder {out_dir}: {blocker} is a file, not a folder; give release.out / --out a folder"
+        )
+
+
 def check_new_version(out_dir: Path, name: str, version: str) -> None:
-    """Raise ReleaseError now if NAME-VERSION already exists in `out_dir` (checked again at publish time)."""
+    """Raise ReleaseError now if the folder is a file or NAME-VERSION already exists in `out_dir`.
+
+    Both are checked again at publish time.
+    """
+    check_out_dir(out_dir)
     stem = bundle_stem(name, version)
     _refuse_existing(Path(out_dir) / stem, Path(out_dir) / f"{stem}.tar.gz")
 

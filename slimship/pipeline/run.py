@@ -538,7 +538,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     p0, p1 = summary["params"]
     f0, f1 = summary["flops"]
     table.add_row("params", f"{p0:,}", f"{p1:,}", f"{p0 / max(p1, 1):.2f}x")
-    table.add_row("FLOPs", f"{f0:,}", f"{f1:,}", f"{f0 / max(f1, 1):.2f}x")
+    table.add_row("FLOPs", f"{f0:,}", f"{f1:,}", f"{f0 / f1:.2f}x" if f0 > 0 and f1 > 0 else "n/a")
     for fmt, (b0, b1) in summary["files"].items():
         table.add_row(f"{fmt} bytes", f"{b0:,}", f"{b1:,}", f"{b0 / max(b1, 1):.2f}x")
     for row in summary["latency"]:

@@ -2,7 +2,10 @@
 
 A tarball is extracted into a temporary directory only after every member was checked: regular files
 and directories only (no symlinks, hard links, devices or FIFOs), relative paths without '..', all
-under one top directory; extraction then also uses tarfile's `filter="data"`.
+under one top directory, within size bounds (`ArchiveBounds`: the decompressed stream is refused as soon
+as it passes them, and so are the members' declared sizes); extraction then also uses tarfile's
+`filter="data"`.
+
 
 Every path the manifest names (`files[].path`, `reference_io.path`) must be relative, without '..',
 through no symlink and resolve inside the bundle. Parity is judged with verify's own bounds
@@ -14,9 +17,11 @@ without a signature nothing proves the manifest itself is the publisher's.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import logging
+import lzma
 import math
 import tarfile
 import tempfile
@@ -81,31 +86,100 @@ def verify_bundle(path: str | Path, *, run_parity: bool = True) -> VerifyResult:
 # ------------------------------------------------------------------------------------------ archive
 
 
-def safe_extract(archive: Path, dest: Path) -> Path:
-    """Extract a bundle tarball into `dest` after checking every member; return the bundle directory."""
+@dataclass(frozen=True)
+class ArchiveBounds:
+    """How much a bundle archive may unpack to, checked before anything is written.
+
+    `max_total_bytes` bounds the sum of the members' sizes, `max_member_bytes` each one, and `max_ratio`
+    the unpacked size over the archive's size once it passes `ratio_floor_bytes` (small bundles with
+    text files may compress well).
+    """
+
+    max_total_bytes: int = 4 << 30
+    max_member_bytes: int = 2 << 30
+    max_ratio: float = 200.0
+    ratio_floor_bytes: int = 64 << 20
+
+    def stream_limit(self, compressed_bytes: int) -> int:
+        """Largest decompressed tar stream accepted: the member bound plus tar headers and padding."""
+        by_ratio = max(self.ratio_floor_bytes, int(self.max_ratio * compressed_bytes))
+        return min(self.max_total_bytes, by_ratio) + _TAR_SLACK
+
+
+_TAR_SLACK = 16 << 20  # headers (512 bytes per member), PAX records, block padding and the end marker
+_DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}
+
+
+def safe_extract(archive: Path, dest: Path, bounds: ArchiveBounds | None = None) -> Path:
+    """Extract a bundle tarball into `dest` after checking every member; return the bundle directory.
+
+    Before anything is written the decompressed stream is read to its end (a cut-off tail is caught)
+    and reading stops as soon as it passes `bounds`; then every member's type, path and declared size
+    is checked.
+    """
+    bounds = bounds or ArchiveBounds()
     try:
-        _check_gzip_stream(archive)
+        _check_stream(archive, bounds)
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             top = _check_members(archive, members)
+            _check_sizes(archive, members, bounds)
             tar.extractall(dest, members=members, filter="data")
     except ReleaseError:
         raise
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise ReleaseError(
             f"{archive}: truncated or corrupt archive ({type(exc).__name__}: {exc}); fetch the bundle again"
         ) from exc
     return dest / top
 
 
-def _check_gzip_stream(archive: Path) -> None:
-    """Read a gzip file to its end so a cut-off tail (CRC and length trailer) is caught, not ignored."""
+def _check_stream(archive: Path, bounds: ArchiveBounds) -> None:
+    """Decompress to the end without writing, refusing as soon as the stream passes the bound."""
     with archive.open("rb") as raw:
-        if raw.read(2) != b"\x1f\x8b":
-            return
-    with gzip.open(archive, "rb") as stream:
-        while stream.read(1 << 20):
-            pass
+        head = raw.read(6)
+    opener = next((fn for magic, fn in _DECOMPRESSORS.items() if head.startswith(magic)), None)
+    compressed = archive.stat().st_size
+    limit = bounds.stream_limit(compressed)
+    total = 0
+    with (opener or open)(archive, "rb") as stream:
+        while block := stream.read(1 << 20):
+            total += len(block)
+            if total > limit:
+                raise ReleaseError(
+                    f"{archive}: unpacks to more than {_mib(limit)} from {_mib(compressed)} (a decompression "
+                    f"bomb, or a bundle beyond the bounds: {_describe(bounds)}); refusing to extract it"
+                )
+
+
+def _check_sizes(archive: Path, members: list[tarfile.TarInfo], bounds: ArchiveBounds) -> None:
+    """Refuse by the members' declared sizes: each one, their sum, and the sum over the archive size."""
+    for member in members:
+        if member.size > bounds.max_member_bytes:
+            raise ReleaseError(
+                f"{archive}: member {member.name!r} declares {_mib(member.size)}, more than the "
+                f"{_mib(bounds.max_member_bytes)} allowed per file; refusing to extract it"
+            )
+    total = sum(m.size for m in members)
+    compressed = max(archive.stat().st_size, 1)
+    too_big = total > bounds.max_total_bytes
+    too_packed = total > bounds.ratio_floor_bytes and total / compressed > bounds.max_ratio
+    if too_big or too_packed:
+        raise ReleaseError(
+            f"{archive}: members declare {_mib(total)} in all from {_mib(compressed)} "
+            f"(bounds: {_describe(bounds)}); refusing to extract it"
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def _describe(bounds: ArchiveBounds) -> str:
+    return (
+        f"{_mib(bounds.max_total_bytes)} in all, {_mib(bounds.max_member_bytes)} per file, "
+        f"{bounds.max_ratio:g}x the archive size past {_mib(bounds.ratio_floor_bytes)}"
+    )
 
 
 def _check_members(archive: Path, members: list[tarfile.TarInfo]) -> str:

@@ -195,16 +195,17 @@ def measure(
 
 def speedup_from_ratios(ratios: Sequence[float], dense: str, slim: str, target: str,
                         flops: tuple[float, float] | None = None) -> Speedup:  # fmt: skip
-    """Median and spread of per-pair dense/slim ratios; efficiency if FLOPs (dense, slim) are given."""
+    """Median and spread of per-pair dense/slim ratios; efficiency if FLOPs (dense, slim) are given.
+
+    With a FLOPs count of 0 on either side the FLOPs ratio and efficiency are None (shown as n/a).
+    """
     r = np.asarray(ratios, dtype=np.float64)
     if r.size == 0:
         raise ValueError("no pairs: runs must be >= 1")
     p10, q25, med, q75, p90 = (float(v) for v in np.percentile(r, [10, 25, 50, 75, 90]))
     flops_ratio = efficiency = None
-    if flops is not None:
+    if flops is not None and min(flops) > 0:  # a model without FLOPs (e.g. only reshapes) has no ratio: n/a
         dense_flops, slim_flops = flops
-        if slim_flops <= 0 or dense_flops <= 0:
-            raise ValueError(f"FLOPs must be positive, got dense={dense_flops} slim={slim_flops}")
         flops_ratio = dense_flops / slim_flops
         efficiency = med / flops_ratio
     return Speedup(dense, slim, target, int(r.size), med, p10, p90, q25, q75, flops_ratio, efficiency)
@@ -273,8 +274,8 @@ def bench(
     return result
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
 
 
 def format_bench_table(result: BenchResult) -> Any:
@@ -303,6 +304,6 @@ def format_bench_table(result: BenchResult) -> Any:
             _fmt(m.agreement, ".3f"),
             _fmt(m.parity.max_abs if m.parity else None, ".2e"),
             f"{s.median:.2f}x ({s.p10:.2f}-{s.p90:.2f})" if s else "-",
-            _fmt(s.efficiency if s else None, ".2f"),
+            _fmt(s.efficiency, ".2f", "n/a") if s else "-",
         )
     return table

@@ -23,17 +23,29 @@ from pathlib import Path
 from typing import Any
 
 from slimship._yaml import load_yaml
-from slimship.errors import ConfigError
+from slimship.errors import ConfigError, TransportError
 from slimship.runtimes.registry import RUNTIME_NAMES
 
 PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIME_CHOICES = ("auto", *RUNTIME_NAMES)
 TRANSPORT_SCHEMES = ("local", "ssh://user@host[:port]", "adb://SERIAL")
 _BUILTIN_SCHEMES = ("local", "ssh", "adb")
-_SSH_RE = re.compile(
-    r"^ssh://(?P<user>[A-Za-z0-9._-]+)@(?P<host>[A-Za-z0-9.:_-]+?|\[[0-9a-fA-F:]+\])(?::(?P<port>\d+))?$"
-)
-_ADB_RE = re.compile(r"^adb://(?P<serial>[A-Za-z0-9._:-]+)$")
+_SSH_RE = re.compile(r"^ssh://(?P<user>[^@]*)@(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>[^:]*))?$")
+# Each part of ssh://user@host[:port]: (pattern it must match, what to tell the user). Nothing may start
+# with '-' (ssh and scp would read it as an option), and whitespace, control characters and '@' never pass.
+_SSH_PARTS = {
+    "user": (
+        re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*"),
+        "letters, digits, '.', '_' and '-', not starting with '-'",
+    ),
+    "host": (
+        re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*"),
+        "a host name or IPv4 address (letters, digits, '.', '_', '-', not starting with '-'), "
+        "or an IPv6 address in brackets",
+    ),
+    "port": (re.compile(r"[0-9]{1,5}"), "a number from 1 to 65535"),
+}
+_ADB_RE = re.compile(r"^adb://(?P<serial>[A-Za-z0-9._:][A-Za-z0-9._:-]*)$")
 
 
 @dataclass(frozen=True)
@@ -110,15 +122,22 @@ def get_target(name: str, extra: dict[str, Target] | None = None) -> Target:
 
 
 def parse_transport(spec: str, where: str = "transport") -> dict[str, Any]:
-    """Split a transport string into its parts; raise ConfigError naming `where` if invalid."""
+    """Split a transport string into its parts; raise TransportError naming `where` if invalid."""
     if spec == "local":
         return {"scheme": "local"}
-    if m := _SSH_RE.match(spec):
+    if spec.startswith("ssh://") and (m := _SSH_RE.match(spec)):
+        parts = {k: v for k, v in m.groupdict().items() if v is not None}
+        for key, value in parts.items():
+            pattern, allowed = _SSH_PARTS[key]
+            if not pattern.fullmatch(value) or (key == "port" and not 1 <= int(value) <= 65535):
+                raise TransportError(
+                    f"{where}: the SSH {key} {value!r} in {spec!r} is not allowed; use {allowed}"
+                )
         return {
             "scheme": "ssh",
-            "user": m["user"],
-            "host": m["host"].strip("[]"),
-            "port": int(m["port"]) if m["port"] else 22,
+            "user": parts["user"],
+            "host": parts["host"].strip("[]"),
+            "port": int(parts.get("port", 22)),
         }
     if m := _ADB_RE.match(spec):
         return {"scheme": "adb", "serial": m["serial"]}
@@ -127,7 +146,7 @@ def parse_transport(spec: str, where: str = "transport") -> dict[str, Any]:
     scheme = spec.split("://", 1)[0]
     if "://" in spec and scheme in registered_schemes() and scheme not in _BUILTIN_SCHEMES:
         return {"scheme": scheme, "rest": spec.split("://", 1)[1]}
-    raise ConfigError(
+    raise TransportError(
         f"{where}: {spec!r} is not a transport; allowed forms: {', '.join(TRANSPORT_SCHEMES)}"
         + "".join(f", {s}://..." for s in registered_schemes() if s not in _BUILTIN_SCHEMES)
     )
