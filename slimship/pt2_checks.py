@@ -157,10 +157,16 @@ def drop_free_text(doc: Any, where: str) -> None:
 
 
 _SAMPLE_INPUTS = "data/sample_inputs/model.pt"
-_PICKLE_GLOBALS = re.compile(
-    r"^(torch\._utils _rebuild_tensor_v2|torch\._utils _rebuild_parameter|collections OrderedDict"
-    r"|torch [A-Za-z]*Storage|torch device|torch Size)$"
-)
+_STORAGE = re.compile(r"^torch\.[A-Za-z]*Storage$")
+
+
+def _tensor_global(name: str) -> bool:
+    """A pickle global ('module name') that torch's weights-only unpickler allows: what tensors need."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    module, _, attr = name.partition(" ")
+    dotted = f"{'builtins' if module == '__builtin__' else module}.{attr}"
+    return dotted in _get_allowed_globals() or bool(_STORAGE.match(dotted))
 _STRING_PUSHES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"})
 _MEMO_OPS = frozenset({"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"})
 
@@ -196,7 +202,7 @@ def check_sample_inputs(path: Path, members: dict[str, bytes]) -> None:
         raise ModelFileError(
             f"{where}: unreadable sample-inputs pickle ({type(exc).__name__}: {exc})"
         ) from None
-    unexpected = sorted({name for name in imports if not _PICKLE_GLOBALS.match(name)})
+    unexpected = sorted({name for name in imports if not _tensor_global(name)})
     if unexpected:
         raise PickleRequiredError(
             f"{where}: the stored sample inputs would import {', '.join(unexpected)[:200]} when unpickled, "
