@@ -25,7 +25,11 @@ def load_yaml(path: str | Path, what: str, error: type[SlimshipError] = ConfigEr
     """Parse the YAML file `path` (a `what`, e.g. "config file"); `error` names the file on any problem."""
     path = Path(path)
     data = _read_capped(path, what, error)
-    loader = yaml.SafeLoader(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}); give a YAML {what}") from None
+    loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -36,6 +40,10 @@ def load_yaml(path: str | Path, what: str, error: type[SlimshipError] = ConfigEr
         raise error(f"{path}: not valid YAML: {exc}") from None
     except RecursionError:
         raise error(f"{path}: the YAML is nested too deeply to be a {what}") from None
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{path}: not a text file ({exc.reason} at byte {exc.start}); give a YAML {what}"
+        ) from None
     finally:
         loader.dispose()
 

@@ -164,7 +164,7 @@ def _torch_export(
     if dynamic_batch:
         try:
             program = torch.export.export(model, inputs, dynamic_shapes=_batch_shapes(inputs), strict=False)
-            return program, True, model
+            return program, True, _without_shape_guards(model) or model  # parity at another batch
         except Exception as exc:
             unguarded = _without_shape_guards(model)
             if unguarded is not None:
@@ -187,9 +187,11 @@ def _torch_export(
 
 
 def _without_shape_guards(model: torch.nn.Module) -> torch.nn.Module | None:
-    """A copy of a `torch.export(...).module()` without its input-shape guard call, else None.
+    """A copy of a `torch.export(...).module()` without its input-shape checks (a `_guards_fn` call in the
+    graph, or the input-constraint pre-hook that `validate_inputs` switches), else None.
 
-    Such modules guard the traced batch size; the graph itself often works for any batch.
+    Such modules guard the traced batch size; the graph itself often works for any batch (the parity
+    check at another batch size proves it).
     """
     graph = getattr(model, "graph", None)
     if not isinstance(graph, torch.fx.Graph):
@@ -197,12 +199,14 @@ def _without_shape_guards(model: torch.nn.Module) -> torch.nn.Module | None:
     guards = [
         n for n in graph.nodes if n.op == "call_module" and str(n.target) == "_guards_fn" and not n.users
     ]
-    if not guards:
+    if not guards and not getattr(model, "validate_inputs", False):
         return None
     clone = copy.deepcopy(model)
     for node in [n for n in clone.graph.nodes if n.op == "call_module" and str(n.target) == "_guards_fn"]:
         clone.graph.erase_node(node)
     clone.recompile()
+    if hasattr(clone, "validate_inputs"):
+        clone.validate_inputs = False
     return clone
 
 
