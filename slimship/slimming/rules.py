@@ -23,10 +23,13 @@ from slimship.slimming.graph import (
     SUM,
     ChannelGraph,
     Site,
+    flat_values,
     is_multi,
     is_tensor_node,
+    node_inputs,
     op_args,
     op_name,
+    pin_touched,
     registrar,
     shape_of,
 )
@@ -38,8 +41,13 @@ RULES: dict[str, Rule] = {}
 rule = registrar(RULES)
 
 
-def build_channel_graph(gm: torch.fx.GraphModule) -> ChannelGraph:
-    """Apply the rule table to every node of `gm` and solve the components."""
+def build_channel_graph(gm: torch.fx.GraphModule, unreadable: dict[str, str] | None = None) -> ChannelGraph:
+    """Apply the rule table to every node of `gm` and solve the components.
+
+    A rule that cannot read its node (any exception) pins what the node touches, as for an op without
+    a rule, and is recorded in `g.unreadable`. Nodes named in `unreadable` (name -> reason, found by a
+    later stage) are pinned without trying their rule.
+    """
     g = ChannelGraph(gm)
     by_target: dict[str, Any] = {}
     for node in gm.graph.nodes:
@@ -50,16 +58,9 @@ def build_channel_graph(gm: torch.fx.GraphModule) -> ChannelGraph:
         elif node.op == "placeholder":
             g.layouts[node] = g.fresh_layout(node, pin="model input")
         elif node.op == "call_function":
-            name = op_name(node)
-            fn = RULES.get(name)
-            if fn is None:
-                if any(is_tensor_node(a) for a in _flat_args(node)) or is_tensor_node(node):
-                    g.unsupported.setdefault(name, []).append(node.name)
-                pin_unknown(g, node, f"no rule for {name} (node {node.name})")
-            else:
-                fn(g, node, op_args(node))
+            _apply_rule(g, node, (unreadable or {}).get(node.name))
         elif node.op == "output":
-            for value in _flat(node.args):
+            for value in flat_values(node.args):
                 g.pin_layout(g.layout(value), "model output")
         elif node.op == "call_module":  # export guards; they take inputs that are pinned already
             pass
@@ -67,22 +68,39 @@ def build_channel_graph(gm: torch.fx.GraphModule) -> ChannelGraph:
     return g
 
 
-def _flat(value: Any) -> list[Any]:
-    if isinstance(value, list | tuple):
-        return [x for item in value for x in _flat(item)]
-    if isinstance(value, dict):
-        return [x for item in value.values() for x in _flat(item)]
-    return [value]
+def _apply_rule(g: ChannelGraph, node: Node, known_unreadable: str | None) -> None:
+    name = op_name(node)
+    fn = RULES.get(name)
+    if known_unreadable is not None:
+        return pin_unknown(g, node, known_unreadable)
+    if fn is None:
+        if any(is_tensor_node(a) for a in node_inputs(node)) or is_tensor_node(node):
+            g.unsupported.setdefault(name, []).append(node.name)
+        return pin_unknown(g, node, f"no rule for {name} (node {node.name})")
+    edges, sites = len(g._edges), len(g.sites)
+    try:
+        fn(g, node, op_args(node))
+        _check_layout(node, g.layouts.get(node))
+    except Exception as exc:  # unknown means unprunable: whatever the rule could not read stays
+        del g._edges[edges:], g.sites[sites:]
+        pin_unknown(g, node, g.record_unreadable(node, "coupling", exc))
 
 
-def _flat_args(node: Node) -> list[Any]:
-    return _flat(node.args) + _flat(node.kwargs)
+def _check_layout(node: Node, layout: Any) -> None:
+    """A rule's layout must have one entry per dim of the node's value (catches misread arguments)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return
+    if not isinstance(layout, list) or len(layout) != val.dim():
+        raise ValueError(f"layout of rank {len(layout or [])} for a rank-{val.dim()} result")
+    for ids, size in zip(layout, shape_of(node), strict=True):
+        if ids is not None and size is not None and len(ids) != size:
+            raise ValueError(f"layout of {len(ids)} positions for a dim of size {size}")
 
 
 def pin_unknown(g: ChannelGraph, node: Node, reason: str) -> None:
     """The fallback: every dim of every tensor argument and of the result stays."""
-    for value in _flat_args(node):
-        g.pin_layout(g.layout(value), reason)
+    pin_touched(g, node, reason)
     val = node.meta.get("val")
     if isinstance(val, list | tuple):
         g.layouts[node] = [
@@ -123,7 +141,7 @@ def pointwise(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     out_shape = shape_of(node)
     rank = len(out_shape)
     out: list[np.ndarray | None] = [None] * rank
-    tensors = [v for v in _flat(list(a.values())) if is_tensor_node(v)]
+    tensors = [v for v in flat_values(list(a.values())) if is_tensor_node(v)]
     for d in range(rank):
         for t in tensors:
             t_shape = shape_of(t)
