@@ -511,9 +511,21 @@ def zero_group(model: nn.Module, group: ChannelGroup) -> None:
         t[slice_index(dim, positions, t.dim())] = 0
 
 
+def group_signature(group: ChannelGroup) -> tuple[tuple[str, int, int], ...]:
+    """(tensor, dim, slice width) of each producing slice and statistic: groups with the same
+    signature can be copied onto each other (a concat's branches have different producers)."""
+    return tuple((name, dim, len(positions)) for name, dim, positions in group.produce + group.stats)
+
+
 @torch.no_grad()
 def copy_group(model: nn.Module, source: ChannelGroup, target: ChannelGroup) -> None:
     """Make `target`'s producing slices (and statistics) equal to `source`'s."""
+    if group_signature(source) != group_signature(target):
+        raise SlimmingError(
+            f"cannot copy group {source.space}#{source.index} onto {target.space}#{target.index}: they are "
+            "produced by different tensors (for example two branches of a concat); pick a group with the "
+            "same group_signature"
+        )
     for (name, dim, src), (_, _, dst) in zip(
         source.produce + source.stats, target.produce + target.stats, strict=True
     ):
@@ -548,18 +560,23 @@ def make_random_identical(model: nn.Module, example_inputs: Any, fraction: float
     rng = random.Random(seed)
     merging = 0
     for indices in found.by_space.values():
-        k = min(int(round(fraction * len(indices))), len(indices) - 1)
-        if k <= 0:
-            continue
-        order = rng.sample(indices, len(indices))
-        reps, members = order[: max(1, len(order) - k)], order[len(order) - k :]
-        for member in members:
-            source = found.groups[rng.choice(reps)]
-            target = found.groups[member]
-            if [len(p[2]) for p in source.produce + source.stats] != [
-                len(p[2]) for p in target.produce + target.stats
-            ]:
-                continue
-            copy_group(model, source, target)
-            merging += 1
+        by_signature: dict[tuple, list[int]] = defaultdict(list)  # a concat's branches apart
+        for i in indices:
+            by_signature[group_signature(found.groups[i])].append(i)
+        for members in by_signature.values():
+            merging += _copy_random(model, found.groups, members, fraction, rng)
     return merging
+
+
+def _copy_random(
+    model: nn.Module, groups: list[ChannelGroup], indices: list[int], fraction: float, rng: random.Random
+) -> int:
+    """Copy random representatives onto a `fraction` of `indices` (groups of one signature)."""
+    k = min(int(round(fraction * len(indices))), len(indices) - 1)
+    if k <= 0:
+        return 0
+    order = rng.sample(indices, len(indices))
+    reps, members = order[: len(order) - k], order[len(order) - k :]
+    for member in members:
+        copy_group(model, groups[rng.choice(reps)], groups[member])
+    return len(members)

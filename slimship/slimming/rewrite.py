@@ -73,9 +73,11 @@ def _apply_folds(plan: Plan, new: dict[str, torch.Tensor]) -> None:
     for fold in plan.folds:
         weight = new[str(fold.site.weight.target)]
         bias = new[str(fold.site.bias.target)]
-        columns = weight.index_select(1, torch.from_numpy(fold.positions)).double()
+        columns = weight.index_select(fold.site.weight_dim, torch.from_numpy(fold.positions)).double()
         if fold.site.kind == CONV:
             columns = columns.sum(dim=tuple(range(2, columns.dim())))
+        elif fold.site.weight_dim == 0:  # a linear weight stored [in, out] (addmm)
+            columns = columns.t()
         shift = columns @ torch.from_numpy(fold.consts)
         new[str(fold.site.bias.target)] = (bias.double() + shift).to(bias.dtype)
 

@@ -24,6 +24,7 @@ from slimship.slimming.graph import (
     ChannelGraph,
     Site,
     flat_values,
+    get_tensor,
     is_multi,
     is_tensor_node,
     node_inputs,
@@ -49,12 +50,13 @@ def build_channel_graph(gm: torch.fx.GraphModule, unreadable: dict[str, str] | N
     later stage) are pinned without trying their rule.
     """
     g = ChannelGraph(gm)
-    by_target: dict[str, Any] = {}
+    by_tensor: dict[Any, Any] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr":  # one layout per tensor, however many nodes read it
-            if node.target not in by_target:
-                by_target[node.target] = g.fresh_layout(node)
-            g.layouts[node] = by_target[node.target]
+        if node.op == "get_attr":  # one layout per tensor, however many nodes (or tied names) read it
+            key = tensor_key(gm, node)
+            if key not in by_tensor:
+                by_tensor[key] = g.fresh_layout(node)
+            g.layouts[node] = by_tensor[key]
         elif node.op == "placeholder":
             g.layouts[node] = g.fresh_layout(node, pin="model input")
         elif node.op == "call_function":
@@ -66,6 +68,16 @@ def build_channel_graph(gm: torch.fx.GraphModule, unreadable: dict[str, str] | N
             pass
     g.solve()
     return g
+
+
+def tensor_key(gm: torch.fx.GraphModule, node: Node) -> Any:
+    """The identity of the tensor a get_attr reads, so that tied names (GPT-2's lm_head and wte) share
+    one layout; the target itself when it is not a tensor."""
+    try:
+        tensor = get_tensor(gm, str(node.target))
+    except AttributeError:
+        return node.target
+    return id(tensor) if isinstance(tensor, torch.Tensor) else node.target
 
 
 def _apply_rule(g: ChannelGraph, node: Node, known_unreadable: str | None) -> None:
@@ -126,7 +138,7 @@ UNARY = (
     "aten.neg aten.abs aten.sqrt aten.rsqrt aten.reciprocal aten.square aten.log aten.pow aten.dropout "
     "aten.feature_dropout aten.alpha_dropout aten.clone aten.contiguous aten.alias aten.detach aten.to "
     "aten._to_copy aten.type_as aten.zeros_like aten.ones_like aten.full_like aten.empty_like "
-    "aten.lift_fresh_copy aten.identity"
+    "aten.lift_fresh_copy aten.identity aten.detach_"
 ).split()
 BINARY = (
     "aten.add aten.add_ aten.sub aten.sub_ aten.rsub aten.mul aten.mul_ aten.div aten.div_ aten.maximum "
@@ -241,6 +253,15 @@ def batch_norm(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
             g.unify(xl[1], g.layout(p)[0], f"{op_name(node)} {name}")
             if name == "running_var":
                 g.stat_dims.add((p, 0))
+    own_stats = op_name(node) == "aten.instance_norm" or (
+        op_name(node) == "aten.batch_norm"
+        and (a.get("training") or a.get("running_mean") is None or a.get("running_var") is None)
+    )
+    if own_stats:  # statistics over every other dim (BiT's weight standardisation): those dims mix
+        reason = f"{op_name(node)} {node.name} normalises with statistics over this dim"
+        for d, ids in enumerate(xl):
+            if d != 1 and not (d == 0 and op_name(node) == "aten.instance_norm"):
+                g.pin(ids, reason)
     if op_name(node) == "aten._native_batch_norm_legit_no_training":
         g.layouts[node] = [list(xl), [g.fresh(0)], [g.fresh(0)]]
     else:
@@ -402,6 +423,48 @@ def _broadcast_batch(g: ChannelGraph, node: Node, parts, rank: int) -> list[np.n
             else:
                 g.unify(out[d], ids, "batched matmul")
     return [o if o is not None else g.fresh(out_shape[d], "broadcast") for d, o in enumerate(out)]
+
+
+@rule("aten.addmm")
+def addmm(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    """beta * bias + alpha * (x @ W): a linear layer whose weight is stored [in, out] (GPT-2's Conv1D)
+    or given as W.t()."""
+    x, mat2, bias = a["mat1"], a["mat2"], a["self"]
+    xl, ml = g.layout(x), g.layout(mat2)
+    out = [xl[0], ml[1]]
+    g.unify(xl[1], ml[0], "addmm inner dim")
+    for bd, ids in enumerate(reversed(g.layout(bias) or [])):
+        d = 1 - bd
+        if shape_of(bias)[-1 - bd] != 1 or shape_of(node)[d] == 1:
+            g.unify(out[d], ids, "addmm bias")
+    weight, weight_dim = addmm_weight(mat2)
+    plain = a.get("alpha", 1) == 1 and a.get("beta", 1) == 1
+    one_d_bias = bias if is_tensor_node(bias) and len(shape_of(bias)) == 1 else None
+    if weight is not None:
+        g.consumer_dims.add((weight, weight_dim))
+    site = Site(
+        node,
+        LINEAR,
+        [(x, 1), (mat2, 0)],
+        weight=weight if weight is not None else mat2,
+        weight_dim=weight_dim,
+        bias=one_d_bias,
+    )
+    site.foldable = plain and weight is not None and one_d_bias is not None
+    g.sites.append(site)
+    g.layouts[node] = out
+
+
+def addmm_weight(mat2: Any) -> tuple[Node | None, int]:
+    """The parameter behind addmm's mat2 and its input-side dim: 0 for a stored [in, out] weight,
+    1 for a [out, in] weight read through `t()`; (None, 0) for a computed one."""
+    if isinstance(mat2, Node) and mat2.op == "get_attr":
+        return mat2, 0
+    if isinstance(mat2, Node) and op_name(mat2) in ("aten.t", "aten.numpy_T"):
+        source = mat2.args[0]
+        if isinstance(source, Node) and source.op == "get_attr" and len(shape_of(source)) == 2:
+            return source, 1
+    return None, 0
 
 
 @rule("aten.scaled_dot_product_attention")

@@ -334,16 +334,45 @@ def linear(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     return result
 
 
+@value_rule("aten.addmm")
+def addmm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    """Facts of beta * bias + alpha * (x @ W) for alpha = beta = 1 (a linear layer), else none."""
+    from slimship.slimming.rules import addmm_weight
+
+    x, mat2, b = a["mat1"], a["mat2"], a["self"]
+    result = _none(node)
+    if a.get("alpha", 1) != 1 or a.get("beta", 1) != 1 or not is_tensor_node(b) or len(shape_of(b)) != 1:
+        return result
+    n, out_ch = shape_of(node)
+    bias = va.vector(b, out_ch) if shape_of(b)[0] == out_ch else np.full(out_ch, np.nan)
+    if va.live(node, 0):
+        facts = va.dim_or_unknown(x, 0, n)
+        const = np.where((facts.const == 0) & bool((bias == 0).all()), 0.0, np.nan)
+        result[0] = DimFacts(const, relabel(facts.cls, const))
+    if va.live(node, 1):
+        weight, weight_dim = addmm_weight(mat2)
+        if weight is None:
+            result[1] = _computed_weight_out(va, mat2, bias, out_ch, weight_dim=1)
+        else:
+            w = va.param(weight).detach()
+            w = w.t() if weight_dim == 0 else w
+            result[1] = _mixing_out(va, w, bias, va.dim(x, 1), exact_const=True)
+    return result
+
+
 def _bias_keys(bias: np.ndarray) -> list[np.ndarray]:
     """Key columns for a bias: equal known values are equal; each unknown value is its own."""
     unknown = np.isnan(bias)
     return [np.where(unknown, 0.0, bias), np.where(unknown, np.arange(1, len(bias) + 1), 0.0)]
 
 
-def _computed_weight_out(va: ValueAnalysis, w: Node, bias: np.ndarray | None, out_ch: int) -> DimFacts:
+def _computed_weight_out(
+    va: ValueAnalysis, w: Node, bias: np.ndarray | None, out_ch: int, weight_dim: int = 0
+) -> DimFacts:
     """Output-channel facts when the weight is computed in forward (weight standardisation, ...):
-    a provably zero row gives its bias, provably equal rows with equal biases give equal channels."""
-    facts = va.dim_or_unknown(w, 0, out_ch)
+    a provably zero row gives its bias, provably equal rows with equal biases give equal channels.
+    `weight_dim` is the weight's output dim."""
+    facts = va.dim_or_unknown(w, weight_dim, out_ch)
     b = bias if bias is not None else np.zeros(out_ch)
     const = np.where(facts.const == 0, b, np.nan)
     keys = np.stack([facts.cls.astype(np.float64), *_bias_keys(b)], axis=1)
