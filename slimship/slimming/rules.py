@@ -93,6 +93,8 @@ def _apply_rule(g: ChannelGraph, node: Node, known_unreadable: str | None) -> No
     try:
         fn(g, node, op_args(node))
         _check_layout(node, g.layouts.get(node))
+        for site in g.sites[sites:]:
+            _check_site(g, site)
     except Exception as exc:  # unknown means unprunable: whatever the rule could not read stays
         del g._edges[edges:], g.sites[sites:]
         pin_unknown(g, node, g.record_unreadable(node, "coupling", exc))
@@ -108,6 +110,13 @@ def _check_layout(node: Node, layout: Any) -> None:
     for ids, size in zip(layout, shape_of(node), strict=True):
         if ids is not None and size is not None and len(ids) != size:
             raise ValueError(f"layout of {len(ids)} positions for a dim of size {size}")
+
+
+def _check_site(g: ChannelGraph, site: Site) -> None:
+    """A site's operands must align position by position along the dims it mixes."""
+    sizes = {len(g.layout(n)[d]) if g.layout(n)[d] is not None else None for n, d in site.operands}
+    if len(sizes) != 1:
+        raise ValueError(f"{site.kind} site of mismatched sizes {sorted(map(str, sizes))}")
 
 
 def pin_unknown(g: ChannelGraph, node: Node, reason: str) -> None:
@@ -143,7 +152,8 @@ UNARY = (
 BINARY = (
     "aten.add aten.add_ aten.sub aten.sub_ aten.rsub aten.mul aten.mul_ aten.div aten.div_ aten.maximum "
     "aten.minimum aten.where aten.masked_fill aten.eq aten.ne aten.gt aten.lt aten.ge aten.le "
-    "aten.bitwise_and aten.bitwise_or aten.logical_and aten.logical_or aten.logical_not aten.bitwise_not"
+    "aten.bitwise_and aten.bitwise_or aten.logical_and aten.logical_or aten.logical_not aten.bitwise_not "
+    "aten.__and__ aten.__or__ aten.__xor__"
 ).split()
 
 
@@ -162,7 +172,8 @@ def pointwise(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
                 continue
             ids = g.layout(t)[td]
             if t_shape[td] == 1 and out_shape[d] != 1:
-                continue  # broadcast along this dim
+                g.pin(ids, f"{op_name(node)} broadcasts this dim")  # its one position cannot go
+                continue
             if out[d] is None and ids is not None:
                 out[d] = ids
             else:
@@ -534,6 +545,7 @@ def expand(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     out = [g.fresh(s, "expanded dim") for s in out_shape[:lead]]
     for d, ids in enumerate(xl):
         if in_shape[d] == 1 and out_shape[lead + d] != 1:
+            g.pin(ids, f"expand {node.name} broadcasts this dim")
             out.append(g.fresh(out_shape[lead + d], "expanded dim"))
         else:
             out.append(ids)
@@ -753,7 +765,18 @@ def no_layout(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
 
 
 @rule(
-    "aten.arange", "aten.zeros", "aten.ones", "aten.full", "aten.empty", "aten.scalar_tensor", "aten.tensor"
+    "aten.arange",
+    "aten.zeros",
+    "aten.ones",
+    "aten.full",
+    "aten.empty",
+    "aten.scalar_tensor",
+    "aten.tensor",
+    "aten.new_zeros",
+    "aten.new_ones",
+    "aten.new_full",
+    "aten.new_empty",
 )
 def factory(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    """A new tensor (`new_*` read only their operand's dtype and device): its dims stay."""
     g.layouts[node] = g.fresh_layout(node, pin=f"constant tensor {node.name}")
