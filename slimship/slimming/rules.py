@@ -493,8 +493,23 @@ def sdpa(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     g.sites.append(Site(node, DOT, [(q, len(ql) - 1), (k, len(kl) - 1)]))
     mask = a.get("attn_mask")
     if mask is not None:
-        g.pin_layout(g.layout(mask), "attention mask")
+        _attention_mask(g, node, mask, [*ql[:-1], kl[-2]])
     g.layouts[node] = list(ql[:-1]) + [vl[-1]]
+
+
+def _attention_mask(g: ChannelGraph, node: Node, mask: Node, scores: list[np.ndarray | None]) -> None:
+    """The mask broadcasts against the scores (batch..., heads, queries, keys): a dim it does not
+    broadcast shares the scores' positions (CoAtNet's per-head relative-position bias removes a head
+    with the head); its query and key dims stay."""
+    ml, m_shape = g.layout(mask), shape_of(mask)
+    for md in range(len(ml)):
+        d = len(scores) - len(ml) + md
+        if d >= len(scores) - 2 or d < 0:
+            g.pin(ml[md], f"attention mask of {node.name}")
+        elif m_shape[md] == 1 and (scores[d] is None or len(scores[d]) != 1):
+            g.pin(ml[md], f"attention mask of {node.name} broadcasts this dim")
+        else:
+            g.unify(scores[d], ml[md], f"attention mask of {node.name}")
 
 
 # ---- shape ops --------------------------------------------------------------------------------

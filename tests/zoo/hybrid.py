@@ -4,8 +4,9 @@
   so a conv reads a weight that is not a parameter;
 - BEiT's qkv bias ``cat(q_bias, zeros_like(v_bias), v_bias)`` passed to ``F.linear``;
 - MaxViT's window partition with ``swapaxes`` (schema names ``axis0``/``axis1``);
-- CoAtNet's MBConv stage, then attention with a relative-position bias made by an MLP, and a layer
-  scale broadcast with ``expand`` to a literal channel count (a size the rewrite must change).
+- CoAtNet's MBConv stage, then sdpa whose mask is a per-head relative-position bias (made by an
+  MLP), and a layer scale broadcast with ``expand`` to a literal channel count (a size the rewrite
+  must change).
 """
 
 from __future__ import annotations
@@ -116,10 +117,11 @@ class RelPosAttention(nn.Module):
         b, c, h, w = x.shape
         n = h * w
         q, k, v = self.qkv(x).view(b, self.heads, 3 * c // self.heads, n).chunk(3, dim=2)
-        attn = (q.transpose(-2, -1) @ k) * (c // self.heads) ** -0.5
-        bias = self.bias_mlp(self.rel_coords).view(n, n, self.heads).permute(2, 0, 1)
-        attn = (attn + bias.unsqueeze(0)).softmax(dim=-1)
-        return self.proj((v @ attn.transpose(-2, -1)).view(b, c, h, w))
+        bias = self.bias_mlp(self.rel_coords).view(n, n, self.heads).permute(2, 0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(  # the bias is a mask with one slice per head
+            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), attn_mask=bias
+        )
+        return self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
 class CoAtNetLike(nn.Module):
