@@ -114,7 +114,13 @@ class SlimResult:
                 owner._buffers[leaf] = tensor.clone()
         for sub in module.modules():
             _sync_attributes(sub)
-        verify_outputs(self.model, module, as_input_tuple(example_inputs), rtol=rtol, what="apply_to")
+        check = check_outputs(self.model, module, as_input_tuple(example_inputs), rtol=rtol, what="apply_to")
+        if not check.passed:
+            what = check.error or f"max rel diff {check.max_rel_diff:.3g} > {rtol}"
+            raise VerificationError(
+                f"apply_to: the module's own forward does not match the slim graph ({what}); it may hard-code"
+                " a size. Use result.model (a GraphModule) instead"
+            )
         return module
 
 

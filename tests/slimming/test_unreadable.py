@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from slimship import find_groups, slim, zero_random_groups
+from slimship.errors import VerificationError
 from slimship.slimming import rewrite as rewrite_module
 from slimship.slimming import rules as rules_module
 from slimship.slimming import values as values_module
@@ -39,6 +40,13 @@ def _zeroed_head() -> tuple[nn.Module, torch.Tensor]:
             layer.weight[rows] = 0
             layer.bias[rows] = 0
     return model, x
+
+
+def test_apply_to_refuses_a_module_that_hard_codes_a_size() -> None:
+    model, x = _zeroed_head()  # its forward views to 6 * 4 * 4 features: a literal the slim graph changes
+    result = slim(model, x)
+    with pytest.raises(VerificationError, match=r"apply_to.*hard-code"):
+        result.apply_to(model, x)
 
 
 def _raise(*args, **kwargs):
