@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from slimship.compare import compare
 from slimship.errors import SlimmingError, VerificationError
-from slimship.slimming.graph import ChannelGraph, get_tensor, slice_index
+from slimship.slimming.graph import ChannelGraph, Unreadable, get_tensor, slice_index
 from slimship.slimming.plan import Plan, make_plan, spaces
 from slimship.slimming.rewrite import rewrite
 from slimship.slimming.rules import build_channel_graph
@@ -52,6 +52,7 @@ class Verification:
     inputs_checked: int
     passed: bool
     reason: str = ""  # why it failed: batch, output, kind of mismatch, first index
+    error: str | None = None  # the slim model failed to run (a failed verification, like a mismatch)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class SlimReport:
     unsupported_ops: dict[str, list[str]]
     verification: Verification | None
     excluded_spaces: list[str] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)  # nodes a rule could not read: pinned
 
     def kept_channels(self) -> dict[str, list[int]]:
         """Per space: [before, after]."""
@@ -114,9 +116,13 @@ class SlimResult:
                 owner._buffers[leaf] = tensor.clone()
         for sub in module.modules():
             _sync_attributes(sub)
-        check = verify_outputs(self.model, module, as_input_tuple(example_inputs), rtol=rtol, what="apply_to")
+        check = check_outputs(self.model, module, as_input_tuple(example_inputs), rtol=rtol, what="apply_to")
         if not check.passed:
-            raise VerificationError(f"{check.reason}; does the module hard-code a size slimming changed?")
+            what = check.error or check.reason
+            raise VerificationError(
+                f"apply_to: the module's own forward does not match the slim graph ({what}); it may hard-code"
+                " a size. Use result.model (a GraphModule) instead"
+            )
         return module
 
 
@@ -240,10 +246,28 @@ class _Analysis:
     spaces: dict[str, list]
 
 
+def check_outputs(
+    reference: nn.Module, candidate: nn.Module, example_inputs: tuple[Any, ...], **options: Any
+) -> Verification:
+    """`verify_outputs`, where a candidate that fails to run (or changes an output's shape) is a
+    failed verification instead of an exception."""
+    try:
+        return verify_outputs(reference, candidate, example_inputs, **options)
+    except Exception as exc:  # a rewritten graph that does not run is as wrong as a numeric mismatch
+        cause = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        rtol = options.get("rtol", 1e-5)
+        return Verification(float("inf"), float("inf"), rtol, 0, False, reason=cause, error=cause)
+
+
 def _analyse(
-    gm: torch.fx.GraphModule, merge: bool, fold: bool, exclude: set[str], channel_multiple: int | None = None
+    gm: torch.fx.GraphModule,
+    merge: bool,
+    fold: bool,
+    exclude: set[str],
+    channel_multiple: int | None = None,
+    unreadable: dict[str, str] | None = None,
 ) -> _Analysis:
-    g = build_channel_graph(gm)
+    g = build_channel_graph(gm, unreadable)
     va = ValueAnalysis(g)
     plan = make_plan(g, va, merge=merge, fold=fold)
     named = spaces(g)
@@ -331,25 +355,23 @@ def slim(
     reference = copy.deepcopy(pristine)
     flops_before = count_flops(reference, inputs)
     excluded: set[str] = set()
+    pinned: dict[str, Unreadable] = {}  # nodes whose sizes the rewrite could not fix
     for _attempt in range(4):
-        gm = copy.deepcopy(pristine)
-        analysis = _analyse(gm, merge, fold_constants, excluded, channel_multiple)
-        before = {
-            str(n.target): list(get_tensor(gm, str(n.target)).shape)
-            for n in gm.graph.nodes
-            if n.op == "get_attr"
-        }
-        new = rewrite(analysis.graph, analysis.plan)
-        check = verify_outputs(reference, gm, inputs, rtol=rtol, n_random=n_random, seed=seed)
+        gm, analysis, new = _rewrite_copy(pristine, merge, fold_constants, excluded, channel_multiple, pinned)
+        before = {name: list(get_tensor(pristine, name).shape) for name in new}
+        check = check_outputs(reference, gm, inputs, rtol=rtol, n_random=n_random, seed=seed)
         if check.passed:
             break
+        if check.error:
+            log.warning("slim model failed to run (%s); looking for the spaces that cause it", check.error)
         culprits = _find_culprits(
-            pristine, reference, inputs, merge, fold_constants, excluded, analysis, rtol, seed
+            pristine, reference, inputs, merge, fold_constants, excluded, analysis, rtol, seed, pinned
         )
         if not culprits:
+            what = check.error or f"max rel diff {check.max_rel_diff:.3g}, bound {rtol}: {check.reason}"
             raise VerificationError(
-                f"slim model differs from its source (max rel diff {check.max_rel_diff:.3g}, bound {rtol}): "
-                f"{check.reason}; no single space explains it. Please report this model."
+                f"slim model differs from its source ({what}); "
+                "no single space explains it. Please report this model."
             )
         log.warning("spaces %s did not verify; keeping them in place", sorted(culprits))
         excluded |= culprits
@@ -362,7 +384,10 @@ def slim(
         for name, shape in before.items()
         if new[name].dim() > 0
     ]
-    report = SlimReport(_report_spaces(analysis), layers, analysis.graph.unsupported, check, sorted(excluded))
+    unreadable = list(pinned.values()) + analysis.graph.unreadable
+    report = SlimReport(
+        _report_spaces(analysis), layers, analysis.graph.unsupported, check, sorted(excluded), unreadable
+    )
     return SlimResult(
         model=gm,
         report=report,
@@ -377,16 +402,42 @@ def slim(
     )
 
 
-def _find_culprits(pristine, reference, inputs, merge, fold, excluded, analysis, rtol, seed) -> set[str]:
-    """Slim one changed space at a time; the ones that fail alone are the culprits."""
+def _rewrite_copy(
+    pristine: torch.fx.GraphModule,
+    merge: bool,
+    fold: bool,
+    exclude: set[str],
+    channel_multiple: int | None,
+    pinned: dict[str, Unreadable],
+) -> tuple[torch.fx.GraphModule, _Analysis, dict[str, torch.Tensor]]:
+    """Analyse and rewrite a copy of `pristine`. A node whose sizes the rewrite cannot fix is added to
+    `pinned` and the copy is slimmed again with it pinned (each round pins at least one more node)."""
+    while True:
+        gm = copy.deepcopy(pristine)
+        reasons = {
+            name: f"rewrite could not read {u.op} (node {name}): {u.reason}" for name, u in pinned.items()
+        }
+        analysis = _analyse(gm, merge, fold, exclude, channel_multiple, reasons)
+        new = rewrite(analysis.graph, analysis.plan)
+        failed = {
+            u.node: u for u in analysis.graph.unreadable if u.stage == "rewrite" and u.node not in pinned
+        }
+        if not failed:
+            return gm, analysis, new
+        log.warning("rewrite could not read nodes %s; slimming again with them pinned", sorted(failed))
+        pinned.update(failed)
+
+
+def _find_culprits(
+    pristine, reference, inputs, merge, fold, excluded, analysis, rtol, seed, pinned=None
+) -> set[str]:
+    """Slim one changed space at a time; those that fail alone (mismatch or run error) are the culprits."""
     changed = [s.name for s in _report_spaces(analysis) if s.removed or s.merged]
     culprits = set()
     for name in changed[:64]:
         others = {s for s in changed if s != name} | excluded
-        gm = copy.deepcopy(pristine)
-        trial = _analyse(gm, merge, fold, others)
-        rewrite(trial.graph, trial.plan)
-        if not verify_outputs(reference, gm, inputs, rtol=rtol, n_random=1, seed=seed).passed:
+        gm, _, _ = _rewrite_copy(pristine, merge, fold, others, None, dict(pinned or {}))
+        if not check_outputs(reference, gm, inputs, rtol=rtol, n_random=1, seed=seed).passed:
             culprits.add(name)
     return culprits
 
@@ -470,9 +521,21 @@ def zero_group(model: nn.Module, group: ChannelGroup) -> None:
         t[slice_index(dim, positions, t.dim())] = 0
 
 
+def group_signature(group: ChannelGroup) -> tuple[tuple[str, int, int], ...]:
+    """(tensor, dim, slice width) of each producing slice and statistic: groups with the same
+    signature can be copied onto each other (a concat's branches have different producers)."""
+    return tuple((name, dim, len(positions)) for name, dim, positions in group.produce + group.stats)
+
+
 @torch.no_grad()
 def copy_group(model: nn.Module, source: ChannelGroup, target: ChannelGroup) -> None:
     """Make `target`'s producing slices (and statistics) equal to `source`'s."""
+    if group_signature(source) != group_signature(target):
+        raise SlimmingError(
+            f"cannot copy group {source.space}#{source.index} onto {target.space}#{target.index}: they are "
+            "produced by different tensors (for example two branches of a concat); pick a group with the "
+            "same group_signature"
+        )
     for (name, dim, src), (_, _, dst) in zip(
         source.produce + source.stats, target.produce + target.stats, strict=True
     ):
@@ -507,18 +570,23 @@ def make_random_identical(model: nn.Module, example_inputs: Any, fraction: float
     rng = random.Random(seed)
     merging = 0
     for indices in found.by_space.values():
-        k = min(int(round(fraction * len(indices))), len(indices) - 1)
-        if k <= 0:
-            continue
-        order = rng.sample(indices, len(indices))
-        reps, members = order[: max(1, len(order) - k)], order[len(order) - k :]
-        for member in members:
-            source = found.groups[rng.choice(reps)]
-            target = found.groups[member]
-            if [len(p[2]) for p in source.produce + source.stats] != [
-                len(p[2]) for p in target.produce + target.stats
-            ]:
-                continue
-            copy_group(model, source, target)
-            merging += 1
+        by_signature: dict[tuple, list[int]] = defaultdict(list)  # a concat's branches apart
+        for i in indices:
+            by_signature[group_signature(found.groups[i])].append(i)
+        for members in by_signature.values():
+            merging += _copy_random(model, found.groups, members, fraction, rng)
     return merging
+
+
+def _copy_random(
+    model: nn.Module, groups: list[ChannelGroup], indices: list[int], fraction: float, rng: random.Random
+) -> int:
+    """Copy random representatives onto a `fraction` of `indices` (groups of one signature)."""
+    k = min(int(round(fraction * len(indices))), len(indices) - 1)
+    if k <= 0:
+        return 0
+    order = rng.sample(indices, len(indices))
+    reps, members = order[: len(order) - k], order[len(order) - k :]
+    for member in members:
+        copy_group(model, groups[rng.choice(reps)], groups[member])
+    return len(members)

@@ -46,6 +46,16 @@ class Site:
 
 
 @dataclass
+class Unreadable:
+    """A node whose rule could not read it (coupling, values or rewrite stage): its dims stay."""
+
+    node: str
+    op: str
+    stage: str
+    reason: str
+
+
+@dataclass
 class ChannelGraph:
     gm: torch.fx.GraphModule
     count: int = 0
@@ -56,6 +66,7 @@ class ChannelGraph:
     consumer_dims: set[tuple[Node, int]] = field(default_factory=set)  # param dims read by a site
     stat_dims: set[tuple[Node, int]] = field(default_factory=set)  # variance-like buffers: never zeroed
     unsupported: dict[str, list[str]] = field(default_factory=dict)  # op -> nodes pinned for lack of a rule
+    unreadable: list[Unreadable] = field(default_factory=list)  # nodes a rule could not read: pinned
     component: np.ndarray | None = None
     pinned: np.ndarray | None = None  # per component
     pin_reason: dict[int, str] = field(default_factory=dict)  # component -> first reason
@@ -92,6 +103,12 @@ class ChannelGraph:
     def pin_layout(self, layout: Any, reason: str) -> None:
         for ids in iter_dims(layout):
             self.pin(ids, reason)
+
+    def record_unreadable(self, node: Node, stage: str, exc: BaseException) -> str:
+        """Note that the `stage` rule of `node` failed; return the pin reason naming node, op and cause."""
+        cause = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        self.unreadable.append(Unreadable(node.name, op_name(node), stage, cause))
+        return f"{stage} rule could not read {op_name(node)} (node {node.name}): {cause}"
 
     def layout(self, value: Any) -> Any:
         """Layout of a graph value (Node); None for scalars and non-tensors."""
@@ -201,13 +218,65 @@ def op_name(node: Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def op_args(node: Node) -> dict[str, Any]:
-    """Arguments of an ATen call by schema name, defaults filled in."""
+# Argument names that overloads of one op spell differently; a rule reads the name on the left.
+ARG_ALIASES = {
+    "self": ("input", "a"),
+    "input": ("self", "a"),
+    "dim0": ("axis0",),
+    "dim1": ("axis1",),
+    "dim": ("axis",),
+    "other": ("mat2",),
+    "mat2": ("other",),
+}
+
+
+class OpArgs(dict):
+    """An ATen call's arguments by schema name (defaults filled in), also by alias and by position.
+
+    `a["dim0"]` finds `axis0` too (see ARG_ALIASES); `a.at(1)` is the second schema argument, however
+    it was passed. A missing name raises a KeyError naming the node and the names it has.
+    """
+
+    def __init__(self, node: Node, values: dict[str, Any], positional: list[Any]) -> None:
+        super().__init__(values)
+        self.node_name = node.name
+        self.positional = positional
+
+    def __missing__(self, key: str) -> Any:
+        for alias in ARG_ALIASES.get(key, ()):
+            if dict.__contains__(self, alias):
+                return dict.__getitem__(self, alias)
+        raise KeyError(f"{self.node_name} has no argument {key!r} (has {sorted(self)})")
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or any(
+            dict.__contains__(self, a) for a in ARG_ALIASES.get(key, ())
+        )
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401 - dict.get skips the aliases
+
+    def at(self, index: int) -> Any:
+        return self.positional[index]
+
+
+def op_args(node: Node) -> OpArgs:
+    """Normalise a call's args and kwargs against its schema: every argument by name, defaults filled.
+
+    Raises ValueError for a call its schema cannot read (an unknown keyword, a required argument
+    missing, too many positional arguments): the caller pins the node. A target without a schema
+    (getitem, a Python function) keeps its positional arguments and its keywords by name.
+    """
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
-        return {}
-    out: dict[str, Any] = {}
+        return OpArgs(node, dict(node.kwargs), list(node.args))
     schema_args = target._schema.arguments
+    if len(node.args) > len(schema_args):
+        raise ValueError(f"{node.name}: {len(node.args)} positional arguments for {target._schema}")
+    unknown = set(node.kwargs) - {arg.name for arg in schema_args}
+    if unknown:
+        raise ValueError(f"{node.name}: unknown keyword(s) {sorted(unknown)} for {target._schema}")
+    out: dict[str, Any] = {}
     for i, arg in enumerate(schema_args):
         if i < len(node.args):
             out[arg.name] = node.args[i]
@@ -215,15 +284,40 @@ def op_args(node: Node) -> dict[str, Any]:
             out[arg.name] = node.kwargs[arg.name]
         elif arg.has_default_value():
             out[arg.name] = arg.default_value
-        else:
+        elif str(arg.type).endswith("?"):  # optional without a default: absent is None
             out[arg.name] = None
-    return out
+        else:
+            raise ValueError(f"{node.name}: required argument {arg.name!r} missing for {target._schema}")
+    return OpArgs(node, out, [out[arg.name] for arg in schema_args])
+
+
+def flat_values(value: Any) -> list[Any]:
+    """Every leaf of nested lists, tuples and dicts."""
+    if isinstance(value, list | tuple):
+        return [x for item in value for x in flat_values(item)]
+    if isinstance(value, dict):
+        return [x for item in value.values() for x in flat_values(item)]
+    return [value]
+
+
+def node_inputs(node: Node) -> list[Any]:
+    """Every leaf of a node's args and kwargs."""
+    return flat_values(node.args) + flat_values(node.kwargs)
+
+
+def pin_touched(g: ChannelGraph, node: Node, reason: str) -> None:
+    """Pin every dim of every tensor a node reads, and of its own layout if it has one."""
+    for value in node_inputs(node):
+        g.pin_layout(g.layout(value), reason)
+    g.pin_layout(g.layouts.get(node), reason)
 
 
 def set_op_arg(node: Node, name: str, value: Any) -> None:
     """Set an ATen call's argument by schema name (positional if it was given positionally)."""
     schema_args = node.target._schema.arguments
-    index = next(i for i, a in enumerate(schema_args) if a.name == name)
+    names = [name, *ARG_ALIASES.get(name, ())]
+    index = next(i for i, a in enumerate(schema_args) if a.name in names)
+    name = schema_args[index].name
     if index < len(node.args):
         args = list(node.args)
         args[index] = value

@@ -52,19 +52,32 @@ def rewrite(g: ChannelGraph, plan: Plan) -> dict[str, torch.Tensor]:
         if node.op == "call_function":
             fix = ARG_RULES.get(op_name(node))
             if fix is not None:
-                fix(g, plan, node, op_args(node))
+                _apply_arg_rule(g, plan, node, fix)
     gm.graph.lint()
     gm.recompile()
     return new
+
+
+def _apply_arg_rule(g: ChannelGraph, plan: Plan, node: Node, fix: ArgRule) -> None:
+    """Fix the sizes a node holds; a rule that cannot read the node leaves it as it was and records it
+    in `g.unreadable` (stage "rewrite"), so that the caller slims again with the node pinned."""
+    before = (node.target, node.args, node.kwargs)
+    try:
+        fix(g, plan, node, op_args(node))
+    except Exception as exc:  # unknown means unprunable: the caller pins this node and slims again
+        node.target, node.args, node.kwargs = before
+        g.record_unreadable(node, "rewrite", exc)
 
 
 def _apply_folds(plan: Plan, new: dict[str, torch.Tensor]) -> None:
     for fold in plan.folds:
         weight = new[str(fold.site.weight.target)]
         bias = new[str(fold.site.bias.target)]
-        columns = weight.index_select(1, torch.from_numpy(fold.positions)).double()
+        columns = weight.index_select(fold.site.weight_dim, torch.from_numpy(fold.positions)).double()
         if fold.site.kind == CONV:
             columns = columns.sum(dim=tuple(range(2, columns.dim())))
+        elif fold.site.weight_dim == 0:  # a linear weight stored [in, out] (addmm)
+            columns = columns.t()
         shift = columns @ torch.from_numpy(fold.consts)
         new[str(fold.site.bias.target)] = (bias.double() + shift).to(bias.dtype)
 

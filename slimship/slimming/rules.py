@@ -23,10 +23,14 @@ from slimship.slimming.graph import (
     SUM,
     ChannelGraph,
     Site,
+    flat_values,
+    get_tensor,
     is_multi,
     is_tensor_node,
+    node_inputs,
     op_args,
     op_name,
+    pin_touched,
     registrar,
     shape_of,
 )
@@ -38,28 +42,27 @@ RULES: dict[str, Rule] = {}
 rule = registrar(RULES)
 
 
-def build_channel_graph(gm: torch.fx.GraphModule) -> ChannelGraph:
-    """Apply the rule table to every node of `gm` and solve the components."""
+def build_channel_graph(gm: torch.fx.GraphModule, unreadable: dict[str, str] | None = None) -> ChannelGraph:
+    """Apply the rule table to every node of `gm` and solve the components.
+
+    A rule that cannot read its node (any exception) pins what the node touches, as for an op without
+    a rule, and is recorded in `g.unreadable`. Nodes named in `unreadable` (name -> reason, found by a
+    later stage) are pinned without trying their rule.
+    """
     g = ChannelGraph(gm)
-    by_target: dict[str, Any] = {}
+    by_tensor: dict[Any, Any] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr":  # one layout per tensor, however many nodes read it
-            if node.target not in by_target:
-                by_target[node.target] = g.fresh_layout(node)
-            g.layouts[node] = by_target[node.target]
+        if node.op == "get_attr":  # one layout per tensor, however many nodes (or tied names) read it
+            key = tensor_key(gm, node)
+            if key not in by_tensor:
+                by_tensor[key] = g.fresh_layout(node)
+            g.layouts[node] = by_tensor[key]
         elif node.op == "placeholder":
             g.layouts[node] = g.fresh_layout(node, pin="model input")
         elif node.op == "call_function":
-            name = op_name(node)
-            fn = RULES.get(name)
-            if fn is None:
-                if any(is_tensor_node(a) for a in _flat_args(node)) or is_tensor_node(node):
-                    g.unsupported.setdefault(name, []).append(node.name)
-                pin_unknown(g, node, f"no rule for {name} (node {node.name})")
-            else:
-                fn(g, node, op_args(node))
+            _apply_rule(g, node, (unreadable or {}).get(node.name))
         elif node.op == "output":
-            for value in _flat(node.args):
+            for value in flat_values(node.args):
                 g.pin_layout(g.layout(value), "model output")
         elif node.op == "call_module":  # export guards; they take inputs that are pinned already
             pass
@@ -67,22 +70,58 @@ def build_channel_graph(gm: torch.fx.GraphModule) -> ChannelGraph:
     return g
 
 
-def _flat(value: Any) -> list[Any]:
-    if isinstance(value, list | tuple):
-        return [x for item in value for x in _flat(item)]
-    if isinstance(value, dict):
-        return [x for item in value.values() for x in _flat(item)]
-    return [value]
+def tensor_key(gm: torch.fx.GraphModule, node: Node) -> Any:
+    """The identity of the tensor a get_attr reads, so that tied names (GPT-2's lm_head and wte) share
+    one layout; the target itself when it is not a tensor."""
+    try:
+        tensor = get_tensor(gm, str(node.target))
+    except AttributeError:
+        return node.target
+    return id(tensor) if isinstance(tensor, torch.Tensor) else node.target
 
 
-def _flat_args(node: Node) -> list[Any]:
-    return _flat(node.args) + _flat(node.kwargs)
+def _apply_rule(g: ChannelGraph, node: Node, known_unreadable: str | None) -> None:
+    name = op_name(node)
+    fn = RULES.get(name)
+    if known_unreadable is not None:
+        return pin_unknown(g, node, known_unreadable)
+    if fn is None:
+        if any(is_tensor_node(a) for a in node_inputs(node)) or is_tensor_node(node):
+            g.unsupported.setdefault(name, []).append(node.name)
+        return pin_unknown(g, node, f"no rule for {name} (node {node.name})")
+    edges, sites = len(g._edges), len(g.sites)
+    try:
+        fn(g, node, op_args(node))
+        _check_layout(node, g.layouts.get(node))
+        for site in g.sites[sites:]:
+            _check_site(g, site)
+    except Exception as exc:  # unknown means unprunable: whatever the rule could not read stays
+        del g._edges[edges:], g.sites[sites:]
+        pin_unknown(g, node, g.record_unreadable(node, "coupling", exc))
+
+
+def _check_layout(node: Node, layout: Any) -> None:
+    """A rule's layout must have one entry per dim of the node's value (catches misread arguments)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return
+    if not isinstance(layout, list) or len(layout) != val.dim():
+        raise ValueError(f"layout of rank {len(layout or [])} for a rank-{val.dim()} result")
+    for ids, size in zip(layout, shape_of(node), strict=True):
+        if ids is not None and size is not None and len(ids) != size:
+            raise ValueError(f"layout of {len(ids)} positions for a dim of size {size}")
+
+
+def _check_site(g: ChannelGraph, site: Site) -> None:
+    """A site's operands must align position by position along the dims it mixes."""
+    sizes = {len(g.layout(n)[d]) if g.layout(n)[d] is not None else None for n, d in site.operands}
+    if len(sizes) != 1:
+        raise ValueError(f"{site.kind} site of mismatched sizes {sorted(map(str, sizes))}")
 
 
 def pin_unknown(g: ChannelGraph, node: Node, reason: str) -> None:
     """The fallback: every dim of every tensor argument and of the result stays."""
-    for value in _flat_args(node):
-        g.pin_layout(g.layout(value), reason)
+    pin_touched(g, node, reason)
     val = node.meta.get("val")
     if isinstance(val, list | tuple):
         g.layouts[node] = [
@@ -108,12 +147,13 @@ UNARY = (
     "aten.neg aten.abs aten.sqrt aten.rsqrt aten.reciprocal aten.square aten.log aten.pow aten.dropout "
     "aten.feature_dropout aten.alpha_dropout aten.clone aten.contiguous aten.alias aten.detach aten.to "
     "aten._to_copy aten.type_as aten.zeros_like aten.ones_like aten.full_like aten.empty_like "
-    "aten.lift_fresh_copy aten.identity"
+    "aten.lift_fresh_copy aten.identity aten.detach_"
 ).split()
 BINARY = (
     "aten.add aten.add_ aten.sub aten.sub_ aten.rsub aten.mul aten.mul_ aten.div aten.div_ aten.maximum "
     "aten.minimum aten.where aten.masked_fill aten.eq aten.ne aten.gt aten.lt aten.ge aten.le "
-    "aten.bitwise_and aten.bitwise_or aten.logical_and aten.logical_or aten.logical_not aten.bitwise_not"
+    "aten.bitwise_and aten.bitwise_or aten.logical_and aten.logical_or aten.logical_not aten.bitwise_not "
+    "aten.__and__ aten.__or__ aten.__xor__"
 ).split()
 
 
@@ -123,7 +163,7 @@ def pointwise(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     out_shape = shape_of(node)
     rank = len(out_shape)
     out: list[np.ndarray | None] = [None] * rank
-    tensors = [v for v in _flat(list(a.values())) if is_tensor_node(v)]
+    tensors = [v for v in flat_values(list(a.values())) if is_tensor_node(v)]
     for d in range(rank):
         for t in tensors:
             t_shape = shape_of(t)
@@ -132,7 +172,8 @@ def pointwise(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
                 continue
             ids = g.layout(t)[td]
             if t_shape[td] == 1 and out_shape[d] != 1:
-                continue  # broadcast along this dim
+                g.pin(ids, f"{op_name(node)} broadcasts this dim")  # its one position cannot go
+                continue
             if out[d] is None and ids is not None:
                 out[d] = ids
             else:
@@ -223,6 +264,15 @@ def batch_norm(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
             g.unify(xl[1], g.layout(p)[0], f"{op_name(node)} {name}")
             if name == "running_var":
                 g.stat_dims.add((p, 0))
+    own_stats = op_name(node) == "aten.instance_norm" or (
+        op_name(node) == "aten.batch_norm"
+        and (a.get("training") or a.get("running_mean") is None or a.get("running_var") is None)
+    )
+    if own_stats:  # statistics over every other dim (BiT's weight standardisation): those dims mix
+        reason = f"{op_name(node)} {node.name} normalises with statistics over this dim"
+        for d, ids in enumerate(xl):
+            if d != 1 and not (d == 0 and op_name(node) == "aten.instance_norm"):
+                g.pin(ids, reason)
     if op_name(node) == "aten._native_batch_norm_legit_no_training":
         g.layouts[node] = [list(xl), [g.fresh(0)], [g.fresh(0)]]
     else:
@@ -386,6 +436,48 @@ def _broadcast_batch(g: ChannelGraph, node: Node, parts, rank: int) -> list[np.n
     return [o if o is not None else g.fresh(out_shape[d], "broadcast") for d, o in enumerate(out)]
 
 
+@rule("aten.addmm")
+def addmm(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    """beta * bias + alpha * (x @ W): a linear layer whose weight is stored [in, out] (GPT-2's Conv1D)
+    or given as W.t()."""
+    x, mat2, bias = a["mat1"], a["mat2"], a["self"]
+    xl, ml = g.layout(x), g.layout(mat2)
+    out = [xl[0], ml[1]]
+    g.unify(xl[1], ml[0], "addmm inner dim")
+    for bd, ids in enumerate(reversed(g.layout(bias) or [])):
+        d = 1 - bd
+        if shape_of(bias)[-1 - bd] != 1 or shape_of(node)[d] == 1:
+            g.unify(out[d], ids, "addmm bias")
+    weight, weight_dim = addmm_weight(mat2)
+    plain = a.get("alpha", 1) == 1 and a.get("beta", 1) == 1
+    one_d_bias = bias if is_tensor_node(bias) and len(shape_of(bias)) == 1 else None
+    if weight is not None:
+        g.consumer_dims.add((weight, weight_dim))
+    site = Site(
+        node,
+        LINEAR,
+        [(x, 1), (mat2, 0)],
+        weight=weight if weight is not None else mat2,
+        weight_dim=weight_dim,
+        bias=one_d_bias,
+    )
+    site.foldable = plain and weight is not None and one_d_bias is not None
+    g.sites.append(site)
+    g.layouts[node] = out
+
+
+def addmm_weight(mat2: Any) -> tuple[Node | None, int]:
+    """The parameter behind addmm's mat2 and its input-side dim: 0 for a stored [in, out] weight,
+    1 for a [out, in] weight read through `t()`; (None, 0) for a computed one."""
+    if isinstance(mat2, Node) and mat2.op == "get_attr":
+        return mat2, 0
+    if isinstance(mat2, Node) and op_name(mat2) in ("aten.t", "aten.numpy_T"):
+        source = mat2.args[0]
+        if isinstance(source, Node) and source.op == "get_attr" and len(shape_of(source)) == 2:
+            return source, 1
+    return None, 0
+
+
 @rule("aten.scaled_dot_product_attention")
 def sdpa(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     q, k, v = a["query"], a["key"], a["value"]
@@ -401,8 +493,23 @@ def sdpa(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     g.sites.append(Site(node, DOT, [(q, len(ql) - 1), (k, len(kl) - 1)]))
     mask = a.get("attn_mask")
     if mask is not None:
-        g.pin_layout(g.layout(mask), "attention mask")
+        _attention_mask(g, node, mask, [*ql[:-1], kl[-2]])
     g.layouts[node] = list(ql[:-1]) + [vl[-1]]
+
+
+def _attention_mask(g: ChannelGraph, node: Node, mask: Node, scores: list[np.ndarray | None]) -> None:
+    """The mask broadcasts against the scores (batch..., heads, queries, keys): a dim it does not
+    broadcast shares the scores' positions (CoAtNet's per-head relative-position bias removes a head
+    with the head); its query and key dims stay."""
+    ml, m_shape = g.layout(mask), shape_of(mask)
+    for md in range(len(ml)):
+        d = len(scores) - len(ml) + md
+        if d >= len(scores) - 2 or d < 0:
+            g.pin(ml[md], f"attention mask of {node.name}")
+        elif m_shape[md] == 1 and (scores[d] is None or len(scores[d]) != 1):
+            g.pin(ml[md], f"attention mask of {node.name} broadcasts this dim")
+        else:
+            g.unify(scores[d], ml[md], f"attention mask of {node.name}")
 
 
 # ---- shape ops --------------------------------------------------------------------------------
@@ -453,6 +560,7 @@ def expand(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     out = [g.fresh(s, "expanded dim") for s in out_shape[:lead]]
     for d, ids in enumerate(xl):
         if in_shape[d] == 1 and out_shape[lead + d] != 1:
+            g.pin(ids, f"expand {node.name} broadcasts this dim")
             out.append(g.fresh(out_shape[lead + d], "expanded dim"))
         else:
             out.append(ids)
@@ -672,7 +780,18 @@ def no_layout(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
 
 
 @rule(
-    "aten.arange", "aten.zeros", "aten.ones", "aten.full", "aten.empty", "aten.scalar_tensor", "aten.tensor"
+    "aten.arange",
+    "aten.zeros",
+    "aten.ones",
+    "aten.full",
+    "aten.empty",
+    "aten.scalar_tensor",
+    "aten.tensor",
+    "aten.new_zeros",
+    "aten.new_ones",
+    "aten.new_full",
+    "aten.new_empty",
 )
 def factory(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    """A new tensor (`new_*` read only their operand's dtype and device): its dims stay."""
     g.layouts[node] = g.fresh_layout(node, pin=f"constant tensor {node.name}")

@@ -23,6 +23,7 @@ from slimship.slimming.graph import (
     is_tensor_node,
     op_args,
     op_name,
+    pin_touched,
     registrar,
     shape_of,
     unique_ints,
@@ -131,11 +132,31 @@ class ValueAnalysis:
         self._param_cache: dict[tuple[Node, int], DimFacts] = {}
         self._const_cache: dict[tuple[Node, int], np.ndarray] = {}
         self._tensors: dict[Any, torch.Tensor] = {}  # the graph's parameters and buffers, by target
+        failed = False
         for node in self.gm.graph.nodes:
             if node.op == "call_function":
+                self.facts[node] = None
                 fn = VALUE_RULES.get(op_name(node))
-                result = fn(self, node, op_args(node)) if fn is not None else None
-                self.facts[node] = result
+                if fn is None:
+                    continue
+                try:
+                    self.facts[node] = fn(self, node, op_args(node))
+                except Exception as exc:  # a rule that cannot read its node proves nothing and pins it
+                    pin_touched(g, node, g.record_unreadable(node, "values", exc))
+                    failed = True
+        if failed:
+            g.solve()  # pinning only shrinks what is live: facts found so far stay true
+
+    def has_param(self, value: Any) -> bool:
+        """True if `value` is a parameter, buffer or constant of the graph (not computed in forward)."""
+        return isinstance(value, Node) and value.op == "get_attr"
+
+    def vector(self, value: Any, n: int) -> np.ndarray:
+        """A 1-D operand's values in float64 (a parameter's own, or its proven constants; NaN unknown)."""
+        if self.has_param(value):
+            return self.param(value).detach().double().numpy().reshape(-1)
+        const = self.const(value, 0)
+        return const if const is not None and len(const) == n else np.full(n, np.nan)
 
     # ---- queries -----------------------------------------------------------------------------
     def live(self, node: Node, d: int) -> bool:
@@ -146,6 +167,8 @@ class ValueAnalysis:
         return bool(len(ids)) and not bool(self.g.pinned[self.g.comps(ids)].all())
 
     def param(self, node: Node) -> torch.Tensor:
+        if not self.has_param(node):
+            raise TypeError(f"{getattr(node, 'name', node)} is computed in forward, not a parameter")
         target = node.target
         if target not in self._tensors:
             is_param = _is_param(self.gm, node)
@@ -294,7 +317,8 @@ def linear(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     x, w, b = a["input"], a["weight"], a.get("bias")
     rank = _rank(node)
     result = _none(node)
-    bias = va.param(b).detach().double() if b is not None else None
+    out_ch = shape_of(node)[-1]
+    bias = va.vector(b, out_ch) if b is not None else None
     for d in range(rank - 1):  # slices along leading dims: zero stays zero without a bias
         if va.live(node, d):
             facts = va.dim_or_unknown(x, d, shape_of(node)[d])
@@ -302,15 +326,63 @@ def linear(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
             const = np.where((facts.const == 0) & zero_bias, 0.0, np.nan)
             result[d] = DimFacts(const, relabel(facts.cls, const))
     if va.live(node, rank - 1):
-        weight = va.param(w).detach()
-        result[rank - 1] = _mixing_out(va, weight, bias, va.dim(x, len(shape_of(x)) - 1), exact_const=True)
+        if va.has_param(w):
+            facts = va.dim(x, len(shape_of(x)) - 1)
+            result[rank - 1] = _mixing_out(va, va.param(w).detach(), bias, facts, exact_const=True)
+        else:
+            result[rank - 1] = _computed_weight_out(va, w, bias, out_ch)
     return result
+
+
+@value_rule("aten.addmm")
+def addmm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    """Facts of beta * bias + alpha * (x @ W) for alpha = beta = 1 (a linear layer), else none."""
+    from slimship.slimming.rules import addmm_weight
+
+    x, mat2, b = a["mat1"], a["mat2"], a["self"]
+    result = _none(node)
+    if a.get("alpha", 1) != 1 or a.get("beta", 1) != 1 or not is_tensor_node(b) or len(shape_of(b)) != 1:
+        return result
+    n, out_ch = shape_of(node)
+    bias = va.vector(b, out_ch) if shape_of(b)[0] == out_ch else np.full(out_ch, np.nan)
+    if va.live(node, 0):
+        facts = va.dim_or_unknown(x, 0, n)
+        const = np.where((facts.const == 0) & bool((bias == 0).all()), 0.0, np.nan)
+        result[0] = DimFacts(const, relabel(facts.cls, const))
+    if va.live(node, 1):
+        weight, weight_dim = addmm_weight(mat2)
+        if weight is None:
+            result[1] = _computed_weight_out(va, mat2, bias, out_ch, weight_dim=1)
+        else:
+            w = va.param(weight).detach()
+            w = w.t() if weight_dim == 0 else w
+            result[1] = _mixing_out(va, w, bias, va.dim(x, 1), exact_const=True)
+    return result
+
+
+def _bias_keys(bias: np.ndarray) -> list[np.ndarray]:
+    """Key columns for a bias: equal known values are equal; each unknown value is its own."""
+    unknown = np.isnan(bias)
+    return [np.where(unknown, 0.0, bias), np.where(unknown, np.arange(1, len(bias) + 1), 0.0)]
+
+
+def _computed_weight_out(
+    va: ValueAnalysis, w: Node, bias: np.ndarray | None, out_ch: int, weight_dim: int = 0
+) -> DimFacts:
+    """Output-channel facts when the weight is computed in forward (weight standardisation, ...):
+    a provably zero row gives its bias, provably equal rows with equal biases give equal channels.
+    `weight_dim` is the weight's output dim."""
+    facts = va.dim_or_unknown(w, weight_dim, out_ch)
+    b = bias if bias is not None else np.zeros(out_ch)
+    const = np.where(facts.const == 0, b, np.nan)
+    keys = np.stack([facts.cls.astype(np.float64), *_bias_keys(b)], axis=1)
+    return DimFacts(const, relabel(keys, const))
 
 
 def _mixing_out(
     va: ValueAnalysis,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: np.ndarray | None,
     facts: DimFacts | None,
     exact_const: bool,
 ) -> DimFacts:
@@ -328,8 +400,8 @@ def _mixing_out(
     zero_np = facts.const == 0
     live = ~zero_np  # zero inputs count as zero weights: their columns never matter
     empty = _EmptyRows(w2, kernel)
-    b = bias if bias is not None else torch.zeros(out_ch, dtype=torch.float64)
-    b_np = b.numpy()
+    b_np = bias if bias is not None else np.zeros(out_ch)
+    b = torch.from_numpy(b_np)
     # a row is constant when it has no non-zero weight on an input it cannot treat as a constant
     const_ok = empty(np.isnan(facts.const) if exact_const else live)
     const = np.full(out_ch, np.nan)
@@ -361,7 +433,7 @@ def _mixing_out(
         merged = torch.zeros(out_ch, int(labels.max()) + 1, kernel, dtype=torch.float64)
         merged.index_add_(1, torch.from_numpy(labels), torch.from_numpy(w_np[:, live]).double())
         row_label = _row_inverse(merged.reshape(out_ch, merged.shape[1] * kernel).numpy())
-    keys = np.stack([row_label.astype(np.float64), b_np], axis=1)
+    keys = np.stack([row_label.astype(np.float64), *_bias_keys(b_np)], axis=1)
     return DimFacts(const, relabel(keys, const))
 
 
@@ -390,21 +462,23 @@ def conv(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     if not va.live(node, 1):
         return result
     x, w, b = a["input"], a["weight"], a.get("bias")
-    weight = va.param(w).detach()
-    bias = va.param(b).detach().double() if b is not None else None
+    out_ch = shape_of(node)[1]
+    bias = va.vector(b, out_ch) if b is not None else None
     groups = int(a.get("groups") or 1)
     in_ch = shape_of(x)[1]
     padding = a.get("padding")
     zero_pad = padding in (None, "valid") or (not isinstance(padding, str) and not any(padding))
-    if groups == 1:
-        result[1] = _mixing_out(va, weight, bias, va.dim(x, 1), exact_const=zero_pad)
-    elif groups == in_ch == weight.shape[0]:
+    if groups == 1 and va.has_param(w):
+        result[1] = _mixing_out(va, va.param(w).detach(), bias, va.dim(x, 1), exact_const=zero_pad)
+    elif groups == 1:
+        result[1] = _computed_weight_out(va, w, bias, out_ch)
+    elif groups == in_ch == out_ch:
         facts = va.dim_or_unknown(x, 1, in_ch)
-        wf = va.param_facts(w, 0)
-        b = bias if bias is not None else torch.zeros(in_ch, dtype=torch.float64)
+        wf = va.dim_or_unknown(w, 0, in_ch)
+        b = bias if bias is not None else np.zeros(in_ch)
         vanish = (facts.const == 0) | (wf.const == 0)
-        const = np.where(vanish, b.numpy(), np.nan)
-        keys = np.stack([facts.cls, wf.cls, b.numpy().view(np.int64)], axis=1)
+        const = np.where(vanish, b, np.nan)
+        keys = np.stack([facts.cls.astype(np.float64), wf.cls.astype(np.float64), *_bias_keys(b)], axis=1)
         result[1] = DimFacts(const, relabel(keys, const))
     return result
 
@@ -417,12 +491,14 @@ def batch_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Any:
 
     def vec(name: str, default: float) -> np.ndarray:
         p = a.get(name)
-        return va.param(p).detach().double().numpy() if p is not None else np.full(n, default)
+        return va.vector(p, n) if p is not None else np.full(n, default)
 
+    if a.get("training") or a.get("running_mean") is None or a.get("running_var") is None:
+        return _batch_stats_norm(va, node, a)  # normalised by its own statistics, like instance_norm
     scale = vec("weight", 1.0) / np.sqrt(vec("running_var", 1.0) + float(a["eps"]))
     shift = vec("bias", 0.0) - vec("running_mean", 0.0) * scale
     const = np.where(scale == 0, shift, facts.const * scale + shift)
-    keys = np.stack([facts.cls.astype(np.float64), scale, shift], axis=1)
+    keys = np.stack([facts.cls.astype(np.float64), *_bias_keys(scale), *_bias_keys(shift)], axis=1)
     out: Facts = [None] * len(shape_of(x))
     out[1] = DimFacts(const, relabel(keys, const))
     if op_name(node) == "aten._native_batch_norm_legit_no_training":
@@ -432,14 +508,22 @@ def batch_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Any:
 
 @value_rule("aten.instance_norm")
 def instance_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
+    return _batch_stats_norm(va, node, a)
+
+
+def _batch_stats_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Any:
+    """A per-channel norm with its own statistics: a constant channel normalises to its bias."""
     x = a["input"]
     n = shape_of(x)[1]
     facts = va.dim_or_unknown(x, 1, n)
-    w = va.param(a["weight"]).detach().double().numpy() if a.get("weight") is not None else np.ones(n)
-    b = va.param(a["bias"]).detach().double().numpy() if a.get("bias") is not None else np.zeros(n)
+    w = va.vector(a["weight"], n) if a.get("weight") is not None else np.ones(n)
+    b = va.vector(a["bias"], n) if a.get("bias") is not None else np.zeros(n)
     const = np.where(~np.isnan(facts.const) | (w == 0), b, np.nan)
     out: Facts = [None] * len(shape_of(x))
-    out[1] = DimFacts(const, relabel(np.stack([facts.cls.astype(np.float64), w, b], axis=1), const))
+    keys = np.stack([facts.cls.astype(np.float64), *_bias_keys(w), *_bias_keys(b)], axis=1)
+    out[1] = DimFacts(const, relabel(keys, const))
+    if op_name(node) == "aten._native_batch_norm_legit_no_training":
+        return [out, None, None]
     return out
 
 
@@ -450,15 +534,17 @@ def group_norm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     n = shape_of(x)[1]
     groups = int(a["num_groups"])
     facts = va.dim_or_unknown(x, 1, n)
-    w = va.param(a["weight"]).detach().double().numpy() if a.get("weight") is not None else np.ones(n)
-    b = va.param(a["bias"]).detach().double().numpy() if a.get("bias") is not None else np.zeros(n)
+    w = va.vector(a["weight"], n) if a.get("weight") is not None else np.ones(n)
+    b = va.vector(a["bias"], n) if a.get("bias") is not None else np.zeros(n)
     group_const = (~np.isnan(facts.const)).reshape(groups, -1).all(axis=1).repeat(n // groups)
     const = np.where(group_const | (w == 0), b, np.nan)
     out: Facts = [None] * len(shape_of(x))
     size = n // groups
     group_label = relabel(facts.cls.reshape(groups, size), np.full(groups, np.nan)).repeat(size)
     offset = np.tile(np.arange(size), groups)
-    keys = np.stack([group_label.astype(np.float64), offset.astype(np.float64), w, b], axis=1)
+    keys = np.stack(
+        [group_label.astype(np.float64), offset.astype(np.float64), *_bias_keys(w), *_bias_keys(b)], axis=1
+    )
     out[1] = DimFacts(const, relabel(keys, const))
     return out
 
@@ -717,7 +803,15 @@ def select(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     return [va.dim(x, i) for i in range(n) if i != d]
 
 
-@value_rule("aten.view", "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.unflatten")
+@value_rule(
+    "aten.view",
+    "aten.reshape",
+    "aten._unsafe_view",
+    "aten.flatten",
+    "aten.unflatten",
+    "aten.view_as",
+    "aten.reshape_as",
+)
 def reshape(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     """Map slices through the outermost dims of each block (see rules.reshape)."""
     from slimship.slimming.rules import _int, _reshape_blocks, _sym_sizes

@@ -23,6 +23,9 @@ from tests.zoo import (  # noqa: F401  # isort: skip
     shared,
     sequence,
     mlp,
+    inception,
+    gpt2,
+    hybrid,
 )
 
 
