@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,24 @@ from slimship.exporters._common import (
     to_numpy,
     torch_outputs,
 )
-from slimship.exporters.onnx_passes import SurgeryReport, default_passes, run_surgery
+from slimship.exporters.onnx_passes import Pass, SurgeryReport, default_passes, run_surgery
 
 log = logging.getLogger(__name__)
 
 ONNX_FP32_REL_BOUND = 1e-4
+SURGERY_REL_BOUND = 1e-5  # a surgery pass must keep the graph's outputs to this, relative to max(1, |y|)
 _WAY_OUT_EXPORT = (
     "Way out: replace or rewrite that op in the model (a supported composition of standard ops), "
     "register an ONNX translation for it (torch.onnx custom_translation_table), or export at a higher opset."
 )
+
+
+@dataclasses.dataclass
+class SkippedPass:
+    """A surgery pass left out for one model because the graph after it failed a check."""
+
+    name: str
+    reason: str
 
 
 @dataclasses.dataclass
@@ -54,12 +64,14 @@ class OnnxExport:
     exporter: str  # "dynamo" or "torchscript" (fallback)
     fallback_reason: str | None
     dynamic_batch: bool
+    dynamic_batch_reason: str | None  # why the batch is static (None when it is dynamic)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     parity: ParityReport
     surgery: SurgeryReport | None
     metadata: dict[str, str]
     timings: dict[str, float]
+    skipped_passes: list[SkippedPass] = dataclasses.field(default_factory=list)
 
 
 def default_names(prefix: str, count: int) -> list[str]:
@@ -84,7 +96,9 @@ def export_onnx(
 
     Parity runs on the example inputs, `check_inputs` (extra input tuples) and random inputs (also at
     another batch size when the batch dimension is dynamic); fp32 tolerance is
-    1e-4 * max(1, max|reference|). Raises ExportError, VerificationError.
+    1e-4 * max(1, max|reference|). A surgery pass after which the graph fails the checker or differs from
+    the graph before surgery is left out (logged, listed in `skipped_passes`). Raises ExportError,
+    VerificationError.
     """
     if opset < 18:
         raise ExportError(f"opset={opset}: the dynamo exporter needs opset >= 18; pass opset=18 or higher")
@@ -99,7 +113,7 @@ def export_onnx(
     _check_names(output_names, len(reference_outputs), "output_names")
 
     with timings.measure("export"):
-        proto, exporter, fallback_reason, dynamic, traced = _export_proto(
+        proto, exporter, fallback_reason, (dynamic, static_reason), traced = _export_proto(
             model, inputs, opset, dynamic_batch, input_names, output_names
         )
     entries = {
@@ -110,10 +124,10 @@ def export_onnx(
             for k, v in (metadata or {}).items()
         },
     }
-    report = None
+    report, skipped = None, []
     with timings.measure("surgery"):
         if surgery:
-            proto, report = run_surgery(proto, default_passes(entries))
+            proto, report, skipped = checked_surgery(proto, default_passes(entries), to_numpy(inputs))
         else:
             proto, _ = run_surgery(proto, [p for p in default_passes(entries) if p.name == "add_metadata"])
     with timings.measure("check"):
@@ -130,12 +144,14 @@ def export_onnx(
         exporter=exporter,
         fallback_reason=fallback_reason,
         dynamic_batch=dynamic,
+        dynamic_batch_reason=static_reason,
         inputs=_specs(proto.graph.input, proto.graph.initializer),
         outputs=_specs(proto.graph.output, []),
         parity=parity,
         surgery=report,
         metadata=entries,
         timings=timings.stages,
+        skipped_passes=skipped,
     )
     if not parity.passed:
         raise VerificationError(
@@ -156,14 +172,20 @@ def _batch_shapes(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...
     return tuple({0: batch} if t.dim() >= 1 else {} for t in inputs)
 
 
+Batch = tuple[bool, str | None]  # dynamic?, and why not
+
+
 def _torch_export(
     model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool
-) -> tuple[torch.export.ExportedProgram, bool, torch.nn.Module]:
+) -> tuple[torch.export.ExportedProgram, Batch, torch.nn.Module]:
     """Export with a dynamic batch if asked and possible; also return the module that was traced."""
+    reason = "a static batch was asked for (dynamic_batch=False)"
+    if dynamic_batch and not any(t.dim() for t in inputs):
+        dynamic_batch, reason = False, "no input has a batch dimension"
     if dynamic_batch:
         try:
             program = torch.export.export(model, inputs, dynamic_shapes=_batch_shapes(inputs), strict=False)
-            return program, True, model
+            return program, (True, None), model
         except Exception as exc:
             unguarded = _without_shape_guards(model)
             if unguarded is not None:
@@ -171,18 +193,32 @@ def _torch_export(
                     program = torch.export.export(
                         unguarded, inputs, dynamic_shapes=_batch_shapes(inputs), strict=False
                     )
-                    return program, True, unguarded
+                    return program, (True, None), unguarded
                 except Exception:
                     pass
+            reason = specialisation_reason(exc)
             log.warning(
-                "the model specialises its batch size (%s); exporting with a static batch of %s instead",
-                str(exc).strip().splitlines()[0][:200],
-                inputs[0].shape[0] if inputs and inputs[0].dim() else "?",
+                "ONNX export keeps a static batch of %s: %s",
+                inputs[0].shape[0] if inputs[0].dim() else "?",
+                reason,
             )
     try:
-        return torch.export.export(model, inputs, strict=False), False, model
+        return torch.export.export(model, inputs, strict=False), (False, reason), model
     except Exception as exc:
         raise export_error("torch.export of the model", exc, None, _WAY_OUT_EXPORT) from exc
+
+
+def specialisation_reason(exc: BaseException) -> str:
+    """One line saying why torch.export refused a dynamic batch."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
+    line = next((x for x in lines if "specialized" in x), lines[0] if lines else type(exc).__name__)
+    constant = re.search(r"specialized it to be a constant \((\d+)\)", line)
+    if constant:
+        return (
+            f"the model fixes the batch size to {constant.group(1)} (a reshape/view or shape check with "
+            "a literal batch; use -1 or x.shape[0] there to keep the batch dynamic)"
+        )
+    return f"torch.export cannot keep the batch dynamic: {line[:200]}"
 
 
 def _without_shape_guards(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -212,8 +248,9 @@ def _export_proto(
     dynamic_batch: bool,
     input_names: list[str],
     output_names: list[str],
-) -> tuple[onnx.ModelProto, str, str | None, bool, torch.nn.Module]:
-    program, dynamic, traced = _torch_export(model, inputs, dynamic_batch)
+) -> tuple[onnx.ModelProto, str, str | None, Batch, torch.nn.Module]:
+    program, batch, traced = _torch_export(model, inputs, dynamic_batch)
+    dynamic = batch[0]
     try:
         onnx_program = torch.onnx.export(
             program,
@@ -225,7 +262,7 @@ def _export_proto(
             external_data=False,
             verbose=False,
         )
-        return _name_batch_dim(onnx_program.model_proto), "dynamo", None, dynamic, traced
+        return _name_batch_dim(onnx_program.model_proto), "dynamo", None, batch, traced
     except Exception as exc:
         dynamo_error = export_error("ONNX export (dynamo)", exc, program.graph_module, _WAY_OUT_EXPORT)
     log.warning("dynamo ONNX export failed, falling back to the TorchScript exporter: %s", dynamo_error)
@@ -241,7 +278,7 @@ def _export_proto(
             output_names=output_names,
             dynamic_axes={n: {0: "batch"} for n in input_names + output_names} if dynamic else None,
         )
-        return onnx.load_from_string(buffer.getvalue()), "torchscript", str(dynamo_error), dynamic, traced
+        return onnx.load_from_string(buffer.getvalue()), "torchscript", str(dynamo_error), batch, traced
     except Exception as exc:
         log.debug("TorchScript exporter failed too: %s", exc)
         raise dynamo_error from exc
@@ -259,6 +296,98 @@ def _name_batch_dim(proto: onnx.ModelProto) -> onnx.ModelProto:
             if dim.dim_param in symbols:
                 dim.dim_param = "batch"
     return proto
+
+
+# ---------------------------------------------------------------- surgery, one pass at a time if need be
+
+
+def checked_surgery(
+    proto: onnx.ModelProto, passes: list[Pass], feeds: list[np.ndarray]
+) -> tuple[onnx.ModelProto, SurgeryReport, list[SkippedPass]]:
+    """Run the surgery passes and check the result against the graph before surgery.
+
+    When the result fails the checker, cannot run or differs, the passes are added back one at a time
+    and each one after which the graph fails is left out (warning + SkippedPass). A clean model costs
+    one surgery, one checker call and two onnxruntime runs on `feeds`.
+    """
+    baseline = _baseline_outputs(proto, feeds)
+    result, problem = _try_surgery(proto, passes, feeds, baseline)
+    if problem is None:
+        return (*result, [])
+    log.warning("ONNX surgery broke the graph (%s); checking its passes one at a time", problem)
+    kept: list[Pass] = []
+    skipped: list[SkippedPass] = []
+    for p in passes:
+        candidate, problem = _try_surgery(proto, [*kept, p], feeds, baseline)
+        if problem is None:
+            kept.append(p)
+            result = candidate
+        else:
+            log.warning("ONNX surgery pass %r left out for this model: %s", p.name, problem)
+            skipped.append(SkippedPass(p.name, problem))
+    if not kept:
+        result = run_surgery(proto, [])
+    return (*result, skipped)
+
+
+def _try_surgery(
+    proto: onnx.ModelProto, passes: list[Pass], feeds: list[np.ndarray], baseline: list[np.ndarray] | None
+) -> tuple[tuple[onnx.ModelProto, SurgeryReport] | None, str | None]:
+    """(surgery result, None) when the result is sound, else (None or the result, what is wrong)."""
+    try:
+        result = run_surgery(proto, passes)
+    except ExportError as exc:
+        return None, str(exc)
+    return result, surgery_problem(result[0], feeds, baseline)
+
+
+def surgery_problem(
+    model: onnx.ModelProto, feeds: list[np.ndarray], baseline: list[np.ndarray] | None
+) -> str | None:
+    """What is wrong with a graph after surgery (checker, shape inference, onnxruntime, parity), or None."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        return f"onnx.checker / shape inference: {_first_line(exc)}"
+    if baseline is None:  # the graph before surgery does not run either: only the final parity can judge
+        return None
+    try:
+        outputs = ort_outputs(model, feeds)
+    except Exception as exc:
+        return f"onnxruntime cannot run it: {_first_line(exc)}"
+    parity = compare_outputs([baseline], [outputs], ["example"], SURGERY_REL_BOUND)
+    if parity.passed:
+        return None
+    return (
+        f"outputs differ from the graph before surgery by {parity.max_abs_diff:.3g} "
+        f"(> tolerance {parity.tolerance:.3g})"
+    )
+
+
+def _baseline_outputs(proto: onnx.ModelProto, feeds: list[np.ndarray]) -> list[np.ndarray] | None:
+    try:
+        return ort_outputs(proto, feeds)
+    except Exception as exc:
+        log.debug("the exported graph does not run before surgery either: %s", exc)
+        return None
+
+
+def ort_outputs(model: onnx.ModelProto, feeds: list[np.ndarray]) -> list[np.ndarray]:
+    """Run an in-memory ONNX model once on CPU (quietly: failures are the caller's to report)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return list(session.run(None, dict(zip(names, feeds, strict=True))))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _check(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -131,7 +131,7 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, n, c = x.shape
+        b, n = x.shape[:2]
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
@@ -156,7 +156,7 @@ class SwinBlock(nn.Module):
         self.register_buffer("attn_mask", shift_mask(size, ws, shift) if shift else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
+        h, w, c = x.shape[1:]
         y = self.norm1(x)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
@@ -191,7 +191,8 @@ class Swin(nn.Module):
         size = image // patch
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.embed_norm = nn.LayerNorm(dim)
-        self.stage1 = nn.Sequential(SwinBlock(dim, heads, size, ws, 0), SwinBlock(dim, heads, size, ws, ws // 2))
+        blocks = [SwinBlock(dim, heads, size, ws, 0), SwinBlock(dim, heads, size, ws, ws // 2)]
+        self.stage1 = nn.Sequential(*blocks)
         self.merge = PatchMerging(dim)
         self.stage2 = nn.Sequential(SwinBlock(2 * dim, 2 * heads, size // 2, ws, 0))
         self.norm = nn.LayerNorm(2 * dim)
