@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
+from slimship import slim, zero_random_groups
 from slimship._util import sha256_file, to_jsonable
 from slimship.errors import ExportError, ModelFileError
 from slimship.exporters import export_onnx, load_onnx, onnx_parity
+from slimship.exporters import onnx_export as onnx_export_module
+from slimship.exporters.onnx_export import checked_surgery, ort_outputs
+from slimship.exporters.onnx_passes import AddMetadata, Pass, RemoveIdentity, default_passes
 from slimship.runtimes.device_runner import open_runner
 from tests.exporters.conftest import ConvBNNet, TwoInTwoOut, randomized_bn
+from tests.exporters.layouts import LAYOUTS, build
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +144,169 @@ def test_corrupt_and_truncated_onnx_files(cnn_export, cnn, cnn_input, tmp_path):
             onnx_parity(cnn, bad, cnn_input)
         with pytest.raises(ModelFileError):
             load_onnx(bad)
+
+
+# ---------------------------------------------------------------- a pass that breaks the graph is left out
+
+
+class Drifts(Pass):
+    """Changes the numbers: adds 0.1 to every float constant (a wrong fusion would look like this)."""
+
+    name = "drifts"
+
+    def run(self, graph: gs.Graph) -> bool:
+        self.last_changes = 0
+        for tensor in graph.tensors().values():
+            if (
+                isinstance(tensor, gs.Constant)
+                and tensor.values.dtype == np.float32
+                and not tensor.name.endswith("+")
+            ):
+                tensor.values, tensor.name = tensor.values + 0.1, tensor.name + "+"
+                self.last_changes += 1
+        return self.last_changes > 0
+
+
+class GrowsRank(Pass):
+    """Turns scalars into one-element vectors (the old DeduplicateConstants bug): fails shape inference."""
+
+    name = "grows_rank"
+
+    def run(self, graph: gs.Graph) -> bool:
+        self.last_changes = 0
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and tensor.values.shape == ():
+                tensor.values = tensor.values.reshape(1)
+                self.last_changes += 1
+        return self.last_changes > 0
+
+
+class Raises(Pass):
+    name = "raises"
+
+    def run(self, graph: gs.Graph) -> bool:
+        raise RuntimeError("boom")
+
+
+def _class_token_head() -> onnx.ModelProto:
+    """Identity -> x[:, 0] (Gather, scalar index) -> Gemm: a ViT head."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["a"]),
+            helper.make_node("Gather", ["a", "cls"], ["t"], axis=1),
+            helper.make_node("Gemm", ["t", "w", "b"], ["y"], transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [
+            numpy_helper.from_array(np.array(0, np.int64), "cls"),
+            numpy_helper.from_array(np.array([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]], np.float32), "w"),
+            numpy_helper.from_array(np.array([0.25, -0.25], np.float32), "b"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_checked_surgery_leaves_out_each_breaking_pass(caplog):
+    model = _class_token_head()
+    feeds = [np.arange(24, dtype=np.float32).reshape(2, 4, 3)]
+    passes = [RemoveIdentity(), GrowsRank(), Drifts(), Raises(), AddMetadata({"k": "v"})]
+    with caplog.at_level(logging.WARNING, logger="slimship.exporters.onnx_export"):
+        new, report, skipped = checked_surgery(model, passes, feeds)
+    assert [s.name for s in skipped] == ["grows_rank", "drifts", "raises"]
+    assert skipped[0].reason.startswith("onnx.checker / shape inference") and "Gemm" in skipped[0].reason
+    assert skipped[1].reason.startswith("outputs differ from the graph before surgery")
+    assert "RuntimeError: boom" in skipped[2].reason
+    onnx.checker.check_model(new, full_check=True)
+    np.testing.assert_array_equal(ort_outputs(new, feeds)[0], ort_outputs(model, feeds)[0])
+    assert [n.op_type for n in new.graph.node] == ["Gather", "Gemm"]  # the sound passes still ran
+    assert {p.key: p.value for p in new.metadata_props} == {"k": "v"}
+    assert report.changes["remove_identity"] == 1 and "drifts" not in report.changes
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 3 and "'grows_rank'" in left_out[0]
+
+
+def test_checked_surgery_on_a_sound_pipeline_skips_nothing():
+    model = _class_token_head()
+    _, report, skipped = checked_surgery(model, default_passes({"k": "v"}), [np.ones((5, 4, 3), np.float32)])
+    assert skipped == [] and report.changes["remove_identity"] == 1
+
+
+def test_export_drops_a_breaking_pass_not_the_export(cnn, cnn_input, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(onnx_export_module, "default_passes", lambda meta: [*default_passes(meta), Drifts()])
+    with caplog.at_level(logging.WARNING, logger="slimship.exporters.onnx_export"):
+        result = export_onnx(cnn, cnn_input, tmp_path / "cnn.onnx")
+    assert [s.name for s in result.skipped_passes] == ["drifts"] and "differ" in result.skipped_passes[
+        0
+    ].reason
+    assert result.parity.passed and sorted(result.surgery.changes) == sorted(
+        p.name for p in default_passes({"k": "v"})
+    )
+    assert any("'drifts' left out" in r.getMessage() for r in caplog.records)
+    assert json.loads(json.dumps(to_jsonable(result)))["skipped_passes"][0]["name"] == "drifts"
+
+
+# ---------------------------------------------------------------- dynamic batch: kept, or why not
+
+
+class LiteralBatch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(2, 12))  # the batch size written as a literal
+
+
+def test_literal_batch_is_static_with_one_line_why(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="slimship.exporters.onnx_export"):
+        result = export_onnx(LiteralBatch().eval(), (torch.randn(2, 3, 4),), tmp_path / "lit.onnx")
+    assert not result.dynamic_batch and result.inputs[0].shape == [2, 3, 4]
+    assert "fixes the batch size to 2" in result.dynamic_batch_reason
+    lines = [r.getMessage() for r in caplog.records if "static batch" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and result.dynamic_batch_reason in lines[0]
+    assert result.parity.passed and "random_batch" not in result.parity.cases
+
+
+def test_static_batch_asked_for_says_so(tmp_path):
+    model = TwoInTwoOut().eval()
+    result = export_onnx(
+        model, (torch.randn(2, 6), torch.randn(2, 3)), tmp_path / "s.onnx", dynamic_batch=False
+    )
+    assert not result.dynamic_batch and "dynamic_batch=False" in result.dynamic_batch_reason
+
+
+# ------------------------------------------------------------ outside layouts: ViT, DeiT, Swin, PoolFormer
+
+
+def _check_layout_export(result, model, x) -> None:
+    assert result.skipped_passes == [] and result.surgery.changes["deduplicate_constants"] >= 0
+    assert result.parity.passed and "random_batch" in result.parity.cases
+    assert (
+        result.dynamic_batch and result.dynamic_batch_reason is None and result.inputs[0].shape[0] == "batch"
+    )
+    onnx.checker.check_model(onnx.load(str(result.path)), full_check=True)
+    bigger = torch.randn(x.shape[0] + 3, *x.shape[1:], generator=torch.Generator().manual_seed(7))
+    (out,) = open_runner(str(result.path)).run([bigger.numpy()])
+    with torch.no_grad():
+        ref = model(bigger).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layout_exports_with_surgery(name, tmp_path):
+    model, (x,) = build(name)
+    result = export_onnx(model, (x,), tmp_path / f"{name}.onnx")
+    _check_layout_export(result, model, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_slimmed_layout_exports_with_surgery(name, tmp_path):
+    model, (x,) = build(name)
+    assert zero_random_groups(model, (x,), fraction=0.4, seed=1) > 0
+    slimmed = slim(model, (x,))
+    assert slimmed.params_after < slimmed.params_before and not slimmed.report.excluded_spaces
+    result = export_onnx(slimmed.model, (x,), tmp_path / f"{name}-slim.onnx")
+    _check_layout_export(result, model, x)
