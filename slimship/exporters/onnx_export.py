@@ -127,7 +127,8 @@ def export_onnx(
     report, skipped = None, []
     with timings.measure("surgery"):
         if surgery:
-            proto, report, skipped = checked_surgery(proto, default_passes(entries), to_numpy(inputs))
+            cases = surgery_cases(inputs, dynamic)
+            proto, report, skipped = checked_surgery(proto, default_passes(entries), cases)
         else:
             proto, _ = run_surgery(proto, [p for p in default_passes(entries) if p.name == "add_metadata"])
     with timings.measure("check"):
@@ -302,23 +303,23 @@ def _name_batch_dim(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def checked_surgery(
-    proto: onnx.ModelProto, passes: list[Pass], feeds: list[np.ndarray]
+    proto: onnx.ModelProto, passes: list[Pass], cases: dict[str, list[np.ndarray]]
 ) -> tuple[onnx.ModelProto, SurgeryReport, list[SkippedPass]]:
-    """Run the surgery passes and check the result against the graph before surgery.
+    """Run the surgery passes and check the result against the graph before surgery on input `cases`.
 
     When the result fails the checker, cannot run or differs, the passes are added back one at a time
-    and each one after which the graph fails is left out (warning + SkippedPass). A clean model costs
-    one surgery, one checker call and two onnxruntime runs on `feeds`.
+    and each one after which the graph fails is left out (warning + SkippedPass). A sound pipeline costs
+    one surgery, one checker call and two onnxruntime sessions.
     """
-    baseline = _baseline_outputs(proto, feeds)
-    result, problem = _try_surgery(proto, passes, feeds, baseline)
+    baseline = _baseline_outputs(proto, cases)
+    result, problem = _try_surgery(proto, passes, cases, baseline)
     if problem is None:
         return (*result, [])
     log.warning("ONNX surgery broke the graph (%s); checking its passes one at a time", problem)
     kept: list[Pass] = []
     skipped: list[SkippedPass] = []
     for p in passes:
-        candidate, problem = _try_surgery(proto, [*kept, p], feeds, baseline)
+        candidate, problem = _try_surgery(proto, [*kept, p], cases, baseline)
         if problem is None:
             kept.append(p)
             result = candidate
@@ -330,19 +331,22 @@ def checked_surgery(
     return (*result, skipped)
 
 
+Outputs = list[list[np.ndarray]]  # per case, per output
+
+
 def _try_surgery(
-    proto: onnx.ModelProto, passes: list[Pass], feeds: list[np.ndarray], baseline: list[np.ndarray] | None
+    proto: onnx.ModelProto, passes: list[Pass], cases: dict[str, list[np.ndarray]], baseline: Outputs | None
 ) -> tuple[tuple[onnx.ModelProto, SurgeryReport] | None, str | None]:
     """(surgery result, None) when the result is sound, else (None or the result, what is wrong)."""
     try:
         result = run_surgery(proto, passes)
     except ExportError as exc:
         return None, str(exc)
-    return result, surgery_problem(result[0], feeds, baseline)
+    return result, surgery_problem(result[0], cases, baseline)
 
 
 def surgery_problem(
-    model: onnx.ModelProto, feeds: list[np.ndarray], baseline: list[np.ndarray] | None
+    model: onnx.ModelProto, cases: dict[str, list[np.ndarray]], baseline: Outputs | None
 ) -> str | None:
     """What is wrong with a graph after surgery (checker, shape inference, onnxruntime, parity), or None."""
     try:
@@ -353,10 +357,10 @@ def surgery_problem(
     if baseline is None:  # the graph before surgery does not run either: only the final parity can judge
         return None
     try:
-        outputs = ort_outputs(model, feeds)
+        outputs = ort_outputs(model, list(cases.values()))
     except Exception as exc:
         return f"onnxruntime cannot run it: {_first_line(exc)}"
-    parity = compare_outputs([baseline], [outputs], ["example"], SURGERY_REL_BOUND)
+    parity = compare_outputs(baseline, outputs, list(cases), SURGERY_REL_BOUND)
     if parity.passed:
         return None
     return (
@@ -365,16 +369,24 @@ def surgery_problem(
     )
 
 
-def _baseline_outputs(proto: onnx.ModelProto, feeds: list[np.ndarray]) -> list[np.ndarray] | None:
+def _baseline_outputs(proto: onnx.ModelProto, cases: dict[str, list[np.ndarray]]) -> Outputs | None:
     try:
-        return ort_outputs(proto, feeds)
+        return ort_outputs(proto, list(cases.values()))
     except Exception as exc:
         log.debug("the exported graph does not run before surgery either: %s", exc)
         return None
 
 
-def ort_outputs(model: onnx.ModelProto, feeds: list[np.ndarray]) -> list[np.ndarray]:
-    """Run an in-memory ONNX model once on CPU (quietly: failures are the caller's to report)."""
+def surgery_cases(inputs: tuple[torch.Tensor, ...], dynamic: bool) -> dict[str, list[np.ndarray]]:
+    """The example inputs, and with a dynamic batch also another batch size (a pass must not fix it)."""
+    cases = {"example": to_numpy(inputs)}
+    if dynamic and inputs and inputs[0].dim():
+        cases["other_batch"] = to_numpy(random_like(inputs, seed=98, batch=inputs[0].shape[0] + 1))
+    return cases
+
+
+def ort_outputs(model: onnx.ModelProto, cases: list[list[np.ndarray]]) -> Outputs:
+    """Run an in-memory ONNX model on CPU on each case (quietly: failures are the caller's to report)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -382,7 +394,7 @@ def ort_outputs(model: onnx.ModelProto, feeds: list[np.ndarray]) -> list[np.ndar
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    return list(session.run(None, dict(zip(names, feeds, strict=True))))
+    return [list(session.run(None, dict(zip(names, feeds, strict=True)))) for feeds in cases]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from slimship._util import sha256_file, to_jsonable
 from slimship.errors import ExportError, ModelFileError
 from slimship.exporters import export_onnx, load_onnx, onnx_parity
 from slimship.exporters import onnx_export as onnx_export_module
-from slimship.exporters.onnx_export import checked_surgery, ort_outputs
+from slimship.exporters.onnx_export import checked_surgery, ort_outputs, surgery_cases
 from slimship.exporters.onnx_passes import AddMetadata, Pass, RemoveIdentity, default_passes
 from slimship.runtimes.device_runner import open_runner
 from tests.exporters.conftest import ConvBNNet, TwoInTwoOut, randomized_bn
@@ -210,16 +210,16 @@ def _class_token_head() -> onnx.ModelProto:
 
 def test_checked_surgery_leaves_out_each_breaking_pass(caplog):
     model = _class_token_head()
-    feeds = [np.arange(24, dtype=np.float32).reshape(2, 4, 3)]
+    cases = {"example": [np.arange(24, dtype=np.float32).reshape(2, 4, 3)]}
     passes = [RemoveIdentity(), GrowsRank(), Drifts(), Raises(), AddMetadata({"k": "v"})]
     with caplog.at_level(logging.WARNING, logger="slimship.exporters.onnx_export"):
-        new, report, skipped = checked_surgery(model, passes, feeds)
+        new, report, skipped = checked_surgery(model, passes, cases)
     assert [s.name for s in skipped] == ["grows_rank", "drifts", "raises"]
     assert skipped[0].reason.startswith("onnx.checker / shape inference") and "Gemm" in skipped[0].reason
     assert skipped[1].reason.startswith("outputs differ from the graph before surgery")
     assert "RuntimeError: boom" in skipped[2].reason
     onnx.checker.check_model(new, full_check=True)
-    np.testing.assert_array_equal(ort_outputs(new, feeds)[0], ort_outputs(model, feeds)[0])
+    np.testing.assert_array_equal(ort_outputs(new, [*cases.values()]), ort_outputs(model, [*cases.values()]))
     assert [n.op_type for n in new.graph.node] == ["Gather", "Gemm"]  # the sound passes still ran
     assert {p.key: p.value for p in new.metadata_props} == {"k": "v"}
     assert report.changes["remove_identity"] == 1 and "drifts" not in report.changes
@@ -229,8 +229,48 @@ def test_checked_surgery_leaves_out_each_breaking_pass(caplog):
 
 def test_checked_surgery_on_a_sound_pipeline_skips_nothing():
     model = _class_token_head()
-    _, report, skipped = checked_surgery(model, default_passes({"k": "v"}), [np.ones((5, 4, 3), np.float32)])
+    _, report, skipped = checked_surgery(
+        model, default_passes({"k": "v"}), {"x": [np.ones((5, 4, 3), np.float32)]}
+    )
     assert skipped == [] and report.changes["remove_identity"] == 1
+
+
+class FreezesBatch(Pass):
+    """Replaces Shape(x) by the example's shape [2, 3]: right at batch 2, wrong at any other batch."""
+
+    name = "freezes_batch"
+
+    def run(self, graph: gs.Graph) -> bool:
+        self.last_changes = 0
+        for node in [n for n in graph.nodes if n.op == "Shape" and n.outputs]:
+            const = gs.Constant("frozen_shape", np.array([2, 3], np.int64))
+            for consumer in list(node.outputs[0].outputs):
+                consumer.inputs[consumer.inputs.index(node.outputs[0])] = const
+            node.outputs.clear()
+            self.last_changes += 1
+        return self.last_changes > 0
+
+
+def test_checked_surgery_catches_a_pass_that_fixes_the_batch():
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node(
+                "ConstantOfShape", ["s"], ["ones"], value=numpy_helper.from_array(np.ones(1, np.float32))
+            ),
+            helper.make_node("Add", ["x", "ones"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    example = (torch.randn(2, 3),)
+    _, _, skipped = checked_surgery(model, [FreezesBatch()], surgery_cases(example, dynamic=False))
+    assert skipped == []  # at the example's batch the frozen shape is right ...
+    new, _, skipped = checked_surgery(model, [FreezesBatch()], surgery_cases(example, dynamic=True))
+    assert [s.name for s in skipped] == ["freezes_batch"]  # ... at batch 3 it is not
+    assert "Shape" in [n.op_type for n in new.graph.node]
 
 
 def test_export_drops_a_breaking_pass_not_the_export(cnn, cnn_input, tmp_path, monkeypatch, caplog):
