@@ -216,8 +216,8 @@ def specialisation_reason(exc: BaseException) -> str:
     constant = re.search(r"specialized it to be a constant \((\d+)\)", line)
     if constant:
         return (
-            f"the model fixes the batch size to {constant.group(1)} (a reshape/view or shape check with "
-            "a literal batch; use -1 or x.shape[0] there to keep the batch dynamic)"
+            f"the model fixes the batch size to {constant.group(1)} (a literal batch, or int() of a shape, "
+            "in a reshape/view or shape check; write -1 or x.shape[0] there to keep the batch dynamic)"
         )
     return f"torch.export cannot keep the batch dynamic: {line[:200]}"
 

@@ -102,6 +102,13 @@ def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tens
     return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, c)
 
 
+def window_reverse_int_batch(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """timm < 0.9: the batch recomputed with int(), which fixes it at export time."""
+    b = int(windows.shape[0] / (h * w / ws / ws))
+    x = windows.view(b, h // ws, w // ws, ws, ws, -1)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)
+
+
 def relative_position_index(ws: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
@@ -146,8 +153,9 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, size: int, ws: int, shift: int) -> None:
+    def __init__(self, dim: int, heads: int, size: int, ws: int, shift: int, int_batch: bool = False) -> None:
         super().__init__()
+        self.reverse = window_reverse_int_batch if int_batch else window_reverse
         if size <= ws:  # timm: a window as large as the map, no shift
             ws, shift = size, 0
         self.ws, self.shift = ws, shift
@@ -162,7 +170,7 @@ class SwinBlock(nn.Module):
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
         windows = window_partition(y, self.ws).view(-1, self.ws * self.ws, c)
         windows = self.attn(windows, self.attn_mask).view(-1, self.ws, self.ws, c)
-        y = window_reverse(windows, self.ws, h, w)
+        y = self.reverse(windows, self.ws, h, w)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
         x = x + y
@@ -186,12 +194,12 @@ class Swin(nn.Module):
     """Swin-T layout: NHWC stages of (window, shifted window) blocks, patch merging between stages."""
 
     def __init__(self, image: int = 32, patch: int = 4, dim: int = 16, heads: int = 2, ws: int = 4,
-                 classes: int = 5) -> None:  # fmt: skip
+                 classes: int = 5, int_batch: bool = False) -> None:  # fmt: skip
         super().__init__()
         size = image // patch
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.embed_norm = nn.LayerNorm(dim)
-        blocks = [SwinBlock(dim, heads, size, ws, 0), SwinBlock(dim, heads, size, ws, ws // 2)]
+        blocks = [SwinBlock(dim, heads, size, ws, 0, int_batch), SwinBlock(dim, heads, size, ws, ws // 2)]
         self.stage1 = nn.Sequential(*blocks)
         self.merge = PatchMerging(dim)
         self.stage2 = nn.Sequential(SwinBlock(2 * dim, 2 * heads, size // 2, ws, 0))
@@ -257,11 +265,14 @@ LAYOUTS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "swin": (Swin, (3, 32, 32)),
     "poolformer": (PoolFormer, (3, 32, 32)),
 }
+LEGACY: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "swin_int_batch": (lambda: Swin(int_batch=True), (3, 32, 32)),  # timm < 0.9 window_reverse
+}
 
 
 def build(name: str, seed: int = 0, batch: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """The named replica (seeded random init, eval mode) and an example input batch."""
-    factory, shape = LAYOUTS[name]
+    factory, shape = {**LAYOUTS, **LEGACY}[name]
     torch.manual_seed(seed)
     model = _randomized_norms(factory(), seed)
     return model, (torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed + 1)),)

@@ -309,6 +309,18 @@ def test_literal_batch_is_static_with_one_line_why(tmp_path, caplog):
     assert result.parity.passed and "random_batch" not in result.parity.cases
 
 
+@pytest.mark.slow  # two torch.export attempts of a Swin: ~15 s
+def test_int_of_a_shape_fixes_swin_batch_with_one_line_why(tmp_path, caplog):
+    model, (x,) = build("swin_int_batch")
+    with caplog.at_level(logging.WARNING, logger="slimship.exporters.onnx_export"):
+        result = export_onnx(model, (x,), tmp_path / "swin.onnx")
+    assert not result.dynamic_batch and f"batch size to {x.shape[0]}" in result.dynamic_batch_reason
+    assert [r.getMessage() for r in caplog.records if "static batch" in r.getMessage()] == [
+        f"ONNX export keeps a static batch of {x.shape[0]}: {result.dynamic_batch_reason}"
+    ]
+    assert result.parity.passed and result.skipped_passes == [] and result.inputs[0].shape[0] == x.shape[0]
+
+
 def test_static_batch_asked_for_says_so(tmp_path):
     model = TwoInTwoOut().eval()
     result = export_onnx(
