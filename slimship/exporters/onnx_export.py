@@ -33,7 +33,7 @@ from slimship.exporters._common import (
     to_numpy,
     torch_outputs,
 )
-from slimship.exporters.onnx_passes import Pass, SurgeryReport, default_passes, run_surgery
+from slimship.exporters.onnx_passes import AddMetadata, Pass, SurgeryReport, default_passes, run_surgery
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +124,26 @@ def export_onnx(
             for k, v in (metadata or {}).items()
         },
     }
+    exported = proto
     report, skipped = None, []
     with timings.measure("surgery"):
         if surgery:
             cases = surgery_cases(inputs, dynamic)
             proto, report, skipped = checked_surgery(proto, default_passes(entries), cases)
         else:
-            proto, _ = run_surgery(proto, [p for p in default_passes(entries) if p.name == "add_metadata"])
-    with timings.measure("check"):
-        proto = _check(proto, path)
-        atomic_write_bytes(path, proto.SerializeToString())
-    with timings.measure("parity"):
-        parity = onnx_parity(traced, path, inputs, check_inputs=check_inputs, dynamic_batch=dynamic)
+            proto = _metadata_only(exported, entries)
+    verify = (traced, inputs, check_inputs, dynamic)
+    if report is None:
+        proto, parity = _write_and_verify(proto, path, verify, timings)
+    else:
+        proto, parity, problem = _write_surgered(proto, path, verify, timings)
+        if problem is not None:  # rare, surgery passed its own checks: export without it
+            log.warning("the ONNX graph after surgery fails (%s); exporting it without surgery", problem)
+            skipped += [
+                SkippedPass(k, problem) for k, n in report.changes.items() if n and k != AddMetadata.name
+            ]
+            report = None
+            proto, parity = _write_and_verify(_metadata_only(exported, entries), path, verify, timings)
     nbytes, digest = nbytes_and_hash(path)
     result = OnnxExport(
         path=path,
@@ -155,12 +163,49 @@ def export_onnx(
         skipped_passes=skipped,
     )
     if not parity.passed:
+        path.unlink(missing_ok=True)
         raise VerificationError(
             f"{path}: ONNX outputs differ from PyTorch by {parity.max_abs_diff:.3g} "
-            f"(> tolerance {parity.tolerance:.3g}) on cases {parity.cases}. "
-            "Export with surgery=False to see whether a surgery pass or the exporter is at fault."
+            f"(> tolerance {parity.tolerance:.3g}) on cases {parity.cases}, without surgery too: the "
+            "exporter is at fault. Please report it; the TFLite export may work meanwhile."
         )
     return result
+
+
+def _metadata_only(proto: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:
+    return run_surgery(proto, [AddMetadata(entries)])[0]
+
+
+def _write_surgered(
+    proto: onnx.ModelProto, path: Path, verify: tuple, timings: Timings
+) -> tuple[onnx.ModelProto, ParityReport | None, str | None]:
+    """`_write_and_verify` for a graph after surgery: (graph, parity, None), or what is wrong with it."""
+    try:
+        proto, parity = _write_and_verify(proto, path, verify, timings)
+    except (ExportError, VerificationError) as exc:
+        return proto, None, str(exc)
+    if parity.passed:
+        return proto, parity, None
+    path.unlink(missing_ok=True)
+    diff = f"{parity.max_abs_diff:.3g} (> tolerance {parity.tolerance:.3g})"
+    return proto, parity, f"PyTorch parity: outputs differ by {diff} on cases {parity.cases}"
+
+
+def _write_and_verify(
+    proto: onnx.ModelProto, path: Path, verify: tuple, timings: Timings
+) -> tuple[onnx.ModelProto, ParityReport]:
+    """Check the graph, write it to `path` and compare it with PyTorch; remove the file on an error."""
+    traced, inputs, check_inputs, dynamic = verify
+    with timings.measure("check"):
+        proto = _check(proto, path)
+        atomic_write_bytes(path, proto.SerializeToString())
+    try:
+        with timings.measure("parity"):
+            parity = onnx_parity(traced, path, inputs, check_inputs=check_inputs, dynamic_batch=dynamic)
+    except Exception:  # onnxruntime cannot run it: leave no file behind
+        path.unlink(missing_ok=True)
+        raise
+    return proto, parity
 
 
 def _check_names(names: list[str], count: int, what: str) -> None:

@@ -287,6 +287,45 @@ def test_export_drops_a_breaking_pass_not_the_export(cnn, cnn_input, tmp_path, m
     assert json.loads(json.dumps(to_jsonable(result)))["skipped_passes"][0]["name"] == "drifts"
 
 
+class MemorisesInput(Pass):
+    """Replaces the graph input by the example's values: right on the example, wrong on any other input."""
+
+    name = "memorises_input"
+
+    def __init__(self, example: np.ndarray) -> None:
+        super().__init__()
+        self.example = example
+
+    def run(self, graph: gs.Graph) -> bool:
+        self.last_changes = 0
+        (x,) = graph.inputs
+        if x.outputs:
+            const = gs.Constant("memorised", self.example)
+            for consumer in list(x.outputs):
+                consumer.inputs[consumer.inputs.index(x)] = const
+            self.last_changes = 1
+        return self.last_changes > 0
+
+
+def test_surgery_that_fails_pytorch_parity_falls_back_to_no_surgery(
+    cnn, cnn_input, tmp_path, monkeypatch, caplog
+):
+    memorise = MemorisesInput(cnn_input[0].numpy())
+    monkeypatch.setattr(onnx_export_module, "default_passes", lambda meta: [*default_passes(meta), memorise])
+    with caplog.at_level(logging.WARNING, logger="slimship.exporters.onnx_export"):
+        result = export_onnx(cnn, cnn_input, tmp_path / "cnn.onnx", dynamic_batch=False)
+    assert result.parity.passed and result.surgery is None and "random_0" in result.parity.cases
+    assert "memorises_input" in [s.name for s in result.skipped_passes]
+    assert all(s.reason.startswith("PyTorch parity") for s in result.skipped_passes)
+    assert any("exporting it without surgery" in r.getMessage() for r in caplog.records)
+    model = onnx.load(str(result.path))
+    assert (
+        "memorised" not in {i.name for i in model.graph.initializer} and model.graph.input[0].name == "input"
+    )
+    (out,) = open_runner(str(result.path)).run([np.ones((2, 3, 16, 16), np.float32)])
+    np.testing.assert_allclose(out, cnn(torch.ones(2, 3, 16, 16)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- dynamic batch: kept, or why not
 
 
