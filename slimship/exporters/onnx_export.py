@@ -9,7 +9,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -74,6 +74,15 @@ class OnnxExport:
     skipped_passes: list[SkippedPass] = dataclasses.field(default_factory=list)
 
 
+class ParityInputs(NamedTuple):
+    """What the PyTorch parity check of a written file needs."""
+
+    traced: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    check_inputs: list[Any] | None
+    dynamic: bool
+
+
 def default_names(prefix: str, count: int) -> list[str]:
     """`input`, `input_1`, `input_2` ... (same for outputs)."""
     return [prefix if i == 0 else f"{prefix}_{i}" for i in range(count)]
@@ -132,7 +141,7 @@ def export_onnx(
             proto, report, skipped = checked_surgery(proto, default_passes(entries), cases)
         else:
             proto = _metadata_only(exported, entries)
-    verify = (traced, inputs, check_inputs, dynamic)
+    verify = ParityInputs(traced, inputs, check_inputs, dynamic)
     if report is None:
         proto, parity = _write_and_verify(proto, path, verify, timings)
     else:
@@ -177,7 +186,7 @@ def _metadata_only(proto: onnx.ModelProto, entries: dict[str, str]) -> onnx.Mode
 
 
 def _write_surgered(
-    proto: onnx.ModelProto, path: Path, verify: tuple, timings: Timings
+    proto: onnx.ModelProto, path: Path, verify: ParityInputs, timings: Timings
 ) -> tuple[onnx.ModelProto, ParityReport | None, str | None]:
     """`_write_and_verify` for a graph after surgery: (graph, parity, None), or what is wrong with it."""
     try:
@@ -192,16 +201,21 @@ def _write_surgered(
 
 
 def _write_and_verify(
-    proto: onnx.ModelProto, path: Path, verify: tuple, timings: Timings
+    proto: onnx.ModelProto, path: Path, verify: ParityInputs, timings: Timings
 ) -> tuple[onnx.ModelProto, ParityReport]:
     """Check the graph, write it to `path` and compare it with PyTorch; remove the file on an error."""
-    traced, inputs, check_inputs, dynamic = verify
     with timings.measure("check"):
         proto = _check(proto, path)
         atomic_write_bytes(path, proto.SerializeToString())
     try:
         with timings.measure("parity"):
-            parity = onnx_parity(traced, path, inputs, check_inputs=check_inputs, dynamic_batch=dynamic)
+            parity = onnx_parity(
+                verify.traced,
+                path,
+                verify.inputs,
+                check_inputs=verify.check_inputs,
+                dynamic_batch=verify.dynamic,
+            )
     except Exception:  # onnxruntime cannot run it: leave no file behind
         path.unlink(missing_ok=True)
         raise
@@ -454,7 +468,8 @@ def _check(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     except Exception as exc:
         raise ExportError(
             f"{path}: the exported ONNX model fails onnx.checker / shape inference: {exc}. "
-            "Export with surgery=False; if that passes, a surgery pass broke the graph (please report it)."
+            "Surgery is dropped when it is at fault, so the exporter made this graph: try another opset, "
+            "and please report it."
         ) from exc
 
 
