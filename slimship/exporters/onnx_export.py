@@ -7,8 +7,9 @@ import dataclasses
 import io
 import json
 import logging
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -33,15 +34,24 @@ from slimship.exporters._common import (
     to_numpy,
     torch_outputs,
 )
-from slimship.exporters.onnx_passes import SurgeryReport, default_passes, run_surgery
+from slimship.exporters.onnx_passes import AddMetadata, Pass, SurgeryReport, default_passes, run_surgery
 
 log = logging.getLogger(__name__)
 
 ONNX_FP32_REL_BOUND = REL_BOUNDS["fp32"]
+SURGERY_REL_BOUND = 1e-5  # a surgery pass must keep the graph's outputs to this, relative to max(1, |y|)
 _WAY_OUT_EXPORT = (
     "Way out: replace or rewrite that op in the model (a supported composition of standard ops), "
     "register an ONNX translation for it (torch.onnx custom_translation_table), or export at a higher opset."
 )
+
+
+@dataclasses.dataclass
+class SkippedPass:
+    """A surgery pass left out for one model because the graph after it failed a check."""
+
+    name: str
+    reason: str
 
 
 @dataclasses.dataclass
@@ -55,12 +65,23 @@ class OnnxExport:
     exporter: str  # "dynamo" or "torchscript" (fallback)
     fallback_reason: str | None
     dynamic_batch: bool
+    dynamic_batch_reason: str | None  # why the batch is static (None when it is dynamic)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     parity: ParityReport
     surgery: SurgeryReport | None
     metadata: dict[str, str]
     timings: dict[str, float]
+    skipped_passes: list[SkippedPass] = dataclasses.field(default_factory=list)
+
+
+class ParityInputs(NamedTuple):
+    """What the PyTorch parity check of a written file needs."""
+
+    traced: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    check_inputs: list[Any] | None
+    dynamic: bool
 
 
 def default_names(prefix: str, count: int) -> list[str]:
@@ -85,7 +106,9 @@ def export_onnx(
 
     Parity runs on the example inputs, `check_inputs` (extra input tuples) and random inputs (also at
     another batch size when the batch dimension is dynamic); fp32 tolerance is
-    1e-4 * max(1, max|reference|). Raises ExportError, VerificationError.
+    1e-4 * max(1, max|reference|). A surgery pass after which the graph fails the checker or differs from
+    the graph before surgery is left out (logged, listed in `skipped_passes`). Raises ExportError,
+    VerificationError.
     """
     if opset < 18:
         raise ExportError(f"opset={opset}: the dynamo exporter needs opset >= 18; pass opset=18 or higher")
@@ -100,7 +123,7 @@ def export_onnx(
     _check_names(output_names, len(reference_outputs), "output_names")
 
     with timings.measure("export"):
-        proto, exporter, fallback_reason, dynamic, traced = _export_proto(
+        proto, exporter, fallback_reason, (dynamic, static_reason), traced = _export_proto(
             model, inputs, opset, dynamic_batch, input_names, output_names
         )
     entries = {
@@ -111,17 +134,26 @@ def export_onnx(
             for k, v in (metadata or {}).items()
         },
     }
-    report = None
+    exported = proto
+    report, skipped = None, []
     with timings.measure("surgery"):
         if surgery:
-            proto, report = run_surgery(proto, default_passes(entries))
+            cases = surgery_cases(inputs, dynamic)
+            proto, report, skipped = checked_surgery(proto, default_passes(entries), cases)
         else:
-            proto, _ = run_surgery(proto, [p for p in default_passes(entries) if p.name == "add_metadata"])
-    with timings.measure("check"):
-        proto = _check(proto, path)
-        atomic_write_bytes(path, proto.SerializeToString())
-    with timings.measure("parity"):
-        parity = onnx_parity(traced, path, inputs, check_inputs=check_inputs, dynamic_batch=dynamic)
+            proto = _metadata_only(exported, entries)
+    verify = ParityInputs(traced, inputs, check_inputs, dynamic)
+    if report is None:
+        proto, parity = _write_and_verify(proto, path, verify, timings)
+    else:
+        proto, parity, problem = _write_surgered(proto, path, verify, timings)
+        if problem is not None:  # rare, surgery passed its own checks: export without it
+            log.warning("the ONNX graph after surgery fails (%s); exporting it without surgery", problem)
+            skipped += [
+                SkippedPass(k, problem) for k, n in report.changes.items() if n and k != AddMetadata.name
+            ]
+            report = None
+            proto, parity = _write_and_verify(_metadata_only(exported, entries), path, verify, timings)
     nbytes, digest = nbytes_and_hash(path)
     result = OnnxExport(
         path=path,
@@ -131,20 +163,64 @@ def export_onnx(
         exporter=exporter,
         fallback_reason=fallback_reason,
         dynamic_batch=dynamic,
+        dynamic_batch_reason=static_reason,
         inputs=_specs(proto.graph.input, proto.graph.initializer),
         outputs=_specs(proto.graph.output, []),
         parity=parity,
         surgery=report,
         metadata=entries,
         timings=timings.stages,
+        skipped_passes=skipped,
     )
     if not parity.passed:
+        path.unlink(missing_ok=True)
         raise VerificationError(
             f"{path}: ONNX outputs differ from PyTorch by {parity.max_abs_diff:.3g} "
-            f"(tolerance {parity.tolerance:.3g}) on cases {parity.cases}: {parity.reason}. "
-            "Export with surgery=False to see whether a surgery pass or the exporter is at fault."
+            f"(> tolerance {parity.tolerance:.3g}) on cases {parity.cases}, without surgery too: "
+            f"{parity.reason}. The exporter is at fault: please report it; TFLite may work meanwhile."
         )
     return result
+
+
+def _metadata_only(proto: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:
+    return run_surgery(proto, [AddMetadata(entries)])[0]
+
+
+def _write_surgered(
+    proto: onnx.ModelProto, path: Path, verify: ParityInputs, timings: Timings
+) -> tuple[onnx.ModelProto, ParityReport | None, str | None]:
+    """`_write_and_verify` for a graph after surgery: (graph, parity, None), or what is wrong with it."""
+    try:
+        proto, parity = _write_and_verify(proto, path, verify, timings)
+    except (ExportError, VerificationError) as exc:
+        return proto, None, str(exc)
+    if parity.passed:
+        return proto, parity, None
+    path.unlink(missing_ok=True)
+    diff = f"{parity.max_abs_diff:.3g} (> tolerance {parity.tolerance:.3g})"
+    return proto, parity, f"PyTorch parity: outputs differ by {diff} on cases {parity.cases}"
+
+
+def _write_and_verify(
+    proto: onnx.ModelProto, path: Path, verify: ParityInputs, timings: Timings
+) -> tuple[onnx.ModelProto, ParityReport]:
+    """Check the graph, write it to `path` and compare it with PyTorch; remove the file on an error."""
+    with timings.measure("check"):
+        proto = _check(proto, path)
+        atomic_write_bytes(path, proto.SerializeToString())
+    try:
+        with timings.measure("parity"):
+            parity = onnx_parity(
+                verify.traced,
+                path,
+                verify.inputs,
+                check_inputs=verify.check_inputs,
+                dynamic_batch=verify.dynamic,
+            )
+    except Exception:  # onnxruntime cannot run it: leave no file behind
+        path.unlink(missing_ok=True)
+        raise
+    return proto, parity
 
 
 def _check_names(names: list[str], count: int, what: str) -> None:
@@ -157,14 +233,20 @@ def _batch_shapes(inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...
     return tuple({0: batch} if t.dim() >= 1 else {} for t in inputs)
 
 
+Batch = tuple[bool, str | None]  # dynamic?, and why not
+
+
 def _torch_export(
     model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool
-) -> tuple[torch.export.ExportedProgram, bool, torch.nn.Module]:
+) -> tuple[torch.export.ExportedProgram, Batch, torch.nn.Module]:
     """Export with a dynamic batch if asked and possible; also return the module that was traced."""
+    reason = "a static batch was asked for (dynamic_batch=False)"
+    if dynamic_batch and not any(t.dim() for t in inputs):
+        dynamic_batch, reason = False, "no input has a batch dimension"
     if dynamic_batch:
         try:
             program = torch.export.export(model, inputs, dynamic_shapes=_batch_shapes(inputs), strict=False)
-            return program, True, _without_shape_guards(model) or model  # parity at another batch
+            return program, (True, None), _without_shape_guards(model) or model  # parity at another batch
         except Exception as exc:
             unguarded = _without_shape_guards(model)
             if unguarded is not None:
@@ -172,18 +254,32 @@ def _torch_export(
                     program = torch.export.export(
                         unguarded, inputs, dynamic_shapes=_batch_shapes(inputs), strict=False
                     )
-                    return program, True, unguarded
+                    return program, (True, None), unguarded
                 except Exception:
                     pass
+            reason = specialisation_reason(exc)
             log.warning(
-                "the model specialises its batch size (%s); exporting with a static batch of %s instead",
-                str(exc).strip().splitlines()[0][:200],
-                inputs[0].shape[0] if inputs and inputs[0].dim() else "?",
+                "ONNX export keeps a static batch of %s: %s",
+                inputs[0].shape[0] if inputs[0].dim() else "?",
+                reason,
             )
     try:
-        return torch.export.export(model, inputs, strict=False), False, model
+        return torch.export.export(model, inputs, strict=False), (False, reason), model
     except Exception as exc:
         raise export_error("torch.export of the model", exc, None, _WAY_OUT_EXPORT) from exc
+
+
+def specialisation_reason(exc: BaseException) -> str:
+    """One line saying why torch.export refused a dynamic batch."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
+    line = next((x for x in lines if "specialized" in x), lines[0] if lines else type(exc).__name__)
+    constant = re.search(r"specialized it to be a constant \((\d+)\)", line)
+    if constant:
+        return (
+            f"the model fixes the batch size to {constant.group(1)} (a literal batch, or int() of a shape, "
+            "in a reshape/view or shape check; write -1 or x.shape[0] there to keep the batch dynamic)"
+        )
+    return f"torch.export cannot keep the batch dynamic: {line[:200]}"
 
 
 def _without_shape_guards(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -217,8 +313,9 @@ def _export_proto(
     dynamic_batch: bool,
     input_names: list[str],
     output_names: list[str],
-) -> tuple[onnx.ModelProto, str, str | None, bool, torch.nn.Module]:
-    program, dynamic, traced = _torch_export(model, inputs, dynamic_batch)
+) -> tuple[onnx.ModelProto, str, str | None, Batch, torch.nn.Module]:
+    program, batch, traced = _torch_export(model, inputs, dynamic_batch)
+    dynamic = batch[0]
     try:
         onnx_program = torch.onnx.export(
             program,
@@ -230,7 +327,7 @@ def _export_proto(
             external_data=False,
             verbose=False,
         )
-        return _name_batch_dim(onnx_program.model_proto), "dynamo", None, dynamic, traced
+        return _name_batch_dim(onnx_program.model_proto), "dynamo", None, batch, traced
     except Exception as exc:
         dynamo_error = export_error("ONNX export (dynamo)", exc, program.graph_module, _WAY_OUT_EXPORT)
     log.warning("dynamo ONNX export failed, falling back to the TorchScript exporter: %s", dynamo_error)
@@ -246,7 +343,7 @@ def _export_proto(
             output_names=output_names,
             dynamic_axes={n: {0: "batch"} for n in input_names + output_names} if dynamic else None,
         )
-        return onnx.load_from_string(buffer.getvalue()), "torchscript", str(dynamo_error), dynamic, traced
+        return onnx.load_from_string(buffer.getvalue()), "torchscript", str(dynamo_error), batch, traced
     except Exception as exc:
         log.debug("TorchScript exporter failed too: %s", exc)
         raise dynamo_error from exc
@@ -266,6 +363,109 @@ def _name_batch_dim(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+# ---------------------------------------------------------------- surgery, one pass at a time if need be
+
+
+def checked_surgery(
+    proto: onnx.ModelProto, passes: list[Pass], cases: dict[str, list[np.ndarray]]
+) -> tuple[onnx.ModelProto, SurgeryReport, list[SkippedPass]]:
+    """Run the surgery passes and check the result against the graph before surgery on input `cases`.
+
+    When the result fails the checker, cannot run or differs, the passes are added back one at a time
+    and each one after which the graph fails is left out (warning + SkippedPass). A sound pipeline costs
+    one surgery, one checker call and two onnxruntime sessions.
+    """
+    baseline = _baseline_outputs(proto, cases)
+    result, problem = _try_surgery(proto, passes, cases, baseline)
+    if problem is None:
+        return (*result, [])
+    log.warning("ONNX surgery broke the graph (%s); checking its passes one at a time", problem)
+    kept: list[Pass] = []
+    skipped: list[SkippedPass] = []
+    for p in passes:
+        candidate, problem = _try_surgery(proto, [*kept, p], cases, baseline)
+        if problem is None:
+            kept.append(p)
+            result = candidate
+        else:
+            log.warning("ONNX surgery pass %r left out for this model: %s", p.name, problem)
+            skipped.append(SkippedPass(p.name, problem))
+    if not kept:
+        result = run_surgery(proto, [])
+    return (*result, skipped)
+
+
+Outputs = list[list[np.ndarray]]  # per case, per output
+
+
+def _try_surgery(
+    proto: onnx.ModelProto, passes: list[Pass], cases: dict[str, list[np.ndarray]], baseline: Outputs | None
+) -> tuple[tuple[onnx.ModelProto, SurgeryReport] | None, str | None]:
+    """(surgery result, None) when the result is sound, else (None or the result, what is wrong)."""
+    try:
+        result = run_surgery(proto, passes)
+    except ExportError as exc:
+        return None, str(exc)
+    return result, surgery_problem(result[0], cases, baseline)
+
+
+def surgery_problem(
+    model: onnx.ModelProto, cases: dict[str, list[np.ndarray]], baseline: Outputs | None
+) -> str | None:
+    """What is wrong with a graph after surgery (checker, shape inference, onnxruntime, parity), or None."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        return f"onnx.checker / shape inference: {_first_line(exc)}"
+    if baseline is None:  # the graph before surgery does not run either: only the final parity can judge
+        return None
+    try:
+        outputs = ort_outputs(model, list(cases.values()))
+    except Exception as exc:
+        return f"onnxruntime cannot run it: {_first_line(exc)}"
+    parity = compare_outputs(baseline, outputs, list(cases), SURGERY_REL_BOUND)
+    if parity.passed:
+        return None
+    return (
+        f"outputs differ from the graph before surgery by {parity.max_abs_diff:.3g} "
+        f"(> tolerance {parity.tolerance:.3g})"
+    )
+
+
+def _baseline_outputs(proto: onnx.ModelProto, cases: dict[str, list[np.ndarray]]) -> Outputs | None:
+    try:
+        return ort_outputs(proto, list(cases.values()))
+    except Exception as exc:
+        log.debug("the exported graph does not run before surgery either: %s", exc)
+        return None
+
+
+def surgery_cases(inputs: tuple[torch.Tensor, ...], dynamic: bool) -> dict[str, list[np.ndarray]]:
+    """The example inputs, and with a dynamic batch also another batch size (a pass must not fix it)."""
+    cases = {"example": to_numpy(inputs)}
+    if dynamic and inputs and inputs[0].dim():
+        cases["other_batch"] = to_numpy(random_like(inputs, seed=98, batch=inputs[0].shape[0] + 1))
+    return cases
+
+
+def ort_outputs(model: onnx.ModelProto, cases: list[list[np.ndarray]]) -> Outputs:
+    """Run an in-memory ONNX model on CPU on each case (quietly: failures are the caller's to report)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return [list(session.run(None, dict(zip(names, feeds, strict=True)))) for feeds in cases]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 def _check(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -273,7 +473,8 @@ def _check(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     except Exception as exc:
         raise ExportError(
             f"{path}: the exported ONNX model fails onnx.checker / shape inference: {exc}. "
-            "Export with surgery=False; if that passes, a surgery pass broke the graph (please report it)."
+            "Surgery is dropped when it is at fault, so the exporter made this graph: try another opset, "
+            "and please report it."
         ) from exc
 
 

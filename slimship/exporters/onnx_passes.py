@@ -331,7 +331,11 @@ SimplifyShapeOps._RULES = {
 
 
 class DeduplicateConstants(Pass):
-    """Make consumers of equal constants (dtype, shape and bytes) share one tensor."""
+    """Make consumers of equal constants (dtype, shape and bytes) share one tensor.
+
+    The shape is the constant's own: a scalar and a one-element vector with the same bytes differ
+    (merging them changes the rank of a Gather, Unsqueeze or Concat result downstream).
+    """
 
     name = "deduplicate_constants"
 
@@ -341,8 +345,9 @@ class DeduplicateConstants(Pass):
         for _, tensor in sorted(graph.tensors().items()):
             if not isinstance(tensor, gs.Constant) or _is_graph_output(graph, tensor):
                 continue
-            values = np.ascontiguousarray(tensor.values)
-            key = (values.dtype.str, values.shape, hashlib.sha256(values.tobytes()).hexdigest())
+            values = np.asarray(tensor.values)  # not ascontiguousarray: it turns a scalar into shape (1,)
+            digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+            key = (values.dtype.str, values.shape, digest)
             keep = seen.setdefault(key, tensor)
             if keep is not tensor and tensor.outputs:
                 _replace_uses(graph, tensor, keep)
