@@ -105,6 +105,7 @@ class ReleaseInputs:
     model_card_notes: str = ""
     gates: list[dict[str, Any]] | None = None  # quality gate results (slimship.pipeline.gates)
     calibration: dict[str, Any] | None = None  # int8 calibration data: {"samples": int, "source": str}
+    targets: dict[str, dict[str, Any]] | None = None  # target name -> definition (explain.target_record)
 
 
 @dataclass
@@ -536,6 +537,8 @@ def _manifest(
         manifest["gates"] = to_jsonable(inputs.gates)
     if inputs.calibration is not None:
         manifest["calibration"] = to_jsonable(inputs.calibration)
+    if inputs.targets is not None:
+        manifest["targets"] = to_jsonable(inputs.targets)
     return mf.finite_or_none(manifest)
 
 

@@ -390,15 +390,18 @@ def _percent(fraction: float | None) -> float | None:
     return None if fraction is None else round(100.0 * fraction, 3)
 
 
+_NOT_PLOTTED = ("epoch", "steps")  # counters, not quantities a person reads off a training plot
+
+
 def _history_plots(method: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """One report plot per numeric series a compression method recorded per epoch."""
     keys = sorted(
-        {k for rec in history for k, v in rec.items() if isinstance(v, int | float) and k != "epoch"}
+        {k for rec in history for k, v in rec.items() if isinstance(v, int | float) and k not in _NOT_PLOTTED}
     )
     series = {}
     for key in keys:
         points = [
-            (i, float(rec[key])) for i, rec in enumerate(history) if isinstance(rec.get(key), int | float)
+            (i, float(rec[key])) for i, rec in enumerate(history, 1) if isinstance(rec.get(key), int | float)
         ]
         if len(points) > 1:
             series[key] = {"x": [p[0] for p in points], "y": [p[1] for p in points]}
@@ -501,6 +504,7 @@ def _release(
     config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots, aligned, gates,
     calibration=None,
 ):  # fmt: skip
+    from slimship.pipeline.explain import target_record
     from slimship.pipeline.release import ReleaseInputs, write_release
 
     rcfg = config.release
@@ -549,6 +553,7 @@ def _release(
         model_card_notes=rcfg.notes,
         gates=gates,
         calibration=calibration,
+        targets={t.name: target_record(t) for t in config.target_profiles()},
     )
     return write_release(inputs, Path(rcfg.out)).bundle_dir
 
