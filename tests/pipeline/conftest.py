@@ -156,11 +156,30 @@ def make_release_inputs(tiny_model_dir: Path) -> ReleaseInputs:
         },
         model_card_notes="For tests only: a random-init CNN, not trained on any data.",
         gates=[
-            {"gate": "max_accuracy_drop", "status": "passed", "subject": "torch top-1", "figure": 0.5,
-             "limit": 1.0, "detail": ""},
-            {"gate": "min_speedup", "status": "off", "subject": "", "figure": None, "limit": None, "detail": ""},
-            {"gate": "min_agreement", "status": "not evaluated", "subject": "", "figure": None, "limit": 0.9,
-             "detail": "no quantised variant"},
+            {
+                "gate": "max_accuracy_drop",
+                "status": "passed",
+                "subject": "torch top-1",
+                "figure": 0.5,
+                "limit": 1.0,
+                "detail": "",
+            },
+            {
+                "gate": "min_speedup",
+                "status": "off",
+                "subject": "",
+                "figure": None,
+                "limit": None,
+                "detail": "",
+            },
+            {
+                "gate": "min_agreement",
+                "status": "not evaluated",
+                "subject": "",
+                "figure": None,
+                "limit": 0.9,
+                "detail": "no quantised variant",
+            },
         ],
     )
 
