@@ -17,9 +17,10 @@ import functools
 import importlib
 import inspect
 import os
+import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -146,6 +147,16 @@ class PipelineConfig(Section):
     release: ReleaseSpec = _f(ReleaseSpec, "a mapping with name, version, out")
     gates: GatesSpec = _f(GatesSpec, "a mapping of quality gates")
     _profiles: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _base_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The config file's folder: factories are looked for there as well as in installed packages."""
+        return self._base_dir
+
+    def factory(self, section: Literal["model", "data"]) -> Callable[..., Any]:
+        """The `model.factory` or `data.factory` function (see `resolve`)."""
+        return resolve(getattr(self, section).factory, f"{section}.factory", self._base_dir)
 
     def target_profiles(self) -> list[Any]:
         """The `targets` as resolved Target records (built-in or from `targets_file`), in order."""
@@ -330,10 +341,16 @@ def _error(source: str, problems: list[str]) -> ConfigError:
 # ------------------------------------------------------------------------------------ validation
 
 
-def validate(raw: Any, source: str = "config", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def validate(
+    raw: Any,
+    source: str = "config",
+    overrides: dict[str, Any] | None = None,
+    base_dir: str | Path | None = None,
+) -> PipelineConfig:
     """Check `raw` (with `overrides` merged in) and resolve what the pipeline needs before any work.
 
-    One ConfigError lists every problem, each naming the key path, the value and what is allowed."""
+    `base_dir` (the config file's folder) is where factory modules are looked for first. One ConfigError
+    lists every problem, each naming the key path, the value and what is allowed."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     raw = merge(raw, overrides or {})
@@ -343,6 +360,7 @@ def validate(raw: Any, source: str = "config", overrides: dict[str, Any] | None 
     except ValidationError as exc:
         problems = list(dict.fromkeys(_problem(root, raw, e) for e in exc.errors()))
         raise _error(source, problems) from None
+    config._base_dir = None if base_dir is None else Path(base_dir).resolve()
     problems = [p for check in READINESS_CHECKS for p in check(config)]
     if problems:
         raise _error(source, problems)
@@ -408,7 +426,7 @@ def _check_kwargs(config: PipelineConfig) -> list[str]:
     problems = []
     for section, spec in specs:
         try:
-            fn = resolve(spec.factory, f"{section}.factory")
+            fn = config.factory(section)
         except ConfigError as exc:
             problems.append(str(exc))
             continue
@@ -464,27 +482,148 @@ def _check_latency_gate(config: PipelineConfig) -> list[str]:
     ]
 
 
+def _check_input_shape(config: PipelineConfig) -> list[str]:
+    """One trace before any training: build the model, run one forward on a batch of 1 and export it once.
+
+    Skipped when the factory or its kwargs are already reported. An input_shape that only works with its
+    first entry taken as the batch is named as such."""
+    try:
+        build = config.factory("model")
+    except ConfigError:
+        return []
+    if signature_problems(build, config.model.kwargs, "model.kwargs", config.model.factory):
+        return []
+    import torch
+
+    shape = list(config.model.input_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            model = build(**config.model.kwargs)
+        except Exception as exc:  # the user's code: any failure is a config problem to report
+            return [
+                f"'model.factory' {config.model.factory} raised {type(exc).__name__} with model.kwargs: {exc}"
+            ]
+        if not isinstance(model, torch.nn.Module):
+            return [
+                f"'model.factory' {config.model.factory} returned {type(model).__name__}, not an nn.Module"
+            ]
+        model.eval()
+        return _trace_problems(model, shape)
+
+
+def _trace_problems(model: Any, shape: list[int]) -> list[str]:
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, *shape))
+    except Exception as exc:
+        if _runs(model, shape):
+            return [
+                f"'model.input_shape': {shape} looks like it includes the batch dim; give the shape without "
+                f"it, e.g. {shape[1:]}"
+            ]
+        return [
+            f"'model.input_shape' is {shape}: one forward pass on a batch of shape {[1, *shape]} failed "
+            f"({type(exc).__name__}: {_first_line(exc)}); give the shape of one sample without the batch dim"
+        ]
+    try:
+        torch.export.export(model, (torch.randn(2, *shape),), strict=False)
+    except Exception as exc:
+        return [
+            f"'model': torch.export cannot trace the model on a batch of shape {[2, *shape]} "
+            f"({type(exc).__name__}: {_first_line(exc)}); slimming needs a traceable forward"
+        ]
+    return []
+
+
+def _runs(model: Any, shape: list[int]) -> bool:
+    """Whether the model runs on `shape` taken as a whole batch."""
+    import torch
+
+    if len(shape) < 2:
+        return False
+    try:
+        with torch.no_grad():
+            model(torch.randn(*shape))
+    except Exception:
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
 READINESS_CHECKS: tuple[Callable[[PipelineConfig], list[str]], ...] = (
     _check_targets,
     _check_kwargs,
+    _check_input_shape,
     _check_out,
     _check_latency_gate,
 )
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read (bounded YAML) and validate a config file; `overrides` (e.g. from the CLI) win."""
-    return validate(load_yaml(path, "config file"), str(path), overrides)
+    """Read (bounded YAML) and validate a config file; `overrides` (e.g. from the CLI) win.
+
+    Factory modules are looked for beside the config file as well as among the installed packages."""
+    return validate(load_yaml(path, "config file"), str(path), overrides, base_dir=Path(path).parent)
 
 
-def resolve(import_path: str, key: str) -> Callable[..., Any]:
-    """Import 'package.module:function'; ConfigError names the config key on failure."""
+def resolve(import_path: str, key: str, base_dir: str | Path | None = None) -> Callable[..., Any]:
+    """Import 'package.module:function'; ConfigError names the config key on failure.
+
+    With `base_dir` (the config file's folder), a module or package found there (`myfactory.py` or
+    `mypkg/`) is imported from there, whatever the current folder; anything else from the installed
+    packages. `sys.path` is changed only for the duration of that import."""
     module_name, _, attr = import_path.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name, Path(base_dir) if base_dir is not None else None)
     except ImportError as exc:
-        raise ConfigError(f"'{key}': cannot import module {module_name!r} ({exc})") from None
+        where = f" (looked in {base_dir} and the installed packages)" if base_dir is not None else ""
+        raise ConfigError(f"'{key}': cannot import module {module_name!r}{where} ({exc})") from None
+    except Exception as exc:  # the module itself failed while importing
+        raise ConfigError(
+            f"'{key}': importing module {module_name!r} raised {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"'{key}': module {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def _import(module_name: str, base_dir: Path | None) -> types.ModuleType:
+    top = module_name.split(".", 1)[0]
+    if base_dir is None or not ((base_dir / f"{top}.py").is_file() or (base_dir / top).is_dir()):
+        return importlib.import_module(module_name)
+    _forget_if_elsewhere(top, base_dir)
+    with _on_sys_path(base_dir):
+        return importlib.import_module(module_name)
+
+
+def _forget_if_elsewhere(top: str, base_dir: Path) -> None:
+    """Drop a cached module `top` (and its submodules) imported from another folder than `base_dir`, so the
+    one beside this config is imported (two configs in two folders may both have a `myfactory.py`)."""
+    cached = sys.modules.get(top)
+    where = getattr(cached, "__file__", None)
+    if top == "slimship" or top in sys.stdlib_module_names:
+        return
+    if cached is None or where is None or Path(where).resolve().is_relative_to(base_dir.resolve()):
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(f"{top}.")]:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: Path) -> Iterator[None]:
+    """`folder` first on sys.path for the duration of the block only."""
+    entry = str(folder.resolve())
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)

@@ -23,6 +23,12 @@ Top-level fields (schema version 1.0):
   Emulated timings never appear under `device`.
 - `versions`: python and the packages that made the bundle (null when not installed).
 - `config`: the configuration that produced the release.
+- `calibration` (optional): `samples` (int) and `source` (str) of the data int8 variants were calibrated on.
+- `gates` (optional): the quality gate results decided before publishing.
+- `targets` (optional): target name -> runtime, threads, affinity, xnnpack, precision, transport, emulated.
+
+Model files are stored at the top of the bundle, named by role and format: `model.onnx`,
+`model.fp32.tflite`, `model.int8.tflite`, `model.fp32.pte` (`FormatRecord.file_name("model")`).
 """
 
 from __future__ import annotations

@@ -4,24 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
+from slimship.pipeline.explain import (
+    accuracy_headline,
+    calibration_sentence,
+    primary_metric,
+    target_definitions,
+    target_sentence,
+    tolerance_sentences,
+)
 from slimship.pipeline.manifest import LATENCY_HEADERS, latency_rows
-from slimship.pipeline.report import GATE_HEADERS, gate_rows, primary_metric
+from slimship.pipeline.report import GATE_HEADERS, gate_rows
 
 
 def render_model_card(manifest: dict[str, Any], notes: str = "") -> str:
     """Markdown model card: accuracy, quality gates, inputs, outputs, files and sizes, latency, limits."""
+    stem = f"{manifest['name']}-{manifest['version']}"
     parts = [
         f"# {manifest['name']} {manifest['version']}\n",
         "Slim model made by slimship from the source model with sha256 "
-        f"`{manifest['model']['source_sha256']}`. Verify this bundle before use with "
-        "`slimship.pipeline.verify.verify_bundle(path)`.\n",
-        _accuracy(manifest["accuracy"]),
+        f"`{manifest['model']['source_sha256']}`.\n",
+        "Verify this bundle before use (checksums, manifest schema, and each model file's outputs against "
+        "the stored reference):\n\n"
+        f"```\nslimship verify {stem}\nslimship verify {stem}.tar.gz\n```\n",
+        _accuracy(manifest),
         _gates(manifest.get("gates")),
         _inputs(manifest["model"]),
         _files(manifest["files"]),
         _size(manifest["slimming"]),
-        _latency(manifest["latency"]),
+        _latency(manifest),
         _parity(manifest["parity"]),
+        _calibration(manifest),
         _limits(manifest, notes),
     ]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
@@ -102,12 +114,18 @@ def _size(slimming: dict[str, Any]) -> str:
     return text
 
 
-def _accuracy(accuracy: dict[str, dict[str, Any]]) -> str:
+def _accuracy(manifest: dict[str, Any]) -> str:
+    accuracy = manifest["accuracy"]
     if not accuracy:
         return "## Accuracy\n\nNo accuracy figures were measured for this release.\n"
+    head = accuracy_headline(manifest)
+    text = "## Accuracy\n\n"
+    if head is not None:
+        mark = "**Warning:** " if head.bad else ""
+        text += f"{mark}{head.text()} (`{head.slim_key}` vs `{head.dense_key}`, same evaluation data).\n\n"
     metrics = sorted({m for entry in accuracy.values() for m in entry})
     rows = [[key, *(accuracy[key].get(m) for m in metrics)] for key in sorted(accuracy)]
-    return "## Accuracy\n\n" + _md_table(["format / target", *metrics], rows)
+    return text + _md_table(["format / target", *metrics], rows)
 
 
 def _gates(gates: list[dict[str, Any]] | None) -> str:
@@ -121,8 +139,12 @@ def _gates(gates: list[dict[str, Any]] | None) -> str:
     return text + _md_table(GATE_HEADERS, gate_rows(gates))
 
 
-def _latency(latency: dict[str, dict[str, dict[str, Any]]]) -> str:
+def _latency(manifest: dict[str, Any]) -> str:
+    latency = manifest["latency"]
     text = "## Latency per target\n\n"
+    definitions = target_definitions(manifest)
+    if definitions:
+        text += "".join(f"- {target_sentence(n, d)}\n" for n, d in definitions.items()) + "\n"
     for kind, title in (("device", "Measured on the device"), ("emulated", "Emulated on the build host")):
         entries = latency[kind]
         if entries:
@@ -136,9 +158,18 @@ def _parity(parity: dict[str, dict[str, Any]]) -> str:
     rows = [
         [r, e.get("max_abs_diff"), e.get("max_rel_diff"), e["tolerance"]] for r, e in sorted(parity.items())
     ]
-    return "## Parity with the slim PyTorch model\n\n" + _md_table(
-        ["model file", "max abs diff", "max rel diff", "tolerance (abs)"], rows
+    why = "".join(f"- {sentence}\n" for sentence in tolerance_sentences(list(parity)))
+    return (
+        "## Parity with the slim PyTorch model\n\n"
+        + _md_table(["model file", "max abs diff", "max rel diff", "tolerance (abs)"], rows)
+        + "\nTolerances:\n\n"
+        + why
     )
+
+
+def _calibration(manifest: dict[str, Any]) -> str:
+    text = calibration_sentence(manifest.get("calibration"), list(manifest["parity"]))
+    return f"## Calibration\n\n{text}\n" if text else ""
 
 
 def _limits(manifest: dict[str, Any], notes: str) -> str:

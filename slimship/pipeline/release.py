@@ -9,8 +9,13 @@
         model.pt2                 torch.export program of the slim model (role "pt2")
         model.safetensors         its state_dict, keys unchanged (role "safetensors")
         reference_io.npz          stored inputs in0.. and slim PyTorch outputs out0.. (role "reference-io")
-        models/ROLE.EXT           each given model file, e.g. models/onnx.onnx, models/tflite-int8.tflite
-                                  (an ONNX model with external data is stored with its tensors inlined)
+        model.onnx, model.fp32.tflite, model.int8.tflite, model.fp32.pte, ...
+                                  each given model file, named by `FormatRecord.file_name("model")` when its
+                                  role is a registered format, else `model.ROLE.EXT` (an ONNX model with
+                                  external data is stored with its tensors inlined)
+
+Every file sits at the top of the bundle (no sub-folders). Files get the mode a plain `open()` gives
+(0644 under the usual umask 022), folders 0755; the tarball stores 0644/0755 whatever the umask.
     NAME-VERSION.tar.gz           the same directory as a tarball (beside it, never inside it)
 
 Guarantees:
@@ -47,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimship._util import dump_json, file_in_the_way, sha256_file, to_jsonable
+from slimship._util import current_umask, dump_json, file_in_the_way, new_file_mode, sha256_file, to_jsonable
 from slimship._version import __version__
 from slimship.compare import REL_BOUNDS, compare, finite_scale
 from slimship.errors import ReleaseError
@@ -62,7 +67,7 @@ log = logging.getLogger(__name__)
 ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 PT2_NAME, WEIGHTS_NAME, REFERENCE_NAME = "model.pt2", "model.safetensors", "reference_io.npz"
-CARD_NAME, REPORT_NAME, MODELS_DIR = "MODEL_CARD.md", "report.html", "models"
+CARD_NAME, REPORT_NAME, MODEL_STEM = "MODEL_CARD.md", "report.html", "model"
 RESERVED_ROLES = frozenset({"pt2", "safetensors", "reference-io", "model-card", "report", "manifest"})
 # Model file suffixes verify re-runs (parity required at release time).
 RUNNABLE_FORMATS = frozenset({"onnx", "tflite", "pt2"})
@@ -99,6 +104,8 @@ class ReleaseInputs:
     extra_plots: dict[str, Any] = field(default_factory=dict)
     model_card_notes: str = ""
     gates: list[dict[str, Any]] | None = None  # quality gate results (slimship.pipeline.gates)
+    calibration: dict[str, Any] | None = None  # int8 calibration data: {"samples": int, "source": str}
+    targets: dict[str, dict[str, Any]] | None = None  # target name -> definition (explain.target_record)
 
 
 @dataclass
@@ -150,6 +157,7 @@ def _stage_and_publish(
         bundle = staging / stem
         bundle.mkdir()
         manifest = _write_bundle(inputs, bundle)
+        normalise_modes(bundle)
         staged_tar = staging / final_tar.name
         write_tarball(bundle, staged_tar)
         if verify:
@@ -238,6 +246,7 @@ def _validate_inputs(inputs: ReleaseInputs) -> None:
         )
     for role, path in inputs.model_files.items():
         _validate_model_file(role, Path(path), inputs.parity)
+    bundle_file_names(inputs.model_files)
     mf.split_latency(inputs.latency)
 
 
@@ -253,6 +262,48 @@ def _validate_model_file(role: str, path: Path, parity: dict[str, dict[str, floa
             f"model_files[{role!r}] ({path}): parity[{role!r}]['tolerance'] is missing; give the largest "
             "absolute difference from the slim PyTorch model that verify may accept"
         )
+
+
+def bundle_file_name(role: str, source: Path) -> str:
+    """The name of a model file in the bundle: `model.onnx`, `model.fp32.tflite`, `model.int8.pte`, ...
+
+    A role naming a registered format whose suffix the file has is named by its format record; any other
+    role keeps its name: `model.ROLE.EXT`.
+    """
+    from slimship.exporters.registry import FORMATS
+
+    record, suffix = FORMATS.get(role), source.suffix.lower()
+    if record is not None and record.suffix == suffix:
+        return record.file_name(MODEL_STEM)
+    return f"{MODEL_STEM}.{role}{suffix}"
+
+
+def bundle_file_names(model_files: dict[str, Path]) -> dict[str, str]:
+    """Role -> bundle file name for every model file; ReleaseError when two roles get the same name."""
+    names: dict[str, str] = {}
+    for role in sorted(model_files):
+        rel = bundle_file_name(role, Path(model_files[role]))
+        clash = next((r for r, n in names.items() if n == rel), None)
+        if clash is not None or rel in (PT2_NAME, WEIGHTS_NAME, REFERENCE_NAME, CARD_NAME, REPORT_NAME):
+            raise ReleaseError(
+                f"model_files[{role!r}] would be stored as {rel}, which "
+                + (f"model_files[{clash!r}] already is" if clash else "the bundle uses for its own file")
+                + "; give the roles distinct names"
+            )
+        names[role] = rel
+    return names
+
+
+def normalise_modes(root: Path) -> None:
+    """Give every file below `root` the mode `open()` would (0644 under umask 022), folders 0755 likewise.
+
+    Some writers (mkstemp, the staging folder) create 0600/0700; a published bundle is readable like any
+    other file the user writes."""
+    file_mode = new_file_mode()
+    dir_mode = 0o777 & ~current_umask()
+    os.chmod(root, dir_mode)
+    for path in _walk_sorted(root):
+        os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
 def _copy_model_file(role: str, source: Path, dest: Path) -> None:
@@ -329,12 +380,8 @@ def _write_bundle(inputs: ReleaseInputs, bundle: Path) -> dict[str, Any]:
     (bundle / REFERENCE_NAME).write_bytes(npz_bytes(arrays))
 
     roles = {PT2_NAME: "pt2", WEIGHTS_NAME: "safetensors", REFERENCE_NAME: "reference-io"}
-    if inputs.model_files:
-        (bundle / MODELS_DIR).mkdir()
-    for role in sorted(inputs.model_files):
-        source = Path(inputs.model_files[role])
-        rel = f"{MODELS_DIR}/{role}{source.suffix.lower()}"
-        _copy_model_file(role, source, bundle / rel)
+    for role, rel in bundle_file_names(inputs.model_files).items():
+        _copy_model_file(role, Path(inputs.model_files[role]), bundle / rel)
         roles[rel] = role
 
     parity = {"pt2": pt2_parity, **to_jsonable(inputs.parity)}
@@ -488,6 +535,10 @@ def _manifest(
     }
     if inputs.gates is not None:
         manifest["gates"] = to_jsonable(inputs.gates)
+    if inputs.calibration is not None:
+        manifest["calibration"] = to_jsonable(inputs.calibration)
+    if inputs.targets is not None:
+        manifest["targets"] = to_jsonable(inputs.targets)
     return mf.finite_or_none(manifest)
 
 

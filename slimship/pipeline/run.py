@@ -16,7 +16,8 @@ from rich.table import Table
 
 from slimship._util import set_seed, sha256_bytes
 from slimship.errors import ConfigError
-from slimship.pipeline.config import PipelineConfig, resolve
+from slimship.exporters.registry import get_format
+from slimship.pipeline.config import PipelineConfig
 from slimship.pipeline.gates import QUANTISED_FORMATS, Figures, GateResult, enforce, evaluate_gates
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     model_cfg = config.model
-    model = resolve(model_cfg.factory, "model.factory")(**model_cfg.kwargs)
+    model = config.factory("model")(**model_cfg.kwargs)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"'model.factory' returned {type(model).__name__}, not an nn.Module")
     if model_cfg.checkpoint is not None:
@@ -111,7 +112,7 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
         )
     train = test = None
     if config.data is not None:
-        train, test = resolve(config.data.factory, "data.factory")(**config.data.kwargs)
+        train, test = config.factory("data")(**config.data.kwargs)
     generator = torch.Generator().manual_seed(seed)
     example = (torch.randn(1, *model_cfg.input_shape, generator=generator),)  # what a device runs
     # tracing with batch 2 keeps the batch dim dynamic (a batch of 1 is specialised by torch.export)
@@ -173,7 +174,7 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
     slim_acc = _accuracy(slim_model, test)
 
     formats = config.export.formats
-    calib = evals = None
+    evals = None
     eval_pairs: list[tuple[np.ndarray, np.ndarray]] = []
     if test is not None:
         xs, ys = [], []
@@ -181,9 +182,11 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
             xs.append(x)
             ys.append(y)
         x_all, y_all = torch.cat(xs)[:EVAL_SAMPLES], torch.cat(ys)[:EVAL_SAMPLES]
-        calib = [(x_all[i : i + 1],) for i in range(0, min(64, len(x_all)))]
         evals = [(x_all[i : i + 1],) for i in range(len(x_all))]
         eval_pairs = [(x_all[i : i + 1].numpy(), y_all[i : i + 1].numpy()) for i in range(len(x_all))]
+    calib, calibration = calibration_data(train, test, config.data.factory if config.data else None)
+    if not any(get_format(fmt).precision == "int8" for fmt in formats):
+        calibration = None  # no calibrated variant: nothing to record
 
     with tempfile.TemporaryDirectory(prefix="slimship-") as tmp:
         workdir = Path(tmp)
@@ -218,15 +221,42 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
         if any(g.status == "failed" for g in gates):
             console.print(summary_table(summary))
             enforce(gates)  # raises GateError: nothing is published
+        summary["calibration"] = calibration
         release_dir = stages.run(
             "write release bundle", _release, config, slim_model, example, slim_result, slim_exports,
             accuracy, latency, compressed, compress_plots,
-            {"channel_multiple": multiple, "alignment": alignment}, summary["gates"],
+            {"channel_multiple": multiple, "alignment": alignment}, summary["gates"], calibration,
         )  # fmt: skip
     console.print(summary_table(summary))
     if release_dir is not None:
         console.print(f"release bundle: [bold]{release_dir}[/bold]")
     return PipelineResult(release_dir, summary, stages.timings)
+
+
+CALIBRATION_SAMPLES = 64
+
+
+def calibration_data(
+    train: Any, test: Any, factory: str | None, limit: int = CALIBRATION_SAMPLES
+) -> tuple[list[tuple[torch.Tensor, ...]] | None, dict[str, Any]]:
+    """Calibration batches for int8 (one sample each) and their record {samples, source} for the manifest.
+
+    The first `limit` samples of the data factory's train split (its test split when there is no train
+    split); without data, the exporters calibrate on the one random example input, and the record says so.
+    """
+    for split, batches in (("train", train), ("test", test)):
+        if batches is None:
+            continue
+        samples: list[tuple[torch.Tensor, ...]] = []
+        for batch in batches:
+            x = batch[0] if isinstance(batch, tuple | list) else batch
+            samples += [(x[i : i + 1],) for i in range(min(len(x), limit - len(samples)))]
+            if len(samples) >= limit:
+                break
+        if samples:
+            source = f"data.factory {factory}: first {len(samples)} samples of the {split} split"
+            return samples, {"samples": len(samples), "source": source}
+    return None, {"samples": 1, "source": "the random example input (no data factory given)"}
 
 
 _GATE_STYLE = {"passed": "green", "failed": "bold red", "not evaluated": "yellow", "off": "dim"}
@@ -360,15 +390,18 @@ def _percent(fraction: float | None) -> float | None:
     return None if fraction is None else round(100.0 * fraction, 3)
 
 
+_NOT_PLOTTED = ("epoch", "steps")  # counters, not quantities a person reads off a training plot
+
+
 def _history_plots(method: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """One report plot per numeric series a compression method recorded per epoch."""
     keys = sorted(
-        {k for rec in history for k, v in rec.items() if isinstance(v, int | float) and k != "epoch"}
+        {k for rec in history for k, v in rec.items() if isinstance(v, int | float) and k not in _NOT_PLOTTED}
     )
     series = {}
     for key in keys:
         points = [
-            (i, float(rec[key])) for i, rec in enumerate(history) if isinstance(rec.get(key), int | float)
+            (i, float(rec[key])) for i, rec in enumerate(history, 1) if isinstance(rec.get(key), int | float)
         ]
         if len(points) > 1:
             series[key] = {"x": [p[0] for p in points], "y": [p[1] for p in points]}
@@ -468,8 +501,10 @@ def _eager(module: Any):
 
 
 def _release(
-    config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots, aligned, gates
-):
+    config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots, aligned, gates,
+    calibration=None,
+):  # fmt: skip
+    from slimship.pipeline.explain import target_record
     from slimship.pipeline.release import ReleaseInputs, write_release
 
     rcfg = config.release
@@ -517,6 +552,8 @@ def _release(
         extra_plots=plots,
         model_card_notes=rcfg.notes,
         gates=gates,
+        calibration=calibration,
+        targets={t.name: target_record(t) for t in config.target_profiles()},
     )
     return write_release(inputs, Path(rcfg.out)).bundle_dir
 

@@ -101,9 +101,10 @@ def make_release_inputs(tiny_model_dir: Path) -> ReleaseInputs:
             "tflite-fp32": {"max_abs_diff": 2e-6, "max_rel_diff": float("inf"), "tolerance": 1e-4},
         },
         accuracy={
-            "dense-torch": {"top1": 0.91, "top5": 0.99},
-            "slim-onnx": {"top1": 0.905, "top5": 0.99},
-            "slim-tflite-fp32": {"top1": 0.905, "top5": 0.985},
+            "dense-torch": {"top1": 91.0, "top5": 99.0},
+            "slim-torch": {"top1": 90.5, "top5": 99.0},
+            "slim-onnx": {"top1": 90.5, "top5": 99.0},
+            "slim-tflite-fp32": {"top1": 90.5, "top5": 98.5},
         },
         latency={
             "x86-ort-4t": {
@@ -137,6 +138,15 @@ def make_release_inputs(tiny_model_dir: Path) -> ReleaseInputs:
                 "xlabel": "epoch",
                 "ylabel": "group sparsity",
             },
+            "hesso training": {
+                "series": {
+                    "loss": {"x": [1, 2, 3, 4], "y": [1.9, 0.8, 0.5, 0.4]},
+                    "lr": {"x": [1, 2, 3, 4], "y": [3e-3, 1.5e-3, 3e-4, 3e-5]},
+                    "train_accuracy": {"x": [1, 2, 3, 4], "y": [40.0, 80.0, 90.0, 93.0]},
+                    "group_sparsity": {"x": [1, 2, 3, 4], "y": [0.0, 0.2, 0.4, 0.5]},
+                },
+                "xlabel": "epoch",
+            },
             "ADC policy": {
                 "kind": "barh",
                 "labels": ["conv1.weight[0]", "conv2.weight[0]"],
@@ -145,6 +155,32 @@ def make_release_inputs(tiny_model_dir: Path) -> ReleaseInputs:
             },
         },
         model_card_notes="For tests only: a random-init CNN, not trained on any data.",
+        gates=[
+            {
+                "gate": "max_accuracy_drop",
+                "status": "passed",
+                "subject": "torch top-1",
+                "figure": 0.5,
+                "limit": 1.0,
+                "detail": "",
+            },
+            {
+                "gate": "min_speedup",
+                "status": "off",
+                "subject": "",
+                "figure": None,
+                "limit": None,
+                "detail": "",
+            },
+            {
+                "gate": "min_agreement",
+                "status": "not evaluated",
+                "subject": "",
+                "figure": None,
+                "limit": 0.9,
+                "detail": "no quantised variant",
+            },
+        ],
     )
 
 

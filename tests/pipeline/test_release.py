@@ -39,14 +39,14 @@ def test_bundle_contents_and_manifest(released, release_inputs):
         "reference_io.npz",
         "MODEL_CARD.md",
         "report.html",
-        "models/onnx.onnx",
-        "models/tflite-fp32.tflite",
+        "model.onnx",
+        "model.fp32.tflite",
     } <= on_disk
-    copied = (bundle / "models/tflite-fp32.tflite").read_bytes()
+    copied = (bundle / "model.fp32.tflite").read_bytes()
     assert copied == Path(release_inputs.model_files["tflite-fp32"]).read_bytes()
     # the exported ONNX keeps its weights in model.onnx.data: the bundle inlines them into one file
     source_onnx = onnx.load(str(release_inputs.model_files["onnx"]))
-    bundled_onnx = onnx.load(str(bundle / "models/onnx.onnx"), load_external_data=False)
+    bundled_onnx = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in bundled_onnx.graph.initializer)
     assert bundled_onnx.SerializeToString() == source_onnx.SerializeToString()
     assert manifest["model"]["inputs"] == [{"name": "image", "shape": [1, 3, 16, 16], "dtype": "float32"}]
@@ -185,7 +185,7 @@ def test_model_card_says_what_a_deployer_needs(released):
         "Emulated on the build host",
         "For tests only",
         "## Known limits",
-        "models/tflite-fp32.tflite",
+        "model.fp32.tflite",
     ):
         assert needle in card, needle
     assert card.index("Measured on the device") < card.index("Emulated on the build host")
@@ -197,3 +197,101 @@ def test_schema_markdown_documents_every_top_level_field():
         assert f"| `{key}` |" in text, key
     assert "| `files[].sha256` |" in text
     assert "| `latency.device.<key>.p50_ms` |" in text
+
+
+# --------------------------------------------------------------------- names, modes, card, calibration
+
+
+@pytest.mark.parametrize(
+    ("role", "suffix", "name"),
+    [
+        ("onnx", ".onnx", "model.onnx"),
+        ("tflite-fp32", ".tflite", "model.fp32.tflite"),
+        ("tflite-int8", ".tflite", "model.int8.tflite"),
+        ("tflite-int8-dynamic", ".tflite", "model.int8-dynamic.tflite"),
+        ("executorch-fp32", ".pte", "model.fp32.pte"),
+        ("custom", ".onnx", "model.custom.onnx"),  # not a registered format: keeps its role
+        ("onnx", ".tflite", "model.onnx.tflite"),  # a format role on another kind of file: not renamed
+    ],
+)
+def test_model_files_are_named_by_role_and_format(role, suffix, name):
+    assert rel.bundle_file_name(role, Path(f"/x/anything{suffix}")) == name
+
+
+def test_two_roles_with_one_bundle_name_are_refused(fresh_inputs, tiny_model_dir, tmp_path):
+    files = {"tflite-fp32": tiny_model_dir / "model.tflite", "fp32": tiny_model_dir / "model.tflite"}
+    assert rel.bundle_file_name("fp32", files["fp32"]) == "model.fp32.tflite"
+    parity = {r: {"max_abs_diff": 0.0, "tolerance": 1e-4} for r in files}
+    with pytest.raises(
+        ReleaseError, match=r"model_files\['tflite-fp32'\] would be stored as model\.fp32\.tflite"
+    ):
+        write_release(fresh_inputs(model_files=files, parity=parity), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _modes_in_tar(path: Path) -> dict[str, tuple[bool, int]]:
+    with tarfile.open(path) as tar:
+        return {m.name: (m.isfile(), m.mode) for m in tar.getmembers()}
+
+
+def test_bundle_and_tarball_files_are_0644(fresh_inputs, tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        # an input file of mode 0600 (as mkstemp writes) must not carry that mode into the bundle
+        inputs = fresh_inputs()
+        private = tmp_path / "model.tflite"
+        shutil.copyfile(inputs.model_files["tflite-fp32"], private)
+        private.chmod(0o600)
+        inputs.model_files["tflite-fp32"] = private
+        result = write_release(inputs, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    files = [p for p in result.bundle_dir.rglob("*")]
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files if p.is_file()} == {"0o644"}
+    assert oct(result.bundle_dir.stat().st_mode & 0o777) == "0o755"
+    assert oct(result.tarball.stat().st_mode & 0o777) == "0o644"
+    modes = _modes_in_tar(result.tarball)
+    assert {oct(mode) for is_file, mode in modes.values() if is_file} == {"0o644"}
+    names = {n.split("/", 1)[1] for n in modes if "/" in n}
+    assert {"model.onnx", "model.fp32.tflite", "model.pt2", "manifest.json"} <= names
+    assert not any(n.startswith("models") for n in names)
+
+
+def test_atomic_writes_follow_the_umask_not_mkstemp(tmp_path):
+    import os
+
+    from slimship._util import atomic_write_bytes
+
+    previous = os.umask(0o022)
+    try:
+        a = atomic_write_bytes(tmp_path / "a.bin", b"a")
+        os.umask(0o077)
+        b = atomic_write_bytes(tmp_path / "b.bin", b"b")
+    finally:
+        os.umask(previous)
+    assert (a.stat().st_mode & 0o777, b.stat().st_mode & 0o777) == (0o644, 0o600)
+    assert a.read_bytes() == b"a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+
+
+def test_model_card_says_slimship_verify(released):
+    card = (released.bundle_dir / "MODEL_CARD.md").read_text()
+    assert "slimship verify tiny-cnn-1.0.0\n" in card
+    assert "slimship verify tiny-cnn-1.0.0.tar.gz" in card
+    assert "verify_bundle(" not in card
+    # accuracy comes first, with the headline; tolerances are explained
+    assert card.index("## Accuracy") < card.index("## Quality gates") < card.index("## Intended inputs")
+    assert "top1 91.00 (dense) -> 90.50 (slim): -0.50 pt" in card
+    assert "fp32 (onnx, pt2, tflite-fp32): outputs may differ" in card
+
+
+def test_calibration_goes_into_manifest_and_card(fresh_inputs, tmp_path):
+    calibration = {"samples": 64, "source": "data.factory my:loaders: first 64 samples of the train split"}
+    result = write_release(fresh_inputs(calibration=calibration), tmp_path)
+    manifest = json.loads((result.bundle_dir / "manifest.json").read_text())
+    assert manifest["calibration"] == calibration
+    card = (result.bundle_dir / "MODEL_CARD.md").read_text()
+    assert "## Calibration" in card and "calibrated on 64 samples: data.factory my:loaders" in card
+    with pytest.raises(ReleaseError, match=r"\$\.calibration\.samples: 0 is less than the minimum of 1"):
+        write_release(fresh_inputs(calibration={"samples": 0, "source": "x"}, version="1.0.1"), tmp_path)

@@ -66,13 +66,123 @@ def test_report_bytes_are_reproducible(released, release_inputs):
     )
 
 
-def test_report_without_figures_still_renders(released):
+class _Sections(HTMLParser):
+    """Each <section>: its <h2> title, and whether anything besides the title is in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[dict] = []
+        self.cards: list[tuple[str, str]] = []  # (class, text)
+        self._where: list[str] = []
+        self._card: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append({"title": "", "content": 0})
+        elif self.sections and tag in ("table", "figure", "img", "p", "ul", "details", "pre"):
+            self.sections[-1]["content"] += 1
+        if tag == "div" and "card" in (attrs.get("class") or ""):
+            self._card = [attrs["class"]]
+        self._where.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag == "div" and self._card is not None:
+            self.cards.append((self._card[0], " ".join(self._card[1:])))
+            self._card = None
+        if self._where:
+            self._where.pop()
+
+    def handle_data(self, data):
+        if self._where and self._where[-1] == "h2" and self.sections:
+            self.sections[-1]["title"] += data
+        if self._card is not None and data.strip():
+            self._card.append(data.strip())
+
+
+def _parse(page: str) -> _Sections:
+    parser = _Sections()
+    parser.feed(page)
+    return parser
+
+
+def test_report_leads_with_accuracy_and_lists_gates(released):
+    parsed = _parse((released.bundle_dir / "report.html").read_text())
+    kind, text = parsed.cards[0]
+    assert kind == "card head good", parsed.cards[0]
+    assert "0.50 pt" in text and "dense 91.00" in text and "slim 90.50" in text
+    titles = [s["title"] for s in parsed.sections if s["title"]]
+    assert titles[:3] == ["Quality gates", "Accuracy", "Accuracy vs latency"]
+    page = (released.bundle_dir / "report.html").read_text()
+    assert '<td class="passed">passed</td>' in page and '<td class="off">off</td>' in page
+
+
+@pytest.mark.parametrize(
+    ("slim_top1", "gate_status", "kind"),
+    [(90.5, "passed", "good"), (60.0, "passed", "bad"), (90.5, "failed", "bad")],
+)
+def test_accuracy_card_is_red_on_a_big_drop_or_a_failed_gate(released, slim_top1, gate_status, kind):
     manifest = _manifest(released)
-    manifest.update(accuracy={}, latency={"device": {}, "emulated": {}})
+    manifest["accuracy"]["slim-torch"]["top1"] = slim_top1
+    manifest["gates"][0]["status"] = gate_status
+    card_kind, text = _parse(render_report(manifest)).cards[0]
+    assert card_kind == f"card head {kind}"
+    assert f"{91.0 - slim_top1:.2f} pt" in text
+
+
+def test_no_section_is_left_empty(released):
+    manifest = _manifest(released)
+    manifest.update(accuracy={}, latency={"device": {}, "emulated": {}}, gates=[])
     manifest["slimming"] = {}
+    parsed = _parse(render_report(manifest))
+    titles = [s["title"] for s in parsed.sections if s["title"]]
+    assert titles == ["Parity", "Files", "Config", "Versions"]
+    assert all(s["content"] for s in parsed.sections), parsed.sections
+    assert parsed.cards[0][0] == "card head bad" and "not measured" in parsed.cards[0][1]
+    full = _parse((released.bundle_dir / "report.html").read_text())
+    assert all(s["content"] for s in full.sections)
+    assert "Latency distributions" in [s["title"] for s in full.sections]
+
+
+def test_report_explains_tolerances_targets_calibration_and_config(released):
+    manifest = _manifest(released)
+    manifest["parity"]["tflite-int8"] = {"max_abs_diff": 0.1, "max_rel_diff": 0.1, "tolerance": 0.4}
+    manifest["calibration"] = {"samples": 64, "source": "data.factory my:loaders: first 64 samples of train"}
+    manifest["latency"]["device"]["mobile-1t/onnx"] = {
+        **manifest["latency"]["device"]["x86-ort-4t"], "target": "mobile-1t", "format": "onnx"
+    }  # fmt: skip
     page = render_report(manifest)
-    assert page.count("Nothing to plot") == 3
-    assert "No accuracy figures were given" in page and "No latency figures were given" in page
+    assert (
+        "fp32 (onnx, pt2, tflite-fp32): outputs may differ from the slim PyTorch model by at most 0.0001"
+        in page
+    )
+    assert "int8 (tflite-int8): outputs may differ from the slim PyTorch model by at most 0.4" in page
+    assert "top-1 agreement on evaluation data must be at least 85%" in page
+    assert "mobile-1t (one thread pinned to core 0): 1 thread, pinned to core 0, runtime auto" in page
+    assert "measured, not emulated" in page
+    assert "The int8 files (tflite-int8) were calibrated on 64 samples: data.factory my:loaders" in page
+    assert "<details><summary>The configuration that produced this bundle" in page
+    assert "x86-ort-4t" in page.split("<details>", 1)[1]  # the config's targets, as YAML
+
+
+def test_training_history_is_drawn_one_axis_per_quantity(released):
+    page = (released.bundle_dir / "report.html").read_text()
+    figure = page.split('id="plot-extra-hesso-training"', 1)[1].split("</figure>", 1)[0]
+    svg = base64.b64decode(figure.split("base64,", 1)[1].split('"', 1)[0]).decode()
+    assert svg.count('id="axes_') == 4  # loss, lr, train_accuracy, group_sparsity: one axis each
+    assert "10^{-4}" in svg and "10^{-3}" in svg  # lr on a log axis (matplotlib keeps the TeX in a comment)
+    assert "one plot per quantity" in figure
+
+
+def test_accuracy_latency_labels_name_the_format(released):
+    from slimship.pipeline.report import accuracy_latency_points
+
+    labels = {p["label"] for p in accuracy_latency_points(_manifest(released))}
+    assert labels == {
+        "slim onnx @ x86-ort-4t",
+        "dense onnx @ x86-ort-4t",
+        "slim tflite-fp32 @ pi4-litert-emu",
+    }
 
 
 def _pixels(png: Path) -> np.ndarray:

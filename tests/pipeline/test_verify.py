@@ -59,23 +59,21 @@ def test_corrupted_file_is_named(bundle_copy):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(
-        ReleaseError, match=r"models/tflite-fp32\.tflite: sha256 [0-9a-f]{64}, the manifest says"
-    ):
+    with pytest.raises(ReleaseError, match=r"model\.fp32\.tflite: sha256 [0-9a-f]{64}, the manifest says"):
         verify_bundle(bundle_copy)
 
 
 def test_truncated_and_missing_and_extra_files_are_named(bundle_copy):
     (bundle_copy / "model.safetensors").write_bytes((bundle_copy / "model.safetensors").read_bytes()[:-10])
     (bundle_copy / "MODEL_CARD.md").unlink()
-    (bundle_copy / "models" / "extra.bin").write_bytes(b"x")
+    (bundle_copy / "model.extra.bin").write_bytes(b"x")
     with pytest.raises(ReleaseError) as info:
         verify_bundle(bundle_copy)
     message = str(info.value)
     assert "3 problem(s)" in message
     assert "model.safetensors: size" in message
     assert "MODEL_CARD.md: missing" in message
-    assert "models/extra.bin: not listed in the manifest" in message
+    assert "model.extra.bin: not listed in the manifest" in message
 
 
 def test_manifest_that_breaks_the_schema_is_refused(bundle_copy):
@@ -103,7 +101,7 @@ def test_parity_failure_is_named(bundle_copy):
     _rewrite_manifest(bundle_copy, fix)
     with pytest.raises(ReleaseError, match=r"parity check failed") as info:
         verify_bundle(bundle_copy)
-    for name in ("model.pt2", "models/onnx.onnx", "models/tflite-fp32.tflite"):
+    for name in ("model.pt2", "model.onnx", "model.fp32.tflite"):
         assert f"{name}: max abs difference 0.5" in str(info.value)
     assert verify_bundle(bundle_copy, run_parity=False).parity == {}
 
@@ -217,19 +215,17 @@ def _onnx_with_bias(bundle: Path, new_bias) -> bytes:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(bundle / "models/onnx.onnx"))
+    model = onnx.load(str(bundle / "model.onnx"))
     init = next(t for t in model.graph.initializer if t.name.endswith("fc.bias"))
     init.CopyFrom(numpy_helper.from_array(new_bias(numpy_helper.to_array(init)), init.name))
     return model.SerializeToString()
 
 
 def test_verify_fails_a_model_whose_output_became_nan(bundle_copy):
-    _replace_file(
-        bundle_copy, "models/onnx.onnx", _onnx_with_bias(bundle_copy, lambda b: np.full_like(b, np.nan))
-    )
+    _replace_file(bundle_copy, "model.onnx", _onnx_with_bias(bundle_copy, lambda b: np.full_like(b, np.nan)))
     with pytest.raises(ReleaseError, match=r"parity check failed") as info:
         verify_bundle(bundle_copy)
-    assert "models/onnx.onnx: max abs difference inf" in str(info.value)
+    assert "model.onnx: max abs difference inf" in str(info.value)
     assert "NaN at 5 positions where the reference is a number" in str(info.value)
 
 
@@ -239,10 +235,8 @@ def test_manifest_tolerance_cannot_loosen_the_check(bundle_copy):
     def loosen(manifest):
         manifest["parity"]["onnx"].update(tolerance=1e30, max_abs_diff=0.5, max_rel_diff=0.5)
 
-    _replace_file(bundle_copy, "models/onnx.onnx", _onnx_with_bias(bundle_copy, lambda b: b + 0.5), loosen)
-    with pytest.raises(
-        ReleaseError, match=r"models/onnx\.onnx: max abs difference 0\.5\d* from the reference"
-    ):
+    _replace_file(bundle_copy, "model.onnx", _onnx_with_bias(bundle_copy, lambda b: b + 0.5), loosen)
+    with pytest.raises(ReleaseError, match=r"model\.onnx: max abs difference 0\.5\d* from the reference"):
         verify_bundle(bundle_copy)
 
 
@@ -304,7 +298,5 @@ def test_reference_file_must_be_covered_by_a_checksum(bundle_copy):
 def test_files_path_through_a_symlinked_directory_is_refused(bundle_copy, tmp_path):
     shutil.move(bundle_copy / "models", tmp_path / "models")
     (bundle_copy / "models").symlink_to(tmp_path / "models")
-    with pytest.raises(
-        ReleaseError, match=r"files\[\d+\]\.path is 'models/onnx\.onnx': goes through the symlink"
-    ):
+    with pytest.raises(ReleaseError, match=r"files\[\d+\]\.path is 'model\.onnx': goes through the symlink"):
         verify_bundle(bundle_copy)

@@ -1,0 +1,150 @@
+"""`slimship run` with the user's own factory modules: beside the config, from another folder; the input
+shape checked with one trace before any training; int8 calibration data recorded."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimship.cli import main
+from slimship.errors import ConfigError
+from slimship.pipeline.config import load_config
+from slimship.pipeline.run import calibration_data
+
+FACTORY = textwrap.dedent(
+    """
+    from pathlib import Path
+
+    import torch
+
+    MARKER = Path(__file__).with_name("data-factory-called")
+
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, width: int = 4) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, width, 3, padding=1)
+            self.fc = torch.nn.Linear(width, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+    def model(width: int = 4):
+        torch.manual_seed(0)
+        return Tiny(width)
+
+
+    def loaders(n: int = 32):
+        MARKER.write_text("called")
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+        batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, n, 8)]
+        return batches, batches
+    """
+)
+
+
+def _project(tmp_path: Path, module: str, **changes) -> Path:
+    """A folder with `module`.py (the factories) and config.yaml naming them; returns the config path."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(FACTORY)
+    config = {
+        "model": {"factory": f"{module}:model", "input_shape": [1, 8, 8], "kwargs": {"width": 4}},
+        "data": {"factory": f"{module}:loaders", "kwargs": {"n": 32}},
+        "export": {"formats": ["onnx"]},
+        "targets": ["host"],
+        "bench": {"runs": 3, "warmup": 0},
+        "release": {"name": "tiny", "version": "0.1.0", "out": str(tmp_path / "out")},
+        **changes,
+    }
+    path = folder / "config.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def test_factory_beside_the_config_runs_from_another_folder(tmp_path, monkeypatch, capsys):
+    config = _project(tmp_path, "myfactory_run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path_before = list(sys.path)
+    assert main(["run", str(config)]) == 0, capsys.readouterr().err
+    assert sys.path == path_before  # the config folder was on sys.path only for the import
+    bundle = tmp_path / "out" / "tiny-0.1.0"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "model.onnx" in {f["path"] for f in manifest["files"]}
+    assert manifest["config"]["model"]["factory"] == "myfactory_run:model"
+    assert "calibration" not in manifest  # no int8 file, nothing calibrated
+    assert manifest["targets"]["host"]["transport"] == "local"
+
+
+def test_missing_factory_module_names_where_it_looked(tmp_path):
+    config = _project(tmp_path, "myfactory_missing")
+    (config.parent / "myfactory_missing.py").unlink()
+    with pytest.raises(
+        ConfigError, match=r"'model.factory': cannot import module 'myfactory_missing' \(looked in"
+    ):
+        load_config(config)
+
+
+def test_wrong_factory_kwarg_is_a_config_error_naming_the_key(tmp_path):
+    config = _project(tmp_path, "myfactory_kwarg")
+    text = json.loads(config.read_text())
+    text["data"]["kwargs"] = {"n": 32, "batch": 4}
+    config.write_text(json.dumps(text))
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'data.kwargs.batch'; myfactory_kwarg:loaders takes: n"
+    ):
+        load_config(config)
+
+
+def test_batch_dim_in_input_shape_is_refused_before_any_training(tmp_path, capsys):
+    config = _project(tmp_path, "myfactory_batch", train={"epochs": 5, "lr": 0.01})
+    text = json.loads(config.read_text())
+    text["model"]["input_shape"] = [1, 1, 8, 8]
+    config.write_text(json.dumps(text))
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "slimship: error:" in err
+    assert (
+        "'model.input_shape': [1, 1, 8, 8] looks like it includes the batch dim; give the shape without it"
+        in err
+    )
+    assert "e.g. [1, 8, 8]" in err and "control flow" not in err
+    assert not (config.parent / "data-factory-called").exists()  # no data loaded, no training started
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_shape_that_does_not_fit_the_model_is_named(tmp_path):
+    config = _project(tmp_path, "myfactory_shape")
+    text = json.loads(config.read_text())
+    text["model"]["input_shape"] = [3, 8, 8]
+    config.write_text(json.dumps(text))
+    with pytest.raises(ConfigError, match=r"'model.input_shape' is \[3, 8, 8\]: one forward pass on a batch"):
+        load_config(config)
+
+
+def test_calibration_comes_from_the_train_split_and_is_counted():
+    train = [(torch.randn(8, 1, 4, 4), torch.zeros(8)) for _ in range(10)]
+    test = [(torch.randn(5, 1, 4, 4), torch.zeros(5))]
+    batches, record = calibration_data(train, test, "my.mod:loaders", limit=20)
+    assert len(batches) == 20 and all(b[0].shape == (1, 1, 4, 4) for b in batches)
+    assert torch.equal(batches[9][0][0], train[1][0][1])
+    assert record == {
+        "samples": 20,
+        "source": "data.factory my.mod:loaders: first 20 samples of the train split",
+    }
+    batches, record = calibration_data(None, test, "my.mod:loaders", limit=20)
+    assert len(batches) == 5 and record["samples"] == 5 and "test split" in record["source"]
+    batches, record = calibration_data(None, None, None)
+    assert batches is None and record == {
+        "samples": 1,
+        "source": "the random example input (no data factory given)",
+    }
