@@ -28,6 +28,12 @@ REL_BOUNDS: dict[str, float] = {
     "int8": 4e-1,
 }
 
+#: The smallest scale each precision's bound is relative to. Float exports: 1.0 (rounding of large
+#: intermediate values shows as absolute error on small outputs). Quantised exports: none to speak of,
+#: so their bound is relative to the outputs however small (an int8 file whose error is as large as
+#: the whole output range fails).
+SCALE_FLOORS: dict[str, float] = {"fp32": 1.0, "fp16": 1.0, "int8-dynamic": 1e-12, "int8": 1e-12}
+
 #: (reason, (output label, first offending index) or None) of a failed output
 Problem = tuple[str, tuple[str, tuple[int, ...]] | None]
 
@@ -118,19 +124,20 @@ def compare_cases(
     candidate: Sequence[Sequence[Any]],
     case_names: Sequence[str],
     rel_bound: float,
+    floor: float = 1.0,
 ) -> Comparison:
     """`compare` over several input cases at once (one scale for all); labels read 'case NAME output I'."""
     refs, cands, labels = [], [], []
     for case, ref_outs, cand_outs in zip(case_names, reference, candidate, strict=True):
         if len(ref_outs) != len(cand_outs):
             reason = f"case {case!r}: {len(cand_outs)} outputs where the reference has {len(ref_outs)}"
-            tolerance = rel_bound * finite_scale([a for outs in reference for a in outs])
+            tolerance = rel_bound * finite_scale([a for outs in reference for a in outs], floor)
             return Comparison(math.inf, math.inf, tolerance, rel_bound, False, reason)
         for i, (r, c) in enumerate(zip(ref_outs, cand_outs, strict=True)):
             refs.append(r)
             cands.append(c)
             labels.append(f"case {case!r} output {i}")
-    return compare(refs, cands, rel_bound, labels=labels)
+    return compare(refs, cands, rel_bound, labels=labels, floor=floor)
 
 
 # ------------------------------------------------------------------------------------------ one array

@@ -138,3 +138,16 @@ def test_slim_verification_is_relative_to_small_outputs() -> None:
     assert verify_outputs(Small(0.0), Small(0.0), x).passed
     result = verify_outputs(Small(0.0), Small(1e-6), x, rtol=1e-5)
     assert not result.passed and result.max_rel_diff > 1e-4
+
+
+def test_quantised_bounds_are_relative_to_small_outputs() -> None:
+    """An int8 file off by more than its whole output range fails, even when that range is 3.3e-5."""
+    from slimship.compare import REL_BOUNDS, SCALE_FLOORS
+    from slimship.exporters._common import compare_outputs
+
+    reference = [[np.linspace(-1.6e-5, 1.7e-5, 10, dtype=np.float32)]]
+    broken = [[reference[0][0] + 3.9e-5]]
+    int8 = compare_outputs(reference, broken, ["example"], REL_BOUNDS["int8"], SCALE_FLOORS["int8"])
+    assert not int8.passed and int8.tolerance < 1e-5
+    close = [[reference[0][0] * 1.1]]
+    assert compare_outputs(reference, close, ["example"], REL_BOUNDS["int8"], SCALE_FLOORS["int8"]).passed
