@@ -53,7 +53,7 @@ def even_labels(n: int, k: int) -> np.ndarray:
 class CSGD(Sparsifier):
     """Centripetal SGD: each cluster follows its mean gradient while its members' differences decay."""
 
-    state_keys = ("merged",)
+    state_keys = ("merged", "labels")
 
     def __init__(
         self,
@@ -83,12 +83,21 @@ class CSGD(Sparsifier):
         )
         self.centripetal, self.clustering, self.merge_at_end = centripetal, clustering, merge_at_end
         self.labels = [self.cluster(b) for b in self.views]
+        self.merged = False
+        self.count_members()
+        log.info("csgd: %d groups in %d clusters", len(self.groups), sum(self.k))
+
+    def count_members(self) -> None:
+        """Clusters per block and members per cluster, from the labels."""
         self.k = [int(labels.max()) + 1 for labels in self.labels]
         self.counts = [
-            torch.bincount(labels, minlength=k).to(self.views.dtype) for labels, k in zip(self.labels, self.k)
+            torch.bincount(labels, minlength=k).to(self.views.dtype)
+            for labels, k in zip(self.labels, self.k, strict=True)
         ]
-        self.merged = False
-        log.info("csgd: %d groups in %d clusters", len(self.groups), sum(self.k))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.count_members()
 
     def cluster(self, block: Block) -> torch.Tensor:
         """Cluster label of each row of `block` (identical on every rank: rank 0's are broadcast)."""

@@ -27,6 +27,7 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     GroupTensors,
+    Training,
     check_fraction,
     make_optimizer,
     maybe_accuracy,
@@ -35,6 +36,8 @@ from slimship.compress.base import (
     train_loop,
     working_copy,
 )
+from slimship.compress.device import mean_across_ranks
+from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
 from slimship.errors import CompressionError
 from slimship.slimming.graph import get_tensor, slice_index
 from slimship.slimming.trace import as_input_tuple
@@ -47,6 +50,63 @@ def schedule(target: float, steps: int, power: float = 3.0) -> list[float]:
     if steps < 1:
         raise CompressionError(f"option 'prune_steps' must be >= 1, got {steps}")
     return [target * (1 - (1 - (k + 1) / steps) ** power) for k in range(steps)]
+
+
+@register_sparsifier("magnitude")
+class Magnitude(Sparsifier):
+    """Iterative magnitude pruning: at each of `prune_steps` cuts (spread over the first `pruning_steps`),
+    the groups with the smallest norm (producing and consuming slices) join the cut set, following the
+    cubic :func:`schedule` up to each space's target; cut groups, consumers included, are held at zero."""
+
+    state_keys = ("cuts_done",)
+    hold_consumers = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        total_steps: int,
+        target: float = 0.5,
+        space_targets: dict[str, float] | None = None,
+        spaces: list[str] | None = None,
+        seed: int = 0,
+        prune_steps: int = 4,
+        pruning_steps: int | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            example_inputs,
+            total_steps=total_steps,
+            target=target,
+            space_targets=space_targets,
+            spaces=spaces,
+            seed=seed,
+        )
+        end = max(prune_steps, round(0.8 * total_steps)) if pruning_steps is None else pruning_steps
+        if prune_steps < 1 or not prune_steps <= end <= total_steps:
+            raise CompressionError(
+                f"prune_steps={prune_steps} must be >= 1 and pruning_steps={end} must hold them and fit "
+                f"in the run's {total_steps} steps"
+            )
+        self.cuts = [round(k * end / prune_steps) for k in range(prune_steps)]
+        self.shares = [1 - (1 - (k + 1) / prune_steps) ** 3 for k in range(prune_steps)]
+        self.cuts_done = 0
+
+    def on_backward(self) -> None:
+        if self.cuts_done < len(self.cuts) and self.step >= self.cuts[self.cuts_done]:
+            self.cut(self.cuts_done)
+            self.cuts_done += 1
+
+    def cut(self, k: int) -> None:
+        norms = mean_across_ranks(self.views.norms(consumers=True))
+        for space, members in self.spaces.items():
+            want = min(round(self.fractions[space] * self.shares[k] * len(members)), len(members) - 1)
+            have = int(self.zero[members].sum())
+            if want > have:
+                self.zero[self.least(norms, space, ~self.zero, want - have)] = True
+        self.views.zero(self.zero, consumers=True)
+        self.holding = True
 
 
 class SpaceMasks:
@@ -109,6 +169,20 @@ def _run(
     if train is None:
         raise CompressionError(f"{kind} needs training data (train batches)")
     target = check_fraction("target", target)
+    if kind == "magnitude":
+        return _magnitude(
+            model,
+            example_inputs,
+            train,
+            test,
+            target,
+            prune_steps,
+            epochs_per_step,
+            finetune_epochs,
+            lr,
+            weight_decay,
+            seed,
+        )
     model = working_copy(model)
     found, by_space = prunable_groups(model, as_input_tuple(example_inputs))
     indices = [i for idx in by_space.values() for i in idx]
@@ -164,6 +238,47 @@ def _run(
         "test_accuracy": maybe_accuracy(model, test),
     }
     return CompressResult(model=model, method=kind, history=history, info=info)
+
+
+def _magnitude(
+    model: nn.Module,
+    example_inputs: Any,
+    train: Iterable[Batch],
+    test: Iterable[Batch] | None,
+    target: float,
+    prune_steps: int,
+    epochs_per_step: int,
+    finetune_epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> CompressResult:
+    """`compress("magnitude")`: the Magnitude sparsifier in slimship's loop (SGD with momentum)."""
+    model = working_copy(model)
+    n = steps_per_epoch(train)
+    epochs = prune_steps * epochs_per_step + finetune_epochs
+    training = Training(
+        epochs=epochs, lr=lr, weight_decay=weight_decay, lr_schedule="constant", seed=seed, lr_floor=0.0
+    )
+    sp = Magnitude(
+        model,
+        as_input_tuple(example_inputs),
+        total_steps=max(epochs * n, 1),
+        target=target,
+        seed=seed,
+        prune_steps=prune_steps,
+        pruning_steps=prune_steps * epochs_per_step * n,
+    )
+    history = train_with(sp, model, train, test, training)
+    per_space = sp.per_space()
+    info = {
+        "target": target,
+        "group_sparsity": sp.summary()["group_sparsity"],
+        "kept_channels": {s: [total - zero, total] for s, (zero, total) in per_space.items()},
+        "schedule": schedule(target, prune_steps),
+        "test_accuracy": maybe_accuracy(model, test),
+    }
+    return CompressResult(model=model, method="magnitude", history=history, info=info)
 
 
 def _simulated_training(model, train, masks: SpaceMasks, sparsity, epochs, optimizer, seed, desc):
