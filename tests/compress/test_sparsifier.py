@@ -168,6 +168,7 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert re.search(r"group sparsity 0\.5\d*", done.stdout), done.stdout
 
 
+@pytest.mark.slow  # two torchrun processes importing torch and tracing five times: ~50 s on a loaded machine
 def test_two_processes_decide_alike(tmp_path: Path) -> None:
     """torchrun, 2 gloo processes: identical decisions on both ranks at every step, equal to one process
     over the same global batches; rank 0 alone writes the slim check, which passes."""
