@@ -112,11 +112,12 @@ class CSGD(Sparsifier):
         _, dense = np.unique(labels, return_inverse=True)
         return broadcast_from_rank0(torch.as_tensor(dense, dtype=torch.long, device=self.device))
 
-    def means(self, i: int, values: torch.Tensor) -> torch.Tensor:
-        """Each row replaced by its cluster's mean row (computed in the score dtype)."""
-        sums = values.new_zeros((self.k[i], values.shape[1]), dtype=self.views.dtype)
-        sums.index_add_(0, self.labels[i], values.to(self.views.dtype))
-        return (sums / self.counts[i][:, None])[self.labels[i]]
+    def means(self, i: int, values: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Each row replaced by its cluster's mean row (in the score dtype when `exact`, for the merge)."""
+        dtype = self.views.dtype if exact else values.dtype
+        sums = values.new_zeros((self.k[i], values.shape[1]), dtype=dtype)
+        sums.index_add_(0, self.labels[i], values.to(dtype))
+        return (sums / self.counts[i][:, None].to(dtype))[self.labels[i]]
 
     def on_backward(self) -> None:
         for i, block in enumerate(self.views):
@@ -135,7 +136,7 @@ class CSGD(Sparsifier):
         with torch.no_grad():
             for i, block in enumerate(self.views):
                 if self.k[i] < len(block):
-                    block.set_full([self.means(i, v) for v in block.full()])
+                    block.set_full([self.means(i, v, exact=True) for v in block.full()])
         self.merged = True
 
     def gap(self) -> float:
@@ -143,7 +144,7 @@ class CSGD(Sparsifier):
         worst = torch.zeros((), dtype=self.views.dtype, device=self.device)
         for i, block in enumerate(self.views):
             x = block.matrix().to(self.views.dtype)
-            mean = self.means(i, x)
+            mean = self.means(i, x, exact=True)
             worst = torch.maximum(worst, ((x - mean).norm(dim=1) / mean.norm(dim=1).clamp_min(1e-12)).max())
         return float(worst)
 
