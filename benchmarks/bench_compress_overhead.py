@@ -1,7 +1,7 @@
 """Per-step cost of each sparsifier against plain training, and one process against two (torchrun, gloo).
 
     PYTHONPATH=. python benchmarks/bench_compress_overhead.py [--quick] [--models lenet5,small_resnet]
-        [--methods hesso,hspg,drop,csgd,magnitude] [--steps 200] [--no-ddp]
+        [--methods hesso,hspg,drop,csgd,magnitude,simguided] [--steps 200] [--no-ddp]
 
 For each model (slimship.models, digits batches of 64, one thread) and each sparsifier, two copies of the
 same model train on the same batches with the same optimizer (SGD, momentum 0.9): one plain, one with
@@ -36,7 +36,7 @@ from slimship.data import digits_loaders
 from slimship.models import lenet5, small_resnet
 
 MODELS = {"lenet5": lenet5, "small_resnet": small_resnet}
-METHODS = ("hesso", "hspg", "drop", "csgd", "magnitude")
+METHODS = ("hesso", "hspg", "drop", "csgd", "magnitude", "simguided")
 BATCH = 64
 
 

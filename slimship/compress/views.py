@@ -49,6 +49,7 @@ class Slot:
         picked = src.detach().index_select(self.dim, self.index.reshape(-1))
         return picked.movedim(self.dim, 0).reshape(self.index.shape[0], -1)
 
+    @torch.no_grad()
     def write(self, rows: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """Write [groups, width] `rows` into `target` (default: the tensor) at the groups' positions."""
         dst = self.tensor if target is None else target

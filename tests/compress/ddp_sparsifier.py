@@ -30,6 +30,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "drop": {"pruning_steps": 12, "rounds": 4, "drop_in": 0.5, "criterion": "salience"},
     "csgd": {"centripetal": 0.5},
     "magnitude": {"prune_steps": 3, "pruning_steps": 9},
+    "simguided": {"prune_steps": 3, "pruning_steps": 9},
 }
 
 

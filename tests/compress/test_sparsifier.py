@@ -32,6 +32,7 @@ OPTIONS = {
     "drop": {"pruning_steps": 16, "rounds": 4, "drop_in": 0.5},
     "csgd": {"centripetal": 0.5},
     "magnitude": {"prune_steps": 3, "pruning_steps": 12},
+    "simguided": {"prune_steps": 3, "pruning_steps": 12},
 }
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
