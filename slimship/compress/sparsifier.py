@@ -61,9 +61,18 @@ def register_sparsifier(name: str) -> Callable[[type[Sparsifier]], type[Sparsifi
 
 def sparsifier_options(name: str) -> dict[str, Any]:
     """The keyword options of sparsifier `name` (besides model, example_inputs, total_steps)."""
-    cls = _lookup(name)
-    params = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    options: dict[str, Any] = {}
+    for klass in _lookup(name).__mro__:  # an __init__ taking **options passes them to its parent's
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        for p in params:
+            if p.kind is inspect.Parameter.KEYWORD_ONLY:
+                options.setdefault(p.name, p.default)
+        if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    options.pop("total_steps", None)  # required, given apart
+    return options
 
 
 def _lookup(name: str) -> type[Sparsifier]:
@@ -79,7 +88,7 @@ def sparsifier(name: str, model: nn.Module, example_inputs: Any, *, total_steps:
     """The sparsifier of method `name` on `model` (plain or DDP-wrapped) for a run of `total_steps`."""
     cls = _lookup(name)
     allowed = sparsifier_options(name)
-    unknown = sorted(set(options) - set(allowed) - {"total_steps"})
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise CompressionError(
             f"sparsifier {name!r} has no option {', '.join(map(repr, unknown))}; "
