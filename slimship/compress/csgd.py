@@ -124,7 +124,8 @@ class CSGD(Sparsifier):
             if self.k[i] == len(block):
                 continue
             x, g = block.matrix(), block.matrix(grad=True)
-            update = self.means(i, g) + self.centripetal * (x - self.means(i, x))
+            # mean(g) + c (x - mean(x)), with one cluster mean since the mean is linear
+            update = self.means(i, g - self.centripetal * x) + self.centripetal * x
             block.set_matrix(update, grad=True)
 
     def on_step(self) -> None:

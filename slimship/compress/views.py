@@ -30,6 +30,7 @@ class Slot:
     dim: int
     index: torch.Tensor  # [groups, positions], long
     owner: torch.Tensor  # [tensor.shape[dim]]: the block row owning each position, or `groups` for none
+    whole: bool = False  # the positions are 0, 1, ..., n-1 of the whole dim: read and write without indexing
 
     @classmethod
     def build(cls, tensor: torch.Tensor, dim: int, positions: Sequence[tuple[int, ...]]) -> Slot:
@@ -38,15 +39,18 @@ class Slot:
         owner[index.reshape(-1)] = torch.arange(len(positions), device=tensor.device).repeat_interleave(
             index.shape[1]
         )
-        return cls(tensor, dim, index, owner)
+        flat = [q for p in positions for q in p]
+        return cls(tensor, dim, index, owner, whole=flat == list(range(tensor.shape[dim])))
 
     def width(self) -> int:
         return self.index.shape[1] * self.tensor[(slice(None),) * self.dim + (0,)].numel()
 
     def read(self, source: torch.Tensor | None = None) -> torch.Tensor:
-        """[groups, width] values of `source` (default: the tensor) at the groups' positions."""
-        src = self.tensor if source is None else source
-        picked = src.detach().index_select(self.dim, self.index.reshape(-1))
+        """[groups, width] values of `source` (default: the tensor) at the groups' positions.
+
+        A slot covering a whole leading dim returns a view: clone it before changing the tensor."""
+        src = (self.tensor if source is None else source).detach()
+        picked = src if self.whole else src.index_select(self.dim, self.index.reshape(-1))
         return picked.movedim(self.dim, 0).reshape(self.index.shape[0], -1)
 
     @torch.no_grad()
@@ -55,7 +59,10 @@ class Slot:
         dst = self.tensor if target is None else target
         rest = [s for d, s in enumerate(dst.shape) if d != self.dim]
         values = rows.reshape(self.index.numel(), *rest).movedim(0, self.dim).to(dst.dtype)
-        dst.index_copy_(self.dim, self.index.reshape(-1), values)
+        if self.whole:
+            dst.copy_(values)
+        else:
+            dst.index_copy_(self.dim, self.index.reshape(-1), values)
 
     def per_position(self, per_row: torch.Tensor, fill: float | bool) -> torch.Tensor:
         """A per-row value spread over the positions along `dim`, shaped to broadcast against the tensor."""
@@ -113,21 +120,24 @@ class Block:
 
     def full(self) -> list[torch.Tensor]:
         """Values of every slice (parameters, buffers, statistics), one [groups, width] matrix per slot."""
-        return [s.read() for s in self.params + self.buffers + self.stats]
+        return [s.read().clone() for s in self.params + self.buffers + self.stats]
 
     @torch.no_grad()
     def set_full(self, values: list[torch.Tensor]) -> None:
         for s, v in zip(self.params + self.buffers + self.stats, values, strict=True):
             s.write(v)
 
+    def slots(self, grads: bool = False, consumers: bool = False) -> list[Slot]:
+        """The slots a zeroing touches: parameters, buffers (not for gradients), consumers if asked."""
+        return self.params + ([] if grads else self.buffers) + (self.consume if consumers else [])
+
     @torch.no_grad()
-    def zero(self, rows: torch.Tensor, grads: bool = False, consumers: bool = False) -> None:
-        """Set the groups where `rows` (bool, [groups]) is True to exactly zero (values or gradients)."""
-        slots = self.params + ([] if grads else self.buffers) + (self.consume if consumers else [])
-        for s in slots:
+    def zero(self, masks: dict[int, torch.Tensor], grads: bool = False, consumers: bool = False) -> None:
+        """Zero the values (or gradients) where `masks` (slot id -> positions mask) is True."""
+        for s in self.slots(grads, consumers):
             target = s.tensor.grad if grads else s.tensor
             if target is not None:
-                target.masked_fill_(s.per_position(rows, False), 0)
+                target.masked_fill_(masks[id(s)], 0)
 
     @torch.no_grad()
     def scale(self, factors: torch.Tensor) -> None:
@@ -162,6 +172,8 @@ class GroupViews:
             )
             layouts.setdefault(key, []).append(i)
         self.blocks = [Block(model, groups[r[0]].space, r, [groups[i] for i in r]) for r in layouts.values()]
+        self._masks_key: tuple[torch.Tensor, int] | None = None
+        self._masks: dict[int, torch.Tensor] = {}
         self.sizes = self.gather(lambda b: torch.full((len(b),), float(b.size), device=self.device))
 
     def __iter__(self) -> Iterator[Block]:
@@ -195,8 +207,22 @@ class GroupViews:
 
     def zero(self, mask: torch.Tensor, grads: bool = False, consumers: bool = False) -> None:
         """Zero the values (or gradients) of the groups where `mask` ([groups] bool) is True."""
+        masks = self.position_masks(mask)
         for b in self.blocks:
-            b.zero(mask[b.rows], grads=grads, consumers=consumers)
+            b.zero(masks, grads=grads, consumers=consumers)
+
+    def position_masks(self, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per slot, `mask` spread over the slot's positions; kept until `mask` changes (its version moves
+        on every in-place change), so holding zeros each step costs one masked_fill per tensor."""
+        key = (mask, mask._version)
+        if self._masks_key is None or self._masks_key[0] is not key[0] or self._masks_key[1] != key[1]:
+            self._masks = {
+                id(s): s.per_position(mask[b.rows], False)
+                for b in self.blocks
+                for s in b.slots(consumers=True)
+            }
+            self._masks_key = key
+        return self._masks
 
     def scale(self, factors: torch.Tensor) -> None:
         for b in self.blocks:
