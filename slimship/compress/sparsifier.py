@@ -164,10 +164,10 @@ class Sparsifier:
         order = [i for idx in by_space.values() for i in idx]
         self.groups = [found.groups[i] for i in order]
         self.views = GroupViews(self.model, self.groups)
-        self.spaces: dict[str, torch.Tensor] = {}
+        members: dict[str, list[int]] = {}
         for local, g in enumerate(self.groups):
-            self.spaces.setdefault(g.space, []).append(local)  # type: ignore[arg-type]
-        self.spaces = {s: torch.tensor(m, device=self.device) for s, m in self.spaces.items()}
+            members.setdefault(g.space, []).append(local)
+        self.spaces = {s: torch.tensor(m, device=self.device) for s, m in members.items()}
         self.quota = {s: min(round(fractions[s] * len(m)), len(m) - 1) for s, m in self.spaces.items()}
         self.step = 0
         self.zero = torch.zeros(len(self.groups), dtype=torch.bool, device=self.device)
