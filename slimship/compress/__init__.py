@@ -25,10 +25,13 @@ from slimship.compress.imports import (
     load_state_checkpoint,
     make_prune_permanent,
 )
+from slimship.compress.sparsifier import SPARSIFIERS, Sparsifier, sparsifier, sparsifier_options
 
 __all__ = [
     "METHODS",
+    "SPARSIFIERS",
     "CompressResult",
+    "Sparsifier",
     "compress",
     "csgd",
     "drop",
@@ -45,6 +48,8 @@ __all__ = [
     "make_prune_permanent",
     "method_options",
     "register",
+    "sparsifier",
+    "sparsifier_options",
     "thinned",
     "train_loop",
 ]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimship._util import atomic_write_bytes
+from slimship.compress.device import rank
 from slimship.errors import CompressionError
 from slimship.slimming.api import ChannelGroup, GroupSet, find_groups
 from slimship.slimming.graph import get_tensor, slice_index
@@ -180,7 +181,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save `payload` to `path` atomically (temp file + rename)."""
+    """torch.save `payload` to `path` atomically (temp file + rename); under torchrun on rank 0 only."""
+    if rank() != 0:
+        return
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())

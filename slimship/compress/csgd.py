@@ -21,82 +21,149 @@ from torch import nn
 from slimship.compress.base import (
     Batch,
     CompressResult,
-    GroupTensors,
     Training,
     check_choice,
-    check_fraction,
     maybe_accuracy,
-    prunable_groups,
     register,
     working_copy,
 )
-from slimship.compress.hspg import space_fractions
+from slimship.compress.device import broadcast_from_rank0
+from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
+from slimship.compress.views import Block
 from slimship.errors import CompressionError
-from slimship.slimming.graph import get_tensor, slice_index
 
 log = logging.getLogger(__name__)
 
 CLUSTERINGS = ("kmeans", "even")
 
 
-def _kmeans(vectors: np.ndarray, k: int, seed: int) -> list[list[int]]:
+def kmeans_labels(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Cluster label of each row of `vectors` (k-means, `seed` fixes the initialisation)."""
     from sklearn.cluster import KMeans
 
-    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(vectors)
-    clusters = [sorted(np.flatnonzero(labels == c).tolist()) for c in range(k)]
-    return sorted((c for c in clusters if c), key=lambda c: c[0])
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(vectors)
 
 
-def _even(n: int, k: int) -> list[list[int]]:
-    return [list(chunk) for chunk in np.array_split(np.arange(n), k) if len(chunk)]
+def even_labels(n: int, k: int) -> np.ndarray:
+    """`n` rows in `k` runs of consecutive rows of (almost) equal length."""
+    return np.concatenate([np.full(len(c), j) for j, c in enumerate(np.array_split(np.arange(n), k))])
 
 
-def cluster_space(
-    gt: GroupTensors, members: list[int], target: float, method: str, seed: int
-) -> list[list[int]]:
-    """Clusters (lists of local group indices) of one space; groups of different shapes never mix."""
-    by_shape: dict[Any, list[int]] = {}
-    for i in members:
-        by_shape.setdefault(gt.shape_key(i), []).append(i)
-    clusters: list[list[int]] = []
-    for same in by_shape.values():
-        k = max(1, len(same) - round(target * len(same)))
-        if k >= len(same):
-            clusters += [[i] for i in same]
-            continue
-        if method == "kmeans":
-            vectors = torch.stack([gt.vector(i) for i in same]).double().numpy()
-            local = _kmeans(vectors, k, seed)
+@register_sparsifier("csgd")
+class CSGD(Sparsifier):
+    """Centripetal SGD: each cluster follows its mean gradient while its members' differences decay."""
+
+    state_keys = ("merged", "labels")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        total_steps: int,
+        target: float = 0.5,
+        space_targets: dict[str, float] | None = None,
+        spaces: list[str] | None = None,
+        seed: int = 0,
+        centripetal: float = 0.1,
+        clustering: str = "kmeans",
+        merge_at_end: bool = True,
+    ) -> None:
+        check_choice("clustering", clustering, CLUSTERINGS)
+        if centripetal <= 0:
+            raise CompressionError(f"centripetal must be > 0, got {centripetal}")
+        super().__init__(
+            model,
+            example_inputs,
+            total_steps=total_steps,
+            target=target,
+            space_targets=space_targets,
+            spaces=spaces,
+            seed=seed,
+        )
+        self.centripetal, self.clustering, self.merge_at_end = centripetal, clustering, merge_at_end
+        self.labels = [self.cluster(b) for b in self.views]
+        self.merged = False
+        self.count_members()
+        log.info("csgd: %d groups in %d clusters", len(self.groups), sum(self.k))
+
+    def count_members(self) -> None:
+        """Clusters per block and members per cluster, from the labels."""
+        self.k = [int(labels.max()) + 1 for labels in self.labels]
+        self.counts = [
+            torch.bincount(labels, minlength=k).to(self.views.dtype)
+            for labels, k in zip(self.labels, self.k, strict=True)
+        ]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.count_members()
+
+    def cluster(self, block: Block) -> torch.Tensor:
+        """Cluster label of each row of `block` (identical on every rank: rank 0's are broadcast)."""
+        n = len(block)
+        k = max(1, n - round(self.fractions[block.space] * n))
+        if k >= n:
+            labels = np.arange(n)
+        elif self.clustering == "kmeans":
+            labels = kmeans_labels(block.matrix().double().cpu().numpy(), k, self.seed)
         else:
-            local = _even(len(same), k)
-        clusters += [[same[j] for j in c] for c in local]
-    return clusters
+            labels = even_labels(n, k)
+        _, dense = np.unique(labels, return_inverse=True)
+        return broadcast_from_rank0(torch.as_tensor(dense, dtype=torch.long, device=self.device))
 
+    def means(self, i: int, values: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Each row replaced by its cluster's mean row (in the score dtype when `exact`, for the merge)."""
+        dtype = self.views.dtype if exact else values.dtype
+        sums = values.new_zeros((self.k[i], values.shape[1]), dtype=dtype)
+        sums.index_add_(0, self.labels[i], values.to(dtype))
+        return (sums / self.counts[i][:, None].to(dtype))[self.labels[i]]
 
-@torch.no_grad()
-def set_cluster_to_mean(model: nn.Module, gt: GroupTensors, cluster: list[int]) -> None:
-    """Every member's producing slices and statistics become the cluster mean (exactly equal)."""
-    groups = [gt.groups[i] for i in cluster]
-    slots = [g.produce + g.stats for g in groups]
-    for parts in zip(*slots, strict=True):
-        name, dim = parts[0][0], parts[0][1]
-        t = get_tensor(model, name)
-        views = [t[slice_index(dim, p[2], t.dim())] for p in parts]
-        mean = torch.stack([v.double() for v in views]).mean(0).to(t.dtype)
-        for p in parts:
-            t[slice_index(dim, p[2], t.dim())] = mean
+    def on_backward(self) -> None:
+        for i, block in enumerate(self.views):
+            if self.k[i] == len(block):
+                continue
+            x, g = block.matrix(), block.matrix(grad=True)
+            # mean(g) + c (x - mean(x)), with one cluster mean since the mean is linear
+            update = self.means(i, g - self.centripetal * x) + self.centripetal * x
+            block.set_matrix(update, grad=True)
 
+    def on_step(self) -> None:
+        if self.merge_at_end and self.step >= self.total_steps - 1:
+            self.merge()
 
-def cluster_gap(gt: GroupTensors, clusters: list[list[int]]) -> float:
-    """Largest distance of a member from its cluster mean, relative to the mean's norm."""
-    worst = 0.0
-    for c in clusters:
-        if len(c) < 2:
-            continue
-        vectors = torch.stack([gt.vector(i).double() for i in c])
-        mean = vectors.mean(0)
-        worst = max(worst, float((vectors - mean).norm(dim=1).max()) / max(float(mean.norm()), 1e-12))
-    return worst
+    def merge(self) -> None:
+        """Set every cluster's members (statistics included) exactly to the cluster mean."""
+        with torch.no_grad():
+            for i, block in enumerate(self.views):
+                if self.k[i] < len(block):
+                    block.set_full([self.means(i, v, exact=True) for v in block.full()])
+        self.merged = True
+
+    def gap(self) -> float:
+        """Largest distance of a member from its cluster mean, relative to the mean's norm."""
+        worst = torch.zeros((), dtype=self.views.dtype, device=self.device)
+        for i, block in enumerate(self.views):
+            x = block.matrix().to(self.views.dtype)
+            mean = self.means(i, x, exact=True)
+            worst = torch.maximum(worst, ((x - mean).norm(dim=1) / mean.norm(dim=1).clamp_min(1e-12)).max())
+        return float(worst)
+
+    def decisions(self) -> dict[str, Any]:
+        clusters = []
+        for block, labels, k in zip(self.views, self.labels, self.k, strict=True):
+            rows = block.rows.cpu()
+            clusters += [sorted(rows[labels.cpu() == c].tolist()) for c in range(k)]
+        return {**super().decisions(), "clusters": sorted(c for c in clusters if len(c) > 1)}
+
+    def summary(self) -> dict[str, Any]:
+        summary = super().summary()
+        for space in summary["spaces"].values():
+            space["clustered"] = 0
+        for block, k in zip(self.views, self.k, strict=True):
+            summary["spaces"][block.space]["clustered"] += len(block) - k
+        summary["merged"] = self.merged
+        return summary
 
 
 @register("csgd", training=Training(epochs=20))
@@ -114,56 +181,32 @@ def csgd(
     clustering: str = "kmeans",
 ) -> CompressResult:
     """Train with the centripetal update so each space keeps ``1 - target`` of its channels distinct."""
-    check_fraction("target", target)
-    check_choice("clustering", clustering, CLUSTERINGS)
-    if centripetal <= 0:
-        raise CompressionError(f"centripetal must be > 0, got {centripetal}")
-    if train is None:
-        raise CompressionError("csgd trains: pass training batches (train=...)")
     model = working_copy(model)
-    found, by_space = prunable_groups(model, example_inputs, spaces)
-    order = [i for idx in by_space.values() for i in idx]
-    gt = GroupTensors(model, [found.groups[i] for i in order])
-    local_spaces: dict[str, list[int]] = {}
-    for local, i in enumerate(order):
-        local_spaces.setdefault(found.groups[i].space, []).append(local)
-    fractions = space_fractions(local_spaces, target, space_targets)
-    clusters = [
-        c
-        for space, members in local_spaces.items()
-        for c in cluster_space(gt, members, fractions[space], clustering, training.seed)
-    ]
-    multi = [c for c in clusters if len(c) > 1]
-    log.info("csgd: %d groups in %d clusters (%d with several members)", len(gt), len(clusters), len(multi))
-
-    @torch.no_grad()
-    def grad_hook(m: nn.Module, epoch: int, step: int) -> None:
-        for c in multi:
-            grads = torch.stack([gt.vector(i, grad=True) for i in c])
-            values = torch.stack([gt.vector(i) for i in c])
-            mean_grad, mean_value = grads.mean(0), values.mean(0)
-            for row, i in enumerate(c):
-                gt.set_grad(i, mean_grad + centripetal * (values[row] - mean_value))
-
-    def epoch_hook(m: nn.Module, epoch: int, step: int) -> dict[str, Any]:
-        record: dict[str, Any] = {"cluster_gap": cluster_gap(gt, multi)}
-        acc = maybe_accuracy(m, test)
-        if acc is not None:
-            record["test_accuracy"] = acc
-        return record
-
-    history = training.run(model, train, desc="csgd", grad_hook=grad_hook, epoch_hook=epoch_hook)
+    n = steps_per_epoch(train)
+    sp = CSGD(
+        model,
+        example_inputs,
+        total_steps=max(training.epochs * n, 1),
+        target=target,
+        space_targets=space_targets,
+        spaces=spaces,
+        seed=training.seed,
+        centripetal=centripetal,
+        clustering=clustering,
+        merge_at_end=False,
+    )
+    history = train_with(sp, model, train, test, training, epoch_record=lambda: {"cluster_gap": sp.gap()})
     completed = training.completed(history)
-    gap = cluster_gap(gt, multi)
+    gap = sp.gap()
     accuracy_before_merge = maybe_accuracy(model, test)
     if completed:
-        for c in multi:
-            set_cluster_to_mean(model, gt, c)
+        sp.merge()
+    merging = sum(len(b) - k for b, k in zip(sp.views, sp.k, strict=True))
     info = {
         "target": target,
-        "clusters": len(clusters),
-        "groups": len(gt),
-        "merging": sum(len(c) - 1 for c in multi),
+        "clusters": sum(sp.k),
+        "groups": len(sp.groups),
+        "merging": merging,
         "cluster_gap_before_merge": gap,
         "test_accuracy_before_merge": accuracy_before_merge,
         "test_accuracy": maybe_accuracy(model, test),

@@ -30,9 +30,11 @@ from slimship.compress.base import (
     register,
     working_copy,
 )
-from slimship.compress.hspg import CRITERIA, GroupSparsifier, _finish, _stage_steps, _steps_per_epoch
+from slimship.compress.device import decision_generator
+from slimship.compress.hspg import epoch_stages, finish
+from slimship.compress.sparsifier import CRITERIA, Sparsifier, register_sparsifier, train_with
+from slimship.compress.views import Block
 from slimship.errors import CompressionError
-from slimship.slimming.api import copy_group
 
 log = logging.getLogger(__name__)
 
@@ -40,83 +42,151 @@ log = logging.getLogger(__name__)
 REVIVALS = ("restore", "copy")
 
 
-def _slices(sp: GroupSparsifier, i: int) -> list[tuple[torch.Tensor, tuple[Any, ...]]]:
-    return sp.tensors.slices[i] + sp.tensors.buffers[i]
+@register_sparsifier("drop")
+class Drop(Sparsifier):
+    """Rounds of stochastic drop-out / drop-in of whole groups, zeros held in between."""
 
+    state_keys = ("round", "revived", "snapshots", "has_snapshot")
 
-def _snapshot(sp: GroupSparsifier, i: int) -> list[torch.Tensor]:
-    """The values (statistics included) of group `i` as it is dropped out."""
-    return [t[idx].detach().clone() for t, idx in _slices(sp, i)]
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        total_steps: int,
+        target: float = 0.5,
+        space_targets: dict[str, float] | None = None,
+        spaces: list[str] | None = None,
+        seed: int = 0,
+        pruning_steps: int | None = None,
+        rounds: int = 5,
+        drop_in: float = 0.2,
+        pool: float = 2.0,
+        revive: str = "restore",
+        criterion: str = "magnitude",
+    ) -> None:
+        check_fraction("drop_in", drop_in, high_open=False)
+        check_choice("criterion", criterion, CRITERIA)
+        check_choice("revive", revive, REVIVALS)
+        if rounds < 1 or pool < 1:
+            raise CompressionError(f"rounds must be >= 1 and pool >= 1, got rounds={rounds}, pool={pool}")
+        super().__init__(
+            model,
+            example_inputs,
+            total_steps=total_steps,
+            target=target,
+            space_targets=space_targets,
+            spaces=spaces,
+            seed=seed,
+        )
+        end = max(rounds, round(0.6 * total_steps)) if pruning_steps is None else pruning_steps
+        if not rounds <= end <= total_steps:
+            raise CompressionError(
+                f"pruning_steps={end} must hold the {rounds} rounds and fit in the run's {total_steps} steps"
+            )
+        self.rounds, self.drop_in, self.pool, self.revive, self.criterion = (
+            rounds,
+            drop_in,
+            pool,
+            revive,
+            criterion,
+        )
+        self.starts = [round(r * end / rounds) for r in range(rounds)]
+        self.round = -1
+        self.revived = 0
+        self.snapshots = [[torch.zeros_like(m) for m in b.full()] for b in self.views]
+        self.has_snapshot = torch.zeros_like(self.zero)
 
+    def on_backward(self) -> None:
+        if self.step in self.starts and self.starts.index(self.step) > self.round:
+            self.round = self.starts.index(self.step)
+            self.run_round(self.round)
 
-@torch.no_grad()
-def _restore(sp: GroupSparsifier, i: int, values: list[torch.Tensor]) -> None:
-    for (t, idx), v in zip(_slices(sp, i), values, strict=True):
-        t[idx] = v
+    def run_round(self, r: int) -> None:
+        gen = decision_generator(self.device, self.seed * 1_000_003 + r)
+        last = r == self.rounds - 1
+        back = torch.zeros_like(self.zero)
+        if not last:
+            for members in self.spaces.values():
+                mine = self.zero[members]
+                if bool(mine.any()) and not bool(mine.all()):
+                    draws = torch.rand(len(members), generator=gen, device=self.device)
+                    back[members] = mine & (draws < self.drop_in)
+            for i, block in enumerate(self.views):
+                if bool(back[block.rows].any()):
+                    self.bring_back(i, block, back[block.rows], gen)
+            self.zero &= ~back
+            self.has_snapshot &= ~back
+        revived = int(back.sum())
+        new = self.draw_out(r, last, gen)
+        if self.revive == "restore" and not last:
+            for i, block in enumerate(self.views):
+                rows = new[block.rows][:, None]
+                self.snapshots[i] = [torch.where(rows, v, s) for v, s in zip(block.full(), self.snapshots[i])]
+            self.has_snapshot |= new
+        self.zero |= new
+        self.views.zero(self.zero)
+        self.holding = True
+        self.revived += revived
+        log.info(
+            "drop: round %d/%d: %d groups dropped out, %d dropped back in",
+            r + 1,
+            self.rounds,
+            int(new.sum()),
+            revived,
+        )
 
+    def draw_out(self, r: int, last: bool, gen: torch.Generator) -> torch.Tensor:
+        """Groups dropped out this round: drawn from each space's lowest-scored active ones."""
+        scores = self.scores(self.criterion)
+        magnitude = scores if isinstance(scores, torch.Tensor) else scores[0]
+        new = torch.zeros_like(self.zero)
+        eligible = ~self.zero
+        for space, members in self.spaces.items():
+            need = round(self.quota[space] * (r + 1) / self.rounds) - int(self.zero[members].sum())
+            if need <= 0:
+                continue
+            active = int(eligible[members].sum())
+            take = need if last else min(active, max(need, math.ceil(self.pool * need)))
+            candidates = self.least(scores, space, eligible, take)
+            weights = 1.0 / (magnitude[candidates] + 1e-12)
+            new[candidates[torch.multinomial(weights, need, replacement=False, generator=gen)]] = True
+        return new
 
-def _revive(model: nn.Module, sp: GroupSparsifier, i: int, donor: int, gen: torch.Generator) -> None:
-    """Re-initialise group `i` as a noisy copy of active group `donor` (statistics included)."""
-    a, b = sp.tensors.groups[donor], sp.tensors.groups[i]
-    if sp.tensors.shape_key(donor) == sp.tensors.shape_key(i):
-        copy_group(model, a, b)
-        vector = sp.tensors.vector(i)
-    else:
-        vector = torch.randn(sp.sizes[i], generator=gen) * sp.tensors.vector(donor).std()
-    noise = torch.randn(vector.shape, generator=gen) * 0.1 * float(vector.std() if vector.numel() > 1 else 1)
-    sp.tensors.set_vector(i, vector + noise)
+    def bring_back(self, i: int, block: Block, back: torch.Tensor, gen: torch.Generator) -> None:
+        """Revive the block's rows in `back`: restored from their snapshot, or a noisy copy of a live row."""
+        full = block.full()
+        rest = back
+        if self.revive == "restore":
+            use = back & self.has_snapshot[block.rows]
+            full = [torch.where(use[:, None], s, f) for s, f in zip(self.snapshots[i], full, strict=True)]
+            rest = back & ~use
+        if bool(rest.any()):
+            copies = self.copies(block, full, gen)
+            full = [torch.where(rest[:, None], c, f) for c, f in zip(copies, full, strict=True)]
+        block.set_full(full)
 
-
-def _round(
-    model: nn.Module,
-    sp: GroupSparsifier,
-    state: dict[str, Any],
-    r: int,
-    rounds: int,
-    drop_in: float,
-    pool: float,
-    seed: int,
-    revive: str,
-    criterion: str,
-) -> None:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
-    pruned = set(state["zero"])
-    revived = dropped = 0
-    for space, members in sp.spaces.items():
-        mine = [i for i in members if i in pruned]
-        active = [i for i in members if i not in pruned]
-        if r < rounds - 1 and mine and active:
-            back = [
-                i
-                for i, u in zip(mine, torch.rand(len(mine), generator=gen).tolist(), strict=True)
-                if u < drop_in
+    def copies(self, block: Block, full: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+        """Per row, a noisy copy of a random live row of the block (small noise if none is live)."""
+        live = (~self.zero[block.rows]).nonzero().flatten()
+        n_params = len(block.params)
+        if len(live) == 0:
+            noise = [
+                0.01 * torch.randn(f.shape, generator=gen, device=self.device, dtype=f.dtype) for f in full
             ]
-            for i in back:
-                donor = active[int(torch.randint(len(active), (1,), generator=gen))]
-                if revive == "restore" and str(i) in state["dropped_values"]:
-                    _restore(sp, i, state["dropped_values"].pop(str(i)))
-                else:
-                    _revive(model, sp, i, donor, gen)
-                pruned.discard(i)
-            revived += len(back)
-        active = [i for i in members if i not in pruned]
-        need = round(sp.quota[space] * (r + 1) / rounds) - (len(members) - len(active))
-        if need <= 0:
-            continue
-        ranked = sp.least_salient(active, criterion)
-        last = r == rounds - 1  # the final cut is not drawn: nothing can drop back in after it
-        candidates = ranked[: need if last else min(len(ranked), max(need, math.ceil(pool * need)))]
-        weights = torch.tensor([1.0 / (sp.magnitude(i) + 1e-12) for i in candidates], dtype=torch.float64)
-        chosen = torch.multinomial(weights, need, replacement=False, generator=gen).tolist()
-        for k in chosen:
-            pruned.add(candidates[k])
-            if revive == "restore" and r < rounds - 1:
-                state["dropped_values"][str(candidates[k])] = _snapshot(sp, candidates[k])
-            sp.tensors.zero(candidates[k])
-        dropped += need
-    state["zero"] = sorted(pruned)
-    state["revived"] = state.get("revived", 0) + revived
-    log.info("drop: round %d/%d: %d groups dropped out, %d dropped back in", r + 1, rounds, dropped, revived)
+            return noise[:n_params] + full[n_params:]
+        donors = live[torch.randint(len(live), (len(block),), generator=gen, device=self.device)]
+        copies = [f[donors] for f in full]
+        for k in range(n_params):
+            spread = (
+                copies[k].std(dim=1, keepdim=True) if copies[k].shape[1] > 1 else torch.ones_like(copies[k])
+            )
+            noise = torch.randn(copies[k].shape, generator=gen, device=self.device, dtype=copies[k].dtype)
+            copies[k] = copies[k] + 0.1 * spread * noise
+        return copies
+
+    def decisions(self) -> dict[str, Any]:
+        return {**super().decisions(), "revived": self.revived}
 
 
 @register("drop", training=Training())
@@ -138,37 +208,27 @@ def drop(
     criterion: str = "magnitude",
 ) -> CompressResult:
     """Iterative stochastic prune-retrain on channel groups towards `target` group sparsity per space."""
-    check_fraction("drop_in", drop_in, high_open=False)
-    check_choice("criterion", criterion, CRITERIA)
-    check_choice("revive", revive, REVIVALS)
     if rounds < 1 or pool < 1:
         raise CompressionError(f"rounds must be >= 1 and pool >= 1, got rounds={rounds}, pool={pool}")
     model = working_copy(model)
-    sp = GroupSparsifier(model, example_inputs, target, spaces, space_targets)
-    n = _steps_per_epoch(train)
     if pruning_epochs is None:
         pruning_epochs = max(rounds, round(0.6 * training.epochs))
-    _, end = _stage_steps(training.epochs, 0, pruning_epochs, n, "pruning_epochs")
-    starts = [round(r * end / rounds) for r in range(rounds)]
-    state: dict[str, Any] = {"zero": [], "round": -1, "revived": 0, "dropped_values": {}}
-
-    def grad_hook(m: nn.Module, epoch: int, step: int) -> None:
-        if step in starts and starts.index(step) > state["round"]:
-            state["round"] = starts.index(step)
-            _round(m, sp, state, state["round"], rounds, drop_in, pool, training.seed, revive, criterion)
-        sp.hold_zero_grads(state)
-
-    def step_hook(m: nn.Module, epoch: int, step: int) -> None:
-        sp.hold_zeros(state)
-
-    history = training.run(
+    n, _, pruning = epoch_stages(training, train, 0, pruning_epochs, "pruning_epochs")
+    sp = Drop(
         model,
-        train,
-        desc="drop",
-        grad_hook=grad_hook,
-        step_hook=step_hook,
-        epoch_hook=lambda m, e, s: sp.epoch_record(test, m),
-        state=state,
+        example_inputs,
+        total_steps=training.epochs * n,
+        target=target,
+        space_targets=space_targets,
+        spaces=spaces,
+        seed=training.seed,
+        pruning_steps=pruning,
+        rounds=rounds,
+        drop_in=drop_in,
+        pool=pool,
+        revive=revive,
+        criterion=criterion,
     )
-    extra = {"rounds": rounds, "drop_in": drop_in, "revived": state["revived"], "round_starts": starts}
-    return _finish("drop", model, sp, history, test, extra, training)
+    history = train_with(sp, model, train, test, training)
+    extra = {"rounds": rounds, "drop_in": drop_in, "revived": sp.revived, "round_starts": sp.starts}
+    return finish(sp, model, history, test, extra, training)

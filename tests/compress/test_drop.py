@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from slimship.compress import compress
-from slimship.compress.drop import _round
-from slimship.compress.hspg import GroupSparsifier
+from slimship.compress.drop import Drop
 from slimship.data import evaluate_accuracy
 from slimship.errors import CompressionError
 from tests.compress.test_base import check_slims, example, one_thread, same_state, tiny_data, tiny_model
@@ -52,18 +51,18 @@ def test_both_revivals_reach_the_target(revive: str) -> None:
 
 
 def test_restore_brings_back_the_dropped_values() -> None:
-    model = tiny_model()
-    sp = GroupSparsifier(model, example(), 0.5, None)
-    state = {"zero": [], "revived": 0, "dropped_values": {}}
-    before = [sp.tensors.vector(i).clone() for i in range(len(sp.tensors))]
-    _round(model, sp, state, 0, 3, 1.0, 2.0, 0, "restore", "magnitude")
-    first = set(state["zero"])
-    assert first and all(sp.tensors.is_zero(i) for i in first)
-    _round(model, sp, state, 1, 3, 1.0, 2.0, 0, "restore", "magnitude")  # drop_in 1: all come back first
-    back = first - set(state["zero"])
-    assert back and state["revived"] == len(first)
-    for i in back:
-        assert torch.equal(sp.tensors.vector(i), before[i])
+    sp = Drop(tiny_model(), example(), total_steps=10, rounds=3, drop_in=1.0)
+    before = [b.matrix().clone() for b in sp.views]
+    sp.run_round(0)
+    first = sp.zero.clone()
+    assert first.any() and bool(sp.views.is_zero()[first].all())
+    gen = torch.Generator().manual_seed(0)
+    for i, block in enumerate(sp.views):
+        sp.bring_back(i, block, first[block.rows], gen)
+        assert torch.equal(block.matrix(), before[i])  # the dropped groups hold their old values again
+    sp.views.zero(first)
+    sp.run_round(1)  # drop_in 1: every dropped group comes back before this round's draw
+    assert sp.revived == int(first.sum())
 
 
 @pytest.mark.parametrize(("option", "value"), [("revive", "reinit"), ("criterion", "random")])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimship.compress import compress
-from slimship.compress.hspg import GroupSparsifier
+from slimship.compress.hspg import HSPG
 from slimship.data import evaluate_accuracy
 from slimship.errors import CompressionError
 from tests.compress.test_base import check_slims, example, one_thread, same_state, tiny_data, tiny_model
@@ -63,15 +63,17 @@ def test_space_targets_override_per_space() -> None:
 
 
 def test_salience_weighs_the_taylor_score_against_magnitude() -> None:
-    model = tiny_model()
-    sp = GroupSparsifier(model, example(), 0.5, ["conv1.weight[0]"])
-    members = sp.spaces["conv1.weight[0]"]
-    unit = torch.ones(sp.sizes[members[0]])
-    for rank, i in enumerate(members):
-        sp.tensors.set_vector(i, (rank + 1) * unit)
-        sp.tensors.set_grad(i, (100.0 if rank == 0 else rank + 1) * unit)  # the smallest group matters most
-    assert sp.least_salient(members, "magnitude")[0] == members[0]
-    assert sp.least_salient(members, "salience")[0] == members[1]
+    space = "conv1.weight[0]"
+    sp = HSPG(tiny_model(), example(), total_steps=10, spaces=[space])
+    (block,) = sp.views.blocks
+    scale = torch.arange(1.0, len(block) + 1)[:, None]
+    block.set_matrix(scale * torch.ones(1, block.size))
+    grads = scale.clone()
+    grads[0] = 100.0  # the smallest group matters most
+    block.set_matrix(grads * torch.ones(1, block.size), grad=True)
+    eligible = torch.ones(len(sp.groups), dtype=torch.bool)
+    assert sp.least(sp.scores("magnitude"), space, eligible, 1).tolist() == [int(block.rows[0])]
+    assert sp.least(sp.scores("salience"), space, eligible, 1).tolist() == [int(block.rows[1])]
     with pytest.raises(CompressionError, match="criterion='random' is not one of"):
         compress("hspg", tiny_model(), example(), tiny_data(), criterion="random")
 

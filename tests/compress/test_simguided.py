@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from slimship.compress import compress
-from slimship.compress.base import GroupTensors, make_optimizer, prunable_groups
-from slimship.compress.simguided import SpaceMasks, _simulated_training, schedule
+from slimship.compress.simguided import SimGuided, schedule
 from slimship.data import Batches, digits_arrays
 from slimship.slimming.api import slim
 
@@ -58,15 +57,25 @@ def test_masked_groups_keep_learning_in_the_simulation(data):
     """Gradients of the simulated (masked) network reach the full weights, so masked groups move."""
     train, x = data
     model = tiny_cnn()
-    found, by_space = prunable_groups(model, (x,))
-    tensors = GroupTensors(model, found.groups)
-    masks = SpaceMasks(model, tensors, by_space)
-    masked = masks.below(0.5)
+    steps = [b for b in train]
+    sp = SimGuided(model, (x,), total_steps=len(steps) + 1, prune_steps=1, pruning_steps=len(steps) + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
-    def consumers(i):
-        return torch.cat([t[idx].detach().reshape(-1) for t, idx in masks.consume[i]])
+    def consumers():
+        return [torch.cat([s.read() for s in b.consume], dim=1).clone() for b in sp.views]
 
-    before = {i: consumers(i).clone() for i in masked}
-    _simulated_training(model, train, masks, 0.5, 1, make_optimizer(model, 0.05), 0, "test")
-    moved = [i for i in masked if not torch.equal(consumers(i), before[i])]
-    assert moved and all(not tensors.is_zero(i) and bool(consumers(i).abs().sum() > 0) for i in masked)
+    before, masked_ever = consumers(), torch.zeros_like(sp.zero)
+    model.train()
+    for xb, yb in steps:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        masked_ever |= sp.masked  # this forward ran with their consuming slices at zero
+        sp.after_backward()  # puts the masked consumers back: the optimizer updates the full weights
+        optimizer.step()
+        sp.after_step()  # masks the groups under the threshold for the next forward
+    assert masked_ever.any() and not sp.zero.any()  # the cut comes at the end of the pruning step
+    sp.unmask()
+    for block, old, now in zip(sp.views, before, consumers(), strict=True):
+        rows = masked_ever[block.rows]
+        moved = (now[rows] != old[rows]).any(1)
+        assert moved.all() and bool((now[rows].abs().sum(1) > 0).all())

@@ -1,0 +1,192 @@
+"""Sparsifiers in a user's own loop: targets reached, exact slimming, resume, across processes, README."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimship.compress import sparsifier
+from slimship.compress.sparsifier import SPARSIFIERS
+from slimship.errors import CompressionError
+from slimship.slimming import slim
+from tests.compress.test_base import check_slims, example, one_thread, same_state, tiny_data, tiny_model
+
+assert one_thread  # autouse fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS = 6
+#: per method: options (steps: 4 batches per epoch x 6 epochs = 24) and the base rate of each optimizer
+OPTIONS = {
+    "hesso": {"warmup_steps": 4, "pruning_steps": 12, "periods": 3},
+    "hspg": {"warmup_steps": 4, "projection_steps": 12},
+    "drop": {"pruning_steps": 16, "rounds": 4, "drop_in": 0.5},
+    "csgd": {"centripetal": 0.5},
+    "magnitude": {"prune_steps": 3, "pruning_steps": 12},
+    "simguided": {"prune_steps": 3, "pruning_steps": 12},
+}
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01),
+}
+ZERO_TARGET = {"conv1.weight[0]": 4, "conv2.weight[0]": 6}  # target 0.5 of 8 and 12 channels
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every step's batch of the whole run, in order (each pass over the data reshuffles)."""
+    data = tiny_data()
+    return [(x, y) for _ in range(EPOCHS) for x, y in data]
+
+
+def options(name: str, opt: str) -> dict:
+    extra = {"lr": 0.01} if name == "hspg" and opt == "adamw" else {}
+    return {**OPTIONS[name], **extra}
+
+
+def train(model, sp, optimizer, steps, record: list | None = None) -> None:
+    """The user's loop: forward, backward, the sparsifier's two calls around the optimizer step."""
+    model.train()
+    for x, y in steps:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        sp.after_backward()
+        optimizer.step()
+        sp.after_step()
+        if record is not None:
+            record.append(sp.decisions())
+    model.eval()
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_user_loop_reaches_target_and_slims(name: str, opt: str) -> None:
+    model, steps = tiny_model(), batches()
+    sp = sparsifier(name, model, example(), total_steps=len(steps), **options(name, opt))
+    train(model, sp, OPTIMIZERS[opt](model.parameters()), steps)
+    summary = sp.summary()
+    if name == "csgd":
+        assert {s: v["clustered"] for s, v in summary["spaces"].items()} == ZERO_TARGET
+        merged = {s.name: s.merged for s in slim(model, example()).report.spaces if s.merged}
+        assert merged == ZERO_TARGET
+    else:
+        assert {s: v["zero"] for s, v in summary["spaces"].items()} == ZERO_TARGET
+        assert {s: v["decided"] for s, v in summary["spaces"].items()} == ZERO_TARGET
+    check_slims(model)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_state_dict_resume_takes_the_same_decisions(name: str) -> None:
+    steps = batches()
+    model = tiny_model()
+    sp = sparsifier(name, model, example(), total_steps=len(steps), **OPTIONS[name])
+    whole: list = []
+    train(model, sp, OPTIMIZERS["sgd"](model.parameters()), steps, whole)
+
+    cut = 9  # inside the pruning stage of every method
+    first = tiny_model()
+    sp1 = sparsifier(name, first, example(), total_steps=len(steps), **OPTIONS[name])
+    opt1 = OPTIMIZERS["sgd"](first.parameters())
+    parts: list = []
+    train(first, sp1, opt1, steps[:cut], parts)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sp": sp1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    second = tiny_model(seed=1)  # a fresh process: other weights until the checkpoint is loaded
+    second.load_state_dict(saved["model"])
+    sp2 = sparsifier(name, second, example(), total_steps=len(steps), **OPTIONS[name])
+    sp2.load_state_dict(saved["sp"])
+    opt2 = OPTIMIZERS["sgd"](second.parameters())
+    opt2.load_state_dict(saved["opt"])
+    train(second, sp2, opt2, steps[cut:], parts)
+    assert parts == whole
+    assert same_state(model, second)
+
+
+def test_decisions_change_during_the_run() -> None:
+    """The recorded decisions are not constant (so the equality checks above compare something)."""
+    steps = batches()
+    model = tiny_model()
+    sp = sparsifier("hesso", model, example(), total_steps=len(steps), **OPTIONS["hesso"])
+    record: list = []
+    train(model, sp, OPTIMIZERS["sgd"](model.parameters()), steps, record)
+    assert record[0]["zero"] == [] and len({json.dumps(r) for r in record}) >= 4
+
+
+def test_unknown_name_and_option_are_named() -> None:
+    with pytest.raises(CompressionError, match=r"no sparsifier 'lasso'; allowed: .*hesso"):
+        sparsifier("lasso", tiny_model(), example(), total_steps=10)
+    with pytest.raises(CompressionError, match=r"has no option 'epochs'.*periods"):
+        sparsifier("hesso", tiny_model(), example(), total_steps=10, epochs=3)
+    with pytest.raises(CompressionError, match="total_steps must be a positive int"):
+        sparsifier("hesso", tiny_model(), example(), total_steps=0)
+    model = tiny_model()
+    state = sparsifier("hspg", model, example(), total_steps=10).state_dict()
+    with pytest.raises(CompressionError, match="state is for 'hspg', not 'hesso'"):
+        sparsifier("hesso", model, example(), total_steps=10).load_state_dict(state)
+    assert set(OPTIONS) <= set(SPARSIFIERS)
+
+
+def test_ddp_wrapper_is_unwrapped() -> None:
+    """A DDP-wrapped model (one gloo process) gives the same groups and decisions as the plain one."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        sp = sparsifier("hesso", wrapped, example(), total_steps=len(batches()), **OPTIONS["hesso"])
+        plain = sparsifier("hesso", tiny_model(), example(), total_steps=len(batches()), **OPTIONS["hesso"])
+        assert sp.model is model and [g.produce for g in sp.groups] == [g.produce for g in plain.groups]
+        train(wrapped, sp, OPTIMIZERS["sgd"](wrapped.parameters()), batches())
+        assert {s: v["zero"] for s, v in sp.summary()["spaces"].items()} == ZERO_TARGET
+    finally:
+        dist.destroy_process_group()
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    """The README's "In your own training loop" example runs as written and prints a slim model."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## In your own training loop") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"group sparsity 0\.5\d*", done.stdout), done.stdout
+
+
+@pytest.mark.slow  # two torchrun processes importing torch and tracing five times: ~50 s on a loaded machine
+def test_two_processes_decide_alike(tmp_path: Path) -> None:
+    """torchrun, 2 gloo processes: identical decisions on both ranks at every step, equal to one process
+    over the same global batches; rank 0 alone writes the slim check, which passes."""
+    from tests.compress import ddp_sparsifier
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun is not None
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29600 + os.getpid() % 1000)]
+    cmd += ["-m", "tests.compress.ddp_sparsifier", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"decisions-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert sorted(ranks[0]) == sorted(ddp_sparsifier.METHODS)
+    single = {name: ddp_sparsifier.run(name, rank=0, world=1)[0] for name in ddp_sparsifier.METHODS}
+    assert ranks[0] == single
+    slimmed = json.loads((tmp_path / "slim-rank0.json").read_text())
+    assert slimmed == {name: True for name in ddp_sparsifier.METHODS}
+    assert not (tmp_path / "slim-rank1.json").exists()
