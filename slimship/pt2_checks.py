@@ -89,7 +89,14 @@ def _bad_expr_token(match: re.Match[str]) -> str | None:
         return f"unknown name {name!r}"
     if quoted is not None and not _QUOTED.match(quoted):
         return f"unexpected string {quoted[:40]!r}"
+    if match.group("op") == "**":  # srepr writes Pow(...); a bare ** on literals is a work bomb
+        return "operator '**' (srepr writes powers as Pow(...))"
+    if (number := match.group("num")) is not None and len(number) > _MAX_DIGITS:
+        return f"a number of {len(number)} digits"
     return None
+
+
+_MAX_DIGITS = 24  # sizes and bounds fit in int64 (19 digits); floats in srepr are short too
 
 
 def check_target(target: str, where: str) -> None:
@@ -115,6 +122,38 @@ _NAME_RULES = {
 }
 
 
+# Argument names under which an ATen op may take a string (a mode, an equation ...). Any other string argument
+# (a file name for aten.from_file, a path) is refused: a loaded graph must not reach the file system.
+STRING_ARGUMENTS = frozenset(
+    "rounding_mode approximate mode padding_mode equation reduce reduction indexing side interpolation "
+    "padding msg assert_msg layout_name dtype_name".split()
+)
+_REFUSED_OPS = re.compile(r"(^|\.)(_?from_file|_?save|_?load)(\.|$)")
+
+
+def check_node_arguments(node: dict[str, Any], where: str) -> None:
+    """A node's string arguments are modes and equations only; ops that touch files are refused."""
+    target = str(node.get("target", ""))
+    if _REFUSED_OPS.search(target.removeprefix("torch.ops.")):
+        raise ModelFileError(f"{where}: refusing operator {target[:80]!r}: it reads or writes files")
+    for item in node.get("inputs") or []:
+        arg = item.get("arg") if isinstance(item, dict) else None
+        if isinstance(arg, dict) and ({"as_string", "as_strings"} & set(arg)):
+            name = str(item.get("name", ""))
+            if name not in STRING_ARGUMENTS:
+                raise ModelFileError(
+                    f"{where}: refusing string argument {name[:40]!r} of {target[:80]!r}: a loaded program "
+                    "may pass strings only as modes or equations"
+                )
+
+
+def _graph_nodes(doc: Any) -> Iterator[dict[str, Any]]:
+    """Every node of the program's graphs (the main graph and nested subgraphs)."""
+    for key, value, _ in _walk(doc, ""):
+        if key == "nodes" and isinstance(value, list):
+            yield from (n for n in value if isinstance(n, dict))
+
+
 def check_graph_json(doc: Any, where: str) -> None:
     """Walk the serialized program and refuse any string torch would evaluate that is not allowlisted."""
     for key, value, trail in _walk(doc, ""):
@@ -124,6 +163,8 @@ def check_graph_json(doc: Any, where: str) -> None:
             _STRING_RULES[key](value, f"{where} at {trail}")
         elif key in _NAME_RULES and not _NAME_RULES[key].match(value):
             raise ModelFileError(f"{where} at {trail}: refusing {key} {value[:80]!r}: not a plain name")
+    for node in _graph_nodes(doc):
+        check_node_arguments(node, f"{where} at node {str(node.get('name', '?'))[:40]!r}")
     for name in doc.get("range_constraints") or {}:
         if not _SYMBOL.match(name):
             raise ModelFileError(f"{where}: refusing range-constraint symbol {name[:80]!r}")
@@ -188,6 +229,23 @@ def pickle_imports(data: bytes) -> list[str]:
     return found
 
 
+def _inner_pickles(data: bytes, where: str) -> list[bytes]:
+    """The .pkl members of a torch.save zip, read within a bound (declared and streamed) of 4x its size."""
+    bound = 4 * len(data) + (1 << 20)
+    with zipfile.ZipFile(io.BytesIO(data)) as inner:
+        infos = [i for i in inner.infolist() if i.filename.endswith(".pkl")]
+        if sum(i.file_size for i in inner.infolist()) > bound:
+            raise ModelFileError(f"{where}: the sample-inputs archive declares more than {bound} bytes")
+        out = []
+        for info in infos:
+            with inner.open(info) as stream:
+                blob = stream.read(bound + 1)
+            if len(blob) > bound:
+                raise ModelFileError(f"{where}: the sample-inputs archive inflates past {bound} bytes")
+            out.append(blob)
+    return out
+
+
 def check_sample_inputs(path: Path, members: dict[str, bytes]) -> None:
     """Refuse a file whose sample-inputs pickle (never loaded) imports more than tensors need: hostile."""
     data = members.get(_SAMPLE_INPUTS)
@@ -197,8 +255,7 @@ def check_sample_inputs(path: Path, members: dict[str, bytes]) -> None:
     try:
         pickles = [data]
         if zipfile.is_zipfile(io.BytesIO(data)):
-            with zipfile.ZipFile(io.BytesIO(data)) as inner:
-                pickles = [inner.read(n) for n in inner.namelist() if n.endswith(".pkl")]
+            pickles = _inner_pickles(data, where)
         imports = [name for blob in pickles for name in pickle_imports(blob)]
     except Exception as exc:
         raise ModelFileError(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import resource
+import time
 import zipfile
 from pathlib import Path
 
@@ -226,3 +229,72 @@ def test_stack_traces_do_not_reach_generated_code(tmp_path) -> None:
     assert not marker.exists()
     assert all("stack_trace" not in n.meta for n in loaded.program.graph.nodes)
     assert json.dumps(str(loaded.module.code)).count("import builtins") == 0
+
+
+def _insert_from_file(doc: dict, target: str, arg_name: str, file_name: str) -> None:
+    """Insert `target(arg_name=file_name, ...)` into the graph (what aten.from_file needs to write a file)."""
+    nodes = doc["graph_module"]["graph"]["nodes"]
+    node = {
+        "target": target, "name": "ff", "metadata": {}, "is_hop_single_tensor_return": None,
+        "inputs": [{"name": arg_name, "arg": {"as_string": file_name}, "kind": 1},
+                   {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                   {"name": "size", "arg": {"as_int": 64}, "kind": 1}],
+        "outputs": [{"as_tensor": {"name": "ff"}}],
+    }  # fmt: skip
+    nodes.insert(0, node)
+
+
+@pytest.mark.parametrize(
+    ("target", "arg_name", "message"),
+    [
+        ("torch.ops.aten.from_file.default", "filename", "it reads or writes files"),
+        ("torch.ops.aten.add.Tensor", "filename", "refusing string argument 'filename'"),
+    ],
+)
+def test_ops_that_reach_the_file_system_are_refused(tmp_path, target, arg_name, message) -> None:
+    """No pickle needed: aten.from_file(shared=True) would create and map any file a graph names."""
+    path, _ = save_dynamic(tmp_path)
+    victim = tmp_path / "written_by_graph"
+
+    def edit(members: dict[str, bytes]) -> None:
+        tamper.edit_json(
+            members, "models/model.json", lambda d: _insert_from_file(d, target, arg_name, str(victim))
+        )
+
+    hostile = tamper.rewrite(path, tmp_path / "ff.pt2", edit)
+    with pytest.raises(ModelFileError, match=message):
+        load_program(hostile)
+    assert not victim.exists()
+
+
+def test_a_power_tower_in_a_shape_expression_is_refused_at_once() -> None:
+    """sympify would evaluate 9**9**9**9 for ever; srepr writes powers as Pow(...), so '**' never belongs."""
+    start = time.perf_counter()
+    with pytest.raises(ModelFileError, match=r"operator '\*\*'"):
+        check_expression("Symbol('s77', positive=True, integer=True) + 9**9**9**9", "t")
+    with pytest.raises(ModelFileError, match="digits"):
+        check_expression("Integer(" + "9" * 400 + ")", "t")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_inflating_members_are_refused_before_they_are_read(tmp_path) -> None:
+    """A sample-inputs member that is itself a zip bomb (1 MiB of zip inflating to 1 GiB) is refused."""
+    path, _ = save_dynamic(tmp_path)
+    inner = io.BytesIO()
+    with (
+        zipfile.ZipFile(inner, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+        archive.open("archive/data.pkl", "w", force_zip64=True) as stream,
+    ):
+        for _ in range(1024):
+            stream.write(bytes(1 << 20))
+    bomb = inner.getvalue()
+    assert len(bomb) < 2 << 20
+
+    def edit(members: dict[str, bytes]) -> None:
+        members["data/sample_inputs/model.pt"] = bomb
+
+    hostile = tamper.rewrite(path, tmp_path / "bomb.pt2", edit)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelFileError, match="sample-inputs archive"):
+        load_program(hostile)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: far below 1 GiB
