@@ -66,11 +66,17 @@ def _read_capped(path: Path, what: str, error: type[SlimshipError]) -> bytes:
 def _check_nodes(root: yaml.Node, path: Path, error: type[SlimshipError]) -> None:
     """Refuse non-plain tags and documents that expand (through aliases) to more than MAX_NODES nodes."""
     sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # nodes whose children are still being sized: meeting one again is a cycle
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
         node, children_done = stack.pop()
         if id(node) in sizes:
             continue
+        if not children_done and id(node) in open_nodes:
+            raise error(
+                f"{path}: line {node.start_mark.line + 1}: an alias refers to a node that contains it "
+                "(a recursive document); write the values out"
+            )
         if node.tag not in PLAIN_TAGS:
             raise error(
                 f"{path}: line {node.start_mark.line + 1}: tag {node.tag!r} is not allowed; "
@@ -78,15 +84,30 @@ def _check_nodes(root: yaml.Node, path: Path, error: type[SlimshipError]) -> Non
             )
         children = _children(node)
         if not children_done:
+            _check_unique_keys(node, path, error)
+            open_nodes.add(id(node))
             stack.append((node, True))
             stack.extend((c, False) for c in children if id(c) not in sizes)
             continue
+        open_nodes.discard(id(node))
         sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
         if sizes[id(node)] > MAX_NODES:
             raise error(
                 f"{path}: the document expands to more than {MAX_NODES:,} nodes (an alias bomb?); "
                 "write the values out instead of nesting aliases"
             )
+
+
+def _check_unique_keys(node: yaml.Node, path: Path, error: type[SlimshipError]) -> None:
+    """A mapping may not name a key twice (YAML would keep the last one silently)."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: set[str] = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            if key.value in seen:
+                raise error(f"{path}: line {key.start_mark.line + 1}: key {key.value!r} appears twice")
+            seen.add(key.value)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

@@ -398,6 +398,10 @@ def _check_targets(config: PipelineConfig) -> list[str]:
     except ConfigError as exc:
         return [f"'targets_file': {exc}"]
     table = {**BUILTIN_TARGETS, **extra}
+    doubled = sorted({t for t in config.targets if config.targets.count(t) > 1})
+    if doubled:
+        twice = ", ".join(map(repr, doubled))
+        return [f"'targets' is {config.targets!r}; {twice} appears twice; name each once"]
     unknown = [t for t in config.targets if t not in table]
     if unknown:
         names = ", ".join(map(repr, unknown))
@@ -457,6 +461,8 @@ def signature_problems(fn: Callable[..., Any], kwargs: dict[str, Any], key: str,
 
 def _check_out(config: PipelineConfig) -> list[str]:
     """`release.out` is a directory (or can be created) and is writable; nothing is created here."""
+    if "\x00" in config.release.out or any(ord(c) < 32 for c in config.release.out):
+        return [f"'release.out' is {config.release.out!r}; a path may not hold control characters"]
     out = Path(config.release.out)
     probe = out
     while not probe.exists() and probe != probe.parent:

@@ -256,7 +256,7 @@ def _validate_model_file(role: str, path: Path, parity: dict[str, dict[str, floa
         raise ReleaseError(f"model_files role {role!r} is invalid: use [A-Za-z0-9._-] and none of {reserved}")
     if not path.is_file():
         raise ReleaseError(f"model_files[{role!r}]: {path} is not a file")
-    fmt = _format_of(path)
+    fmt = format_of(path)
     if fmt in RUNNABLE_FORMATS and "tolerance" not in parity.get(role, {}):
         raise ReleaseError(
             f"model_files[{role!r}] ({path}): parity[{role!r}]['tolerance'] is missing; give the largest "
@@ -308,7 +308,7 @@ def normalise_modes(root: Path) -> None:
 
 def _copy_model_file(role: str, source: Path, dest: Path) -> None:
     """Copy a model file; an ONNX model with external data is stored with its tensors inlined."""
-    if _format_of(source) == "onnx" and _onnx_has_external_data(source):
+    if format_of(source) == "onnx" and _onnx_has_external_data(source):
         import onnx
 
         model = onnx.load(str(source))  # loads the external tensors from beside the file
@@ -329,7 +329,7 @@ def _onnx_has_external_data(path: Path) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _format_of(path: Path) -> str:
+def format_of(path: Path) -> str:
     return _FORMAT_BY_SUFFIX.get(path.suffix.lower(), path.suffix.lower().lstrip(".") or "bin")
 
 
@@ -549,7 +549,7 @@ def _file_entries(bundle: Path, roles: dict[str, str]) -> list[dict[str, Any]]:
             "sha256": sha256_file(bundle / rel),
             "bytes": (bundle / rel).stat().st_size,
             "role": roles[rel],
-            "format": _format_of(Path(rel)),
+            "format": format_of(Path(rel)),
         }
         for rel in sorted(roles)
     ]

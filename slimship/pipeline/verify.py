@@ -36,9 +36,10 @@ from slimship._util import sha256_file
 from slimship.compare import REL_BOUNDS, SCALE_FLOORS, Comparison, compare
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
-from slimship.pipeline.release import RUNNABLE_FORMATS
+from slimship.pipeline.release import RUNNABLE_FORMATS, format_of
 
 log = logging.getLogger(__name__)
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclass
@@ -239,9 +240,18 @@ def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
             f"{source}: no {mf.MANIFEST_NAME} at the bundle root; this is not a slimship bundle"
         )
     try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ReleaseError(
+                f"{_shown(source, root, manifest_path)}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; "
+                "not a slimship manifest"
+            )
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ReleaseError(f"{_shown(source, root, manifest_path)}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ReleaseError(
+            f"{_shown(source, root, manifest_path)}: nested too deeply to be a slimship manifest"
+        ) from None
     mf.validate_manifest(manifest, where=_shown(source, root, manifest_path))
     _check_files(root, source, manifest)
     result = VerifyResult(
@@ -270,6 +280,8 @@ def _check_files(root: Path, source: Path, manifest: dict[str, Any]) -> None:
     for i, entry in enumerate(manifest["files"]):
         rel = entry["path"]
         path = confined_path(root, rel, f"files[{i}].path", _shown(source, root, root / mf.MANIFEST_NAME))
+        if rel in listed:
+            problems.append(f"{_shown(source, root, path)}: listed twice in the manifest")
         listed.add(rel)
         problem = _check_file(path, entry)
         if problem:
@@ -287,6 +299,8 @@ def _check_files(root: Path, source: Path, manifest: dict[str, Any]) -> None:
 def _check_file(path: Path, entry: dict[str, Any]) -> str | None:
     if path.is_symlink():
         return "is a symlink; bundles hold only regular files"
+    if entry["format"] != format_of(path):  # a relabelled model file would skip its parity re-run
+        return f"the manifest says format {entry['format']!r}, its name says {format_of(path)!r}"
     if not path.is_file():
         return "missing"
     size = path.stat().st_size

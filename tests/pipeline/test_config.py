@@ -55,6 +55,10 @@ def test_an_int_is_accepted_where_a_float_is_expected() -> None:
 
 REJECTED = [
     ({"seed": True}, "'seed' is True; expected a non-negative integer"),
+    ({"release": {"name": "a" * 300}}, "'release.name' is 'aaaa"),
+    ({"release": {"name": "-rf"}}, "'release.name' is '-rf'; expected letters, digits"),
+    ({"release": {"out": "a\x00b"}}, "'release.out' is 'a\\x00b'; a path may not hold control characters"),
+    ({"targets": ["host", "host"]}, "'host' appears twice"),
     ({"bench": {"runs": True}}, "'bench.runs' is True; expected an integer >= 1"),
     ({"release": {"version": "1.0"}}, "'release.version' is '1.0'; expected MAJOR.MINOR.PATCH"),
     ({"release": {"name": "my model"}}, "'release.name' is 'my model'; expected letters, digits"),
@@ -179,6 +183,22 @@ def test_alias_bomb_targets_file_fails_fast(tmp_path) -> None:
     config = merge(BASE, {"targets_file": str(path), "targets": ["t1"]})
     with pytest.raises(ConfigError, match=r"'targets_file': .*targets.yaml: the document expands"):
         validate(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  factory: slimship.models:lenet5\n  input_shape: &b [1, *b]\n", "recursive document"),
+        ("seed: 1\nseed: 2\n", "key 'seed' appears twice"),
+    ],
+)
+def test_recursive_aliases_and_repeated_keys_are_refused(tmp_path, text, message) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_a_few_aliases_are_fine(tmp_path) -> None:

@@ -300,3 +300,31 @@ def test_files_path_through_a_symlinked_directory_is_refused(bundle_copy, tmp_pa
     (bundle_copy / "models").symlink_to(tmp_path / "models")
     with pytest.raises(ReleaseError, match=r"files\[\d+\]\.path is 'model\.onnx': goes through the symlink"):
         verify_bundle(bundle_copy)
+
+
+def test_a_relabelled_or_doubled_model_file_and_a_deep_manifest_are_refused(tmp_path, released) -> None:
+    """A re-checksummed manifest may not relabel a model as markdown (skipping its parity) or list it twice;
+    a manifest nested 200,000 deep is an error, not a RecursionError."""
+    import copy
+
+    release_dir = released.bundle_dir
+    for change, message in (
+        (lambda m: m["files"][_model_index(m)].update(format="markdown"), "its name says"),
+        (lambda m: m["files"].append(copy.deepcopy(m["files"][_model_index(m)])), "listed twice"),
+    ):
+        bundle = tmp_path / f"b{len(message)}" / release_dir.name
+        shutil.copytree(release_dir, bundle)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        change(manifest)
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ReleaseError, match=message):
+            verify_bundle(bundle, run_parity=False)
+    deep = tmp_path / "deep" / release_dir.name
+    shutil.copytree(release_dir, deep)
+    (deep / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ReleaseError, match=r"nested too deeply|not valid JSON"):
+        verify_bundle(deep, run_parity=False)
+
+
+def _model_index(manifest: dict) -> int:
+    return next(i for i, f in enumerate(manifest["files"]) if f["format"] == "onnx")
