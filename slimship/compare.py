@@ -28,11 +28,10 @@ REL_BOUNDS: dict[str, float] = {
     "int8": 4e-1,
 }
 
-#: The smallest scale each precision's bound is relative to. Float exports: 1.0 (rounding of large
-#: intermediate values shows as absolute error on small outputs). Quantised exports: none to speak of,
-#: so their bound is relative to the outputs however small (an int8 file whose error is as large as
-#: the whole output range fails).
-SCALE_FLOORS: dict[str, float] = {"fp32": 1.0, "fp16": 1.0, "int8-dynamic": 1e-12, "int8": 1e-12}
+#: Quantised exports: the bound is also capped at this multiple of max|finite reference| itself, so on
+#: outputs far below 1 an int8 file whose error is as large as the outputs fails (the max(1, ...) rule
+#: alone would make its bound absolute there). Their top-1 agreement on evaluation data is checked too.
+MAGNITUDE_CAPS: dict[str, float | None] = {"fp32": None, "fp16": None, "int8-dynamic": 1.0, "int8": 1.0}
 
 #: (reason, (output label, first offending index) or None) of a failed output
 Problem = tuple[str, tuple[str, tuple[int, ...]] | None]
@@ -88,16 +87,20 @@ def compare(
     *,
     labels: Sequence[str] | None = None,
     floor: float = 1.0,
+    cap: float | None = None,
 ) -> Comparison:
     """Compare outputs (one array or a sequence of arrays) position by position; see the module doc.
 
     `floor` is the smallest scale the bound is relative to: 1.0 for exported files (absolute error for
-    small outputs), a tiny value for a check that must be relative to the outputs however small.
+    small outputs), a tiny value for a check that must be relative to the outputs however small. `cap`
+    (see MAGNITUDE_CAPS) bounds the tolerance by `cap * max|finite reference|` as well.
     """
     refs, cands = _as_list(reference), _as_list(candidate)
     names = list(labels) if labels is not None else [f"output {i}" for i in range(len(refs))]
     scale = finite_scale(refs, floor)
     tolerance = rel_bound * scale
+    if cap is not None:
+        tolerance = min(tolerance, cap * finite_scale(refs, 0.0))
     if len(refs) != len(cands):
         reason = f"{len(cands)} outputs where the reference has {len(refs)}"
         return Comparison(math.inf, math.inf, tolerance, rel_bound, False, reason)
@@ -125,6 +128,7 @@ def compare_cases(
     case_names: Sequence[str],
     rel_bound: float,
     floor: float = 1.0,
+    cap: float | None = None,
 ) -> Comparison:
     """`compare` over several input cases at once (one scale for all); labels read 'case NAME output I'."""
     refs, cands, labels = [], [], []
@@ -137,7 +141,7 @@ def compare_cases(
             refs.append(r)
             cands.append(c)
             labels.append(f"case {case!r} output {i}")
-    return compare(refs, cands, rel_bound, labels=labels, floor=floor)
+    return compare(refs, cands, rel_bound, labels=labels, floor=floor, cap=cap)
 
 
 # ------------------------------------------------------------------------------------------ one array

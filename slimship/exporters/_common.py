@@ -137,17 +137,17 @@ def compare_outputs(
     candidate: list[list[np.ndarray]],
     case_names: list[str],
     rel_bound: float,
-    floor: float = 1.0,
+    cap: float | None = None,
 ) -> ParityReport:
     """Compare per-case output lists with `slimship.compare` (NaN/Inf as values, one scale for all,
-    relative to max(floor, max|reference|): see `slimship.compare.SCALE_FLOORS`)."""
+    relative to max(1, max|reference|), capped at `cap` * max|reference|: see `MAGNITUDE_CAPS`)."""
     for case, ref_outs, cand_outs in zip(case_names, reference, candidate, strict=True):
         if len(ref_outs) != len(cand_outs):
             raise ExportError(
                 f"parity case {case!r}: PyTorch gives {len(ref_outs)} outputs, the exported model "
                 f"{len(cand_outs)}; check output_names and the model's return value"
             )
-    result = compare_cases(reference, candidate, case_names, rel_bound, floor)
+    result = compare_cases(reference, candidate, case_names, rel_bound, cap=cap)
     return ParityReport(
         max_abs_diff=result.max_abs_diff,
         max_rel_diff=result.max_rel_diff,

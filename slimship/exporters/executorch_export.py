@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from slimship._util import atomic_write_bytes
-from slimship.compare import REL_BOUNDS, SCALE_FLOORS
+from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
 from slimship.errors import ExportError, VerificationError
 from slimship.exporters._common import (
     ParityReport,
@@ -262,8 +262,8 @@ def executorch_parity(
             cases.append(("random_batch_3", random_like(inputs, seed=7, batch=3)))
     reference = [torch_outputs(model, case) for _, case in cases]
     candidate = [_run(runner, to_numpy(case)) for _, case in cases]
-    floor = SCALE_FLOORS[variant]
-    report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, floor)
+    cap = MAGNITUDE_CAPS[variant]
+    report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, cap)
     if eval_batches:
         ref_eval = [torch_outputs(model, b) for b in eval_batches]
         cand_eval = [_run(runner, to_numpy(b)) for b in eval_batches]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from slimship._util import atomic_write_bytes
-from slimship.compare import REL_BOUNDS, SCALE_FLOORS
+from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
 from slimship.errors import ExportError, VerificationError
 from slimship.exporters._common import (
     ParityReport,
@@ -288,8 +288,8 @@ def tflite_parity(
         cases += [(f"random_{i}", random_like(inputs, seed=i)) for i in range(2)]
     reference = [torch_outputs(model, case) for _, case in cases]
     candidate = [run_tflite(runner, to_numpy(_layout(case, nhwc_args))) for _, case in cases]
-    floor = SCALE_FLOORS[variant]
-    report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, floor)
+    cap = MAGNITUDE_CAPS[variant]
+    report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, cap)
     if eval_batches:
         ref_eval = [torch_outputs(model, b) for b in eval_batches]
         cand_eval = [run_tflite(runner, to_numpy(_layout(b, nhwc_args))) for b in eval_batches]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from slimship._util import sha256_file
-from slimship.compare import REL_BOUNDS, SCALE_FLOORS, Comparison, compare
+from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, Comparison, compare
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.release import RUNNABLE_FORMATS, format_of
@@ -356,8 +356,8 @@ def _check_parity(
 ) -> dict[str, ParityCheck]:
     """Re-run every model file on the stored inputs and judge it with verify's own bounds.
 
-    The tolerance is REL_BOUNDS[precision read from the file] * max(SCALE_FLOORS[precision], max|finite
-    reference output|);
+    The tolerance is REL_BOUNDS[precision read from the file] * max(1, max|finite reference output|),
+    capped at MAGNITUDE_CAPS[precision] * max|finite reference output| for quantised files;
     the manifest's recorded tolerance can only tighten it. The manifest's recorded max_abs_diff must
     agree with the measured one within that tolerance, or the manifest claims a parity it cannot show.
     Roles in `skip` (a .pt2 that needs unpickling) are not run.
@@ -410,7 +410,7 @@ def _parity_of(
         return ParityCheck(role, entry["path"], math.inf, 0.0, False, reason=reason)
     precision = _file_precision(path, entry["format"], where)
     actual = _run_model(path, entry["format"], inputs, where)
-    result = compare(expected, actual, REL_BOUNDS[precision], floor=SCALE_FLOORS[precision])
+    result = compare(expected, actual, REL_BOUNDS[precision], cap=MAGNITUDE_CAPS[precision])
     own = result.tolerance
     claimed_tol, claimed_diff = recorded.get("tolerance"), recorded.get("max_abs_diff")
     tolerance = min(own, claimed_tol) if isinstance(claimed_tol, int | float) else own

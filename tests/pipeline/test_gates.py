@@ -69,7 +69,7 @@ RUN = {
     # 90% of the groups removed without fine-tuning: the slim model loses far more than a point
     "compress": {
         "method": "magnitude",
-        "options": {"target": 0.9, "prune_steps": 1, "epochs_per_step": 0, "finetune_epochs": 0},
+        "options": {"target": 0.9, "prune_steps": 1, "epochs_per_step": 1, "finetune_epochs": 0},
     },
     "export": {"formats": ["onnx"]},
     "targets": ["host"],

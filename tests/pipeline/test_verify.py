@@ -55,7 +55,7 @@ def test_real_manifest_validates_and_broken_ones_do_not(released):
 
 
 def test_corrupted_file_is_named(bundle_copy):
-    target = bundle_copy / "models" / "tflite-fp32.tflite"
+    target = bundle_copy / "model.fp32.tflite"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
@@ -296,9 +296,16 @@ def test_reference_file_must_be_covered_by_a_checksum(bundle_copy):
 
 
 def test_files_path_through_a_symlinked_directory_is_refused(bundle_copy, tmp_path):
-    shutil.move(bundle_copy / "models", tmp_path / "models")
-    (bundle_copy / "models").symlink_to(tmp_path / "models")
-    with pytest.raises(ReleaseError, match=r"files\[\d+\]\.path is 'model\.onnx': goes through the symlink"):
+    """A manifest naming `sub/model.onnx`, where `sub` is a symlink out of the bundle, is refused."""
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(bundle_copy / "model.onnx", tmp_path / "elsewhere" / "model.onnx")
+    (bundle_copy / "sub").symlink_to(tmp_path / "elsewhere")
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    next(f for f in manifest["files"] if f["path"] == "model.onnx")["path"] = "sub/model.onnx"
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        ReleaseError, match=r"files\[\d+\]\.path is 'sub/model\.onnx': goes through the symlink"
+    ):
         verify_bundle(bundle_copy)
 
 
