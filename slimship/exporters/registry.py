@@ -125,6 +125,16 @@ def formats_for_runtime(runtime: str) -> list[str]:
     return [name for name, record in FORMATS.items() if runtime in record.runtimes]
 
 
+def format_for_runtime(runtime: str, precision: str = "fp32") -> FormatRecord:
+    """The first format of `precision` that `runtime` opens (`auto`: onnxruntime's); ExportError if none."""
+    runtime = "onnxruntime" if runtime == "auto" else runtime
+    for record in FORMATS.values():
+        if record.precision == precision and runtime in record.runtimes:
+            return record
+    raise ExportError(f"runtime {runtime!r} opens no {precision} format; known runtimes: "
+                      f"{', '.join(sorted({r for f in FORMATS.values() for r in f.runtimes}))}")  # fmt: skip
+
+
 def export_formats(names: Iterable[str], request: ExportRequest, out_dir: Path, stem: str) -> dict[str, Any]:
     """Export to each named format in `out_dir` (file names from `FormatRecord.file_name`)."""
     return {name: get_format(name).export(request, Path(out_dir) / get_format(name).file_name(stem))

@@ -67,22 +67,12 @@ def _train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, see
 def _export_all(
     model, examples, formats, workdir: Path, stem: str, calib, evals, dynamic: bool
 ) -> dict[str, Any]:
-    """ONNX from the batch-2 example (a dynamic batch), TFLite from the batch-1 one (as devices run)."""
-    from slimship.exporters import export_onnx, export_tflite
+    """Each format through its registry record (`FormatRecord.export`, parity checked by the exporter)."""
+    from slimship.exporters.registry import ExportRequest, export_formats
 
     example, trace_example = examples
-
-    out: dict[str, Any] = {}
-    for fmt in formats:
-        if fmt == "onnx":
-            out[fmt] = export_onnx(model, trace_example, workdir / f"{stem}.onnx", dynamic_batch=dynamic)
-        else:
-            variant = fmt.removeprefix("tflite-")
-            out[fmt] = export_tflite(
-                model, example, workdir / f"{stem}-{variant}.tflite", variant=variant,
-                calibration=calib, eval_batches=evals,
-            )  # fmt: skip
-    return out
+    request = ExportRequest(model, example, trace_example, calib, evals, dynamic)
+    return export_formats(formats, request, workdir, stem)
 
 
 def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:
@@ -246,11 +236,11 @@ def _measure_alignment(config, model, trace_example, example) -> tuple[int | Non
     from slimship.pipeline.alignment import choose_channel_multiple
 
     target = config.target_profiles()[0]  # not emulated: checked with the config
-    first = config.export.formats[0]
+    from slimship.exporters.registry import get_format
+
+    first = get_format(config.export.formats[0])
     scfg = config.slim
-    runtime = scfg.align_runtime or (
-        target.runtime if target.runtime != "auto" else "onnxruntime" if first == "onnx" else "litert"
-    )
+    runtime = scfg.align_runtime or (target.runtime if target.runtime != "auto" else first.runtimes[0])
     return choose_channel_multiple(
         model, trace_example, example, target.with_overrides(runtime=runtime), runs=config.bench.runs,
         merge=scfg.merge, fold_constants=scfg.fold_constants, rtol=scfg.rtol,
@@ -291,20 +281,12 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
     rows = []
     for target in config.target_profiles():
         for fmt, slim_export in slim_exports.items():
-            if (
-                fmt.startswith("tflite")
-                and fmt != f"tflite-{target.precision}"
-                and target.precision != "fp32"
-            ):
-                continue
-            if target.precision == "int8" and fmt == "onnx":
+            if not runs_on(target, fmt):
                 continue
             dense_path, slim_path = dense_exports[fmt].path, slim_export.path
             if (
                 target.emulated
             ):  # parity and accuracy on the target's own kernels; its timings are not a device's
-                if (fmt == "onnx") != (target.runtime == "onnxruntime"):
-                    continue
                 evals = eval_pairs[:50] or None
                 emulated = measure(
                     slim_path, inputs, target, warmup=0, runs=2, eval_batches=evals, reference=reference
@@ -353,6 +335,20 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
             }
             rows.append(latency[key] | {"accuracy": _percent(measured.accuracy)})
     return latency, accuracy, rows
+
+
+def runs_on(target: Any, fmt: str) -> bool:
+    """Whether the pipeline benches format `fmt` on `target` (from the registries): a target with a reduced
+    precision runs the formats of that precision only, a target with a fixed runtime the formats that
+    runtime opens (an emulated ARM64 target: the runtime provisioned there, LiteRT for `auto`)."""
+    from slimship.exporters.registry import get_format
+    from slimship.runtimes.arm64_emu import emulated_runtime
+
+    record = get_format(fmt)
+    if target.precision != "fp32" and record.precision != target.precision:
+        return False
+    runtime = emulated_runtime(target) if target.emulated else target.runtime
+    return runtime == "auto" or runtime in record.runtimes
 
 
 def _percent(fraction: float | None) -> float | None:

@@ -11,6 +11,7 @@ target and reported as the median of the per-pair ratios dense/slim, with p10-p9
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,19 @@ def measure(
     if ref is not None:
         m.parity = parity(run.outputs[0], ref(_as_list(inputs)))
     return m
+
+
+def median_latencies_ms(
+    models: Sequence[Path], inputs: Any, target: Target, *, warmup: int = 5, runs: int = 50, repeats: int = 1
+) -> list[float]:
+    """Median latency (ms) of each model, timed interleaved in one runner process on `target`; with
+    `repeats` > 1 the smallest of that many medians (load from other processes only ever adds time)."""
+    best = [math.inf] * len(models)
+    for _ in range(max(1, repeats)):
+        run = run_on_target(target, [Path(m) for m in models], inputs, warmup=warmup, runs=runs)
+        medians = [float(np.median(e["latencies_ms"])) for e in run.result["models"]]
+        best = [min(b, m) for b, m in zip(best, medians, strict=True)]
+    return best
 
 
 def speedup_from_ratios(ratios: Sequence[float], dense: str, slim: str, target: str,
