@@ -64,8 +64,8 @@ def test_an_onnx_dense_gives_a_tflite_file_no_speedup_and_says_why(files) -> Non
 def test_a_pt2_dense_is_exported_into_each_slim_format_and_paired(files, tmp_path) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", str(files["slim.onnx"]), str(files["slim.tflite-fp32"]), "--target", "mobile-1t",
-            "--dense", str(files["dense.pt2"]), "--input-shape", "3", "12", "12", "--runs", "3", "--warmup", "1",
-            "--profile", "--json", str(out)]  # fmt: skip
+            "--dense", str(files["dense.pt2"]), "--input-shape", "3", "12", "12", "--runs", "3",
+            "--warmup", "1", "--profile", "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     data = json.loads(out.read_text())
     pairs = {s["slim"]: s for s in data["speedups"]}
