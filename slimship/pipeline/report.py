@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from slimship.pipeline.manifest import LATENCY_HEADERS, latency_rows
+from slimship.pipeline.report_profile import draw_layer_profile
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +368,8 @@ def _extra_plot(title: str, spec: Any) -> str:
         raise TypeError(f"extra_plots[{title!r}]: expected PNG bytes, SVG text or a dict with 'series'")
     if spec.get("kind") == "barh":
         return _extra_barh(slug, title, spec)
+    if spec.get("kind") == "layer-profile":  # dense vs slim per layer (slimship.pipeline.report_profile)
+        return _plot_figure(slug, draw_layer_profile, spec)
     series = spec.get("series") or {spec.get("label", title): {"x": spec["x"], "y": spec["y"]}}
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(8.0, 3.8))

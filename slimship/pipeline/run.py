@@ -186,7 +186,7 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
         slim_exports = stages.run(
             "export slim", _export_all, slim_model, examples, *export_args, "slim", calib, evals, dynamic
         )
-        latency, accuracy, rows = stages.run(
+        latency, accuracy, rows, profiles = stages.run(
             "bench on targets", _bench, config, example, dense_exports, slim_exports, slim_model, eval_pairs,
             (slim_result.flops_before, slim_result.flops_after),
         )  # fmt: skip
@@ -202,7 +202,9 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
             "compress": compress_info,
             "channel_multiple": multiple,
             "alignment": alignment,
+            "profiles": profiles,
         }
+        compress_plots |= _profile_plots(profiles, slim_result.report.spaces)
         gates = _gate_results(config, dense_acc, slim_acc, latency, accuracy)
         summary["gates"] = [g.to_dict() for g in gates]
         if any(g.status == "failed" for g in gates):
@@ -270,7 +272,7 @@ def _plain(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs, flops):
-    from slimship.runtimes.measure import measure, measure_speedup
+    from slimship.runtimes.measure import layer_profile, measure, measure_speedup
     from slimship.runtimes.torch_runner import TorchRunner
 
     bcfg = config.bench
@@ -278,7 +280,8 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
     reference = TorchRunner(slim_model)
     latency: dict[str, dict[str, Any]] = {}
     accuracy: dict[str, dict[str, Any]] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    profiles: list[dict[str, Any]] = []  # per-layer dense vs slim, with bench.profile
     for target in config.target_profiles():
         for fmt, slim_export in slim_exports.items():
             if not runs_on(target, fmt):
@@ -324,7 +327,7 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                 "speedup_p10": round(speedup.p10, 4),
                 "speedup_p90": round(speedup.p90, 4),
                 "efficiency": round(speedup.efficiency, 4) if speedup.efficiency else None,
-                "peak_rss_kb": slim_m.peak_rss_kb,
+                "model_rss_kb": measured.model_rss_kb,  # its own load and first run, in a fresh process
                 "variant": f"slim-{fmt}@{target.name}",
                 "dense_variant": "dense-torch",
             }
@@ -334,7 +337,10 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                 "max_abs_diff": measured.parity.max_abs if measured.parity else None,
             }
             rows.append(latency[key] | {"accuracy": _percent(measured.accuracy)})
-    return latency, accuracy, rows
+            if bcfg.profile:
+                profile = layer_profile(dense_path, slim_path, inputs, target, f"dense-{fmt}", bcfg.runs)
+                profiles.append(profile | {"target": target.name, "format": fmt})
+    return latency, accuracy, rows, profiles
 
 
 def runs_on(target: Any, fmt: str) -> bool:
@@ -349,6 +355,15 @@ def runs_on(target: Any, fmt: str) -> bool:
         return False
     runtime = emulated_runtime(target) if target.emulated else target.runtime
     return runtime == "auto" or runtime in record.runtimes
+
+
+def _profile_plots(profiles: list[dict[str, Any]], spaces: Any) -> dict[str, Any]:
+    """One report chart per profiled pair with per-layer rows (LiteRT has none: its note is in the JSON)."""
+    from slimship.pipeline.report_profile import profile_plot, spaces_by_layer
+
+    channels = spaces_by_layer(spaces)
+    return {f"per-layer profile {p['target']}/{p['format']}": profile_plot(p, channels)
+            for p in profiles if p["rows"]}  # fmt: skip
 
 
 def _percent(fraction: float | None) -> float | None:
