@@ -272,7 +272,7 @@ def _plain(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs, flops):
-    from slimship.runtimes.measure import layer_profile, measure, measure_speedup
+    from slimship.runtimes.measure import layer_profile, measure, measure_speedup, where_measured
     from slimship.runtimes.torch_runner import TorchRunner
 
     bcfg = config.bench
@@ -317,6 +317,8 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
             latency[key] = {
                 "target": target.name,
                 "format": fmt,
+                "precision": slim_m.precision,
+                "where": where_measured(target),  # "local profile (this machine)" or "device (ssh://...)"
                 "runtime": slim_m.runtime.get("backend"),
                 "emulated": bool(target.emulated),
                 "p50_ms": slim_m.latency.p50_ms,
