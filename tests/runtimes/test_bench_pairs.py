@@ -91,3 +91,17 @@ def test_where_a_figure_was_measured_is_named() -> None:
     assert where_measured(get_target("arm64-emu-litert")).startswith("emulated")
     remote = get_target("mobile-1t").with_overrides(transport="ssh://u@h")
     assert where_measured(remote) == "device (ssh://u@h)"
+
+
+def test_model_memory_is_the_models_own_not_the_process(tmp_path) -> None:
+    """Each model's load is measured in its own process after the runtime import: a 16 MB weight makes
+    the model's figure at least 14 MB larger than a tiny model's (the rest is the session's own cost)."""
+    from slimship.runtimes.measure import measure
+
+    x = (torch.randn(1, 2048),)
+    sizes = {}
+    for name, width in (("big", 2048), ("tiny", 8)):
+        request = ExportRequest(nn.Linear(2048, width).eval(), x, x, dynamic_batch=False)
+        path = export_formats(["onnx"], request, tmp_path, name)["onnx"].path
+        sizes[name] = measure(path, [x[0].numpy()], get_target("host"), warmup=1, runs=2).model_rss_kb
+    assert sizes["big"] - sizes["tiny"] >= 14 * 1024 and sizes["tiny"] > 0
