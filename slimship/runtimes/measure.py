@@ -2,7 +2,9 @@
 
 Memory: `model_rss_kb` is the resident memory one model's load and first run added to a fresh runner
 process, measured after its runtime was imported (None where the device cannot tell). `peak_rss_kb` is
-the high-water mark of that whole process (interpreter, numpy, runtime, model), kept in the JSON only.
+the high-water mark of that whole process (interpreter, numpy, runtime, model), kept in the JSON only:
+on Linux a runner started from this process keeps its parent's mark across exec, so it says nothing of
+one model.
 
 A speedup is measured as interleaved pairs (dense, slim, dense, slim ...) in one process on the
 target and reported as the median of the per-pair ratios dense/slim, with p10-p90 and the IQR. It is
