@@ -160,7 +160,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from slimship._util import atomic_write_bytes, dump_json
-    from slimship.runtimes.measure import bench, format_bench_table
+    from slimship.runtimes.measure import bench, format_bench_table, format_profile_table
     from slimship.runtimes.targets import get_target, load_targets
 
     if args.json and args.json != "-":
@@ -172,8 +172,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if dense is not None and dense not in models:
         models.insert(0, dense)
     inputs = _bench_inputs(args, models)
-    result = bench(models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup)
+    result = bench(
+        models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup, profile=args.profile
+    )
     Console().print(format_bench_table(result))
+    for profile in result.profiles:
+        Console().print(format_profile_table(profile))
     if args.json == "-":
         print(dump_json(result), end="")
     elif args.json:
@@ -315,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", default=None, help="write the result as JSON here (- for stdout)")
+    p.add_argument("--profile", action="store_true", help="per-layer dense vs slim profile of each pair")
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("release", help="bundle a slim .pt2 with its ONNX and TFLite exports")

@@ -100,7 +100,7 @@ def _spec_problem(value: np.ndarray, spec: TensorSpec) -> str | None:
 
 
 def model_input_specs(path: str | Path) -> list[TensorSpec]:
-    """The input specs of an .onnx or .tflite file, read on this host; ModelFileError if unreadable."""
+    """The input specs of an .onnx, .tflite, .pte or .pt2 file, read here; ModelFileError if unreadable."""
     from slimship.exporters._common import check_model_file
 
     p = Path(path)
@@ -113,4 +113,44 @@ def model_input_specs(path: str | Path) -> list[TensorSpec]:
         from slimship.exporters.tflite_compat import tensor_specs
 
         return tensor_specs(p)[0]
-    raise ModelFileError(f"{p}: unknown model format {p.suffix!r}; expected .onnx or .tflite")
+    if p.suffix == ".pte":
+        return _pte_input_specs(p)
+    if p.suffix == ".pt2":
+        from slimship.exporters._common import TensorSpec
+        from slimship.loading import load_program
+
+        return [TensorSpec(i.name, list(i.shape), str(i.dtype).removeprefix("torch."))
+                for i in load_program(p).inputs]  # fmt: skip
+    raise ModelFileError(f"{p}: unknown model format {p.suffix!r}; expected .onnx, .tflite, .pte or .pt2")
+
+
+#: ExecuTorch ScalarType codes -> numpy dtype names
+_ET_DTYPES = {
+    0: "uint8",
+    1: "int8",
+    2: "int16",
+    3: "int32",
+    4: "int64",
+    5: "float16",
+    6: "float32",
+    11: "bool",
+}
+
+
+def _pte_input_specs(path: Path) -> list[TensorSpec]:
+    """Inputs of an ExecuTorch program's `forward` (a planned batch dim is its upper bound)."""
+    from slimship.exporters._common import TensorSpec
+
+    try:
+        from executorch.runtime import Runtime
+
+        meta = Runtime.get().load_program(str(path)).metadata("forward")
+    except ImportError:
+        raise ModelFileError(f"{path}: reading a .pte needs the optional 'executorch' package") from None
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a readable ExecuTorch program ({exc})") from exc
+    specs = []
+    for i in range(meta.num_inputs()):
+        info = meta.input_tensor_meta(i)
+        specs.append(TensorSpec(f"in{i}", list(info.sizes()), _ET_DTYPES.get(int(info.dtype()), "float32")))
+    return specs

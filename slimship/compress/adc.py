@@ -15,14 +15,10 @@ budget is tightened until the measurement meets it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import math
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +45,7 @@ from slimship.compress.base import (
     working_copy,
 )
 from slimship.errors import CompressionError
+from slimship.runtimes.registry import RUNTIME_NAMES
 from slimship.slimming.api import ChannelGroup, count_flops
 from slimship.slimming.trace import as_input_tuple
 
@@ -57,7 +54,7 @@ log = logging.getLogger(__name__)
 _KINDS = {nn.Conv1d: 1.0, nn.Conv2d: 1.0, nn.Conv3d: 1.0, nn.Linear: 0.0}
 IMPORTANCES = ("magnitude", "taylor")
 SEARCHES = ("ddpg", "uniform")
-RUNTIMES = ("onnxruntime", "litert")
+RUNTIMES = RUNTIME_NAMES  # the registry's runtimes (slimship.runtimes.registry)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -189,18 +186,6 @@ class LatencyTable:
 
 
 # ---- latency measurement ---------------------------------------------------------------------------
-def _export(model: nn.Module, inputs: tuple[Any, ...], path: Path, runtime: str) -> None:
-    model = model.eval()
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        if runtime == "onnxruntime":
-            torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False)
-        else:
-            import litert_torch
-
-            litert_torch.convert(model, inputs).export(str(path))
-
-
 def measure_latency_ms(
     model: nn.Module,
     inputs: Any,
@@ -209,33 +194,26 @@ def measure_latency_ms(
     runs: int = 60,
     repeats: int = 1,
 ) -> float:
-    """Latency (ms) of `model` exported for `runtime` and run by the device runner.
+    """Latency (ms) of `model` exported for `runtime` (the registry's fp32 format it opens, parity checked
+    by the exporter) and timed by `slimship.runtimes` in a runner process with `threads` threads.
 
     The median of `runs` timed runs; with `repeats` > 1, the smallest of that many such medians (load
     from other processes only ever adds time, so the minimum is the robust estimate on a shared machine).
     """
-    from slimship.runtimes.device_runner import open_runner
+    from slimship.exporters.registry import ExportRequest, format_for_runtime
+    from slimship.runtimes.measure import median_latencies_ms
+    from slimship.runtimes.targets import Target
 
     if runtime not in RUNTIMES:
         raise CompressionError(f"option 'target_runtime' must be one of {RUNTIMES}, got {runtime!r}")
     inputs = as_input_tuple(inputs)
-    suffix = ".onnx" if runtime == "onnxruntime" else ".tflite"
+    record = format_for_runtime(runtime)
+    target = Target(f"adc-{runtime}-{threads}t", threads=threads, runtime=runtime)
     with tempfile.TemporaryDirectory(prefix="slimship-adc-") as tmp:
-        path = Path(tmp) / f"candidate{suffix}"
-        _export(model, inputs, path, runtime)
-        runner = open_runner(str(path), runtime, threads)
+        path = Path(tmp) / record.file_name("candidate")
+        record.export(ExportRequest(model.eval(), inputs, inputs, dynamic_batch=False), path)
         arrays = [t.detach().numpy() for t in inputs]
-        for _ in range(10):
-            runner.run(arrays)
-        medians = []
-        for _ in range(max(1, repeats)):
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                runner.run(arrays)
-                times.append((time.perf_counter() - start) * 1e3)
-            medians.append(statistics.median(times))
-    return float(min(medians))
+        return median_latencies_ms([path], arrays, target, warmup=10, runs=runs, repeats=repeats)[0]
 
 
 # ---- policies --------------------------------------------------------------------------------------

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -41,12 +39,13 @@ from slimship.compress.base import (
     register,
 )
 from slimship.errors import CompressionError
+from slimship.runtimes.registry import RUNTIME_NAMES
 from slimship.slimming.api import count_flops, count_params, slim
 from slimship.slimming.trace import as_input_tuple
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = {"onnxruntime": ".onnx", "litert": ".tflite"}
+RUNTIMES = RUNTIME_NAMES  # the registry's runtimes (slimship.runtimes.registry)
 INITS = ("teacher", "random")
 
 
@@ -77,17 +76,6 @@ def thinned(
     return model
 
 
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
-    if path.suffix == ".onnx":
-        from slimship.exporters.onnx_export import export_onnx
-
-        export_onnx(model, inputs, path)
-    else:
-        from slimship.exporters.tflite_export import export_tflite
-
-        export_tflite(model, inputs, path)
-
-
 def latency_table(
     models: dict[str, nn.Module],
     example_inputs: Any,
@@ -96,8 +84,12 @@ def latency_table(
     warmup: int = 5,
     workdir: Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Median latency (ms, 1 thread) of each model on each runtime, timed in interleaved rounds."""
-    from slimship.runtimes.device_runner import open_runner
+    """Median latency (ms, 1 thread) of each model on each runtime, timed in interleaved rounds in one
+    runner process (`slimship.runtimes`); each model is exported to the registry's fp32 format the runtime
+    opens, parity checked by the exporter."""
+    from slimship.exporters.registry import ExportRequest, format_for_runtime
+    from slimship.runtimes.measure import median_latencies_ms
+    from slimship.runtimes.targets import Target
 
     unknown = sorted(set(runtimes) - set(RUNTIMES))
     if unknown:
@@ -109,22 +101,15 @@ def latency_table(
     table: dict[str, dict[str, float]] = {name: {} for name in models}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for runtime in runtimes:
-            runners = {}
+            record = format_for_runtime(runtime)
+            paths = []
             for name, model in models.items():
-                path = Path(tmp) / f"{name}{RUNTIMES[runtime]}"
-                _export(model.eval(), inputs, path)
-                runners[name] = open_runner(str(path), runtime=runtime, threads=1)
-            for runner in runners.values():
-                for _ in range(warmup):
-                    runner.run(arrays)
-            times: dict[str, list[float]] = {name: [] for name in models}
-            for _ in range(repeats):
-                for name, runner in runners.items():
-                    t0 = time.perf_counter()
-                    runner.run(arrays)
-                    times[name].append(time.perf_counter() - t0)
-            for name in models:
-                table[name][runtime] = 1000.0 * statistics.median(times[name])
+                paths.append(Path(tmp) / record.file_name(f"{name}-{runtime}"))
+                record.export(ExportRequest(model.eval(), inputs, inputs, dynamic_batch=False), paths[-1])
+            target = Target(f"distill-{runtime}-1t", threads=1, runtime=runtime)
+            medians = median_latencies_ms(paths, arrays, target, warmup=warmup, runs=repeats)
+            for name, ms in zip(models, medians, strict=True):
+                table[name][runtime] = ms
     return table
 
 

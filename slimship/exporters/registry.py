@@ -121,8 +121,54 @@ def family_of(path: str | Path) -> str | None:
     return FAMILY_BY_SUFFIX.get(Path(path).suffix.lower())
 
 
+def precision_from_name(path: str | Path) -> str | None:
+    """The precision a file name states (`FormatRecord.file_name`'s STEM.PRECISION.EXT, STEM-PRECISION.EXT,
+    or a format name as stem such as executorch-int8.pte), or None."""
+    stem = Path(path).name[: -len(Path(path).suffix) or None]
+    for name, record in FORMATS.items():
+        if stem == name or stem.endswith(f".{name}"):
+            return record.precision
+    for precision in sorted({r.precision for r in FORMATS.values()}, key=len, reverse=True):
+        if stem == precision or stem.endswith((f".{precision}", f"-{precision}", f"_{precision}")):
+            return precision
+    return None
+
+
+def _file_precision(path: Path, family: str) -> str | None:
+    if family == "onnx":
+        from slimship.exporters.onnx_export import onnx_precision
+
+        return onnx_precision(path)
+    if family == "tflite":
+        from slimship.exporters.tflite_compat import tflite_precision
+
+        return tflite_precision(path)
+    return precision_from_name(path)  # an ExecuTorch program does not say (XNNPACK payloads are opaque)
+
+
+def format_of_file(path: str | Path) -> FormatRecord | None:
+    """The format of a model file: its family by suffix, its precision read from the file (ONNX, TFLite) or
+    its name (ExecuTorch); None when either is unknown."""
+    path = Path(path)
+    family = family_of(path)
+    if family is None:
+        return None
+    precision = _file_precision(path, family)
+    return next((r for r in FORMATS.values() if r.family == family and r.precision == precision), None)
+
+
 def formats_for_runtime(runtime: str) -> list[str]:
     return [name for name, record in FORMATS.items() if runtime in record.runtimes]
+
+
+def format_for_runtime(runtime: str, precision: str = "fp32") -> FormatRecord:
+    """The first format of `precision` that `runtime` opens (`auto`: onnxruntime's); ExportError if none."""
+    runtime = "onnxruntime" if runtime == "auto" else runtime
+    for record in FORMATS.values():
+        if record.precision == precision and runtime in record.runtimes:
+            return record
+    raise ExportError(f"runtime {runtime!r} opens no {precision} format; known runtimes: "
+                      f"{', '.join(sorted({r for f in FORMATS.values() for r in f.runtimes}))}")  # fmt: skip
 
 
 def export_formats(names: Iterable[str], request: ExportRequest, out_dir: Path, stem: str) -> dict[str, Any]:

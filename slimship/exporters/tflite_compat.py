@@ -25,10 +25,11 @@ from slimship.exporters._common import (
     nbytes_and_hash,
     open_model_runner,
 )
+from slimship.runtimes.registry import runtimes_for_suffix
 
 log = logging.getLogger(__name__)
 
-INTERPRETERS = ("litert", "tflite_runtime")
+INTERPRETERS: tuple[str, ...] = tuple(runtimes_for_suffix(".tflite"))
 COMPAT_REL_BOUND = REL_BOUNDS["fp32"]
 _EDGE_TIMEOUT_S = 300
 

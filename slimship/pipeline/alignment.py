@@ -19,18 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from slimship.exporters.registry import format_for_runtime
 from slimship.runtimes.targets import Target
 
 log = logging.getLogger(__name__)
 
 
-def _export(model: Any, example: tuple[Any, ...], path: Path) -> Path:
-    from slimship.exporters import export_onnx, export_tflite
+def _export(model: Any, example: tuple[Any, ...], fmt: str, folder: Path, stem: str) -> Path:
+    """`model` in format `fmt` through its registry record (with the exporter's parity check)."""
+    from slimship.exporters.registry import ExportRequest, get_format
 
-    if path.suffix == ".onnx":
-        export_onnx(model, example, path, dynamic_batch=False)
-    else:
-        export_tflite(model, example, path)
+    record = get_format(fmt)
+    path = folder / record.file_name(stem)
+    record.export(ExportRequest(model, example, example, dynamic_batch=False), path)
     return path
 
 
@@ -59,8 +60,8 @@ def choose_channel_multiple(
     """The multiple to pass to `slim(channel_multiple=...)` for `target`, and what was measured.
 
     `trace_example` is what `slim` traces with, `run_example` what the exported models run on (batch 1,
-    as devices run). The one-layer sweep and the whole-model check use ONNX on an onnxruntime target and
-    TFLite otherwise. Returns None when the sweep proposes no multiple or every proposed one makes the
+    as devices run). The one-layer sweep and the whole-model check use the fp32 format the target's runtime
+    opens (ONNX for `auto`). Returns None when the sweep proposes no multiple or every proposed one makes the
     whole model slower than exact slimming; otherwise the fastest proposed one.
     """
     from slimship.runtimes.alignment import favoured_multiple
@@ -81,14 +82,12 @@ def choose_channel_multiple(
     }
     chosen = None
     if candidates:
-        suffix = ".onnx" if target.runtime in ("auto", "onnxruntime") else ".tflite"
+        fmt = format_for_runtime(target.runtime).name
         variants = {None: slim(model, trace_example, **slim_options)}
         for m in candidates:
             variants[m] = slim(model, trace_example, channel_multiple=m, **slim_options)
         with tempfile.TemporaryDirectory(prefix="slimship-align-") as tmp:
-            paths = [
-                _export(r.model, run_example, Path(tmp) / f"m{m or 0}{suffix}") for m, r in variants.items()
-            ]
+            paths = [_export(r.model, run_example, fmt, Path(tmp), f"m{m or 0}") for m, r in variants.items()]
             inputs = [t.detach().numpy() for t in run_example]
             run = run_on_target(target, paths, inputs, runs=runs)
         p50 = [float(np.median(e["latencies_ms"])) for e in run.result["models"]]

@@ -29,13 +29,17 @@ from pydantic.fields import FieldInfo
 
 from slimship._yaml import load_yaml
 from slimship.errors import ConfigError
+from slimship.exporters.registry import FORMATS as FORMAT_TABLE
 from slimship.pipeline.names import NAME_RE, NAME_RULE, VERSION_RE, VERSION_RULE
+from slimship.runtimes.registry import RUNTIMES
 
-FORMATS = ("onnx", "tflite-fp32", "tflite-fp16", "tflite-int8-dynamic", "tflite-int8")
-ALIGN_RUNTIMES = ("onnxruntime", "litert", "tflite_runtime")
+# names come from the format and runtime registries (one table each; adding one there adds it here)
+FORMATS: tuple[str, ...] = tuple(FORMAT_TABLE)
+ALIGN_RUNTIMES: tuple[str, ...] = tuple(name for name, r in RUNTIMES.items() if r.times_alignment)
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
-Format = Literal["onnx", "tflite-fp32", "tflite-fp16", "tflite-int8-dynamic", "tflite-int8"]
+Format = Literal[FORMATS]  # type: ignore[valid-type]
+AlignRuntime = Literal[ALIGN_RUNTIMES]  # type: ignore[valid-type]
 
 
 def _f(default: Any, expected: str, **constraints: Any) -> Any:
@@ -82,7 +86,7 @@ class SlimSpec(Section):
     channel_multiple: Annotated[int, Field(ge=1)] | Literal["auto"] | None = _f(
         None, "a positive integer, 'auto' (measured on the first target) or null"
     )
-    align_runtime: Literal["onnxruntime", "litert", "tflite_runtime"] | None = _f(
+    align_runtime: AlignRuntime | None = _f(
         None, f"{', '.join(ALIGN_RUNTIMES)} (the runtime 'auto' measures on) or null"
     )
 
@@ -97,6 +101,7 @@ class ExportSpec(Section):
 class BenchSpec(Section):
     runs: int = _f(50, "an integer >= 1", ge=1)
     warmup: int = _f(5, "an integer >= 0", ge=0)
+    profile: bool = _f(False, "true or false (a per-layer dense vs slim profile on onnxruntime / ExecuTorch)")
 
 
 class ReleaseSpec(Section):

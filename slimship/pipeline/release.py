@@ -57,6 +57,7 @@ from slimship._version import __version__
 from slimship.compare import REL_BOUNDS, compare, finite_scale
 from slimship.errors import ReleaseError
 from slimship.exporters._common import eval_mode
+from slimship.exporters.registry import FAMILY_BY_SUFFIX
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.model_card import render_model_card
 from slimship.pipeline.names import NAME_RE, VERSION_RE
@@ -69,9 +70,9 @@ ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 PT2_NAME, WEIGHTS_NAME, REFERENCE_NAME = "model.pt2", "model.safetensors", "reference_io.npz"
 CARD_NAME, REPORT_NAME, MODEL_STEM = "MODEL_CARD.md", "report.html", "model"
 RESERVED_ROLES = frozenset({"pt2", "safetensors", "reference-io", "model-card", "report", "manifest"})
-# Model file suffixes verify re-runs (parity required at release time).
-RUNNABLE_FORMATS = frozenset({"onnx", "tflite", "pt2"})
-_FORMAT_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite", ".pt2": "pt2", ".md": "markdown", ".html": "html"}
+# Model file kinds verify re-runs (parity required at release time): the registry's families and the .pt2.
+RUNNABLE_FORMATS = frozenset({*FAMILY_BY_SUFFIX.values(), "pt2"})
+_FORMAT_BY_SUFFIX = {**FAMILY_BY_SUFFIX, ".pt2": "pt2", ".md": "markdown", ".html": "html"}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _TAR_MTIME = 0
 _PROTOBUF_LIMIT = 2**31 - 1

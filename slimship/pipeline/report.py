@@ -30,6 +30,7 @@ from slimship.pipeline.explain import (
     tolerance_sentences,
 )
 from slimship.pipeline.manifest import LATENCY_HEADERS, latency_rows
+from slimship.pipeline.report_profile import draw_layer_profile
 
 __all__ = ["GATE_HEADERS", "gate_rows", "primary_metric", "render_report"]
 
@@ -485,6 +486,8 @@ def _extra_plot(title: str, spec: Any) -> str:
         raise TypeError(f"extra_plots[{title!r}]: expected PNG bytes, SVG text or a dict with 'series'")
     if spec.get("kind") == "barh":
         return _extra_barh(slug, title, spec)
+    if spec.get("kind") == "layer-profile":  # dense vs slim per layer (slimship.pipeline.report_profile)
+        return _plot_figure(slug, draw_layer_profile, spec)
     series = spec.get("series") or {spec.get("label", title): {"x": spec["x"], "y": spec["y"]}}
     if len(series) > 1:
         return _small_multiples(slug, title, spec, series)

@@ -68,22 +68,12 @@ def _train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, see
 def _export_all(
     model, examples, formats, workdir: Path, stem: str, calib, evals, dynamic: bool
 ) -> dict[str, Any]:
-    """ONNX from the batch-2 example (a dynamic batch), TFLite from the batch-1 one (as devices run)."""
-    from slimship.exporters import export_onnx, export_tflite
+    """Each format through its registry record (`FormatRecord.export`, parity checked by the exporter)."""
+    from slimship.exporters.registry import ExportRequest, export_formats
 
     example, trace_example = examples
-
-    out: dict[str, Any] = {}
-    for fmt in formats:
-        if fmt == "onnx":
-            out[fmt] = export_onnx(model, trace_example, workdir / f"{stem}.onnx", dynamic_batch=dynamic)
-        else:
-            variant = fmt.removeprefix("tflite-")
-            out[fmt] = export_tflite(
-                model, example, workdir / f"{stem}-{variant}.tflite", variant=variant,
-                calibration=calib, eval_batches=evals,
-            )  # fmt: skip
-    return out
+    request = ExportRequest(model, example, trace_example, calib, evals, dynamic)
+    return export_formats(formats, request, workdir, stem)
 
 
 def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:
@@ -199,7 +189,7 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
         slim_exports = stages.run(
             "export slim", _export_all, slim_model, examples, *export_args, "slim", calib, evals, dynamic
         )
-        latency, accuracy, rows = stages.run(
+        latency, accuracy, rows, profiles = stages.run(
             "bench on targets", _bench, config, example, dense_exports, slim_exports, slim_model, eval_pairs,
             (slim_result.flops_before, slim_result.flops_after),
         )  # fmt: skip
@@ -215,7 +205,9 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
             "compress": compress_info,
             "channel_multiple": multiple,
             "alignment": alignment,
+            "profiles": profiles,
         }
+        compress_plots |= _profile_plots(profiles, slim_result.report.spaces)
         gates = _gate_results(config, dense_acc, slim_acc, latency, accuracy)
         summary["gates"] = [g.to_dict() for g in gates]
         if any(g.status == "failed" for g in gates):
@@ -276,11 +268,11 @@ def _measure_alignment(config, model, trace_example, example) -> tuple[int | Non
     from slimship.pipeline.alignment import choose_channel_multiple
 
     target = config.target_profiles()[0]  # not emulated: checked with the config
-    first = config.export.formats[0]
+    from slimship.exporters.registry import get_format
+
+    first = get_format(config.export.formats[0])
     scfg = config.slim
-    runtime = scfg.align_runtime or (
-        target.runtime if target.runtime != "auto" else "onnxruntime" if first == "onnx" else "litert"
-    )
+    runtime = scfg.align_runtime or (target.runtime if target.runtime != "auto" else first.runtimes[0])
     return choose_channel_multiple(
         model, trace_example, example, target.with_overrides(runtime=runtime), runs=config.bench.runs,
         merge=scfg.merge, fold_constants=scfg.fold_constants, rtol=scfg.rtol,
@@ -310,7 +302,7 @@ def _plain(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs, flops):
-    from slimship.runtimes.measure import measure, measure_speedup
+    from slimship.runtimes.measure import layer_profile, measure, measure_speedup, where_measured
     from slimship.runtimes.torch_runner import TorchRunner
 
     bcfg = config.bench
@@ -318,23 +310,16 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
     reference = TorchRunner(slim_model)
     latency: dict[str, dict[str, Any]] = {}
     accuracy: dict[str, dict[str, Any]] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    profiles: list[dict[str, Any]] = []  # per-layer dense vs slim, with bench.profile
     for target in config.target_profiles():
         for fmt, slim_export in slim_exports.items():
-            if (
-                fmt.startswith("tflite")
-                and fmt != f"tflite-{target.precision}"
-                and target.precision != "fp32"
-            ):
-                continue
-            if target.precision == "int8" and fmt == "onnx":
+            if not runs_on(target, fmt):
                 continue
             dense_path, slim_path = dense_exports[fmt].path, slim_export.path
             if (
                 target.emulated
             ):  # parity and accuracy on the target's own kernels; its timings are not a device's
-                if (fmt == "onnx") != (target.runtime == "onnxruntime"):
-                    continue
                 evals = eval_pairs[:50] or None
                 emulated = measure(
                     slim_path, inputs, target, warmup=0, runs=2, eval_batches=evals, reference=reference
@@ -362,6 +347,8 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
             latency[key] = {
                 "target": target.name,
                 "format": fmt,
+                "precision": slim_m.precision,
+                "where": where_measured(target),  # "local profile (this machine)" or "device (ssh://...)"
                 "runtime": slim_m.runtime.get("backend"),
                 "emulated": bool(target.emulated),
                 "p50_ms": slim_m.latency.p50_ms,
@@ -372,7 +359,7 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                 "speedup_p10": round(speedup.p10, 4),
                 "speedup_p90": round(speedup.p90, 4),
                 "efficiency": round(speedup.efficiency, 4) if speedup.efficiency else None,
-                "peak_rss_kb": slim_m.peak_rss_kb,
+                "model_rss_kb": measured.model_rss_kb,  # its own load and first run, in a fresh process
                 "variant": f"slim-{fmt}@{target.name}",
                 "dense_variant": "dense-torch",
             }
@@ -382,7 +369,33 @@ def _bench(config, example, dense_exports, slim_exports, slim_model, eval_pairs,
                 "max_abs_diff": measured.parity.max_abs if measured.parity else None,
             }
             rows.append(latency[key] | {"accuracy": _percent(measured.accuracy)})
-    return latency, accuracy, rows
+            if bcfg.profile:
+                profile = layer_profile(dense_path, slim_path, inputs, target, f"dense-{fmt}", bcfg.runs)
+                profiles.append(profile | {"target": target.name, "format": fmt})
+    return latency, accuracy, rows, profiles
+
+
+def runs_on(target: Any, fmt: str) -> bool:
+    """Whether the pipeline benches format `fmt` on `target` (from the registries): a target with a reduced
+    precision runs the formats of that precision only, a target with a fixed runtime the formats that
+    runtime opens (an emulated ARM64 target: the runtime provisioned there, LiteRT for `auto`)."""
+    from slimship.exporters.registry import get_format
+    from slimship.runtimes.arm64_emu import emulated_runtime
+
+    record = get_format(fmt)
+    if target.precision != "fp32" and record.precision != target.precision:
+        return False
+    runtime = emulated_runtime(target) if target.emulated else target.runtime
+    return runtime == "auto" or runtime in record.runtimes
+
+
+def _profile_plots(profiles: list[dict[str, Any]], spaces: Any) -> dict[str, Any]:
+    """One report chart per profiled pair with per-layer rows (LiteRT has none: its note is in the JSON)."""
+    from slimship.pipeline.report_profile import profile_plot, spaces_by_layer
+
+    channels = spaces_by_layer(spaces)
+    return {f"per-layer profile {p['target']}/{p['format']}": profile_plot(p, channels)
+            for p in profiles if p["rows"]}  # fmt: skip
 
 
 def _percent(fraction: float | None) -> float | None:

@@ -347,8 +347,25 @@ def _tflite_precision(path: Path) -> str:
     return tflite_precision(path)
 
 
+def executorch_precision(path: Path) -> str:
+    """A .pte's precision from its bundle name: models/ROLE.pte with ROLE a format name (executorch-int8),
+    or STEM.PRECISION.pte (`FormatRecord.file_name`). Any other name gets the strictest bound, fp32: a
+    quantised program under another name fails verification rather than passing on a loose bound."""
+    from slimship.exporters.registry import FORMATS
+
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    by_role = {name: r.precision for name, r in FORMATS.items() if r.family == "executorch"}
+    if stem in by_role:
+        return by_role[stem]
+    tail = stem.rsplit(".", 1)[-1]
+    return tail if "." in stem and tail in set(by_role.values()) else "fp32"
+
+
 #: how verify reads the precision of a runnable file, by format (keys of slimship.compare.REL_BOUNDS)
-_PRECISION_OF = {"pt2": lambda path: "fp32", "onnx": _onnx_precision, "tflite": _tflite_precision}
+_PRECISION_OF = {
+    "pt2": lambda path: "fp32", "onnx": _onnx_precision, "tflite": _tflite_precision,
+    "executorch": executorch_precision,
+}  # fmt: skip
 
 
 def _check_parity(

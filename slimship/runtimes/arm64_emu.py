@@ -42,10 +42,10 @@ from slimship._util import atomic_write_bytes, dump_json
 from slimship.compare import compare
 from slimship.errors import TargetError
 from slimship.runtimes.edge_env import default_cache_dir
+from slimship.runtimes.registry import RUNTIME_NAMES
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("litert", "tflite_runtime", "onnxruntime")
 QEMU_CPU = "neoverse-n1"  # without it numpy reports false FP exceptions; also 2-3x faster than `max`
 DEBIAN_SUITE = "bookworm"
 QEMU_SUITE = "bookworm-backports"
@@ -73,6 +73,12 @@ RUNTIME_IMPORTS = {
     "litert": "ai_edge_litert.interpreter",
     "tflite_runtime": "tflite_runtime.interpreter",
     "onnxruntime": "onnxruntime",
+}
+# ExecuTorch is not provisioned: its Python runtime imports torch, not set up under qemu here
+RUNTIMES = tuple(name for name in RUNTIME_NAMES if name in RUNTIME_WHEELS)
+NOT_PROVISIONED = {
+    "executorch": "ExecuTorch is not provisioned on the emulated ARM64 target (its Python runtime needs "
+    "torch, which slimship does not install under qemu); run .pte files on an ARM64 device over ssh://"
 }
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 TIMING_NOTE = (
@@ -136,6 +142,9 @@ def prepare_arm64(
     interrupted run leaves only temp directories, cleaned on the next call. Mirrors default to
     `$SLIMSHIP_DEBIAN_MIRROR` / `$SLIMSHIP_DEBIAN_SECURITY_MIRROR`, else the system's Debian apt sources.
     """
+    for runtime in runtimes:
+        if runtime in NOT_PROVISIONED:
+            raise TargetError(NOT_PROVISIONED[runtime])
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise TargetError(f"unknown ARM64 runtime(s) {unknown}; choose from {list(RUNTIMES)}")
@@ -772,6 +781,17 @@ def _tail(proc: subprocess.CompletedProcess[str], lines: int = 6, errors_first: 
     return " | ".join(text[-lines:]) or f"exit code {proc.returncode}"
 
 
+def emulated_runtime(target: Any) -> str:
+    """The runtime an emulated ARM64 target runs: its own, LiteRT for `auto`; TargetError for a runtime
+    not provisioned there."""
+    if target.runtime == "auto":
+        return "litert"
+    if target.runtime not in RUNTIMES:
+        why = NOT_PROVISIONED.get(target.runtime, f"provisioned runtimes: {', '.join(RUNTIMES)}")
+        raise TargetError(f"target {target.name!r}: runtime {target.runtime!r} cannot run there: {why}")
+    return target.runtime
+
+
 class EmulatedTargetTransport(Arm64EmuTransport):
     """The Transport protocol of `slimship.runtimes.transports` over the emulated ARM64 python.
 
@@ -780,8 +800,7 @@ class EmulatedTargetTransport(Arm64EmuTransport):
     """
 
     def __init__(self, target: Any) -> None:
-        runtime = target.runtime if target.runtime in RUNTIMES else "litert"
-        super().__init__(runtime=runtime, progress=True)
+        super().__init__(runtime=emulated_runtime(target), progress=True)
 
     def prepare(self) -> str:  # type: ignore[override]
         super().prepare()

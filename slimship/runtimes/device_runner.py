@@ -26,6 +26,8 @@ On failure: ok=false and `error` ("Type: message"); exit status 1.
 peak_rss_kb is resource.getrusage(RUSAGE_SELF).ru_maxrss of this process: the high-water mark
 of resident memory of everything it holds (Python, numpy, the runtime and all loaded models), not
 of one model alone. baseline_rss_kb is the same figure taken before any model was loaded.
+Each `models` entry has model_rss_kb: the resident memory (Linux /proc/self/statm) the model's load and
+first run added, measured after its runtime was imported (null where it cannot be read).
 `--save-outputs` writes out0, out1, ... of the first model, and m1_out0, ... of further ones.
 """
 
@@ -260,6 +262,30 @@ def _peak_rss_kb() -> int:
     return int(peak // 1024) if sys.platform == "darwin" else int(peak)  # macOS reports bytes
 
 
+def _current_rss_kb() -> int | None:
+    """Resident memory of this process now (Linux /proc/self/statm), else None."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _preload_runtime(path: str, runtime: str) -> None:
+    """Import the runtime a model file needs, so the RSS measured around its load is the model's own."""
+    try:
+        if path.endswith(".onnx"):
+            import onnxruntime  # noqa: F401
+        elif path.endswith(".tflite"):
+            _tflite_interpreter_class(runtime)
+        elif path.endswith(".pte"):
+            from executorch.runtime import Runtime
+
+            Runtime.get()
+    except Exception:  # open_runner reports a missing runtime with its own message
+        pass
+
+
 def _time_interleaved(runners: list[Any], inputs: list[np.ndarray], runs: int) -> list[list[float]]:
     """Time `runs` rounds; in each round every model runs once, in order (A B A B ...)."""
     latencies: list[list[float]] = [[] for _ in runners]
@@ -288,10 +314,14 @@ def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
     runners = []
     first_outputs: list[list[np.ndarray]] = []
     for path in args.model:
+        _preload_runtime(path, args.runtime)
+        before = _current_rss_kb()
         start = time.perf_counter()
         runner = open_runner(path, args.runtime, args.threads, args.xnnpack == "on")
         entry = {"model": os.path.basename(path), "load_ms": (time.perf_counter() - start) * 1e3}
         first_outputs.append(runner.run(inputs))
+        after = _current_rss_kb()
+        entry["model_rss_kb"] = None if before is None or after is None else max(after - before, 0)
         entry["runtime"] = runner.describe()
         runners.append(runner)
         entries.append(entry)

@@ -1,16 +1,22 @@
-"""Measurements on a target: latency percentiles, load time, peak memory, accuracy, parity, speedup.
+"""Measurements on a target: latency percentiles, load time, memory, accuracy, parity, speedup.
 
-Peak memory (`peak_rss_kb`) is the resident-set high-water mark (getrusage ru_maxrss) of the
-process that ran the model on the target: it includes the interpreter, numpy and the runtime, so
-compare models by it on the same target only; `baseline_rss_kb` is that figure before any model
-was loaded, and `model_rss_kb` the difference.
+Memory: `model_rss_kb` is the resident memory one model's load and first run added to a fresh runner
+process, measured after its runtime was imported (None where the device cannot tell). `peak_rss_kb` is
+the high-water mark of that whole process (interpreter, numpy, runtime, model), kept in the JSON only:
+on Linux a runner started from this process keeps its parent's mark across exec, so it says nothing of
+one model.
 
 A speedup is measured as interleaved pairs (dense, slim, dense, slim ...) in one process on the
-target and reported as the median of the per-pair ratios dense/slim, with p10-p90 and the IQR.
+target and reported as the median of the per-pair ratios dense/slim, with p10-p90 and the IQR. It is
+only computed between files of the same format and precision (registry format); a dense .pt2 is
+exported by `bench` into the format of each slim file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +71,9 @@ class Measurement:
     latency: LatencyStats
     peak_rss_kb: int
     baseline_rss_kb: int
-    model_rss_kb: int
+    model_rss_kb: int | None  # what this model's load and first run added (see module doc)
     affinity: list[int] | None
+    format: str | None = None  # registry format name, None when the file's format is not known
     accuracy: float | None = None  # top-1 vs labels on the evaluation batches
     agreement: float | None = None  # top-1 agreement with the reference model
     eval_samples: int = 0
@@ -86,6 +93,7 @@ class Speedup:
     q75: float
     flops_ratio: float | None = None  # dense FLOPs / slim FLOPs
     efficiency: float | None = None  # median speedup / flops_ratio
+    format: str | None = None  # the one format (and precision) both files are in
 
     @property
     def iqr(self) -> float:
@@ -97,6 +105,26 @@ class BenchResult:
     target: Target
     measurements: list[Measurement] = field(default_factory=list)
     speedups: list[Speedup] = field(default_factory=list)
+    where: str = ""  # "local profile (this machine)", "device (ssh://...)" or "emulated ARM64 ..."
+    notes: list[str] = field(default_factory=list)  # why a row has no speedup, what was exported
+    profiles: list[dict[str, Any]] = field(default_factory=list)  # per-layer dense vs slim, with --profile
+
+
+def format_of_file(path: str | Path) -> Any:
+    """The registry format record of a model file, or None (`slimship.exporters.registry.format_of_file`;
+    imported here on use: the exporters package imports torch)."""
+    from slimship.exporters.registry import format_of_file as of_file
+
+    return of_file(path)
+
+
+def where_measured(target: Target) -> str:
+    """What a target's figures are: a local profile, a device's, or emulated (never device timings)."""
+    if target.emulated:
+        return "emulated ARM64 (qemu; not device timings)"
+    if target.scheme == "local":
+        return "local profile (this machine)"
+    return f"device ({target.transport})"
 
 
 def _reference_fn(reference: Any) -> Callable[[list[np.ndarray]], list[np.ndarray]] | None:
@@ -148,17 +176,20 @@ def _accuracy(
 
 
 def _measurement(model: Path, entry: dict[str, Any], result: dict[str, Any], target: Target) -> Measurement:
+    record = format_of_file(model)
+    rss = entry.get("model_rss_kb")
     return Measurement(
         model=str(model),
         target=target.name,
         runtime=entry["runtime"],
-        precision=target.precision,
+        precision=record.precision if record else "unknown",
         load_ms=float(entry["load_ms"]),
         latency=LatencyStats.from_samples(entry["latencies_ms"]),
         peak_rss_kb=int(result["peak_rss_kb"]),
         baseline_rss_kb=int(result["baseline_rss_kb"]),
-        model_rss_kb=int(result["peak_rss_kb"]) - int(result["baseline_rss_kb"]),
+        model_rss_kb=None if rss is None else int(rss),
         affinity=result.get("affinity"),
+        format=record.name if record else None,
     )
 
 
@@ -191,6 +222,19 @@ def measure(
     if ref is not None:
         m.parity = parity(run.outputs[0], ref(_as_list(inputs)))
     return m
+
+
+def median_latencies_ms(
+    models: Sequence[Path], inputs: Any, target: Target, *, warmup: int = 5, runs: int = 50, repeats: int = 1
+) -> list[float]:
+    """Median latency (ms) of each model, timed interleaved in one runner process on `target`; with
+    `repeats` > 1 the smallest of that many medians (load from other processes only ever adds time)."""
+    best = [math.inf] * len(models)
+    for _ in range(max(1, repeats)):
+        run = run_on_target(target, [Path(m) for m in models], inputs, warmup=warmup, runs=runs)
+        medians = [float(np.median(e["latencies_ms"])) for e in run.result["models"]]
+        best = [min(b, m) for b, m in zip(best, medians, strict=True)]
+    return best
 
 
 def speedup_from_ratios(ratios: Sequence[float], dense: str, slim: str, target: str,
@@ -243,67 +287,170 @@ def bench(
     eval_batches: list[EvalBatch] | None = None,
     reference: Any = None,
     flops: dict[str, float] | None = None,
+    profile: bool = False,
 ) -> BenchResult:
-    """Measure every model on `target`; with `dense`, also the speedup of each model over it.
+    """Measure every model on `target`, each in its own runner process; with `dense`, the speedup of each
+    model over the dense file of its own format and precision.
 
-    `flops` maps a model path (as given) to its FLOPs; with both dense and slim present, the
-    speedup efficiency (speedup / FLOPs ratio) is reported.
+    A dense .onnx/.tflite/.pte pairs only with files of its format; a dense .pt2 is exported (through the
+    format registry, with parity) into each slim file's format and those are measured too. A file without
+    a partner gets no speedup and a note why. `flops` maps a path (as given) to FLOPs for the efficiency;
+    `profile` adds a per-layer dense vs slim profile per pair (`slimship.runtimes.profile`).
     """
-    result = BenchResult(target=target)
+    result = BenchResult(target=target, where=where_measured(target))
+    dense = Path(dense) if dense is not None else None
+    from_pt2 = dense is not None and dense.suffix.lower() == ".pt2"
+    models = [Path(m) for m in models if not (from_pt2 and Path(m) == dense)]
+    options = {"warmup": warmup, "runs": runs}
     for model in models:
         result.measurements.append(
-            measure(
-                model,
-                inputs,
-                target,
-                warmup=warmup,
-                runs=runs,
-                eval_batches=eval_batches,
-                reference=reference,
-            )
+            measure(model, inputs, target, **options, eval_batches=eval_batches, reference=reference)
         )
-    if dense is not None:
+    if dense is None:
+        return result
+    with tempfile.TemporaryDirectory(prefix="slimship-bench-") as tmp:
+        partners = _dense_partners(dense, models, inputs, Path(tmp), result.notes)
+        for model, label in ((p, f"{dense} as {name}") for name, p in partners.items() if from_pt2):
+            m = measure(model, inputs, target, **options)
+            result.measurements.append(dataclasses.replace(m, model=label))
         for model in models:
-            if Path(model) == Path(dense):
+            if model == dense:
+                continue
+            record = format_of_file(model)
+            partner = partners.get(record.name) if record else None
+            if partner is None:
+                result.notes.append(_no_pair_note(model, record, dense))
                 continue
             pair_flops = None
             if flops and str(dense) in flops and str(model) in flops:
                 pair_flops = (flops[str(dense)], flops[str(model)])
-            sp, _ = measure_speedup(dense, model, inputs, target, warmup=warmup, runs=runs, flops=pair_flops)
-            result.speedups.append(sp)
+            sp, _ = measure_speedup(partner, model, inputs, target, **options, flops=pair_flops)
+            shown = f"{dense} as {record.name}" if from_pt2 else str(dense)
+            result.speedups.append(dataclasses.replace(sp, dense=shown, format=record.name))
+            if profile:
+                result.profiles.append(layer_profile(partner, model, inputs, target, shown, runs))
     return result
+
+
+def _dense_partners(
+    dense: Path, models: list[Path], inputs: Any, folder: Path, notes: list[str]
+) -> dict[str, Path]:
+    """Format name -> dense file of that format: the dense file itself, or the dense .pt2 exported into the
+    formats of `models` (registry records, parity checked by each exporter)."""
+    if dense.suffix.lower() != ".pt2":
+        record = format_of_file(dense)
+        return {record.name: dense} if record else {}
+    wanted = {r.name: r for r in (format_of_file(m) for m in models) if r is not None}
+    if not wanted:
+        return {}
+    import torch
+
+    from slimship.exporters.registry import ExportRequest
+    from slimship.loading import load_program
+
+    module = load_program(dense).module
+    example = tuple(torch.from_numpy(np.array(x)) for x in _as_list(inputs))
+    request = ExportRequest(module, example, example, dynamic_batch=False)
+    out = {}
+    for name, record in wanted.items():
+        out[name] = Path(record.export(request, folder / record.file_name("dense")).path)
+        if record.quantised:
+            notes.append(f"{dense} as {name}: calibrated on the bench inputs only")
+    return out
+
+
+def _no_pair_note(model: Path, record: Any, dense: Path) -> str:
+    if record is None:
+        return (f"{model}: no speedup: its format and precision are unknown (an ExecuTorch file states its "
+                "precision in its name, e.g. model.int8.pte)")  # fmt: skip
+    dense_record = format_of_file(dense)
+    what = dense_record.name if dense_record else "an unknown format"
+    return (f"{model}: no speedup: the dense model {dense} is {what}, this file is {record.name}; a speedup "
+            f"compares one format and precision: give the dense model as .pt2 (bench exports it) or as "
+            f"{record.name}")  # fmt: skip
+
+
+PROFILE_KEYS = ("layer", "op", "dense_ms", "slim_ms", "speedup", "flops_ratio", "efficiency", "poor", "share")
+
+
+def layer_profile(
+    dense: Path, slim: Path, inputs: Any, target: Target, dense_label: str, runs: int = 20
+) -> dict[str, Any]:
+    """A per-layer dense vs slim profile of one pair, on this machine with the target's thread count
+    (`slimship.runtimes.profile`); a remote target's per-layer view is not measured (noted)."""
+    from slimship.runtimes.profile import profile_models
+
+    entry: dict[str, Any] = {"dense": dense_label, "slim": str(slim), "where": "local profile (this machine)"}
+    if target.scheme != "local" or target.emulated:
+        return entry | {"runtime": None, "rows": [], "note": f"per-layer profiles run on this machine only, "
+                        f"not on {target.transport}"}  # fmt: skip
+    prof = profile_models(
+        dense, slim, _as_list(inputs), runs=max(5, min(runs, 50)), threads=target.threads or 1
+    )
+    rows = [{k: row[k] for k in PROFILE_KEYS} for row in prof.rows()]
+    return entry | {"runtime": prof.runtime, "rows": rows, "note": prof.note}
 
 
 def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+BENCH_COLUMNS = (
+    "model", "format", "precision", "runtime", "load ms", "p50 ms", "p90 ms", "p99 ms", "mean±std ms",
+    "model MB", "top-1", "agree", "max |Δ|", "speedup (p10-p90)", "efficiency",
+)  # fmt: skip
+
+
 def format_bench_table(result: BenchResult) -> Any:
-    """A rich Table: one row per model, with the speedup over dense where measured."""
+    """A rich Table: one row per model with its format and precision, its own memory where measured, and
+    the speedup over the dense file of the same format and precision; notes as the caption."""
     from rich.table import Table
 
     t = result.target
-    title = f"target {t.name}: {t.transport}, threads={t.threads or 'default'}, precision={t.precision}"
-    table = Table(title=title)
-    for col in ("model", "runtime", "load ms", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "peak RSS MB",
-                "top-1", "agree", "max |Δ|", "speedup (p10-p90)", "efficiency"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    where = result.where or where_measured(t)
+    table = Table(title=f"target {t.name}: {where}, threads={t.threads or 'default'}")
+    for col in BENCH_COLUMNS:
+        table.add_column(
+            col, justify="left" if col in ("model", "format", "precision", "runtime") else "right"
+        )
     speedups = {s.slim: s for s in result.speedups}
     for m in result.measurements:
         s = speedups.get(m.model)
         table.add_row(
             m.model,
+            m.format or "unknown",
+            m.precision,
             f"{m.runtime.get('backend')} {m.runtime.get('version')}",
             f"{m.load_ms:.1f}",
             f"{m.latency.p50_ms:.3f}",
             f"{m.latency.p90_ms:.3f}",
             f"{m.latency.p99_ms:.3f}",
             f"{m.latency.mean_ms:.3f}±{m.latency.std_ms:.3f}",
-            f"{m.peak_rss_kb / 1024:.1f}",
+            _fmt(None if m.model_rss_kb is None else m.model_rss_kb / 1024, ".1f"),
             _fmt(m.accuracy, ".3f"),
             _fmt(m.agreement, ".3f"),
             _fmt(m.parity.max_abs if m.parity else None, ".2e"),
             f"{s.median:.2f}x ({s.p10:.2f}-{s.p90:.2f})" if s else "-",
             _fmt(s.efficiency, ".2f", "n/a") if s else "-",
         )
+    if result.notes:
+        table.caption = "\n".join(result.notes)
+    return table
+
+
+def format_profile_table(profile: dict[str, Any], top: int = 12) -> Any:
+    """A compact rich Table of one pair's per-layer profile: the `top` layers by dense time."""
+    from rich.table import Table
+
+    runtime = profile.get("runtime") or ""
+    title = f"per-layer {runtime} {profile['where']}: {profile['slim']} vs {profile['dense']}"
+    table = Table(title=title, caption=profile.get("note") or None)
+    for col in ("layer", "op", "dense ms", "slim ms", "speedup", "FLOPs ratio", "efficiency", ""):
+        table.add_column(col, justify="left" if col in ("layer", "op", "") else "right")
+    for row in profile["rows"][:top]:
+        table.add_row(
+            row["layer"], row["op"], f"{row['dense_ms']:.3f}", f"{row['slim_ms']:.3f}",
+            _fmt(row["speedup"], ".2f"), _fmt(row["flops_ratio"], ".2f", "n/a"),
+            _fmt(row["efficiency"], ".2f", "n/a"), "poor" if row["poor"] else "",
+        )  # fmt: skip
     return table

@@ -1,4 +1,4 @@
-"""The Runner protocol and in-process runners for onnxruntime and LiteRT.
+"""The Runner protocol and in-process runners for onnxruntime, LiteRT and ExecuTorch.
 
 These wrap the classes of `device_runner` (which stays self-contained for shipping to devices)
 behind `load(path)`, `run(inputs)`, `describe()`. The torch reference runner lives in
@@ -14,6 +14,7 @@ import numpy as np
 
 from slimship.errors import ModelFileError, TargetError
 from slimship.runtimes import device_runner
+from slimship.runtimes.registry import RUNTIMES, runtimes_for_suffix
 
 
 @runtime_checkable
@@ -64,14 +65,13 @@ class LiteRTRunner(_DeviceRunnerBackend):
 
 
 def runner_for(path: str | Path, threads: int | None = None, xnnpack: bool = True) -> Runner:
-    """An in-process runner chosen by file extension, already loaded."""
-    suffix = Path(path).suffix
-    if suffix == ".onnx":
-        return OnnxRuntimeRunner(threads).load(path)
-    if suffix == ".tflite":
-        return LiteRTRunner(threads, xnnpack).load(path)
+    """An in-process runner chosen by file extension (the runtime registry's suffixes), already loaded."""
+    suffix = Path(path).suffix.lower()
     if suffix in (".pt2", ".pt"):
         from slimship.runtimes.torch_runner import TorchRunner
 
         return TorchRunner().load(path)
-    raise ModelFileError(f"{path}: unknown model format; expected .onnx, .tflite or .pt2")
+    if not runtimes_for_suffix(suffix):
+        known = sorted({s for r in RUNTIMES.values() for s in r.suffixes} | {".pt2"})
+        raise ModelFileError(f"{path}: unknown model format; expected one of {', '.join(known)}")
+    return _DeviceRunnerBackend(threads, xnnpack).load(path)  # device_runner picks the runtime by suffix

@@ -24,6 +24,7 @@ from typing import Any
 
 from slimship._yaml import load_yaml
 from slimship.errors import ConfigError, TransportError
+from slimship.runtimes.arm64_emu import RUNTIMES as EMULATED_RUNTIMES  # ExecuTorch is not provisioned there
 from slimship.runtimes.registry import RUNTIME_NAMES
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -107,7 +108,7 @@ BUILTIN_TARGETS: dict[str, Target] = {
                 run_timeout=1800.0,
                 description=f"ARM64 {runtime} under qemu user-mode emulation (not device timings)",
             )
-            for runtime in ("litert", "tflite_runtime", "onnxruntime")
+            for runtime in EMULATED_RUNTIMES
         ),
     )
 }

@@ -81,7 +81,7 @@ REJECTED = [
         {"export": {"formats": ["onnx", "coreml"]}},
         "'export.formats' is ['onnx', 'coreml']; expected a non-empty",
     ),
-    ({"bench": {"runz": 3}}, "unknown key 'bench.runz'; allowed here: runs, warmup"),
+    ({"bench": {"runz": 3}}, "unknown key 'bench.runz'; allowed here: profile, runs, warmup"),
     ({"slim": {"channel_multiple": 0}}, "'slim.channel_multiple' is 0"),
     ({"model": {"factory": "nocolon"}}, "'model.factory' is 'nocolon'"),
     ({"model": {"factory": "no_such_mod:fn"}}, "'model.factory': cannot import module 'no_such_mod'"),
