@@ -100,7 +100,7 @@ def _spec_problem(value: np.ndarray, spec: TensorSpec) -> str | None:
 
 
 def model_input_specs(path: str | Path) -> list[TensorSpec]:
-    """The input specs of an .onnx or .tflite file, read on this host; ModelFileError if unreadable."""
+    """The input specs of an .onnx, .tflite or .pte file, read on this host; ModelFileError if unreadable."""
     from slimship.exporters._common import check_model_file
 
     p = Path(path)
@@ -113,4 +113,44 @@ def model_input_specs(path: str | Path) -> list[TensorSpec]:
         from slimship.exporters.tflite_compat import tensor_specs
 
         return tensor_specs(p)[0]
-    raise ModelFileError(f"{p}: unknown model format {p.suffix!r}; expected .onnx or .tflite")
+    if p.suffix == ".pte":
+        return pte_input_specs(p)
+    raise ModelFileError(f"{p}: unknown model format {p.suffix!r}; expected .onnx, .tflite or .pte")
+
+
+# ExecuTorch ScalarType codes (c10) of the dtypes a model input can have.
+_PTE_DTYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
+               7: "float64", 11: "bool"}  # fmt: skip
+
+
+def pte_input_specs(path: Path) -> list[TensorSpec]:
+    """Inputs of a .pte's forward method. Its sizes are the memory-planned upper bounds, so a first dim
+    above 1 is reported as a dynamic batch (`batch<=N`)."""
+    from slimship.exporters._common import TensorSpec, open_model_runner
+
+    method = open_model_runner(path, runtime="executorch").method
+    meta = method.metadata
+    specs = []
+    for i in range(meta.num_inputs()):
+        info = meta.input_tensor_meta(i)
+        shape: list[int | str] = [int(d) for d in info.sizes()]
+        if shape and isinstance(shape[0], int) and shape[0] > 1:
+            shape[0] = f"batch<={shape[0]}"
+        dtype = _PTE_DTYPES.get(int(info.dtype()))
+        if dtype is None:
+            raise ModelFileError(f"{path}: input {i} has an ExecuTorch dtype code {info.dtype()} slimship cannot feed")
+        specs.append(TensorSpec(f"input_{i}", shape, dtype))
+    return specs
+
+
+def load_calibration(path: str | Path, specs: Sequence[TensorSpec] | None = None) -> list[tuple[np.ndarray, ...]]:
+    """Calibration samples from an .npz of in0, in1, ... (samples along the first dim of every array),
+    one tuple of batch-1 arrays per sample; ConfigError when the arrays disagree on the sample count."""
+    arrays = load_npz_inputs(path, specs)
+    counts = {int(a.shape[0]) if a.ndim else 0 for a in arrays}
+    if len(counts) != 1 or 0 in counts:
+        shapes = ", ".join(f"in{i} {list(a.shape)}" for i, a in enumerate(arrays))
+        raise ConfigError(
+            f"{path}: every array must hold the same number of samples along its first dim ({shapes})"
+        )
+    return [tuple(a[i : i + 1] for a in arrays) for i in range(counts.pop())]

@@ -99,6 +99,7 @@ class ReleaseInputs:
     extra_plots: dict[str, Any] = field(default_factory=dict)
     model_card_notes: str = ""
     gates: list[dict[str, Any]] | None = None  # quality gate results (slimship.pipeline.gates)
+    calibration: dict[str, Any] | None = None  # int8 calibration data: {samples, source}
 
 
 @dataclass
@@ -488,6 +489,8 @@ def _manifest(
     }
     if inputs.gates is not None:
         manifest["gates"] = to_jsonable(inputs.gates)
+    if inputs.calibration is not None:
+        manifest["calibration"] = to_jsonable(inputs.calibration)
     return mf.finite_or_none(manifest)
 
 
