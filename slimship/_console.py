@@ -11,8 +11,10 @@ errors still reach stderr. `-v` shows everything.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -84,6 +86,48 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+# Native log lines some bindings print through Python's sys.stderr (ExecuTorch: "[cpuinfo_utils.cpp:71] ...").
+NATIVE_LOG_LINE = re.compile(r"^\[[\w./-]+\.(?:cpp|cc|c|h):\d+\] ")
+
+
+class _DropNativeLogLines(io.TextIOBase):
+    """A text stream that forwards whole lines to `target`, except native log lines."""
+
+    def __init__(self, target: TextIO, native_fd: int) -> None:
+        self.target, self.pending, self.native_fd = target, "", native_fd
+
+    def fileno(self) -> int:
+        """Native code that writes to `sys.stderr.fileno()` (ExecuTorch's logs) reaches /dev/null."""
+        return self.native_fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        kept = "".join(line + "\n" for line in lines if not NATIVE_LOG_LINE.match(line))
+        if self.pending and not self.pending.startswith("["):  # cannot become a native log line
+            kept, self.pending = kept + self.pending, ""
+        if kept:
+            self.target.write(kept)
+            self.target.flush()
+        return len(text)
+
+    def flush(self) -> None:  # a partial line waits for its end (bindings flush after every piece)
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    def close(self) -> None:
+        if self.pending and not NATIVE_LOG_LINE.match(self.pending):
+            self.target.write(self.pending)
+        self.pending = ""
+        self.target.close()
+        super().close()
+
+
 @contextlib.contextmanager
 def native_stderr_quiet(enabled: bool = True) -> Iterator[None]:
     """Send native writes to fd 2 to /dev/null; Python's `sys.stderr` keeps reaching the real stderr."""
@@ -99,7 +143,8 @@ def native_stderr_quiet(enabled: bool = True) -> Iterator[None]:
     previous = sys.stderr
     try:
         if real:
-            sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+            stream = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+            sys.stderr = _DropNativeLogLines(stream, devnull)
         os.dup2(devnull, 2)
         yield
     finally:
