@@ -99,20 +99,52 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     from slimship.runtimes.targets import BUILTIN_TARGETS, load_targets
 
     user = load_targets(args.targets_file) if args.targets_file else {}
-    rows = [(t, "built-in") for t in BUILTIN_TARGETS.values()] + [(t, str(args.targets_file)) for t in user.values()]
+    rows = [(t, "built-in") for t in BUILTIN_TARGETS.values()] + [
+        (t, str(args.targets_file)) for t in user.values()
+    ]
     table = Table(title="targets (threads, pinned cores, runtime, where it runs)")
-    for column in ("name", "threads", "affinity", "runtime", "precision", "transport", "emulated", "from", "what"):
+    for column in (
+        "name",
+        "threads",
+        "affinity",
+        "runtime",
+        "precision",
+        "transport",
+        "emulated",
+        "from",
+        "what",
+    ):
         table.add_column(column, overflow="fold")
     payload = []
     for target, origin in rows:
         entry = {
-            "name": target.name, "threads": target.threads, "affinity": list(target.affinity),
-            "runtime": target.runtime, "precision": target.precision, "transport": target.transport,
-            "emulated": target.emulated, "from": origin, "description": target.description,
-        }  # fmt: skip
+            "name": target.name,
+            "threads": target.threads,
+            "affinity": list(target.affinity),
+            "runtime": target.runtime,
+            "precision": target.precision,
+            "transport": target.transport,
+            "emulated": target.emulated,
+            "from": origin,
+            "description": target.description,
+        }
         payload.append(entry)
-        table.add_row(*(_cell(entry[k]) for k in ("name", "threads", "affinity", "runtime", "precision",
-                                                    "transport", "emulated", "from", "description")))  # fmt: skip
+        table.add_row(
+            *(
+                _cell(entry[k])
+                for k in (
+                    "name",
+                    "threads",
+                    "affinity",
+                    "runtime",
+                    "precision",
+                    "transport",
+                    "emulated",
+                    "from",
+                    "description",
+                )
+            )
+        )
     _human(args).print(table)
     _emit(args, payload)
     return 0
@@ -155,7 +187,8 @@ def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any,
     whole = info["whole_model"]
     tried = ", ".join(f"{m}: {v['speedup']:.3f}x" for m, v in (whole or {}).get("aligned", {}).items())
     check = f"; whole model vs exact slimming {tried}" if whole else ""
-    note(f"channel alignment on {target.name} ({args.align_runtime}): {per_kind}{check} -> {multiple or 'none'}")
+    where = f"{target.name} ({args.align_runtime})"
+    note(f"channel alignment on {where}: {per_kind}{check} -> {multiple or 'none'}")
     return multiple
 
 
@@ -231,8 +264,10 @@ def _calibration(args: argparse.Namespace, example: tuple[Any, ...]) -> tuple[li
 
     if not args.calibration:
         return None, None
-    specs = [TensorSpec(f"input_{i}", ["batch", *t.shape[1:]], str(t.dtype).removeprefix("torch."))
-             for i, t in enumerate(example)]  # fmt: skip
+    specs = [
+        TensorSpec(f"input_{i}", ["batch", *t.shape[1:]], str(t.dtype).removeprefix("torch."))
+        for i, t in enumerate(example)
+    ]
     samples = load_calibration(args.calibration, specs)
     batches = [tuple(torch.from_numpy(a.copy()) for a in sample) for sample in samples]
     return batches, {"samples": len(batches), "source": str(args.calibration)}
@@ -250,17 +285,22 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
     if source.dynamic_shapes is None and source.origin == getattr(args, "factory", None):
         trace_example = tuple(torch.cat([t, t]) for t in source.example)  # batch 2: lets the batch be dynamic
     request = ExportRequest(
-        source.module, source.example, trace_example, calibration=calibration, eval_batches=calibration,
+        source.module,
+        source.example,
+        trace_example,
+        calibration=calibration,
+        eval_batches=calibration,
         output_names=output_names(source.module, source.example),
-    )  # fmt: skip
+    )
     results: dict[str, Any] = {}
     for fmt in dict.fromkeys(args.format):
         record = get_format(fmt)
         with steps.step(f"export {fmt}") as info:
             result = record.export(request, out / record.file_name(stem))
             parity = result.parity
-            info["detail"] = f"parity max|diff| {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g})" + (
-                f"; {', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}"
+            info["detail"] = (
+                f"parity max|diff| {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g})"
+                + (f"; {', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}")
             )
         results[fmt] = result
     return {"results": results, "calibration": calib_info}
@@ -282,10 +322,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     console = _human(args)
     rows = []
     for fmt, result in exported["results"].items():
-        console.print(f"{files[fmt]}  {result.bytes} bytes  parity max|diff| {result.parity.max_abs_diff:.3g}")
+        console.print(
+            f"{files[fmt]}  {result.bytes} bytes  parity max|diff| {result.parity.max_abs_diff:.3g}"
+        )
         rows.append({"format": fmt, **_jsonable(result), "path": str(files[fmt])})
-    _emit(args, {"source": source.origin, "formats": rows, "calibration": exported["calibration"],
-                 "seconds": steps.times})  # fmt: skip
+    _emit(
+        args,
+        {
+            "source": source.origin,
+            "formats": rows,
+            "calibration": exported["calibration"],
+            "seconds": steps.times,
+        },
+    )
     return 0
 
 
@@ -357,21 +406,32 @@ def _cmd_release(args: argparse.Namespace) -> int:
         exported = _export_all(args, source, Path(tmp), "model", steps)
         exports = exported["results"]
         parity = {
-            fmt: {"max_abs_diff": e.parity.max_abs_diff, "max_rel_diff": e.parity.max_rel_diff,
-                  "tolerance": e.parity.tolerance}
+            fmt: {
+                "max_abs_diff": e.parity.max_abs_diff,
+                "max_rel_diff": e.parity.max_rel_diff,
+                "tolerance": e.parity.tolerance,
+            }
             for fmt, e in exports.items()
-        }  # fmt: skip
+        }
         files = {fmt: e.path for fmt, e in exports.items()}
         with steps.step("quality gates"):
             results = gate_release(source.module, source.example, files, gates, args.target)  # GateError
         source_hash = sha256_file(args.model) if args.model else source.sha256
         inputs = ReleaseInputs(
-            name=args.name, version=args.version, slim_module=source.module, example_inputs=source.example,
-            model_files=files, reference={"source_sha256": source_hash}, slimming={},
-            parity=parity, accuracy={}, latency={},
+            name=args.name,
+            version=args.version,
+            slim_module=source.module,
+            example_inputs=source.example,
+            model_files=files,
+            reference={"source_sha256": source_hash},
+            slimming={},
+            parity=parity,
+            accuracy={},
+            latency={},
             config={"command": "release", "model": source.origin, "gates": gates.model_dump()},
-            gates=[r.to_dict() for r in results], calibration=exported["calibration"],
-        )  # fmt: skip
+            gates=[r.to_dict() for r in results],
+            calibration=exported["calibration"],
+        )
         with steps.step("write release bundle"):
             result = write_release(inputs, Path(args.out))
     _human(args).print(str(result.bundle_dir))
@@ -400,7 +460,8 @@ EXAMPLES = {
     "slim": "slimship slim model.pt2 --out slim.pt2 --json slim.json\n"
     "  slimship slim --model torchvision.models:resnet18 --weights resnet18.safetensors "
     "--input-shape 3 224 224 --out slim.pt2",
-    "export": "slimship export slim.pt2 --format onnx tflite-fp32 tflite-int8 --calibration calib.npz --out exported",
+    "export": "slimship export slim.pt2 --format onnx tflite-fp32 tflite-int8 --calibration calib.npz "
+    "--out exported",
     "bench": "slimship bench exported/slim.onnx --dense exported/model.onnx --target mobile-1t --json -",
     "release": "slimship release slim.pt2 --name my-model --version 1.0.0 --format onnx tflite-int8 "
     "--calibration calib.npz",
@@ -409,10 +470,15 @@ EXAMPLES = {
 
 
 def _command(sub: Any, name: str, text: str, fn: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=text, description=text, formatter_class=_Help,
-                       epilog=f"example:\n  {EXAMPLES[name]}")  # fmt: skip
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="write the result as JSON to PATH ('-': stdout, which then holds only the JSON)")  # fmt: skip
+    p = sub.add_parser(
+        name, help=text, description=text, formatter_class=_Help, epilog=f"example:\n  {EXAMPLES[name]}"
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="write the result as JSON to PATH ('-': stdout, which then holds only the JSON)",
+    )
     p.set_defaults(fn=fn)
     return p
 
@@ -421,15 +487,25 @@ def build_parser() -> argparse.ArgumentParser:
     from slimship.exporters.registry import FORMATS
     from slimship.sources import add_model_arguments
 
-    formats = {"nargs": "+", "default": ["onnx", "tflite-fp32"], "choices": list(FORMATS), "metavar": "FORMAT",
-               "help": "formats: " + "; ".join(f"{n} ({r.description})" for n, r in FORMATS.items())}  # fmt: skip
-    calibration = {"default": None, "metavar": "FILE.npz",
-                   "help": "int8 calibration samples: arrays in0, in1, ... with samples along the first dim "
-                           "(required by tflite-int8 and executorch-int8)"}  # fmt: skip
+    formats = {
+        "nargs": "+",
+        "default": ["onnx", "tflite-fp32"],
+        "choices": list(FORMATS),
+        "metavar": "FORMAT",
+        "help": "formats: " + "; ".join(f"{n} ({r.description})" for n, r in FORMATS.items()),
+    }
+    calibration = {
+        "default": None,
+        "metavar": "FILE.npz",
+        "help": "int8 calibration samples: arrays in0, in1, ... with samples along the first dim "
+        "(required by tflite-int8 and executorch-int8)",
+    }
     targets_file = {"default": None, "metavar": "FILE", "help": "YAML file of your own targets (see README)"}
     parser = argparse.ArgumentParser(prog="slimship", description=__doc__, formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"slimship {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, show third-party logs")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level, show third-party logs"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _command(sub, "demo", "the whole pipeline on the built-in digits CNN", _cmd_demo)
@@ -451,14 +527,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "slim", "slim a model: remove zero / constant / duplicate channels, verify", _cmd_slim)
     add_model_arguments(p, "the model to slim")
     p.add_argument("--out", type=Path, required=True, help="where to write the slim program (.pt2)")
-    p.add_argument("--channel-multiple", default=None,
-                   help="round kept channels up to N, or 'auto': measured on --target")  # fmt: skip
+    p.add_argument(
+        "--channel-multiple",
+        default=None,
+        help="round kept channels up to N, or 'auto': measured on --target",
+    )
     p.add_argument("--target", default="mobile-1t", help="where 'auto' measures (see: slimship targets)")
     p.add_argument("--targets-file", **targets_file)
-    p.add_argument("--align-runtime", default="onnxruntime", choices=["onnxruntime", "litert"],
-                   help="runtime 'auto' measures with")  # fmt: skip
+    p.add_argument(
+        "--align-runtime",
+        default="onnxruntime",
+        choices=["onnxruntime", "litert"],
+        help="runtime 'auto' measures with",
+    )
 
-    p = _command(sub, "export", "export a model to ONNX / TFLite / ExecuTorch, with parity checks", _cmd_export)
+    p = _command(
+        sub, "export", "export a model to ONNX / TFLite / ExecuTorch, with parity checks", _cmd_export
+    )
     add_model_arguments(p, "the model to export")
     p.add_argument("--format", **formats)
     p.add_argument("--calibration", **calibration)
@@ -469,14 +554,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host", help="where to run (see: slimship targets)")
     p.add_argument("--targets-file", **targets_file)
     p.add_argument("--dense", default=None, help="dense model: report speedups against it")
-    p.add_argument("--inputs", default=None, metavar="FILE.npz",
-                   help="inputs: arrays in0, in1, ... (None: random, shaped as the model file says)")  # fmt: skip
-    p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="DIM",
-                   help="override the first input's shape (without batch) read from the file")  # fmt: skip
+    p.add_argument(
+        "--inputs",
+        default=None,
+        metavar="FILE.npz",
+        help="inputs: arrays in0, in1, ... (None: random, shaped as the model file says)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="DIM",
+        help="override the first input's shape (without batch) read from the file",
+    )
     p.add_argument("--runs", type=int, default=50, help="timed runs per model")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
 
-    p = _command(sub, "release", "bundle a slim model with fresh exports, gates and a model card", _cmd_release)
+    p = _command(
+        sub, "release", "bundle a slim model with fresh exports, gates and a model card", _cmd_release
+    )
     add_model_arguments(p, "the slim model")
     p.add_argument("--name", required=True, help="release name")
     p.add_argument("--version", dest="version", required=True, help="release version MAJOR.MINOR.PATCH")

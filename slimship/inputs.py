@@ -138,12 +138,16 @@ def pte_input_specs(path: Path) -> list[TensorSpec]:
             shape[0] = f"batch<={shape[0]}"
         dtype = _PTE_DTYPES.get(int(info.dtype()))
         if dtype is None:
-            raise ModelFileError(f"{path}: input {i} has an ExecuTorch dtype code {info.dtype()} slimship cannot feed")
+            raise ModelFileError(
+                f"{path}: input {i} has an ExecuTorch dtype code {info.dtype()} slimship cannot feed"
+            )
         specs.append(TensorSpec(f"input_{i}", shape, dtype))
     return specs
 
 
-def load_calibration(path: str | Path, specs: Sequence[TensorSpec] | None = None) -> list[tuple[np.ndarray, ...]]:
+def load_calibration(
+    path: str | Path, specs: Sequence[TensorSpec] | None = None
+) -> list[tuple[np.ndarray, ...]]:
     """Calibration samples from an .npz of in0, in1, ... (samples along the first dim of every array),
     one tuple of batch-1 arrays per sample; ConfigError when the arrays disagree on the sample count."""
     arrays = load_npz_inputs(path, specs)

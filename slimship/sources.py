@@ -1,4 +1,4 @@
-""""Get me a model and its example inputs from what the user gave": one helper every command uses.
+""" "Get me a model and its example inputs from what the user gave": one helper every command uses.
 
 A model is given as a torch.export program (`MODEL.pt2`, opened by the safe loader), or as a factory
 (`--model package.module:function`, which returns an nn.Module, with `--input-shape`), optionally with
@@ -40,21 +40,42 @@ class ModelSource:
 
 def add_model_arguments(parser: argparse.ArgumentParser, what: str = "the model") -> None:
     """The model options every model-taking command shares (a .pt2, or a factory with weights)."""
-    parser.add_argument("model", type=Path, nargs="?", default=None,
-                        help=f"{what}: a torch.export program (.pt2); or use --model")  # fmt: skip
+    parser.add_argument(
+        "model",
+        type=Path,
+        nargs="?",
+        default=None,
+        help=f"{what}: a torch.export program (.pt2); or use --model",
+    )
     group = parser.add_argument_group("model given as Python code instead of a .pt2")
-    group.add_argument("--model", dest="factory", default=None, metavar="MODULE:FUNCTION",
-                       help="a function returning an nn.Module, e.g. torchvision.models:resnet18 "
-                            "(needs --input-shape)")  # fmt: skip
-    group.add_argument("--weights", type=Path, default=None, metavar="FILE",
-                       help="a state_dict for --model: .safetensors, or .pt/.pth read with "
-                            "torch.load(weights_only=True)")  # fmt: skip
-    parser.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="DIM",
-                        help="shape of the (first) input without the batch dim, e.g. 3 224 224; "
-                             "overrides the shape read from the file")  # fmt: skip
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="let the .pt2 unpickle its stored parts (can run code from the file: "
-                             "trusted files only)")  # fmt: skip
+    group.add_argument(
+        "--model",
+        dest="factory",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="a function returning an nn.Module, e.g. torchvision.models:resnet18 (needs --input-shape)",
+    )
+    group.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a state_dict for --model: .safetensors, or .pt/.pth read with torch.load(weights_only=True)",
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="DIM",
+        help="shape of the (first) input without the batch dim, e.g. 3 224 224; "
+        "overrides the shape read from the file",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let the .pt2 unpickle its stored parts (can run code from the file: trusted files only)",
+    )
 
 
 def model_from_args(args: argparse.Namespace) -> ModelSource:
@@ -65,7 +86,9 @@ def model_from_args(args: argparse.Namespace) -> ModelSource:
     if factory:
         return from_factory(factory, args.input_shape, getattr(args, "weights", None))
     if path is None:
-        raise ConfigError("no model given: pass a .pt2 file, or --model package.module:function --input-shape")
+        raise ConfigError(
+            "no model given: pass a .pt2 file, or --model package.module:function --input-shape"
+        )
     if getattr(args, "weights", None):
         raise ConfigError(f"--weights {args.weights} applies to --model FACTORY, not to a .pt2 ({path})")
     return from_program(path, args.input_shape, allow_pickle=args.allow_pickle)
@@ -87,13 +110,16 @@ def from_program(path: Path, input_shape: list[int] | None, *, allow_pickle: boo
         batch = max(int(example[0].shape[0]), 1) if example and example[0].dim() else 1
         example = (torch.randn(batch, *input_shape), *example[1:])
     elif loaded.examples == "synthesized":
-        shapes = ", ".join(f"{s.name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-                           for s, t in zip(loaded.inputs, example, strict=False))  # fmt: skip
+        shapes = ", ".join(
+            f"{s.name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            for s, t in zip(loaded.inputs, example, strict=False)
+        )
         notes.append(f"example inputs from the graph's input metadata: {shapes}")
     check_example(example, str(path))
     stem = Path(path).stem
-    return ModelSource(loaded.module, tuple(example), str(path), stem, sha256_file(path),
-                       loaded.dynamic_shapes(), notes)  # fmt: skip
+    return ModelSource(
+        loaded.module, tuple(example), str(path), stem, sha256_file(path), loaded.dynamic_shapes(), notes
+    )
 
 
 def from_factory(spec: str, input_shape: list[int] | None, weights: Path | None = None) -> ModelSource:
@@ -147,7 +173,9 @@ def load_weights(path: Path) -> dict[str, Any]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a common checkpoint layout
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFileError(f"--weights {path}: holds a {type(state).__name__}, not a name -> tensor state_dict")
+        raise ModelFileError(
+            f"--weights {path}: holds a {type(state).__name__}, not a name -> tensor state_dict"
+        )
     return state
 
 
@@ -165,7 +193,10 @@ def apply_weights(module: Any, path: Path) -> None:
 
 def _key_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str:
     missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-    parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else ""]
+    parts = [
+        f"missing {missing[:5]}" if missing else "",
+        f"unexpected {unexpected[:5]}" if unexpected else "",
+    ]
     return "; ".join(p for p in parts if p)
 
 
@@ -179,8 +210,14 @@ def input_specs(path: str | Path) -> list[TensorSpec]:
         from slimship.loading import load_program
 
         loaded = load_program(p)
-        return [TensorSpec(s.name, [f"{s.name}_{a}" if a in s.dynamic else d for a, d in enumerate(s.shape)],
-                           str(s.dtype).removeprefix("torch.")) for s in loaded.inputs]  # fmt: skip
+        return [
+            TensorSpec(
+                s.name,
+                [f"{s.name}_{a}" if a in s.dynamic else d for a, d in enumerate(s.shape)],
+                str(s.dtype).removeprefix("torch."),
+            )
+            for s in loaded.inputs
+        ]
     from slimship.inputs import model_input_specs
 
     return model_input_specs(p)
@@ -199,7 +236,9 @@ def random_inputs(
         for axis, dim in enumerate(shape):
             if not isinstance(dim, int) or dim < 1:
                 what = "batch" if axis == 0 else f"dim {axis}"
-                notes.append(f"input {spec.name!r} {what} is dynamic ({dim}); using 1 (--input-shape overrides)")
+                notes.append(
+                    f"input {spec.name!r} {what} is dynamic ({dim}); using 1 (--input-shape overrides)"
+                )
                 shape[axis] = 1
         dtype = np.dtype(spec.dtype)
         if np.issubdtype(dtype, np.floating):
@@ -221,7 +260,9 @@ def output_names(module: Any, example: tuple[Any, ...]) -> list[str] | None:
         outputs = module(*example)
     leaves, _ = pytree.tree_flatten_with_path(outputs)
     names = [".".join(_key_name(k) for k in path) for path, _ in leaves]
-    if not names or not any(isinstance(k, pytree.MappingKey | pytree.GetAttrKey) for p, _ in leaves for k in p):
+    if not names or not any(
+        isinstance(k, pytree.MappingKey | pytree.GetAttrKey) for p, _ in leaves for k in p
+    ):
         return None
     names = [n or f"output_{i}" for i, n in enumerate(names)]
     return names if len(set(names)) == len(names) else None
