@@ -12,11 +12,12 @@ import shutil
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from slimship._console import Steps, native_stderr_quiet, note, setup_logging, stdout_console
-from slimship._version import __version__
+from slimship.cli_parser import GATE_HELP
 from slimship.errors import ConfigError, GateError, SlimshipError
 
 
@@ -447,161 +448,17 @@ def _jsonable(value: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ parser
 
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults in every help line; epilogs (examples) kept as written."""
-
-
-EXAMPLES = {
-    "demo": "slimship demo --out artifacts",
-    "run": "slimship run configs/example.yaml --out artifacts --min-speedup 1.2",
-    "config-schema": "slimship config-schema --out slimship.schema.json",
-    "targets": "slimship targets --targets-file my-targets.yaml",
-    "slim": "slimship slim model.pt2 --out slim.pt2 --json slim.json\n"
-    "  slimship slim --model torchvision.models:resnet18 --weights resnet18.safetensors "
-    "--input-shape 3 224 224 --out slim.pt2",
-    "export": "slimship export slim.pt2 --format onnx tflite-fp32 tflite-int8 --calibration calib.npz "
-    "--out exported",
-    "bench": "slimship bench exported/slim.onnx --dense exported/model.onnx --target mobile-1t --json -",
-    "release": "slimship release slim.pt2 --name my-model --version 1.0.0 --format onnx tflite-int8 "
-    "--calibration calib.npz",
-    "verify": "slimship verify artifacts/my-model-1.0.0",
-}
-
-
-def _command(sub: Any, name: str, text: str, fn: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        name, help=text, description=text, formatter_class=_Help, epilog=f"example:\n  {EXAMPLES[name]}"
-    )
-    p.add_argument(
-        "--json",
-        default=None,
-        metavar="PATH",
-        help="write the result as JSON to PATH ('-': stdout, which then holds only the JSON)",
-    )
-    p.set_defaults(fn=fn)
-    return p
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": _cmd_demo, "run": _cmd_run, "config-schema": _cmd_config_schema, "targets": _cmd_targets,
+    "slim": _cmd_slim, "export": _cmd_export, "bench": _cmd_bench, "release": _cmd_release,
+    "verify": _cmd_verify,
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from slimship.exporters.registry import FORMATS
-    from slimship.sources import add_model_arguments
+    from slimship.cli_parser import build_parser as build
 
-    formats = {
-        "nargs": "+",
-        "default": ["onnx", "tflite-fp32"],
-        "choices": list(FORMATS),
-        "metavar": "FORMAT",
-        "help": "formats: " + "; ".join(f"{n} ({r.description})" for n, r in FORMATS.items()),
-    }
-    calibration = {
-        "default": None,
-        "metavar": "FILE.npz",
-        "help": "int8 calibration samples: arrays in0, in1, ... with samples along the first dim "
-        "(required by tflite-int8 and executorch-int8)",
-    }
-    targets_file = {"default": None, "metavar": "FILE", "help": "YAML file of your own targets (see README)"}
-    parser = argparse.ArgumentParser(prog="slimship", description=__doc__, formatter_class=_Help)
-    parser.add_argument("--version", action="version", version=f"slimship {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log at INFO level, show third-party logs"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = _command(sub, "demo", "the whole pipeline on the built-in digits CNN", _cmd_demo)
-    p.add_argument("--out", type=Path, default=Path("artifacts"), help="release directory")
-    p.add_argument("--version", dest="version", default=None, help="release version (None: 0.1.0)")
-    _add_gate_options(p)
-
-    p = _command(sub, "run", "the pipeline driven by a YAML config", _cmd_run)
-    p.add_argument("config", type=Path, help="pipeline config (see configs/example.yaml)")
-    p.add_argument("--out", type=Path, default=None, help="override release.out")
-    _add_gate_options(p)
-
-    p = _command(sub, "config-schema", "the JSON Schema of a pipeline config", _cmd_config_schema)
-    p.add_argument("--out", type=Path, default=None, help="write it here (None: stdout)")
-
-    p = _command(sub, "targets", "list built-in and user targets with what each means", _cmd_targets)
-    p.add_argument("--targets-file", **targets_file)
-
-    p = _command(sub, "slim", "slim a model: remove zero / constant / duplicate channels, verify", _cmd_slim)
-    add_model_arguments(p, "the model to slim")
-    p.add_argument("--out", type=Path, required=True, help="where to write the slim program (.pt2)")
-    p.add_argument(
-        "--channel-multiple",
-        default=None,
-        help="round kept channels up to N, or 'auto': measured on --target",
-    )
-    p.add_argument("--target", default="mobile-1t", help="where 'auto' measures (see: slimship targets)")
-    p.add_argument("--targets-file", **targets_file)
-    p.add_argument(
-        "--align-runtime",
-        default="onnxruntime",
-        choices=["onnxruntime", "litert"],
-        help="runtime 'auto' measures with",
-    )
-
-    p = _command(
-        sub, "export", "export a model to ONNX / TFLite / ExecuTorch, with parity checks", _cmd_export
-    )
-    add_model_arguments(p, "the model to export")
-    p.add_argument("--format", **formats)
-    p.add_argument("--calibration", **calibration)
-    p.add_argument("--out", type=Path, default=Path("."), help="output folder")
-
-    p = _command(sub, "bench", "measure .onnx / .tflite / .pte models on a target", _cmd_bench)
-    p.add_argument("models", nargs="+", help="model files; input shapes are read from the first one")
-    p.add_argument("--target", default="host", help="where to run (see: slimship targets)")
-    p.add_argument("--targets-file", **targets_file)
-    p.add_argument("--dense", default=None, help="dense model: report speedups against it")
-    p.add_argument(
-        "--inputs",
-        default=None,
-        metavar="FILE.npz",
-        help="inputs: arrays in0, in1, ... (None: random, shaped as the model file says)",
-    )
-    p.add_argument(
-        "--input-shape",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="DIM",
-        help="override the first input's shape (without batch) read from the file",
-    )
-    p.add_argument("--runs", type=int, default=50, help="timed runs per model")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
-
-    p = _command(
-        sub, "release", "bundle a slim model with fresh exports, gates and a model card", _cmd_release
-    )
-    add_model_arguments(p, "the slim model")
-    p.add_argument("--name", required=True, help="release name")
-    p.add_argument("--version", dest="version", required=True, help="release version MAJOR.MINOR.PATCH")
-    p.add_argument("--out", type=Path, default=Path("artifacts"), help="releases folder")
-    p.add_argument("--format", **formats)
-    p.add_argument("--calibration", **calibration)
-    p.add_argument("--target", default="host", help="where gates time and evaluate the exports")
-    _add_gate_options(p)
-
-    p = _command(sub, "verify", "check a release bundle: checksums, schema, parity", _cmd_verify)
-    p.add_argument("bundle", help="bundle directory or .tar.gz")
-    return parser
-
-
-GATE_HELP = {
-    "max_accuracy_drop": ("POINTS", "top-1 points the slim model may lose against the dense one (None: 1)"),
-    "min_speedup": ("X", "smallest dense/slim speedup per target (None: off)"),
-    "max_latency_ms": ("MS", "largest p50 latency per target (None: off)"),
-    "min_agreement": ("FRACTION", "top-1 agreement of quantised variants with the slim model (None: 0.9)"),
-}
-
-
-def _add_gate_options(p: argparse.ArgumentParser) -> None:
-    """Quality gates (override the config's `gates:`); a failing gate exits 3 and publishes nothing."""
-    group = p.add_argument_group("quality gates (a failing gate exits 3 and publishes nothing)")
-    for name, (metavar, text) in GATE_HELP.items():
-        flag = "--" + name.replace("_", "-")
-        group.add_argument(flag, dest=name, type=float, default=None, metavar=metavar, help=text)
+    return build(COMMANDS)
 
 
 def check_output_file(path: Path, option: str) -> None:
