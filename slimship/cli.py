@@ -283,7 +283,7 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
 
     calibration, calib_info = _calibration(args, source.example)
     trace_example = source.example
-    if source.dynamic_shapes is None and source.origin == getattr(args, "factory", None):
+    if source.kind == "factory":
         trace_example = tuple(torch.cat([t, t]) for t in source.example)  # batch 2: lets the batch be dynamic
     request = ExportRequest(
         source.module,

@@ -32,6 +32,7 @@ class ModelSource:
     stem: str  # a name for output files
     sha256: str  # of the .pt2, or of the weights file, or of the factory spec
     dynamic_shapes: Any = None  # the source program's dynamic dims (re-export keeps them)
+    kind: str = "pt2"  # "pt2" or "factory" (a module in eager mode: any batch traces)
     notes: list[str] = field(default_factory=list)
 
 
@@ -146,7 +147,7 @@ def from_factory(spec: str, input_shape: list[int] | None, weights: Path | None 
         origin, digest = f"{spec} + {weights}", sha256_file(weights)
     module.eval()
     example = (torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)),)
-    return ModelSource(module, example, origin, spec.rpartition(":")[2] or "model", digest)
+    return ModelSource(module, example, origin, spec.rpartition(":")[2] or "model", digest, kind="factory")
 
 
 def load_weights(path: Path) -> dict[str, Any]:

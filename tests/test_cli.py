@@ -522,6 +522,14 @@ def test_targets_lists_builtin_and_user_targets(tmp_path, capsys) -> None:
     assert "arm64-emu-litert" in capsys.readouterr().out
 
 
+def _option_help(text: str, option: str) -> str:
+    """The help block of `option` in `--help` text (its line and the indented lines below it)."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith(option))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-")), len(lines))
+    return " ".join(ln.strip() for ln in lines[start:end])
+
+
 def test_every_option_has_help_with_its_default_and_every_command_an_example(monkeypatch) -> None:
     from slimship.cli import build_parser
 
@@ -536,6 +544,42 @@ def test_every_option_has_help_with_its_default_and_every_command_an_example(mon
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help"
                 if action.default not in (None, False, argparse.SUPPRESS):
-                    line = next(ln for ln in text.splitlines() if action.option_strings[-1] + " " in ln)
+                    line = _option_help(text, action.option_strings[-1])
                     assert f"(default: {action.default})" in line, f"{name} {action.option_strings}"
         assert "--json" in text
+
+
+def test_console_drops_third_party_logs_and_native_log_lines_but_keeps_ours(capsys) -> None:
+    import io
+    import logging
+
+    from slimship._console import _DropNativeLogLines, setup_logging
+
+    setup_logging(verbose=False)
+    try:
+        logging.getLogger("torchao").warning("Failed to load _C.so")
+        logging.warning("Your model is converted in training mode")  # litert-torch logs on the root logger
+        logging.getLogger("slimship.exporters").warning("static batch of 1 instead")
+        err = capsys.readouterr().err
+        assert "Failed to load" not in err and "training mode" not in err and "static batch of 1" in err
+        setup_logging(verbose=True)
+        logging.getLogger("torchao").warning("Failed to load _C.so")
+        assert "Failed to load" in capsys.readouterr().err
+    finally:
+        setup_logging(verbose=False)
+    target = io.StringIO()
+    stream = _DropNativeLogLines(target, native_fd=2)
+    for piece in [
+        "[",
+        "cpuinfo_utils.cpp",
+        ":",
+        "71",
+        "] ",
+        "Reading file",
+        "\n",
+        "✓ export (1 s)\n",
+        "\r⠋ spin",
+    ]:
+        stream.write(piece)
+        stream.flush()  # bindings flush after every piece
+    assert target.getvalue() == "✓ export (1 s)\n\r⠋ spin"
