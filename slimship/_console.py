@@ -180,8 +180,8 @@ def note(message: str) -> None:
 
 
 class Steps:
-    """Long steps with progress on stderr (a spinner with elapsed time on a terminal, start/end lines
-    otherwise) and their wall-clock seconds in `times`."""
+    """Long steps with progress on stderr (a spinner while a step runs on a terminal; a line with its time
+    when it ends, everywhere) and their wall-clock seconds in `times`."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or stderr_console()
@@ -192,11 +192,10 @@ class Steps:
         """Run one step; the yielded dict's 'detail' (if set) is printed after the step's time."""
         info: dict[str, Any] = {}
         start = time.perf_counter()
-        if self.console.is_terminal:
+        if self.console.is_terminal:  # a spinner with the step's name while it runs
             with self.console.status(f"{name} ...", spinner="dots"):
                 yield info
-        else:
-            self.console.print(f"… {name}")
+        else:  # a log: one line per finished step
             yield info
         seconds = time.perf_counter() - start
         self.times[name] = round(seconds, 3)

@@ -269,9 +269,10 @@ def _calibration(args: argparse.Namespace, example: tuple[Any, ...]) -> tuple[li
         TensorSpec(f"input_{i}", ["batch", *t.shape[1:]], str(t.dtype).removeprefix("torch."))
         for i, t in enumerate(example)
     ]
-    samples = load_calibration(args.calibration, specs)
+    batch = int(example[0].shape[0]) if example and example[0].dim() else 1  # a static batch must match
+    samples = load_calibration(args.calibration, specs, batch)
     batches = [tuple(torch.from_numpy(a.copy()) for a in sample) for sample in samples]
-    return batches, {"samples": len(batches), "source": str(args.calibration)}
+    return batches, {"samples": len(batches) * batch, "source": str(args.calibration)}
 
 
 def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, steps: Steps) -> dict[str, Any]:
@@ -370,6 +371,8 @@ def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
         _notes(notes)
         shapes = ", ".join(f"{s.name} {list(a.shape)} {a.dtype}" for s, a in zip(specs[models[0]], inputs))
         note(f"random inputs from {models[0].name}: {shapes}")
+        for model, model_specs in specs.items():  # a shape the file fixes otherwise fails "on the device"
+            check_inputs(inputs, model_specs, f"random inputs of --input-shape / {models[0]} (for {model})")
         return inputs
     inputs = load_npz_inputs(args.inputs)
     for model, model_specs in specs.items():

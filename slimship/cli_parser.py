@@ -172,7 +172,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
 
 
 GATE_HELP = {
-    "max_accuracy_drop": ("POINTS", "top-1 points the slim model may lose against the dense one (omitted: 1)"),
+    "max_accuracy_drop": (
+        "POINTS",
+        "top-1 points the slim model may lose against the dense one (omitted: 1)",
+    ),
     "min_speedup": ("X", "smallest dense/slim speedup per target (omitted: off)"),
     "max_latency_ms": ("MS", "largest p50 latency per target (omitted: off)"),
     "min_agreement": ("FRACTION", "top-1 agreement of quantised variants with the slim model (omitted: 0.9)"),

@@ -146,10 +146,11 @@ def pte_input_specs(path: Path) -> list[TensorSpec]:
 
 
 def load_calibration(
-    path: str | Path, specs: Sequence[TensorSpec] | None = None
+    path: str | Path, specs: Sequence[TensorSpec] | None = None, batch: int = 1
 ) -> list[tuple[np.ndarray, ...]]:
-    """Calibration samples from an .npz of in0, in1, ... (samples along the first dim of every array),
-    one tuple of batch-1 arrays per sample; ConfigError when the arrays disagree on the sample count."""
+    """Calibration samples from an .npz of in0, in1, ... (samples along the first dim of every array), as
+    tuples of `batch` samples (the model's batch; a remainder is left out); ConfigError when the arrays
+    disagree on the number of samples or hold fewer than one batch."""
     arrays = load_npz_inputs(path, specs)
     counts = {int(a.shape[0]) if a.ndim else 0 for a in arrays}
     if len(counts) != 1 or 0 in counts:
@@ -157,4 +158,7 @@ def load_calibration(
         raise ConfigError(
             f"{path}: every array must hold the same number of samples along its first dim ({shapes})"
         )
-    return [tuple(a[i : i + 1] for a in arrays) for i in range(counts.pop())]
+    count = counts.pop()
+    if count < batch:
+        raise ConfigError(f"{path}: holds {count} sample(s); the model takes batches of {batch}: give more")
+    return [tuple(a[i : i + batch] for a in arrays) for i in range(0, count - count % batch, batch)]

@@ -119,8 +119,9 @@ def from_program(path: Path, input_shape: list[int] | None, *, allow_pickle: boo
     check_example(example, str(path))
     stem = Path(path).stem
     return ModelSource(
-        loaded.module, tuple(example), str(path), stem, sha256_file(path), loaded.dynamic_shapes(), notes
-    )
+        loaded.module, tuple(example), str(path), stem, sha256_file(path),
+        dynamic_shapes=loaded.dynamic_shapes(), notes=notes,
+    )  # fmt: skip
 
 
 def from_factory(spec: str, input_shape: list[int] | None, weights: Path | None = None) -> ModelSource:
