@@ -586,3 +586,20 @@ def test_console_drops_third_party_logs_and_native_log_lines_but_keeps_ours(caps
         stream.write(piece)
         stream.flush()  # bindings flush after every piece
     assert target.getvalue() == "✓ export (1 s)\n\r⠋ spin"
+
+
+def test_input_specs_are_read_from_every_kind_of_model_file(tmp_path) -> None:
+    from slimship.exporters.executorch_export import executorch_available, export_executorch
+    from slimship.sources import input_specs, random_inputs
+
+    path, _, _ = _saved_dynamic_program(tmp_path)
+    (spec,) = input_specs(path)
+    assert isinstance(spec.shape[0], str) and spec.shape[1:] == [1, 8, 8] and spec.dtype == "float32"
+    arrays, notes = random_inputs([spec])
+    assert arrays[0].shape == (1, 1, 8, 8) and "batch is dynamic" in notes[0]
+    if not executorch_available():
+        pytest.skip("executorch not installed")
+    pte = tmp_path / "m.pte"
+    export_executorch(tiny_factory().eval(), (torch.randn(2, 3, 12, 12),), pte)
+    (spec,) = input_specs(pte)
+    assert spec.shape[0].startswith("batch<=") and spec.shape[1:] == [3, 12, 12] and spec.dtype == "float32"
