@@ -451,17 +451,17 @@ def _jsonable(value: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ parser
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": _cmd_demo, "run": _cmd_run, "config-schema": _cmd_config_schema, "targets": _cmd_targets,
-    "slim": _cmd_slim, "export": _cmd_export, "bench": _cmd_bench, "release": _cmd_release,
-    "verify": _cmd_verify,
+COMMANDS: dict[str, str] = {
+    "demo": "_cmd_demo", "run": "_cmd_run", "config-schema": "_cmd_config_schema", "targets": "_cmd_targets",
+    "slim": "_cmd_slim", "export": "_cmd_export", "bench": "_cmd_bench", "release": "_cmd_release",
+    "verify": "_cmd_verify",
 }  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     from slimship.cli_parser import build_parser as build
 
-    return build(COMMANDS)
+    return build({name: globals()[function] for name, function in COMMANDS.items()})  # looked up per parse
 
 
 def check_output_file(path: Path, option: str) -> None:

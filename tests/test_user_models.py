@@ -103,6 +103,7 @@ def _text_classifier(root: Path, capsys: pytest.CaptureFixture) -> None:
     run_cli(f"slimship slim {pt2} --out {slim}")
     run_cli(f"slimship export {pt2} --format onnx --out {root / 'dense'}")
     formats = "onnx tflite-fp32 tflite-int8 executorch-fp32"
+    capsys.readouterr()  # stdout from here on: only the JSON of --json -
     run_cli(f"slimship export {slim} --format {formats} --calibration {calib} --out {root / 'slim'} --json -")
     report = json.loads(capsys.readouterr().out)
     assert {row["format"] for row in report["formats"]} == set(formats.split())
