@@ -68,9 +68,7 @@ def setup_logging(verbose: bool) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.captureWarnings(not verbose)  # library warnings become log records (dropped below)
-    if verbose:
-        for name in NOISY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.NOTSET)
+    if verbose:  # third-party loggers keep their own levels
         return
     handler.addFilter(_ThirdPartyFilter())
     for key, value in QUIET_ENV.items():
