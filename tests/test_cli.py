@@ -594,7 +594,7 @@ def test_input_specs_are_read_from_every_kind_of_model_file(tmp_path) -> None:
     from slimship.exporters.executorch_export import executorch_available, export_executorch
     from slimship.sources import input_specs, random_inputs
 
-    path, _, _ = _saved_dynamic_program(tmp_path)
+    path, _ = _saved_dynamic_program(tmp_path)
     (spec,) = input_specs(path)
     assert isinstance(spec.shape[0], str) and spec.shape[1:] == [1, 8, 8] and spec.dtype == "float32"
     arrays, notes = random_inputs([spec])
@@ -605,3 +605,19 @@ def test_input_specs_are_read_from_every_kind_of_model_file(tmp_path) -> None:
     export_executorch(tiny_factory().eval(), (torch.randn(2, 3, 12, 12),), pte)
     (spec,) = input_specs(pte)
     assert spec.shape[0].startswith("batch<=") and spec.shape[1:] == [3, 12, 12] and spec.dtype == "float32"
+
+
+def test_run_with_json_to_stdout_prints_only_the_json(tmp_path, capsys) -> None:
+    config = {
+        "model": {"factory": "tests.runtimes.test_zero_flops:reshape_only", "input_shape": [1, 4, 4]},
+        "export": {"formats": ["onnx"]},
+        "targets": ["host"],
+        "bench": {"runs": 3, "warmup": 1},
+        "release": {"name": "flat", "version": "0.1.0", "out": str(tmp_path / "out")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--json", "-"]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # the summary table went to stderr
+    assert Path(result["release_dir"]) == tmp_path / "out" / "flat-0.1.0" and "FLOPs" in captured.err
