@@ -167,8 +167,6 @@ def _tensor_global(name: str) -> bool:
     module, _, attr = name.partition(" ")
     dotted = f"{'builtins' if module == '__builtin__' else module}.{attr}"
     return dotted in _get_allowed_globals() or bool(_STORAGE.match(dotted))
-
-
 _STRING_PUSHES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"})
 _MEMO_OPS = frozenset({"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"})
 
