@@ -117,3 +117,22 @@ def _text_classifier(root: Path, capsys: pytest.CaptureFixture) -> None:
     assert json.loads(capsys.readouterr().out)["speedups"]
     run_cli(f"slimship release {slim} --name bert-tiny --version 0.1.0 --format onnx --out {root / 'rel'}")
     check_release(root / "rel" / "bert-tiny-0.1.0", None, "")
+
+
+def test_readme_device_targets_file_is_valid_and_every_key_is_explained(tmp_path, capsys) -> None:
+    from slimship.runtimes.registry import RUNTIMES
+    from slimship.runtimes.targets import Target
+
+    section = readme_section("Your device")
+    (text,) = code_blocks(section, "yaml")
+    path = tmp_path / "targets.yaml"
+    path.write_text(text)
+    assert main(["targets", "--targets-file", str(path), "--json", "-"]) == 0
+    board = next(t for t in json.loads(capsys.readouterr().out) if t["name"] == "my-board")
+    assert board["transport"].startswith("ssh://") and board["threads"] == 2 and board["affinity"] == [0, 1]
+    documented = set(re.findall(r"^\s{4}(\w+):", text, flags=re.M))
+    fields = {f for f in Target.__dataclass_fields__ if f != "name"} | {"base"}
+    assert fields <= documented, fields - documented  # every target key appears in the example
+    for record in RUNTIMES.values():  # what each runtime needs on the device, as the registry says
+        assert record.device_needs.split(" (")[0] in section, record.name
+    assert "adb://" in section and "Python and numpy" in section
