@@ -1,19 +1,23 @@
-"""The `slimship` command: parses arguments and calls the pipeline or one stage."""
+"""The `slimship` command: parses arguments and calls the pipeline or one stage.
+
+Every command takes --json PATH (- for stdout: then stdout holds only that JSON; progress, notes and
+tables go to stderr). Progress and notes are on stderr; third-party logs are silenced unless -v.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import shutil
 import sys
+import tempfile
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
-from slimship._version import __version__
-from slimship.errors import GateError, SlimshipError
-from slimship.pipeline.config import FORMATS
+from slimship._console import Steps, native_stderr_quiet, note, setup_logging, stdout_console
+from slimship.cli_parser import GATE_HELP
+from slimship.errors import ConfigError, GateError, SlimshipError
 
 
 def _gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -21,12 +25,44 @@ def _gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in GATE_HELP if getattr(args, name) is not None}
 
 
+def _json_to_stdout(args: argparse.Namespace) -> bool:
+    return getattr(args, "json", None) == "-"
+
+
+def _human(args: argparse.Namespace) -> Any:
+    """The console for tables and summaries: stdout, or stderr when stdout carries --json -."""
+    return stdout_console(to_stderr=_json_to_stdout(args))
+
+
+def _emit(args: argparse.Namespace, payload: Any) -> None:
+    """Write the command's JSON result where --json says (nothing without --json)."""
+    from slimship._util import atomic_write_bytes, dump_json
+
+    if not getattr(args, "json", None):
+        return
+    text = dump_json(payload)
+    if _json_to_stdout(args):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_bytes(args.json, text.encode())
+
+
+def _notes(messages: list[str]) -> None:
+    for message in messages:
+        note(message)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from slimship.pipeline.demo import demo_config
     from slimship.pipeline.run import run_pipeline
 
     release = {"out": str(args.out)} | ({"version": args.version} if args.version else {})
-    run_pipeline(demo_config({"release": release, "gates": _gate_overrides(args)}))
+    result = run_pipeline(demo_config({"release": release, "gates": _gate_overrides(args)}), _human(args))
+    _emit(args, result)
     return 0
 
 
@@ -37,7 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"gates": _gate_overrides(args)}
     if args.out:
         overrides["release"] = {"out": str(args.out)}
-    run_pipeline(load_config(args.config, overrides))
+    result = run_pipeline(load_config(args.config, overrides), _human(args))
+    _emit(args, result)
     return 0
 
 
@@ -45,38 +82,90 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     from slimship._util import atomic_write_bytes
     from slimship.pipeline.config import config_json_schema
 
-    text = json.dumps(config_json_schema(), indent=2, sort_keys=True) + "\n"
+    schema = config_json_schema()
+    text = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     if args.out:
         atomic_write_bytes(args.out, text.encode())
-    else:
+    elif not args.json:
         sys.stdout.write(text)
+    _emit(args, schema)
     return 0
 
 
-def _load_program(args: argparse.Namespace) -> Any:
-    """The .pt2 named on the command line, opened safely (unpickled only with --allow-pickle)."""
-    from slimship.loading import load_program
+def _cmd_targets(args: argparse.Namespace) -> int:
+    """Built-in and user targets with what each means."""
+    from rich.table import Table
 
-    loaded = load_program(Path(args.model), allow_pickle=args.allow_pickle)
-    if loaded.examples == "synthesized" and not args.input_shape:
-        shapes = ", ".join(str(list(t.shape)) for t in loaded.example_inputs)
-        print(f"note: example inputs synthesized from the graph's input metadata: {shapes}", file=sys.stderr)
-    return loaded
+    from slimship.runtimes.targets import BUILTIN_TARGETS, load_targets
+
+    user = load_targets(args.targets_file) if args.targets_file else {}
+    rows = [(t, "built-in") for t in BUILTIN_TARGETS.values()] + [
+        (t, str(args.targets_file)) for t in user.values()
+    ]
+    table = Table(title="targets (threads, pinned cores, runtime, where it runs)")
+    for column in (
+        "name",
+        "threads",
+        "affinity",
+        "runtime",
+        "precision",
+        "transport",
+        "emulated",
+        "from",
+        "what",
+    ):
+        table.add_column(column, overflow="fold")
+    payload = []
+    for target, origin in rows:
+        entry = {
+            "name": target.name,
+            "threads": target.threads,
+            "affinity": list(target.affinity),
+            "runtime": target.runtime,
+            "precision": target.precision,
+            "transport": target.transport,
+            "emulated": target.emulated,
+            "from": origin,
+            "description": target.description,
+        }
+        payload.append(entry)
+        table.add_row(
+            *(
+                _cell(entry[k])
+                for k in (
+                    "name",
+                    "threads",
+                    "affinity",
+                    "runtime",
+                    "precision",
+                    "transport",
+                    "emulated",
+                    "from",
+                    "description",
+                )
+            )
+        )
+    _human(args).print(table)
+    _emit(args, payload)
+    return 0
 
 
-def _example(args: argparse.Namespace, loaded: Any) -> tuple[Any, ...]:
-    """--input-shape (batch of the program's example), else the loaded program's example inputs."""
-    import torch
+def _cell(value: Any) -> str:
+    if value is None:
+        return "runtime default"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "any"
+    return str(value)
 
-    from slimship.loading import check_example
 
-    if args.input_shape:
-        batch = loaded.example_inputs[0].shape[0] if loaded.example_inputs else 1
-        example = (torch.randn(max(int(batch), 1), *args.input_shape),)
-    else:
-        example = loaded.example_inputs
-    check_example(example, str(args.model))
-    return example
+def _source(args: argparse.Namespace, steps: Steps) -> Any:
+    """The model named on the command line (a .pt2 or --model FACTORY [--weights]), with notes on stderr."""
+    from slimship.sources import model_from_args
+
+    with steps.step("load model"):
+        source = model_from_args(args)
+    _notes(source.notes)
+    return source
 
 
 def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any, ...]) -> int | None:
@@ -99,30 +188,46 @@ def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any,
     tried = ", ".join(f"{m}: {v['speedup']:.3f}x" for m, v in (whole or {}).get("aligned", {}).items())
     check = f"; whole model vs exact slimming {tried}" if whole else ""
     where = f"{target.name} ({args.align_runtime})"
-    print(f"channel alignment on {where}: {per_kind}{check} -> {multiple or 'none'}")
+    note(f"channel alignment on {where}: {per_kind}{check} -> {multiple or 'none'}")
     return multiple
 
 
 def _cmd_slim(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
 
     from slimship.slimming import slim
 
     check_output_file(Path(args.out), "--out")
-    loaded = _load_program(args)
-    example = _example(args, loaded)
-    multiple = _channel_multiple(args, loaded.module, example)
-    result = slim(loaded.module, example, channel_multiple=multiple)
-    program = _reexport(result.model, example, loaded.dynamic_shapes(), args.model)
-    torch.export.save(program, str(args.out))
-    console = Console()
-    console.print(f"slim model written to {args.out}")
-    console.print_json(json.dumps(_jsonable(result.summary())))
+    steps = Steps()
+    source = _source(args, steps)
+    multiple = _channel_multiple(args, source.module, source.example)
+    with steps.step("slim (trace, analyse, rewrite, verify)"):
+        result = slim(source.module, source.example, channel_multiple=multiple)
+    with steps.step("save the slim program"):
+        program = _reexport(result.model, source.example, source.dynamic_shapes, source.origin)
+        torch.export.save(program, str(args.out))
+    summary = _jsonable(result.summary())
+    _slim_summary(args, summary)
+    _emit(args, {"out": str(args.out), "source": source.origin, "summary": summary, "seconds": steps.times})
     return 0
 
 
-def _reexport(module: Any, example: tuple[Any, ...], dynamic_shapes: Any, source: Path) -> Any:
+def _slim_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    """A few lines: parameters, FLOPs and bytes before -> after, and the verification."""
+    console = _human(args)
+    console.print(f"slim model written to {args.out}")
+    for key in ("params", "flops", "bytes"):
+        before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
+        if isinstance(before, int | float) and isinstance(after, int | float) and after:
+            console.print(f"  {key}: {before:,} -> {after:,} ({before / after:.2f}x smaller)")
+    verification = summary.get("verification")
+    if isinstance(verification, dict):
+        shown = {k: v for k, v in verification.items() if isinstance(v, str | int | float | bool) and v != ""}
+        console.print("  verification: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    console.print("  (every channel count and the full report: --json PATH)")
+
+
+def _reexport(module: Any, example: tuple[Any, ...], dynamic_shapes: Any, source: str) -> Any:
     """torch.export of the slim module, keeping the source program's dynamic dims."""
     import torch
 
@@ -137,34 +242,107 @@ def _reexport(module: Any, example: tuple[Any, ...], dynamic_shapes: Any, source
         ) from exc
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from slimship.exporters import export_onnx, export_tflite
+def _check_calibration_needed(args: argparse.Namespace) -> None:
+    """Refuse calibrated int8 formats without --calibration (never calibrate on one random example)."""
+    from slimship.exporters.registry import get_format
 
+    needs = [f for f in args.format if get_format(f).precision == "int8"]
+    if needs and not args.calibration:
+        raise ConfigError(
+            f"--format {' '.join(needs)}: full-int8 quantisation needs representative data: pass "
+            "--calibration FILE.npz (arrays in0, in1, ... holding samples along the first dim, like "
+            "bench --inputs); slimship never calibrates on a single random example"
+        )
+
+
+def _calibration(args: argparse.Namespace, example: tuple[Any, ...]) -> tuple[list[Any] | None, dict | None]:
+    """--calibration samples as tensor tuples (checked against the model's inputs) and {samples, source}."""
+    import torch
+
+    from slimship.exporters._common import TensorSpec
+    from slimship.inputs import load_calibration
+
+    if not args.calibration:
+        return None, None
+    specs = [
+        TensorSpec(f"input_{i}", ["batch", *t.shape[1:]], str(t.dtype).removeprefix("torch."))
+        for i, t in enumerate(example)
+    ]
+    batch = int(example[0].shape[0]) if example and example[0].dim() else 1  # a static batch must match
+    samples = load_calibration(args.calibration, specs, batch)
+    batches = [tuple(torch.from_numpy(a.copy()) for a in sample) for sample in samples]
+    return batches, {"samples": len(batches) * batch, "source": str(args.calibration)}
+
+
+def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, steps: Steps) -> dict[str, Any]:
+    """Export `source` to every --format into `out`, one progress step per format (registry dispatch)."""
+    import torch
+
+    from slimship.exporters.registry import ExportRequest, get_format
+    from slimship.sources import output_names
+
+    calibration, calib_info = _calibration(args, source.example)
+    trace_example = source.example
+    if source.kind == "factory":
+        trace_example = tuple(torch.cat([t, t]) for t in source.example)  # batch 2: lets the batch be dynamic
+    request = ExportRequest(
+        source.module,
+        source.example,
+        trace_example,
+        calibration=calibration,
+        eval_batches=calibration,
+        output_names=output_names(source.module, source.example),
+    )
+    results: dict[str, Any] = {}
+    for fmt in dict.fromkeys(args.format):
+        record = get_format(fmt)
+        with steps.step(f"export {fmt}") as info:
+            result = record.export(request, out / record.file_name(stem))
+            parity = result.parity
+            info["detail"] = (
+                f"parity max|diff| {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g})"
+                + (f"; {', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}")
+            )
+        results[fmt] = result
+    return {"results": results, "calibration": calib_info}
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, "--out")
-    loaded = _load_program(args)
-    module, example = loaded.module, _example(args, loaded)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.model).stem
-    for fmt in args.format:
-        if fmt == "onnx":
-            result = export_onnx(module, example, out / f"{stem}.onnx")
-        else:
-            variant = fmt.removeprefix("tflite-")
-            result = export_tflite(module, example, out / f"{stem}-{variant}.tflite", variant=variant)
-        print(f"{result.path}  {result.bytes} bytes  parity max|diff| {result.parity.max_abs_diff:.3g}")
+    _check_calibration_needed(args)
+    steps = Steps()
+    source = _source(args, steps)
+    with tempfile.TemporaryDirectory(prefix="slimship-export-") as tmp:
+        exported = _export_all(args, source, Path(tmp), source.stem, steps)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for fmt, result in exported["results"].items():
+            files[fmt] = out / Path(result.path).name
+            shutil.move(str(result.path), files[fmt])
+    console = _human(args)
+    rows = []
+    for fmt, result in exported["results"].items():
+        console.print(
+            f"{files[fmt]}  {result.bytes} bytes  parity max|diff| {result.parity.max_abs_diff:.3g}"
+        )
+        rows.append({"format": fmt, **_jsonable(result), "path": str(files[fmt])})
+    _emit(
+        args,
+        {
+            "source": source.origin,
+            "formats": rows,
+            "calibration": exported["calibration"],
+            "seconds": steps.times,
+        },
+    )
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from slimship._util import atomic_write_bytes, dump_json
     from slimship.runtimes.measure import bench, format_bench_table, format_profile_table
     from slimship.runtimes.targets import get_target, load_targets
 
-    if args.json and args.json != "-":
-        check_output_file(Path(args.json), "--json")
     extra = load_targets(args.targets_file) if args.targets_file else None
     target = get_target(args.target, extra)
     models = [Path(m) for m in args.models]
@@ -172,28 +350,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if dense is not None and dense not in models:
         models.insert(0, dense)
     inputs = _bench_inputs(args, models)
-    result = bench(
-        models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup, profile=args.profile
-    )
-    Console().print(format_bench_table(result))
+    steps = Steps()
+    with steps.step(f"bench {len(models)} model(s) on {target.name}, {args.runs} runs each"):
+        result = bench(
+            models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup, profile=args.profile
+        )
+    _human(args).print(format_bench_table(result))
     for profile in result.profiles:
-        Console().print(format_profile_table(profile))
-    if args.json == "-":
-        print(dump_json(result), end="")
-    elif args.json:
-        atomic_write_bytes(args.json, dump_json(result).encode())
+        _human(args).print(format_profile_table(profile))
+    _emit(args, result)
     return 0
 
 
 def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
-    """--inputs (checked against every model's inputs, read on this host) or random ones of --input-shape."""
-    import numpy as np
+    """--inputs (checked against every model's inputs, read on this host), else random inputs of the shapes
+    read from the first model file (--input-shape replaces the first input's shape)."""
+    from slimship.inputs import check_inputs, load_npz_inputs
+    from slimship.sources import input_specs, random_inputs
 
-    from slimship.inputs import check_inputs, load_npz_inputs, model_input_specs
-
-    specs = {model: model_input_specs(model) for model in models}  # each model opened here first
+    specs = {model: input_specs(model) for model in models}  # each model opened here first
     if not args.inputs:
-        return [np.random.default_rng(0).standard_normal((1, *args.input_shape)).astype(np.float32)]
+        inputs, notes = random_inputs(specs[models[0]], args.input_shape)
+        _notes(notes)
+        shapes = ", ".join(f"{s.name} {list(a.shape)} {a.dtype}" for s, a in zip(specs[models[0]], inputs))
+        note(f"random inputs from {models[0].name}: {shapes}")
+        for model, model_specs in specs.items():  # a shape the file fixes otherwise fails "on the device"
+            check_inputs(inputs, model_specs, f"random inputs of --input-shape / {models[0]} (for {model})")
+        return inputs
     inputs = load_npz_inputs(args.inputs)
     for model, model_specs in specs.items():
         check_inputs(inputs, model_specs, f"{args.inputs} (for {model})")
@@ -203,51 +386,63 @@ def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from slimship.pipeline.verify import verify_bundle
 
-    result = verify_bundle(Path(args.bundle))
-    print(json.dumps(_jsonable(result), indent=2, default=str))
+    steps = Steps()
+    with steps.step(f"verify {args.bundle}"):
+        result = verify_bundle(Path(args.bundle))
+    payload = _jsonable(result)
+    if args.json:
+        _emit(args, payload)
+    else:
+        print(json.dumps(payload, indent=2, default=str))
     return 0
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    """Bundle a slim .pt2 with fresh ONNX/TFLite exports (no bench figures)."""
-    import tempfile
-
-    from slimship.exporters import export_onnx, export_tflite
+    """Bundle a slim model with fresh exports (no bench figures)."""
+    from slimship._util import sha256_file
     from slimship.pipeline.config import gates_from_options
     from slimship.pipeline.release import ReleaseInputs, check_new_version, write_release
     from slimship.pipeline.run import gate_release
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options(_gate_overrides(args))  # checked before any export
-    loaded = _load_program(args)
-    module, example = loaded.module, _example(args, loaded)
+    _check_calibration_needed(args)
+    steps = Steps()
+    source = _source(args, steps)
     with tempfile.TemporaryDirectory() as tmp:
-        exports = {}
-        for fmt in dict.fromkeys(args.format):
-            variant = fmt.removeprefix("tflite-")
-            exports[fmt] = (
-                export_onnx(module, example, Path(tmp) / "model.onnx")
-                if fmt == "onnx"
-                else export_tflite(module, example, Path(tmp) / f"model-{variant}.tflite", variant=variant)
-            )
+        exported = _export_all(args, source, Path(tmp), "model", steps)
+        exports = exported["results"]
         parity = {
-            fmt: {"max_abs_diff": e.parity.max_abs_diff, "max_rel_diff": e.parity.max_rel_diff,
-                  "tolerance": e.parity.tolerance}
+            fmt: {
+                "max_abs_diff": e.parity.max_abs_diff,
+                "max_rel_diff": e.parity.max_rel_diff,
+                "tolerance": e.parity.tolerance,
+            }
             for fmt, e in exports.items()
-        }  # fmt: skip
+        }
         files = {fmt: e.path for fmt, e in exports.items()}
-        results = gate_release(module, example, files, gates, args.target)  # GateError: nothing published
-        from slimship._util import sha256_file
-
+        with steps.step("quality gates"):
+            results = gate_release(source.module, source.example, files, gates, args.target)  # GateError
+        source_hash = sha256_file(args.model) if args.model else source.sha256
         inputs = ReleaseInputs(
-            name=args.name, version=args.version, slim_module=module, example_inputs=example,
-            model_files=files, reference={"source_sha256": sha256_file(args.model)}, slimming={},
-            parity=parity, accuracy={}, latency={},
-            config={"command": "release", "model": str(args.model), "gates": gates.model_dump()},
+            name=args.name,
+            version=args.version,
+            slim_module=source.module,
+            example_inputs=source.example,
+            model_files=files,
+            reference={"source_sha256": source_hash},
+            slimming={},
+            parity=parity,
+            accuracy={},
+            latency={},
+            config={"command": "release", "model": source.origin, "gates": gates.model_dump()},
             gates=[r.to_dict() for r in results],
-        )  # fmt: skip
-        result = write_release(inputs, Path(args.out))
-    print(result.bundle_dir)
+            calibration=exported["calibration"],
+        )
+        with steps.step("write release bundle"):
+            result = write_release(inputs, Path(args.out))
+    _human(args).print(str(result.bundle_dir))
+    _emit(args, {"bundle": result, "seconds": steps.times})
     return 0
 
 
@@ -257,103 +452,19 @@ def _jsonable(value: Any) -> Any:
     return to_jsonable(value)
 
 
+# ------------------------------------------------------------------------------------------ parser
+
+COMMANDS: dict[str, str] = {
+    "demo": "_cmd_demo", "run": "_cmd_run", "config-schema": "_cmd_config_schema", "targets": "_cmd_targets",
+    "slim": "_cmd_slim", "export": "_cmd_export", "bench": "_cmd_bench", "release": "_cmd_release",
+    "verify": "_cmd_verify",
+}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimship", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"slimship {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from slimship.cli_parser import build_parser as build
 
-    p = sub.add_parser("demo", help="the whole pipeline on the built-in digits CNN")
-    p.add_argument(
-        "--out", type=Path, default=Path("artifacts"), help="release directory (default: artifacts)"
-    )
-    p.add_argument("--version", dest="version", default=None, help="release version (default 0.1.0)")
-    _add_gate_options(p)
-    p.set_defaults(fn=_cmd_demo)
-
-    p = sub.add_parser("run", help="the pipeline driven by a YAML config")
-    p.add_argument("config", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="override release.out")
-    _add_gate_options(p)
-    p.set_defaults(fn=_cmd_run)
-
-    p = sub.add_parser("config-schema", help="the JSON Schema of a pipeline config")
-    p.add_argument("--out", type=Path, default=None, help="write it here (default: stdout)")
-    p.set_defaults(fn=_cmd_config_schema)
-
-    shape = {"type": int, "nargs": "+", "default": None, "help": "input shape without batch, e.g. 1 8 8"}
-    pickle = {
-        "action": "store_true",
-        "help": "let the .pt2 unpickle its stored parts (can run code from the file: trusted files only)",
-    }
-    p = sub.add_parser("slim", help="slim a torch.export program (.pt2)")
-    p.add_argument("model", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument(
-        "--channel-multiple",
-        default=None,
-        help="round kept channels up to N, or 'auto': measured on --target",
-    )
-    p.add_argument("--target", default="mobile-1t", help="where 'auto' measures (default mobile-1t)")
-    p.add_argument("--targets-file", default=None)
-    p.add_argument("--align-runtime", default="onnxruntime", choices=["onnxruntime", "litert"])
-    p.add_argument("--input-shape", **shape)
-    p.add_argument("--allow-pickle", **pickle)
-    p.set_defaults(fn=_cmd_slim)
-
-    p = sub.add_parser("export", help="export a .pt2 to ONNX / TFLite, with parity checks")
-    p.add_argument("model", type=Path)
-    p.add_argument("--format", nargs="+", default=["onnx", "tflite-fp32"], choices=list(FORMATS))
-    p.add_argument("--out", type=Path, default=Path("."))
-    p.add_argument("--input-shape", **shape)
-    p.add_argument("--allow-pickle", **pickle)
-    p.set_defaults(fn=_cmd_export)
-
-    p = sub.add_parser("bench", help="measure .onnx/.tflite models on a target")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--target", default="host")
-    p.add_argument("--targets-file", default=None)
-    p.add_argument("--dense", default=None, help="dense model: report speedups against it")
-    p.add_argument("--inputs", default=None, help=".npz with in0, in1, ...")
-    p.add_argument("--input-shape", type=int, nargs="+", default=[1, 8, 8])
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--json", default=None, help="write the result as JSON here (- for stdout)")
-    p.add_argument("--profile", action="store_true", help="per-layer dense vs slim profile of each pair")
-    p.set_defaults(fn=_cmd_bench)
-
-    p = sub.add_parser("release", help="bundle a slim .pt2 with its ONNX and TFLite exports")
-    p.add_argument("model", type=Path)
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", dest="version", required=True)
-    p.add_argument("--out", type=Path, default=Path("artifacts"))
-    p.add_argument("--input-shape", **shape)
-    p.add_argument("--format", nargs="+", default=["onnx", "tflite-fp32"], choices=list(FORMATS))
-    p.add_argument("--target", default="host", help="where gates time and evaluate the exports")
-    _add_gate_options(p)
-    p.add_argument("--allow-pickle", **pickle)
-    p.set_defaults(fn=_cmd_release)
-
-    p = sub.add_parser("verify", help="check a release bundle (directory or .tar.gz)")
-    p.add_argument("bundle")
-    p.set_defaults(fn=_cmd_verify)
-    return parser
-
-
-GATE_HELP = {
-    "max_accuracy_drop": ("POINTS", "top-1 points the slim model may lose against the dense one (default 1)"),
-    "min_speedup": ("X", "smallest dense/slim speedup per target (default off)"),
-    "max_latency_ms": ("MS", "largest p50 latency per target (default off)"),
-    "min_agreement": ("FRACTION", "top-1 agreement of quantised variants with the slim model (default 0.9)"),
-}
-
-
-def _add_gate_options(p: argparse.ArgumentParser) -> None:
-    """Quality gates (override the config's `gates:`); a failing gate exits 3 and publishes nothing."""
-    group = p.add_argument_group("quality gates (a failing gate exits 3 and publishes nothing)")
-    for name, (metavar, text) in GATE_HELP.items():
-        flag = "--" + name.replace("_", "-")
-        group.add_argument(flag, dest=name, type=float, default=None, metavar=metavar, help=text)
+    return build({name: globals()[function] for name, function in COMMANDS.items()})  # looked up per parse
 
 
 def check_output_file(path: Path, option: str) -> None:
@@ -376,16 +487,12 @@ def check_output_dir(path: Path, option: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
-    if not args.verbose:  # library chatter (exporter registrations, pytree notices) is not for users
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        for name in ("torch", "onnxscript", "torch.onnx", "absl"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    setup_logging(args.verbose)
     try:
-        return args.fn(args)
+        if args.json and args.json != "-":
+            check_output_file(Path(args.json), "--json")
+        with native_stderr_quiet(enabled=not args.verbose):
+            return args.fn(args)
     except GateError as exc:
         print(f"slimship: gate failed: {exc}", file=sys.stderr)
         return 3

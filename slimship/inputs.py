@@ -114,7 +114,7 @@ def model_input_specs(path: str | Path) -> list[TensorSpec]:
 
         return tensor_specs(p)[0]
     if p.suffix == ".pte":
-        return _pte_input_specs(p)
+        return pte_input_specs(p)
     if p.suffix == ".pt2":
         from slimship.exporters._common import TensorSpec
         from slimship.loading import load_program
@@ -124,33 +124,47 @@ def model_input_specs(path: str | Path) -> list[TensorSpec]:
     raise ModelFileError(f"{p}: unknown model format {p.suffix!r}; expected .onnx, .tflite, .pte or .pt2")
 
 
-#: ExecuTorch ScalarType codes -> numpy dtype names
-_ET_DTYPES = {
-    0: "uint8",
-    1: "int8",
-    2: "int16",
-    3: "int32",
-    4: "int64",
-    5: "float16",
-    6: "float32",
-    11: "bool",
-}
+# ExecuTorch ScalarType codes (c10) of the dtypes a model input can have.
+_PTE_DTYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
+               7: "float64", 11: "bool"}  # fmt: skip
 
 
-def _pte_input_specs(path: Path) -> list[TensorSpec]:
-    """Inputs of an ExecuTorch program's `forward` (a planned batch dim is its upper bound)."""
-    from slimship.exporters._common import TensorSpec
+def pte_input_specs(path: Path) -> list[TensorSpec]:
+    """Inputs of a .pte's forward method. Its sizes are the memory-planned upper bounds, so a first dim
+    above 1 is reported as a dynamic batch (`batch<=N`)."""
+    from slimship.exporters._common import TensorSpec, open_model_runner
 
-    try:
-        from executorch.runtime import Runtime
-
-        meta = Runtime.get().load_program(str(path)).metadata("forward")
-    except ImportError:
-        raise ModelFileError(f"{path}: reading a .pte needs the optional 'executorch' package") from None
-    except Exception as exc:
-        raise ModelFileError(f"{path}: not a readable ExecuTorch program ({exc})") from exc
+    method = open_model_runner(path, runtime="executorch").method
+    meta = method.metadata
     specs = []
     for i in range(meta.num_inputs()):
         info = meta.input_tensor_meta(i)
-        specs.append(TensorSpec(f"in{i}", list(info.sizes()), _ET_DTYPES.get(int(info.dtype()), "float32")))
+        shape: list[int | str] = [int(d) for d in info.sizes()]
+        if shape and isinstance(shape[0], int) and shape[0] > 1:
+            shape[0] = f"batch<={shape[0]}"
+        dtype = _PTE_DTYPES.get(int(info.dtype()))
+        if dtype is None:
+            raise ModelFileError(
+                f"{path}: input {i} has an ExecuTorch dtype code {info.dtype()} slimship cannot feed"
+            )
+        specs.append(TensorSpec(f"input_{i}", shape, dtype))
     return specs
+
+
+def load_calibration(
+    path: str | Path, specs: Sequence[TensorSpec] | None = None, batch: int = 1
+) -> list[tuple[np.ndarray, ...]]:
+    """Calibration samples from an .npz of in0, in1, ... (samples along the first dim of every array), as
+    tuples of `batch` samples (the model's batch; a remainder is left out); ConfigError when the arrays
+    disagree on the number of samples or hold fewer than one batch."""
+    arrays = load_npz_inputs(path, specs)
+    counts = {int(a.shape[0]) if a.ndim else 0 for a in arrays}
+    if len(counts) != 1 or 0 in counts:
+        shapes = ", ".join(f"in{i} {list(a.shape)}" for i, a in enumerate(arrays))
+        raise ConfigError(
+            f"{path}: every array must hold the same number of samples along its first dim ({shapes})"
+        )
+    count = counts.pop()
+    if count < batch:
+        raise ConfigError(f"{path}: holds {count} sample(s); the model takes batches of {batch}: give more")
+    return [tuple(a[i : i + batch] for a in arrays) for i in range(0, count - count % batch, batch)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -24,9 +25,15 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
 def _saved_program(tmp_path: Path) -> tuple[Path, nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    ).eval()  # fmt: skip
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
     x = torch.randn(2, 1, 8, 8)
     zero_random_groups(model, x, fraction=0.5, seed=0)
     path = tmp_path / "model.pt2"
@@ -37,11 +44,15 @@ def _saved_program(tmp_path: Path) -> tuple[Path, nn.Module, torch.Tensor]:
 def test_slim_subcommand_writes_a_smaller_equivalent_program(tmp_path, capsys) -> None:
     path, model, x = _saved_program(tmp_path)
     out = tmp_path / "slim.pt2"
-    assert main(["slim", str(path), "--out", str(out)]) == 0
+    assert main(["slim", str(path), "--out", str(out), "--json", "-"]) == 0
     slim_module = torch.export.load(out).module()
     assert sum(p.numel() for p in slim_module.parameters()) < sum(p.numel() for p in model.parameters())
     assert torch.allclose(slim_module(x), model(x), atol=1e-5)
-    assert '"flops_ratio"' in capsys.readouterr().out
+    report = json.loads(capsys.readouterr().out)  # stdout holds only the JSON
+    assert report["out"] == str(out) and report["summary"]["flops_after"] < report["summary"]["flops_before"]
+    assert main(["slim", str(path), "--out", str(out)]) == 0  # without --json: a short human summary
+    human = capsys.readouterr().out
+    assert "params:" in human and "flops_ratio" not in human and len(human.splitlines()) < 10
 
 
 def _kept_channels(program: Path) -> list[int]:
@@ -65,7 +76,8 @@ def test_slim_subcommand_measures_the_multiple_on_a_target(tmp_path, capsys) -> 
     path, model, x = _saved_program(tmp_path)
     out = tmp_path / "auto.pt2"
     assert main(["slim", str(path), "--out", str(out), "--channel-multiple", "auto", "--target", "host"]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("channel alignment"))
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("note: channel alignment"))
     assert "conv:" in line and "linear:" in line  # the op kinds the model contains, each measured
     chosen = line.rsplit("-> ", 1)[1]
     kept = _kept_channels(out)
@@ -243,7 +255,7 @@ def test_slim_and_export_keep_the_dynamic_batch_of_a_pt2_from_disk(tmp_path, cap
     path, model = _saved_dynamic_program(tmp_path)
     slim_path = tmp_path / "slim.pt2"
     assert main(["slim", str(path), "--out", str(slim_path)]) == 0
-    assert "example inputs synthesized" in capsys.readouterr().err
+    assert "example inputs from the graph" in capsys.readouterr().err
     slim_module = torch.export.load(slim_path).module()
     assert sum(p.numel() for p in slim_module.parameters()) < sum(p.numel() for p in model.parameters())
     for batch in (1, 5):  # the dynamic batch survives slimming
@@ -359,3 +371,253 @@ def test_release_is_byte_identical_across_processes(tmp_path) -> None:
         digests.append(hashlib.sha256((out / "cnn-1.0.0.tar.gz").read_bytes()).hexdigest())
     print(f"release tarball sha256 in two processes: {digests}")
     assert digests[0] == digests[1], f"tarball sha256 differs across processes: {digests}"
+
+
+# ------------------------------------------------------------------------------------------ new-user CLI
+
+
+def tiny_factory() -> nn.Module:
+    """A factory for --model (tests.test_cli:tiny_factory): 3x12x12 input, 4 classes."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
+    )
+
+
+def test_export_refuses_int8_without_calibration_and_leaves_nothing(tmp_path, capsys) -> None:
+    path, _, _ = _saved_program(tmp_path)
+    out = tmp_path / "exported"
+    for fmt in ("tflite-int8", "executorch-int8"):
+        assert main(["export", str(path), "--format", "onnx", fmt, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"slimship: error: --format {fmt}" in err and "--calibration FILE.npz" in err
+    assert not out.exists()
+
+
+def test_export_calibrates_int8_on_the_given_samples_and_records_them(tmp_path, capsys) -> None:
+    import numpy as np
+
+    path, _model, _x = _saved_program(tmp_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, in0=np.random.default_rng(0).standard_normal((6, 1, 8, 8)).astype(np.float32))
+    out = tmp_path / "exported"
+    args = ["export", str(path), "--format", "tflite-int8", "--calibration", str(calib), "--out", str(out)]
+    assert main([*args, "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration"] == {"samples": 6, "source": str(calib)}
+    (row,) = report["formats"]
+    assert row["calibration_batches"] == 3  # the program's static batch is 2: 3 batches of 2 samples
+    assert Path(row["path"]) == out / "model.int8.tflite"
+    assert (out / "model.int8.tflite").is_file() and report["seconds"]["export tflite-int8"] > 0
+
+
+def test_export_and_slim_take_a_factory_with_weights(tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    reference = tiny_factory()
+    with torch.no_grad():
+        reference[0].weight.mul_(3.0)  # differs from what the factory builds: the weights must be applied
+    weights = {"safetensors": tmp_path / "w.safetensors", "pt": tmp_path / "w.pt"}
+    save_file(reference.state_dict(), weights["safetensors"])
+    torch.save(reference.state_dict(), weights["pt"])
+    x = torch.randn(1, 3, 12, 12)
+    for kind, file in weights.items():
+        out = tmp_path / kind
+        args = [
+            "export",
+            "--model",
+            "tests.test_cli:tiny_factory",
+            "--weights",
+            str(file),
+            "--input-shape",
+            "3",
+            "12",
+            "12",
+            "--format",
+            "onnx",
+            "--out",
+            str(out),
+        ]
+        assert main(args) == 0, capsys.readouterr().err
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(out / "tiny_factory.onnx"))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert torch.allclose(torch.from_numpy(got), reference(x), atol=1e-5)
+    slim_out = tmp_path / "slim.pt2"
+    assert (
+        main(
+            [
+                "slim",
+                "--model",
+                "tests.test_cli:tiny_factory",
+                "--input-shape",
+                "3",
+                "12",
+                "12",
+                "--out",
+                str(slim_out),
+            ]
+        )
+        == 0
+    )
+    assert torch.allclose(torch.export.load(slim_out).module()(x), tiny_factory()(x), atol=1e-5)
+
+
+def test_a_model_given_twice_or_not_at_all_is_refused(tmp_path, capsys) -> None:
+    path, _, _ = _saved_program(tmp_path)
+    assert (
+        main(["slim", str(path), "--model", "tests.test_cli:tiny_factory", "--out", str(tmp_path / "s")]) == 2
+    )
+    assert "not both" in capsys.readouterr().err
+    assert main(["slim", "--out", str(tmp_path / "s.pt2")]) == 2
+    assert "no model given" in capsys.readouterr().err
+    assert main(["slim", "--model", "tests.test_cli:tiny_factory", "--out", str(tmp_path / "s.pt2")]) == 2
+    assert "give --input-shape" in capsys.readouterr().err
+    assert not list(tmp_path.glob("s*"))
+
+
+def test_bench_reads_input_shapes_from_the_model_file(tmp_path, capsys) -> None:
+    from slimship.exporters import export_onnx
+
+    model = tiny_factory().eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, (torch.randn(2, 3, 12, 12),), path)  # dynamic batch
+    assert main(["bench", str(path), "--runs", "2", "--warmup", "0", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert len(result["measurements"]) == 1
+    assert "input [1, 3, 12, 12] float32" in captured.err  # shape from the file, dynamic batch -> 1
+    assert "batch is dynamic" in captured.err
+    # an override the file's fixed dims cannot take is refused before running, naming the file
+    assert main(["bench", str(path), "--runs", "1", "--warmup", "0", "--input-shape", "3", "10", "10"]) == 2
+    err = capsys.readouterr().err
+    assert f"slimship: error: random inputs of --input-shape / {path}" in err and "[1, 3, 10, 10]" in err
+
+
+def test_tables_are_not_cut_when_stdout_is_not_a_terminal(tmp_path) -> None:
+    from slimship.exporters import export_onnx
+
+    path = tmp_path / ("a-rather-long-model-file-name-that-would-not-fit-in-eighty-columns" * 2 + ".onnx")
+    export_onnx(tiny_factory().eval(), (torch.randn(2, 3, 12, 12),), path)
+    run = subprocess.run(
+        [sys.executable, "-m", "slimship", "bench", str(path), "--runs", "1", "--warmup", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert path.name in run.stdout and "…" not in run.stdout
+    assert "Created TensorFlow Lite" not in run.stderr and "Failed to load" not in run.stderr
+
+
+def test_targets_lists_builtin_and_user_targets(tmp_path, capsys) -> None:
+    targets = tmp_path / "targets.yaml"
+    targets.write_text("targets:\n  board: {base: mobile-1t, description: my board}\n")
+    assert main(["targets", "--targets-file", str(targets), "--json", "-"]) == 0
+    listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)}
+    from slimship.runtimes.targets import BUILTIN_TARGETS
+
+    assert set(BUILTIN_TARGETS) < set(listed)
+    assert listed["board"]["threads"] == 1 and listed["board"]["affinity"] == [0]
+    assert listed["board"]["from"] == str(targets) and listed["board"]["description"] == "my board"
+    assert main(["targets"]) == 0
+    assert "arm64-emu-litert" in capsys.readouterr().out
+
+
+def _option_help(text: str, option: str) -> str:
+    """The help block of `option` in `--help` text (its line and the indented lines below it)."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith(option))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-")), len(lines))
+    return " ".join(ln.strip() for ln in lines[start:end])
+
+
+def test_every_option_has_help_with_its_default_and_every_command_an_example(monkeypatch) -> None:
+    from slimship.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per option
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        assert sub.epilog and sub.epilog.startswith("example:\n  slimship " + name), name
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+                if action.default not in (None, False, argparse.SUPPRESS):
+                    line = _option_help(text, action.option_strings[-1])
+                    assert f"(default: {action.default})" in line, f"{name} {action.option_strings}"
+        assert "--json" in text
+
+
+def test_console_drops_third_party_logs_and_native_log_lines_but_keeps_ours(capsys) -> None:
+    import io
+    import logging
+
+    from slimship._console import _DropNativeLogLines, setup_logging
+
+    setup_logging(verbose=False)
+    try:
+        logging.getLogger("torchao").warning("Failed to load _C.so")
+        logging.warning("Your model is converted in training mode")  # litert-torch logs on the root logger
+        logging.getLogger("slimship.exporters").warning("static batch of 1 instead")
+        err = capsys.readouterr().err
+        assert "Failed to load" not in err and "training mode" not in err and "static batch of 1" in err
+        setup_logging(verbose=True)
+        logging.getLogger("torchao").error("Failed to load _C.so")
+        logging.warning("Your model is converted in training mode")
+        err = capsys.readouterr().err
+        assert "Failed to load" in err and "training mode" in err
+    finally:
+        setup_logging(verbose=False)
+    target = io.StringIO()
+    stream = _DropNativeLogLines(target, native_fd=2)
+    for piece in [
+        "[",
+        "cpuinfo_utils.cpp",
+        ":",
+        "71",
+        "] ",
+        "Reading file",
+        "\n",
+        "✓ export (1 s)\n",
+        "\r⠋ spin",
+    ]:
+        stream.write(piece)
+        stream.flush()  # bindings flush after every piece
+    assert target.getvalue() == "✓ export (1 s)\n\r⠋ spin"
+
+
+def test_input_specs_are_read_from_every_kind_of_model_file(tmp_path) -> None:
+    from slimship.exporters.executorch_export import executorch_available, export_executorch
+    from slimship.sources import input_specs, random_inputs
+
+    path, _ = _saved_dynamic_program(tmp_path)
+    (spec,) = input_specs(path)
+    assert isinstance(spec.shape[0], str) and spec.shape[1:] == [1, 8, 8] and spec.dtype == "float32"
+    arrays, notes = random_inputs([spec])
+    assert arrays[0].shape == (1, 1, 8, 8) and "batch is dynamic" in notes[0]
+    if not executorch_available():
+        pytest.skip("executorch not installed")
+    pte = tmp_path / "m.pte"
+    export_executorch(tiny_factory().eval(), (torch.randn(2, 3, 12, 12),), pte)
+    (spec,) = input_specs(pte)
+    assert spec.shape[0].startswith("batch<=") and spec.shape[1:] == [3, 12, 12] and spec.dtype == "float32"
+
+
+def test_run_with_json_to_stdout_prints_only_the_json(tmp_path, capsys) -> None:
+    config = {
+        "model": {"factory": "tests.runtimes.test_zero_flops:reshape_only", "input_shape": [1, 4, 4]},
+        "export": {"formats": ["onnx"]},
+        "targets": ["host"],
+        "bench": {"runs": 3, "warmup": 1},
+        "release": {"name": "flat", "version": "0.1.0", "out": str(tmp_path / "out")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--json", "-"]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # the summary table went to stderr
+    assert Path(result["release_dir"]) == tmp_path / "out" / "flat-0.1.0" and "FLOPs" in captured.err

@@ -248,7 +248,115 @@ OTHER_ROWS: dict[str, Row] = {
     },
 }
 
-ROWS: dict[str, Row] = {**_format_rows(), **_npz_rows(), **OTHER_ROWS}
+
+def tiny_model() -> nn.Module:
+    """The valid files' architecture, for --model tests.test_cli_bad_inputs:tiny_model."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+
+
+def not_a_module() -> str:
+    return "a string"
+
+
+def _torch_save_bytes(tmp: Path, value: object) -> bytes:
+    path = tmp / "scratch.pt"
+    torch.save(value, path)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+class Opaque:  # a pickled custom object: torch.load(weights_only=True) refuses it
+    pass
+
+
+FACTORY = ["--model", "tests.test_cli_bad_inputs:tiny_model", "--input-shape", "1", "8", "8"]
+INT8_EXPORT = ["export", "{pt2}", "--format", "tflite-int8", "--out", "{out}"]
+WEIGHTS: dict[str, tuple[str, Callable[[Path], bytes]]] = {
+    "safetensors-corrupt": ("w.safetensors", lambda tmp: b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"),
+    "pt-truncated": ("w.pt", lambda tmp: _torch_save_bytes(tmp, tiny_model().state_dict())[:100]),
+    "pt-pickled-object": ("w.pt", lambda tmp: _torch_save_bytes(tmp, {"w": Opaque()})),
+    "pt-wrong-keys": ("w.pt", lambda tmp: _torch_save_bytes(tmp, {"conv.weight": torch.zeros(1)})),
+    "pt-not-a-dict": ("w.pt", lambda tmp: _torch_save_bytes(tmp, [torch.zeros(1)])),
+    "wrong-suffix": ("w.txt", lambda tmp: b"weights"),
+}
+NEW_USER_ROWS: dict[str, Row] = {
+    # int8 needs calibration data; calibration files are checked like --inputs
+    "export-int8-without-calibration": Row(INT8_EXPORT, named="--calibration"),
+    "release-int8-without-calibration": Row(
+        [
+            "release",
+            "{pt2}",
+            "--name",
+            "n",
+            "--version",
+            "1.0.0",
+            "--out",
+            "{out}",
+            "--format",
+            "tflite-int8",
+        ],
+        named="--calibration",
+    ),
+    **{
+        f"export-calibration-{name}": Row(
+            [*INT8_EXPORT, "--calibration", "{bad}"], "c.npz", lambda v, t, m=NPZ_CONTENTS[name]: m(t)
+        )
+        for name in ("object-array", "wrong-key", "wrong-shape", "wrong-dtype", "zero-size", "npy-not-npz")
+    },
+    "export-calibration-corrupt": Row(
+        [*INT8_EXPORT, "--calibration", "{bad}"], "c.npz", _bytes_of("npz", "corrupt")
+    ),
+    "export-calibration-is-a-folder": Row([*INT8_EXPORT, "--calibration", "{bad}"], "c.npz"),
+    "export-calibration-missing": Row([*INT8_EXPORT, "--calibration", "{missing}.npz"], named="{missing}"),
+    # a model as Python code
+    "export-factory-not-importable": Row(
+        ["export", "--model", "no_such_pkg.mod:f", "--input-shape", "1", "--out", "{out}"],
+        named="no_such_pkg.mod",
+    ),
+    "export-factory-no-colon": Row(
+        ["export", "--model", "slimship.models", "--input-shape", "1", "--out", "{out}"],
+        named="slimship.models",
+    ),
+    "export-factory-not-a-module": Row(
+        [
+            "export",
+            "--model",
+            "tests.test_cli_bad_inputs:not_a_module",
+            "--input-shape",
+            "1",
+            "--out",
+            "{out}",
+        ],
+        named="not_a_module",
+    ),
+    "slim-factory-and-pt2": Row(["slim", "{pt2}", *FACTORY, "--out", "{in}/s.pt2"], named="{pt2}"),
+    "slim-weights-with-a-pt2": Row(
+        ["slim", "{pt2}", "--weights", "{onnx}", "--out", "{in}/s.pt2"], named="{pt2}"
+    ),
+    "export-weights-missing": Row(
+        ["export", *FACTORY, "--weights", "{missing}.pt", "--out", "{out}"], named="{missing}"
+    ),
+    **{
+        f"export-weights-{name}": Row(
+            ["export", *FACTORY, "--weights", "{bad}", "--out", "{out}"], file, lambda v, t, m=make: m(t)
+        )
+        for name, (file, make) in WEIGHTS.items()
+    },
+    # --json on every command, and targets files for `targets`
+    "slim-json-is-a-folder": Row(
+        ["slim", "{pt2}", "--out", "{in}/s.pt2", "--json", "{out}"],
+        named="{out}",
+        setup=lambda tmp, p: Path(p["out"]).mkdir(),
+    ),
+    "targets-json-folder-missing": Row(["targets", "--json", "{missing}/t.json"], named="{missing}"),
+    "targets-file-missing": Row(["targets", "--targets-file", "{missing}.yaml"], named="{missing}"),
+    "targets-file-corrupt": Row(
+        ["targets", "--targets-file", "{bad}"], "t.yaml", _bytes_of("targets.yaml", "truncated")
+    ),
+}
+
+ROWS: dict[str, Row] = {**_format_rows(), **_npz_rows(), **OTHER_ROWS, **NEW_USER_ROWS}
 
 
 # ------------------------------------------------------------------------------------------ harness
@@ -279,10 +387,15 @@ def _prepare(row: Row, valid: dict[str, Path], tmp: Path) -> tuple[list[str], st
     return [arg.format(**paths) for arg in row.argv], row.named.format(**paths)
 
 
+PROGRESS = ("… ", "✓ ", "note: ")  # what may precede the error on stderr: steps that ran, notes
+
+
 def _check_error(code: int, err: str, named: str) -> None:
     assert code == 2, err
-    assert err.startswith("slimship: error:"), err
-    assert named in err, f"stderr does not name {named}: {err}"
+    before, marker, message = err.partition("slimship: error:")
+    assert marker, err
+    assert all(line.startswith(PROGRESS) for line in before.splitlines()), err
+    assert named in message, f"the error does not name {named}: {err}"
     assert "Traceback" not in err and "internal error" not in err, err
 
 

@@ -26,6 +26,7 @@ class ExportRequest:
     calibration: list[Any] | None = None
     eval_batches: list[Any] | None = None
     dynamic_batch: bool = True
+    output_names: list[str] | None = None  # names from the model's output structure (e.g. logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,10 @@ class FormatRecord:
 def _onnx(request: ExportRequest, path: Path) -> Any:
     from slimship.exporters.onnx_export import export_onnx
 
-    return export_onnx(request.model, request.trace_example, path, dynamic_batch=request.dynamic_batch)
+    return export_onnx(
+        request.model, request.trace_example, path, dynamic_batch=request.dynamic_batch,
+        output_names=request.output_names,
+    )  # fmt: skip
 
 
 def _tflite(variant: str) -> Callable[[ExportRequest, Path], Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -497,7 +498,7 @@ def gate_release(
             figures.agreement[key] = m.agreement
     results = evaluate_gates(gates, figures)
     for result in results:
-        print(f"gate {result.line()}")
+        print(f"gate {result.line()}", file=sys.stderr)  # stdout may carry --json -
     enforce(results)
     return results
 
