@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any
 
 from slimship._console import Steps, native_stderr_quiet, note, setup_logging, stdout_console
 from slimship.cli_parser import GATE_HELP
-from slimship.errors import ConfigError, GateError, SlimshipError
+from slimship.errors import GateError, SlimshipError
 
 
 def _gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,6 +199,7 @@ def _cmd_slim(args: argparse.Namespace) -> int:
     from slimship.slimming import slim
 
     check_output_file(Path(args.out), "--out")
+    refuse_existing([Path(args.out)], "--out")
     steps = Steps()
     source = _source(args, steps)
     multiple = _channel_multiple(args, source.module, source.example)
@@ -205,7 +207,12 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         result = slim(source.module, source.example, channel_multiple=multiple)
     with steps.step("save the slim program"):
         program = _reexport(result.model, source.example, source.dynamic_shapes, source.origin)
-        torch.export.save(program, str(args.out))
+        partial = Path(args.out).with_name(f".{Path(args.out).name}.partial")
+        try:
+            torch.export.save(program, str(partial))
+            os.replace(partial, args.out)  # whole or nothing
+        finally:
+            partial.unlink(missing_ok=True)
     summary = _jsonable(result.summary())
     _slim_summary(args, summary)
     _emit(args, {"out": str(args.out), "source": source.origin, "summary": summary, "seconds": steps.times})
@@ -242,28 +249,35 @@ def _reexport(module: Any, example: tuple[Any, ...], dynamic_shapes: Any, source
         ) from exc
 
 
-def _check_calibration_needed(args: argparse.Namespace) -> None:
-    """Refuse calibrated int8 formats without --calibration (never calibrate on one random example)."""
-    from slimship.exporters.registry import get_format
-
-    needs = [f for f in args.format if get_format(f).precision == "int8"]
-    if needs and not args.calibration:
-        raise ConfigError(
-            f"--format {' '.join(needs)}: full-int8 quantisation needs representative data: pass "
-            "--calibration FILE.npz (arrays in0, in1, ... holding samples along the first dim, like "
-            "bench --inputs); slimship never calibrates on a single random example"
-        )
+RANDOM_CALIBRATION = 32  # batches of random inputs an int8 format calibrates on without --calibration
 
 
 def _calibration(args: argparse.Namespace, example: tuple[Any, ...]) -> tuple[list[Any] | None, dict | None]:
-    """--calibration samples as tensor tuples (checked against the model's inputs) and {samples, source}."""
+    """--calibration samples as tensor tuples (checked against the model's inputs) and {samples, source}.
+
+    Without --calibration, a calibrated int8 format gets RANDOM_CALIBRATION batches of random inputs shaped
+    like the example, said on stderr and recorded as such (the manifest and model card show it): never
+    the one example alone, and never silently.
+    """
     import torch
 
-    from slimship.exporters._common import TensorSpec
+    from slimship.exporters._common import TensorSpec, random_like
+    from slimship.exporters.registry import get_format
     from slimship.inputs import load_calibration
 
     if not args.calibration:
-        return None, None
+        needs = [f for f in args.format if get_format(f).precision == "int8"]
+        if not needs:
+            return None, None
+        source = f"{RANDOM_CALIBRATION} batches of random inputs (no --calibration given)"
+        print(
+            f"note: {', '.join(needs)} calibrated on {source}; pass --calibration FILE.npz with real "
+            "samples for a representative int8 model",
+            file=sys.stderr,
+        )
+        batches = [random_like(example, seed=1000 + i) for i in range(RANDOM_CALIBRATION)]
+        batch = int(example[0].shape[0]) if example and example[0].dim() else 1
+        return batches, {"samples": RANDOM_CALIBRATION * batch, "source": source}
     specs = [
         TensorSpec(f"input_{i}", ["batch", *t.shape[1:]], str(t.dtype).removeprefix("torch."))
         for i, t in enumerate(example)
@@ -308,11 +322,13 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from slimship.exporters.registry import get_format
+
     out = Path(args.out)
     check_output_dir(out, "--out")
-    _check_calibration_needed(args)
     steps = Steps()
     source = _source(args, steps)
+    refuse_existing([out / get_format(f).file_name(source.stem) for f in args.format], "--out")
     with tempfile.TemporaryDirectory(prefix="slimship-export-") as tmp:
         exported = _export_all(args, source, Path(tmp), source.stem, steps)
         out.mkdir(parents=True, exist_ok=True)
@@ -406,7 +422,6 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options(_gate_overrides(args))  # checked before any export
-    _check_calibration_needed(args)
     steps = Steps()
     source = _source(args, steps)
     with tempfile.TemporaryDirectory() as tmp:
@@ -474,6 +489,14 @@ def check_output_file(path: Path, option: str) -> None:
     if not path.parent.is_dir():
         what = "is a file" if path.parent.exists() else "does not exist"
         raise SlimshipError(f"{option} {path}: its folder {path.parent} {what}; create the folder first")
+
+
+def refuse_existing(paths: list[Path], option: str) -> None:
+    """Nothing is overwritten: an output file that already exists is an error before any work."""
+    taken = [p for p in paths if p.exists() or p.is_symlink()]
+    if taken:
+        names = ", ".join(str(p) for p in taken)
+        raise SlimshipError(f"{option}: {names} already exists; remove it or choose another {option}")
 
 
 def check_output_dir(path: Path, option: str) -> None:

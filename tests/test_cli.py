@@ -50,9 +50,12 @@ def test_slim_subcommand_writes_a_smaller_equivalent_program(tmp_path, capsys) -
     assert torch.allclose(slim_module(x), model(x), atol=1e-5)
     report = json.loads(capsys.readouterr().out)  # stdout holds only the JSON
     assert report["out"] == str(out) and report["summary"]["flops_after"] < report["summary"]["flops_before"]
-    assert main(["slim", str(path), "--out", str(out)]) == 0  # without --json: a short human summary
+    assert main(["slim", str(path), "--out", str(tmp_path / "again.pt2")]) == 0  # without --json: short
     human = capsys.readouterr().out
     assert "params:" in human and "flops_ratio" not in human and len(human.splitlines()) < 10
+    before = out.read_bytes()
+    assert main(["slim", str(path), "--out", str(out)]) == 2  # never overwritten
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
 
 
 def _kept_channels(program: Path) -> list[int]:
@@ -68,7 +71,7 @@ def test_slim_subcommand_rounds_kept_channels_up_to_the_multiple(tmp_path, capsy
     assert _kept_channels(plain) == [8, 8]  # half of each 16-channel conv zeroed
     assert _kept_channels(aligned) == [12, 12]
     assert torch.allclose(torch.export.load(aligned).module()(x), model(x), atol=1e-5)
-    assert main(["slim", str(path), "--out", str(aligned), "--channel-multiple", "0"]) == 2
+    assert main(["slim", str(path), "--out", str(tmp_path / "zero.pt2"), "--channel-multiple", "0"]) == 2
     assert "--channel-multiple is '0'" in capsys.readouterr().err
 
 
@@ -384,14 +387,29 @@ def tiny_factory() -> nn.Module:
     )
 
 
-def test_export_refuses_int8_without_calibration_and_leaves_nothing(tmp_path, capsys) -> None:
+@pytest.mark.slow
+def test_executorch_export_bench_profile_and_no_overwrite(tmp_path, capsys) -> None:
+    """Issue #17's path: export both ExecuTorch formats (int8 without --calibration: random batches, said and
+    recorded), bench the .pte files against the dense .pt2 with a per-layer profile, never overwrite."""
     path, _, _ = _saved_program(tmp_path)
-    out = tmp_path / "exported"
-    for fmt in ("tflite-int8", "executorch-int8"):
-        assert main(["export", str(path), "--format", "onnx", fmt, "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert f"slimship: error: --format {fmt}" in err and "--calibration FILE.npz" in err
-    assert not out.exists()
+    slim_path, out = tmp_path / "slim.pt2", tmp_path / "d"
+    assert main(["slim", str(path), "--out", str(slim_path)]) == 0
+    capsys.readouterr()
+    args = ["export", str(slim_path), "--format", "executorch-fp32", "executorch-int8", "--out", str(out)]
+    assert main([*args, "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "no --calibration given" in captured.err and "random inputs" in report["calibration"]["source"]
+    assert sorted(p.name for p in out.iterdir()) == ["slim.fp32.pte", "slim.int8.pte"]
+    assert all(row["parity"]["passed"] for row in report["formats"])
+    before = (out / "slim.fp32.pte").read_bytes()
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert (out / "slim.fp32.pte").read_bytes() == before
+    bench = ["bench", str(out / "slim.fp32.pte"), "--dense", str(path), "--target", "mobile-1t"]
+    assert main([*bench, "--runs", "5", "--profile", "--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = [row for profile in result["profiles"] for row in profile["rows"]]
+    assert any(row["layer"].startswith("Convolution") for row in rows), result["profiles"]
 
 
 def test_export_calibrates_int8_on_the_given_samples_and_records_them(tmp_path, capsys) -> None:

@@ -281,23 +281,7 @@ WEIGHTS: dict[str, tuple[str, Callable[[Path], bytes]]] = {
     "wrong-suffix": ("w.txt", lambda tmp: b"weights"),
 }
 NEW_USER_ROWS: dict[str, Row] = {
-    # int8 needs calibration data; calibration files are checked like --inputs
-    "export-int8-without-calibration": Row(INT8_EXPORT, named="--calibration"),
-    "release-int8-without-calibration": Row(
-        [
-            "release",
-            "{pt2}",
-            "--name",
-            "n",
-            "--version",
-            "1.0.0",
-            "--out",
-            "{out}",
-            "--format",
-            "tflite-int8",
-        ],
-        named="--calibration",
-    ),
+    # calibration files are checked like --inputs
     **{
         f"export-calibration-{name}": Row(
             [*INT8_EXPORT, "--calibration", "{bad}"], "c.npz", lambda v, t, m=NPZ_CONTENTS[name]: m(t)
