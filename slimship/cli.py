@@ -316,9 +316,28 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
             info["detail"] = (
                 f"parity max|diff| {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g})"
                 + (f"; {', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}")
+                + _batch_note(result, request)
             )
         results[fmt] = result
     return {"results": results, "calibration": calib_info}
+
+
+def _batch_note(result: Any, request: Any) -> str:
+    """Why an exported file has a fixed batch, in one clause (empty when its batch is dynamic)."""
+    if getattr(result, "dynamic_batch", False):
+        return ""
+    batch = int(request.example[0].shape[0]) if request.example and request.example[0].dim() else 1
+    notes = getattr(result, "notes", None) or []
+    reason = (
+        getattr(result, "dynamic_batch_reason", None)
+        or (notes[0] if notes else None)
+        or (
+            "LiteRT converts static shapes (the interpreter can resize inputs at run time)"
+            if str(result.path).endswith(".tflite")
+            else "the model fixes it"
+        )
+    )
+    return f"; batch fixed at {batch}: {reason}"
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

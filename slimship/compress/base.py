@@ -408,6 +408,7 @@ def train_loop(
             record.update(epoch_hook(model, epoch, step) or {})
         history.append(record)
         log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs, _fmt_record(record))
+        _epoch_line(f"{desc} epoch {epoch + 1}/{epochs}: {_fmt_record(record)}")
         if path is not None:
             save_checkpoint(
                 path,
@@ -462,8 +463,17 @@ def _fmt_record(record: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
 
 
+def _epoch_line(text: str) -> None:
+    """One lasting line per epoch (loss, accuracy, sparsity ...) on a terminal's stderr, below the bar."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if console.is_terminal and not log.isEnabledFor(logging.INFO):  # with -v the log line says it
+        console.print(f"  {text}", highlight=False)
+
+
 class _progress:
-    """A rich progress bar for one epoch (silent when logging is not at INFO or output is not a tty)."""
+    """A rich progress bar for one epoch on a terminal's stderr (nothing when stderr is not a terminal)."""
 
     def __init__(self, desc: str, total: int | None) -> None:
         self.desc, self.total = desc, total
