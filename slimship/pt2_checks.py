@@ -257,6 +257,8 @@ def check_sample_inputs(path: Path, members: dict[str, bytes]) -> None:
         if zipfile.is_zipfile(io.BytesIO(data)):
             pickles = _inner_pickles(data, where)
         imports = [name for blob in pickles for name in pickle_imports(blob)]
+    except ModelFileError:
+        raise
     except Exception as exc:
         raise ModelFileError(
             f"{where}: unreadable sample-inputs pickle ({type(exc).__name__}: {exc})"
