@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -127,6 +128,30 @@ def batches_as_tuples(batches: Iterable[Any] | None) -> list[tuple[torch.Tensor,
     if batches is None:
         return []
     return [as_input_tuple(b) for b in batches]
+
+
+def without_shape_guards(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of a `torch.export(...).module()` without its input-shape checks (a `_guards_fn` call in the
+    graph, or the input-constraint pre-hook that `validate_inputs` switches), else None.
+
+    Such modules guard the traced batch size; the graph itself often works for any batch (the parity
+    check at another batch size proves it).
+    """
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    guards = [
+        n for n in graph.nodes if n.op == "call_module" and str(n.target) == "_guards_fn" and not n.users
+    ]
+    if not guards and not getattr(model, "validate_inputs", False):
+        return None
+    clone = copy.deepcopy(model)
+    for node in [n for n in clone.graph.nodes if n.op == "call_module" and str(n.target) == "_guards_fn"]:
+        clone.graph.erase_node(node)
+    clone.recompile()
+    if hasattr(clone, "validate_inputs"):
+        clone.validate_inputs = False
+    return clone
 
 
 # ---------------------------------------------------------------- parity

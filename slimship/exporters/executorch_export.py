@@ -40,6 +40,7 @@ from slimship.exporters._common import (
     to_numpy,
     top1_agreement,
     torch_outputs,
+    without_shape_guards,
 )
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,9 @@ def export_executorch(
         data, delegated, portable = _lower(program, model, inputs)
     atomic_write_bytes(path, data)
     with timings.measure("parity"):
+        reference = (without_shape_guards(model) or model) if dynamic else model  # checked at batch 3 too
         parity = executorch_parity(
-            model, path, inputs, variant=variant, check_inputs=calib if variant == "int8" else [],
+            reference, path, inputs, variant=variant, check_inputs=calib if variant == "int8" else [],
             eval_batches=batches_as_tuples(eval_batches), dynamic_batch=dynamic,
         )  # fmt: skip
     nbytes, digest = nbytes_and_hash(path)
@@ -144,10 +146,14 @@ def _trace(
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
     if dynamic_batch and batch >= 2 and all(t.dim() and t.shape[0] == batch for t in inputs):
         dim = torch.export.Dim("batch", min=1, max=max(MAX_BATCH, batch))
+        shapes = tuple({0: dim} for _ in inputs)
         try:
-            shapes = tuple({0: dim} for _ in inputs)
             return torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False), True
         except Exception as exc:  # the model fixes its batch somewhere (a view with a literal size ...)
+            unguarded = without_shape_guards(model)  # a loaded program's own batch guard, not its graph
+            if unguarded is not None:
+                with contextlib.suppress(Exception):  # parity at batch 3 proves the graph sound
+                    return torch.export.export(unguarded, inputs, dynamic_shapes=shapes, strict=False), True
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             notes.append(f"batch fixed to {batch}: the model does not allow a dynamic batch ({first})")
     elif dynamic_batch:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import json
@@ -33,6 +32,7 @@ from slimship.exporters._common import (
     random_like,
     to_numpy,
     torch_outputs,
+    without_shape_guards,
 )
 from slimship.exporters.onnx_passes import AddMetadata, Pass, SurgeryReport, default_passes, run_surgery
 
@@ -246,9 +246,9 @@ def _torch_export(
     if dynamic_batch:
         try:
             program = torch.export.export(model, inputs, dynamic_shapes=_batch_shapes(inputs), strict=False)
-            return program, (True, None), _without_shape_guards(model) or model  # parity at another batch
+            return program, (True, None), without_shape_guards(model) or model  # parity at another batch
         except Exception as exc:
-            unguarded = _without_shape_guards(model)
+            unguarded = without_shape_guards(model)
             if unguarded is not None:
                 try:  # parity on another batch size (the "random_batch" case) proves this was sound
                     program = torch.export.export(
@@ -280,30 +280,6 @@ def specialisation_reason(exc: BaseException) -> str:
             "in a reshape/view or shape check; write -1 or x.shape[0] there to keep the batch dynamic)"
         )
     return f"torch.export cannot keep the batch dynamic: {line[:200]}"
-
-
-def _without_shape_guards(model: torch.nn.Module) -> torch.nn.Module | None:
-    """A copy of a `torch.export(...).module()` without its input-shape checks (a `_guards_fn` call in the
-    graph, or the input-constraint pre-hook that `validate_inputs` switches), else None.
-
-    Such modules guard the traced batch size; the graph itself often works for any batch (the parity
-    check at another batch size proves it).
-    """
-    graph = getattr(model, "graph", None)
-    if not isinstance(graph, torch.fx.Graph):
-        return None
-    guards = [
-        n for n in graph.nodes if n.op == "call_module" and str(n.target) == "_guards_fn" and not n.users
-    ]
-    if not guards and not getattr(model, "validate_inputs", False):
-        return None
-    clone = copy.deepcopy(model)
-    for node in [n for n in clone.graph.nodes if n.op == "call_module" and str(n.target) == "_guards_fn"]:
-        clone.graph.erase_node(node)
-    clone.recompile()
-    if hasattr(clone, "validate_inputs"):
-        clone.validate_inputs = False
-    return clone
 
 
 def _export_proto(
