@@ -59,6 +59,7 @@ VERSION_PACKAGES = (
     "litert-torch",
     "ai-edge-litert",
     "tflite-runtime",
+    "executorch",
     "safetensors",
 )
 
@@ -112,13 +113,22 @@ def finite_or_none(value: Any) -> Any:
 
 
 #: columns of a per-target latency table (model card and report)
-LATENCY_HEADERS = ["target", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup"]
+LATENCY_HEADERS = ["target", "where", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup"]
 
 
 def latency_rows(entries: dict[str, dict[str, Any]]) -> list[list[Any]]:
     """One row of LATENCY_HEADERS per target, sorted by target name."""
     return [
-        [t, e.get("variant"), e["p50_ms"], e["p90_ms"], e["p99_ms"], e.get("dense_p50_ms"), e.get("speedup")]
+        [
+            t,
+            e.get("where"),
+            e.get("variant"),
+            e["p50_ms"],
+            e["p90_ms"],
+            e["p99_ms"],
+            e.get("dense_p50_ms"),
+            e.get("speedup"),
+        ]
         for t, e in sorted(entries.items())
     ]
 

@@ -145,7 +145,7 @@ def _latency(manifest: dict[str, Any]) -> str:
     definitions = target_definitions(manifest)
     if definitions:
         text += "".join(f"- {target_sentence(n, d)}\n" for n, d in definitions.items()) + "\n"
-    for kind, title in (("device", "Measured on the device"), ("emulated", "Emulated on the build host")):
+    for kind, title in (("device", "Measured on the target"), ("emulated", "Emulated on the build host")):
         entries = latency[kind]
         if entries:
             text += f"### {title}\n\n" + _md_table(LATENCY_HEADERS, latency_rows(entries)) + "\n"

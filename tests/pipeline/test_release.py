@@ -188,7 +188,7 @@ def test_model_card_says_what_a_deployer_needs(released):
         "model.fp32.tflite",
     ):
         assert needle in card, needle
-    assert card.index("Measured on the device") < card.index("Emulated on the build host")
+    assert card.index("Measured on the target") < card.index("Emulated on the build host")
 
 
 def test_schema_markdown_documents_every_top_level_field():
