@@ -93,6 +93,14 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `slimship targets`: JSON key -> table header, in column order
+TARGET_COLUMNS = {
+    "name": "name", "threads": "threads", "affinity": "affinity", "runtime": "runtime",
+    "precision": "precision", "transport": "transport", "emulated": "emulated", "from": "from",
+    "description": "what",
+}  # fmt: skip
+
+
 def _cmd_targets(args: argparse.Namespace) -> int:
     """Built-in and user targets with what each means."""
     from rich.table import Table
@@ -104,18 +112,8 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         (t, str(args.targets_file)) for t in user.values()
     ]
     table = Table(title="targets (threads, pinned cores, runtime, where it runs)")
-    for column in (
-        "name",
-        "threads",
-        "affinity",
-        "runtime",
-        "precision",
-        "transport",
-        "emulated",
-        "from",
-        "what",
-    ):
-        table.add_column(column, overflow="fold")
+    for header in TARGET_COLUMNS.values():
+        table.add_column(header, overflow="fold")
     payload = []
     for target, origin in rows:
         entry = {
@@ -130,22 +128,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
             "description": target.description,
         }
         payload.append(entry)
-        table.add_row(
-            *(
-                _cell(entry[k])
-                for k in (
-                    "name",
-                    "threads",
-                    "affinity",
-                    "runtime",
-                    "precision",
-                    "transport",
-                    "emulated",
-                    "from",
-                    "description",
-                )
-            )
-        )
+        table.add_row(*(_cell(entry[key]) for key in TARGET_COLUMNS))
     _human(args).print(table)
     _emit(args, payload)
     return 0
