@@ -655,7 +655,8 @@ def select(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     g.layouts[node] = xl[:d] + xl[d + 1 :]
 
 
-@rule(
+#: ops that only regroup a tensor's dims (the coupling and the value table share this list)
+RESHAPES = (
     "aten.view",
     "aten.reshape",
     "aten._unsafe_view",
@@ -664,13 +665,16 @@ def select(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     "aten.view_as",
     "aten.reshape_as",
 )
+
+
+@rule(*RESHAPES)
 def reshape(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     """Split shapes into blocks of equal products; in a block only the outermost dims carry channels."""
     x = a.get("self", a.get("input"))
     xl = g.layout(x)
-    in_sizes = _sym_sizes(x)
-    out_sizes = _sym_sizes(node)
-    blocks = _reshape_blocks(in_sizes, out_sizes)
+    in_sizes = sym_sizes(x)
+    out_sizes = sym_sizes(node)
+    blocks = reshape_blocks(in_sizes, out_sizes)
     out: list[np.ndarray | None] = [None] * len(out_sizes)
     if blocks is None:
         g.pin_layout(xl, f"reshape {node.name} that is not a split/merge of dims")
@@ -684,7 +688,7 @@ def reshape(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
                 out[o] = g.fresh(1, "unit dim")
         if not in_dims or not out_dims:
             for o in out_dims:
-                out[o] = g.fresh(_int(out_sizes[o]), "reshape")
+                out[o] = g.fresh(as_int(out_sizes[o]), "reshape")
             continue
         if len(in_dims) == 1 and len(out_dims) == 1:
             out[out_dims[0]] = xl[in_dims[0]]
@@ -693,33 +697,34 @@ def reshape(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
         for i in in_dims[1:]:
             g.pin(xl[i], reason)
         for o in out_dims[1:]:
-            out[o] = g.fresh(_int(out_sizes[o]), reason)
+            out[o] = g.fresh(as_int(out_sizes[o]), reason)
         outer_in, outer_out = xl[in_dims[0]], None
-        sizes = [_int(in_sizes[i]) for i in in_dims] + [_int(out_sizes[o]) for o in out_dims]
+        sizes = [as_int(in_sizes[i]) for i in in_dims] + [as_int(out_sizes[o]) for o in out_dims]
         if outer_in is None or any(s is None for s in sizes):
-            g.pin(outer_in, f"reshape {node.name} of a dynamic dim")
-            out[out_dims[0]] = g.fresh(_int(out_sizes[out_dims[0]]), f"reshape {node.name} of a dynamic dim")
+            why = f"reshape {node.name} of a dynamic dim"
+            g.pin(outer_in, why)
+            out[out_dims[0]] = g.fresh(as_int(out_sizes[out_dims[0]]), why)
             continue
-        total = int(np.prod([_int(in_sizes[i]) for i in in_dims]))
-        inner_in = total // _int(in_sizes[in_dims[0]])
-        inner_out = total // _int(out_sizes[out_dims[0]])
-        outer_out = g.fresh(_int(out_sizes[out_dims[0]]))
+        total = int(np.prod([as_int(in_sizes[i]) for i in in_dims]))
+        inner_in = total // as_int(in_sizes[in_dims[0]])
+        inner_out = total // as_int(out_sizes[out_dims[0]])
+        outer_out = g.fresh(as_int(out_sizes[out_dims[0]]))
         flat = np.arange(total)
         g.unify(outer_in[flat // inner_in], outer_out[flat // inner_out], f"reshape {node.name}")
         out[out_dims[0]] = outer_out
     g.layouts[node] = out
 
 
-def _int(s: Any) -> int | None:
+def as_int(s: Any) -> int | None:
     return int(s) if isinstance(s, int | sympy.Integer) else None
 
 
-def _sym_sizes(node: Node) -> list[Any]:
+def sym_sizes(node: Node) -> list[Any]:
     val = node.meta["val"]
     return [s if isinstance(s, int) else s.node.expr for s in val.shape]
 
 
-def _reshape_blocks(ins: list[Any], outs: list[Any]) -> list[tuple[list[int], list[int]]] | None:
+def reshape_blocks(ins: list[Any], outs: list[Any]) -> list[tuple[list[int], list[int]]] | None:
     """Group dims into (input dims, output dims) blocks with equal products, or None."""
     blocks = []
     i = j = 0

@@ -28,6 +28,7 @@ from slimship.slimming.graph import (
     shape_of,
     unique_ints,
 )
+from slimship.slimming.rules import BINARY, RESHAPES, UNARY, addmm_weight, as_int, reshape_blocks, sym_sizes
 
 _labels = itertools.count(1 << 40)
 
@@ -305,8 +306,6 @@ def _evaluate(node: Node, a: dict[str, Any], subst: dict[str, torch.Tensor], n: 
 
 
 # The coupling table's elementwise ops share this value rule.
-from slimship.slimming.rules import BINARY, UNARY  # noqa: E402
-
 for _name in (*UNARY, *BINARY):
     VALUE_RULES[_name] = pointwise
 
@@ -337,7 +336,6 @@ def linear(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
 @value_rule("aten.addmm")
 def addmm(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     """Facts of beta * bias + alpha * (x @ W) for alpha = beta = 1 (a linear layer), else none."""
-    from slimship.slimming.rules import addmm_weight
 
     x, mat2, b = a["mat1"], a["mat2"], a["self"]
     result = _none(node)
@@ -803,22 +801,12 @@ def select(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     return [va.dim(x, i) for i in range(n) if i != d]
 
 
-@value_rule(
-    "aten.view",
-    "aten.reshape",
-    "aten._unsafe_view",
-    "aten.flatten",
-    "aten.unflatten",
-    "aten.view_as",
-    "aten.reshape_as",
-)
+@value_rule(*RESHAPES)
 def reshape(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
     """Map slices through the outermost dims of each block (see rules.reshape)."""
-    from slimship.slimming.rules import _int, _reshape_blocks, _sym_sizes
-
     x = a.get("self", a.get("input"))
-    in_sizes, out_sizes = _sym_sizes(x), _sym_sizes(node)
-    blocks = _reshape_blocks(in_sizes, out_sizes)
+    in_sizes, out_sizes = sym_sizes(x), sym_sizes(node)
+    blocks = reshape_blocks(in_sizes, out_sizes)
     out: Facts = [None] * len(out_sizes)
     if blocks is None:
         return out
@@ -832,12 +820,12 @@ def reshape(va: ValueAnalysis, node: Node, a: dict[str, Any]) -> Facts:
             continue
         o = out_dims[0]
         facts = va.dim(x, in_dims[0])
-        sizes = [_int(in_sizes[i]) for i in in_dims] + [_int(out_sizes[j]) for j in out_dims]
+        sizes = [as_int(in_sizes[i]) for i in in_dims] + [as_int(out_sizes[j]) for j in out_dims]
         if facts is None or not va.live(node, o) or any(s is None for s in sizes):
             continue
-        total = int(np.prod([_int(in_sizes[i]) for i in in_dims]))
-        inner_in = total // _int(in_sizes[in_dims[0]])
-        inner_out = total // _int(out_sizes[o])
+        total = int(np.prod([as_int(in_sizes[i]) for i in in_dims]))
+        inner_in = total // as_int(in_sizes[in_dims[0]])
+        inner_out = total // as_int(out_sizes[o])
         flat = np.arange(total)
         src = flat // inner_in
         consts = facts.const[src].reshape(-1, inner_out)
