@@ -400,10 +400,10 @@ def _write_bundle(inputs: ReleaseInputs, bundle: Path) -> dict[str, Any]:
 def _reference_outputs(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     with torch.no_grad():
         result = module(*example_inputs)
-    return _flatten_outputs(result, "slim_module")
+    return flatten_outputs(result, "slim_module")
 
 
-def _flatten_outputs(result: Any, where: str) -> list[np.ndarray]:
+def flatten_outputs(result: Any, where: str) -> list[np.ndarray]:
     leaves, _ = torch.utils._pytree.tree_flatten(result)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
         raise ReleaseError(
@@ -423,7 +423,7 @@ def _write_pt2(
     strip_process_metadata(program)
     torch.export.save(program, str(path))
     with torch.no_grad():
-        exported = _flatten_outputs(program.module()(*example_inputs), path.name)
+        exported = flatten_outputs(program.module()(*example_inputs), path.name)
     diff = max_diffs(exported, outputs, path.name)
     return {**diff, "tolerance": REL_BOUNDS["fp32"] * finite_scale(outputs)}
 

@@ -36,7 +36,7 @@ from slimship._util import sha256_file
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, Comparison, compare
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
-from slimship.pipeline.release import RUNNABLE_FORMATS, format_of
+from slimship.pipeline.release import RUNNABLE_FORMATS, flatten_outputs, format_of
 
 log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 16 << 20
@@ -533,9 +533,8 @@ def _run_pt2(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
     import torch
 
     from slimship.loading import load_program
-    from slimship.pipeline.release import _flatten_outputs
 
     module = load_program(path).module  # never unpickles
     with torch.no_grad():
         result = module(*(torch.from_numpy(np.array(x)) for x in inputs))
-    return _flatten_outputs(result, path.name)
+    return flatten_outputs(result, path.name)

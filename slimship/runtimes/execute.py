@@ -40,7 +40,7 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def _as_list(inputs: Any) -> list[np.ndarray]:
+def as_array_list(inputs: Any) -> list[np.ndarray]:
     if isinstance(inputs, np.ndarray):
         return [inputs]
     return [np.asarray(x) for x in inputs]
@@ -90,7 +90,9 @@ def run_on_target(
     with tempfile.TemporaryDirectory(prefix="slimship-stage-", dir=staging_dir) as tmp:
         stage = Path(tmp)
         npz = {
-            "inputs": _write_npz(stage / "inputs.npz", {f"in{i}": x for i, x in enumerate(_as_list(inputs))})
+            "inputs": _write_npz(
+                stage / "inputs.npz", {f"in{i}": x for i, x in enumerate(as_array_list(inputs))}
+            )
         }
         if eval_inputs:
             arrays = {f"b{b}_in{j}": x for b, batch in enumerate(eval_inputs) for j, x in enumerate(batch)}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from slimship.compare import compare
-from slimship.runtimes.execute import _as_list, run_on_target
+from slimship.runtimes.execute import as_array_list, run_on_target
 from slimship.runtimes.targets import Target
 
 EvalBatch = tuple[Any, Any]  # (inputs: array | list of arrays, labels: int array | None)
@@ -170,7 +170,7 @@ def _accuracy(
         accuracy = float((preds == np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])).mean())
     agreement = None
     if ref is not None and preds.size:
-        ref_preds = np.concatenate([_top1(ref(_as_list(b[0]))) for b in eval_batches])
+        ref_preds = np.concatenate([_top1(ref(as_array_list(b[0]))) for b in eval_batches])
         agreement = float((preds == ref_preds).mean())
     return accuracy, agreement, int(preds.size)
 
@@ -212,7 +212,7 @@ def measure(
     ref = _reference_fn(reference)
     run = run_on_target(
         target, [Path(model_path)], inputs, warmup=warmup, runs=runs,
-        eval_inputs=[_as_list(b[0]) for b in eval_batches] if eval_batches else None,
+        eval_inputs=[as_array_list(b[0]) for b in eval_batches] if eval_batches else None,
         save_outputs=ref is not None, staging_dir=staging_dir,
     )  # fmt: skip
     entry = run.result["models"][0]
@@ -220,7 +220,7 @@ def measure(
     if eval_batches:
         m.accuracy, m.agreement, m.eval_samples = _accuracy(entry["eval_top1"], eval_batches, ref)
     if ref is not None:
-        m.parity = parity(run.outputs[0], ref(_as_list(inputs)))
+        m.parity = parity(run.outputs[0], ref(as_array_list(inputs)))
     return m
 
 
@@ -349,7 +349,7 @@ def _dense_partners(
     from slimship.loading import load_program
 
     module = load_program(dense).module
-    example = tuple(torch.from_numpy(np.array(x)) for x in _as_list(inputs))
+    example = tuple(torch.from_numpy(np.array(x)) for x in as_array_list(inputs))
     request = ExportRequest(module, example, example, dynamic_batch=False)
     out = {}
     for name, record in wanted.items():
@@ -385,7 +385,7 @@ def layer_profile(
         return entry | {"runtime": None, "rows": [], "note": f"per-layer profiles run on this machine only, "
                         f"not on {target.transport}"}  # fmt: skip
     prof = profile_models(
-        dense, slim, _as_list(inputs), runs=max(5, min(runs, 50)), threads=target.threads or 1
+        dense, slim, as_array_list(inputs), runs=max(5, min(runs, 50)), threads=target.threads or 1
     )
     rows = [{k: row[k] for k in PROFILE_KEYS} for row in prof.rows()]
     return entry | {"runtime": prof.runtime, "rows": rows, "note": prof.note}

@@ -11,7 +11,7 @@ import scipy.sparse.csgraph
 from torch.fx import Node
 
 from slimship.slimming.graph import CONV, LINEAR, MERGEABLE_SITES, ChannelGraph, Site, iter_dims, unique_ints
-from slimship.slimming.values import ValueAnalysis, _row_inverse
+from slimship.slimming.values import ValueAnalysis, row_inverse
 
 KEEP_ONE = "a space keeps at least one channel"
 
@@ -146,8 +146,8 @@ def _equal_signatures(views: list[_SiteView], runs: list, eligible: np.ndarray) 
     for r in range(int(n_sites.max())):
         has = np.flatnonzero(n_sites > r)
         at = table[first[has] + r]
-        sig[has] = _row_inverse(np.stack([sig[has], at[:, 1], at[:, 2], at[:, 3]], axis=1))
-    sig = _row_inverse(np.stack([sig, n_sites], axis=1))
+        sig[has] = row_inverse(np.stack([sig[has], at[:, 1], at[:, 2], at[:, 3]], axis=1))
+    sig = row_inverse(np.stack([sig, n_sites], axis=1))
     order = np.lexsort((comps, table[first, 1]))  # by first consuming site, then component
     size = np.bincount(sig)
     groups: dict[int, list[int]] = {}

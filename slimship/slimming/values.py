@@ -60,7 +60,7 @@ def _reserve(n: int) -> int:
     return start
 
 
-def _row_inverse(
+def row_inverse(
     keys: np.ndarray, cols: np.ndarray | None = None, rows: np.ndarray | None = None
 ) -> np.ndarray:
     """Index of each row among the distinct rows of a 2-D array (equal rows, equal index, < len).
@@ -115,7 +115,7 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
 def relabel(keys: np.ndarray, const: np.ndarray) -> np.ndarray:
     """Equality labels from key rows; slices with the same known constant are equal too."""
     keys = keys.reshape(len(keys), -1)
-    labels = _row_inverse(keys).astype(np.int64) + _reserve(len(keys))
+    labels = row_inverse(keys).astype(np.int64) + _reserve(len(keys))
     known = ~np.isnan(const)
     if known.any():
         _, first = np.unique(const[known], return_inverse=True)
@@ -426,11 +426,11 @@ def _mixing_out(
         )
         row_label = np.zeros(out_ch, dtype=np.int64)
         others = np.flatnonzero(~blank)
-        row_label[others] = 1 + _row_inverse(w2, cols, others)
+        row_label[others] = 1 + row_inverse(w2, cols, others)
     else:
         merged = torch.zeros(out_ch, int(labels.max()) + 1, kernel, dtype=torch.float64)
         merged.index_add_(1, torch.from_numpy(labels), torch.from_numpy(w_np[:, live]).double())
-        row_label = _row_inverse(merged.reshape(out_ch, merged.shape[1] * kernel).numpy())
+        row_label = row_inverse(merged.reshape(out_ch, merged.shape[1] * kernel).numpy())
     keys = np.stack([row_label.astype(np.float64), *_bias_keys(b_np)], axis=1)
     return DimFacts(const, relabel(keys, const))
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from slimship import make_random_identical, slim, zero_random_groups
 from slimship.slimming.graph import unique_ints
-from slimship.slimming.values import _EmptyRows, _row_inverse
+from slimship.slimming.values import _EmptyRows, row_inverse
 
 
 def _partition(labels: np.ndarray) -> list[int]:
@@ -43,7 +43,7 @@ def test_row_inverse_partitions_like_np_unique(seed: int) -> None:
         chosen = keys if rows is None else keys[rows]
         chosen = chosen if cols is None else chosen[:, cols]
         expected = np.unique(chosen, axis=0, return_inverse=True)[1].reshape(-1)
-        got = _row_inverse(keys, cols, rows)
+        got = row_inverse(keys, cols, rows)
         assert _partition(got) == _partition(expected)
         assert len(got) == len(chosen) and (len(got) == 0 or got.max() < len(chosen))
 
