@@ -17,14 +17,20 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import truncnorm
 from torch import nn
+from torch.nn.utils import skip_init
 
 from slimship.compress.adc.budget import FlopsModel, Space
 
 
 def mlp(n_in: int, hidden: int, out_act: nn.Module | None, generator: torch.Generator) -> nn.Sequential:
-    """Two hidden ReLU layers and one output, initialised like ``nn.Linear`` from `generator`."""
-    layers: list[nn.Module] = [nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()]
-    layers.append(nn.Linear(hidden, 1))
+    """Two hidden ReLU layers and one output, initialised like ``nn.Linear`` from `generator` (the
+    layers are built without their own initialisation, which would draw from the global RNG)."""
+
+    def linear(n: int, m: int) -> nn.Linear:
+        return skip_init(nn.Linear, n, m)
+
+    layers: list[nn.Module] = [linear(n_in, hidden), nn.ReLU(), linear(hidden, hidden), nn.ReLU()]
+    layers.append(linear(hidden, 1))
     if out_act is not None:
         layers.append(out_act)
     with torch.no_grad():
