@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -170,3 +171,25 @@ def test_readme_adc_example_runs(tmp_path: Path) -> None:
     flops = re.search(r"flops (\d+) -> (\d+)", done.stdout)
     assert flops is not None, done.stdout
     assert int(flops.group(2)) <= 0.5 * int(flops.group(1)) * 1.001
+
+
+@pytest.mark.slow  # two torchrun processes importing torch and tracing the model: ~40 s on a loaded machine
+def test_two_processes_with_different_evaluates_end_with_the_same_policy(tmp_path: Path) -> None:
+    """torchrun, 2 gloo processes whose evaluates differ: one policy on both ranks, the one a single
+    process finds with the mean of both evaluates (each evaluate alone leads to another policy)."""
+    import shutil
+
+    from tests.compress import ddp_adc
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun is not None
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29800 + os.getpid() % 100)]
+    cmd += ["-m", "tests.compress.ddp_adc", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"adc-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == json.loads(json.dumps(ddp_adc.run(ddp_adc.mean_of_ranks)))
+    alone = [json.loads(json.dumps(ddp_adc.run(kept_rows(layer)))) for layer in ddp_adc.LAYERS]
+    assert alone[0]["policy"] != alone[1]["policy"]  # without the mean the ranks would disagree
