@@ -56,9 +56,9 @@ __all__ = [
 
 # methods written alongside (ADC, simulation-guided pruning, LoRITa): re-exported when present
 try:
-    from slimship.compress.adc import adc
+    from slimship.compress.adc import AdcPolicy, SearchResult, adc, adc_search, apply_policy
 
-    __all__ += ["adc"]
+    __all__ += ["AdcPolicy", "SearchResult", "adc", "adc_search", "apply_policy"]
 except ModuleNotFoundError:  # pragma: no cover
     pass
 try:

@@ -501,6 +501,10 @@ class _progress:
         self.progress.stop()
 
 
+#: the progress bar other modules use (public name of :class:`_progress`)
+progress = _progress
+
+
 # ---- groups ----------------------------------------------------------------------------------------
 def as_groups(groups: GroupSet | Sequence[ChannelGroup]) -> list[ChannelGroup]:
     return list(groups.groups) if isinstance(groups, GroupSet) else list(groups)

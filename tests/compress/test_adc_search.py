@@ -1,0 +1,195 @@
+"""adc_search: the ADC search scored by the user's own `evaluate(model) -> float`, and apply_policy."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimship.compress.adc import DDPG, adc_search, apply_policy
+from slimship.errors import CompressionError
+from slimship.slimming.api import count_flops, slim
+
+ROOT = Path(__file__).resolve().parents[2]
+X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+FAST = DDPG(warmup_episodes=4, batch_size=16, updates_per_step=1, hidden=16)
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 16),
+        nn.ReLU(),
+        nn.Linear(16, 10),
+    ).eval()
+
+
+def closeness(reference: nn.Module):
+    """An evaluate: how close the pruned model's outputs stay to the dense model's (higher is better)."""
+    with torch.no_grad():
+        target = reference(X)
+
+    def evaluate(model: nn.Module) -> float:
+        with torch.no_grad():
+            return -float(F.mse_loss(model(X), target))
+
+    return evaluate
+
+
+def kept_rows(index: int):
+    """An evaluate that prefers keeping the output channels of layer `index` (counts its non-zero rows)."""
+
+    def evaluate(model: nn.Module) -> float:
+        weight = model[index].weight.detach()
+        return float((weight.flatten(1).abs().sum(1) > 0).float().mean())
+
+    return evaluate
+
+
+def search(model: nn.Module, evaluate, **options):
+    opts = {"target_flops_ratio": 0.4, "episodes": 8, "ddpg": FAST, "seed": 1, **options}
+    return adc_search(model, (X,), evaluate, **opts)
+
+
+def test_policy_meets_the_flops_target_and_slims_to_the_zeroed_model() -> None:
+    model = small_cnn()
+    before = copy.deepcopy(model.state_dict())
+    result = search(model, closeness(model))
+    for key, value in model.state_dict().items():  # the search worked on a copy
+        assert torch.equal(value, before[key]), key
+    assert len(result.rewards) == 8 and result.reward == max([*result.rewards, result.uniform_reward])
+    assert result.flops_ratio <= 0.4 * (1 + 1e-9)
+    policy = result.policy
+    assert sorted(policy.sizes.values()) == [8, 12, 16]
+    assert all(len(policy.removed[s]) == policy.sizes[s] - policy.kept[s] for s in policy.sizes)
+    zeroed = apply_policy(copy.deepcopy(model), (X,), policy)
+    assert closeness(model)(zeroed) == pytest.approx(result.reward, rel=1e-6)  # the policy it scored
+    slimmed = slim(zeroed, (X,))
+    dense_flops = count_flops(model, (X,))
+    assert slimmed.flops_after <= 0.4 * dense_flops * 1.001
+    assert slimmed.flops_after == pytest.approx(result.flops_ratio * dense_flops, rel=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(slimmed.model(X), zeroed(X), rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_steers_the_policy() -> None:
+    """Preferring conv1's channels (8) or the hidden linear's (16) moves the kept fractions that way."""
+    model = small_cnn()
+    conv = search(model, kept_rows(0), seed_uniform=False).policy
+    linear = search(model, kept_rows(7), seed_uniform=False).policy
+    by_size = {size: space for space, size in conv.sizes.items()}
+    conv_space, linear_space = by_size[8], by_size[16]
+    assert conv.fractions[conv_space] > linear.fractions[conv_space]
+    assert linear.fractions[linear_space] > conv.fractions[linear_space]
+
+
+def test_same_seed_same_policy_and_the_global_rng_is_left_alone() -> None:
+    model = small_cnn()
+    state = torch.random.get_rng_state()
+    a = search(model, closeness(model), episodes=10)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = search(model, closeness(model), episodes=10)
+    assert a.policy == b.policy and a.rewards == b.rewards and a.episodes == b.episodes
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (math.nan, r"returned nan, not a finite float at episode 0 \(the uniform policy\)"),
+        (math.inf, r"returned inf, not a finite float at episode 0"),
+        ("0.5", r"returned str '0\.5', not a float at episode 0"),
+        (None, r"returned NoneType 'None', not a float"),
+    ],
+)
+def test_evaluate_returning_no_finite_float_names_the_episode(value, message) -> None:
+    with pytest.raises(CompressionError, match=message):
+        search(small_cnn(), lambda model: value)
+
+
+def test_a_bad_value_in_a_later_episode_names_that_episode() -> None:
+    calls = []
+
+    def evaluate(model: nn.Module) -> float:
+        calls.append(1)
+        return 0.5 if len(calls) < 3 else math.nan
+
+    with pytest.raises(CompressionError, match=r"at episode 2 of the adc search"):
+        search(small_cnn(), evaluate)
+
+
+def test_a_single_process_gloo_group_and_ddp_wrapper_give_the_same_policy() -> None:
+    import torch.distributed as dist
+
+    model = small_cnn()
+    alone = search(model, closeness(model))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        grouped = search(wrapped, closeness(model))
+    finally:
+        dist.destroy_process_group()
+    assert grouped.policy == alone.policy and grouped.rewards == alone.rewards
+
+
+def test_apply_policy_on_another_architecture_names_the_space() -> None:
+    policy = search(small_cnn(), closeness(small_cnn()), episodes=1, search="uniform").policy
+    wider = small_cnn()
+    wider[7], wider[9] = nn.Linear(12, 20), nn.Linear(20, 10)
+    with pytest.raises(CompressionError, match=r"has 16 channel groups but this model has 20"):
+        apply_policy(wider, (X,), policy)
+
+
+def test_readme_adc_example_runs(tmp_path: Path) -> None:
+    """The README's "Search with your own validation (ADC)" example runs and prints a slimmer model."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Search with your own validation (ADC)") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    flops = re.search(r"flops (\d+) -> (\d+)", done.stdout)
+    assert flops is not None, done.stdout
+    assert int(flops.group(2)) <= 0.5 * int(flops.group(1)) * 1.001
+
+
+@pytest.mark.slow  # two torchrun processes importing torch and tracing the model: ~40 s on a loaded machine
+def test_two_processes_with_different_evaluates_end_with_the_same_policy(tmp_path: Path) -> None:
+    """torchrun, 2 gloo processes whose evaluates differ: one policy on both ranks, the one a single
+    process finds with the mean of both evaluates (each evaluate alone leads to another policy)."""
+    import shutil
+
+    from tests.compress import ddp_adc
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun is not None
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29800 + os.getpid() % 100)]
+    cmd += ["-m", "tests.compress.ddp_adc", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"adc-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == json.loads(json.dumps(ddp_adc.run(ddp_adc.mean_of_ranks)))
+    alone = [json.loads(json.dumps(ddp_adc.run(kept_rows(layer)))) for layer in ddp_adc.LAYERS]
+    assert alone[0]["policy"] != alone[1]["policy"]  # without the mean the ranks would disagree
