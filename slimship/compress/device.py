@@ -111,11 +111,11 @@ def device_problem(spec: str) -> str | None:
         return None
     kind, _, index = spec.partition(":")
     if kind == "mps" and not torch.backends.mps.is_available():
-        return f"'mps' is not available on this machine; available: {', '.join(available_devices())}"
+        return f"this machine has no mps (available: {', '.join(available_devices())})"
     if kind == "cuda":
         count = torch.cuda.device_count()
         if count == 0 or (index and int(index) >= count):
-            return f"{spec!r} is not available on this machine; available: {', '.join(available_devices())}"
+            return f"this machine has no {spec} (available: {', '.join(available_devices())})"
     return None
 
 
@@ -124,7 +124,7 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
     else mps, else cpu; plain ``cuda`` under torchrun is cuda:LOCAL_RANK too. Unusable -> ConfigError."""
     problem = device_problem(spec)
     if problem is not None:
-        raise ConfigError(f"device {problem}")
+        raise ConfigError(f"device {spec!r}: {problem}")
     env = torchrun_env()
     local = local_rank if local_rank is not None else (env.local_rank if env else 0)
     if spec == "auto":
