@@ -90,6 +90,15 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def gather_object(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (``[value]`` without a process group)."""
+    if world_size() <= 1:
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier() -> None:
     """Wait until every rank gets here (nothing without a process group)."""
     if world_size() > 1:

@@ -20,6 +20,7 @@ from rich.table import Table
 from slimship._util import set_seed, sha256_bytes
 from slimship.compress.device import (
     broadcast_object,
+    gather_object,
     process_group,
     rank,
     resolve_device,
@@ -100,6 +101,7 @@ class Trained:
     test: Any
     example: tuple[torch.Tensor, ...]
     trace_example: tuple[torch.Tensor, ...]
+    ranks: dict[str, Any] = field(default_factory=dict)  # processes, and whether they ended alike
 
 
 class OtherRankFailed(SlimshipError):
@@ -211,7 +213,27 @@ def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device)
         compress_plots |= _search_plots(result.method, result.info)
     compressed.to("cpu")  # slimming, export and benchmarks run on CPU
     return Trained(
-        compressed, result, compress_info, compress_plots, dense_acc, train, test, example, trace_example
+        compressed, result, compress_info, compress_plots, dense_acc, train, test, example, trace_example,
+        _compare_ranks(compressed),
+    )  # fmt: skip
+
+
+def _compare_ranks(model: torch.nn.Module) -> dict[str, Any]:
+    """{processes, same_model_on_every_rank}: every rank's compressed weights and buffers by digest, so a
+    torchrun job whose ranks decided differently says so (rank 0's model is the one published)."""
+    digests = gather_object(_state_digest(model))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        log.warning("ranks %s ended training with another model than rank 0; rank 0's is published", differ)
+    return {"processes": len(digests), "same_model_on_every_rank": not differ}
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    return sha256_bytes(
+        b"".join(
+            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            for t in model.state_dict().values()
+        )
     )
 
 
@@ -304,6 +326,7 @@ def _publish(config: PipelineConfig, console: Console, stages: _Stages, trained:
             "channel_multiple": multiple,
             "alignment": alignment,
             "profiles": profiles,
+            "ranks": trained.ranks,
         }
         compress_plots |= _profile_plots(profiles, slim_result.report.spaces)
         gates = _gate_results(config, dense_acc, slim_acc, latency, accuracy)
