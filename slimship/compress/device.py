@@ -99,12 +99,6 @@ def gather_object(value: Any) -> list[Any]:
     return out
 
 
-def barrier() -> None:
-    """Wait until every rank gets here (nothing without a process group)."""
-    if world_size() > 1:
-        dist.barrier()
-
-
 # ---- devices -----------------------------------------------------------------------------------------
 def available_devices() -> list[str]:
     """The devices this machine has: cpu, then cuda:0..N-1, then mps."""
