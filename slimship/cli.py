@@ -68,6 +68,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from slimship.compress.device import torchrun_env
     from slimship.pipeline.config import load_config
     from slimship.pipeline.run import run_pipeline
 
@@ -75,7 +76,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out:
         overrides["release"] = {"out": str(args.out)}
     result = run_pipeline(load_config(args.config, overrides), _human(args))
-    _emit(args, result)
+    env = torchrun_env()
+    if env is None or env.rank == 0:  # under torchrun rank 0 speaks for the job (and writes --json)
+        _emit(args, result)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,11 @@ class Batches:
     With ``shuffle=True`` each pass uses the permutation drawn from ``(seed, epoch)``; the epoch counter
     starts at 0 and advances after every full or partial pass, so a rerun of the same loop gives the same
     batches. ``set_epoch`` rewinds or moves it.
+
+    With ``world > 1`` this is rank ``rank``'s shard: every rank draws the same epoch order, pads it by
+    wrapping around to a multiple of ``world`` and takes every ``world``-th sample from position ``rank``,
+    so all ranks get as many batches of ``batch_size`` and together see the epoch once (as
+    ``DistributedSampler`` does). ``shard(rank, world)`` gives a rank's shard of unsharded batches.
     """
 
     def __init__(
@@ -82,9 +88,15 @@ class Batches:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed, 0)
+        self.world = _check_int("world", world, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.world:
+            raise SlimshipError(f"Batches: rank {rank} is not below world {world}; ranks count from 0")
         if len(x) != len(y):
             raise SlimshipError(
                 f"Batches: x has {len(x)} samples but y has {len(y)}; pass arrays of equal length"
@@ -99,7 +111,14 @@ class Batches:
 
     @property
     def num_samples(self) -> int:
-        return len(self.x)
+        """Samples per epoch on this rank (all of them without sharding)."""
+        return -(-len(self.x) // self.world)
+
+    def shard(self, rank: int, world: int) -> Batches:
+        """The same batches as rank `rank` of `world` sees them (see the class docstring)."""
+        if self.world != 1:
+            raise SlimshipError(f"Batches: already rank {self.rank} of {self.world}; shard unsharded batches")
+        return Batches(self.x, self.y, self.batch_size, self.shuffle, self.seed, self.drop_last, rank, world)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -110,10 +129,13 @@ class Batches:
         self.epoch = _check_int("epoch", epoch, 0)
 
     def order(self, epoch: int) -> np.ndarray:
-        """Sample order of a given epoch."""
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        """Sample order of a given epoch (this rank's share of it when sharded)."""
+        n = len(self.x)
+        full = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.world == 1:
+            return full
+        padded = np.resize(full, self.num_samples * self.world)  # wraps around, like DistributedSampler
+        return padded[self.rank :: self.world]
 
     def __iter__(self) -> Iterator[Batch]:
         index = self.order(self.epoch)
@@ -148,13 +170,17 @@ def evaluate_accuracy(
     model_or_fn: nn.Module | Callable[[torch.Tensor], object], batches: Iterable[Batch]
 ) -> float:
     """Top-1 accuracy in percent. A module runs in eval mode (its mode is restored after) without grad."""
+    from slimship.compress.device import device_of, to_device
+
     was_training = isinstance(model_or_fn, nn.Module) and model_or_fn.training
+    device = device_of(model_or_fn) if isinstance(model_or_fn, nn.Module) else None
     if isinstance(model_or_fn, nn.Module):
         model_or_fn.eval()
     correct = total = 0
     try:
         with torch.no_grad():
             for x, y in batches:
+                x = x if device is None else to_device(x, device)  # a module: its inputs go where it is
                 pred = _logits(model_or_fn(x)).argmax(dim=1)
                 correct += int((pred.cpu() == torch.as_tensor(y)).sum())
                 total += len(y)
@@ -179,3 +205,116 @@ def calibration_batches(batches: Iterable[Batch], n: int) -> list[tuple[torch.Te
     if len(out) < n:
         log.warning("calibration_batches: asked for %d batches, the loader has only %d", n, len(out))
     return out
+
+
+# ---- torchrun: each rank's share of the train data ---------------------------------------------------
+class ShardedLoader:
+    """A DataLoader over a map-style dataset rebuilt with a ``DistributedSampler``; ``set_epoch`` reshuffles
+    (train_loop calls it every epoch)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, sampler: torch.utils.data.DistributedSampler):
+        self.loader, self.sampler = loader, sampler
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def _sampler(dataset: Any, rank: int, world: int, shuffle: bool, seed: int, drop_last: bool):
+    from torch.utils.data import DistributedSampler
+
+    return DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+
+
+def _shard_loader(loader: torch.utils.data.DataLoader, rank: int, world: int, seed: int) -> ShardedLoader:
+    """The loader's dataset, batch size, collate and workers, with a DistributedSampler (shuffled when the
+    loader shuffled)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    shuffle = isinstance(loader.sampler, RandomSampler)
+    sampler = _sampler(loader.dataset, rank, world, shuffle, seed, loader.drop_last)
+    rebuilt = DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
+    )  # fmt: skip
+    return ShardedLoader(rebuilt, sampler)
+
+
+def _shard_dataset(dataset: Any, rank: int, world: int, seed: int) -> ShardedLoader:
+    """A map-style dataset's items are the batches (as without torchrun): each rank takes every world-th."""
+    from torch.utils.data import DataLoader
+
+    sampler = _sampler(dataset, rank, world, False, seed, False)
+    return ShardedLoader(DataLoader(dataset, batch_size=None, sampler=sampler), sampler)
+
+
+def _shard_sequence(batches: Any, rank: int, world: int, seed: int) -> list[Any]:
+    """A list or tuple of batches: every world-th from `rank`, wrapped around to equal counts."""
+    index = np.resize(np.arange(len(batches)), -(-len(batches) // world) * world)
+    return [batches[i] for i in index[rank::world]]
+
+
+def _loader_over(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, torch.utils.data.DataLoader) and test(v.dataset)
+
+
+def _iterable_style(value: Any) -> bool:
+    return isinstance(value, torch.utils.data.IterableDataset)
+
+
+def _map_style(value: Any) -> bool:
+    dataset = isinstance(value, torch.utils.data.Dataset)
+    return dataset and hasattr(value, "__len__") and not _iterable_style(value)
+
+
+def _own_batch_sampler(value: Any) -> bool:
+    return isinstance(value, torch.utils.data.DataLoader) and value.batch_size is None
+
+
+RETURN_INSTEAD = (
+    "return slimship.data.Batches, a torch DataLoader over a map-style Dataset (with __len__ and "
+    "__getitem__), a map-style Dataset of batches, or a list of batches"
+)
+
+Sharder = Callable[[Any, int, int, int], Any]
+#: how train data is split across torchrun ranks, first match wins: (kind, matches, shard or None = refuse)
+SHARD_RULES: tuple[tuple[str, Callable[[Any], bool], Sharder | None], ...] = (
+    ("slimship.data.Batches", lambda v: isinstance(v, Batches), lambda v, r, w, seed: v.shard(r, w)),
+    ("a DataLoader over an IterableDataset", _loader_over(_iterable_style), None),
+    ("a DataLoader with its own batch_sampler", _own_batch_sampler, None),
+    ("a DataLoader over a map-style dataset", _loader_over(_map_style), _shard_loader),
+    ("an IterableDataset", _iterable_style, None),
+    ("a map-style Dataset", _map_style, _shard_dataset),
+    ("a list or tuple of batches", lambda v: isinstance(v, list | tuple), _shard_sequence),
+)
+
+
+def shard_rule(train: Any) -> tuple[str, Sharder | None]:
+    """(what `train` is, how to shard it; None: refused) from :data:`SHARD_RULES`."""
+    for kind, matches, shard in SHARD_RULES:
+        if matches(train):
+            return kind, shard
+    return "an iterable without a length or indexing", None
+
+
+def shard_train(train: Any, rank: int, world: int, source: str = "data.factory", seed: int = 0) -> Any:
+    """This rank's share of `train` with the same number of batches on every rank (`train` itself when
+    `world` is 1). Data that cannot be split so (a generator, an iterator, an IterableDataset) raises a
+    ConfigError naming `source`, the type found and what to return instead."""
+    if world <= 1 or train is None:
+        return train
+    kind, shard = shard_rule(train)
+    if shard is None:
+        raise ConfigError(
+            f"'{source}' returned train data of type {type(train).__name__} ({kind}), which cannot be split "
+            f"across {world} torchrun processes with equal batch counts; {RETURN_INSTEAD}"
+        )
+    return shard(train, rank, world, seed)

@@ -13,6 +13,7 @@ from slimship.data import (
     digits_arrays,
     digits_loaders,
     evaluate_accuracy,
+    shard_train,
 )
 from slimship.errors import ConfigError, SlimshipError
 from slimship.models import MODEL_FACTORIES, digits_cnn
@@ -187,3 +188,90 @@ def test_digits_cnn_trains_to_80_percent_in_two_epochs() -> None:
         torch.set_num_threads(threads)
     assert after > 80.0
     assert after > before + 30.0
+
+
+# ---- torchrun shards ----------------------------------------------------------------------------------
+def _arrays(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(n, dtype=np.float32).reshape(n, 1), np.arange(n, dtype=np.int64)
+
+
+def _labels(batches) -> list[list[int]]:
+    return [torch.as_tensor(y).reshape(-1).tolist() for _, y in batches]
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(2, 1), torch.zeros(2, dtype=torch.int64)
+
+
+def _tensor_dataset(n: int = 10) -> torch.utils.data.TensorDataset:
+    x, y = _arrays(n)
+    return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+
+
+#: kind of train data -> (a factory making it, whether it can be sharded)
+SHARD_CASES = {
+    "Batches": (lambda: Batches(*_arrays(10), batch_size=3, shuffle=True), True),
+    "DataLoader over a map-style dataset": (
+        lambda: torch.utils.data.DataLoader(_tensor_dataset(), batch_size=3, shuffle=True),
+        True,
+    ),
+    "map-style Dataset of batches": (_tensor_dataset, True),
+    "list of batches": (lambda: [(torch.zeros(2, 1), torch.tensor([i, i])) for i in range(5)], True),
+    "generator": (lambda: ((torch.zeros(2, 1), torch.zeros(2)) for _ in range(3)), False),
+    "iterator": (lambda: iter([(torch.zeros(2, 1), torch.zeros(2))]), False),
+    "IterableDataset": (_Stream, False),
+    "DataLoader over an IterableDataset": (
+        lambda: torch.utils.data.DataLoader(_Stream(), batch_size=None),
+        False,
+    ),
+    "DataLoader with its own batch_sampler": (
+        lambda: torch.utils.data.DataLoader(_tensor_dataset(), batch_sampler=[[0, 1], [2, 3, 4]]),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SHARD_CASES)
+def test_train_data_is_sharded_with_equal_batch_counts_or_refused(case: str) -> None:
+    make, shardable = SHARD_CASES[case]
+    if not shardable:
+        with pytest.raises(ConfigError) as caught:
+            shard_train(make(), 1, 2, "data.factory")
+        message = str(caught.value)
+        assert (
+            message.startswith("'data.factory' returned train data of type ")
+            and type(make()).__name__ in message
+        )
+        assert "return slimship.data.Batches" in message
+        return
+    train = make()
+    assert shard_train(train, 0, 1) is train  # one process: as it is
+    shards = [shard_train(make(), r, 2, "data.factory") for r in (0, 1)]
+    for epoch in (0, 1):
+        for s in shards:
+            if hasattr(s, "set_epoch"):
+                s.set_epoch(epoch)
+        seen = [_labels(s) for s in shards]
+        assert len(seen[0]) == len(seen[1]) == len(shards[0]) == len(shards[1]) > 0
+        assert [len(b) for b in seen[0]] == [len(b) for b in seen[1]]  # same batch sizes, step by step
+        union = {v for rank in seen for batch in rank for v in batch}
+        assert union == {v for batch in _labels(make()) for v in batch}  # together: the whole epoch
+
+
+def test_batches_shards_of_b_make_the_global_batches_of_one_process_with_2b() -> None:
+    x, y = _arrays(24)
+    single = Batches(x, y, batch_size=8, shuffle=True, seed=4)
+    ranks = [Batches(x, y, batch_size=4, shuffle=True, seed=4).shard(r, 2) for r in (0, 1)]
+    for epoch in (0, 3):
+        single.set_epoch(epoch)
+        for r in ranks:
+            r.set_epoch(epoch)
+        per_rank = [_labels(r) for r in ranks]
+        merged = [sorted(a + b) for a, b in zip(*per_rank, strict=True)]
+        assert merged == [sorted(b) for b in _labels(single)]
+    assert len(Batches(x[:9], y[:9], 2).shard(1, 2)) == 3  # 9 samples: 5 per rank after wrapping, 3 batches
+    with pytest.raises(SlimshipError, match="already rank 0 of 2"):
+        ranks[0].shard(0, 2)
+    with pytest.raises(SlimshipError, match="rank 2 is not below world 2"):
+        Batches(x, y, rank=2, world=2)

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimship._util import atomic_write_bytes
-from slimship.compress.device import rank
+from slimship.compress.device import (
+    broadcast_object,
+    device_of,
+    mean_across_ranks,
+    rank,
+    to_device,
+    wrap_for_training,
+)
 from slimship.errors import CompressionError
 from slimship.slimming.api import ChannelGroup, GroupSet, find_groups
 from slimship.slimming.graph import get_tensor, slice_index
@@ -155,9 +162,11 @@ def compress(
 
 
 # ---- training loop ---------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The random state of CPU torch, Python and numpy, plus every CUDA device's when CUDA is initialised
+    and the MPS generator's when `device` is MPS (a checkpoint's ``rng`` entry; loads with weights_only)."""
     np_state = np.random.get_state()
-    return {
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": {
@@ -168,9 +177,34 @@ def _rng_state() -> dict[str, Any]:
             "cached": float(np_state[4]),
         },
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_cuda_rng(states: list[torch.Tensor]) -> None:
+    count = torch.cuda.device_count()
+    if len(states) != count:
+        log.warning(
+            "training checkpoint: random state saved for %d CUDA devices, %d here; restoring the first %d",
+            len(states), count, min(len(states), count),
+        )  # fmt: skip
+    for index, saved in enumerate(states[:count]):
+        torch.cuda.set_rng_state(saved, index)
+
+
+#: device random states a checkpoint may hold: key -> (whether this machine has the device, restore)
+DEVICE_RNG: dict[str, tuple[Callable[[], bool], Callable[[Any], None]]] = {
+    "cuda": (torch.cuda.is_available, _set_cuda_rng),
+    "mps": (torch.backends.mps.is_available, lambda saved: torch.mps.set_rng_state(saved)),
+}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a :func:`rng_state`. A device state for a device this machine lacks (a CUDA run resumed on
+    CPU) is skipped with a warning: nothing random is drawn there, the CPU streams are restored as saved."""
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -178,6 +212,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(
         (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
     )
+    for key, (present, restore) in DEVICE_RNG.items():
+        if key not in state:
+            continue
+        if not present():
+            log.warning(
+                "training checkpoint holds a %s random state but this machine has no %s; skipped "
+                "(draws on that device cannot be replayed here, the CPU streams are restored)",
+                key, key,
+            )  # fmt: skip
+            continue
+        restore(state[key])
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -198,6 +243,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"training checkpoint {path} could not be loaded with weights_only=True ({exc}); "
             "delete it to start the training afresh"
         ) from exc
+
+
+def resume_payload(path: Path | None) -> dict[str, Any] | None:
+    """The checkpoint at `path` to resume from (None: start afresh). Under torchrun rank 0 reads the file
+    and every rank gets its content (or its error), so all ranks continue from the same state."""
+    found: tuple[str, Any] = ("none", None)
+    if rank() == 0 and path is not None and path.exists():
+        try:
+            found = ("ok", load_checkpoint(path))
+        except CompressionError as exc:
+            found = ("error", str(exc))
+    kind, value = broadcast_object(found) if path is not None else found
+    if kind == "error":
+        raise CompressionError(value)
+    return value
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -338,6 +398,12 @@ def train_loop(
     the global step: ``"cosine"`` decays per step from the optimizer's rate to ``lr_floor`` x that rate
     over all ``epochs``. The base rates are saved in the checkpoint, so a resumed run follows the same
     curve as an uninterrupted one; epoch records then carry the last rate used (``lr``).
+
+    Each batch moves to the model's device. Under torchrun (an open process group of several ranks) the
+    forward runs through DistributedDataParallel, so gradients are averaged across ranks before the hooks
+    see them; `batches` should then be this rank's shard with the same number of batches on every rank.
+    Rank 0 alone writes the checkpoint, every rank resumes from rank 0's file, and the epoch records count
+    the samples of all ranks.
     """
     if epochs < 0:
         raise CompressionError(f"epochs must be >= 0, got {epochs}")
@@ -349,11 +415,12 @@ def train_loop(
     np.random.seed(seed)
     history: list[dict[str, Any]] = []
     start = 0
-    if path is not None and path.exists():
-        saved = load_checkpoint(path)
+    device = device_of(model)
+    saved = resume_payload(path)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        _set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])
         history = list(saved["history"])
         start = int(saved["epoch"])
         base_lrs = _saved_base_lrs(saved, lr_schedule, lr_floor, base_lrs, path)
@@ -366,17 +433,19 @@ def train_loop(
     total_steps = epochs * (steps_per_epoch or 0)
     step = sum(int(h.get("steps", 0)) for h in history)
     lr = base_lrs[0] if base_lrs else 0.0
+    net = wrap_for_training(model)  # DistributedDataParallel under torchrun; hooks get `model` itself
     for epoch in range(start, end):
         model.train()
         _set_epoch(batches, epoch)
-        total = correct = count = 0.0
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x samples, correct, samples
         with _progress(f"{desc} {epoch + 1}/{epochs}", steps_per_epoch) as advance:
             n_steps = 0
             for x, y in batches:
+                x, y = to_device(x, device), to_device(y, device)
                 optimizer.zero_grad(set_to_none=True)
                 if lr_schedule != "constant":
                     lr = _set_lr(optimizer, base_lrs, lr_factor(lr_schedule, step, total_steps, lr_floor))
-                out = _logits(model(x))
+                out = _logits(net(x))
                 loss = loss_fn(out, y, x) if takes_inputs else loss_fn(out, y)
                 if not torch.isfinite(loss):
                     raise CompressionError(
@@ -391,16 +460,14 @@ def train_loop(
                 n_steps += 1
                 if step_hook is not None:
                     step_hook(model, epoch, step)
-                total += float(loss.detach()) * len(y)
-                count += len(y)
-                if out.dim() == 2 and y.dim() == 1:
-                    correct += float((out.detach().argmax(1) == y).sum())
+                _add_sums(sums, out.detach(), y, loss.detach())
                 advance()
+        total, correct, count = mean_across_ranks(sums).tolist()  # every rank's samples (ratios only)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "steps": n_steps,
-            "loss": total / max(count, 1),
-            "train_accuracy": 100.0 * correct / max(count, 1),
+            "loss": total / count if count else 0.0,
+            "train_accuracy": 100.0 * correct / count if count else 0.0,
         }
         if lr_schedule != "constant":
             record["lr"] = lr
@@ -416,14 +483,24 @@ def train_loop(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1,
-                    "rng": _rng_state(),
+                    "rng": rng_state(device),
                     "history": history,
                     "state": state if state is not None else {},
                     "lr_schedule": {"name": lr_schedule, "floor": lr_floor, "base_lrs": base_lrs},
                 },
             )
+    del net
     model.eval()
     return history
+
+
+def _add_sums(sums: torch.Tensor, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+    """Add one batch to (loss x samples, correct, samples) on the device, without a host copy."""
+    n = len(y)
+    sums[0] += loss.double() * n
+    sums[2] += n
+    if out.dim() == 2 and y.dim() == 1:
+        sums[1] += (out.argmax(1) == y).sum()
 
 
 def _saved_base_lrs(
@@ -468,7 +545,7 @@ def _epoch_line(text: str) -> None:
     from rich.console import Console
 
     console = Console(stderr=True)
-    if console.is_terminal and not log.isEnabledFor(logging.INFO):  # with -v the log line says it
+    if console.is_terminal and rank() == 0 and not log.isEnabledFor(logging.INFO):  # with -v: the log line
         console.print(f"  {text}", highlight=False)
 
 
@@ -491,7 +568,7 @@ class _progress:
             TimeRemainingColumn(),
             transient=True,
             console=console,
-            disable=not console.is_terminal,
+            disable=not console.is_terminal or rank() != 0,
         )
         self.progress.start()
         task = self.progress.add_task(self.desc, total=self.total)

@@ -1,15 +1,35 @@
-"""Where a sparsifier runs: the model's device, the module inside a DDP wrapper, and the process group.
+"""Where training runs: the device, the module inside a DDP wrapper, the process group of a torchrun job.
 
 Every data-dependent decision of a sparsifier goes through :func:`mean_across_ranks` before use, and every
 random draw comes from a generator made by :func:`decision_generator`, so all ranks of a torchrun job
 take the same decisions. Without an initialised process group these are no-ops.
+
+Device handling lives here only: :func:`resolve_device` turns ``auto | cpu | cuda | cuda:N | mps`` into a
+device, :func:`torchrun_env` reads the launcher's variables, :func:`process_group` opens and always closes
+the group, :func:`wrap_for_training` puts a model under DistributedDataParallel when there is a group.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from slimship.errors import ConfigError
+
+#: device names a config may give (``cuda:N`` too); ``auto`` picks cuda, then mps, then cpu
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_RULE = "auto, cpu, cuda, cuda:N or mps"
+#: how long ranks wait in one collective, e.g. the other ranks for rank 0's export and benchmark
+GROUP_TIMEOUT = datetime.timedelta(hours=4)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,3 +79,127 @@ def broadcast_from_rank0(values: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.broadcast(values, src=0)
     return values
+
+
+def broadcast_object(value: Any) -> Any:
+    """`value` as rank 0 holds it (any picklable object; `value` itself without a process group)."""
+    if world_size() <= 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (``[value]`` without a process group)."""
+    if world_size() <= 1:
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+# ---- devices -----------------------------------------------------------------------------------------
+def available_devices() -> list[str]:
+    """The devices this machine has: cpu, then cuda:0..N-1, then mps."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return found + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def device_problem(spec: str) -> str | None:
+    """Why `spec` cannot be used on this machine (None when it can)."""
+    if not DEVICE_RE.match(spec):
+        return f"{spec!r} is not a device name; expected {DEVICE_RULE}"
+    if spec in ("auto", "cpu"):
+        return None
+    kind, _, index = spec.partition(":")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        return f"this machine has no mps (available: {', '.join(available_devices())})"
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (index and int(index) >= count):
+            return f"this machine has no {spec} (available: {', '.join(available_devices())})"
+    return None
+
+
+def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The device of `spec`: ``auto`` is cuda:LOCAL_RANK under torchrun (cuda:0 alone) when cuda exists,
+    else mps, else cpu; plain ``cuda`` under torchrun is cuda:LOCAL_RANK too. Unusable -> ConfigError."""
+    problem = device_problem(spec)
+    if problem is not None:
+        raise ConfigError(f"device {spec!r}: {problem}")
+    env = torchrun_env()
+    local = local_rank if local_rank is not None else (env.local_rank if env else 0)
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if spec == "cuda":
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device(spec)
+
+
+# ---- torchrun ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """What torchrun tells each process: its rank, the number of processes, its rank on this node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_env(environ: dict[str, str] | None = None) -> TorchrunEnv | None:
+    """The torchrun variables (WORLD_SIZE, RANK, LOCAL_RANK) when all three are set, else None."""
+    env = os.environ if environ is None else environ
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    if not all(env.get(n, "").isdigit() for n in names):
+        return None
+    rank_, world, local = (int(env[n]) for n in names)
+    return TorchrunEnv(rank_, world, local)
+
+
+def backend_for(device: torch.device) -> str:
+    """nccl for cuda, gloo for everything else."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[TorchrunEnv | None]:
+    """Under torchrun: the default process group for `device` (destroyed on leaving, errors included).
+
+    Without torchrun variables, or with a group already open (the caller's), nothing is done."""
+    env = torchrun_env()
+    if env is None or not dist.is_available() or dist.is_initialized():
+        yield env
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), timeout=GROUP_TIMEOUT)
+    try:
+        yield env
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap_for_training(model: nn.Module) -> nn.Module:
+    """`model` under DistributedDataParallel when a process group has several ranks (as it is otherwise,
+    or when already wrapped). Its parameters are synchronised from rank 0 when wrapped."""
+    if world_size() <= 1 or isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
+        return model
+    device = device_of(model)
+    ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors in `value` (a tensor, or tuples / lists / dicts of them) on `device` (others unchanged)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=device.type == "cuda")
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic.fields import FieldInfo
 
 from slimship._yaml import load_yaml
+from slimship.compress.device import DEVICE_RE, DEVICE_RULE
 from slimship.errors import ConfigError
 from slimship.exporters.registry import FORMATS as FORMAT_TABLE
 from slimship.pipeline.names import NAME_RE, NAME_RULE, VERSION_RE, VERSION_RULE
@@ -77,6 +78,11 @@ class DataSpec(Section):
 class TrainSpec(Section):
     epochs: int = _f(0, "a non-negative integer", ge=0)
     lr: float = _f(1e-3, "a positive number", gt=0)
+    device: str = _f(
+        "auto",
+        f"{DEVICE_RULE} (where dense training and compression run; auto: cuda, else mps, else cpu)",
+        pattern=DEVICE_RE.pattern,
+    )
 
 
 class SlimSpec(Section):
@@ -162,6 +168,11 @@ class PipelineConfig(Section):
     def factory(self, section: Literal["model", "data"]) -> Callable[..., Any]:
         """The `model.factory` or `data.factory` function (see `resolve`)."""
         return resolve(getattr(self, section).factory, f"{section}.factory", self._base_dir)
+
+    @property
+    def device(self) -> str:
+        """`train.device` (auto without a train section): where training and compression run."""
+        return self.train.device if self.train is not None else "auto"
 
     def target_profiles(self) -> list[Any]:
         """The `targets` as resolved Target records (built-in or from `targets_file`), in order."""
@@ -568,7 +579,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else "no message"
 
 
+def _check_device(config: PipelineConfig) -> list[str]:
+    """`train.device` names a device this machine has (cuda asked on a machine without it is refused)."""
+    from slimship.compress.device import device_problem
+
+    problem = device_problem(config.device)
+    if problem is None:
+        return []
+    return [f"'train.device' is {config.device!r}; {problem}; use auto or an available device"]
+
+
 READINESS_CHECKS: tuple[Callable[[PipelineConfig], list[str]], ...] = (
+    _check_device,
     _check_targets,
     _check_kwargs,
     _check_input_shape,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,16 @@ from rich.console import Console
 from rich.table import Table
 
 from slimship._util import set_seed, sha256_bytes
-from slimship.errors import ConfigError
+from slimship.compress.device import (
+    broadcast_object,
+    gather_object,
+    process_group,
+    rank,
+    resolve_device,
+    to_device,
+    world_size,
+)
+from slimship.errors import ConfigError, SlimshipError
 from slimship.exporters.registry import get_format
 from slimship.pipeline.config import PipelineConfig
 from slimship.pipeline.gates import QUANTISED_FORMATS, Figures, GateResult, enforce, evaluate_gates
@@ -77,19 +88,78 @@ def _export_all(
     return export_formats(formats, request, workdir, stem)
 
 
+@dataclass
+class Trained:
+    """What every rank holds after training and compression (on CPU again), for rank 0 to publish."""
+
+    compressed: torch.nn.Module
+    result: Any  # the CompressResult, or None without compression
+    compress_info: dict[str, Any]
+    compress_plots: dict[str, Any]
+    dense_acc: float | None
+    train: Any  # the data factory's train data, unsharded (calibration, factorisation)
+    test: Any
+    example: tuple[torch.Tensor, ...]
+    trace_example: tuple[torch.Tensor, ...]
+    ranks: dict[str, Any] = field(default_factory=dict)  # processes, and whether they ended alike
+
+
+class OtherRankFailed(SlimshipError):
+    """A torchrun rank other than 0 learns that rank 0 failed (its own error is printed by rank 0)."""
+
+
 def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:
     """Run every configured stage (`config` from `validate` / `load_config`); gates decide before the
-    release is written. Returns the release location and the summary figures."""
+    release is written. Returns the release location and the summary figures.
+
+    Training and compression run on `train.device`. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) a
+    process group is opened (nccl for cuda, gloo otherwise) and closed at the end, errors included: every
+    rank trains its shard of the train data under DistributedDataParallel and takes the same compression
+    decisions; rank 0 alone slims, exports, benchmarks, gates and writes the bundle while the others wait,
+    then they return a result without a bundle (or raise OtherRankFailed when rank 0 failed)."""
     from slimship.pipeline.release import check_new_version
 
-    console = console or Console()
     rcfg = config.release
     check_new_version(Path(rcfg.out), rcfg.name, rcfg.version)  # fail before any work
-    stages = _Stages(console)
-    seed = config.seed
-    set_seed(seed)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    device = resolve_device(config.device)
+    with process_group(device), _rank0_voice():
+        console = (console or Console()) if rank() == 0 else Console(quiet=True)
+        stages = _Stages(console)
+        trained = _train_stages(config, stages, device)
+        if world_size() == 1:
+            return _publish(config, console, stages, trained)
+        return _publish_on_rank0(config, console, stages, trained)
 
+
+@contextlib.contextmanager
+def _rank0_voice() -> Iterator[None]:
+    """On ranks other than 0, slimship's log says errors only (rank 0 speaks for the job)."""
+    logger = logging.getLogger("slimship")
+    level = logger.level
+    if rank() != 0:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _publish_on_rank0(config: PipelineConfig, console: Console, stages: _Stages, trained: Trained):
+    """Rank 0 publishes and then tells the others whether it succeeded; they wait for that word."""
+    if rank() != 0:
+        if not broadcast_object(None):
+            raise OtherRankFailed(f"rank 0 failed after training (see its error); rank {rank()} stops too")
+        return PipelineResult(None, {}, stages.timings)
+    done = False
+    try:
+        result = _publish(config, console, stages, trained)
+        done = True
+        return result
+    finally:
+        broadcast_object(done)
+
+
+def _build_model(config: PipelineConfig) -> torch.nn.Module:
     model_cfg = config.model
     model = config.factory("model")(**model_cfg.kwargs)
     if not isinstance(model, torch.nn.Module):
@@ -101,35 +171,84 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
         model = load_state_checkpoint(
             model_cfg.checkpoint, lambda: built, allow_pickle=model_cfg.allow_pickle
         )
+    return model
+
+
+def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device) -> Trained:
+    """Dense training and compression on `device`, on every rank (each on its shard of the train data);
+    the compressed model comes back to CPU once, for slimming and export."""
+    from slimship.data import shard_train
+
+    seed = config.seed
+    set_seed(seed)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    model = _build_model(config)
     train = test = None
     if config.data is not None:
         train, test = config.factory("data")(**config.data.kwargs)
+    shard = shard_train(train, rank(), world_size(), "data.factory", seed)  # refused alike on every rank
     generator = torch.Generator().manual_seed(seed)
-    example = (torch.randn(1, *model_cfg.input_shape, generator=generator),)  # what a device runs
+    example = (torch.randn(1, *config.model.input_shape, generator=generator),)  # what a device runs
     # tracing with batch 2 keeps the batch dim dynamic (a batch of 1 is specialised by torch.export)
-    trace_example = (torch.randn(2, *model_cfg.input_shape, generator=generator),)
+    trace_example = (torch.randn(2, *config.model.input_shape, generator=generator),)
 
+    model.to(device)
     tcfg = config.train
     if tcfg is not None and train is not None and tcfg.epochs > 0:
-        stages.run("train dense model", _train_dense, model, train, tcfg.epochs, tcfg.lr, seed)
+        stages.run("train dense model", _train_dense, model, shard, tcfg.epochs, tcfg.lr, seed)
     model.eval()
     dense_acc = _accuracy(model, test)
 
-    compressed, compress_info, compress_plots = model, {}, {}
+    compressed, result, compress_info, compress_plots = model, None, {}, {}
     if config.compress is not None:
         from slimship.compress import compress
 
         ccfg = config.compress
         result = stages.run(
-            f"compress ({ccfg.method})", compress, ccfg.method, model, trace_example, train, test,
-            **ccfg.options.model_dump(exclude_unset=True),
+            f"compress ({ccfg.method})", compress, ccfg.method, model, to_device(trace_example, device),
+            shard, test, **ccfg.options.model_dump(exclude_unset=True),
         )  # fmt: skip
         compressed, compress_info = result.model.eval(), {"method": result.method, **_plain(result.info)}
         compress_plots = _history_plots(result.method, result.history)
         compress_plots |= _search_plots(result.method, result.info)
+    compressed.to("cpu")  # slimming, export and benchmarks run on CPU
+    return Trained(
+        compressed, result, compress_info, compress_plots, dense_acc, train, test, example, trace_example,
+        _compare_ranks(compressed),
+    )  # fmt: skip
 
+
+def _compare_ranks(model: torch.nn.Module) -> dict[str, Any]:
+    """{processes, same_model_on_every_rank}: every rank's compressed weights and buffers by digest, so a
+    torchrun job whose ranks decided differently says so (rank 0's model is the one published)."""
+    digests = gather_object(_state_digest(model))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        log.warning("ranks %s ended training with another model than rank 0; rank 0's is published", differ)
+    return {"processes": len(digests), "same_model_on_every_rank": not differ}
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    return sha256_bytes(
+        b"".join(
+            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            for t in model.state_dict().values()
+        )
+    )
+
+
+def _publish(config: PipelineConfig, console: Console, stages: _Stages, trained: Trained) -> PipelineResult:
+    """Slim, export, bench, gate and release the compressed model (rank 0 only under torchrun)."""
     from slimship.slimming import slim
 
+    compressed, result, compress_info = trained.compressed, trained.result, trained.compress_info
+    compress_plots, dense_acc, train, test = (
+        trained.compress_plots,
+        trained.dense_acc,
+        trained.train,
+        trained.test,
+    )
+    example, trace_example, seed = trained.example, trained.trace_example, config.seed
     slim_source, factorized = compressed, None
     if compress_info.get("slim_step") == "factorize":  # low-rank methods: thin layers replace wide ones
         from slimship.compress.lorita import factorize
@@ -207,6 +326,7 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
             "channel_multiple": multiple,
             "alignment": alignment,
             "profiles": profiles,
+            "ranks": trained.ranks,
         }
         compress_plots |= _profile_plots(profiles, slim_result.report.spaces)
         gates = _gate_results(config, dense_acc, slim_acc, latency, accuracy)

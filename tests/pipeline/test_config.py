@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from slimship.cli import main
@@ -264,3 +265,24 @@ def test_demo_config_is_valid_and_takes_overrides(tmp_path) -> None:
     assert config.release.out == str(tmp_path) and config.release.name == "digits-cnn"
     assert config.gates.min_speedup == 1.1 and config.gates.max_accuracy_drop == 1.0
     assert config.compress.options.model_dump(exclude_unset=True) == {"target": 0.6, "epochs": 8, "lr": 0.02}
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_train_device_accepts_what_this_machine_has(device: str) -> None:
+    config = validate(merge(BASE, {"train": {"device": device}, "targets": ["host"]}))
+    assert config.device == device and config.train.device == device
+    assert validate(merge(BASE, {"targets": ["host"]})).device == "auto"  # no train section: auto
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without cuda")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_train_device_cuda_without_cuda_is_a_config_error_listing_devices(device: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate(merge(BASE, {"train": {"device": device}, "targets": ["host"]}))
+    assert f"'train.device' is '{device}'; this machine has no {device} (available: cpu" in str(caught.value)
+
+
+def test_train_device_unknown_name_says_what_is_expected() -> None:
+    expected = r"'train.device' is 'gpu'; expected auto, cpu, cuda, cuda:N or mps"
+    with pytest.raises(ConfigError, match=expected):
+        validate(merge(BASE, {"train": {"device": "gpu"}}))
