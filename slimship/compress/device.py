@@ -7,6 +7,8 @@ take the same decisions. Without an initialised process group these are no-ops.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -59,3 +61,29 @@ def broadcast_from_rank0(values: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.broadcast(values, src=0)
     return values
+
+
+def distributed() -> bool:
+    """True inside an initialised process group (even of one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def broadcast_object_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself without a process group.
+
+    Other ranks may pass None: they wait here until rank 0 has computed its value (e.g. a measurement).
+    """
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def broadcast_module_from_rank0(model: nn.Module) -> nn.Module:
+    """Every parameter and buffer of `model` as rank 0 holds them (in place; a no-op without a group)."""
+    if distributed():
+        for tensor in unwrap(model).state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return model
