@@ -288,24 +288,27 @@ def measure_and_choose(
     repeats: int,
 ) -> dict[str, Any]:
     """Latency table of the teacher and `candidates` (width -> model) and the student chosen from it."""
-    named = {width_name(w): m for w, m in candidates.items()}
-    table = latency_table({"teacher": teacher, **named}, inputs, runtimes, repeats)
-    primary = runtimes[0]
     teacher_flops, teacher_params = count_flops(teacher, inputs), count_params(teacher)
     rows = []
     for w, cand in candidates.items():
-        name, flops = width_name(w), count_flops(cand, inputs)
+        flops = count_flops(cand, inputs)
         rows.append(
             {
-                "name": name,
+                "name": width_name(w),
                 "width_mult": w,
                 "params": count_params(cand),
                 "flops": flops,
                 "flops_ratio": teacher_flops / max(flops, 1),
-                "latency_ms": table[name],
-                "speedup": {rt: table["teacher"][rt] / table[name][rt] for rt in runtimes},
             }
         )
+    if min_flops_ratio is not None:  # fail before the (slow) measurement when no width can be chosen
+        choose_student([{**r, "latency_ms": {"-": 0.0}} for r in rows], 0.0, "-", min_flops_ratio)
+    named = {width_name(w): m for w, m in candidates.items()}
+    table = latency_table({"teacher": teacher, **named}, inputs, runtimes, repeats)
+    primary = runtimes[0]
+    for row in rows:
+        row["latency_ms"] = table[row["name"]]
+        row["speedup"] = {rt: table["teacher"][rt] / table[row["name"]][rt] for rt in runtimes}
     budget = budget_ms if budget_ms is not None else table["teacher"][primary] / speedup
     chosen, fits = choose_student(rows, budget, primary, min_flops_ratio)
     if not fits:
