@@ -96,9 +96,16 @@ def overparametrize(model: nn.Module, depth: int) -> list[str]:
 
 
 def collapse(model: nn.Module) -> nn.Module:
-    """Multiply the factors back into plain weights, in place (a DDP wrapper is unwrapped)."""
+    """Multiply the factors back into plain weights, in place (a DDP wrapper is unwrapped).
+
+    Copies of `model` (``copy.deepcopy``) stay parametrised and working: torch's removal deletes the
+    weight property from the module's class, which a deep copy shares, so each module first gets a class
+    of its own.
+    """
     for _, m in unwrap(model).named_modules():
         if parametrize.is_parametrized(m, "weight"):
+            shared = type(m)  # torch's injected ``Parametrized<Layer>`` class
+            m.__class__ = type(shared.__name__, shared.__bases__, dict(vars(shared)))
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     return model
 
