@@ -12,6 +12,10 @@ checked numerically: on the inputs it sees, its output error must not exceed wha
 allows (``sigma_{r+1} * ||input||``, the spectral bound of the dropped part). With
 ``finetune_epochs`` > 0 the thin model is then trained for a few epochs (Adam, no weight decay) to recover
 the truncation loss; it stays a plain model of thin layers, so its export is exact to what was evaluated.
+
+In your own loop: ``lowrank = parametrize_low_rank(model, depth=3)`` before building the optimizer (and
+before wrapping in DDP), train with weight decay, then ``lowrank.factorize(example_inputs, energy=...)``.
+``compress("lorita", ...)`` is the same parametrisation and collapse around ``train_loop``.
 """
 
 from __future__ import annotations
