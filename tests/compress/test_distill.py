@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +22,7 @@ from slimship.data import evaluate_accuracy
 from slimship.errors import CompressionError
 from tests.compress.gloo import single_process_group
 from tests.compress.test_base import example, one_thread, same_state, tiny_data, tiny_model
-from tests.compress.test_sparsifier import run_readme_example
+from tests.compress.test_sparsifier import ROOT, run_readme_example
 
 assert one_thread  # autouse fixture
 
@@ -242,3 +248,25 @@ def test_readme_hakd_example_runs(tmp_path) -> None:
     assert found, stdout
     width, flops_ratio, accuracy = map(float, found.groups())
     assert width in (0.5, 0.25) and flops_ratio > 1.5 and accuracy > 0.6
+
+
+@pytest.mark.slow  # two torchrun processes importing torch, rank 0 exporting and timing three models: ~30 s
+def test_two_processes_build_the_same_student(tmp_path) -> None:
+    """torchrun, 2 gloo processes with different teachers: rank 0 alone measures; both ranks build rank 0's
+    choice with rank 0's weights (its thinned teacher) and stay equal after a DDP distillation step."""
+    from tests.compress import ddp_distill
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun is not None
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29400 + os.getpid() % 1000)]
+    cmd += ["-m", "tests.compress.ddp_distill", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"distill-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["measured"] for r in ranks] == [1, 0]
+    assert ranks[0]["chosen"] == ranks[1]["chosen"] == "w0.75"
+    assert (
+        ranks[0]["built"] == ranks[1]["built"] == ddp_distill.digest(thinned(tiny_model(0), example(), 0.75))
+    )
+    assert ranks[0]["stepped"] == ranks[1]["stepped"] != ranks[0]["built"]
