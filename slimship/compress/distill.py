@@ -392,7 +392,10 @@ def build_student(
     if "error" in choice:
         raise CompressionError(choice["error"])
     width = choice["width_mult"]
-    student = candidates.get(width) or candidate(teacher, inputs, width, student_factory, student_init, seed)
+    if width in candidates:
+        student = candidates[width]
+    else:  # a rank other than 0 builds only the chosen width
+        student = candidate(teacher, inputs, width, student_factory, student_init, seed)
     student = broadcast_module_from_rank0(student.to(device_of(teacher)))
     return student.eval(), choice
 
