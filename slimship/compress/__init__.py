@@ -16,7 +16,7 @@ from slimship.compress.base import (
     train_loop,
 )
 from slimship.compress.csgd import csgd
-from slimship.compress.distill import hakd, latency_table, thinned
+from slimship.compress.distill import DistillationLoss, build_student, hakd, latency_table, thinned
 from slimship.compress.drop import drop
 from slimship.compress.hspg import hesso, hspg
 from slimship.compress.imports import (
@@ -31,7 +31,9 @@ __all__ = [
     "METHODS",
     "SPARSIFIERS",
     "CompressResult",
+    "DistillationLoss",
     "Sparsifier",
+    "build_student",
     "compress",
     "csgd",
     "drop",
@@ -68,8 +70,8 @@ try:
 except ModuleNotFoundError:  # pragma: no cover
     pass
 try:
-    from slimship.compress.lorita import lorita
+    from slimship.compress.lorita import LowRankParametrization, factorize, lorita, parametrize_low_rank
 
-    __all__ += ["lorita"]
+    __all__ += ["LowRankParametrization", "factorize", "lorita", "parametrize_low_rank"]
 except ModuleNotFoundError:  # pragma: no cover
     pass

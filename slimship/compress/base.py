@@ -32,7 +32,7 @@ from torch import nn
 
 from slimship._util import atomic_write_bytes
 from slimship.compress.device import (
-    broadcast_object,
+    broadcast_object_from_rank0,
     device_of,
     mean_across_ranks,
     rank,
@@ -254,7 +254,7 @@ def resume_payload(path: Path | None) -> dict[str, Any] | None:
             found = ("ok", load_checkpoint(path))
         except CompressionError as exc:
             found = ("error", str(exc))
-    kind, value = broadcast_object(found) if path is not None else found
+    kind, value = broadcast_object_from_rank0(found) if path is not None else found
     if kind == "error":
         raise CompressionError(value)
     return value

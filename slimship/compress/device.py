@@ -81,13 +81,30 @@ def broadcast_from_rank0(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def broadcast_object(value: Any) -> Any:
-    """`value` as rank 0 holds it (any picklable object; `value` itself without a process group)."""
-    if world_size() <= 1:
+def distributed() -> bool:
+    """True inside an initialised process group (even of one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def broadcast_object_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself without a process group.
+
+    Other ranks may pass None: they wait here until rank 0 has computed its value (e.g. a measurement).
+    """
+    if not distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@torch.no_grad()
+def broadcast_module_from_rank0(model: nn.Module) -> nn.Module:
+    """Every parameter and buffer of `model` as rank 0 holds them (in place; a no-op without a group)."""
+    if distributed():
+        for tensor in unwrap(model).state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return model
 
 
 def gather_object(value: Any) -> list[Any]:

@@ -12,6 +12,10 @@ checked numerically: on the inputs it sees, its output error must not exceed wha
 allows (``sigma_{r+1} * ||input||``, the spectral bound of the dropped part). With
 ``finetune_epochs`` > 0 the thin model is then trained for a few epochs (Adam, no weight decay) to recover
 the truncation loss; it stays a plain model of thin layers, so its export is exact to what was evaluated.
+
+In your own loop: ``lowrank = parametrize_low_rank(model, depth=3)`` before building the optimizer (and
+before wrapping in DDP), train with weight decay, then ``lowrank.factorize(example_inputs, energy=...)``.
+``compress("lorita", ...)`` is the same parametrisation and collapse around ``train_loop``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from slimship.compress.adc.budget import layer_flops
 from slimship.compress.base import (
     Batch,
     CompressResult,
@@ -36,6 +41,7 @@ from slimship.compress.base import (
     train_loop,
     working_copy,
 )
+from slimship.compress.device import score_dtype, unwrap
 from slimship.errors import CompressionError, VerificationError
 from slimship.slimming.api import count_flops, count_params, verify_outputs
 from slimship.slimming.trace import as_input_tuple
@@ -81,21 +87,83 @@ class ProductOfFactors(nn.Module):
 
 def overparametrize(model: nn.Module, depth: int) -> list[str]:
     """Make every matrix layer's weight a product of `depth` factors, in place; return the layer names."""
-    if depth < 2:
-        raise CompressionError(f"option 'depth' must be >= 2 (factors per weight), got {depth}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+        raise CompressionError(f"option 'depth' must be an integer >= 2 (factors per weight), got {depth!r}")
     names = []
     for name, m in _matrix_layers(model):
+        if parametrize.is_parametrized(m, "weight"):
+            raise CompressionError(
+                f"layer {name!r} is already parametrised: apply the LoRITa parametrisation once per model"
+            )
         parametrize.register_parametrization(m, "weight", ProductOfFactors(m.weight.shape, depth))
         names.append(name)
     return names
 
 
 def collapse(model: nn.Module) -> nn.Module:
-    """Multiply the factors back into plain weights, in place."""
-    for _, m in model.named_modules():
+    """Multiply the factors back into plain weights, in place (a DDP wrapper is unwrapped).
+
+    Copies of `model` (``copy.deepcopy``) stay parametrised and working: torch's removal deletes the
+    weight property from the module's class, which a deep copy shares, so each module first gets a class
+    of its own.
+    """
+    for _, m in unwrap(model).named_modules():
         if parametrize.is_parametrized(m, "weight"):
+            shared = type(m)  # torch's injected ``Parametrized<Layer>`` class
+            m.__class__ = type(shared.__name__, shared.__bases__, dict(vars(shared)))
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     return model
+
+
+@dataclass
+class LowRankParametrization:
+    """What :func:`parametrize_low_rank` did to a model: the parametrised layers and the factors each.
+
+    After training, :meth:`factorize` (or :meth:`collapse` alone) ends the LoRITa run.
+    """
+
+    model: nn.Module
+    layers: list[str]
+    depth: int
+
+    def collapse(self) -> nn.Module:
+        """Multiply the factors back into plain weights, in place: the model of the original architecture."""
+        return collapse(self.model)
+
+    def effective_ranks(self, energy: float = 0.98) -> dict[str, int]:
+        """Per parametrised layer, the rank keeping `energy` of its weight's squared singular values."""
+        _check_rank_options(None, energy)
+        modules = dict(self.model.named_modules())
+        return {n: _rank_for(_singular_values(modules[n]), None, energy) for n in self.layers}
+
+    def factorize(self, example_inputs: Any, **options: Any) -> FactorizeResult:
+        """Collapse in place, then :func:`factorize` the model into thin layers (same options)."""
+        self.collapse()
+        return factorize(self.model.eval(), example_inputs, **options)
+
+
+def parametrize_low_rank(model: nn.Module, *, depth: int = 3) -> LowRankParametrization:
+    """LoRITa's parametrisation for your own loop: call it before building the optimizer and before DDP.
+
+        lowrank = parametrize_low_rank(model, depth=3)          # 1. before the optimizer and DDP(model)
+        optimizer = torch.optim.AdamW(model.parameters(), weight_decay=1e-4)
+        ...your loop, unchanged...                              # 2. weight decay drives the rank down
+        result = lowrank.factorize(example_inputs, energy=0.98)  # 3. after training: thin layers
+
+    Every Linear and ungrouped convolution weight becomes a product of `depth` factors (in place, on the
+    weight's device and dtype; the model computes the same function). A DistributedDataParallel wrapper
+    is refused: DDP records the parameters when it is built, so parametrise the plain model first.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise CompressionError(
+            "parametrize_low_rank got a DistributedDataParallel model: parametrise the plain model first, "
+            "then wrap it in DDP (DDP keeps the parameters it saw when built)"
+        )
+    model = unwrap(model)
+    names = overparametrize(model, depth)
+    if not names:
+        raise CompressionError("lorita: the model has no Linear or ungrouped convolution layer to factorise")
+    return LowRankParametrization(model=model, layers=names, depth=depth)
 
 
 @register("lorita")
@@ -119,6 +187,7 @@ def lorita(
 ) -> CompressResult:
     """Train with each weight over-parametrised as `depth` factors (Adam + weight decay), then collapse.
 
+    Exactly :func:`parametrize_low_rank`, ``train_loop`` and :meth:`LowRankParametrization.collapse`.
     `rank_ratio` / `energy` / `min_saving` / `finetune_epochs` / `finetune_lr` are not used here: they are
     handed to ``factorize`` through ``info["factorize"]`` (the pipeline's slimming step for this method,
     ``info["slim_step"]``); a fine-tune there also needs the training batches.
@@ -128,9 +197,7 @@ def lorita(
     _check_rank_options(rank_ratio, energy)
     _check_finetune(finetune_epochs, finetune_lr, train)
     model = working_copy(model)
-    names = overparametrize(model, depth)
-    if not names:
-        raise CompressionError("lorita: the model has no Linear or ungrouped convolution layer to factorise")
+    lowrank = parametrize_low_rank(model, depth=depth)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     history = train_loop(
         model,
@@ -141,9 +208,8 @@ def lorita(
         seed=seed,
         desc=f"lorita (depth {depth})",
     )
-    collapse(model)
+    lowrank.collapse()
     model.eval()
-    spectra = {name: _singular_values(m).tolist() for name, m in _matrix_layers(model) if name in names}
     info = {
         "slim_step": "factorize",
         "factorize": {
@@ -154,8 +220,8 @@ def lorita(
             "finetune_lr": finetune_lr,
         },
         "depth": depth,
-        "layers": names,
-        "effective_rank": {n: _rank_for(torch.tensor(s), None, energy or 0.98) for n, s in spectra.items()},
+        "layers": lowrank.layers,
+        "effective_rank": lowrank.effective_ranks(energy or 0.98),
         "test_accuracy": maybe_accuracy(model, test),
     }
     return CompressResult(model=model, method="lorita", history=history, info=info)
@@ -210,15 +276,21 @@ def _check_finetune(epochs: int, lr: float, train: Iterable[Batch] | None) -> No
         )
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the widest float its device has (float64; float32 on MPS), for norms and SVDs."""
+    return t.to(score_dtype(t.device))
+
+
 def _singular_values(m: nn.Module) -> torch.Tensor:
-    return torch.linalg.svdvals(m.weight.detach().reshape(m.weight.shape[0], -1).double())
+    w = m.weight.detach()
+    return torch.linalg.svdvals(wide(w.reshape(w.shape[0], -1)))
 
 
 def _rank_for(s: torch.Tensor, rank_ratio: float | None, energy: float | None) -> int:
     full = len(s)
     if rank_ratio is not None:
         return max(1, min(full, math.ceil(rank_ratio * full)))
-    power = s.double() ** 2
+    power = wide(s) ** 2
     total = float(power.sum())
     if total == 0:
         return 1
@@ -227,13 +299,15 @@ def _rank_for(s: torch.Tensor, rank_ratio: float | None, energy: float | None) -
 
 
 def _pair(m: nn.Module, rank: int, u, s, vh) -> nn.Sequential:
+    """Two thin layers for `m` at `rank`, on `m`'s device and dtype."""
+    where = {"device": m.weight.device, "dtype": m.weight.dtype}
     root = s[:rank].sqrt()
-    a = (root[:, None] * vh[:rank]).float()
-    b = (u[:, :rank] * root[None, :]).float()
+    a = (root[:, None] * vh[:rank]).to(**where)
+    b = (u[:, :rank] * root[None, :]).to(**where)
     if isinstance(m, nn.Linear):
         first, second = (
-            nn.Linear(m.in_features, rank, bias=False),
-            nn.Linear(rank, m.out_features, bias=m.bias is not None),
+            nn.Linear(m.in_features, rank, bias=False, **where),
+            nn.Linear(rank, m.out_features, bias=m.bias is not None, **where),
         )
         first.weight.data.copy_(a)
         second.weight.data.copy_(b)
@@ -248,8 +322,9 @@ def _pair(m: nn.Module, rank: int, u, s, vh) -> nn.Sequential:
             m.dilation,
             bias=False,
             padding_mode=m.padding_mode,
+            **where,
         )
-        second = conv(rank, m.out_channels, 1, bias=m.bias is not None)
+        second = conv(rank, m.out_channels, 1, bias=m.bias is not None, **where)
         first.weight.data.copy_(a.reshape(rank, *m.weight.shape[1:]))
         second.weight.data.copy_(b.reshape(m.out_channels, rank, *([1] * (m.weight.dim() - 2))))
     if m.bias is not None:
@@ -281,11 +356,11 @@ def _input_norm(m: nn.Module, x: torch.Tensor) -> float:
     """Frobenius norm of the matrix the weight multiplies (the unfolded input for a 2-D convolution)."""
     if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
         x = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
-        return float(x.double().norm())
+        return float(wide(x).norm())
     if isinstance(m, nn.Linear):
-        return float(x.double().norm())
+        return float(wide(x).norm())
     # other convolutions: each input value is read at most prod(kernel) times
-    return float(x.double().norm()) * math.sqrt(math.prod(m.kernel_size))
+    return float(wide(x).norm()) * math.sqrt(math.prod(m.kernel_size))
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -323,19 +398,17 @@ def factorize(
         raise CompressionError(f"factorize: min_saving must be in [0, 1), got {min_saving!r}")
     _check_finetune(finetune_epochs, finetune_lr, train)
     inputs = as_input_tuple(example_inputs)
-    source = copy.deepcopy(model).eval()
+    source = copy.deepcopy(unwrap(model)).eval()
     collapse(source)
     slim_model = copy.deepcopy(source)
     layers = _matrix_layers(source)
-    from slimship.compress.adc import _layer_flops
-
-    flops = _layer_flops(source, inputs)
+    flops = layer_flops(source, inputs)
     xs = _layer_inputs(source, [n for n, _ in layers], inputs)
     reports = []
     for name, m in layers:
         if name not in xs:
             continue
-        matrix = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+        matrix = wide(m.weight.detach().reshape(m.weight.shape[0], -1))
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         full = len(s)
         rank = _rank_for(s, rank_ratio, energy)
@@ -349,7 +422,7 @@ def factorize(
         if replaced:
             pair = _pair(m, rank, u, s, vh).eval()
             with torch.no_grad():
-                y_ref, y_new = m(xs[name]).double(), pair(xs[name]).double()
+                y_ref, y_new = wide(m(xs[name])), wide(pair(xs[name]))
             ref_norm = max(float(y_ref.norm()), 1e-12)
             err = float((y_new - y_ref).norm())
             sigma_next = float(s[rank]) if rank < full else 0.0

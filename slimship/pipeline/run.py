@@ -19,7 +19,7 @@ from rich.table import Table
 
 from slimship._util import set_seed, sha256_bytes
 from slimship.compress.device import (
-    broadcast_object,
+    broadcast_object_from_rank0,
     gather_object,
     process_group,
     rank,
@@ -147,7 +147,7 @@ def _rank0_voice() -> Iterator[None]:
 def _publish_on_rank0(config: PipelineConfig, console: Console, stages: _Stages, trained: Trained):
     """Rank 0 publishes and then tells the others whether it succeeded; they wait for that word."""
     if rank() != 0:
-        if not broadcast_object(None):
+        if not broadcast_object_from_rank0(None):
             raise OtherRankFailed(f"rank 0 failed after training (see its error); rank {rank()} stops too")
         return PipelineResult(None, {}, stages.timings)
     done = False
@@ -156,7 +156,7 @@ def _publish_on_rank0(config: PipelineConfig, console: Console, stages: _Stages,
         done = True
         return result
     finally:
-        broadcast_object(done)
+        broadcast_object_from_rank0(done)
 
 
 def _build_model(config: PipelineConfig) -> torch.nn.Module:

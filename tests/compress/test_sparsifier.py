@@ -156,17 +156,23 @@ def test_ddp_wrapper_is_unwrapped() -> None:
         dist.destroy_process_group()
 
 
-def test_readme_example_runs(tmp_path: Path) -> None:
-    """The README's "In your own training loop" example runs as written and prints a slim model."""
+def run_readme_example(heading: str, tmp_path: Path) -> str:
+    """Run the first python block after `heading` in README.md as a script (it must exit 0); its stdout."""
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## In your own training loop") :]
+    section = readme[readme.index(heading) :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert re.search(r"group sparsity 0\.5\d*", done.stdout), done.stdout
+    return done.stdout
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    """The README's "In your own training loop" example runs as written and prints a slim model."""
+    stdout = run_readme_example("## In your own training loop", tmp_path)
+    assert re.search(r"group sparsity 0\.5\d*", stdout), stdout
 
 
 @pytest.mark.slow  # two torchrun processes importing torch and tracing five times: ~50 s on a loaded machine

@@ -95,7 +95,7 @@ def fake_rank(monkeypatch):
             said.append(value)
             return value if r == 0 else word
 
-        monkeypatch.setattr(run_module, "broadcast_object", broadcast)
+        monkeypatch.setattr(run_module, "broadcast_object_from_rank0", broadcast)
         return said
 
     return become

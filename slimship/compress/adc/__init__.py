@@ -54,9 +54,6 @@ from slimship.compress.adc.search import (
     top_policies,
 )
 
-#: the old private name, still read by slimship.compress.lorita (use `layer_flops`)
-_layer_flops = layer_flops
-
 __all__ = [
     "DDPG",
     "IMPORTANCES",
