@@ -4,6 +4,7 @@
 method also stays importable on its own.
 """
 
+from slimship.compress.adc import AdcPolicy, SearchResult, adc, adc_search, apply_policy
 from slimship.compress.base import (
     METHODS,
     CompressResult,
@@ -25,18 +26,27 @@ from slimship.compress.imports import (
     load_state_checkpoint,
     make_prune_permanent,
 )
+from slimship.compress.lorita import LowRankParametrization, factorize, lorita, parametrize_low_rank
+from slimship.compress.simguided import magnitude, simguided
 from slimship.compress.sparsifier import SPARSIFIERS, Sparsifier, sparsifier, sparsifier_options
 
 __all__ = [
     "METHODS",
     "SPARSIFIERS",
+    "AdcPolicy",
     "CompressResult",
     "DistillationLoss",
+    "LowRankParametrization",
+    "SearchResult",
     "Sparsifier",
+    "adc",
+    "adc_search",
+    "apply_policy",
     "build_student",
     "compress",
     "csgd",
     "drop",
+    "factorize",
     "fold_mask_keys",
     "group_norms",
     "group_sparsity",
@@ -47,31 +57,15 @@ __all__ = [
     "latency_table",
     "load_builtin_methods",
     "load_state_checkpoint",
+    "lorita",
+    "magnitude",
     "make_prune_permanent",
     "method_options",
+    "parametrize_low_rank",
     "register",
+    "simguided",
     "sparsifier",
     "sparsifier_options",
     "thinned",
     "train_loop",
 ]
-
-# methods written alongside (ADC, simulation-guided pruning, LoRITa): re-exported when present
-try:
-    from slimship.compress.adc import AdcPolicy, SearchResult, adc, adc_search, apply_policy
-
-    __all__ += ["AdcPolicy", "SearchResult", "adc", "adc_search", "apply_policy"]
-except ModuleNotFoundError:  # pragma: no cover
-    pass
-try:
-    from slimship.compress.simguided import magnitude, simguided
-
-    __all__ += ["magnitude", "simguided"]
-except ModuleNotFoundError:  # pragma: no cover
-    pass
-try:
-    from slimship.compress.lorita import LowRankParametrization, factorize, lorita, parametrize_low_rank
-
-    __all__ += ["LowRankParametrization", "factorize", "lorita", "parametrize_low_rank"]
-except ModuleNotFoundError:  # pragma: no cover
-    pass
