@@ -305,7 +305,8 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
                 + _batch_note(result, request)
             )
         results[fmt] = result
-    return {"results": results, "calibration": calib_info}
+    real = calibration if args.calibration else None  # the user's samples, not the random fallback
+    return {"results": results, "calibration": calib_info, "samples": real}
 
 
 def _batch_note(result: Any, request: Any) -> str:
@@ -442,7 +443,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
         }
         files = {fmt: e.path for fmt, e in exports.items()}
         with steps.step("quality gates"):
-            results = gate_release(source.module, source.example, files, gates, args.target)  # GateError
+            results = gate_release(  # GateError
+                source.module, source.example, files, gates, args.target, samples=exported["samples"]
+            )
         source_hash = sha256_file(args.model) if args.model else source.sha256
         inputs = ReleaseInputs(
             name=args.name,

@@ -583,6 +583,21 @@ def _gate_results(config: PipelineConfig, dense_acc, slim_acc, latency, accuracy
 RELEASE_EVAL_SAMPLES = 64
 
 
+def _agreement_inputs(
+    example: tuple[torch.Tensor, ...], samples: list[tuple[torch.Tensor, ...]] | None
+) -> list[tuple[np.ndarray, ...]]:
+    """Single-sample inputs for the agreement gate: the user's samples split one by one, else random
+    inputs shaped like `example` (seeded, so a rerun measures the same)."""
+    if samples:
+        rows = [tuple(t[i : i + 1].numpy() for t in batch) for batch in samples for i in range(len(batch[0]))]
+        return rows[:RELEASE_EVAL_SAMPLES]
+    generator = torch.Generator().manual_seed(0)
+    return [
+        tuple(torch.randn(t.shape, generator=generator).numpy() for t in example)
+        for _ in range(RELEASE_EVAL_SAMPLES)
+    ]
+
+
 def gate_release(
     module: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -590,20 +605,19 @@ def gate_release(
     gates: Any,
     target_name: str = "host",
     runs: int = 30,
+    samples: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> list[GateResult]:
-    """Gates for `slimship release` (no data, no dense model): p50 latency of each file on the target when
-    `max_latency_ms` is set, and the top-1 agreement of quantised files with `module` on random inputs.
-    Accuracy drop and speedup have no figures there: "not evaluated". Raises GateError on a failure."""
+    """Gates for `slimship release` (no labels, no dense model): p50 latency of each file on the target
+    when `max_latency_ms` is set, and the top-1 agreement of quantised files with `module` on the user's
+    `samples` (the --calibration batches, one sample at a time, at most RELEASE_EVAL_SAMPLES) or, without
+    them, on random inputs. Accuracy drop and speedup have no figures there: "not evaluated". Raises
+    GateError on a failure."""
     from slimship.runtimes.measure import measure
     from slimship.runtimes.targets import get_target
 
     target = get_target(target_name)
     figures = Figures()
-    generator = torch.Generator().manual_seed(0)
-    batches = [
-        (tuple(torch.randn(t.shape, generator=generator).numpy() for t in example), None)
-        for _ in range(RELEASE_EVAL_SAMPLES)
-    ]
+    batches = [(inputs, None) for inputs in _agreement_inputs(example, samples)]
     inputs = [t.numpy() for t in example]
     for fmt, path in files.items():
         quantised = fmt in QUANTISED_FORMATS and gates.min_agreement is not None

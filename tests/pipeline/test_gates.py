@@ -156,3 +156,36 @@ def test_release_gates_measure_quantised_agreement(tmp_path) -> None:
     assert agreement.status == (PASSED if agreement.figure >= 0.9 else FAILED)
     assert by_gate["max_accuracy_drop"].status == NOT_EVALUATED  # no data: never "passed"
     assert by_gate["min_speedup"].status == OFF
+
+
+def test_release_agreement_uses_the_users_samples(tmp_path, monkeypatch) -> None:
+    """With --calibration samples the agreement gate scores them (one sample at a time, capped); without,
+    seeded random inputs of the example's shapes."""
+    import importlib
+
+    import numpy as np
+
+    from slimship.pipeline import run as run_module
+    from slimship.pipeline.config import gates_from_options
+
+    model, _ = _mlp()
+    x = torch.randn(100, 1, 8, 8)
+    seen: list[list] = []
+
+    def fake_measure(path, inputs, target, *, eval_batches=None, **kw):
+        seen.append(eval_batches)
+        raise SystemExit  # stop once the gate's inputs are recorded
+
+    monkeypatch.setattr(importlib.import_module("slimship.runtimes.measure"), "measure", fake_measure)
+    files, gates = {"tflite-int8": tmp_path / "m.tflite"}, gates_from_options({})
+    with pytest.raises(SystemExit):
+        run_module.gate_release(model, (x[:1],), files, gates, samples=[(x[:40],), (x[40:],)])
+    rows = [inputs[0] for inputs, _ in seen[-1]]
+    assert len(rows) == run_module.RELEASE_EVAL_SAMPLES < len(x)
+    assert all(r.shape == (1, 1, 8, 8) for r in rows)
+    assert np.array_equal(np.concatenate(rows), x[: len(rows)].numpy())
+    with pytest.raises(SystemExit):
+        run_module.gate_release(model, (x[:1],), files, gates)
+    random_rows = [inputs[0] for inputs, _ in seen[-1]]
+    assert len(random_rows) == run_module.RELEASE_EVAL_SAMPLES
+    assert not any(np.array_equal(r, x[i : i + 1].numpy()) for i, r in enumerate(random_rows))
