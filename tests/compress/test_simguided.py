@@ -117,7 +117,7 @@ def test_one_shot_sparsifier_cuts_at_the_first_step_and_simguided_refuses_it(dat
     torch.nn.functional.cross_entropy(model(xb), yb).backward()
     sp.after_backward()
     assert sp.cuts_done == 2 and sp.per_space() == {"0.weight[0]": [4, 8], "3.weight[0]": [4, 8]}
-    with pytest.raises(CompressionError, match="simguided simulates .* use 'magnitude' for one-shot"):
+    with pytest.raises(CompressionError, match=r"simguided simulates .* use 'magnitude' for one-shot"):
         compress("simguided", tiny_cnn(), (x,), train, prune_steps=2, epochs_per_step=0)
-    with pytest.raises(CompressionError, match="epochs_per_step=-1 .* must be >= 0"):
+    with pytest.raises(CompressionError, match=r"epochs_per_step=-1 .* must be >= 0"):
         compress("magnitude", tiny_cnn(), (x,), train, prune_steps=2, epochs_per_step=-1)
