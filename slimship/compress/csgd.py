@@ -91,7 +91,7 @@ class CSGD(Sparsifier):
         """Clusters per block and members per cluster, from the labels."""
         self.k = [int(labels.max()) + 1 for labels in self.labels]
         self.counts = [
-            torch.bincount(labels, minlength=k).to(self.views.dtype)
+            torch.bincount(labels, minlength=k).to(self.views.dtype)[:, None]
             for labels, k in zip(self.labels, self.k, strict=True)
         ]
 
@@ -117,16 +117,20 @@ class CSGD(Sparsifier):
         dtype = self.views.dtype if exact else values.dtype
         sums = values.new_zeros((self.k[i], values.shape[1]), dtype=dtype)
         sums.index_add_(0, self.labels[i], values.to(dtype))
-        return (sums / self.counts[i][:, None].to(dtype))[self.labels[i]]
+        sums /= self.counts[i].to(dtype)
+        return sums.index_select(0, self.labels[i])  # (indexing with [] is several times slower on CPU)
 
     def on_backward(self) -> None:
         for i, block in enumerate(self.views):
             if self.k[i] == len(block):
                 continue
-            x, g = block.matrix(), block.matrix(grad=True)
-            # mean(g) + c (x - mean(x)), with one cluster mean since the mean is linear
-            update = self.means(i, g - self.centripetal * x) + self.centripetal * x
-            block.set_matrix(update, grad=True)
+            for s in block.params:  # column by column, so one parameter at a time: no concatenation
+                if s.tensor.grad is None:
+                    s.tensor.grad = torch.zeros_like(s.tensor)
+                x, g = s.read(), s.read(s.tensor.grad)
+                # mean(g) + c (x - mean(x)), with one cluster mean since the mean is linear
+                cx = self.centripetal * x
+                s.write(self.means(i, g - cx) + cx, s.tensor.grad)
 
     def on_step(self) -> None:
         if self.merge_at_end and self.step >= self.total_steps - 1:

@@ -86,18 +86,21 @@ class IterativePruning(Sparsifier):
             )
         self.bounds = [round(k * end / prune_steps) for k in range(prune_steps + 1)]
         self.shares = [1 - (1 - (k + 1) / prune_steps) ** 3 for k in range(prune_steps)]
+        #: per pruning step, the groups each space has cut when the step ends (one always kept)
+        self.wants = [
+            torch.tensor(
+                [min(round(self.fractions[s] * share * len(m)), len(m) - 1) for s, m in self.spaces.items()],
+                device=self.device,
+            )
+            for share in self.shares
+        ]
         self.cuts_done = 0
 
     def below(self, k: int) -> torch.Tensor:
         """Mask of the groups under pruning step `k`'s threshold (cut groups first, one kept per space)."""
         norms = mean_across_ranks(self.views.norms(consumers=True))
-        chosen = self.zero.clone()
-        for space, members in self.spaces.items():
-            want = min(round(self.fractions[space] * self.shares[k] * len(members)), len(members) - 1)
-            have = int(self.zero[members].sum())
-            if want > have:
-                chosen[self.least(norms, space, ~self.zero, want - have)] = True
-        return chosen
+        have = torch.zeros_like(self.wants[k]).index_add_(0, self.space_of, self.zero.long())
+        return self.zero | self.least_each(norms, ~self.zero, self.wants[k] - have)
 
     def cut(self, k: int) -> None:
         self.zero = self.below(k)
@@ -138,7 +141,7 @@ class SimGuided(IterativePruning):
             )
         self.masked = torch.zeros_like(self.zero)
         self.masking = False  # python-side copy of masked.any() (no device sync per step)
-        self.saved = [[s.read().clone() for s in b.consume] for b in self.views]
+        self.saved = [[s.tensor.detach().clone() for s in b.consume] for b in self.views]
 
     def on_backward(self) -> None:
         if self.masking:
@@ -155,22 +158,25 @@ class SimGuided(IterativePruning):
 
     @torch.no_grad()
     def mask(self, masked: torch.Tensor) -> None:
-        """Save and zero the consuming slices of the `masked` groups."""
+        """Save the consuming tensors and zero the slices of the `masked` groups."""
         self.masked, self.masking = masked, True
         for i, block in enumerate(self.views):
-            rows = masked[block.rows][:, None]
-            self.saved[i] = [torch.where(rows, s.read(), old) for s, old in zip(block.consume, self.saved[i])]
-            for s in block.consume:
-                s.tensor.masked_fill_(s.per_position(masked[block.rows], False), 0)
+            self.saved[i] = [s.tensor.detach().clone() for s in block.consume]
+            for s, where in zip(block.consume, self.consumer_masks(block), strict=True):
+                s.tensor.masked_fill_(where, 0)
 
     @torch.no_grad()
     def unmask(self) -> None:
         """Put back the saved consuming slices of the masked groups."""
         for i, block in enumerate(self.views):
-            rows = self.masked[block.rows][:, None]
-            for s, saved in zip(block.consume, self.saved[i], strict=True):
-                s.write(torch.where(rows, saved, s.read()))
+            for s, saved, where in zip(block.consume, self.saved[i], self.consumer_masks(block), strict=True):
+                s.tensor.copy_(torch.where(where, saved, s.tensor))
         self.masked, self.masking = torch.zeros_like(self.zero), False
+
+    def consumer_masks(self, block) -> list[torch.Tensor]:
+        """Per consuming slot of `block`, the positions of the masked groups (broadcasting on the tensor)."""
+        rows = self.masked[block.rows]
+        return [s.per_position(rows, False) for s in block.consume]
 
     def decisions(self) -> dict[str, Any]:
         return {**super().decisions(), "masked": self.masked.nonzero().flatten().tolist()}
