@@ -90,10 +90,14 @@ class CSGD(Sparsifier):
     def count_members(self) -> None:
         """Clusters per block and members per cluster, from the labels."""
         self.k = [int(labels.max()) + 1 for labels in self.labels]
-        self.counts = [
-            torch.bincount(labels, minlength=k).to(self.views.dtype)[:, None]
+        counts = [
+            torch.bincount(labels, minlength=k)[:, None]
             for labels, k in zip(self.labels, self.k, strict=True)
         ]
+        #: dtype -> members per cluster of each block, [clusters, 1] (made once per dtype, not per step)
+        self.counts = {
+            d: [c.to(d) for c in counts] for d in {self.views.dtype, *(s.tensor.dtype for s in self.params())}
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -117,7 +121,7 @@ class CSGD(Sparsifier):
         dtype = self.views.dtype if exact else values.dtype
         sums = values.new_zeros((self.k[i], values.shape[1]), dtype=dtype)
         sums.index_add_(0, self.labels[i], values.to(dtype))
-        sums /= self.counts[i].to(dtype)
+        sums /= self.counts[dtype][i]
         return sums.index_select(0, self.labels[i])  # (indexing with [] is several times slower on CPU)
 
     def on_backward(self) -> None:
@@ -130,7 +134,14 @@ class CSGD(Sparsifier):
                 x, g = s.read(), s.read(s.tensor.grad)
                 # mean(g) + c (x - mean(x)), with one cluster mean since the mean is linear
                 cx = self.centripetal * x
-                s.write(self.means(i, g - cx) + cx, s.tensor.grad)
+                if s.viewed:  # g is a view of the gradient: add straight into it
+                    torch.add(self.means(i, g - cx), cx, out=g)
+                else:
+                    s.write(self.means(i, g - cx) + cx, s.tensor.grad)
+
+    def params(self) -> list:
+        """Every producing parameter slot of every block."""
+        return [s for b in self.views for s in b.params]
 
     def on_step(self) -> None:
         if self.merge_at_end and self.step >= self.total_steps - 1:

@@ -141,6 +141,7 @@ class SimGuided(IterativePruning):
             )
         self.masked = torch.zeros_like(self.zero)
         self.masking = False  # python-side copy of masked.any() (no device sync per step)
+        self.positions: list[list[torch.Tensor]] = []  # per block, the masked positions of each consumer
         self.saved = [[s.tensor.detach().clone() for s in b.consume] for b in self.views]
 
     def on_backward(self) -> None:
@@ -160,18 +161,20 @@ class SimGuided(IterativePruning):
     def mask(self, masked: torch.Tensor) -> None:
         """Save the consuming tensors and zero the slices of the `masked` groups."""
         self.masked, self.masking = masked, True
+        self.positions = [self.consumer_masks(block) for block in self.views]
         for i, block in enumerate(self.views):
             self.saved[i] = [s.tensor.detach().clone() for s in block.consume]
-            for s, where in zip(block.consume, self.consumer_masks(block), strict=True):
+            for s, where in zip(block.consume, self.positions[i], strict=True):
                 s.tensor.masked_fill_(where, 0)
 
     @torch.no_grad()
     def unmask(self) -> None:
         """Put back the saved consuming slices of the masked groups."""
+        positions = self.positions or [self.consumer_masks(block) for block in self.views]  # none if loaded
         for i, block in enumerate(self.views):
-            for s, saved, where in zip(block.consume, self.saved[i], self.consumer_masks(block), strict=True):
+            for s, saved, where in zip(block.consume, self.saved[i], positions[i], strict=True):
                 s.tensor.copy_(torch.where(where, saved, s.tensor))
-        self.masked, self.masking = torch.zeros_like(self.zero), False
+        self.masked, self.masking, self.positions = torch.zeros_like(self.zero), False, []
 
     def consumer_masks(self, block) -> list[torch.Tensor]:
         """Per consuming slot of `block`, the positions of the masked groups (broadcasting on the tensor)."""

@@ -42,6 +42,11 @@ class Slot:
         flat = [q for p in positions for q in p]
         return cls(tensor, dim, index, owner, whole=flat == list(range(tensor.shape[dim])))
 
+    @property
+    def viewed(self) -> bool:
+        """`read` returns a view (whole leading dim): writing into what it returns writes the tensor."""
+        return self.whole and self.dim == 0
+
     def width(self) -> int:
         return self.index.shape[1] * self.tensor[(slice(None),) * self.dim + (0,)].numel()
 
