@@ -178,7 +178,7 @@ class SimGuided(IterativePruning):
 
     def consumer_masks(self, block) -> list[torch.Tensor]:
         """Per consuming slot of `block`, the positions of the masked groups (broadcasting on the tensor)."""
-        rows = self.masked[block.rows]
+        rows = self.masked.index_select(0, block.rows)
         return [s.per_position(rows, False) for s in block.consume]
 
     def decisions(self) -> dict[str, Any]:

@@ -290,12 +290,12 @@ class Sparsifier:
         """
         inf = torch.tensor(math.inf, dtype=scores.dtype, device=self.device)
         order = torch.argsort(torch.where(eligible, scores, inf), stable=True)
-        order = order[torch.argsort(self.space_of[order], stable=True)]  # by space, then score, then index
-        space = self.space_of[order]
-        place = torch.arange(len(order), device=self.device) - self.space_first[space]
-        chosen = torch.zeros_like(eligible)
-        chosen[order] = (place < need[space]) & eligible[order]
-        return chosen
+        # by space, then score, then index (index_select: indexing with [] is several times slower on CPU)
+        order = order.index_select(0, torch.argsort(self.space_of.index_select(0, order), stable=True))
+        space = self.space_of.index_select(0, order)
+        place = torch.arange(len(order), device=self.device) - self.space_first.index_select(0, space)
+        keep = (place < need.index_select(0, space)) & eligible.index_select(0, order)
+        return torch.zeros_like(eligible).index_copy_(0, order, keep)
 
 
 def _copy(value: Any) -> Any:
