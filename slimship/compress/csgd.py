@@ -29,7 +29,7 @@ from slimship.compress.base import (
 )
 from slimship.compress.device import broadcast_from_rank0
 from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
-from slimship.compress.views import Block
+from slimship.compress.views import Block, Slot
 from slimship.errors import CompressionError
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class CSGD(Sparsifier):
                 else:
                     s.write(self.means(i, g - cx) + cx, s.tensor.grad)
 
-    def params(self) -> list:
+    def params(self) -> list[Slot]:
         """Every producing parameter slot of every block."""
         return [s for b in self.views for s in b.params]
 

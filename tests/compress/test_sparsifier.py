@@ -209,3 +209,18 @@ def test_two_processes_decide_alike(tmp_path: Path) -> None:
     slimmed = json.loads((tmp_path / "slim-rank0.json").read_text())
     assert slimmed == {name: True for name in methods}
     assert not (tmp_path / "slim-rank1.json").exists()
+
+
+def test_least_each_picks_what_least_picks_per_space() -> None:
+    """The one-sort selection for all spaces equals the per-space selection, ties and ineligible included."""
+    sp = sparsifier("magnitude", tiny_model(), example(), total_steps=10)
+    gen = torch.Generator().manual_seed(0)
+    n = len(sp.groups)
+    for _ in range(20):
+        scores = torch.randint(0, 4, (n,), generator=gen).to(torch.float64)  # many ties
+        eligible = torch.rand(n, generator=gen) < 0.7
+        need = torch.randint(-1, 8, (len(sp.spaces),), generator=gen)
+        expected = torch.zeros_like(eligible)
+        for k, space in enumerate(sp.spaces):
+            expected[sp.least(scores, space, eligible, max(int(need[k]), 0))] = True
+        assert torch.equal(sp.least_each(scores, eligible, need), expected)
