@@ -100,11 +100,14 @@ class HSPG(Sparsifier):
         self.lam = torch.zeros(len(self.groups), dtype=self.views.dtype, device=self.device)
         self.before: list[torch.Tensor] = []
         self.forced = 0
+        #: python-side: some redundant group is not zero yet (once all are, the stage's steps cost nothing;
+        #: a resumed run starts True and finds out after one step, which projects nothing)
+        self.left = True
 
     def on_backward(self) -> None:
         if self.step == self.start and not bool(self.redundant.any()):
             self.choose()
-        if self.start <= self.step < self.end:
+        if self.start <= self.step < self.end and self.left:
             self.before = [b.matrix() for b in self.views]  # a new tensor (concatenated), not a view
 
     def choose(self) -> None:
@@ -121,6 +124,7 @@ class HSPG(Sparsifier):
             self.project()
             self.before = []
             self.holding = True
+            self.left = bool((self.redundant & ~self.zero).any())  # one host sync per projection step
         if taken == self.end - 1:
             left = self.redundant & ~self.zero
             self.forced = int(left.sum())
