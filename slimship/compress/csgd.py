@@ -29,7 +29,7 @@ from slimship.compress.base import (
 )
 from slimship.compress.device import broadcast_from_rank0
 from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
-from slimship.compress.views import Block
+from slimship.compress.views import Block, Slot
 from slimship.errors import CompressionError
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,14 @@ class CSGD(Sparsifier):
     def count_members(self) -> None:
         """Clusters per block and members per cluster, from the labels."""
         self.k = [int(labels.max()) + 1 for labels in self.labels]
-        self.counts = [
-            torch.bincount(labels, minlength=k).to(self.views.dtype)
+        counts = [
+            torch.bincount(labels, minlength=k)[:, None]
             for labels, k in zip(self.labels, self.k, strict=True)
         ]
+        #: dtype -> members per cluster of each block, [clusters, 1] (made once per dtype, not per step)
+        self.counts = {
+            d: [c.to(d) for c in counts] for d in {self.views.dtype, *(s.tensor.dtype for s in self.params())}
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -117,16 +121,27 @@ class CSGD(Sparsifier):
         dtype = self.views.dtype if exact else values.dtype
         sums = values.new_zeros((self.k[i], values.shape[1]), dtype=dtype)
         sums.index_add_(0, self.labels[i], values.to(dtype))
-        return (sums / self.counts[i][:, None].to(dtype))[self.labels[i]]
+        sums /= self.counts[dtype][i]
+        return sums.index_select(0, self.labels[i])  # (indexing with [] is several times slower on CPU)
 
     def on_backward(self) -> None:
         for i, block in enumerate(self.views):
             if self.k[i] == len(block):
                 continue
-            x, g = block.matrix(), block.matrix(grad=True)
-            # mean(g) + c (x - mean(x)), with one cluster mean since the mean is linear
-            update = self.means(i, g - self.centripetal * x) + self.centripetal * x
-            block.set_matrix(update, grad=True)
+            for s in block.params:  # column by column, so one parameter at a time: no concatenation
+                if s.tensor.grad is None:
+                    s.tensor.grad = torch.zeros_like(s.tensor)
+                x, g = s.read(), s.read(s.tensor.grad)
+                # mean(g) + c (x - mean(x)), with one cluster mean since the mean is linear
+                cx = self.centripetal * x
+                if s.viewed:  # g is a view of the gradient: add straight into it
+                    torch.add(self.means(i, g - cx), cx, out=g)
+                else:
+                    s.write(self.means(i, g - cx) + cx, s.tensor.grad)
+
+    def params(self) -> list[Slot]:
+        """Every producing parameter slot of every block."""
+        return [s for b in self.views for s in b.params]
 
     def on_step(self) -> None:
         if self.merge_at_end and self.step >= self.total_steps - 1:

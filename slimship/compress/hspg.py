@@ -22,6 +22,7 @@ so ``slim`` removes them physically.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,6 +38,7 @@ from slimship.compress.base import (
     register,
     working_copy,
 )
+from slimship.compress.device import mean_across_ranks
 from slimship.compress.sparsifier import (
     CRITERIA,
     Sparsifier,
@@ -98,28 +100,31 @@ class HSPG(Sparsifier):
         self.lam = torch.zeros(len(self.groups), dtype=self.views.dtype, device=self.device)
         self.before: list[torch.Tensor] = []
         self.forced = 0
+        #: python-side: some redundant group is not zero yet (once all are, the stage's steps cost nothing;
+        #: a resumed run starts True and finds out after one step, which projects nothing)
+        self.left = True
 
     def on_backward(self) -> None:
         if self.step == self.start and not bool(self.redundant.any()):
             self.choose()
-        if self.start <= self.step < self.end:
-            self.before = [b.matrix().clone() for b in self.views]
+        if self.start <= self.step < self.end and self.left:
+            self.before = [b.matrix() for b in self.views]  # a new tensor (concatenated), not a view
 
     def choose(self) -> None:
         scores = self.scores(self.criterion)
         for space in self.spaces:
             self.redundant[self.least(scores, space, ~self.zero, self.quota[space])] = True
-        norms = self.views.norms()
+        norms = mean_across_ranks(self.views.norms())
         self.lam = torch.where(self.redundant, self.lam_base + norms / (self.lr * self.shrink_steps), 0.0)
         log.info("hspg: projection stage on %d redundant groups", int(self.redundant.sum()))
 
     def on_step(self) -> None:
         taken = self.step
         if self.start <= taken < self.end and self.before:
-            for block, prev in zip(self.views, self.before, strict=True):
-                self.project(block, prev)
+            self.project()
             self.before = []
             self.holding = True
+            self.left = bool((self.redundant & ~self.zero).any())  # one host sync per projection step
         if taken == self.end - 1:
             left = self.redundant & ~self.zero
             self.forced = int(left.sum())
@@ -127,15 +132,28 @@ class HSPG(Sparsifier):
             if self.forced:
                 log.info("hspg: %d redundant groups projected to zero at the end of the stage", self.forced)
 
-    def project(self, block, prev: torch.Tensor) -> None:
-        """One group-lasso step on the block's redundant groups, then the half-space test."""
-        live = self.redundant[block.rows] & ~self.zero[block.rows]
-        x = block.matrix()
-        norm = x.norm(dim=1, keepdim=True)
-        trial = x - self.lr * self.lam[block.rows, None].to(x.dtype) * x / norm.clamp_min(1e-30)
-        leaves = ((trial * prev).sum(1) < self.epsilon * (prev * prev).sum(1)) | (norm[:, 0] == 0)
-        block.set_matrix(torch.where((live & ~leaves)[:, None], trial, x))
-        self.zero[block.rows] |= live & leaves
+    def project(self) -> None:
+        """One group-lasso step on the redundant groups, then the half-space test: a group leaves when its
+        trial point's margin ``trial . prev - epsilon ||prev||^2``, averaged across ranks, is negative (or
+        its norm is zero), so every rank projects the same groups."""
+        trials: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def margin(block) -> torch.Tensor:
+            prev = self.before[len(trials)]
+            x = block.matrix()
+            norm = x.norm(dim=1, keepdim=True)
+            lam = self.lam.index_select(0, block.rows)[:, None]  # ([] indexing is slower on CPU)
+            trial = x - self.lr * lam.to(x.dtype) * x / norm.clamp_min(1e-30)
+            trials.append((x, trial))
+            gap = (trial * prev).sum(1) - self.epsilon * (prev * prev).sum(1)
+            return torch.where(norm[:, 0] == 0, -math.inf, gap)
+
+        live = self.redundant & ~self.zero
+        out = live & (mean_across_ranks(self.views.gather(margin)) < 0)
+        shrink = live & ~out
+        for block, (x, trial) in zip(self.views, trials, strict=True):
+            block.set_matrix(torch.where(shrink.index_select(0, block.rows)[:, None], trial, x))
+        self.zero |= out
 
     def decisions(self) -> dict[str, Any]:
         return {**super().decisions(), "redundant": self.redundant.nonzero().flatten().tolist()}

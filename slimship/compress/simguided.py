@@ -50,7 +50,8 @@ def schedule(target: float, steps: int, power: float = 3.0) -> list[float]:
 class IterativePruning(Sparsifier):
     """`prune_steps` pruning steps spread over the first `pruning_steps` steps of the run, each cutting
     the groups with the smallest norm (producing and consuming slices together) up to the cubic
-    :func:`schedule`'s share of each space's target; cut groups, consumers included, are held at zero."""
+    :func:`schedule`'s share of each space's target; cut groups, consumers included, are held at zero.
+    ``pruning_steps=0`` is one-shot pruning: every cut is made before the first optimizer step."""
 
     state_keys: tuple[str, ...] = ("cuts_done",)
     hold_consumers = True
@@ -78,25 +79,28 @@ class IterativePruning(Sparsifier):
             seed=seed,
         )
         end = max(prune_steps, round(0.8 * total_steps)) if pruning_steps is None else pruning_steps
-        if prune_steps < 1 or not prune_steps <= end <= total_steps:
+        if prune_steps < 1 or not (end == 0 or prune_steps <= end) or not 0 <= end <= total_steps:
             raise CompressionError(
-                f"prune_steps={prune_steps} must be >= 1 and pruning_steps={end} must hold them and fit "
-                f"in the run's {total_steps} steps"
+                f"prune_steps={prune_steps} must be >= 1 and pruning_steps={end} must hold them (or be 0 "
+                f"for one-shot pruning) and fit in the run's {total_steps} steps"
             )
         self.bounds = [round(k * end / prune_steps) for k in range(prune_steps + 1)]
         self.shares = [1 - (1 - (k + 1) / prune_steps) ** 3 for k in range(prune_steps)]
+        #: per pruning step, the groups each space has cut when the step ends (one always kept)
+        self.wants = [
+            torch.tensor(
+                [min(round(self.fractions[s] * share * len(m)), len(m) - 1) for s, m in self.spaces.items()],
+                device=self.device,
+            )
+            for share in self.shares
+        ]
         self.cuts_done = 0
 
     def below(self, k: int) -> torch.Tensor:
         """Mask of the groups under pruning step `k`'s threshold (cut groups first, one kept per space)."""
         norms = mean_across_ranks(self.views.norms(consumers=True))
-        chosen = self.zero.clone()
-        for space, members in self.spaces.items():
-            want = min(round(self.fractions[space] * self.shares[k] * len(members)), len(members) - 1)
-            have = int(self.zero[members].sum())
-            if want > have:
-                chosen[self.least(norms, space, ~self.zero, want - have)] = True
-        return chosen
+        have = torch.zeros_like(self.wants[k]).index_add_(0, self.space_of, self.zero.long())
+        return self.zero | self.least_each(norms, ~self.zero, self.wants[k] - have)
 
     def cut(self, k: int) -> None:
         self.zero = self.below(k)
@@ -110,9 +114,13 @@ class Magnitude(IterativePruning):
     """Iterative magnitude pruning: each pruning step cuts at its start, then the network fine-tunes."""
 
     def on_backward(self) -> None:
-        k = self.cuts_done
-        if k < len(self.shares) and self.step >= self.bounds[k]:
-            self.cut(k)
+        self.cut_due()
+
+    def cut_due(self) -> None:
+        """Make every cut whose pruning step has started (all of them with ``pruning_steps=0``)."""
+        with torch.no_grad():
+            while self.cuts_done < len(self.shares) and self.step >= self.bounds[self.cuts_done]:
+                self.cut(self.cuts_done)
 
 
 @register_sparsifier("simguided")
@@ -126,9 +134,15 @@ class SimGuided(IterativePruning):
 
     def __init__(self, model: nn.Module, example_inputs: Any, **options: Any) -> None:
         super().__init__(model, example_inputs, **options)
+        if self.bounds[-1] == 0:
+            raise CompressionError(
+                "simguided simulates the pruned network while training: pruning_steps (epochs_per_step "
+                "in compress) must be >= 1; use 'magnitude' for one-shot pruning"
+            )
         self.masked = torch.zeros_like(self.zero)
         self.masking = False  # python-side copy of masked.any() (no device sync per step)
-        self.saved = [[s.read().clone() for s in b.consume] for b in self.views]
+        self.positions: list[list[torch.Tensor]] = []  # per block, the masked positions of each consumer
+        self.saved = [[s.tensor.detach().clone() for s in b.consume] for b in self.views]
 
     def on_backward(self) -> None:
         if self.masking:
@@ -145,22 +159,27 @@ class SimGuided(IterativePruning):
 
     @torch.no_grad()
     def mask(self, masked: torch.Tensor) -> None:
-        """Save and zero the consuming slices of the `masked` groups."""
+        """Save the consuming tensors and zero the slices of the `masked` groups."""
         self.masked, self.masking = masked, True
+        self.positions = [self.consumer_masks(block) for block in self.views]
         for i, block in enumerate(self.views):
-            rows = masked[block.rows][:, None]
-            self.saved[i] = [torch.where(rows, s.read(), old) for s, old in zip(block.consume, self.saved[i])]
-            for s in block.consume:
-                s.tensor.masked_fill_(s.per_position(masked[block.rows], False), 0)
+            self.saved[i] = [s.tensor.detach().clone() for s in block.consume]
+            for s, where in zip(block.consume, self.positions[i], strict=True):
+                s.tensor.masked_fill_(where, 0)
 
     @torch.no_grad()
     def unmask(self) -> None:
         """Put back the saved consuming slices of the masked groups."""
+        positions = self.positions or [self.consumer_masks(block) for block in self.views]  # none if loaded
         for i, block in enumerate(self.views):
-            rows = self.masked[block.rows][:, None]
-            for s, saved in zip(block.consume, self.saved[i], strict=True):
-                s.write(torch.where(rows, saved, s.read()))
-        self.masked, self.masking = torch.zeros_like(self.zero), False
+            for s, saved, where in zip(block.consume, self.saved[i], positions[i], strict=True):
+                s.tensor.copy_(torch.where(where, saved, s.tensor))
+        self.masked, self.masking, self.positions = torch.zeros_like(self.zero), False, []
+
+    def consumer_masks(self, block) -> list[torch.Tensor]:
+        """Per consuming slot of `block`, the positions of the masked groups (broadcasting on the tensor)."""
+        rows = self.masked.index_select(0, block.rows)
+        return [s.per_position(rows, False) for s in block.consume]
 
     def decisions(self) -> dict[str, Any]:
         return {**super().decisions(), "masked": self.masked.nonzero().flatten().tolist()}
@@ -183,6 +202,10 @@ def _run(
     """`compress(kind)`: the sparsifier in slimship's loop (SGD with momentum, constant rate)."""
     if train is None:
         raise CompressionError(f"{kind} needs training data (train batches)")
+    if epochs_per_step < 0 or finetune_epochs < 0:
+        raise CompressionError(
+            f"epochs_per_step={epochs_per_step} and finetune_epochs={finetune_epochs} must be >= 0"
+        )
     target = check_fraction("target", target)
     schedule(target, prune_steps)  # checks prune_steps
     model = working_copy(model)
@@ -198,6 +221,8 @@ def _run(
         prune_steps=prune_steps,
         pruning_steps=prune_steps * epochs_per_step * n,
     )
+    if epochs_per_step == 0:  # one-shot: every cut now, then `finetune_epochs` with the cuts held
+        sp.cut_due()
     history = train_with(sp, model, train, test, training)
     info = {
         "target": target,

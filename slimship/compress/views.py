@@ -42,6 +42,11 @@ class Slot:
         flat = [q for p in positions for q in p]
         return cls(tensor, dim, index, owner, whole=flat == list(range(tensor.shape[dim])))
 
+    @property
+    def viewed(self) -> bool:
+        """`read` returns a view (whole leading dim): writing into what it returns writes the tensor."""
+        return self.whole and self.dim == 0
+
     def width(self) -> int:
         return self.index.shape[1] * self.tensor[(slice(None),) * self.dim + (0,)].numel()
 
@@ -69,7 +74,7 @@ class Slot:
         padded = torch.cat([per_row, per_row.new_full((1,), fill)])
         shape = [1] * self.tensor.dim()
         shape[self.dim] = -1
-        return padded[self.owner].view(shape)
+        return padded.index_select(0, self.owner).view(shape)
 
 
 class Block:
@@ -147,10 +152,13 @@ class Block:
 
     def consumer_sq(self) -> torch.Tensor:
         """Squared L2 norm of each group's consuming slices ([groups])."""
-        out = torch.zeros(len(self), dtype=score_dtype(self.rows.device), device=self.rows.device)
-        for s in self.consume:
-            out += s.read().to(out.dtype).pow(2).sum(1)
-        return out
+        dtype = score_dtype(self.rows.device)
+        parts = [s.read().to(dtype).pow(2).sum(1) for s in self.consume]
+        return (
+            sum(parts[1:], parts[0])
+            if parts
+            else torch.zeros(len(self), dtype=dtype, device=self.rows.device)
+        )
 
 
 class GroupViews:

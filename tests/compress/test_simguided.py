@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from slimship.compress import compress
+from slimship.compress import compress, sparsifier
 from slimship.compress.simguided import SimGuided, schedule
 from slimship.data import Batches, digits_arrays
+from slimship.errors import CompressionError
 from slimship.slimming.api import slim
 
 
@@ -79,3 +80,44 @@ def test_masked_groups_keep_learning_in_the_simulation(data):
         rows = masked_ever[block.rows]
         moved = (now[rows] != old[rows]).any(1)
         assert moved.all() and bool((now[rows].abs().sum(1) > 0).all())
+
+
+@pytest.mark.parametrize("finetune_epochs", [0, 1])
+def test_one_shot_magnitude_pruning_reaches_the_target_and_slims(data, finetune_epochs):
+    """epochs_per_step=0: every cut before any training (then optional fine-tuning), exactly to target."""
+    train, x = data
+    dense = tiny_cnn()
+    r = compress(
+        "magnitude",
+        dense,
+        (x,),
+        train,
+        target=0.5,
+        prune_steps=3,
+        epochs_per_step=0,
+        finetune_epochs=finetune_epochs,
+    )
+    assert r.info["kept_channels"] == {"0.weight[0]": [4, 8], "3.weight[0]": [4, 8]}
+    assert len(r.history) == finetune_epochs
+    model = r.model.eval()
+    if finetune_epochs == 0:  # no training: the kept weights are the dense model's own
+        kept = model[0].weight.flatten(1).abs().sum(1) > 0
+        torch.testing.assert_close(model[0].weight[kept], dense[0].weight[kept], rtol=0, atol=0)
+    result = slim(model, (x,))
+    assert result.params_after < result.params_before
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_one_shot_sparsifier_cuts_at_the_first_step_and_simguided_refuses_it(data):
+    train, x = data
+    model = tiny_cnn()
+    sp = sparsifier("magnitude", model, (x,), total_steps=2, prune_steps=2, pruning_steps=0)
+    xb, yb = next(iter(train))
+    torch.nn.functional.cross_entropy(model(xb), yb).backward()
+    sp.after_backward()
+    assert sp.cuts_done == 2 and sp.per_space() == {"0.weight[0]": [4, 8], "3.weight[0]": [4, 8]}
+    with pytest.raises(CompressionError, match=r"simguided simulates .* use 'magnitude' for one-shot"):
+        compress("simguided", tiny_cnn(), (x,), train, prune_steps=2, epochs_per_step=0)
+    with pytest.raises(CompressionError, match=r"epochs_per_step=-1 .* must be >= 0"):
+        compress("magnitude", tiny_cnn(), (x,), train, prune_steps=2, epochs_per_step=-1)

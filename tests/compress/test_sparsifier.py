@@ -175,10 +175,16 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert re.search(r"group sparsity 0\.5\d*", stdout), stdout
 
 
-@pytest.mark.slow  # two torchrun processes importing torch and tracing five times: ~50 s on a loaded machine
+@pytest.mark.slow  # two torchrun processes, each method four times (~40 s on a loaded machine)
 def test_two_processes_decide_alike(tmp_path: Path) -> None:
-    """torchrun, 2 gloo processes: identical decisions on both ranks at every step, equal to one process
-    over the same global batches; rank 0 alone writes the slim check, which passes."""
+    """torchrun, 2 gloo processes (one launch, four phases, see ddp_sparsifier):
+
+    * DDP: identical decisions on both ranks at every step, equal to one process over the same global
+      batches; identical weights; rank 0 alone writes the slim check, which passes.
+    * separate replicas, own data, no gradient all-reduce: the weights differ between ranks, yet every
+      decision agrees at every step; with the cross-rank averaging switched off every method disagrees.
+    * resumed from rank 0's checkpoint into fresh objects: the same weights and decisions as without.
+    """
     from tests.compress import ddp_sparsifier
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
@@ -188,11 +194,39 @@ def test_two_processes_decide_alike(tmp_path: Path) -> None:
     cmd += ["-m", "tests.compress.ddp_sparsifier", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"decisions-rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]
-    assert sorted(ranks[0]) == sorted(ddp_sparsifier.METHODS)
-    single = {name: ddp_sparsifier.run(name, rank=0, world=1)[0] for name in ddp_sparsifier.METHODS}
-    assert ranks[0] == single
+    ranks = [json.loads((tmp_path / f"ranks-rank{r}.json").read_text()) for r in (0, 1)]
+    methods = sorted(ddp_sparsifier.METHODS)
+    for phase in ("ddp", "local", "resumed", "control"):
+        assert sorted(ranks[0][phase]) == sorted(ranks[1][phase]) == methods
+    prints = [r["fingerprint"] for r in ranks]
+    assert all(prints[0][m]["ddp"] == prints[1][m]["ddp"] for m in methods)
+    assert all(prints[0][m]["local"] != prints[1][m]["local"] for m in methods)  # replicas really differ
+    assert ranks[0]["ddp"] == ranks[1]["ddp"]
+    assert ranks[0]["local"] == ranks[1]["local"]
+    assert [m for m in methods if ranks[0]["control"][m] == ranks[1]["control"][m]] == []
+    assert (
+        ranks[0]["resumed"]
+        == ranks[1]["resumed"]
+        == {m: {"weights": True, "decisions": True} for m in methods}
+    )
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == [f"checkpoint-{m}.pt" for m in methods]
+    single = {name: ddp_sparsifier.run(name, rank=0, world=1)[0] for name in methods}
+    assert ranks[0]["ddp"] == single
     slimmed = json.loads((tmp_path / "slim-rank0.json").read_text())
-    assert slimmed == {name: True for name in ddp_sparsifier.METHODS}
+    assert slimmed == {name: True for name in methods}
     assert not (tmp_path / "slim-rank1.json").exists()
+
+
+def test_least_each_picks_what_least_picks_per_space() -> None:
+    """The one-sort selection for all spaces equals the per-space selection, ties and ineligible included."""
+    sp = sparsifier("magnitude", tiny_model(), example(), total_steps=10)
+    gen = torch.Generator().manual_seed(0)
+    n = len(sp.groups)
+    for _ in range(20):
+        scores = torch.randint(0, 4, (n,), generator=gen).to(torch.float64)  # many ties
+        eligible = torch.rand(n, generator=gen) < 0.7
+        need = torch.randint(-1, 8, (len(sp.spaces),), generator=gen)
+        expected = torch.zeros_like(eligible)
+        for k, space in enumerate(sp.spaces):
+            expected[sp.least(scores, space, eligible, max(int(need[k]), 0))] = True
+        assert torch.equal(sp.least_each(scores, eligible, need), expected)
