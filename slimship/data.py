@@ -275,34 +275,107 @@ def _map_style(value: Any) -> bool:
     return dataset and hasattr(value, "__len__") and not _iterable_style(value)
 
 
+def _indexable(value: Any) -> bool:
+    """What a DataLoader can sample by index: a map-style Dataset, or any sequence (a list of samples)."""
+    sized = hasattr(value, "__len__") and hasattr(value, "__getitem__")
+    return _map_style(value) or (sized and not _iterable_style(value))
+
+
 def _own_batch_sampler(value: Any) -> bool:
-    return isinstance(value, torch.utils.data.DataLoader) and value.batch_size is None
+    loader = isinstance(value, torch.utils.data.DataLoader)
+    return loader and value.batch_size is None and value.batch_sampler is not None
+
+
+def _own_sampler(value: Any) -> bool:
+    """A DataLoader whose sampler is not torch's plain in-order or shuffled one (a subset, weights, ...)."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    if not isinstance(value, torch.utils.data.DataLoader) or _iterable_style(value.dataset):
+        return False
+    plain = type(value.sampler) in (SequentialSampler, RandomSampler)
+    if isinstance(value.sampler, RandomSampler):  # replacement or num_samples pick another epoch
+        plain = plain and not value.sampler.replacement and value.sampler.num_samples == len(value.dataset)
+    return not plain
+
+
+def _single_pass(value: Any) -> bool:
+    """A generator or iterator: iterating it again gives nothing."""
+    return isinstance(value, Iterator)
 
 
 RETURN_INSTEAD = (
     "return slimship.data.Batches, a torch DataLoader over a map-style Dataset (with __len__ and "
     "__getitem__), a map-style Dataset of batches, or a list of batches"
 )
-
-Sharder = Callable[[Any, int, int, int], Any]
-#: how train data is split across torchrun ranks, first match wins: (kind, matches, shard or None = refuse)
-SHARD_RULES: tuple[tuple[str, Callable[[Any], bool], Sharder | None], ...] = (
-    ("slimship.data.Batches", lambda v: isinstance(v, Batches), lambda v, r, w, seed: v.shard(r, w)),
-    ("a DataLoader over an IterableDataset", _loader_over(_iterable_style), None),
-    ("a DataLoader with its own batch_sampler", _own_batch_sampler, None),
-    ("a DataLoader over a map-style dataset", _loader_over(_map_style), _shard_loader),
-    ("an IterableDataset", _iterable_style, None),
-    ("a map-style Dataset", _map_style, _shard_dataset),
-    ("a list or tuple of batches", lambda v: isinstance(v, list | tuple), _shard_sequence),
+OWN_SAMPLER = (
+    "cannot be split across {world} torchrun processes: its sampler decides which samples an epoch holds, "
+    "and a DistributedSampler would replace it (leaking the samples it leaves out); "
+    "for a subset return DataLoader(torch.utils.data.Subset(dataset, indices), shuffle=True), for weights "
+    "resample the dataset itself"
 )
 
+Sharder = Callable[[Any, int, int, int], Any]
 
-def shard_rule(train: Any) -> tuple[str, Sharder | None]:
-    """(what `train` is, how to shard it; None: refused) from :data:`SHARD_RULES`."""
-    for kind, matches, shard in SHARD_RULES:
-        if matches(train):
-            return kind, shard
-    return "an iterable without a length or indexing", None
+
+@dataclass(frozen=True)
+class DataRule:
+    """How one kind of train data is split across torchrun ranks (`shard` None: refused there, for `why`)
+    and whether one process can train on it for several epochs (`reusable`; None: when it has a len())."""
+
+    kind: str
+    matches: Callable[[Any], bool]
+    shard: Sharder | None
+    reusable: bool | None = True
+    why: str = "cannot be split across {world} torchrun processes with equal batch counts"
+
+
+#: train data rules, first match wins
+DATA_RULES: tuple[DataRule, ...] = (
+    DataRule("slimship.data.Batches", lambda v: isinstance(v, Batches), lambda v, r, w, seed: v.shard(r, w)),
+    DataRule("a generator or iterator", _single_pass, None, False),
+    DataRule("a DataLoader over an IterableDataset", _loader_over(_iterable_style), None, None),
+    DataRule("a DataLoader with its own batch_sampler", _own_batch_sampler, None),
+    DataRule("a DataLoader with its own sampler", _own_sampler, None, why=OWN_SAMPLER),
+    DataRule("a DataLoader over a map-style dataset or a list", _loader_over(_indexable), _shard_loader),
+    DataRule("an IterableDataset", _iterable_style, None, None),
+    DataRule("a map-style Dataset", _map_style, _shard_dataset),
+    DataRule("a list or tuple of batches", lambda v: isinstance(v, list | tuple), _shard_sequence),
+)
+UNKNOWN = DataRule("an iterable without a length or indexing", lambda v: True, None, None)
+
+
+def data_rule(train: Any) -> DataRule:
+    """The first of :data:`DATA_RULES` that `train` matches."""
+    return next((rule for rule in DATA_RULES if rule.matches(train)), UNKNOWN)
+
+
+def _described(train: Any) -> str:
+    sampler = f" with a {type(train.sampler).__name__}" if _own_sampler(train) else ""
+    return type(train).__name__ + sampler
+
+
+def check_train(train: Any, source: str = "data.factory") -> Any:
+    """`train` when one process can train on it for several epochs: re-iterable, with a len(). A generator
+    or iterator (read once) or unsized data raises a ConfigError naming `source` and what to return."""
+    if train is None:
+        return train
+    rule = data_rule(train)
+    reusable = rule.reusable if rule.reusable is not None else _has_len(train)
+    if not reusable:
+        what = "can be read only once" if rule.reusable is False else "has no len()"
+        raise ConfigError(
+            f"'{source}' returned train data of type {_described(train)} ({rule.kind}), which {what}; "
+            f"training makes several passes and needs the number of batches per epoch; {RETURN_INSTEAD}"
+        )
+    return train
+
+
+def _has_len(value: Any) -> bool:
+    try:
+        len(value)
+    except TypeError:
+        return False
+    return True
 
 
 def shard_train(train: Any, rank: int, world: int, source: str = "data.factory", seed: int = 0) -> Any:
@@ -311,10 +384,10 @@ def shard_train(train: Any, rank: int, world: int, source: str = "data.factory",
     ConfigError naming `source`, the type found and what to return instead."""
     if world <= 1 or train is None:
         return train
-    kind, shard = shard_rule(train)
-    if shard is None:
+    rule = data_rule(train)
+    if rule.shard is None:
         raise ConfigError(
-            f"'{source}' returned train data of type {type(train).__name__} ({kind}), which cannot be split "
-            f"across {world} torchrun processes with equal batch counts; {RETURN_INSTEAD}"
+            f"'{source}' returned train data of type {_described(train)} ({rule.kind}), which "
+            f"{rule.why.format(world=world)}; {RETURN_INSTEAD}"
         )
-    return shard(train, rank, world, seed)
+    return rule.shard(train, rank, world, seed)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from slimship.data import (
     Batches,
     DigitsSplit,
     calibration_batches,
+    check_train,
     digits_arrays,
     digits_loaders,
     evaluate_accuracy,
@@ -229,6 +231,30 @@ SHARD_CASES = {
         lambda: torch.utils.data.DataLoader(_tensor_dataset(), batch_sampler=[[0, 1], [2, 3, 4]]),
         False,
     ),
+    "DataLoader over a list of samples": (
+        lambda: torch.utils.data.DataLoader(list(zip(*map(torch.from_numpy, _arrays(10)))), batch_size=3),
+        True,
+    ),
+    "DataLoader of whole batches (batch_size=None)": (
+        lambda: torch.utils.data.DataLoader(_tensor_dataset(), batch_size=None, shuffle=True),
+        True,
+    ),
+    "DataLoader with a SubsetRandomSampler": (
+        lambda: torch.utils.data.DataLoader(
+            _tensor_dataset(), 2, sampler=SubsetRandomSampler(range(0, 10, 2))
+        ),
+        False,
+    ),
+    "DataLoader with a WeightedRandomSampler": (
+        lambda: torch.utils.data.DataLoader(
+            _tensor_dataset(), 2, sampler=WeightedRandomSampler([1.0] * 10, 6)
+        ),
+        False,
+    ),
+    "DataLoader with a RandomSampler drawing with replacement": (
+        lambda: torch.utils.data.DataLoader(_tensor_dataset(), 2, sampler=RandomSampler(range(10), True)),
+        False,
+    ),
 }
 
 
@@ -244,6 +270,10 @@ def test_train_data_is_sharded_with_equal_batch_counts_or_refused(case: str) -> 
             and type(make()).__name__ in message
         )
         assert "return slimship.data.Batches" in message
+        if "Sampler " in case:  # named, with the subset idiom that keeps the user's split
+            assert (
+                f"with a {type(make().sampler).__name__}" in message and "Subset(dataset, indices)" in message
+            )
         return
     train = make()
     assert shard_train(train, 0, 1) is train  # one process: as it is
@@ -257,6 +287,31 @@ def test_train_data_is_sharded_with_equal_batch_counts_or_refused(case: str) -> 
         assert [len(b) for b in seen[0]] == [len(b) for b in seen[1]]  # same batch sizes, step by step
         union = {v for rank in seen for batch in rank for v in batch}
         assert union == {v for batch in _labels(make()) for v in batch}  # together: the whole epoch
+
+
+#: train data one process cannot train on for several epochs, and what the refusal says about it
+ONE_PROCESS_REFUSED = {
+    "generator": "can be read only once",
+    "iterator": "can be read only once",
+    "IterableDataset": "has no len()",
+    "DataLoader over an IterableDataset": "has no len()",
+}
+
+
+@pytest.mark.parametrize("case", SHARD_CASES)
+def test_one_process_takes_reusable_sized_train_data_and_refuses_the_rest(case: str) -> None:
+    train = SHARD_CASES[case][0]()
+    if case not in ONE_PROCESS_REFUSED:
+        assert check_train(train, "data.factory") is train
+        return
+    with pytest.raises(ConfigError) as caught:
+        check_train(train, "data.factory")
+    message = str(caught.value)
+    assert (
+        message.startswith("'data.factory' returned train data of type ")
+        and ONE_PROCESS_REFUSED[case] in message
+    )
+    assert "lr_schedule" not in message and "return slimship.data.Batches" in message
 
 
 def test_batches_shards_of_b_make_the_global_batches_of_one_process_with_2b() -> None:

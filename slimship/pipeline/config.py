@@ -29,7 +29,7 @@ from pydantic.fields import FieldInfo
 
 from slimship._yaml import load_yaml
 from slimship.compress.device import DEVICE_RE, DEVICE_RULE
-from slimship.errors import ConfigError
+from slimship.errors import ConfigError, SlimshipError
 from slimship.exporters.registry import FORMATS as FORMAT_TABLE
 from slimship.pipeline.names import NAME_RE, NAME_RULE, VERSION_RE, VERSION_RULE
 from slimship.runtimes.registry import RUNTIMES
@@ -168,6 +168,21 @@ class PipelineConfig(Section):
     def factory(self, section: Literal["model", "data"]) -> Callable[..., Any]:
         """The `model.factory` or `data.factory` function (see `resolve`)."""
         return resolve(getattr(self, section).factory, f"{section}.factory", self._base_dir)
+
+    def build(self, section: Literal["model", "data"]) -> Any:
+        """What the `model.factory` or `data.factory` function returns for its kwargs. The user's code
+        raising (anything but a SlimshipError) is a ConfigError naming the key, the function and the error."""
+        spec = getattr(self, section)
+        fn = self.factory(section)
+        try:
+            return fn(**spec.kwargs)
+        except SlimshipError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"'{section}.factory' {spec.factory} raised {type(exc).__name__} with {section}.kwargs "
+                f"{spec.kwargs}: {_first_line(exc)}; fix the factory or its kwargs"
+            ) from exc
 
     @property
     def device(self) -> str:

@@ -161,7 +161,7 @@ def _publish_on_rank0(config: PipelineConfig, console: Console, stages: _Stages,
 
 def _build_model(config: PipelineConfig) -> torch.nn.Module:
     model_cfg = config.model
-    model = config.factory("model")(**model_cfg.kwargs)
+    model = config.build("model")
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"'model.factory' returned {type(model).__name__}, not an nn.Module")
     if model_cfg.checkpoint is not None:
@@ -177,7 +177,7 @@ def _build_model(config: PipelineConfig) -> torch.nn.Module:
 def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device) -> Trained:
     """Dense training and compression on `device`, on every rank (each on its shard of the train data);
     the compressed model comes back to CPU once, for slimming and export."""
-    from slimship.data import shard_train
+    from slimship.data import check_train, shard_train
 
     seed = config.seed
     set_seed(seed)
@@ -185,7 +185,8 @@ def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device)
     model = _build_model(config)
     train = test = None
     if config.data is not None:
-        train, test = config.factory("data")(**config.data.kwargs)
+        train, test = _train_and_test(config.build("data"), config.data.factory)
+        check_train(train, "data.factory")  # single-pass or unsized data: refused before any training
     shard = shard_train(train, rank(), world_size(), "data.factory", seed)  # refused alike on every rank
     generator = torch.Generator().manual_seed(seed)
     example = (torch.randn(1, *config.model.input_shape, generator=generator),)  # what a device runs
@@ -216,6 +217,16 @@ def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device)
         compressed, result, compress_info, compress_plots, dense_acc, train, test, example, trace_example,
         _compare_ranks(compressed),
     )  # fmt: skip
+
+
+def _train_and_test(data: Any, factory: str) -> tuple[Any, Any]:
+    """The data factory's (train, test) pair; anything else is a ConfigError naming it."""
+    if not isinstance(data, tuple | list) or len(data) != 2:
+        raise ConfigError(
+            f"'data.factory' {factory} returned {type(data).__name__}; return a pair (train, test) "
+            "(either may be None)"
+        )
+    return data[0], data[1]
 
 
 def _compare_ranks(model: torch.nn.Module) -> dict[str, Any]:

@@ -46,6 +46,38 @@ FACTORY = textwrap.dedent(
         x, y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
         batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, n, 8)]
         return batches, batches
+
+
+    def generator(n: int = 32):
+        batches, test = loaders(n)
+        return iter(batches), test
+
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return iter(self.batches)
+
+
+    def stream(n: int = 32):
+        batches, test = loaders(n)
+        return torch.utils.data.DataLoader(Stream(batches), batch_size=None), test
+
+
+    def flaky(n: int = 32):
+        raise ValueError("cannot read the data shard")
+
+
+    CALLS = []
+
+
+    def second_call_fails(width: int = 4):
+        CALLS.append(width)  # the config check builds the model once; the run builds it again
+        if len(CALLS) > 1:
+            raise RuntimeError("out of licences")
+        return model(width)
     """
 )
 
@@ -129,6 +161,35 @@ def test_input_shape_that_does_not_fit_the_model_is_named(tmp_path):
     config.write_text(json.dumps(text))
     with pytest.raises(ConfigError, match=r"'model.input_shape' is \[3, 8, 8\]: one forward pass on a batch"):
         load_config(config)
+
+
+#: a factory that fails the run -> what `slimship: error:` says (never an internal error, never an option
+#: the user did not set)
+FACTORY_FAILURES = {
+    "data:generator": "'data.factory' returned train data of type list_iterator (a generator or iterator), "
+    "which can be read only once",
+    "data:stream": "'data.factory' returned train data of type DataLoader (a DataLoader over an "
+    "IterableDataset), which has no len()",
+    "data:flaky": "'data.factory' myfactory_fail_flaky:flaky raised ValueError with data.kwargs {'n': 32}: "
+    "cannot read the data shard",
+    "model:second_call_fails": "'model.factory' myfactory_fail_second_call_fails:second_call_fails raised "
+    "RuntimeError with model.kwargs {'width': 4}: out of licences",
+}
+
+
+@pytest.mark.parametrize("case", FACTORY_FAILURES)
+def test_a_failing_or_single_pass_factory_is_a_config_error_before_training(case, tmp_path, capsys):
+    section, fn = case.split(":")
+    module = f"myfactory_fail_{fn}"
+    config = _project(tmp_path, module, train={"epochs": 2, "lr": 0.01})
+    text = json.loads(config.read_text())
+    text[section]["factory"] = f"{module}:{fn}"
+    config.write_text(json.dumps(text))
+    assert main(["run", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert f"slimship: error: {FACTORY_FAILURES[case]}" in err, err
+    assert "internal error" not in err and "lr_schedule" not in err and "total_steps" not in err
+    assert "train dense model" not in out + err and not (tmp_path / "out").exists()
 
 
 def test_calibration_comes_from_the_train_split_and_is_counted():
