@@ -32,11 +32,13 @@ from torch import nn
 
 from slimship._util import atomic_write_bytes
 from slimship.compress.device import (
+    broadcast_module_from_rank0,
     broadcast_object_from_rank0,
     device_of,
     mean_across_ranks,
     rank,
     to_device,
+    world_size,
     wrap_for_training,
 )
 from slimship.errors import CompressionError
@@ -403,7 +405,8 @@ def train_loop(
     forward runs through DistributedDataParallel, so gradients are averaged across ranks before the hooks
     see them; `batches` should then be this rank's shard with the same number of batches on every rank.
     Rank 0 alone writes the checkpoint, every rank resumes from rank 0's file, and the epoch records count
-    the samples of all ranks.
+    the samples of all ranks. At the end every rank takes rank 0's parameters and buffers (under DDP each
+    rank's BatchNorm statistics follow its own last batches), so all hold the model rank 0 publishes.
     """
     if epochs < 0:
         raise CompressionError(f"epochs must be >= 0, got {epochs}")
@@ -490,6 +493,8 @@ def train_loop(
                 },
             )
     del net
+    if world_size() > 1:  # DDP left each rank its own last buffers (BatchNorm statistics): take rank 0's
+        broadcast_module_from_rank0(model)
     model.eval()
     return history
 
