@@ -18,7 +18,7 @@ from typing import Any
 
 from slimship._console import Steps, native_stderr_quiet, note, setup_logging, stdout_console
 from slimship.cli_parser import GATE_HELP
-from slimship.errors import GateError, SlimshipError
+from slimship.errors import STOPPED_EXIT, GateError, SlimshipError, StoppedEarly
 
 
 def _gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -527,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     except GateError as exc:
         print(f"slimship: gate failed: {exc}", file=sys.stderr)
         return 3
+    except StoppedEarly as exc:
+        print(f"slimship: stopped: {exc}", file=sys.stderr)
+        return STOPPED_EXIT
     except SlimshipError as exc:
         print(f"slimship: error: {exc}", file=sys.stderr)
         return 2

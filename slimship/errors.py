@@ -55,3 +55,12 @@ class CompressionError(SlimshipError):
 
 class GateError(SlimshipError):
     """A quality gate failed: the release would not meet what the config demands (CLI exit status 3)."""
+
+
+class StoppedEarly(SlimshipError):
+    """Training stopped on purpose before its last epoch (`stop_after`): the checkpoint is saved and nothing
+    is released (CLI exit status STOPPED_EXIT)."""
+
+
+#: CLI exit status of a run that stopped at `stop_after` (2: an error, 3: a gate failed)
+STOPPED_EXIT = 4

@@ -27,7 +27,7 @@ from slimship.compress.device import (
     to_device,
     world_size,
 )
-from slimship.errors import ConfigError, SlimshipError
+from slimship.errors import ConfigError, SlimshipError, StoppedEarly
 from slimship.exporters.registry import get_format
 from slimship.pipeline.config import PipelineConfig
 from slimship.pipeline.gates import QUANTISED_FORMATS, Figures, GateResult, enforce, evaluate_gates
@@ -209,6 +209,7 @@ def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device)
             f"compress ({ccfg.method})", compress, ccfg.method, model, to_device(trace_example, device),
             shard, test, **ccfg.options.model_dump(exclude_unset=True),
         )  # fmt: skip
+        check_completed(ccfg.method, ccfg.options, result)  # an unfinished model is never released
         compressed, compress_info = result.model.eval(), {"method": result.method, **_plain(result.info)}
         compress_plots = _history_plots(result.method, result.history)
         compress_plots |= _search_plots(result.method, result.info)
@@ -217,6 +218,29 @@ def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device)
         compressed, result, compress_info, compress_plots, dense_acc, train, test, example, trace_example,
         _compare_ranks(compressed),
     )  # fmt: skip
+
+
+def check_completed(method: str, options: Any, result: Any) -> None:
+    """Raise StoppedEarly when `result` ended before its last epoch (the `stop_after` option): the method's
+    ``info["completed"]``, else its last epoch record against its `epochs` option."""
+    stop, epochs = getattr(options, "stop_after", None), getattr(options, "epochs", None)
+    done = int(result.history[-1].get("epoch", 0)) if result.history else 0
+    completed = result.info.get("completed")
+    if completed is None:
+        completed = stop is None or epochs is None or done >= epochs
+    if completed:
+        return
+    checkpoint = getattr(options, "checkpoint", None)
+    resume = (
+        "raise or remove compress.options.stop_after and run the same command again to resume from "
+        f"{checkpoint}"
+        if checkpoint is not None
+        else "set compress.options.checkpoint to resume a stopped run; without it the run starts afresh"
+    )
+    raise StoppedEarly(
+        f"compress ({method}) stopped after epoch {done} of {epochs} (stop_after={stop}); nothing released; "
+        + resume
+    )
 
 
 def _train_and_test(data: Any, factory: str) -> tuple[Any, Any]:

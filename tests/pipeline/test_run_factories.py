@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slimship.cli import main
-from slimship.errors import ConfigError
+from slimship.errors import STOPPED_EXIT, ConfigError
 from slimship.pipeline.config import load_config
 from slimship.pipeline.run import calibration_data
 
@@ -209,3 +209,33 @@ def test_calibration_comes_from_the_train_split_and_is_counted():
         "samples": 1,
         "source": "the random example input (no data factory given)",
     }
+
+
+def test_a_run_stopped_by_stop_after_releases_nothing_and_the_resumed_run_releases(tmp_path, capsys):
+    checkpoint = tmp_path / "ck.pt"
+    options = {
+        "target": 0.5,
+        "epochs": 2,
+        "warmup_epochs": 0,
+        "pruning_epochs": 1,
+        "checkpoint": str(checkpoint),
+    }
+    config = _project(
+        tmp_path, "myfactory_stop", compress={"method": "hesso", "options": {**options, "stop_after": 1}}
+    )
+    assert main(["run", str(config)]) == STOPPED_EXIT
+    err = capsys.readouterr().err
+    assert (
+        "slimship: stopped: compress (hesso) stopped after epoch 1 of 2 (stop_after=1); nothing released; "
+        "raise or remove compress.options.stop_after and run the same command again to resume from "
+        f"{checkpoint}"
+    ) in err
+    assert checkpoint.is_file() and not (tmp_path / "out").exists()
+
+    text = json.loads(config.read_text())
+    text["compress"]["options"] = options  # stop_after removed: the run resumes at epoch 2 and releases
+    config.write_text(json.dumps(text))
+    assert main(["run", str(config), "--json", str(tmp_path / "run.json")]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run.json").read_text())["summary"]
+    assert summary["compress"]["completed"] is True
+    assert (tmp_path / "out" / "tiny-0.1.0" / "manifest.json").is_file()
