@@ -18,7 +18,7 @@ from typing import Any
 
 from slimship._console import Steps, native_stderr_quiet, note, setup_logging, stdout_console
 from slimship.cli_parser import GATE_HELP
-from slimship.errors import STOPPED_EXIT, GateError, SlimshipError, StoppedEarly
+from slimship.errors import STOPPED_EXIT, GateError, SlimshipError, StoppedEarly, on_every_rank
 
 
 def _gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,7 +75,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"gates": _gate_overrides(args)}
     if args.out:
         overrides["release"] = {"out": str(args.out)}
-    result = run_pipeline(load_config(args.config, overrides), _human(args))
+    try:
+        config = load_config(args.config, overrides)
+    except SlimshipError as exc:  # the same file on every rank: the same refusal
+        raise on_every_rank(exc) from exc.__cause__
+    result = run_pipeline(config, _human(args))
     env = torchrun_env()
     if env is None or env.rank == 0:  # under torchrun rank 0 speaks for the job (and writes --json)
         _emit(args, result)
@@ -528,10 +532,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimship: gate failed: {exc}", file=sys.stderr)
         return 3
     except StoppedEarly as exc:
-        print(f"slimship: stopped: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops alike (rank 0's checkpoint)
+            print(f"slimship: stopped: {exc}", file=sys.stderr)
         return STOPPED_EXIT
     except SlimshipError as exc:
-        print(f"slimship: error: {exc}", file=sys.stderr)
+        if not exc.every_rank or os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all
+            print(f"slimship: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("slimship: interrupted", file=sys.stderr)

@@ -7,7 +7,18 @@ from __future__ import annotations
 
 
 class SlimshipError(Exception):
-    """Base class: a problem a user can act on."""
+    """Base class: a problem a user can act on.
+
+    `every_rank` is True for an error that every torchrun rank raises alike (the config, the kind of data):
+    the CLI prints it on rank 0 only. Other errors are printed by the rank that raised them."""
+
+    every_rank: bool = False
+
+
+def on_every_rank(exc: SlimshipError) -> SlimshipError:
+    """`exc`, marked as raised alike by every torchrun rank (printed once, by rank 0)."""
+    exc.every_rank = True
+    return exc
 
 
 class ConfigError(SlimshipError):

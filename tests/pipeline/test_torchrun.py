@@ -50,6 +50,14 @@ FACTORY = textwrap.dedent(
     def stream(batch_size: int = 16):
         train, test = data(batch_size)
         return (b for b in train), test
+
+
+    def flaky(batch_size: int = 16):
+        import os
+
+        if os.environ["RANK"] == "1":
+            raise OSError("rank 1 cannot read its shard")
+        return data(batch_size)
     """
 )
 
@@ -111,6 +119,34 @@ def test_unshardable_train_data_is_refused_before_training(tmp_path, fake_rank, 
     err = capsys.readouterr().err
     assert "slimship: error: 'data.factory' returned train data of type generator" in err
     assert "return slimship.data.Batches" in err and "train dense model" not in err
+    assert not (tmp_path / "p" / "out").exists()
+
+
+#: (data factory, rank) -> what that rank prints ("": nothing). A refusal every rank makes alike is printed
+#: once, by rank 0; an error of a rank's own is printed by that rank (rank 0 of the flaky job trains on)
+RANK_ERRORS = {
+    ("stream", 0): "'data.factory' returned train data of type generator",
+    ("stream", 1): "",
+    ("flaky", 1): "'data.factory' torchrun_flaky_1:flaky raised OSError with data.kwargs",
+}
+
+
+@pytest.mark.parametrize("case", RANK_ERRORS, ids=str)
+def test_an_error_every_rank_raises_is_printed_once_a_ranks_own_by_that_rank(
+    tmp_path, fake_rank, capsys, case
+) -> None:
+    factory, r = case
+    module = f"torchrun_{factory}_{r}"
+    config = _config(tmp_path / "p", module, "out")
+    text = json.loads(config.read_text())
+    text["data"]["factory"] = f"{module}:{factory}"
+    config.write_text(json.dumps(text))
+    fake_rank(r)
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    expected = RANK_ERRORS[case]
+    assert err.count("slimship: error:") == (1 if expected else 0), err
+    assert not expected or f"slimship: error: {expected}" in err
     assert not (tmp_path / "p" / "out").exists()
 
 
