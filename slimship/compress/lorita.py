@@ -119,7 +119,8 @@ def collapse(model: nn.Module) -> nn.Module:
 class LowRankParametrization:
     """What :func:`parametrize_low_rank` did to a model: the parametrised layers and the factors each.
 
-    After training, :meth:`factorize` (or :meth:`collapse` alone) ends the LoRITa run.
+    :meth:`factorize` leaves the model parametrised (it works on a copy), so training can go on and
+    factorize again; :meth:`collapse` is destructive by design: it ends the LoRITa run in place.
     """
 
     model: nn.Module
@@ -127,7 +128,11 @@ class LowRankParametrization:
     depth: int
 
     def collapse(self) -> nn.Module:
-        """Multiply the factors back into plain weights, in place: the model of the original architecture."""
+        """Multiply the factors back into plain weights, in place: the model of the original architecture.
+
+        Destructive: the factors your optimizer holds no longer drive the model afterwards. Use it to end
+        the run; :meth:`factorize` does not need it.
+        """
         return collapse(self.model)
 
     def effective_ranks(self, energy: float = 0.98) -> dict[str, int]:
@@ -137,9 +142,9 @@ class LowRankParametrization:
         return {n: _rank_for(_singular_values(modules[n]), None, energy) for n in self.layers}
 
     def factorize(self, example_inputs: Any, **options: Any) -> FactorizeResult:
-        """Collapse in place, then :func:`factorize` the model into thin layers (same options)."""
-        self.collapse()
-        return factorize(self.model.eval(), example_inputs, **options)
+        """:func:`factorize` a collapsed copy into thin layers (same options); the model itself stays
+        parametrised, in its train/eval mode, and trainable by the optimizer that holds its factors."""
+        return factorize(self.model, example_inputs, **options)
 
 
 def parametrize_low_rank(model: nn.Module, *, depth: int = 3) -> LowRankParametrization:
