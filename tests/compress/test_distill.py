@@ -73,9 +73,22 @@ def test_hakd_latency_table_and_distillation() -> None:
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
 
 
-def test_hakd_needs_budget() -> None:
-    with pytest.raises(CompressionError, match="latency_budget_ms or a positive speedup"):
-        compress("hakd", tiny_model(), example(), tiny_data(), speedup=None)
+def test_hakd_refuses_both_speedup_and_budget() -> None:
+    with pytest.raises(
+        CompressionError, match=r"give one of speedup=1\.2 or latency_budget_ms=1000\.0, not both"
+    ):
+        compress("hakd", tiny_model(), example(), tiny_data(), speedup=1.2, latency_budget_ms=1000.0)
+
+
+def test_neither_speedup_nor_budget_means_twice_as_fast(monkeypatch) -> None:
+    """Without a budget the student must be 2x faster than the teacher (the default speedup)."""
+
+    def fake_table(models, *args, **kwargs):
+        return {name: {"onnxruntime": 4.0 if name == "teacher" else 1.0} for name in models}
+
+    monkeypatch.setattr(distill, "latency_table", fake_table)
+    _, info = build_student(tiny_model(), example(), widths=(0.5,), repeats=3)
+    assert info["budget_ms"] == 2.0 and info["budget_met"]
 
 
 # ---- the user-loop pieces: build_student and DistillationLoss ---------------------------------------
@@ -116,13 +129,36 @@ def test_distillation_loss_names_bad_options(options: dict, named: str) -> None:
         ({"student_init": "zeros"}, "'student_init'"),
         ({"latency_budget_ms": -1.0}, "'latency_budget_ms'"),
         ({"runtimes": ("no-such-runtime",)}, "'runtimes'"),
-        ({"speedup": None}, "latency_budget_ms or a positive speedup"),
+        ({"speedup": 2.0, "latency_budget_ms": 5.0}, "give one of speedup=2.0 or latency_budget_ms=5.0"),
+        ({"speedup": float("inf")}, "'speedup' must be None or a finite number > 0"),
+        ({"student_factory": "wide"}, "student_factory must be a callable"),
+        ({"seed": "x"}, "seed must be an integer >= 0"),
     ],
 )
 def test_build_student_names_bad_options(options: dict, named: str, monkeypatch) -> None:
     monkeypatch.setattr(distill, "latency_table", _no_measuring)
     with pytest.raises(CompressionError, match=named):
         build_student(tiny_model(), example(), **options)
+
+
+def test_build_student_refuses_a_teacher_that_is_no_module(monkeypatch) -> None:
+    monkeypatch.setattr(distill, "latency_table", _no_measuring)
+    with pytest.raises(
+        CompressionError, match=r"build_student teacher must be a torch nn\.Module, got str 't'"
+    ):
+        build_student("t", example(), **FAST)
+
+
+def test_distillation_loss_refuses_a_teacher_that_is_no_module_and_mismatched_targets() -> None:
+    with pytest.raises(
+        CompressionError, match=r"DistillationLoss teacher must be a torch nn\.Module or None"
+    ):
+        DistillationLoss("t")
+    kd = DistillationLoss(tiny_model())
+    x = example()[0]
+    student = tiny_model()
+    with pytest.raises(CompressionError, match="targets hold 2 samples, the student's outputs 8"):
+        kd(student(x), torch.zeros(2, dtype=torch.long), x)
 
 
 def _no_measuring(*args, **kwargs):

@@ -44,6 +44,7 @@ from slimship.compress.base import (
     save_checkpoint,
     working_copy,
 )
+from slimship.compress.checks import check_batches, check_int, check_module, check_number, refuse
 from slimship.compress.device import device_of, mean_across_ranks, rank, score_dtype, unwrap
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
@@ -97,7 +98,10 @@ def prepare(
 
 
 def check_keep(min_keep: float, max_keep: float) -> None:
-    if not 0 < min_keep <= max_keep <= 1:
+    """Both keep fractions in (0, 1], min_keep <= max_keep (CompressionError naming them)."""
+    check_number("option 'min_keep'", min_keep, 0.0, 1.0, low_open=True, high_open=False)
+    check_number("option 'max_keep'", max_keep, 0.0, 1.0, low_open=True, high_open=False)
+    if min_keep > max_keep:
         raise CompressionError(f"options need 0 < min_keep <= max_keep <= 1, got {min_keep}, {max_keep}")
 
 
@@ -325,16 +329,20 @@ def adc_search(
     searched. Under torchrun run it on every rank: all ranks return the same policy. Raises
     CompressionError when `evaluate` returns a non-finite value or no real number.
     """
+    check_module("adc_search model", model)
     if not callable(evaluate):
         raise CompressionError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
-    if episodes < 1:
-        raise CompressionError(f"option 'episodes' must be at least 1, got {episodes!r}")
+    check_int("option 'episodes'", episodes, 1)
+    check_int("seed", seed, 0)
+    if ddpg is not None and not isinstance(ddpg, DDPG):
+        raise refuse("ddpg", "a DDPG(...) or None", ddpg)
     check_keep(min_keep, max_keep)
+    calibrate = check_batches("calibrate", calibrate)
     ddpg = ddpg or DDPG()
     inputs = as_input_tuple(example_inputs)
     setup = prepare(working_copy(unwrap(model)).eval(), inputs, spaces=spaces)
     budget = flops_budget(setup, target_flops_ratio, min_keep)
-    scorer = Scorer(setup.pruner, evaluate, list(calibrate))
+    scorer = Scorer(setup.pruner, evaluate, calibrate)
     state, incumbent = search_policies(
         setup,
         budget,
