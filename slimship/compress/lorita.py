@@ -41,6 +41,7 @@ from slimship.compress.base import (
     train_loop,
     working_copy,
 )
+from slimship.compress.checks import check_int, check_module, check_number
 from slimship.compress.device import score_dtype, unwrap
 from slimship.errors import CompressionError, VerificationError
 from slimship.slimming.api import count_flops, count_params, verify_outputs
@@ -164,6 +165,7 @@ def parametrize_low_rank(model: nn.Module, *, depth: int = 3) -> LowRankParametr
             "parametrize_low_rank got a DistributedDataParallel model: parametrise the plain model first, "
             "then wrap it in DDP (DDP keeps the parameters it saw when built)"
         )
+    check_module("parametrize_low_rank model", model)
     model = unwrap(model)
     names = overparametrize(model, depth)
     if not names:
@@ -266,15 +268,14 @@ class FactorizeResult:
 
 
 def _check_rank_options(rank_ratio: float | None, energy: float | None) -> None:
-    if rank_ratio is not None and not 0 < rank_ratio <= 1:
-        raise CompressionError(f"option 'rank_ratio' must be in (0, 1], got {rank_ratio!r}")
-    if energy is not None and not 0 < energy <= 1:
-        raise CompressionError(f"option 'energy' must be in (0, 1], got {energy!r}")
+    for name, value in (("rank_ratio", rank_ratio), ("energy", energy)):
+        if value is not None:
+            check_number(f"option {name!r}", value, 0.0, 1.0, low_open=True, high_open=False)
 
 
 def _check_finetune(epochs: int, lr: float, train: Iterable[Batch] | None) -> None:
-    if epochs < 0 or lr <= 0:
-        raise CompressionError(f"options need finetune_epochs >= 0 and finetune_lr > 0, got {epochs}, {lr}")
+    check_int("option 'finetune_epochs'", epochs, 0)
+    check_number("option 'finetune_lr'", lr, 0.0, math.inf, low_open=True, high_open=True)
     if epochs > 0 and train is None:
         raise CompressionError(
             f"finetune_epochs={epochs} needs training batches (pass train=...), or set finetune_epochs=0"
@@ -396,11 +397,11 @@ def factorize(
     seeded): the per-layer errors and `max_rel_output_diff` describe the truncation before that fine-tune,
     ``finetune_history`` the fine-tune itself.
     """
+    check_module("factorize model", model)
     if (rank_ratio is None) == (energy is None):
         raise CompressionError("factorize: pass exactly one of rank_ratio or energy")
     _check_rank_options(rank_ratio, energy)
-    if not 0 <= min_saving < 1:
-        raise CompressionError(f"factorize: min_saving must be in [0, 1), got {min_saving!r}")
+    check_number("factorize: min_saving", min_saving, 0.0, 1.0, low_open=False, high_open=True)
     _check_finetune(finetune_epochs, finetune_lr, train)
     inputs = as_input_tuple(example_inputs)
     source = copy.deepcopy(unwrap(model)).eval()

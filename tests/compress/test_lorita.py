@@ -274,6 +274,21 @@ def test_parametrize_names_bad_options(model, options, named):
         parametrize_low_rank(model(), **options)
 
 
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda x: parametrize_low_rank("model"), r"parametrize_low_rank model must be a torch nn\.Module"),
+        (lambda x: factorize("model", (x,), rank_ratio=0.5), r"factorize model must be a torch nn\.Module"),
+        (lambda x: factorize(tiny_mlp(), (x,), rank_ratio="half"), "option 'rank_ratio' must be a number in"),
+        (lambda x: factorize(tiny_mlp(), (x,), energy=0.9, min_saving="a"), "min_saving must be a number in"),
+        (lambda x: factorize(tiny_mlp(), (x,), energy=0.9, finetune_epochs=1.5), "'finetune_epochs' must be"),
+    ],
+)
+def test_lorita_entry_points_name_bad_arguments(call, named, data):
+    with pytest.raises(CompressionError, match=named):
+        call(data[1])
+
+
 def test_parametrize_twice_is_refused_and_effective_ranks_checks_energy():
     lowrank = parametrize_low_rank(tiny_mlp(), depth=2)
     with pytest.raises(CompressionError, match="layer '1' is already parametrised"):
