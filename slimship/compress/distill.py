@@ -246,7 +246,7 @@ STUDENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v is None or 0 < v < math.inf,
         "None or a finite number > 0 (milliseconds)",
     ),
-    "min_flops_ratio": (lambda v: v is None or v > 0, "None or > 0"),
+    "min_flops_ratio": (lambda v: v is None or v >= 1, "None or >= 1 (teacher FLOPs / student FLOPs)"),
     "repeats": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "student_init": (lambda v: v in INITS, f"one of {INITS}"),
 }
@@ -313,7 +313,7 @@ def measure_and_choose(
                 "width_mult": w,
                 "params": count_params(cand),
                 "flops": flops,
-                "flops_ratio": teacher_flops / max(flops, 1),
+                "flops_ratio": teacher_flops / max(flops, 1),  # x fewer FLOPs, as slim's flops_ratio
             }
         )
     if min_flops_ratio is not None:  # fail before the (slow) measurement when no width can be chosen

@@ -264,6 +264,7 @@ class FactorizeResult:
 
     @property
     def flops_ratio(self) -> float:
+        """Dense FLOPs / thin FLOPs (x fewer FLOPs, > 1 is a saving), as ``slim(...).flops_ratio``."""
         return self.flops_before / max(self.flops_after, 1)
 
 

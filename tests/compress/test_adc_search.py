@@ -64,7 +64,7 @@ def kept_rows(index: int):
 
 
 def search(model: nn.Module, evaluate, **options):
-    opts = {"target_flops_ratio": 0.4, "episodes": 8, "ddpg": FAST, "seed": 1, **options}
+    opts = {"target_flops_kept": 0.4, "episodes": 8, "ddpg": FAST, "seed": 1, **options}
     return adc_search(model, (X,), evaluate, **opts)
 
 
@@ -75,7 +75,7 @@ def test_policy_meets_the_flops_target_and_slims_to_the_zeroed_model() -> None:
     for key, value in model.state_dict().items():  # the search worked on a copy
         assert torch.equal(value, before[key]), key
     assert len(result.rewards) == 8 and result.reward == max([*result.rewards, result.uniform_reward])
-    assert result.flops_ratio <= 0.4 * (1 + 1e-9)
+    assert result.flops_kept <= 0.4 * (1 + 1e-9)
     policy = result.policy
     assert sorted(policy.sizes.values()) == [8, 12, 16]
     assert all(len(policy.removed[s]) == policy.sizes[s] - policy.kept[s] for s in policy.sizes)
@@ -84,7 +84,7 @@ def test_policy_meets_the_flops_target_and_slims_to_the_zeroed_model() -> None:
     slimmed = slim(zeroed, (X,))
     dense_flops = count_flops(model, (X,))
     assert slimmed.flops_after <= 0.4 * dense_flops * 1.001
-    assert slimmed.flops_after == pytest.approx(result.flops_ratio * dense_flops, rel=1e-6)
+    assert slimmed.flops_after == pytest.approx(result.flops_kept * dense_flops, rel=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(slimmed.model(X), zeroed(X), rtol=1e-4, atol=1e-5)
 

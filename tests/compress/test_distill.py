@@ -20,6 +20,7 @@ from slimship.compress import DistillationLoss, build_student, compress, distill
 from slimship.compress.distill import choose_student
 from slimship.data import evaluate_accuracy
 from slimship.errors import CompressionError
+from slimship.slimming.api import count_flops
 from tests.compress.gloo import single_process_group
 from tests.compress.test_base import example, one_thread, same_state, tiny_data, tiny_model
 from tests.compress.test_sparsifier import ROOT, run_readme_example
@@ -91,6 +92,17 @@ def test_neither_speedup_nor_budget_means_twice_as_fast(monkeypatch) -> None:
     assert info["budget_ms"] == 2.0 and info["budget_met"]
 
 
+def test_flops_ratio_means_dense_over_slim_as_in_slim(monkeypatch) -> None:
+    """One meaning of flops_ratio across slimship: dense FLOPs / slim FLOPs (> 1 is a saving)."""
+    monkeypatch.setattr(
+        distill, "latency_table", lambda models, *a, **k: {n: {"onnxruntime": 1.0} for n in models}
+    )
+    teacher = tiny_model()
+    student, info = build_student(teacher, example(), widths=(0.5,), repeats=3)
+    ratio = count_flops(teacher, example()) / count_flops(student, example())
+    assert ratio > 1 and info["flops_ratio"] == pytest.approx(ratio)
+
+
 # ---- the user-loop pieces: build_student and DistillationLoss ---------------------------------------
 FAST = {"widths": (0.75, 0.5), "latency_budget_ms": 1e9, "repeats": 3}
 
@@ -130,6 +142,10 @@ def test_distillation_loss_names_bad_options(options: dict, named: str) -> None:
         ({"latency_budget_ms": -1.0}, "'latency_budget_ms'"),
         ({"runtimes": ("no-such-runtime",)}, "'runtimes'"),
         ({"speedup": 2.0, "latency_budget_ms": 5.0}, "give one of speedup=2.0 or latency_budget_ms=5.0"),
+        (
+            {"min_flops_ratio": 0.5},
+            r"'min_flops_ratio' must be None or >= 1 \(teacher FLOPs / student FLOPs\)",
+        ),
         ({"speedup": float("inf")}, "'speedup' must be None or a finite number > 0"),
         ({"student_factory": "wide"}, "student_factory must be a callable"),
         ({"seed": "x"}, "seed must be an integer >= 0"),
