@@ -136,7 +136,7 @@ def main() -> None:
                 dense,
                 (x2,),
                 train,
-                target_flops_ratio=0.25,
+                target_flops_kept=0.25,
                 search=search,
                 episodes=episodes,
                 warmup_episodes=episodes // 4,

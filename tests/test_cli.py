@@ -192,7 +192,7 @@ def test_run_with_lorita_factorizes_in_the_slim_stage(tmp_path) -> None:
 def test_run_with_adc_reports_its_search(tmp_path) -> None:
     config = yaml.safe_load(CONFIG.read_text())
     config["train"]["epochs"] = 1
-    options = {"episodes": 4, "warmup_episodes": 2, "target_flops_ratio": 0.5, "finetune_epochs": 1}
+    options = {"episodes": 4, "warmup_episodes": 2, "target_flops_kept": 0.5, "finetune_epochs": 1}
     config["compress"] = {"method": "adc", "options": options}
     config["export"]["formats"] = ["onnx"]
     _, bundle, manifest = _run_config(config, tmp_path)

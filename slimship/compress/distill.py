@@ -42,6 +42,7 @@ from slimship.compress.base import (
     prunable_groups,
     register,
 )
+from slimship.compress.checks import check_callable, check_int, check_module
 from slimship.compress.device import (
     broadcast_module_from_rank0,
     broadcast_object_from_rank0,
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = RUNTIME_NAMES  # the registry's runtimes (slimship.runtimes.registry)
 INITS = ("teacher", "random")
+DEFAULT_SPEEDUP = 2.0  # the budget when neither speedup nor latency_budget_ms is given
 
 
 @torch.no_grad()
@@ -166,6 +168,7 @@ class DistillationLoss:
     """
 
     def __init__(self, teacher: nn.Module | None, *, temperature: float = 4.0, alpha: float = 0.7) -> None:
+        check_module("DistillationLoss teacher", teacher, optional=True)
         check_distillation(temperature, alpha)
         self.teacher = None if teacher is None else unwrap(teacher).eval()
         self.temperature = float(temperature)
@@ -191,6 +194,11 @@ class DistillationLoss:
         """The loss with the teacher's logits given (detached and moved to the student's device)."""
         out = outputs[0] if isinstance(outputs, tuple | list) else outputs
         t = teacher_logits.detach().to(out.device)
+        if isinstance(targets, torch.Tensor) and targets.shape[:1] != out.shape[:1]:
+            raise CompressionError(
+                f"targets hold {len(targets)} samples, the student's outputs {len(out)}: give the labels "
+                "of the batch the student ran on"
+            )
         if t.shape != out.shape:
             raise CompressionError(
                 f"teacher logits have shape {tuple(t.shape)}, the student's {tuple(out.shape)}: "
@@ -233,9 +241,12 @@ STUDENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: len(v) > 0 and all(0 < w <= 1 for w in v),
         "a non-empty list of multipliers in (0, 1]",
     ),
-    "speedup": (lambda v: v is None or v > 0, "None or > 0"),
-    "latency_budget_ms": (lambda v: v is None or v > 0, "None or > 0 (milliseconds)"),
-    "min_flops_ratio": (lambda v: v is None or v > 0, "None or > 0"),
+    "speedup": (lambda v: v is None or 0 < v < math.inf, "None or a finite number > 0"),
+    "latency_budget_ms": (
+        lambda v: v is None or 0 < v < math.inf,
+        "None or a finite number > 0 (milliseconds)",
+    ),
+    "min_flops_ratio": (lambda v: v is None or v >= 1, "None or >= 1 (teacher FLOPs / student FLOPs)"),
     "repeats": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "student_init": (lambda v: v in INITS, f"one of {INITS}"),
 }
@@ -251,8 +262,12 @@ def check_student_options(**options: Any) -> None:
             ok = False
         if not ok:
             raise CompressionError(f"option {name!r} must be {what}, got {value!r}")
-    if options.get("latency_budget_ms") is None and options.get("speedup") is None:
-        raise CompressionError("give latency_budget_ms or a positive speedup")
+    if options.get("latency_budget_ms") is not None and options.get("speedup") is not None:
+        raise CompressionError(
+            f"give one of speedup={options['speedup']!r} or "
+            f"latency_budget_ms={options['latency_budget_ms']!r}, not both "
+            f"(neither: speedup {DEFAULT_SPEEDUP:g})"
+        )
 
 
 def width_name(width_mult: float) -> str:
@@ -298,7 +313,7 @@ def measure_and_choose(
                 "width_mult": w,
                 "params": count_params(cand),
                 "flops": flops,
-                "flops_ratio": teacher_flops / max(flops, 1),
+                "flops_ratio": teacher_flops / max(flops, 1),  # x fewer FLOPs, as slim's flops_ratio
             }
         )
     if min_flops_ratio is not None:  # fail before the (slow) measurement when no width can be chosen
@@ -339,7 +354,7 @@ def build_student(
     example_inputs: Any,
     *,
     widths: tuple[float, ...] = (0.75, 0.5, 0.35, 0.25),
-    speedup: float | None = 2.0,
+    speedup: float | None = None,
     latency_budget_ms: float | None = None,
     min_flops_ratio: float | None = None,
     runtimes: tuple[str, ...] = ("onnxruntime",),
@@ -352,9 +367,9 @@ def build_student(
 
     Candidates are ``student_factory(w)`` (seeded with `seed`) or the teacher thinned to each width in
     `widths`; each is timed with the teacher on `runtimes` and the widest one whose latency on the first
-    runtime fits ``latency_budget_ms`` (or the teacher's latency / `speedup`) is chosen (see
-    :func:`choose_student`). Returns ``(student, info)``: the student on the teacher's device in eval mode,
-    and the latency table and choice.
+    runtime fits ``latency_budget_ms`` (or the teacher's latency / `speedup`; give one of the two, neither
+    means ``speedup=2``) is chosen (see :func:`choose_student`). Returns ``(student, info)``: the student
+    on the teacher's device in eval mode, and the latency table and choice.
 
     Under torchrun only rank 0 builds the candidates and measures; the choice is broadcast and every rank
     builds that student, with rank 0's weights, so all ranks train the same model.
@@ -367,7 +382,12 @@ def build_student(
         repeats=repeats,
         student_init=student_init,
     )
+    check_module("build_student teacher", teacher)
+    check_callable("student_factory", student_factory, "a callable width_mult -> nn.Module", optional=True)
+    check_int("seed", seed, 0)
     runtimes = check_runtimes(runtimes)
+    if speedup is None and latency_budget_ms is None:
+        speedup = DEFAULT_SPEEDUP
     teacher = unwrap(teacher).eval()
     inputs = as_input_tuple(example_inputs)
     candidates: dict[float, nn.Module] = {}
@@ -411,7 +431,7 @@ def hakd(
     training: Training,
     student_factory: Callable[[float], nn.Module] | None = None,
     widths: tuple[float, ...] = (0.75, 0.5, 0.35, 0.25),
-    speedup: float | None = 2.0,
+    speedup: float | None = None,
     latency_budget_ms: float | None = None,
     min_flops_ratio: float | None = None,
     runtimes: tuple[str, ...] = ("onnxruntime",),

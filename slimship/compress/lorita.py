@@ -41,6 +41,7 @@ from slimship.compress.base import (
     train_loop,
     working_copy,
 )
+from slimship.compress.checks import check_int, check_module, check_number
 from slimship.compress.device import score_dtype, unwrap
 from slimship.errors import CompressionError, VerificationError
 from slimship.slimming.api import count_flops, count_params, verify_outputs
@@ -119,7 +120,8 @@ def collapse(model: nn.Module) -> nn.Module:
 class LowRankParametrization:
     """What :func:`parametrize_low_rank` did to a model: the parametrised layers and the factors each.
 
-    After training, :meth:`factorize` (or :meth:`collapse` alone) ends the LoRITa run.
+    :meth:`factorize` leaves the model parametrised (it works on a copy), so training can go on and
+    factorize again; :meth:`collapse` is destructive by design: it ends the LoRITa run in place.
     """
 
     model: nn.Module
@@ -127,7 +129,11 @@ class LowRankParametrization:
     depth: int
 
     def collapse(self) -> nn.Module:
-        """Multiply the factors back into plain weights, in place: the model of the original architecture."""
+        """Multiply the factors back into plain weights, in place: the model of the original architecture.
+
+        Destructive: the factors your optimizer holds no longer drive the model afterwards. Use it to end
+        the run; :meth:`factorize` does not need it.
+        """
         return collapse(self.model)
 
     def effective_ranks(self, energy: float = 0.98) -> dict[str, int]:
@@ -137,9 +143,9 @@ class LowRankParametrization:
         return {n: _rank_for(_singular_values(modules[n]), None, energy) for n in self.layers}
 
     def factorize(self, example_inputs: Any, **options: Any) -> FactorizeResult:
-        """Collapse in place, then :func:`factorize` the model into thin layers (same options)."""
-        self.collapse()
-        return factorize(self.model.eval(), example_inputs, **options)
+        """:func:`factorize` a collapsed copy into thin layers (same options); the model itself stays
+        parametrised, in its train/eval mode, and trainable by the optimizer that holds its factors."""
+        return factorize(self.model, example_inputs, **options)
 
 
 def parametrize_low_rank(model: nn.Module, *, depth: int = 3) -> LowRankParametrization:
@@ -159,6 +165,7 @@ def parametrize_low_rank(model: nn.Module, *, depth: int = 3) -> LowRankParametr
             "parametrize_low_rank got a DistributedDataParallel model: parametrise the plain model first, "
             "then wrap it in DDP (DDP keeps the parameters it saw when built)"
         )
+    check_module("parametrize_low_rank model", model)
     model = unwrap(model)
     names = overparametrize(model, depth)
     if not names:
@@ -257,19 +264,19 @@ class FactorizeResult:
 
     @property
     def flops_ratio(self) -> float:
+        """Dense FLOPs / thin FLOPs (x fewer FLOPs, > 1 is a saving), as ``slim(...).flops_ratio``."""
         return self.flops_before / max(self.flops_after, 1)
 
 
 def _check_rank_options(rank_ratio: float | None, energy: float | None) -> None:
-    if rank_ratio is not None and not 0 < rank_ratio <= 1:
-        raise CompressionError(f"option 'rank_ratio' must be in (0, 1], got {rank_ratio!r}")
-    if energy is not None and not 0 < energy <= 1:
-        raise CompressionError(f"option 'energy' must be in (0, 1], got {energy!r}")
+    for name, value in (("rank_ratio", rank_ratio), ("energy", energy)):
+        if value is not None:
+            check_number(f"option {name!r}", value, 0.0, 1.0, low_open=True, high_open=False)
 
 
 def _check_finetune(epochs: int, lr: float, train: Iterable[Batch] | None) -> None:
-    if epochs < 0 or lr <= 0:
-        raise CompressionError(f"options need finetune_epochs >= 0 and finetune_lr > 0, got {epochs}, {lr}")
+    check_int("option 'finetune_epochs'", epochs, 0)
+    check_number("option 'finetune_lr'", lr, 0.0, math.inf, low_open=True, high_open=True)
     if epochs > 0 and train is None:
         raise CompressionError(
             f"finetune_epochs={epochs} needs training batches (pass train=...), or set finetune_epochs=0"
@@ -391,11 +398,11 @@ def factorize(
     seeded): the per-layer errors and `max_rel_output_diff` describe the truncation before that fine-tune,
     ``finetune_history`` the fine-tune itself.
     """
+    check_module("factorize model", model)
     if (rank_ratio is None) == (energy is None):
         raise CompressionError("factorize: pass exactly one of rank_ratio or energy")
     _check_rank_options(rank_ratio, energy)
-    if not 0 <= min_saving < 1:
-        raise CompressionError(f"factorize: min_saving must be in [0, 1), got {min_saving!r}")
+    check_number("factorize: min_saving", min_saving, 0.0, 1.0, low_open=False, high_open=True)
     _check_finetune(finetune_epochs, finetune_lr, train)
     inputs = as_input_tuple(example_inputs)
     source = copy.deepcopy(unwrap(model)).eval()

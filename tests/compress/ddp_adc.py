@@ -27,7 +27,7 @@ LAYERS = (0, 7)  # rank -> the layer whose kept channels its evaluate prefers
 
 def run(evaluate: Callable[[nn.Module], float]) -> dict[str, Any]:
     ddpg = DDPG(warmup_episodes=4, batch_size=16, updates_per_step=1, hidden=16)
-    result = adc_search(small_cnn(), (X,), evaluate, target_flops_ratio=0.4, episodes=12, ddpg=ddpg, seed=2)
+    result = adc_search(small_cnn(), (X,), evaluate, target_flops_kept=0.4, episodes=12, ddpg=ddpg, seed=2)
     return {"policy": result.policy.to_dict(), "rewards": result.rewards}
 
 

@@ -46,7 +46,7 @@ def data():
     )
 
 
-OPTS = dict(episodes=6, warmup_episodes=3, target_flops_ratio=0.4, finetune_epochs=1)
+OPTS = dict(episodes=6, warmup_episodes=3, target_flops_kept=0.4, finetune_epochs=1)
 
 
 def test_policy_respects_budget_slims_deterministic_and_resumable(data, tmp_path):
@@ -64,9 +64,7 @@ def test_policy_respects_budget_slims_deterministic_and_resumable(data, tmp_path
     assert len(a.info["reward_curve"]) == 6 and set(a.info["policy"]) == set(a.info["spaces"])
     result = slim(a.model, (x,))
     assert result.flops_after <= 0.4 * count_flops(model, (x,)) * 1.001
-    assert result.flops_after == pytest.approx(
-        a.info["flops_ratio_predicted"] * result.flops_before, rel=1e-6
-    )
+    assert result.flops_after == pytest.approx(a.info["flops_kept_predicted"] * result.flops_before, rel=1e-6)
     a.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), a.model(x), rtol=1e-4, atol=1e-5)
@@ -74,15 +72,15 @@ def test_policy_respects_budget_slims_deterministic_and_resumable(data, tmp_path
 
 def test_uniform_search_meets_budget(data):
     train, x = data
-    r = compress("adc", tiny_cnn(), (x,), train, search="uniform", target_flops_ratio=0.3, finetune_epochs=0)
-    assert r.info["flops_ratio_predicted"] <= 0.3
+    r = compress("adc", tiny_cnn(), (x,), train, search="uniform", target_flops_kept=0.3, finetune_epochs=0)
+    assert r.info["flops_kept_predicted"] <= 0.3
     assert slim(r.model, (x,)).flops_ratio >= 1 / 0.3 * 0.999
 
 
 def test_unreachable_flops_budget_names_target(data):
     train, x = data
-    with pytest.raises(CompressionError, match=r"target_flops_ratio=0\.001"):
-        compress("adc", tiny_cnn(), (x,), train, target_flops_ratio=0.001, min_keep=0.5)
+    with pytest.raises(CompressionError, match=r"target_flops_kept=0\.001"):
+        compress("adc", tiny_cnn(), (x,), train, target_flops_kept=0.001, min_keep=0.5)
 
 
 def test_unreachable_latency_budget_names_target_and_best(data):
@@ -114,7 +112,7 @@ def test_top_k_selection_is_deterministic_and_picks_best_validation(data):
     chosen = [c for c in sel if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["val_accuracy"] == max(c["val_accuracy"] for c in sel)
     assert [a.info["kept_channels"][s][0] for s in a.info["spaces"]] == chosen[0]["counts"]
-    assert a.info["flops_ratio_predicted"] <= 0.4 * 1.001
+    assert a.info["flops_kept_predicted"] <= 0.4 * 1.001
 
 
 def test_top_policies_ranks_distinct_and_keeps_incumbent():

@@ -64,7 +64,7 @@ def kept_rows(index: int):
 
 
 def search(model: nn.Module, evaluate, **options):
-    opts = {"target_flops_ratio": 0.4, "episodes": 8, "ddpg": FAST, "seed": 1, **options}
+    opts = {"target_flops_kept": 0.4, "episodes": 8, "ddpg": FAST, "seed": 1, **options}
     return adc_search(model, (X,), evaluate, **opts)
 
 
@@ -75,7 +75,7 @@ def test_policy_meets_the_flops_target_and_slims_to_the_zeroed_model() -> None:
     for key, value in model.state_dict().items():  # the search worked on a copy
         assert torch.equal(value, before[key]), key
     assert len(result.rewards) == 8 and result.reward == max([*result.rewards, result.uniform_reward])
-    assert result.flops_ratio <= 0.4 * (1 + 1e-9)
+    assert result.flops_kept <= 0.4 * (1 + 1e-9)
     policy = result.policy
     assert sorted(policy.sizes.values()) == [8, 12, 16]
     assert all(len(policy.removed[s]) == policy.sizes[s] - policy.kept[s] for s in policy.sizes)
@@ -84,7 +84,7 @@ def test_policy_meets_the_flops_target_and_slims_to_the_zeroed_model() -> None:
     slimmed = slim(zeroed, (X,))
     dense_flops = count_flops(model, (X,))
     assert slimmed.flops_after <= 0.4 * dense_flops * 1.001
-    assert slimmed.flops_after == pytest.approx(result.flops_ratio * dense_flops, rel=1e-6)
+    assert slimmed.flops_after == pytest.approx(result.flops_kept * dense_flops, rel=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(slimmed.model(X), zeroed(X), rtol=1e-4, atol=1e-5)
 
@@ -193,3 +193,45 @@ def test_two_processes_with_different_evaluates_end_with_the_same_policy(tmp_pat
     assert ranks[0] == json.loads(json.dumps(ddp_adc.run(ddp_adc.mean_of_ranks)))
     alone = [json.loads(json.dumps(ddp_adc.run(kept_rows(layer)))) for layer in ddp_adc.LAYERS]
     assert alone[0]["policy"] != alone[1]["policy"]  # without the mean the ranks would disagree
+
+
+def _no_search(*args, **kwargs):
+    raise AssertionError("a bad argument must be refused before any search")
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda: adc_search("model", (X,), lambda m: 0.0), "adc_search model must be a torch nn.Module"),
+        (
+            lambda: search(small_cnn(), lambda m: 0.0, calibrate=[X]),
+            r"calibrate\[0\] must be an \(inputs, targets\)",
+        ),
+        (lambda: search(small_cnn(), lambda m: 0.0, calibrate=5), "calibrate must be an iterable"),
+        (lambda: search(small_cnn(), lambda m: 0.0, episodes=True), "'episodes' must be an integer >= 1"),
+        (lambda: search(small_cnn(), lambda m: 0.0, seed="x"), "seed must be an integer >= 0"),
+        (lambda: search(small_cnn(), lambda m: 0.0, ddpg={"hidden": 8}), "ddpg must be a DDPG"),
+        (lambda: search(small_cnn(), lambda m: 0.0, min_keep="0.1"), "'min_keep' must be a number in"),
+        (
+            lambda: apply_policy(small_cnn(), (X,), {"0.weight[0]": 4}),
+            "apply_policy policy must be an AdcPolicy",
+        ),
+        (lambda: DDPG(warmup_episodes=-1), "DDPG warmup_episodes must be an integer >= 0"),
+        (lambda: DDPG(batch_size=0), "DDPG batch_size must be an integer >= 1"),
+        (lambda: DDPG(hidden=2.5), "DDPG hidden must be an integer >= 1"),
+        (lambda: DDPG(tau=0.0), r"DDPG tau must be a number in \(0, 1\]"),
+        (lambda: DDPG(lr_actor=float("nan")), "DDPG lr_actor must be a number"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_argument(call, named: str, monkeypatch) -> None:
+    from slimship.compress.adc import search as search_module
+
+    monkeypatch.setattr(search_module, "search_policies", _no_search)
+    with pytest.raises(CompressionError, match=named):
+        call()
+
+
+def test_calibrate_accepts_a_generator_of_pairs() -> None:
+    pairs = ((X, torch.zeros(len(X), dtype=torch.long)) for _ in range(2))
+    result = search(small_cnn(), closeness(small_cnn()), episodes=1, search="uniform", calibrate=pairs)
+    assert result.policy.kept

@@ -20,6 +20,7 @@ from slimship.compress import DistillationLoss, build_student, compress, distill
 from slimship.compress.distill import choose_student
 from slimship.data import evaluate_accuracy
 from slimship.errors import CompressionError
+from slimship.slimming.api import count_flops
 from tests.compress.gloo import single_process_group
 from tests.compress.test_base import example, one_thread, same_state, tiny_data, tiny_model
 from tests.compress.test_sparsifier import ROOT, run_readme_example
@@ -73,9 +74,33 @@ def test_hakd_latency_table_and_distillation() -> None:
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
 
 
-def test_hakd_needs_budget() -> None:
-    with pytest.raises(CompressionError, match="latency_budget_ms or a positive speedup"):
-        compress("hakd", tiny_model(), example(), tiny_data(), speedup=None)
+def test_hakd_refuses_both_speedup_and_budget() -> None:
+    with pytest.raises(
+        CompressionError, match=r"give one of speedup=1\.2 or latency_budget_ms=1000\.0, not both"
+    ):
+        compress("hakd", tiny_model(), example(), tiny_data(), speedup=1.2, latency_budget_ms=1000.0)
+
+
+def test_neither_speedup_nor_budget_means_twice_as_fast(monkeypatch) -> None:
+    """Without a budget the student must be 2x faster than the teacher (the default speedup)."""
+
+    def fake_table(models, *args, **kwargs):
+        return {name: {"onnxruntime": 4.0 if name == "teacher" else 1.0} for name in models}
+
+    monkeypatch.setattr(distill, "latency_table", fake_table)
+    _, info = build_student(tiny_model(), example(), widths=(0.5,), repeats=3)
+    assert info["budget_ms"] == 2.0 and info["budget_met"]
+
+
+def test_flops_ratio_means_dense_over_slim_as_in_slim(monkeypatch) -> None:
+    """One meaning of flops_ratio across slimship: dense FLOPs / slim FLOPs (> 1 is a saving)."""
+    monkeypatch.setattr(
+        distill, "latency_table", lambda models, *a, **k: {n: {"onnxruntime": 1.0} for n in models}
+    )
+    teacher = tiny_model()
+    student, info = build_student(teacher, example(), widths=(0.5,), repeats=3)
+    ratio = count_flops(teacher, example()) / count_flops(student, example())
+    assert ratio > 1 and info["flops_ratio"] == pytest.approx(ratio)
 
 
 # ---- the user-loop pieces: build_student and DistillationLoss ---------------------------------------
@@ -116,13 +141,40 @@ def test_distillation_loss_names_bad_options(options: dict, named: str) -> None:
         ({"student_init": "zeros"}, "'student_init'"),
         ({"latency_budget_ms": -1.0}, "'latency_budget_ms'"),
         ({"runtimes": ("no-such-runtime",)}, "'runtimes'"),
-        ({"speedup": None}, "latency_budget_ms or a positive speedup"),
+        ({"speedup": 2.0, "latency_budget_ms": 5.0}, "give one of speedup=2.0 or latency_budget_ms=5.0"),
+        (
+            {"min_flops_ratio": 0.5},
+            r"'min_flops_ratio' must be None or >= 1 \(teacher FLOPs / student FLOPs\)",
+        ),
+        ({"speedup": float("inf")}, "'speedup' must be None or a finite number > 0"),
+        ({"student_factory": "wide"}, "student_factory must be a callable"),
+        ({"seed": "x"}, "seed must be an integer >= 0"),
     ],
 )
 def test_build_student_names_bad_options(options: dict, named: str, monkeypatch) -> None:
     monkeypatch.setattr(distill, "latency_table", _no_measuring)
     with pytest.raises(CompressionError, match=named):
         build_student(tiny_model(), example(), **options)
+
+
+def test_build_student_refuses_a_teacher_that_is_no_module(monkeypatch) -> None:
+    monkeypatch.setattr(distill, "latency_table", _no_measuring)
+    with pytest.raises(
+        CompressionError, match=r"build_student teacher must be a torch nn\.Module, got str 't'"
+    ):
+        build_student("t", example(), **FAST)
+
+
+def test_distillation_loss_refuses_a_teacher_that_is_no_module_and_mismatched_targets() -> None:
+    with pytest.raises(
+        CompressionError, match=r"DistillationLoss teacher must be a torch nn\.Module or None"
+    ):
+        DistillationLoss("t")
+    kd = DistillationLoss(tiny_model())
+    x = example()[0]
+    student = tiny_model()
+    with pytest.raises(CompressionError, match="targets hold 2 samples, the student's outputs 8"):
+        kd(student(x), torch.zeros(2, dtype=torch.long), x)
 
 
 def _no_measuring(*args, **kwargs):

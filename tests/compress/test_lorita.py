@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from slimship.compress import compress, parametrize_low_rank
 from slimship.compress.lorita import collapse, factorize, overparametrize
@@ -156,8 +157,8 @@ def test_user_loop_parametrise_train_factorise(data):
     assert same_state(collapsed, via_compress.model)
     assert lowrank.effective_ranks(0.98) == via_compress.info["effective_rank"]
     result = lowrank.factorize((x,), rank_ratio=0.25)
-    assert not any("parametrizations" in n for n, _ in model.named_parameters())  # collapsed in place
-    assert same_state(model, collapsed)
+    assert all(parametrize.is_parametrized(model.get_submodule(n), "weight") for n in lowrank.layers)
+    assert same_state(collapse(copy.deepcopy(model)), collapsed)  # factorize left the model unchanged
     assert result.params_after < result.params_before
     replaced = [layer for layer in result.layers if layer.replaced]
     assert replaced
@@ -181,6 +182,34 @@ def test_user_loop_parametrise_train_factorise(data):
         ref, got = collapsed(x), result.model(x)
     rel = float((got - ref).abs().max() / ref.abs().max())
     assert rel == pytest.approx(result.max_rel_output_diff, rel=1e-3, abs=1e-6)
+
+
+def test_factorize_leaves_the_model_parametrised_and_trainable(data):
+    """lowrank.factorize works on a copy: the user's model keeps its factors, its train mode and its
+    outputs; the optimizer built on the factors still changes the effective weight, and a second
+    factorize sees that training. collapse() is the destructive step that ends the run."""
+    train, x = data
+    model = tiny_mlp()
+    lowrank = parametrize_low_rank(model, depth=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with torch.no_grad():
+        before = model(x)
+    first = lowrank.factorize((x,), rank_ratio=0.5)
+    assert model.training
+    assert all(parametrize.is_parametrized(model.get_submodule(n), "weight") for n in lowrank.layers)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    weight = model.get_submodule("1").weight.detach().clone()
+    for xb, yb in train:  # the optimizer built before factorize still drives the model
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+    assert not torch.equal(model.get_submodule("1").weight.detach(), weight)
+    second = lowrank.factorize((x,), rank_ratio=0.5)
+    with torch.no_grad():
+        assert not torch.equal(second.model(x), first.model(x))
+    lowrank.collapse()
+    assert not any(parametrize.is_parametrized(m, "weight") for m in model.modules())
 
 
 def _layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -243,6 +272,21 @@ def test_factors_follow_the_model_dtype(data):
 def test_parametrize_names_bad_options(model, options, named):
     with pytest.raises(CompressionError, match=named):
         parametrize_low_rank(model(), **options)
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda x: parametrize_low_rank("model"), r"parametrize_low_rank model must be a torch nn\.Module"),
+        (lambda x: factorize("model", (x,), rank_ratio=0.5), r"factorize model must be a torch nn\.Module"),
+        (lambda x: factorize(tiny_mlp(), (x,), rank_ratio="half"), "option 'rank_ratio' must be a number in"),
+        (lambda x: factorize(tiny_mlp(), (x,), energy=0.9, min_saving="a"), "min_saving must be a number in"),
+        (lambda x: factorize(tiny_mlp(), (x,), energy=0.9, finetune_epochs=1.5), "'finetune_epochs' must be"),
+    ],
+)
+def test_lorita_entry_points_name_bad_arguments(call, named, data):
+    with pytest.raises(CompressionError, match=named):
+        call(data[1])
 
 
 def test_parametrize_twice_is_refused_and_effective_ranks_checks_energy():

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from slimship.compress.adc.budget import FlopsModel, Space
+from slimship.compress.checks import check_int, check_number
 
 
 def mlp(n_in: int, hidden: int, out_act: nn.Module | None, generator: torch.Generator) -> nn.Sequential:
@@ -58,6 +59,27 @@ class DDPG:
     batch_size: int = 64
     updates_per_step: int = 4
     buffer_size: int = 4000
+
+    def __post_init__(self) -> None:
+        for name, minimum in COUNT_RULES.items():
+            check_int(f"DDPG {name}", getattr(self, name), minimum)
+        for name, (low, high, low_open, high_open) in NUMBER_RULES.items():
+            check_number(
+                f"DDPG {name}", getattr(self, name), low, high, low_open=low_open, high_open=high_open
+            )
+
+
+#: DDPG's integer settings: name -> smallest value
+COUNT_RULES = {"warmup_episodes": 0, "hidden": 1, "batch_size": 1, "updates_per_step": 1, "buffer_size": 1}
+#: DDPG's real settings: name -> (low, high, low end open, high end open)
+NUMBER_RULES = {
+    "sigma": (0.0, math.inf, False, True),
+    "sigma_decay": (0.0, 1.0, True, False),
+    "lr_actor": (0.0, math.inf, True, True),
+    "lr_critic": (0.0, math.inf, True, True),
+    "tau": (0.0, 1.0, True, False),
+    "gamma": (0.0, 1.0, False, False),
+}
 
 
 class Agent:

@@ -114,7 +114,7 @@ def adc(
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
-    target_flops_ratio: float | None = 0.25,
+    target_flops_kept: float | None = 0.25,
     target_latency_ms: float | None = None,
     target_runtime: str = "onnxruntime",
     target_threads: int = 1,
@@ -188,8 +188,8 @@ def adc(
         info["latency_table"] = table
         info["budget"] = {"kind": "latency_ms", "target": target_latency_ms, "runtime": target_runtime}
     else:
-        budget = flops_budget(setup, target_flops_ratio, min_keep)
-        info["budget"] = {"kind": "flops_ratio", "target": target_flops_ratio}
+        budget = flops_budget(setup, target_flops_kept, min_keep)
+        info["budget"] = {"kind": "flops_kept", "target": target_flops_kept}
 
     calib = [(x[i : i + 64], y[i : i + 64]) for x, y in rest for i in range(0, 64 * recalibrate_bn, 64)]
     device = device_of(model)
@@ -254,7 +254,7 @@ def adc(
         best_reward=state.best_reward,
         uniform_reward=None if incumbent is None else incumbent[1],
         episodes=state.curve,
-        flops_ratio_predicted=flops.flops(fr) / flops.total,
+        flops_kept_predicted=flops.flops(fr) / flops.total,
         predicted_cost=budget.cost(fr),
         test_accuracy=maybe_accuracy(model, test),
     )

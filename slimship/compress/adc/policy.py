@@ -18,6 +18,7 @@ from torch import nn
 
 from slimship.compress.adc.budget import Space
 from slimship.compress.base import Batch, GroupTensors, prunable_groups
+from slimship.compress.checks import check_module, refuse
 from slimship.compress.device import device_of, mean_across_ranks, score_dtype, unwrap
 from slimship.errors import CompressionError
 from slimship.slimming.api import ChannelGroup
@@ -87,7 +88,10 @@ class Pruner:
 def apply_policy(model: nn.Module, example_inputs: Any, policy: AdcPolicy) -> nn.Module:
     """Zero, in place, the channel groups `policy` removes from `model` (DDP-wrapped or not); returns
     `model`. ``slimship.slim`` then removes them. Raises CompressionError when a space of the policy is
-    not a prunable space of this model or has another number of groups."""
+    not a prunable space of this model or has another number of groups, or an argument is of a wrong type."""
+    check_module("apply_policy model", model)
+    if not isinstance(policy, AdcPolicy):
+        raise refuse("apply_policy policy", "an AdcPolicy (adc_search(...).policy)", policy)
     target = unwrap(model)
     found, by_space = prunable_groups(target, as_input_tuple(example_inputs), spaces=list(policy.kept))
     for space, size in policy.sizes.items():

@@ -1,6 +1,6 @@
 """ADC's search: DDPG episodes over the channel spaces, each policy scored by a user-supplied `evaluate`.
 
-    result = adc_search(model, example_inputs, evaluate, target_flops_ratio=0.5, episodes=60)
+    result = adc_search(model, example_inputs, evaluate, target_flops_kept=0.5, episodes=60)
     apply_policy(model, example_inputs, result.policy)   # zeros the removed groups; slim removes them
 
 `evaluate(pruned_model) -> float` (higher is better) runs the user's own validation loop on a pruned copy
@@ -44,6 +44,7 @@ from slimship.compress.base import (
     save_checkpoint,
     working_copy,
 )
+from slimship.compress.checks import check_batches, check_int, check_module, check_number, refuse
 from slimship.compress.device import device_of, mean_across_ranks, rank, score_dtype, unwrap
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
@@ -97,20 +98,23 @@ def prepare(
 
 
 def check_keep(min_keep: float, max_keep: float) -> None:
-    if not 0 < min_keep <= max_keep <= 1:
+    """Both keep fractions in (0, 1], min_keep <= max_keep (CompressionError naming them)."""
+    check_number("option 'min_keep'", min_keep, 0.0, 1.0, low_open=True, high_open=False)
+    check_number("option 'max_keep'", max_keep, 0.0, 1.0, low_open=True, high_open=False)
+    if min_keep > max_keep:
         raise CompressionError(f"options need 0 < min_keep <= max_keep <= 1, got {min_keep}, {max_keep}")
 
 
-def flops_budget(setup: Setup, target_flops_ratio: float | None, min_keep: float) -> Budget:
-    """A FLOPs budget of `target_flops_ratio` x the dense FLOPs (CompressionError if out of reach)."""
-    if target_flops_ratio is None or not 0 < target_flops_ratio <= 1:
-        raise CompressionError(f"option 'target_flops_ratio' must be in (0, 1], got {target_flops_ratio!r}")
+def flops_budget(setup: Setup, target_flops_kept: float | None, min_keep: float) -> Budget:
+    """A FLOPs budget of `target_flops_kept` x the dense FLOPs (CompressionError if out of reach)."""
+    if target_flops_kept is None or not 0 < target_flops_kept <= 1:
+        raise CompressionError(f"option 'target_flops_kept' must be in (0, 1], got {target_flops_kept!r}")
     flops = setup.flops
-    budget = Budget(setup.spaces, flops.flops, target_flops_ratio * flops.total, min_keep)
+    budget = Budget(setup.spaces, flops.flops, target_flops_kept * flops.total, min_keep)
     best = flops.flops(budget.fractions(budget.min_counts)) / flops.total
-    if best > target_flops_ratio:
+    if best > target_flops_kept:
         raise CompressionError(
-            f"FLOPs budget target_flops_ratio={target_flops_ratio} cannot be reached: with every "
+            f"FLOPs budget target_flops_kept={target_flops_kept} cannot be reached: with every "
             f"space at min_keep={min_keep} the model keeps {best:.3f} of its FLOPs; "
             "lower min_keep or raise the target"
         )
@@ -293,7 +297,7 @@ class SearchResult:
 
     policy: AdcPolicy
     reward: float  # evaluate's value of the policy (averaged across ranks)
-    flops_ratio: float  # predicted FLOPs of the slimmed model / dense FLOPs
+    flops_kept: float  # predicted FLOPs of the slimmed model / dense FLOPs (1 / the flops_ratio of slim)
     rewards: list[float]  # per episode
     episodes: list[dict[str, Any]]  # per episode: number, reward, kept counts
     uniform_reward: float | None  # the uniform policy's reward (None without seed_uniform)
@@ -304,7 +308,7 @@ def adc_search(
     example_inputs: Any,
     evaluate: Evaluate,
     *,
-    target_flops_ratio: float = 0.5,
+    target_flops_kept: float = 0.5,
     episodes: int = 100,
     ddpg: DDPG | None = None,
     min_keep: float = 0.1,
@@ -325,16 +329,20 @@ def adc_search(
     searched. Under torchrun run it on every rank: all ranks return the same policy. Raises
     CompressionError when `evaluate` returns a non-finite value or no real number.
     """
+    check_module("adc_search model", model)
     if not callable(evaluate):
         raise CompressionError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
-    if episodes < 1:
-        raise CompressionError(f"option 'episodes' must be at least 1, got {episodes!r}")
+    check_int("option 'episodes'", episodes, 1)
+    check_int("seed", seed, 0)
+    if ddpg is not None and not isinstance(ddpg, DDPG):
+        raise refuse("ddpg", "a DDPG(...) or None", ddpg)
     check_keep(min_keep, max_keep)
+    calibrate = check_batches("calibrate", calibrate)
     ddpg = ddpg or DDPG()
     inputs = as_input_tuple(example_inputs)
     setup = prepare(working_copy(unwrap(model)).eval(), inputs, spaces=spaces)
-    budget = flops_budget(setup, target_flops_ratio, min_keep)
-    scorer = Scorer(setup.pruner, evaluate, list(calibrate))
+    budget = flops_budget(setup, target_flops_kept, min_keep)
+    scorer = Scorer(setup.pruner, evaluate, calibrate)
     state, incumbent = search_policies(
         setup,
         budget,
@@ -351,7 +359,7 @@ def adc_search(
     return SearchResult(
         policy=setup.pruner.policy(counts),
         reward=state.best_reward,
-        flops_ratio=setup.flops.flops(budget.fractions(counts)) / setup.flops.total,
+        flops_kept=setup.flops.flops(budget.fractions(counts)) / setup.flops.total,
         rewards=[e["reward"] for e in state.curve],
         episodes=state.curve,
         uniform_reward=None if incumbent is None else incumbent[1],
