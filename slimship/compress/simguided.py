@@ -28,12 +28,19 @@ from slimship.compress.base import (
     CompressResult,
     Training,
     check_fraction,
+    check_int,
     maybe_accuracy,
     register,
     working_copy,
 )
 from slimship.compress.device import mean_across_ranks
-from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
+from slimship.compress.sparsifier import (
+    Sparsifier,
+    check_steps,
+    register_sparsifier,
+    steps_per_epoch,
+    train_with,
+)
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
 
@@ -69,6 +76,8 @@ class IterativePruning(Sparsifier):
         prune_steps: int = 4,
         pruning_steps: int | None = None,
     ) -> None:
+        check_int("prune_steps", prune_steps, low=1)
+        check_steps(pruning_steps=pruning_steps)
         super().__init__(
             model,
             example_inputs,
@@ -95,6 +104,9 @@ class IterativePruning(Sparsifier):
             for share in self.shares
         ]
         self.cuts_done = 0
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "prune_bounds": list(self.bounds)}
 
     def below(self, k: int) -> torch.Tensor:
         """Mask of the groups under pruning step `k`'s threshold (cut groups first, one kept per space)."""
