@@ -351,7 +351,12 @@ class Sparsifier:
                 "build the sparsifier with the same total_steps and options to resume"
             )
         zero, step = state["zero"], state["step"]
-        if not isinstance(zero, torch.Tensor) or zero.shape != self.zero.shape or not isinstance(step, int):
+        if (
+            not isinstance(zero, torch.Tensor)
+            or zero.shape != self.zero.shape
+            or not isinstance(step, int)
+            or step < 0
+        ):
             raise CompressionError(f"sparsifier state of {self.name!r} has a malformed 'step' or 'zero'")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
