@@ -242,6 +242,7 @@ def csgd(
         "clusters": sum(sp.k),
         "groups": len(sp.groups),
         "merging": merging,
+        "removable": sp.summary()["removable"],
         "cluster_gap_before_merge": gap,
         "test_accuracy_before_merge": accuracy_before_merge,
         "test_accuracy": maybe_accuracy(model, test),

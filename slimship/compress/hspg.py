@@ -263,6 +263,7 @@ def finish(
     info = {
         "target": sp.target,
         "group_sparsity": summary["group_sparsity"],
+        "removable": summary["removable"],
         "groups": len(sp.groups),
         "per_space": sp.per_space(),
         "test_accuracy": maybe_accuracy(model, test),
@@ -276,6 +277,7 @@ def epoch_stages(
     training: Training, train: Iterable[Batch] | None, warmup: int | None, middle: int | None, what: str
 ) -> tuple[int, int, int]:
     """(steps per epoch, warm-up steps, middle-stage steps) from epoch counts (defaults 25% / 40%)."""
+    check_steps(warmup_epochs=warmup, **{what: middle})
     n = steps_per_epoch(train)
     warmup = max(1, round(0.25 * training.epochs)) if warmup is None else warmup
     middle = max(1, round(0.4 * training.epochs)) if middle is None else middle

@@ -29,6 +29,7 @@ from slimship.compress.base import (
     Training,
     check_fraction,
     check_int,
+    check_number,
     maybe_accuracy,
     register,
     working_copy,
@@ -214,10 +215,11 @@ def _run(
     """`compress(kind)`: the sparsifier in slimship's loop (SGD with momentum, constant rate)."""
     if train is None:
         raise CompressionError(f"{kind} needs training data (train batches)")
-    if epochs_per_step < 0 or finetune_epochs < 0:
-        raise CompressionError(
-            f"epochs_per_step={epochs_per_step} and finetune_epochs={finetune_epochs} must be >= 0"
-        )
+    check_int("prune_steps", prune_steps, low=1)
+    check_int("epochs_per_step", epochs_per_step)
+    check_int("finetune_epochs", finetune_epochs)
+    check_number("lr", lr, strict=True)
+    check_number("weight_decay", weight_decay)
     target = check_fraction("target", target)
     schedule(target, prune_steps)  # checks prune_steps
     model = working_copy(model)
@@ -236,9 +238,11 @@ def _run(
     if epochs_per_step == 0:  # one-shot: every cut now, then `finetune_epochs` with the cuts held
         sp.cut_due()
     history = train_with(sp, model, train, test, training)
+    summary = sp.summary()
     info = {
         "target": target,
-        "group_sparsity": sp.summary()["group_sparsity"],
+        "group_sparsity": summary["group_sparsity"],
+        "removable": summary["removable"],
         "kept_channels": {s: [total - zero, total] for s, (zero, total) in sp.per_space().items()},
         "schedule": schedule(target, prune_steps),
         "test_accuracy": maybe_accuracy(model, test),
