@@ -23,6 +23,7 @@ from slimship.compress.base import (
     CompressResult,
     Training,
     check_choice,
+    check_number,
     maybe_accuracy,
     register,
     working_copy,
@@ -30,7 +31,6 @@ from slimship.compress.base import (
 from slimship.compress.device import broadcast_from_rank0
 from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
 from slimship.compress.views import Block, Slot
-from slimship.errors import CompressionError
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ class CSGD(Sparsifier):
         merge_at_end: bool = True,
     ) -> None:
         check_choice("clustering", clustering, CLUSTERINGS)
-        if centripetal <= 0:
-            raise CompressionError(f"centripetal must be > 0, got {centripetal}")
+        check_number("centripetal", centripetal, strict=True)
         super().__init__(
             model,
             example_inputs,
@@ -97,6 +96,14 @@ class CSGD(Sparsifier):
         #: dtype -> members per cluster of each block, [clusters, 1] (made once per dtype, not per step)
         self.counts = {
             d: [c.to(d) for c in counts] for d in {self.views.dtype, *(s.tensor.dtype for s in self.params())}
+        }
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "centripetal": self.centripetal,
+            "clustering": self.clustering,
+            "merge_at_end": self.merge_at_end,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -147,6 +154,11 @@ class CSGD(Sparsifier):
         if self.merge_at_end and self.step >= self.total_steps - 1:
             self.merge()
 
+    def on_hold(self) -> None:
+        """Past the run's end the clusters stay merged (if they were)."""
+        if self.merged:
+            self.merge()
+
     def merge(self) -> None:
         """Set every cluster's members (statistics included) exactly to the cluster mean."""
         with torch.no_grad():
@@ -179,6 +191,14 @@ class CSGD(Sparsifier):
             summary["spaces"][block.space]["clustered"] += len(block) - k
         summary["merged"] = self.merged
         return summary
+
+    def removable(self, spaces: dict[str, dict[str, int]]) -> dict[str, int]:
+        """Zero groups, plus once merged every cluster's members but one (``slim`` merges them away)."""
+        counts = super().removable(spaces)
+        if self.merged:
+            for block, k in zip(self.views, self.k, strict=True):
+                counts[block.space] += len(block) - k
+        return counts
 
 
 @register("csgd", training=Training(epochs=20))
@@ -222,6 +242,7 @@ def csgd(
         "clusters": sum(sp.k),
         "groups": len(sp.groups),
         "merging": merging,
+        "removable": sp.summary()["removable"],
         "cluster_gap_before_merge": gap,
         "test_accuracy_before_merge": accuracy_before_merge,
         "test_accuracy": maybe_accuracy(model, test),

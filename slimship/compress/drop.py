@@ -27,12 +27,14 @@ from slimship.compress.base import (
     Training,
     check_choice,
     check_fraction,
+    check_int,
+    check_number,
     register,
     working_copy,
 )
 from slimship.compress.device import decision_generator
 from slimship.compress.hspg import epoch_stages, finish
-from slimship.compress.sparsifier import CRITERIA, Sparsifier, register_sparsifier, train_with
+from slimship.compress.sparsifier import CRITERIA, Sparsifier, check_steps, register_sparsifier, train_with
 from slimship.compress.views import Block
 from slimship.errors import CompressionError
 
@@ -68,8 +70,9 @@ class Drop(Sparsifier):
         check_fraction("drop_in", drop_in, high_open=False)
         check_choice("criterion", criterion, CRITERIA)
         check_choice("revive", revive, REVIVALS)
-        if rounds < 1 or pool < 1:
-            raise CompressionError(f"rounds must be >= 1 and pool >= 1, got rounds={rounds}, pool={pool}")
+        check_int("rounds", rounds, low=1)
+        check_number("pool", pool, low=1.0)
+        check_steps(pruning_steps=pruning_steps)
         super().__init__(
             model,
             example_inputs,
@@ -96,6 +99,16 @@ class Drop(Sparsifier):
         self.revived = 0
         self.snapshots = [[torch.zeros_like(m) for m in b.full()] for b in self.views]
         self.has_snapshot = torch.zeros_like(self.zero)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "round_starts": list(self.starts),
+            "drop_in": self.drop_in,
+            "pool": self.pool,
+            "revive": self.revive,
+            "criterion": self.criterion,
+        }
 
     def on_backward(self) -> None:
         if self.step in self.starts and self.starts.index(self.step) > self.round:
@@ -208,8 +221,8 @@ def drop(
     criterion: str = "magnitude",
 ) -> CompressResult:
     """Iterative stochastic prune-retrain on channel groups towards `target` group sparsity per space."""
-    if rounds < 1 or pool < 1:
-        raise CompressionError(f"rounds must be >= 1 and pool >= 1, got rounds={rounds}, pool={pool}")
+    check_int("rounds", rounds, low=1)
+    check_number("pool", pool, low=1.0)
     model = working_copy(model)
     if pruning_epochs is None:
         pruning_epochs = max(rounds, round(0.6 * training.epochs))

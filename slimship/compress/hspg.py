@@ -34,6 +34,8 @@ from slimship.compress.base import (
     CompressResult,
     Training,
     check_choice,
+    check_int,
+    check_number,
     maybe_accuracy,
     register,
     working_copy,
@@ -42,6 +44,8 @@ from slimship.compress.device import mean_across_ranks
 from slimship.compress.sparsifier import (
     CRITERIA,
     Sparsifier,
+    check_parts,
+    check_steps,
     register_sparsifier,
     space_fractions,
     stage_steps,
@@ -79,10 +83,10 @@ class HSPG(Sparsifier):
         lr: float = 0.05,
     ) -> None:
         check_choice("criterion", criterion, CRITERIA)
-        if epsilon < 0 or lam < 0 or not lr > 0:
-            raise CompressionError(
-                f"lam and epsilon must be >= 0 and lr > 0, got lam={lam}, epsilon={epsilon}, lr={lr}"
-            )
+        check_number("lam", lam)
+        check_number("epsilon", epsilon)
+        check_number("lr", lr, strict=True)
+        check_steps(warmup_steps=warmup_steps, projection_steps=projection_steps)
         super().__init__(
             model,
             example_inputs,
@@ -103,6 +107,17 @@ class HSPG(Sparsifier):
         #: python-side: some redundant group is not zero yet (once all are, the stage's steps cost nothing;
         #: a resumed run starts True and finds out after one step, which projects nothing)
         self.left = True
+
+    def config(self) -> dict[str, Any]:
+        stages = {"warmup_steps": self.start, "projection_steps": self.end - self.start}
+        return {
+            **super().config(),
+            **stages,
+            "lam": self.lam_base,
+            "epsilon": self.epsilon,
+            "criterion": self.criterion,
+            "lr": self.lr,
+        }
 
     def on_backward(self) -> None:
         if self.step == self.start and not bool(self.redundant.any()):
@@ -179,8 +194,8 @@ class HESSO(Sparsifier):
         pruning_steps: int | None = None,
         periods: int = 5,
     ) -> None:
-        if periods < 1:
-            raise CompressionError(f"periods must be >= 1, got {periods}")
+        check_int("periods", periods, low=1)
+        check_steps(warmup_steps=warmup_steps, pruning_steps=pruning_steps)
         super().__init__(
             model,
             example_inputs,
@@ -193,9 +208,14 @@ class HESSO(Sparsifier):
         self.start, self.end = stage_steps(total_steps, warmup_steps, pruning_steps, "pruning_steps")
         self.periods = periods
         span = self.end - self.start
+        check_parts("pruning_steps", span, periods, "periods")
         self.bounds = [self.start + round(p * span / periods) for p in range(periods + 1)]
         self.shrinking = torch.zeros_like(self.zero)
         self.period = -1
+
+    def config(self) -> dict[str, Any]:
+        stages = {"warmup_steps": self.start, "pruning_steps": self.end - self.start}
+        return {**super().config(), **stages, "periods": self.periods}
 
     def on_backward(self) -> None:
         period = next(
@@ -243,6 +263,7 @@ def finish(
     info = {
         "target": sp.target,
         "group_sparsity": summary["group_sparsity"],
+        "removable": summary["removable"],
         "groups": len(sp.groups),
         "per_space": sp.per_space(),
         "test_accuracy": maybe_accuracy(model, test),
@@ -256,6 +277,7 @@ def epoch_stages(
     training: Training, train: Iterable[Batch] | None, warmup: int | None, middle: int | None, what: str
 ) -> tuple[int, int, int]:
     """(steps per epoch, warm-up steps, middle-stage steps) from epoch counts (defaults 25% / 40%)."""
+    check_steps(warmup_epochs=warmup, **{what: middle})
     n = steps_per_epoch(train)
     warmup = max(1, round(0.25 * training.epochs)) if warmup is None else warmup
     middle = max(1, round(0.4 * training.epochs)) if middle is None else middle
@@ -325,6 +347,8 @@ def hesso(
     """Saliency-ranked groups shrunk progressively to exactly zero until each space reaches `target`."""
     model = working_copy(model)
     n, warmup, middle = epoch_stages(training, train, warmup_epochs, pruning_epochs, "pruning_epochs")
+    check_int("periods", periods, low=1)
+    check_parts(f"pruning_epochs={middle // max(n, 1)} x {n} batches", middle, periods, "periods")
     sp = HESSO(
         model,
         example_inputs,

@@ -28,12 +28,20 @@ from slimship.compress.base import (
     CompressResult,
     Training,
     check_fraction,
+    check_int,
+    check_number,
     maybe_accuracy,
     register,
     working_copy,
 )
 from slimship.compress.device import mean_across_ranks
-from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
+from slimship.compress.sparsifier import (
+    Sparsifier,
+    check_steps,
+    register_sparsifier,
+    steps_per_epoch,
+    train_with,
+)
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
 
@@ -69,6 +77,8 @@ class IterativePruning(Sparsifier):
         prune_steps: int = 4,
         pruning_steps: int | None = None,
     ) -> None:
+        check_int("prune_steps", prune_steps, low=1)
+        check_steps(pruning_steps=pruning_steps)
         super().__init__(
             model,
             example_inputs,
@@ -95,6 +105,9 @@ class IterativePruning(Sparsifier):
             for share in self.shares
         ]
         self.cuts_done = 0
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "prune_bounds": list(self.bounds)}
 
     def below(self, k: int) -> torch.Tensor:
         """Mask of the groups under pruning step `k`'s threshold (cut groups first, one kept per space)."""
@@ -202,10 +215,11 @@ def _run(
     """`compress(kind)`: the sparsifier in slimship's loop (SGD with momentum, constant rate)."""
     if train is None:
         raise CompressionError(f"{kind} needs training data (train batches)")
-    if epochs_per_step < 0 or finetune_epochs < 0:
-        raise CompressionError(
-            f"epochs_per_step={epochs_per_step} and finetune_epochs={finetune_epochs} must be >= 0"
-        )
+    check_int("prune_steps", prune_steps, low=1)
+    check_int("epochs_per_step", epochs_per_step)
+    check_int("finetune_epochs", finetune_epochs)
+    check_number("lr", lr, strict=True)
+    check_number("weight_decay", weight_decay)
     target = check_fraction("target", target)
     schedule(target, prune_steps)  # checks prune_steps
     model = working_copy(model)
@@ -224,9 +238,11 @@ def _run(
     if epochs_per_step == 0:  # one-shot: every cut now, then `finetune_epochs` with the cuts held
         sp.cut_due()
     history = train_with(sp, model, train, test, training)
+    summary = sp.summary()
     info = {
         "target": target,
-        "group_sparsity": sp.summary()["group_sparsity"],
+        "group_sparsity": summary["group_sparsity"],
+        "removable": summary["removable"],
         "kept_channels": {s: [total - zero, total] for s, (zero, total) in sp.per_space().items()},
         "schedule": schedule(target, prune_steps),
         "test_accuracy": maybe_accuracy(model, test),

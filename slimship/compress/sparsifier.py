@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -31,6 +32,8 @@ from slimship.compress.base import (
     Training,
     check_choice,
     check_fraction,
+    check_int,
+    is_number,
     load_builtin_methods,
     maybe_accuracy,
     prunable_groups,
@@ -110,6 +113,47 @@ def space_fractions(
     return {s: check_fraction(f"space_targets[{s!r}]", overrides.get(s, target)) for s in by_space}
 
 
+#: the arguments every sparsifier takes: name -> (test, what it must be)
+ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: isinstance(v, nn.Module), "a torch.nn.Module (plain or DDP-wrapped)"),
+    "total_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int"),
+    "target": (is_number, "a number in [0, 1)"),
+    "space_targets": (
+        lambda v: v is None or (isinstance(v, dict) and all(is_number(f) for f in v.values())),
+        "None or a dict of space name -> number in [0, 1)",
+    ),
+    "spaces": (
+        lambda v: v is None or (isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)),
+        "None or a list of space names",
+    ),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+}
+
+
+def check_arguments(**values: Any) -> None:
+    """CompressionError naming the first argument that breaks its rule in :data:`ARGUMENT_RULES`."""
+    for name, value in values.items():
+        test, what = ARGUMENT_RULES[name]
+        if not test(value):
+            raise CompressionError(f"sparsifier argument {name} must be {what}, got {value!r}")
+
+
+def check_steps(**values: int | None) -> None:
+    """Optional step counts: None (the default share of the run) or an int >= 0."""
+    for name, value in values.items():
+        if value is not None:
+            check_int(name, value)
+
+
+def check_parts(what: str, steps: int, parts: int, part_name: str) -> None:
+    """A stage of `steps` steps cut into `parts` parts must give each part a step (no silent shortfall)."""
+    if steps < parts:
+        raise CompressionError(
+            f"{what} ({steps} steps) must hold the {parts} {part_name}, one step each at least, or the run "
+            f"falls short of its target; lengthen the stage (or the run) or lower {part_name}"
+        )
+
+
 def stage_steps(total: int, warmup: int | None, middle: int | None, what: str) -> tuple[int, int]:
     """(first, end) step of a method's middle stage: defaults 25% warm-up, 40% middle."""
     warmup = max(1, round(0.25 * total)) if warmup is None else warmup
@@ -153,8 +197,14 @@ class Sparsifier:
         spaces: list[str] | None = None,
         seed: int = 0,
     ) -> None:
-        if not isinstance(total_steps, int) or total_steps < 1:
-            raise CompressionError(f"total_steps must be a positive int, got {total_steps!r}")
+        check_arguments(
+            model=model,
+            total_steps=total_steps,
+            target=target,
+            space_targets=space_targets,
+            spaces=spaces,
+            seed=seed,
+        )
         self.model = unwrap(model)
         self.device = device_of(self.model)
         self.total_steps, self.seed = total_steps, int(seed)
@@ -177,22 +227,60 @@ class Sparsifier:
         self.step = 0
         self.zero = torch.zeros(len(self.groups), dtype=torch.bool, device=self.device)
         self.holding = False  # python-side: any zero decided yet (saves a device sync per step)
+        self.backward_done = False  # python-side: after_backward() ran since the last after_step()
+        self.warned_past_end = False
 
     # ---- the loop's two calls ----------------------------------------------------------------------
     def after_backward(self) -> None:
-        """Call after ``loss.backward()`` (after ``scaler.unscale_`` with AMP), before the optimizer step."""
+        """Call after ``loss.backward()`` (after ``scaler.unscale_`` with AMP), before the optimizer step.
+
+        Once per optimizer step; past ``total_steps`` nothing is decided any more, zeros are only held.
+        """
+        if self.backward_done:
+            self.wrong_order("after_backward() was called twice without after_step() in between")
+        self.backward_done = True
         with torch.no_grad():
-            self.on_backward()
+            if self.step < self.total_steps:
+                self.on_backward()
+            else:
+                self.warn_past_end()
             if self.holding:
                 self.views.zero(self.zero, grads=True, consumers=self.hold_consumers)
 
     def after_step(self) -> None:
-        """Call after ``optimizer.step()``."""
+        """Call after ``optimizer.step()``, once per step."""
+        if not self.backward_done:
+            self.wrong_order("after_step() was called without after_backward() since the previous step")
+        self.backward_done = False
         with torch.no_grad():
-            self.on_step()
+            if self.step < self.total_steps:
+                self.on_step()
+            else:
+                self.on_hold()
             if self.holding:
                 self.views.zero(self.zero, consumers=self.hold_consumers)
         self.step += 1
+
+    def wrong_order(self, what: str) -> None:
+        raise CompressionError(
+            f"sparsifier {self.name!r} at step {self.step}: {what}; each step must call, in this order: "
+            "loss.backward(); sp.after_backward(); optimizer.step(); sp.after_step()"
+        )
+
+    def warn_past_end(self) -> None:
+        """One warning when the loop runs past ``total_steps`` (decisions are over, zeros stay held)."""
+        if not self.warned_past_end:
+            self.warned_past_end = True
+            warnings.warn(
+                f"sparsifier {self.name!r}: step {self.step + 1} is past total_steps={self.total_steps}; "
+                "it decides nothing more and only holds its zeros. Pass the run's real number of "
+                "optimizer steps as total_steps",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def on_hold(self) -> None:
+        """Method hook after an optimizer step past ``total_steps`` (zeros are held by the base class)."""
 
     def on_backward(self) -> None:
         """Method hook after backward (gradients present)."""
@@ -201,21 +289,81 @@ class Sparsifier:
         """Method hook after the optimizer step; ``self.step`` is the 0-based index of that step."""
 
     # ---- state ------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The settings that shape the decisions (a saved state only resumes a run with the same ones)."""
+        return {"total_steps": self.total_steps, "fractions": dict(self.fractions), "seed": self.seed}
+
+    def fingerprint(self) -> list[str]:
+        """Each group as ``space:values`` (its space and number of values): tells one model from another."""
+        sizes = self.views.sizes.cpu().tolist()
+        return [f"{g.space}:{int(n)}" for g, n in zip(self.groups, sizes, strict=True)]
+
     def state_dict(self) -> dict[str, Any]:
         """Decision state (tensors, numbers, lists): save it beside the model and optimizer."""
-        state = {"method": self.name, "step": self.step, "zero": self.zero.clone()}
+        state = {
+            "method": self.name,
+            "step": self.step,
+            "zero": self.zero.clone(),
+            "config": self.config(),
+            "groups": self.fingerprint(),
+        }
         for key in self.state_keys:
             value = getattr(self, key)
             state[key] = value.clone() if isinstance(value, torch.Tensor) else _copy(value)
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict` (tensors move to the model's device)."""
+    def check_state(self, state: Any) -> None:
+        """CompressionError naming what makes `state` unfit for this sparsifier (method, keys, model,
+        settings)."""
+        if not isinstance(state, dict):
+            raise CompressionError(f"sparsifier state must be the dict of state_dict(), got {type(state)}")
         if state.get("method") != self.name:
             raise CompressionError(
                 f"sparsifier state is for {state.get('method')!r}, not {self.name!r}; "
                 "load the state saved by the same method"
             )
+        missing = [k for k in ("step", "zero", "config", "groups", *self.state_keys) if k not in state]
+        if missing:
+            raise CompressionError(
+                f"sparsifier state of {self.name!r} lacks {', '.join(map(repr, missing))}; load a state "
+                "saved by this slimship version's state_dict()"
+            )
+        if not isinstance(state["config"], dict) or not isinstance(state["groups"], list):
+            raise CompressionError(f"sparsifier state of {self.name!r} has a malformed 'config' or 'groups'")
+        saved, here = state["groups"], self.fingerprint()
+        if len(saved) != len(here):
+            raise CompressionError(
+                f"sparsifier state has {len(saved)} groups, this model {len(here)}: it was saved for "
+                "another model (or other spaces); load it into the model it was saved with"
+            )
+        diff = next((i for i, (a, b) in enumerate(zip(saved, here, strict=True)) if a != b), None)
+        if diff is not None:
+            raise CompressionError(
+                f"sparsifier state was saved for another model: group {diff} is {saved[diff]} there, "
+                f"{here[diff]} here (space:values)"
+            )
+        ours = self.config()
+        differ = sorted(k for k in set(ours) | set(state["config"]) if state["config"].get(k) != ours.get(k))
+        if differ:
+            what = "; ".join(f"{k}: saved {state['config'].get(k)!r}, here {ours.get(k)!r}" for k in differ)
+            raise CompressionError(
+                f"sparsifier state of {self.name!r} was saved with other settings ({what}); "
+                "build the sparsifier with the same total_steps and options to resume"
+            )
+        zero, step = state["zero"], state["step"]
+        if (
+            not isinstance(zero, torch.Tensor)
+            or zero.shape != self.zero.shape
+            or not isinstance(step, int)
+            or step < 0
+        ):
+            raise CompressionError(f"sparsifier state of {self.name!r} has a malformed 'step' or 'zero'")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` (tensors move to the model's device); a state of
+        another method, model or settings is refused."""
+        self.check_state(state)
+        self.backward_done = False
         self.step = int(state["step"])
         self.zero = state["zero"].to(self.device).clone()
         self.holding = bool(self.zero.any())
@@ -235,19 +383,31 @@ class Sparsifier:
         return {"zero": self.zero.nonzero().flatten().tolist()}
 
     def summary(self) -> dict[str, Any]:
-        """Group sparsity per space: groups exactly zero now, groups decided, groups in total."""
+        """Per space: groups exactly zero now, decided, that ``slim`` removes now, in total.
+
+        ``group_sparsity`` is the fraction of groups exactly zero; ``removable`` the fraction ``slim``
+        removes from the model as it is now (zero groups, and for C-SGD the merged-away cluster members).
+        """
         measured = self.views.is_zero().cpu()
         decided = self.zero.cpu()
         spaces = {
             s: {"zero": int(measured[m.cpu()].sum()), "decided": int(decided[m.cpu()].sum()), "total": len(m)}
             for s, m in self.spaces.items()
         }
+        for space, removable in self.removable(spaces).items():
+            spaces[space]["removable"] = removable
+        total = sum(v["total"] for v in spaces.values())
         return {
             "method": self.name,
             "step": self.step,
             "group_sparsity": float(measured.float().mean()) if len(measured) else 0.0,
+            "removable": sum(v["removable"] for v in spaces.values()) / total if total else 0.0,
             "spaces": spaces,
         }
+
+    def removable(self, spaces: dict[str, dict[str, int]]) -> dict[str, int]:
+        """Per space, the groups ``slim`` removes now: the zero ones (methods that merge add theirs)."""
+        return {s: v["zero"] for s, v in spaces.items()}
 
     def per_space(self) -> dict[str, list[int]]:
         """space -> [groups exactly zero, groups]."""

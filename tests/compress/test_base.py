@@ -109,9 +109,9 @@ def test_training_options_are_flat_with_per_method_defaults() -> None:
 
 
 def test_training_options_reach_the_run() -> None:
-    result = compress("hesso", tiny_model(), example(), tiny_data(), epochs=2, lr=0.02, target=0.5)
+    result = compress("hesso", tiny_model(), example(), tiny_data(), epochs=2, lr=0.02, target=0.5, periods=4)
     assert [h["epoch"] for h in result.history] == [1, 2] and result.info["completed"]
-    cut = compress("hesso", tiny_model(), example(), tiny_data(), epochs=3, stop_after=1)
+    cut = compress("hesso", tiny_model(), example(), tiny_data(), epochs=3, stop_after=1, periods=4)
     assert len(cut.history) == 1 and not cut.info["completed"]
 
 

@@ -28,6 +28,7 @@ def test_identical_filters_merge(clustering: str, tmp_path) -> None:
         "conv1.weight[0]": 4,
         "conv2.weight[0]": 6,
     }
+    assert result.info["removable"] == (4 + 6) / result.info["groups"]  # what slim merged away
     check_slims(result.model)
     if clustering == "kmeans":
         again = compress("csgd", tiny_model(), example(), data, clustering=clustering, **OPTIONS)

@@ -39,7 +39,7 @@ def test_seed_changes_the_draw() -> None:
 
 
 def test_bad_rounds() -> None:
-    with pytest.raises(CompressionError, match="rounds must be >= 1"):
+    with pytest.raises(CompressionError, match="option 'rounds' must be an int >= 1"):
         compress("drop", tiny_model(), example(), tiny_data(), rounds=0)
 
 

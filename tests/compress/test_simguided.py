@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -46,7 +48,7 @@ def test_reaches_group_sparsity_and_slims(data, method):
     r = compress(
         method, tiny_cnn(), (x,), train, target=0.5, prune_steps=2, epochs_per_step=1, finetune_epochs=1
     )
-    assert r.info["group_sparsity"] == pytest.approx(0.5)
+    assert r.info["group_sparsity"] == pytest.approx(0.5) == r.info["removable"]
     assert all(kept == total // 2 for kept, total in r.info["kept_channels"].values())
     result = slim(r.model, (x,))
     assert result.flops_after < result.flops_before
@@ -119,5 +121,21 @@ def test_one_shot_sparsifier_cuts_at_the_first_step_and_simguided_refuses_it(dat
     assert sp.cuts_done == 2 and sp.per_space() == {"0.weight[0]": [4, 8], "3.weight[0]": [4, 8]}
     with pytest.raises(CompressionError, match=r"simguided simulates .* use 'magnitude' for one-shot"):
         compress("simguided", tiny_cnn(), (x,), train, prune_steps=2, epochs_per_step=0)
-    with pytest.raises(CompressionError, match=r"epochs_per_step=-1 .* must be >= 0"):
+    with pytest.raises(CompressionError, match=r"option 'epochs_per_step' must be an int >= 0, got -1"):
         compress("magnitude", tiny_cnn(), (x,), train, prune_steps=2, epochs_per_step=-1)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("prune_steps", "2", "option 'prune_steps' must be an int >= 1"),
+        ("epochs_per_step", 1.5, "option 'epochs_per_step' must be an int >= 0"),
+        ("finetune_epochs", -1, "option 'finetune_epochs' must be an int >= 0"),
+        ("lr", "fast", "option 'lr' must be a number > 0"),
+        ("target", "half", "option 'target' must be in [0, 1)"),
+    ],
+)
+def test_compress_options_of_the_wrong_type_are_named(data, option, value, message):
+    train, x = data
+    with pytest.raises(CompressionError, match=re.escape(message)):
+        compress("magnitude", tiny_cnn(), (x,), train, **{option: value})

@@ -80,6 +80,9 @@ def test_user_loop_reaches_target_and_slims(name: str, opt: str) -> None:
     else:
         assert {s: v["zero"] for s, v in summary["spaces"].items()} == ZERO_TARGET
         assert {s: v["decided"] for s, v in summary["spaces"].items()} == ZERO_TARGET
+    # what slim removes, for every method alike (C-SGD merges rather than zeroes: its sparsity stays 0)
+    assert {s: v["removable"] for s, v in summary["spaces"].items()} == ZERO_TARGET
+    assert summary["removable"] == sum(ZERO_TARGET.values()) / len(sp.groups)
     check_slims(model)
 
 
@@ -131,9 +134,9 @@ def test_unknown_name_and_option_are_named() -> None:
     with pytest.raises(CompressionError, match="total_steps must be a positive int"):
         sparsifier("hesso", tiny_model(), example(), total_steps=0)
     model = tiny_model()
-    state = sparsifier("hspg", model, example(), total_steps=10).state_dict()
+    state = sparsifier("hspg", model, example(), total_steps=20).state_dict()
     with pytest.raises(CompressionError, match="state is for 'hspg', not 'hesso'"):
-        sparsifier("hesso", model, example(), total_steps=10).load_state_dict(state)
+        sparsifier("hesso", model, example(), total_steps=20).load_state_dict(state)
     assert set(OPTIONS) <= set(SPARSIFIERS)
 
 
@@ -230,3 +233,170 @@ def test_least_each_picks_what_least_picks_per_space() -> None:
         for k, space in enumerate(sp.spaces):
             expected[sp.least(scores, space, eligible, max(int(need[k]), 0))] = True
         assert torch.equal(sp.least_each(scores, eligible, need), expected)
+
+
+# ---- misuse: call order, steps past the run, stages too short, foreign states, wrong argument types ----
+def one_step(model, sp, optimizer, calls: str) -> None:
+    """One batch; `calls` orders the hook calls: b = after_backward, o = optimizer.step, s = after_step."""
+    x, y = batches()[0]
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    act = {"b": sp.after_backward, "o": optimizer.step, "s": sp.after_step}
+    for c in calls:
+        act[c]()
+
+
+@pytest.mark.parametrize("calls", ["sob", "bbos", "boss"])
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_hooks_called_out_of_order_are_refused(name: str, calls: str) -> None:
+    model, total = tiny_model(), len(batches())
+    sp = sparsifier(name, model, example(), total_steps=total, **OPTIONS[name])
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    one_step(model, sp, optimizer, "bos")  # the right order passes
+    with pytest.raises(
+        CompressionError, match=r"loss.backward\(\); sp.after_backward\(\); optimizer.step\(\)"
+    ):
+        one_step(model, sp, optimizer, calls)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_steps_past_total_steps_hold_the_decisions(name: str) -> None:
+    """Three steps past total_steps: one warning, no new decision, the zeros (or clusters) still held."""
+    model, steps = tiny_model(), batches()
+    sp = sparsifier(name, model, example(), total_steps=len(steps), **OPTIONS[name])
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    train(model, sp, optimizer, steps)
+    at_end = sp.decisions()
+    with pytest.warns(
+        RuntimeWarning, match=f"step {len(steps) + 1} is past total_steps={len(steps)}"
+    ) as seen:
+        train(model, sp, optimizer, steps[:3])
+    assert len(seen) == 1 and sp.step == len(steps) + 3 and sp.decisions() == at_end
+    assert {s: v["removable"] for s, v in sp.summary()["spaces"].items()} == ZERO_TARGET
+    check_slims(model)
+
+
+@pytest.mark.parametrize(
+    ("name", "opts", "total", "message"),
+    [
+        ("hesso", {"periods": 100}, 10, r"pruning_steps \(4 steps\) must hold the 100 periods"),
+        ("hesso", {}, 4, r"pruning_steps \(2 steps\) must hold the 5 periods"),
+        ("hesso", {"warmup_steps": 2, "pruning_steps": 2, "periods": 3}, 8, "must hold the 3 periods"),
+        ("drop", {"rounds": 50}, 10, "pruning_steps=50 must hold the 50 rounds"),
+        (
+            "magnitude",
+            {"prune_steps": 5, "pruning_steps": 4},
+            8,
+            "prune_steps=5 must be >= 1 and pruning_steps",
+        ),
+        (
+            "simguided",
+            {"prune_steps": 5, "pruning_steps": 4},
+            8,
+            "prune_steps=5 must be >= 1 and pruning_steps",
+        ),
+    ],
+)
+def test_a_stage_shorter_than_its_periods_is_refused(name: str, opts: dict, total: int, message: str) -> None:
+    with pytest.raises(CompressionError, match=message):
+        sparsifier(name, tiny_model(), example(), total_steps=total, **opts)
+
+
+def test_a_stage_of_one_step_per_period_reaches_the_target() -> None:
+    """The shortest stage allowed (as many steps as periods) still reaches the target exactly."""
+    model, steps = tiny_model(), batches()[:8]
+    sp = sparsifier("hesso", model, example(), total_steps=8, warmup_steps=2, pruning_steps=3, periods=3)
+    train(model, sp, OPTIMIZERS["sgd"](model.parameters()), steps)
+    assert {s: v["zero"] for s, v in sp.summary()["spaces"].items()} == ZERO_TARGET
+
+
+def test_compress_refuses_a_pruning_stage_shorter_than_its_periods() -> None:
+    from slimship.compress import compress
+
+    with pytest.raises(
+        CompressionError, match=r"pruning_epochs=1 x 4 batches \(4 steps\) must hold the 5 periods"
+    ):
+        compress("hesso", tiny_model(), example(), tiny_data(), epochs=2)
+
+
+class OtherNet(torch.nn.Module):
+    """As many groups per space as TinyNet (8 and 12), other sizes (5x5 kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 5, padding=2, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 12, 5, padding=2)
+        self.bn2 = torch.nn.BatchNorm2d(12)
+        self.fc = torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_load_state_dict_refuses_a_state_that_does_not_fit() -> None:
+    total = len(batches())
+
+    def build(model=None, **changes):
+        opts = {**OPTIONS["hesso"], **changes}
+        steps = opts.pop("total_steps", total)
+        return sparsifier("hesso", model or tiny_model(), example(), total_steps=steps, **opts)
+
+    state = build().state_dict()
+    with pytest.raises(CompressionError, match="state has 20 groups, this model 8: it was saved for another"):
+        build(spaces=["conv1.weight[0]"]).load_state_dict(state)
+    with pytest.raises(CompressionError, match=r"saved for another model: group 0 is conv1\.weight\[0\]:"):
+        build(OtherNet().eval()).load_state_dict(state)
+    with pytest.raises(CompressionError, match="total_steps: saved 24, here 30"):
+        build(total_steps=30).load_state_dict(state)
+    with pytest.raises(CompressionError, match="periods: saved 3, here 4"):
+        build(periods=4).load_state_dict(state)
+    with pytest.raises(CompressionError, match=r"fractions: saved .*0\.5.*, here .*0\.25"):
+        build(target=0.25).load_state_dict(state)
+    with pytest.raises(CompressionError, match="lacks 'zero'; load a state saved by"):
+        build().load_state_dict({k: v for k, v in state.items() if k != "zero"})
+    with pytest.raises(CompressionError, match="must be the dict of state_dict"):
+        build().load_state_dict([state])
+    build().load_state_dict(state)  # the same settings and model: accepted
+
+
+@pytest.mark.parametrize(
+    ("change", "argument"),
+    [
+        ({"model": "net"}, "model must be a torch.nn.Module"),
+        ({"target": "half"}, "target must be a number"),
+        ({"target": True}, "target must be a number"),
+        ({"seed": "x"}, "seed must be an int"),
+        ({"total_steps": True}, "total_steps must be a positive int"),
+        ({"total_steps": 2.5}, "total_steps must be a positive int"),
+        ({"space_targets": {"conv1.weight[0]": "x"}}, "space_targets must be None or a dict"),
+        ({"spaces": "conv1.weight[0]"}, "spaces must be None or a list"),
+        ({"periods": "5"}, "option 'periods' must be an int >= 1"),
+        ({"warmup_steps": 2.5}, "option 'warmup_steps' must be an int >= 0"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(change: dict, argument: str) -> None:
+    args = {"model": tiny_model(), "total_steps": 24, **change}
+    model, steps = args.pop("model"), args.pop("total_steps")
+    with pytest.raises(CompressionError, match=re.escape(argument)):
+        sparsifier("hesso", model, example(), total_steps=steps, **args)
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "value", "message"),
+    [
+        ("hspg", "lam", "big", "option 'lam' must be a number >= 0"),
+        ("hspg", "lr", 0, "option 'lr' must be a number > 0"),
+        ("drop", "rounds", 2.5, "option 'rounds' must be an int >= 1"),
+        ("drop", "pool", "x", "option 'pool' must be a number >= 1"),
+        ("drop", "drop_in", "x", "option 'drop_in' must be in [0, 1]"),
+        ("csgd", "centripetal", None, "option 'centripetal' must be a number > 0"),
+        ("magnitude", "prune_steps", True, "option 'prune_steps' must be an int >= 1"),
+        ("simguided", "pruning_steps", "4", "option 'pruning_steps' must be an int >= 0"),
+    ],
+)
+def test_method_options_of_the_wrong_type_are_named(name: str, option: str, value, message: str) -> None:
+    with pytest.raises(CompressionError, match=re.escape(message)):
+        sparsifier(name, tiny_model(), example(), total_steps=24, **{option: value})
