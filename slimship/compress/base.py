@@ -671,42 +671,6 @@ def working_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def is_number(value: Any) -> bool:
-    """A real int or float (a bool is not a number here)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def check_fraction(name: str, value: float, high_open: bool = True) -> float:
-    """`value` as a float if it is a number in [0, 1) (or [0, 1]), else CompressionError naming it."""
-    ok = is_number(value) and (0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0)
-    if not ok:
-        raise CompressionError(f"option {name!r} must be in [0, 1{')' if high_open else ']'}, got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: Any, low: int = 0) -> int:
-    """`value` if it is an int >= `low` (not a bool), else CompressionError naming the option."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise CompressionError(f"option {name!r} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def check_number(name: str, value: Any, low: float = 0.0, strict: bool = False) -> float:
-    """`value` as a float if it is a finite number >= `low` (> `low` when `strict`), else CompressionError."""
-    ok = is_number(value) and math.isfinite(value) and (value > low if strict else value >= low)
-    if not ok:
-        bound = f"{'>' if strict else '>='} {low}"
-        raise CompressionError(f"option {name!r} must be a number {bound}, got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
-    """`value` if it is one of `allowed`, else CompressionError naming the option."""
-    if value not in allowed:
-        raise CompressionError(f"{name}={value!r} is not one of {tuple(allowed)}")
-    return value
-
-
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
     """SGD with momentum (the methods' default optimiser)."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -8,7 +8,7 @@ what it must be instead of a Python error deep inside torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,22 +34,55 @@ def check_module(name: str, value: Any, *, optional: bool = False) -> None:
         raise refuse(name, "a torch nn.Module" + (" or None" if optional else ""), value)
 
 
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """`value` must be an int (not a bool) >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise refuse(name, f"an integer >= {minimum}", value)
+def label(name: str) -> str:
+    """How an argument is named in a message: a bare option name as ``option 'name'``, else as given."""
+    return f"option {name!r}" if name.isidentifier() else name
+
+
+def is_number(value: Any) -> bool:
+    """A real int or float (a bool is not a number here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, low: int = 0) -> int:
+    """`value` if it is an int (not a bool) >= `low`, else CompressionError naming the argument."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise CompressionError(f"{label(name)} must be an int >= {low}, got {value!r}")
     return value
 
 
-def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
-    """`value` must be a real number (not a bool) in the interval from `low` to `high` (ends as given)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+def check_number(
+    name: str,
+    value: Any,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> float:
+    """`value` as a float if it is a finite number in the interval from `low` to `high` (ends closed or
+    open as given; no upper end by default), else CompressionError naming the argument."""
+    ok = is_number(value) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise refuse(name, f"a number in {interval}", value)
+        if high == math.inf:
+            bound = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise CompressionError(f"{label(name)} must be a number {bound}, got {value!r}")
     return float(value)
+
+
+def check_fraction(name: str, value: Any, high_open: bool = True) -> float:
+    """`value` as a float if it is a number in [0, 1) (or [0, 1]), else CompressionError naming it."""
+    return check_number(name, value, 0.0, 1.0, high_open=high_open)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """`value` if it is one of `allowed`, else CompressionError naming the option."""
+    if value not in allowed:
+        raise CompressionError(f"{name}={value!r} is not one of {tuple(allowed)}")
+    return value
 
 
 def check_callable(name: str, value: Any, what: str, *, optional: bool = False) -> None:

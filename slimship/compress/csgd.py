@@ -22,12 +22,11 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     Training,
-    check_choice,
-    check_number,
     maybe_accuracy,
     register,
     working_copy,
 )
+from slimship.compress.checks import check_choice, check_number
 from slimship.compress.device import broadcast_from_rank0
 from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
 from slimship.compress.views import Block, Slot
@@ -70,7 +69,7 @@ class CSGD(Sparsifier):
         merge_at_end: bool = True,
     ) -> None:
         check_choice("clustering", clustering, CLUSTERINGS)
-        check_number("centripetal", centripetal, strict=True)
+        check_number("centripetal", centripetal, low_open=True)
         super().__init__(
             model,
             example_inputs,

@@ -25,13 +25,10 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     Training,
-    check_choice,
-    check_fraction,
-    check_int,
-    check_number,
     register,
     working_copy,
 )
+from slimship.compress.checks import check_choice, check_fraction, check_int, check_number
 from slimship.compress.device import decision_generator
 from slimship.compress.hspg import epoch_stages, finish
 from slimship.compress.sparsifier import CRITERIA, Sparsifier, check_steps, register_sparsifier, train_with

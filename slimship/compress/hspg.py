@@ -33,13 +33,11 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     Training,
-    check_choice,
-    check_int,
-    check_number,
     maybe_accuracy,
     register,
     working_copy,
 )
+from slimship.compress.checks import check_choice, check_int, check_number
 from slimship.compress.device import mean_across_ranks
 from slimship.compress.sparsifier import (
     CRITERIA,
@@ -85,7 +83,7 @@ class HSPG(Sparsifier):
         check_choice("criterion", criterion, CRITERIA)
         check_number("lam", lam)
         check_number("epsilon", epsilon)
-        check_number("lr", lr, strict=True)
+        check_number("lr", lr, low_open=True)
         check_steps(warmup_steps=warmup_steps, projection_steps=projection_steps)
         super().__init__(
             model,

@@ -27,13 +27,11 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     Training,
-    check_fraction,
-    check_int,
-    check_number,
     maybe_accuracy,
     register,
     working_copy,
 )
+from slimship.compress.checks import check_fraction, check_int, check_number
 from slimship.compress.device import mean_across_ranks
 from slimship.compress.sparsifier import (
     Sparsifier,
@@ -218,7 +216,7 @@ def _run(
     check_int("prune_steps", prune_steps, low=1)
     check_int("epochs_per_step", epochs_per_step)
     check_int("finetune_epochs", finetune_epochs)
-    check_number("lr", lr, strict=True)
+    check_number("lr", lr, low_open=True)
     check_number("weight_decay", weight_decay)
     target = check_fraction("target", target)
     schedule(target, prune_steps)  # checks prune_steps

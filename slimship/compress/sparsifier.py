@@ -30,14 +30,11 @@ from torch import nn
 from slimship.compress.base import (
     Batch,
     Training,
-    check_choice,
-    check_fraction,
-    check_int,
-    is_number,
     load_builtin_methods,
     maybe_accuracy,
     prunable_groups,
 )
+from slimship.compress.checks import check_choice, check_fraction, check_int, is_number
 from slimship.compress.device import device_of, mean_across_ranks, unwrap
 from slimship.compress.views import GroupViews
 from slimship.errors import CompressionError

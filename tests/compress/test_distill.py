@@ -148,7 +148,7 @@ def test_distillation_loss_names_bad_options(options: dict, named: str) -> None:
         ),
         ({"speedup": float("inf")}, "'speedup' must be None or a finite number > 0"),
         ({"student_factory": "wide"}, "student_factory must be a callable"),
-        ({"seed": "x"}, "seed must be an integer >= 0"),
+        ({"seed": "x"}, "option 'seed' must be an int >= 0"),
     ],
 )
 def test_build_student_names_bad_options(options: dict, named: str, monkeypatch) -> None:

@@ -49,7 +49,7 @@ def test_stages_must_fit() -> None:
 
 
 def test_target_out_of_range() -> None:
-    with pytest.raises(CompressionError, match="'target' must be in"):
+    with pytest.raises(CompressionError, match="'target' must be a number in"):
         compress("hesso", tiny_model(), example(), tiny_data(), target=1.5)
 
 

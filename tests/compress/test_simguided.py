@@ -132,7 +132,7 @@ def test_one_shot_sparsifier_cuts_at_the_first_step_and_simguided_refuses_it(dat
         ("epochs_per_step", 1.5, "option 'epochs_per_step' must be an int >= 0"),
         ("finetune_epochs", -1, "option 'finetune_epochs' must be an int >= 0"),
         ("lr", "fast", "option 'lr' must be a number > 0"),
-        ("target", "half", "option 'target' must be in [0, 1)"),
+        ("target", "half", "option 'target' must be a number in [0, 1)"),
     ],
 )
 def test_compress_options_of_the_wrong_type_are_named(data, option, value, message):

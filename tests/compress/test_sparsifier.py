@@ -391,7 +391,7 @@ def test_arguments_of_the_wrong_type_are_named(change: dict, argument: str) -> N
         ("hspg", "lr", 0, "option 'lr' must be a number > 0"),
         ("drop", "rounds", 2.5, "option 'rounds' must be an int >= 1"),
         ("drop", "pool", "x", "option 'pool' must be a number >= 1"),
-        ("drop", "drop_in", "x", "option 'drop_in' must be in [0, 1]"),
+        ("drop", "drop_in", "x", "option 'drop_in' must be a number in [0, 1]"),
         ("csgd", "centripetal", None, "option 'centripetal' must be a number > 0"),
         ("magnitude", "prune_steps", True, "option 'prune_steps' must be an int >= 1"),
         ("simguided", "pruning_steps", "4", "option 'pruning_steps' must be an int >= 0"),

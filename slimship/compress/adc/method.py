@@ -37,13 +37,13 @@ from slimship.compress.base import (
     Batch,
     CompressResult,
     GroupTensors,
-    check_choice,
     make_optimizer,
     maybe_accuracy,
     register,
     train_loop,
     working_copy,
 )
+from slimship.compress.checks import check_choice
 from slimship.compress.device import device_of
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
