@@ -31,6 +31,7 @@ from slimship.errors import ConfigError, SlimshipError, StoppedEarly
 from slimship.exporters.registry import get_format
 from slimship.pipeline.config import PipelineConfig
 from slimship.pipeline.gates import QUANTISED_FORMATS, Figures, GateResult, enforce, evaluate_gates
+from slimship.runtimes.measure import speedup_text
 
 log = logging.getLogger(__name__)
 
@@ -773,7 +774,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
             label,
             f"{row['dense_p50_ms']:.3f} ms",
             f"{row['p50_ms']:.3f} ms",
-            f"{row['speedup']:.2f}x speedup",
+            f"{speedup_text(row['speedup'], row['speedup_p10'], row['speedup_p90'])} speedup",
         )
         if row.get("accuracy") is not None:
             table.add_row(f"top-1 {row['target']}/{row['format']}", "", f"{row['accuracy']:.2f}%", "")

@@ -255,6 +255,13 @@ def speedup_from_ratios(ratios: Sequence[float], dense: str, slim: str, target: 
     return Speedup(dense, slim, target, int(r.size), med, p10, p90, q25, q75, flops_ratio, efficiency)
 
 
+def speedup_text(median: float, p10: float, p90: float) -> str:
+    """A speedup with its spread of per-pair ratios; a spread on both sides of 1.0 is said to be unclear
+    (the pairs disagree on which model is faster, whatever the median says)."""
+    text = f"{median:.2f}x ({p10:.2f}-{p90:.2f})"
+    return text + " unclear: the spread crosses 1.0" if p10 <= 1.0 <= p90 else text
+
+
 def measure_speedup(
     dense: str | Path,
     slim: str | Path,
@@ -430,7 +437,7 @@ def format_bench_table(result: BenchResult) -> Any:
             _fmt(m.accuracy, ".3f"),
             _fmt(m.agreement, ".3f"),
             _fmt(m.parity.max_abs if m.parity else None, ".2e"),
-            f"{s.median:.2f}x ({s.p10:.2f}-{s.p90:.2f})" if s else "-",
+            speedup_text(s.median, s.p10, s.p90) if s else "-",
             _fmt(s.efficiency, ".2f", "n/a") if s else "-",
         )
     if result.notes:

@@ -52,6 +52,18 @@ def test_the_run_summary_shows_n_a_for_the_flops_ratio() -> None:
     assert "n/a" in flops_row and "0.00x" not in flops_row
 
 
+def test_a_speedup_whose_pairs_disagree_is_called_unclear() -> None:
+    """p50 can say slower while the median of per-pair ratios says faster: the spread decides the word."""
+    row = {"target": "host", "format": "onnx", "emulated": False, "dense_p50_ms": 0.014, "p50_ms": 0.016}
+    summary = {"params": [10, 5], "flops": [10, 5], "files": {}, "accuracy": {"dense": None}}
+    unclear = {**row, "speedup": 1.11, "speedup_p10": 0.8, "speedup_p90": 1.4}
+    line = next(x for x in _text(summary_table(summary | {"latency": [unclear]})).splitlines() if "p50" in x)
+    assert "1.11x (0.80-1.40) unclear: the spread crosses 1.0" in line
+    clear = {**row, "speedup": 1.8, "speedup_p10": 1.6, "speedup_p90": 2.0}
+    line = next(x for x in _text(summary_table(summary | {"latency": [clear]})).splitlines() if "p50" in x)
+    assert "1.80x (1.60-2.00) speedup" in line and "unclear" not in line
+
+
 class ReshapeOnly(torch.nn.Module):
     """No multiply-adds at all: torch's FLOP counter gives 0."""
 
