@@ -235,3 +235,12 @@ def test_latency_budget_met_on_measured_onnxruntime_latency(data):
     assert len(checks) == 1 and checks[0]["chosen"]
     assert 0 < r.info["measured_latency_ms"] <= 50.0 * 0.95
     assert r.info["predicted_latency_ms"] == checks[0]["predicted_ms"] > 0
+
+
+def test_one_budget_flops_or_latency(data):
+    """Both targets given is refused (one would be ignored); neither means keeping 0.25 of the FLOPs."""
+    train, x = data
+    with pytest.raises(CompressionError, match=r"give one of target_flops_kept \(0\.4\) and target_latency_ms"):
+        compress("adc", tiny_cnn(), (x,), train, target_flops_kept=0.4, target_latency_ms=5.0)
+    r = compress("adc", tiny_cnn(), (x,), train, search="uniform", finetune_epochs=0)
+    assert r.info["budget"] == {"kind": "flops_kept", "target": 0.25}

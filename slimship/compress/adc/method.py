@@ -107,6 +107,10 @@ def finetune(model, tensors: GroupTensors, removed: list[int], train, epochs: in
     return history
 
 
+#: the FLOPs budget when neither target is given: keep a quarter of the dense FLOPs
+DEFAULT_FLOPS_KEPT = 0.25
+
+
 @register("adc")
 def adc(
     model: nn.Module,
@@ -114,7 +118,7 @@ def adc(
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
-    target_flops_kept: float | None = 0.25,
+    target_flops_kept: float | None = None,
     target_latency_ms: float | None = None,
     target_runtime: str = "onnxruntime",
     target_threads: int = 1,
@@ -171,6 +175,13 @@ def adc(
         )
     check_choice("search", search, SEARCHES)
     check_keep(min_keep, max_keep)
+    if target_flops_kept is not None and target_latency_ms is not None:
+        raise CompressionError(
+            f"give one of target_flops_kept ({target_flops_kept}) and target_latency_ms "
+            f"({target_latency_ms}), not both: the search has one budget"
+        )
+    if target_latency_ms is None and target_flops_kept is None:
+        target_flops_kept = DEFAULT_FLOPS_KEPT
     if top_k < 1 or select_epochs < 0 or latency_rounds < 1 or not 0 <= latency_margin < 1:
         raise CompressionError(
             "options need top_k >= 1, select_epochs >= 0, latency_rounds >= 1 and 0 <= latency_margin < 1, "
