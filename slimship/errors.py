@@ -75,3 +75,9 @@ class StoppedEarly(SlimshipError):
 
 #: CLI exit status of a run that stopped at `stop_after` (2: an error, 3: a gate failed)
 STOPPED_EXIT = 4
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of `exc`'s message for a one-line error (its type's name when it has no message)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from slimship.errors import ConfigError, ModelFileError
+from slimship.errors import ConfigError, ModelFileError, first_line
 from slimship.exporters._common import TensorSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -188,7 +188,7 @@ def apply_weights(module: Any, path: Path) -> None:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ConfigError(
-            f"--weights {path}: does not fit the model: {str(exc).splitlines()[0][:200]} "
+            f"--weights {path}: does not fit the model: {first_line(exc, 200)} "
             f"{_key_mismatch(module.state_dict(), state)}"
         ) from None
 

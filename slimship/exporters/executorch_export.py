@@ -25,7 +25,7 @@ import torch
 
 from slimship._util import atomic_write_bytes
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
-from slimship.errors import ExportError, VerificationError
+from slimship.errors import ExportError, VerificationError, first_line
 from slimship.exporters._common import (
     ParityReport,
     Timings,
@@ -154,7 +154,7 @@ def _trace(
             if unguarded is not None:
                 with contextlib.suppress(Exception):  # parity at batch 3 proves the graph sound
                     return torch.export.export(unguarded, inputs, dynamic_shapes=shapes, strict=False), True
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc, 200)
             notes.append(f"batch fixed to {batch}: the model does not allow a dynamic batch ({first})")
     elif dynamic_batch:
         notes.append(f"batch fixed to {batch}: a dynamic batch needs an example batch of 2 or more")

@@ -17,7 +17,7 @@ import torch
 from slimship._util import atomic_write_bytes
 from slimship._version import __version__
 from slimship.compare import REL_BOUNDS
-from slimship.errors import ExportError, ModelFileError, VerificationError
+from slimship.errors import ExportError, ModelFileError, VerificationError, first_line
 from slimship.exporters._common import (
     ParityReport,
     TensorSpec,
@@ -393,13 +393,13 @@ def surgery_problem(
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
-        return f"onnx.checker / shape inference: {_first_line(exc)}"
+        return f"onnx.checker / shape inference: {first_line(exc)}"
     if baseline is None:  # the graph before surgery does not run either: only the final parity can judge
         return None
     try:
         outputs = ort_outputs(model, list(cases.values()))
     except Exception as exc:
-        return f"onnxruntime cannot run it: {_first_line(exc)}"
+        return f"onnxruntime cannot run it: {first_line(exc)}"
     parity = compare_outputs(baseline, outputs, list(cases), SURGERY_REL_BOUND)
     if parity.passed:
         return None
@@ -435,11 +435,6 @@ def ort_outputs(model: onnx.ModelProto, cases: list[list[np.ndarray]]) -> Output
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     return [list(session.run(None, dict(zip(names, feeds, strict=True)))) for feeds in cases]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _check(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

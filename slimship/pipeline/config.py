@@ -29,7 +29,7 @@ from pydantic.fields import FieldInfo
 
 from slimship._yaml import load_yaml
 from slimship.compress.device import DEVICE_RE, DEVICE_RULE
-from slimship.errors import ConfigError, SlimshipError
+from slimship.errors import ConfigError, SlimshipError, first_line
 from slimship.exporters.registry import FORMATS as FORMAT_TABLE
 from slimship.pipeline.names import NAME_RE, NAME_RULE, VERSION_RE, VERSION_RULE
 from slimship.runtimes.registry import RUNTIMES
@@ -181,7 +181,7 @@ class PipelineConfig(Section):
         except Exception as exc:
             raise ConfigError(
                 f"'{section}.factory' {spec.factory} raised {type(exc).__name__} with {section}.kwargs "
-                f"{spec.kwargs}: {_first_line(exc)}; fix the factory or its kwargs"
+                f"{spec.kwargs}: {first_line(exc)}; fix the factory or its kwargs"
             ) from exc
 
     @property
@@ -563,14 +563,14 @@ def _trace_problems(model: Any, shape: list[int]) -> list[str]:
             ]
         return [
             f"'model.input_shape' is {shape}: one forward pass on a batch of shape {[1, *shape]} failed "
-            f"({type(exc).__name__}: {_first_line(exc)}); give the shape of one sample without the batch dim"
+            f"({type(exc).__name__}: {first_line(exc)}); give the shape of one sample without the batch dim"
         ]
     try:
         torch.export.export(model, (torch.randn(2, *shape),), strict=False)
     except Exception as exc:
         return [
             f"'model': torch.export cannot trace the model on a batch of shape {[2, *shape]} "
-            f"({type(exc).__name__}: {_first_line(exc)}); slimming needs a traceable forward"
+            f"({type(exc).__name__}: {first_line(exc)}); slimming needs a traceable forward"
         ]
     return []
 
@@ -587,11 +587,6 @@ def _runs(model: Any, shape: list[int]) -> bool:
     except Exception:
         return False
     return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "no message"
 
 
 def _check_device(config: PipelineConfig) -> list[str]:
@@ -635,7 +630,7 @@ def resolve(import_path: str, key: str, base_dir: str | Path | None = None) -> C
         raise ConfigError(f"'{key}': cannot import module {module_name!r}{where} ({exc})") from None
     except Exception as exc:  # the module itself failed while importing
         raise ConfigError(
-            f"'{key}': importing module {module_name!r} raised {type(exc).__name__}: {_first_line(exc)}"
+            f"'{key}': importing module {module_name!r} raised {type(exc).__name__}: {first_line(exc)}"
         ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimship.errors import SlimmingError
+from slimship.errors import SlimmingError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def trace(model: nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> 
             return Traced(gm=gm, example_inputs=inputs, dynamic_batch=dynamic)
         except Exception as exc:  # torch.export raises many exception types
             errors.append(exc)
-            log.info("export with dynamic_batch=%s failed: %s", dynamic, str(exc).splitlines()[0])
+            log.info("export with dynamic_batch=%s failed: %s", dynamic, first_line(exc))
     raise SlimmingError(
-        f"torch.export could not trace {type(model).__name__}: {str(errors[-1]).splitlines()[0]}. "
+        f"torch.export could not trace {type(model).__name__}: {first_line(errors[-1])}. "
         "Make the forward exportable (no data-dependent Python control flow) or pass an ExportedProgram."
     ) from errors[-1]

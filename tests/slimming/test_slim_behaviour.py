@@ -223,3 +223,24 @@ def test_slim_raises_when_the_rewrite_yields_nan(monkeypatch) -> None:
     zero_random_groups(model, x, fraction=0.5, seed=0)
     with pytest.raises(VerificationError, match=r"NaN at \d+ positions where the reference is a number"):
         slim(model, x)
+
+
+def test_a_forward_failing_without_a_message_is_named_not_an_index_error() -> None:
+    """An exception without a message (str(exc) == '') still gives a one-line SlimmingError."""
+    import pytest
+
+    from slimship.errors import SlimmingError
+    from slimship.slimming import slim
+
+    class Asserts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[1] != 3:
+                raise ValueError
+            return self.fc(x)
+
+    with pytest.raises(SlimmingError, match="could not trace Asserts: ValueError"):
+        slim(Asserts(), (torch.randn(2, 4),))
