@@ -520,6 +520,15 @@ def check_output_dir(path: Path, option: str) -> None:
         raise SlimshipError(f"{option} {path}: {blocker} is a file, not a folder; give a folder path")
 
 
+def _speaks_for_all() -> bool:
+    """True outside torchrun and on its rank 0 (the same rule as the rest of slimship: all three of
+    torchrun's variables make a rank, not RANK alone)."""
+    from slimship.compress.device import torchrun_env
+
+    env = torchrun_env()
+    return env is None or env.rank == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -532,11 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimship: gate failed: {exc}", file=sys.stderr)
         return 3
     except StoppedEarly as exc:
-        if os.environ.get("RANK", "0") == "0":  # every rank stops alike (rank 0's checkpoint)
+        if _speaks_for_all():  # every rank stops alike (rank 0's checkpoint)
             print(f"slimship: stopped: {exc}", file=sys.stderr)
         return STOPPED_EXIT
     except SlimshipError as exc:
-        if not exc.every_rank or os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all
+        if not exc.every_rank or _speaks_for_all():  # torchrun: rank 0 speaks for all
             print(f"slimship: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimship.errors import ConfigError, SlimshipError, on_every_rank
+from slimship.errors import ConfigError, SlimshipError
 
 log = logging.getLogger(__name__)
 
@@ -363,11 +363,9 @@ def check_train(train: Any, source: str = "data.factory") -> Any:
     reusable = rule.reusable if rule.reusable is not None else _has_len(train)
     if not reusable:
         what = "can be read only once" if rule.reusable is False else "has no len()"
-        raise on_every_rank(
-            ConfigError(
-                f"'{source}' returned train data of type {_described(train)} ({rule.kind}), which {what}; "
-                f"training makes several passes and needs the number of batches per epoch; {RETURN_INSTEAD}"
-            )
+        raise ConfigError(  # printed by every rank that has it: a factory may return other data per rank
+            f"'{source}' returned train data of type {_described(train)} ({rule.kind}), which {what}; "
+            f"training makes several passes and needs the number of batches per epoch; {RETURN_INSTEAD}"
         )
     return train
 
@@ -388,10 +386,8 @@ def shard_train(train: Any, rank: int, world: int, source: str = "data.factory",
         return train
     rule = data_rule(train)
     if rule.shard is None:
-        raise on_every_rank(
-            ConfigError(
-                f"'{source}' returned train data of type {_described(train)} ({rule.kind}), which "
-                f"{rule.why.format(world=world)}; {RETURN_INSTEAD}"
-            )
+        raise ConfigError(  # printed by every rank that has it: a factory may return other data per rank
+            f"'{source}' returned train data of type {_described(train)} ({rule.kind}), which "
+            f"{rule.why.format(world=world)}; {RETURN_INSTEAD}"
         )
     return rule.shard(train, rank, world, seed)

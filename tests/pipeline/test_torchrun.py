@@ -122,19 +122,18 @@ def test_unshardable_train_data_is_refused_before_training(tmp_path, fake_rank, 
     assert not (tmp_path / "p" / "out").exists()
 
 
-#: (data factory, rank) -> what that rank prints ("": nothing). A refusal every rank makes alike is printed
-#: once, by rank 0; an error of a rank's own is printed by that rank (rank 0 of the flaky job trains on)
+#: (data factory, rank) -> what that rank prints. A refusal of the train data is printed by every rank that
+#: makes it (a factory may return other data on another rank: rank 0 alone cannot speak for it); an error
+#: of a rank's own is printed by that rank (rank 0 of the flaky job trains on)
 RANK_ERRORS = {
     ("stream", 0): "'data.factory' returned train data of type generator",
-    ("stream", 1): "",
+    ("stream", 1): "'data.factory' returned train data of type generator",
     ("flaky", 1): "'data.factory' torchrun_flaky_1:flaky raised OSError with data.kwargs",
 }
 
 
 @pytest.mark.parametrize("case", RANK_ERRORS, ids=str)
-def test_an_error_every_rank_raises_is_printed_once_a_ranks_own_by_that_rank(
-    tmp_path, fake_rank, capsys, case
-) -> None:
+def test_a_data_error_is_printed_by_the_rank_that_has_it(tmp_path, fake_rank, capsys, case) -> None:
     factory, r = case
     module = f"torchrun_{factory}_{r}"
     config = _config(tmp_path / "p", module, "out")
@@ -211,3 +210,14 @@ def test_torchrun_two_processes_write_one_bundle_equal_to_one_process(tmp_path) 
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
     for name, value in expected.items():  # the same channels kept, the same weights up to rounding
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_rank_alone_does_not_make_a_torchrun_rank(tmp_path, monkeypatch, capsys) -> None:
+    """RANK without WORLD_SIZE and LOCAL_RANK is one process: its config error is printed."""
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: {factory: 'x:y', input_shape: [4]}\nunknown_key: 1\n")
+    assert main(["run", str(config)]) == 2
+    assert "slimship: error:" in capsys.readouterr().err
