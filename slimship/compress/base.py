@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimship._util import atomic_write_bytes
+from slimship.compress.checks import check_int
 from slimship.compress.device import (
     broadcast_module_from_rank0,
     broadcast_object_from_rank0,
@@ -325,6 +326,14 @@ class Training:
                 f"lr must be > 0 and momentum, weight_decay >= 0; got lr={self.lr}, "
                 f"momentum={self.momentum}, weight_decay={self.weight_decay}"
             )
+        check_int("epochs", self.epochs, 0)
+        if self.stop_after is not None:
+            check_int("stop_after", self.stop_after, 1)
+            if self.checkpoint is None:
+                raise CompressionError(
+                    f"stop_after={self.stop_after} ends the run early; give a checkpoint too, or the "
+                    "training done so far is lost (the next run starts afresh)"
+                )
 
     def run(
         self,

@@ -108,11 +108,26 @@ def test_training_options_are_flat_with_per_method_defaults() -> None:
     assert inspect.signature(METHODS["drop"]).parameters["lr"].default == Training().lr
 
 
-def test_training_options_reach_the_run() -> None:
+def test_training_options_reach_the_run(tmp_path) -> None:
     result = compress("hesso", tiny_model(), example(), tiny_data(), epochs=2, lr=0.02, target=0.5, periods=4)
     assert [h["epoch"] for h in result.history] == [1, 2] and result.info["completed"]
-    cut = compress("hesso", tiny_model(), example(), tiny_data(), epochs=3, stop_after=1, periods=4)
-    assert len(cut.history) == 1 and not cut.info["completed"]
+    ck = tmp_path / "ck.pt"
+    options = {"epochs": 3, "stop_after": 1, "periods": 4, "checkpoint": ck}
+    cut = compress("hesso", tiny_model(), example(), tiny_data(), **options)
+    assert len(cut.history) == 1 and not cut.info["completed"] and ck.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stop_after": 0, "checkpoint": "c.pt"}, "option 'stop_after' must be an int >= 1, got 0"),
+        ({"stop_after": -1, "checkpoint": "c.pt"}, "option 'stop_after' must be an int >= 1, got -1"),
+        ({"stop_after": 1}, "give a checkpoint too"),
+    ],
+)
+def test_stop_after_needs_a_positive_count_and_a_checkpoint(options, message) -> None:
+    with pytest.raises(CompressionError, match=message):
+        compress("hesso", tiny_model(), example(), tiny_data(), epochs=3, periods=4, **options)
 
 
 def test_bad_training_option_is_named() -> None:

@@ -218,6 +218,7 @@ def test_a_run_stopped_by_stop_after_releases_nothing_and_the_resumed_run_releas
         "epochs": 2,
         "warmup_epochs": 0,
         "pruning_epochs": 1,
+        "periods": 4,
         "checkpoint": str(checkpoint),
     }
     config = _project(
