@@ -8,9 +8,11 @@ what it must be instead of a Python error deep inside torch.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,15 +42,20 @@ def label(name: str) -> str:
 
 
 def is_number(value: Any) -> bool:
-    """A real int or float (a bool is not a number here)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A real number: Python's or numpy's ints and floats (a bool is not a number here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def is_int(value: Any) -> bool:
+    """An integer: Python's or numpy's (a bool is not an integer here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
 def check_int(name: str, value: Any, low: int = 0) -> int:
-    """`value` if it is an int (not a bool) >= `low`, else CompressionError naming the argument."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    """`value` as an int if it is an integer (not a bool) >= `low`, else CompressionError naming it."""
+    if not is_int(value) or value < low:
         raise CompressionError(f"{label(name)} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_number(

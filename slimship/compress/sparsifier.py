@@ -34,7 +34,7 @@ from slimship.compress.base import (
     maybe_accuracy,
     prunable_groups,
 )
-from slimship.compress.checks import check_choice, check_fraction, check_int, is_number
+from slimship.compress.checks import check_choice, check_fraction, check_int, is_int, is_number
 from slimship.compress.device import device_of, mean_across_ranks, unwrap
 from slimship.compress.views import GroupViews
 from slimship.errors import CompressionError
@@ -113,7 +113,7 @@ def space_fractions(
 #: the arguments every sparsifier takes: name -> (test, what it must be)
 ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": (lambda v: isinstance(v, nn.Module), "a torch.nn.Module (plain or DDP-wrapped)"),
-    "total_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int"),
+    "total_steps": (lambda v: is_int(v) and v >= 1, "a positive int"),
     "target": (is_number, "a number in [0, 1)"),
     "space_targets": (
         lambda v: v is None or (isinstance(v, dict) and all(is_number(f) for f in v.values())),
@@ -123,7 +123,7 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v is None or (isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)),
         "None or a list of space names",
     ),
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    "seed": (is_int, "an int"),
 }
 
 
@@ -204,7 +204,7 @@ class Sparsifier:
         )
         self.model = unwrap(model)
         self.device = device_of(self.model)
-        self.total_steps, self.seed = total_steps, int(seed)
+        self.total_steps, self.seed = int(total_steps), int(seed)
         self.target = check_fraction("target", target)
         found, by_space = prunable_groups(self.model, example_inputs, spaces)
         self.fractions = fractions = space_fractions(by_space, self.target, space_targets)

@@ -400,3 +400,20 @@ def test_arguments_of_the_wrong_type_are_named(change: dict, argument: str) -> N
 def test_method_options_of_the_wrong_type_are_named(name: str, option: str, value, message: str) -> None:
     with pytest.raises(CompressionError, match=re.escape(message)):
         sparsifier(name, tiny_model(), example(), total_steps=24, **{option: value})
+
+
+def test_numpy_numbers_are_numbers() -> None:
+    """np.int64 steps and periods, np.float32 targets (what a user computes with numpy) are accepted and
+    decide exactly as the Python numbers do; numpy bools are not numbers."""
+    import numpy as np
+
+    def build(**kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        return sparsifier("hesso", model, (torch.randn(2, 1, 8, 8),), **kw)
+
+    py = build(total_steps=16, target=0.5, periods=2, seed=1)
+    npy = build(total_steps=np.int64(16), target=np.float32(0.5), periods=np.int64(2), seed=np.int64(1))
+    assert npy.total_steps == py.total_steps and npy.quota == py.quota
+    with pytest.raises(CompressionError, match="total_steps must be a positive int"):
+        build(total_steps=np.bool_(True))
