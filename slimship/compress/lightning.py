@@ -19,6 +19,7 @@ Import this module only where Lightning is installed (``pip install lightning``)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -63,6 +64,20 @@ class SparsifierCallback(pl.Callback):
         if trainer.global_step != self._stepped_at:  # this batch ended with an optimizer step
             self._stepped_at = trainer.global_step
             self._built().after_step()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit that ended before the schedule (early stopping, max_time, an interrupt) has not reached its
+        targets: say so, with how far it got (a checkpoint resumes it)."""
+        sp = self.sparsifier
+        if sp is not None and sp.step < sp.total_steps and trainer.is_global_zero:
+            warnings.warn(
+                f"SparsifierCallback: fitting ended at optimizer step {sp.step} of the {sp.total_steps} the "
+                f"{self.name} schedule spans; its decisions are not finished (removable so far "
+                f"{sp.summary()['removable']:.3f} of target {sp.target}); resume from a checkpoint or "
+                "slim knowing the model is only partly sparsified",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return self.sparsifier.state_dict() if self.sparsifier is not None else {}

@@ -141,3 +141,20 @@ def test_endless_run_needs_total_steps(tmp_path: Path) -> None:
     callback = SparsifierCallback("hesso", example(), target=0.5)
     with pytest.raises(CompressionError, match="total_steps"):
         fit(tmp_path, callback, max_epochs=-1, max_steps=-1)
+
+
+def test_a_fit_that_ends_early_says_the_schedule_is_unfinished(tmp_path: Path) -> None:
+    """max_steps below the epochs' steps (like early stopping) ends the fit early: one RuntimeWarning."""
+    callback = SparsifierCallback("hesso", example(), total_steps=2 * BATCHES, **OPTIONS)
+    net = Net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks=[callback], max_epochs=2, max_steps=5).fit(net, loader())
+    ours = [w for w in caught if "SparsifierCallback" in str(w.message)]
+    assert len(ours) == 1 and "optimizer step 5 of the 16" in str(ours[0].message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole = SparsifierCallback("hesso", example(), **OPTIONS)
+        trainer(tmp_path, callbacks=[whole], max_epochs=2).fit(Net(), loader())
+    assert whole.sparsifier is not None and whole.sparsifier.step == 2 * BATCHES
+    assert not [w for w in caught if "SparsifierCallback" in str(w.message)]
