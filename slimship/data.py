@@ -298,6 +298,23 @@ def _own_sampler(value: Any) -> bool:
     return not plain
 
 
+def _distributed_sampler(value: Any) -> bool:
+    loader = isinstance(value, torch.utils.data.DataLoader)
+    return loader and isinstance(value.sampler, torch.utils.data.DistributedSampler)
+
+
+def _keep_distributed(loader: torch.utils.data.DataLoader, rank: int, world: int, seed: int) -> ShardedLoader:
+    """A DataLoader the user sharded with a DistributedSampler: kept as it is when it is set for this job."""
+    sampler = loader.sampler
+    if (sampler.num_replicas, sampler.rank) != (world, rank):
+        raise ConfigError(
+            f"'data.factory' returned a DataLoader whose DistributedSampler is set for rank {sampler.rank} "
+            f"of {sampler.num_replicas}, but this is rank {rank} of {world}; build it with the process "
+            "group's rank and world size, or return the DataLoader without a sampler and slimship shards it"
+        )
+    return ShardedLoader(loader, sampler)
+
+
 def _single_pass(value: Any) -> bool:
     """A generator or iterator: iterating it again gives nothing."""
     return isinstance(value, Iterator)
@@ -335,6 +352,7 @@ DATA_RULES: tuple[DataRule, ...] = (
     DataRule("a generator or iterator", _single_pass, None, False),
     DataRule("a DataLoader over an IterableDataset", _loader_over(_iterable_style), None, None),
     DataRule("a DataLoader with its own batch_sampler", _own_batch_sampler, None),
+    DataRule("a DataLoader with a DistributedSampler", _distributed_sampler, _keep_distributed),
     DataRule("a DataLoader with its own sampler", _own_sampler, None, why=OWN_SAMPLER),
     DataRule("a DataLoader over a map-style dataset or a list", _loader_over(_indexable), _shard_loader),
     DataRule("an IterableDataset", _iterable_style, None, None),
@@ -366,6 +384,10 @@ def check_train(train: Any, source: str = "data.factory") -> Any:
         raise ConfigError(  # printed by every rank that has it: a factory may return other data per rank
             f"'{source}' returned train data of type {_described(train)} ({rule.kind}), which {what}; "
             f"training makes several passes and needs the number of batches per epoch; {RETURN_INSTEAD}"
+        )
+    if reusable and _has_len(train) and len(train) == 0:
+        raise ConfigError(
+            f"'{source}' returned empty train data ({rule.kind} of 0 batches); training needs batches"
         )
     return train
 

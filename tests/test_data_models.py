@@ -330,3 +330,30 @@ def test_batches_shards_of_b_make_the_global_batches_of_one_process_with_2b() ->
         ranks[0].shard(0, 2)
     with pytest.raises(SlimshipError, match="rank 2 is not below world 2"):
         Batches(x, y, rank=2, world=2)
+
+
+def test_a_loader_the_user_sharded_is_kept_when_it_fits_this_rank() -> None:
+    """The standard DDP idiom, DataLoader(sampler=DistributedSampler(...)), is this rank's shard already."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    def loader(rank: int) -> DataLoader:
+        sampler = DistributedSampler(_tensor_dataset(), num_replicas=2, rank=rank, shuffle=True, seed=3)
+        return DataLoader(_tensor_dataset(), batch_size=2, sampler=sampler)
+
+    shards = [shard_train(loader(r), r, 2, "data.factory") for r in (0, 1)]
+    for epoch in (0, 1):
+        for s in shards:
+            s.set_epoch(epoch)
+        seen = [_labels(s) for s in shards]
+        assert len(seen[0]) == len(seen[1]) > 0
+        assert sorted(v for rank in seen for batch in rank for v in batch) == sorted(
+            int(y) for _, y in _tensor_dataset()
+        )  # the two shards together: the epoch once
+    with pytest.raises(ConfigError, match="DistributedSampler is set for rank 0 of 2, but this is rank 1"):
+        shard_train(loader(0), 1, 2, "data.factory")
+
+
+def test_empty_train_data_is_named() -> None:
+    for empty in ([], torch.utils.data.DataLoader(_tensor_dataset(0), batch_size=2)):
+        with pytest.raises(ConfigError, match=r"'data.factory' returned empty train data .* of 0 batches"):
+            check_train(empty, "data.factory")
