@@ -543,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedEarly as exc:
         if _speaks_for_all():  # every rank stops alike (rank 0's checkpoint)
             print(f"slimship: stopped: {exc}", file=sys.stderr)
+            _emit(args, {"stopped": str(exc), "exit_code": STOPPED_EXIT, "released": False})
         return STOPPED_EXIT
     except SlimshipError as exc:
         if not exc.every_rank or _speaks_for_all():  # torchrun: rank 0 speaks for all

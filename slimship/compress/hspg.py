@@ -134,10 +134,9 @@ class HSPG(Sparsifier):
     def on_step(self) -> None:
         taken = self.step
         if self.start <= taken < self.end and self.before:
-            self.project()
+            self.left = self.project()
             self.before = []
             self.holding = True
-            self.left = bool((self.redundant & ~self.zero).any())  # one host sync per projection step
         if taken == self.end - 1:
             left = self.redundant & ~self.zero
             self.forced = int(left.sum())
@@ -145,10 +144,10 @@ class HSPG(Sparsifier):
             if self.forced:
                 log.info("hspg: %d redundant groups projected to zero at the end of the stage", self.forced)
 
-    def project(self) -> None:
+    def project(self) -> bool:
         """One group-lasso step on the redundant groups, then the half-space test: a group leaves when its
         trial point's margin ``trial . prev - epsilon ||prev||^2``, averaged across ranks, is negative (or
-        its norm is zero), so every rank projects the same groups."""
+        its norm is zero), so every rank projects the same groups. True when a redundant group is left."""
         trials: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def margin(block) -> torch.Tensor:
@@ -166,7 +165,10 @@ class HSPG(Sparsifier):
         shrink = live & ~out
         for block, (x, trial) in zip(self.views, trials, strict=True):
             block.set_matrix(torch.where(shrink.index_select(0, block.rows)[:, None], trial, x))
-        self.zero |= out
+        projected, left = torch.stack([out.any(), shrink.any()]).tolist()  # one host sync per step
+        if projected:  # an unchanged mask keeps its version: the held-zero masks are not rebuilt
+            self.zero |= out
+        return left
 
     def decisions(self) -> dict[str, Any]:
         return {**super().decisions(), "redundant": self.redundant.nonzero().flatten().tolist()}

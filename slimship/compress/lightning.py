@@ -45,10 +45,12 @@ class SparsifierCallback(pl.Callback):
         self.sparsifier: Sparsifier | None = None
         self._pending: dict[str, Any] | None = None  # state restored before the sparsifier exists
         self._stepped_at = 0
+        self._pending_step = False  # after_backward ran, its optimizer step not yet seen
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.sparsifier is None:
-            steps = self.total_steps if self.total_steps is not None else _stepping_batches(trainer)
+            steps = self.total_steps if self.total_steps is not None else self._saved_steps()
+            steps = steps if steps is not None else _stepping_batches(trainer)
             self.sparsifier = sparsifier(
                 self.name, pl_module, self.example_inputs, total_steps=steps, **self.options
             )
@@ -56,13 +58,27 @@ class SparsifierCallback(pl.Callback):
             self.sparsifier.load_state_dict(self._pending)
             self._pending = None
         self._stepped_at = trainer.global_step
+        self._pending_step = False
+
+    def _saved_steps(self) -> int | None:
+        """A resumed fit keeps the schedule it was saved with (a longer max_epochs only holds the result)."""
+        saved = (self._pending or {}).get("config", {})
+        return int(saved["total_steps"]) if "total_steps" in saved else None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self._pending_step:
+            raise CompressionError(
+                "SparsifierCallback: a second optimizer step in one batch (several optimizers, or manual "
+                "optimization stepping twice); a sparsifier follows one optimizer step per batch: call "
+                "sp.after_backward() / sp.after_step() yourself around the step it should follow"
+            )
+        self._pending_step = True
         self._built().after_backward()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step != self._stepped_at:  # this batch ended with an optimizer step
             self._stepped_at = trainer.global_step
+            self._pending_step = False
             self._built().after_step()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -158,3 +158,24 @@ def test_a_fit_that_ends_early_says_the_schedule_is_unfinished(tmp_path: Path) -
         trainer(tmp_path, callbacks=[whole], max_epochs=2).fit(Net(), loader())
     assert whole.sparsifier is not None and whole.sparsifier.step == 2 * BATCHES
     assert not [w for w in caught if "SparsifierCallback" in str(w.message)]
+
+
+def test_a_longer_resumed_fit_keeps_the_saved_schedule(tmp_path: Path) -> None:
+    """Resuming with a larger max_epochs continues the checkpoint's schedule (the extra steps hold its
+    zeros) instead of refusing the saved state for a different total_steps."""
+    options = OPTIONS | {"warmup_steps": 2, "pruning_steps": 4}
+    first = SparsifierCallback("hesso", example(), **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer(tmp_path, max_epochs=1, callbacks=[first])
+        t.fit(Net(), loader())
+        t.save_checkpoint(tmp_path / "one.ckpt")
+    second = SparsifierCallback("hesso", example(), **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        longer = trainer(tmp_path, max_epochs=2, callbacks=[second])
+        longer.fit(Net(), loader(), ckpt_path=tmp_path / "one.ckpt")
+    assert second.sparsifier is not None and second.sparsifier.total_steps == BATCHES
+    assert second.sparsifier.step == 2 * BATCHES
+    assert second.sparsifier.decisions() == first.sparsifier.decisions()  # nothing new decided past the end
+    assert [w for w in caught if "total_steps" in str(w.message)]  # the steps past the end are said once

@@ -224,8 +224,11 @@ def test_a_run_stopped_by_stop_after_releases_nothing_and_the_resumed_run_releas
     config = _project(
         tmp_path, "myfactory_stop", compress={"method": "hesso", "options": {**options, "stop_after": 1}}
     )
-    assert main(["run", str(config)]) == STOPPED_EXIT
+    assert main(["run", str(config), "--json", str(tmp_path / "stopped.json")]) == STOPPED_EXIT
     err = capsys.readouterr().err
+    stopped = json.loads((tmp_path / "stopped.json").read_text())
+    assert stopped["exit_code"] == STOPPED_EXIT and not stopped["released"]
+    assert "stop_after=1" in stopped["stopped"]
     assert (
         "slimship: stopped: compress (hesso) stopped after epoch 1 of 2 (stop_after=1); nothing released; "
         "raise or remove compress.options.stop_after and run the same command again to resume from "
