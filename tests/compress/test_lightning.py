@@ -179,3 +179,29 @@ def test_a_longer_resumed_fit_keeps_the_saved_schedule(tmp_path: Path) -> None:
     assert second.sparsifier.step == 2 * BATCHES
     assert second.sparsifier.decisions() == first.sparsifier.decisions()  # nothing new decided past the end
     assert [w for w in caught if "total_steps" in str(w.message)]  # the steps past the end are said once
+
+
+class TwoOptimizers(Net):
+    """Manual optimization stepping two optimizers per batch (a sparsifier follows one step per batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, second = self.optimizers()
+        for optimizer in (first, second):
+            optimizer.zero_grad()
+            self.manual_backward(F.cross_entropy(self(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.parameters(), lr=0.01), torch.optim.SGD(self.parameters(), lr=0.01)]
+
+
+def test_two_optimizer_steps_in_one_batch_are_named(tmp_path: Path) -> None:
+    callback = SparsifierCallback("hesso", example(), total_steps=2 * BATCHES, **OPTIONS)
+    with warnings.catch_warnings(), pytest.raises(CompressionError, match="a second optimizer step in one"):
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, callbacks=[callback], max_epochs=1).fit(TwoOptimizers(), loader())
