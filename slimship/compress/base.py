@@ -675,6 +675,20 @@ def group_sparsity(model: nn.Module, groups: GroupSet | Sequence[ChannelGroup]) 
     return sum(mask) / max(len(mask), 1)
 
 
+def run_with_hooks(
+    model: nn.Module, inputs: tuple[Any, ...], hooks: dict[nn.Module, Callable[..., None]]
+) -> None:
+    """One no-grad forward of `model` on `inputs` with each forward hook of `hooks` (module -> hook)
+    registered for that pass only."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks.items()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def working_copy(model: nn.Module) -> nn.Module:
     """A deep copy to train, so the caller's model is left untouched."""
     return copy.deepcopy(model)

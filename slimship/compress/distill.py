@@ -445,17 +445,9 @@ def hakd(
 
     Exactly :func:`build_student` then a loop with :class:`DistillationLoss` (what a user loop does).
     """
-    check_student_options(
-        widths=widths,
-        speedup=speedup,
-        latency_budget_ms=latency_budget_ms,
-        min_flops_ratio=min_flops_ratio,
-        repeats=repeats,
-        student_init=student_init,
-    )
-    kd = DistillationLoss(copy.deepcopy(model), temperature=temperature, alpha=alpha)
     if train is None:
         raise CompressionError("hakd trains the student: pass training batches (train=...)")
+    kd = DistillationLoss(copy.deepcopy(model), temperature=temperature, alpha=alpha)
     student, choice = build_student(
         kd.teacher,
         example_inputs,

@@ -38,6 +38,7 @@ from slimship.compress.base import (
     CompressResult,
     maybe_accuracy,
     register,
+    run_with_hooks,
     train_loop,
     working_copy,
 )
@@ -349,13 +350,7 @@ def _layer_inputs(model: nn.Module, names: list[str], inputs: tuple[Any, ...]) -
 
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, inputs, {modules[n]: hook(n) for n in names})
     return seen
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimship.compress.base import run_with_hooks
 from slimship.slimming.api import ChannelGroup, count_flops
 
 KINDS = {nn.Conv1d: 1.0, nn.Conv2d: 1.0, nn.Conv3d: 1.0, nn.Linear: 0.0}
@@ -59,7 +60,6 @@ class FlopsModel:
 def layer_flops(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
     """FLOPs of every conv / linear module on `inputs` (2 per multiply-add), keyed by module name."""
     flops: dict[str, float] = {}
-    handles = []
 
     def hook(name: str, per_output: float):
         def fn(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
@@ -67,20 +67,13 @@ def layer_flops(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
 
         return fn
 
+    hooks = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            fn = hook(name, m.in_features)
+            hooks[m] = hook(name, m.in_features)
         elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
-            fn = hook(name, m.weight.shape[1] * math.prod(m.weight.shape[2:]))
-        else:
-            continue
-        handles.append(m.register_forward_hook(fn))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+            hooks[m] = hook(name, m.weight.shape[1] * math.prod(m.weight.shape[2:]))
+    run_with_hooks(model, inputs, hooks)
     return flops
 
 
