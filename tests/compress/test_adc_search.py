@@ -19,6 +19,7 @@ from torch import nn
 from slimship.compress.adc import DDPG, adc_search, apply_policy
 from slimship.errors import CompressionError
 from slimship.slimming.api import count_flops, slim
+from tests.compress.test_adc import tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[2]
 X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -26,19 +27,8 @@ FAST = DDPG(warmup_episodes=4, batch_size=16, updates_per_step=1, hidden=16)
 
 
 def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 12, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(12, 16),
-        nn.ReLU(),
-        nn.Linear(16, 10),
-    ).eval()
+    """test_adc's small CNN in eval mode (the search scores it as deployed)."""
+    return tiny_cnn().eval()
 
 
 def closeness(reference: nn.Module):
