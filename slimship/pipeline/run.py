@@ -774,7 +774,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
             label,
             f"{row['dense_p50_ms']:.3f} ms",
             f"{row['p50_ms']:.3f} ms",
-            f"{speedup_text(row['speedup'], row['speedup_p10'], row['speedup_p90'])} speedup",
+            f"speedup {speedup_text(row['speedup'], row['speedup_p10'], row['speedup_p90'])}",
         )
         if row.get("accuracy") is not None:
             table.add_row(f"top-1 {row['target']}/{row['format']}", "", f"{row['accuracy']:.2f}%", "")

@@ -61,7 +61,7 @@ def test_a_speedup_whose_pairs_disagree_is_called_unclear() -> None:
     assert "1.11x (0.80-1.40) unclear: the spread crosses 1.0" in line
     clear = {**row, "speedup": 1.8, "speedup_p10": 1.6, "speedup_p90": 2.0}
     line = next(x for x in _text(summary_table(summary | {"latency": [clear]})).splitlines() if "p50" in x)
-    assert "1.80x (1.60-2.00) speedup" in line and "unclear" not in line
+    assert "speedup 1.80x (1.60-2.00)" in line and "unclear" not in line
 
 
 class ReshapeOnly(torch.nn.Module):
