@@ -24,7 +24,9 @@ from typing import Any
 
 from slimship._yaml import load_yaml
 from slimship.errors import ConfigError, TransportError
-from slimship.runtimes.arm64_emu import RUNTIMES as EMULATED_RUNTIMES  # ExecuTorch is not provisioned there
+from slimship.runtimes.arm64_provision import (
+    RUNTIMES as EMULATED_RUNTIMES,  # ExecuTorch is not provisioned there
+)
 from slimship.runtimes.registry import RUNTIME_NAMES
 
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -13,15 +13,10 @@ import torch
 from torch import nn
 
 from slimship.errors import TargetError
-from slimship.runtimes import arm64_emu
-from slimship.runtimes.arm64_emu import (
-    RUNTIMES,
-    Arm64EmuTransport,
-    check_arm64_parity,
-    prepare_arm64,
-    run_device_runner_arm64,
-    run_python,
-)
+from slimship.runtimes import arm64_provision
+from slimship.runtimes.arm64_emu import Arm64EmuTransport, check_arm64_parity, run_device_runner_arm64
+from slimship.runtimes.arm64_env import Arm64Env, run_python
+from slimship.runtimes.arm64_provision import RUNTIMES, prepare_arm64
 
 
 def _closed_loopback_port() -> int:
@@ -54,7 +49,7 @@ def test_unreachable_pypi_names_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyP
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
     with pytest.raises(TargetError, match=r"from PyPI.*Check that PyPI"):
-        arm64_emu._pip_download(["tflite-runtime==2.14.0"], tmp_path / "wheels", "tflite_runtime")
+        arm64_provision._pip_download(["tflite-runtime==2.14.0"], tmp_path / "wheels", "tflite_runtime")
 
 
 def test_cache_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
@@ -71,7 +66,7 @@ def test_unknown_runtime_is_refused(tmp_path: Path) -> None:
 
 
 def test_runtime_not_prepared_is_refused(tmp_path: Path) -> None:
-    env = arm64_emu.Arm64Env(tmp_path, tmp_path / "qemu-aarch64", tmp_path / "sysroot", {}, {})
+    env = Arm64Env(tmp_path, tmp_path / "qemu-aarch64", tmp_path / "sysroot", {}, {})
     with pytest.raises(TargetError, match=r"'onnxruntime' was not prepared.*prepare_arm64"):
         run_python(env, "onnxruntime", ["-c", "pass"])
 
@@ -83,7 +78,7 @@ def test_wheel_with_escaping_path_is_refused(tmp_path: Path) -> None:
         archive.writestr("../outside.py", "x = 1")
     site = tmp_path / "site"
     with pytest.raises(TargetError, match="unsafe path"):
-        arm64_emu._unpack_wheel(wheel, site)
+        arm64_provision._unpack_wheel(wheel, site)
     assert not (tmp_path / "outside.py").exists()
 
 
@@ -94,7 +89,7 @@ def test_wheel_data_purelib_lands_in_site_root(tmp_path: Path) -> None:
         archive.writestr("pkg-1.0.data/purelib/extra_mod.py", "B = 2\n")
         archive.writestr("pkg-1.0.data/scripts/tool", "#!/bin/sh\n")
     site = tmp_path / "site"
-    arm64_emu._unpack_wheel(wheel, site)
+    arm64_provision._unpack_wheel(wheel, site)
     assert (site / "pkg" / "__init__.py").read_text() == "A = 1\n"
     assert (site / "extra_mod.py").read_text() == "B = 2\n"
     assert not (site / "tool").exists() and not (site / "pkg-1.0.data").exists()
@@ -121,7 +116,7 @@ class TinyCNN(nn.Module):
 
 
 @pytest.fixture(scope="session")
-def arm64_env() -> arm64_emu.Arm64Env:
+def arm64_env() -> Arm64Env:
     """Prepared once per session into the default cache and reused by later sessions."""
     return prepare_arm64(runtimes=RUNTIMES, progress=False)
 
@@ -157,9 +152,7 @@ def _model_for(runtime: str, models: dict[str, object]) -> Path:
 
 
 @pytest.mark.slow
-def test_emulated_python_is_aarch64_through_the_transport(
-    arm64_env: arm64_emu.Arm64Env, tmp_path: Path
-) -> None:
+def test_emulated_python_is_aarch64_through_the_transport(arm64_env: Arm64Env, tmp_path: Path) -> None:
     script = tmp_path / "probe.py"
     script.write_text(
         "import json, platform, numpy\n"
@@ -185,9 +178,7 @@ def test_emulated_python_is_aarch64_through_the_transport(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_arm64_parity_with_pytorch(
-    arm64_env: arm64_emu.Arm64Env, tiny_models: dict[str, object], runtime: str
-) -> None:
+def test_arm64_parity_with_pytorch(arm64_env: Arm64Env, tiny_models: dict[str, object], runtime: str) -> None:
     parity = check_arm64_parity(
         _model_for(runtime, tiny_models),
         [tiny_models["x"]],  # type: ignore[list-item]
@@ -203,7 +194,7 @@ def test_arm64_parity_with_pytorch(
 
 @pytest.mark.slow
 def test_runner_result_keeps_emulated_timings_apart(
-    arm64_env: arm64_emu.Arm64Env, tiny_models: dict[str, object], tmp_path: Path
+    arm64_env: Arm64Env, tiny_models: dict[str, object], tmp_path: Path
 ) -> None:
     np.savez(tmp_path / "inputs.npz", in0=tiny_models["x"])
     out_json = tmp_path / "result.json"
@@ -228,7 +219,7 @@ def test_runner_result_keeps_emulated_timings_apart(
 
 @pytest.mark.slow
 def test_runner_error_is_raised_with_its_text(
-    arm64_env: arm64_emu.Arm64Env, tiny_models: dict[str, object], tmp_path: Path
+    arm64_env: Arm64Env, tiny_models: dict[str, object], tmp_path: Path
 ) -> None:
     np.savez(tmp_path / "inputs.npz", in0=tiny_models["x"])
     with pytest.raises(TargetError, match="runtime 'litert' cannot run ONNX files"):
