@@ -34,6 +34,7 @@ first run added, measured after its runtime was imported (null where it cannot b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -42,8 +43,6 @@ import time
 from typing import Any
 
 import numpy as np
-
-RUNTIMES = ("onnxruntime", "litert", "tflite_runtime", "executorch")
 
 
 class RunnerLoadError(RuntimeError):
@@ -84,8 +83,13 @@ class OrtRunner:
     """onnxruntime CPU session."""
 
     backend = "onnxruntime"
+    files = "ONNX files"
 
-    def __init__(self, path: str, threads: int | None = None) -> None:
+    @staticmethod
+    def preload(runtime: str) -> None:
+        import onnxruntime  # noqa: F401
+
+    def __init__(self, path: str, threads: int | None = None, runtime: str = "auto", xnnpack: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -113,6 +117,12 @@ class OrtRunner:
 
 class TFLiteRunner:
     """LiteRT interpreter (ai_edge_litert), else tflite_runtime."""
+
+    files = "TFLite files"
+
+    @staticmethod
+    def preload(runtime: str) -> None:
+        _tflite_interpreter_class(runtime)
 
     def __init__(
         self, path: str, threads: int | None = None, runtime: str = "auto", xnnpack: bool = True
@@ -159,8 +169,15 @@ class ExecuTorchRunner:
     """ExecuTorch program (.pte) through `executorch.runtime`; XNNPACK-delegated parts run on XNNPACK."""
 
     backend = "executorch"
+    files = "ExecuTorch programs"
 
-    def __init__(self, path: str, threads: int | None = None) -> None:
+    @staticmethod
+    def preload(runtime: str) -> None:
+        from executorch.runtime import Runtime
+
+        Runtime.get()
+
+    def __init__(self, path: str, threads: int | None = None, runtime: str = "auto", xnnpack: bool = True):
         try:
             import torch
             from executorch.runtime import Runtime
@@ -207,25 +224,37 @@ def _dequantize(value: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return value.copy()
 
 
+# The runtimes this script runs, by name: the file suffixes each opens and its runner class (constructed as
+# `cls(path, threads, runtime, xnnpack)`). This copy keeps the script self-contained on a device;
+# `slimship.runtimes.registry.RUNTIMES` holds the same names and suffixes, and a test ties the two.
+RUNNERS: dict[str, tuple[tuple[str, ...], type]] = {
+    "onnxruntime": ((".onnx",), OrtRunner),
+    "litert": ((".tflite",), TFLiteRunner),
+    "tflite_runtime": ((".tflite",), TFLiteRunner),
+    "executorch": ((".pte",), ExecuTorchRunner),
+}
+RUNTIMES = tuple(RUNNERS)
+SUFFIXES = tuple(dict.fromkeys(suffix for suffixes, _ in RUNNERS.values() for suffix in suffixes))
+
+
+def runtimes_for(path: str) -> list[str]:
+    """The runtimes that open `path` (by its suffix), in table order."""
+    return [name for name, (suffixes, _) in RUNNERS.items() if path.lower().endswith(suffixes)]
+
+
 def open_runner(
     path: str, runtime: str = "auto", threads: int | None = None, xnnpack: bool = True
 ) -> OrtRunner | TFLiteRunner | ExecuTorchRunner:
-    """Open a runner for an .onnx, .tflite or .pte file (`xnnpack` applies to TFLite only)."""
+    """Open a runner for a model file: `auto` picks by suffix (`xnnpack` applies to TFLite only)."""
     if not os.path.isfile(path):
         raise RunnerLoadError(f"{path}: no such model file")
-    if path.endswith(".onnx"):
-        if runtime not in ("auto", "onnxruntime"):
-            raise RunnerLoadError(f"{path}: runtime {runtime!r} cannot run ONNX files")
-        return OrtRunner(path, threads)
-    if path.endswith(".tflite"):
-        if runtime in ("onnxruntime", "executorch"):
-            raise RunnerLoadError(f"{path}: {runtime} cannot run TFLite files")
-        return TFLiteRunner(path, threads, runtime, xnnpack)
-    if path.endswith(".pte"):
-        if runtime not in ("auto", "executorch"):
-            raise RunnerLoadError(f"{path}: runtime {runtime!r} cannot run ExecuTorch programs")
-        return ExecuTorchRunner(path, threads)
-    raise RunnerLoadError(f"{path}: unknown model format (expected .onnx, .tflite or .pte)")
+    names = runtimes_for(path)
+    if not names:
+        raise RunnerLoadError(f"{path}: unknown model format (expected {', '.join(SUFFIXES)})")
+    if runtime not in (*names, "auto"):
+        raise RunnerLoadError(f"{path}: runtime {runtime!r} cannot run {RUNNERS[names[0]][1].files}")
+    runner_class = RUNNERS[names[0] if runtime == "auto" else runtime][1]
+    return runner_class(path, threads, runtime, xnnpack)
 
 
 def load_inputs(path: str) -> list[np.ndarray]:
@@ -273,17 +302,10 @@ def _current_rss_kb() -> int | None:
 
 def _preload_runtime(path: str, runtime: str) -> None:
     """Import the runtime a model file needs, so the RSS measured around its load is the model's own."""
-    try:
-        if path.endswith(".onnx"):
-            import onnxruntime  # noqa: F401
-        elif path.endswith(".tflite"):
-            _tflite_interpreter_class(runtime)
-        elif path.endswith(".pte"):
-            from executorch.runtime import Runtime
-
-            Runtime.get()
-    except Exception:  # open_runner reports a missing runtime with its own message
-        pass
+    names = runtimes_for(path)
+    if names:
+        with contextlib.suppress(Exception):  # open_runner reports a missing runtime with its own message
+            RUNNERS[names[0]][1].preload(runtime)
 
 
 def _time_interleaved(runners: list[Any], inputs: list[np.ndarray], runs: int) -> list[list[float]]:
