@@ -251,7 +251,7 @@ def _calibration(args: argparse.Namespace, example: tuple[Any, ...]) -> tuple[li
     """
     import torch
 
-    from slimship.exporters._common import TensorSpec, random_like
+    from slimship.exporters.common import TensorSpec, random_like
     from slimship.exporters.registry import get_format
     from slimship.inputs import load_calibration
 

@@ -56,7 +56,7 @@ from slimship._util import current_umask, dump_json, file_in_the_way, new_file_m
 from slimship._version import __version__
 from slimship.compare import REL_BOUNDS, compare, finite_scale
 from slimship.errors import ReleaseError
-from slimship.exporters._common import eval_mode
+from slimship.exporters.common import eval_mode
 from slimship.exporters.registry import FAMILY_BY_SUFFIX
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.model_card import render_model_card
