@@ -251,7 +251,7 @@ def _calibration(args: argparse.Namespace, example: tuple[Any, ...]) -> tuple[li
     """
     import torch
 
-    from slimship.exporters._common import TensorSpec, random_like
+    from slimship.exporters.common import TensorSpec, random_like
     from slimship.exporters.registry import get_format
     from slimship.inputs import load_calibration
 
@@ -426,9 +426,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_release(args: argparse.Namespace) -> int:
     """Bundle a slim model with fresh exports (no bench figures)."""
     from slimship._util import sha256_file
+    from slimship.pipeline.bench import gate_release
     from slimship.pipeline.config import gates_from_options
     from slimship.pipeline.release import ReleaseInputs, check_new_version, write_release
-    from slimship.pipeline.run import gate_release
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options(_gate_overrides(args))  # checked before any export

@@ -20,7 +20,7 @@ import numpy as np
 from slimship.errors import ConfigError, ModelFileError
 
 if TYPE_CHECKING:
-    from slimship.exporters._common import TensorSpec
+    from slimship.exporters.common import TensorSpec
 
 _KEY = re.compile(r"^in(0|[1-9][0-9]*)$")
 _NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
@@ -101,7 +101,7 @@ def _spec_problem(value: np.ndarray, spec: TensorSpec) -> str | None:
 
 def model_input_specs(path: str | Path) -> list[TensorSpec]:
     """The input specs of an .onnx, .tflite, .pte or .pt2 file, read here; ModelFileError if unreadable."""
-    from slimship.exporters._common import check_model_file
+    from slimship.exporters.common import check_model_file
 
     p = Path(path)
     check_model_file(p)
@@ -116,7 +116,7 @@ def model_input_specs(path: str | Path) -> list[TensorSpec]:
     if p.suffix == ".pte":
         return pte_input_specs(p)
     if p.suffix == ".pt2":
-        from slimship.exporters._common import TensorSpec
+        from slimship.exporters.common import TensorSpec
         from slimship.loading import load_program
 
         return [TensorSpec(i.name, list(i.shape), str(i.dtype).removeprefix("torch."))
@@ -132,7 +132,7 @@ _PTE_DTYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "fl
 def pte_input_specs(path: Path) -> list[TensorSpec]:
     """Inputs of a .pte's forward method. Its sizes are the memory-planned upper bounds, so a first dim
     above 1 is reported as a dynamic batch (`batch<=N`)."""
-    from slimship.exporters._common import TensorSpec, open_model_runner
+    from slimship.exporters.common import TensorSpec, open_model_runner
 
     method = open_model_runner(path, runtime="executorch").method
     meta = method.metadata

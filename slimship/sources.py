@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from slimship.errors import ConfigError, ModelFileError, first_line
-from slimship.exporters._common import TensorSpec
+from slimship.exporters.common import TensorSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 

@@ -112,7 +112,7 @@ def test_exporters_check_with_the_bounds_verify_uses():
 
 
 def test_top1_agreement_counts_a_nan_row_as_disagreeing():
-    from slimship.exporters._common import top1_agreement
+    from slimship.exporters.common import top1_agreement
 
     ref = [[np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])]]
     nan_row = [[np.array([[0.1, 0.9, 0.0], [NAN, NAN, NAN]])]]  # argmax alone would say class 0: agree
@@ -143,7 +143,7 @@ def test_slim_verification_is_relative_to_small_outputs() -> None:
 def test_quantised_bounds_are_relative_to_small_outputs() -> None:
     """An int8 file off by more than its whole output range fails, even when that range is 3.3e-5."""
     from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
-    from slimship.exporters._common import compare_outputs
+    from slimship.exporters.common import compare_outputs
 
     reference = [[np.linspace(-1.6e-5, 1.7e-5, 10, dtype=np.float32)]]
     broken = [[reference[0][0] + 3.9e-5]]

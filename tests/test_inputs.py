@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from slimship.errors import ConfigError
-from slimship.exporters._common import TensorSpec
+from slimship.exporters.common import TensorSpec
 from slimship.inputs import check_inputs, load_npz_inputs
 
 

@@ -1,6 +1,6 @@
 """slimship.exporters: ONNX (with surgery passes) and TFLite/LiteRT variants, each checked against PyTorch."""
 
-from slimship.exporters._common import ParityReport, TensorSpec
+from slimship.exporters.common import ParityReport, TensorSpec
 from slimship.exporters.onnx_export import OnnxExport, export_onnx, load_onnx, onnx_parity
 from slimship.exporters.onnx_passes import Pass, SurgeryReport, default_passes, run_surgery
 from slimship.exporters.tflite_compat import CompatReport, InterpreterResult, read_ops, tflite_compatibility

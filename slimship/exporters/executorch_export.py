@@ -26,7 +26,7 @@ import torch
 from slimship._util import atomic_write_bytes
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
 from slimship.errors import ExportError, VerificationError, first_line
-from slimship.exporters._common import (
+from slimship.exporters.common import (
     ParityReport,
     Timings,
     as_input_tuple,

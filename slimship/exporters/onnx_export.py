@@ -18,7 +18,7 @@ from slimship._util import atomic_write_bytes
 from slimship._version import __version__
 from slimship.compare import REL_BOUNDS
 from slimship.errors import ExportError, ModelFileError, VerificationError, first_line
-from slimship.exporters._common import (
+from slimship.exporters.common import (
     ParityReport,
     TensorSpec,
     Timings,

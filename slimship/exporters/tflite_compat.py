@@ -17,7 +17,7 @@ import numpy as np
 
 from slimship.compare import REL_BOUNDS
 from slimship.errors import ModelFileError, SlimshipError
-from slimship.exporters._common import (
+from slimship.exporters.common import (
     ParityReport,
     TensorSpec,
     check_model_file,

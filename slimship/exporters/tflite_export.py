@@ -33,7 +33,7 @@ import torch
 from slimship._util import atomic_write_bytes
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
 from slimship.errors import ExportError, VerificationError
-from slimship.exporters._common import (
+from slimship.exporters.common import (
     ParityReport,
     TensorSpec,
     Timings,

@@ -14,13 +14,10 @@ import collections.abc
 import contextlib
 import copy
 import functools
-import importlib
 import inspect
-import os
-import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -31,6 +28,8 @@ from slimship._yaml import load_yaml
 from slimship.compress.device import DEVICE_RE, DEVICE_RULE
 from slimship.errors import ConfigError, SlimshipError, first_line
 from slimship.exporters.registry import FORMATS as FORMAT_TABLE
+from slimship.pipeline.config_checks import READINESS_CHECKS
+from slimship.pipeline.factories import resolve
 from slimship.pipeline.names import NAME_RE, NAME_RULE, VERSION_RE, VERSION_RULE
 from slimship.runtimes.registry import RUNTIMES
 
@@ -192,6 +191,10 @@ class PipelineConfig(Section):
     def target_profiles(self) -> list[Any]:
         """The `targets` as resolved Target records (built-in or from `targets_file`), in order."""
         return [self._profiles[name] for name in self.targets]
+
+    def resolve_targets(self, table: dict[str, Any]) -> None:
+        """Record the Target of every name in `targets` (from `table`; set once, at validation)."""
+        self._profiles = {name: table[name] for name in self.targets}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (for the manifest)."""
@@ -420,253 +423,8 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_targets(config: PipelineConfig) -> list[str]:
-    """Every target exists (built-in or in `targets_file`); `channel_multiple: auto` has a real first one."""
-    from slimship.runtimes.targets import BUILTIN_TARGETS, load_targets
-
-    try:
-        extra = load_targets(config.targets_file) if config.targets_file else {}
-    except ConfigError as exc:
-        return [f"'targets_file': {exc}"]
-    table = {**BUILTIN_TARGETS, **extra}
-    doubled = sorted({t for t in config.targets if config.targets.count(t) > 1})
-    if doubled:
-        twice = ", ".join(map(repr, doubled))
-        return [f"'targets' is {config.targets!r}; {twice} appears twice; name each once"]
-    unknown = [t for t in config.targets if t not in table]
-    if unknown:
-        names = ", ".join(map(repr, unknown))
-        return [f"'targets' is {config.targets!r}; unknown {names}; known: {', '.join(sorted(table))}"]
-    config._profiles = {name: table[name] for name in config.targets}
-    return _check_alignment(config)
-
-
-def _check_alignment(config: PipelineConfig) -> list[str]:
-    if config.slim.channel_multiple != "auto":
-        return []
-    if not config.targets:
-        return ["'slim.channel_multiple' is 'auto' but 'targets' is empty; name one"]
-    first = config.target_profiles()[0]
-    if first.emulated:
-        return [
-            f"'slim.channel_multiple' is 'auto' but the first target {first.name!r} is emulated "
-            "(its timings are not a device's); put a real target first or give the multiple as a number"
-        ]
-    return []
-
-
-def _check_kwargs(config: PipelineConfig) -> list[str]:
-    """The factories import and take the kwargs given (a wrong key is named before any work)."""
-    specs = [("model", config.model)] + ([("data", config.data)] if config.data else [])
-    problems = []
-    for section, spec in specs:
-        try:
-            fn = config.factory(section)
-        except ConfigError as exc:
-            problems.append(str(exc))
-            continue
-        problems += signature_problems(fn, spec.kwargs, f"{section}.kwargs", spec.factory)
-    return problems
-
-
-def signature_problems(fn: Callable[..., Any], kwargs: dict[str, Any], key: str, name: str) -> list[str]:
-    """What is wrong with calling `fn(**kwargs)`: unknown keys, missing required arguments."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return []
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = []
-    else:
-        takes = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        unknown = [k for k in kwargs if k not in takes]
-        if unknown:
-            allowed = ", ".join(sorted(takes)) or "no keyword arguments"
-            return [f"unknown key '{key}.{k}'; {name} takes: {allowed}" for k in unknown]
-    missing = [
-        n for n, p in params.items()
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs
-    ]  # fmt: skip
-    return [f"missing required key '{key}.{n}' ({name} has no default for it)" for n in missing]
-
-
-def _check_out(config: PipelineConfig) -> list[str]:
-    """`release.out` is a directory (or can be created) and is writable; nothing is created here."""
-    if "\x00" in config.release.out or any(ord(c) < 32 for c in config.release.out):
-        return [f"'release.out' is {config.release.out!r}; a path may not hold control characters"]
-    out = Path(config.release.out)
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        what = "is a file" if probe == out else f"cannot be created: {probe} is a file"
-        return [f"'release.out' is {config.release.out!r}; it {what}; expected a directory"]
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return [
-            f"'release.out' is {config.release.out!r}; {probe} is not writable; choose a writable directory"
-        ]
-    return []
-
-
-def _check_latency_gate(config: PipelineConfig) -> list[str]:
-    limit = config.gates.max_latency_ms
-    if not isinstance(limit, dict):
-        return []
-    return [
-        f"'gates.max_latency_ms.{name}' names no configured target; targets: {', '.join(config.targets)}"
-        for name in limit
-        if name not in config.targets
-    ]
-
-
-def _check_input_shape(config: PipelineConfig) -> list[str]:
-    """One trace before any training: build the model, run one forward on a batch of 1 and export it once.
-
-    Skipped when the factory or its kwargs are already reported. An input_shape that only works with its
-    first entry taken as the batch is named as such."""
-    try:
-        build = config.factory("model")
-    except ConfigError:
-        return []
-    if signature_problems(build, config.model.kwargs, "model.kwargs", config.model.factory):
-        return []
-    import torch
-
-    shape = list(config.model.input_shape)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        try:
-            model = build(**config.model.kwargs)
-        except Exception as exc:  # the user's code: any failure is a config problem to report
-            return [
-                f"'model.factory' {config.model.factory} raised {type(exc).__name__} with model.kwargs: {exc}"
-            ]
-        if not isinstance(model, torch.nn.Module):
-            return [
-                f"'model.factory' {config.model.factory} returned {type(model).__name__}, not an nn.Module"
-            ]
-        model.eval()
-        return _trace_problems(model, shape)
-
-
-def _trace_problems(model: Any, shape: list[int]) -> list[str]:
-    import torch
-
-    try:
-        with torch.no_grad():
-            model(torch.randn(1, *shape))
-    except Exception as exc:
-        if _runs(model, shape):
-            return [
-                f"'model.input_shape': {shape} looks like it includes the batch dim; give the shape without "
-                f"it, e.g. {shape[1:]}"
-            ]
-        return [
-            f"'model.input_shape' is {shape}: one forward pass on a batch of shape {[1, *shape]} failed "
-            f"({type(exc).__name__}: {first_line(exc)}); give the shape of one sample without the batch dim"
-        ]
-    try:
-        torch.export.export(model, (torch.randn(2, *shape),), strict=False)
-    except Exception as exc:
-        return [
-            f"'model': torch.export cannot trace the model on a batch of shape {[2, *shape]} "
-            f"({type(exc).__name__}: {first_line(exc)}); slimming needs a traceable forward"
-        ]
-    return []
-
-
-def _runs(model: Any, shape: list[int]) -> bool:
-    """Whether the model runs on `shape` taken as a whole batch."""
-    import torch
-
-    if len(shape) < 2:
-        return False
-    try:
-        with torch.no_grad():
-            model(torch.randn(*shape))
-    except Exception:
-        return False
-    return True
-
-
-def _check_device(config: PipelineConfig) -> list[str]:
-    """`train.device` names a device this machine has (cuda asked on a machine without it is refused)."""
-    from slimship.compress.device import device_problem
-
-    problem = device_problem(config.device)
-    if problem is None:
-        return []
-    return [f"'train.device' is {config.device!r}; {problem}; use auto or an available device"]
-
-
-READINESS_CHECKS: tuple[Callable[[PipelineConfig], list[str]], ...] = (
-    _check_device,
-    _check_targets,
-    _check_kwargs,
-    _check_input_shape,
-    _check_out,
-    _check_latency_gate,
-)
-
-
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Read (bounded YAML) and validate a config file; `overrides` (e.g. from the CLI) win.
 
     Factory modules are looked for beside the config file as well as among the installed packages."""
     return validate(load_yaml(path, "config file"), str(path), overrides, base_dir=Path(path).parent)
-
-
-def resolve(import_path: str, key: str, base_dir: str | Path | None = None) -> Callable[..., Any]:
-    """Import 'package.module:function'; ConfigError names the config key on failure.
-
-    With `base_dir` (the config file's folder), a module or package found there (`myfactory.py` or
-    `mypkg/`) is imported from there, whatever the current folder; anything else from the installed
-    packages. `sys.path` is changed only for the duration of that import."""
-    module_name, _, attr = import_path.partition(":")
-    try:
-        module = _import(module_name, Path(base_dir) if base_dir is not None else None)
-    except ImportError as exc:
-        where = f" (looked in {base_dir} and the installed packages)" if base_dir is not None else ""
-        raise ConfigError(f"'{key}': cannot import module {module_name!r}{where} ({exc})") from None
-    except Exception as exc:  # the module itself failed while importing
-        raise ConfigError(
-            f"'{key}': importing module {module_name!r} raised {type(exc).__name__}: {first_line(exc)}"
-        ) from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"'{key}': module {module_name!r} has no callable {attr!r}")
-    return fn
-
-
-def _import(module_name: str, base_dir: Path | None) -> types.ModuleType:
-    top = module_name.split(".", 1)[0]
-    if base_dir is None or not ((base_dir / f"{top}.py").is_file() or (base_dir / top).is_dir()):
-        return importlib.import_module(module_name)
-    _forget_if_elsewhere(top, base_dir)
-    with _on_sys_path(base_dir):
-        return importlib.import_module(module_name)
-
-
-def _forget_if_elsewhere(top: str, base_dir: Path) -> None:
-    """Drop a cached module `top` (and its submodules) imported from another folder than `base_dir`, so the
-    one beside this config is imported (two configs in two folders may both have a `myfactory.py`)."""
-    cached = sys.modules.get(top)
-    where = getattr(cached, "__file__", None)
-    if top == "slimship" or top in sys.stdlib_module_names:
-        return
-    if cached is None or where is None or Path(where).resolve().is_relative_to(base_dir.resolve()):
-        return
-    for name in [n for n in sys.modules if n == top or n.startswith(f"{top}.")]:
-        del sys.modules[name]
-
-
-@contextlib.contextmanager
-def _on_sys_path(folder: Path) -> Iterator[None]:
-    """`folder` first on sys.path for the duration of the block only."""
-    entry = str(folder.resolve())
-    sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(entry)

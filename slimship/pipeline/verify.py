@@ -36,7 +36,7 @@ from slimship._util import sha256_file
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, Comparison, compare
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
-from slimship.pipeline.release import RUNNABLE_FORMATS, flatten_outputs, format_of
+from slimship.pipeline.bundle_files import RUNNABLE_FORMATS, flatten_outputs, format_of
 
 log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 16 << 20

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimship.errors import ExportError, ModelFileError
-from slimship.exporters._common import open_model_runner
+from slimship.exporters.common import open_model_runner
 from slimship.exporters.executorch_export import executorch_available, executorch_parity, export_executorch
 from slimship.exporters.registry import FORMATS, ExportRequest, family_of, get_format
 from slimship.runtimes.registry import RUNTIMES, runtimes_for_suffix

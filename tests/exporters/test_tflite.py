@@ -72,7 +72,7 @@ def test_nhwc_inputs(exports, cnn, cnn_input):
     nchw, nhwc = exports[("fp32", False)], exports[("fp32", True)]
     assert nhwc.nhwc and nhwc.inputs[0].shape == [2, 16, 16, 3]
     assert nhwc.ops.get("TRANSPOSE", 0) < nchw.ops.get("TRANSPOSE", 0)
-    from slimship.exporters._common import open_model_runner
+    from slimship.exporters.common import open_model_runner
 
     (out,) = open_model_runner(nhwc.path).run([cnn_input[0].permute(0, 2, 3, 1).contiguous().numpy()])
     ref = cnn(*cnn_input).detach().numpy()

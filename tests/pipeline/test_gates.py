@@ -144,8 +144,8 @@ def test_release_command_failing_gate_exits_3_and_publishes_nothing(tmp_path, ca
 
 def test_release_gates_measure_quantised_agreement(tmp_path) -> None:
     from slimship.exporters import export_tflite
+    from slimship.pipeline.bench import gate_release
     from slimship.pipeline.config import gates_from_options
-    from slimship.pipeline.run import gate_release
 
     model, x = _mlp()
     tfl = export_tflite(model, (x[:1],), tmp_path / "m-int8-dynamic.tflite", variant="int8-dynamic")
@@ -165,7 +165,7 @@ def test_release_agreement_uses_the_users_samples(tmp_path, monkeypatch) -> None
 
     import numpy as np
 
-    from slimship.pipeline import run as run_module
+    from slimship.pipeline import bench as bench_module
     from slimship.pipeline.config import gates_from_options
 
     model, _ = _mlp()
@@ -179,13 +179,13 @@ def test_release_agreement_uses_the_users_samples(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(importlib.import_module("slimship.runtimes.measure"), "measure", fake_measure)
     files, gates = {"tflite-int8": tmp_path / "m.tflite"}, gates_from_options({})
     with pytest.raises(SystemExit):
-        run_module.gate_release(model, (x[:1],), files, gates, samples=[(x[:40],), (x[40:],)])
+        bench_module.gate_release(model, (x[:1],), files, gates, samples=[(x[:40],), (x[40:],)])
     rows = [inputs[0] for inputs, _ in seen[-1]]
-    assert len(rows) == run_module.RELEASE_EVAL_SAMPLES < len(x)
+    assert len(rows) == bench_module.RELEASE_EVAL_SAMPLES < len(x)
     assert all(r.shape == (1, 1, 8, 8) for r in rows)
     assert np.array_equal(np.concatenate(rows), x[: len(rows)].numpy())
     with pytest.raises(SystemExit):
-        run_module.gate_release(model, (x[:1],), files, gates)
+        bench_module.gate_release(model, (x[:1],), files, gates)
     random_rows = [inputs[0] for inputs, _ in seen[-1]]
-    assert len(random_rows) == run_module.RELEASE_EVAL_SAMPLES
+    assert len(random_rows) == bench_module.RELEASE_EVAL_SAMPLES
     assert not any(np.array_equal(r, x[i : i + 1].numpy()) for i, r in enumerate(random_rows))

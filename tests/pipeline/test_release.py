@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
 from slimship.pipeline import release as rel
+from slimship.pipeline.bundle_files import bundle_file_name
 from slimship.pipeline.release import write_release
 from slimship.pipeline.verify import verify_bundle
 
@@ -215,12 +216,12 @@ def test_schema_markdown_documents_every_top_level_field():
     ],
 )
 def test_model_files_are_named_by_role_and_format(role, suffix, name):
-    assert rel.bundle_file_name(role, Path(f"/x/anything{suffix}")) == name
+    assert bundle_file_name(role, Path(f"/x/anything{suffix}")) == name
 
 
 def test_two_roles_with_one_bundle_name_are_refused(fresh_inputs, tiny_model_dir, tmp_path):
     files = {"tflite-fp32": tiny_model_dir / "model.tflite", "fp32": tiny_model_dir / "model.tflite"}
-    assert rel.bundle_file_name("fp32", files["fp32"]) == "model.fp32.tflite"
+    assert bundle_file_name("fp32", files["fp32"]) == "model.fp32.tflite"
     parity = {r: {"max_abs_diff": 0.0, "tolerance": 1e-4} for r in files}
     with pytest.raises(
         ReleaseError, match=r"model_files\['tflite-fp32'\] would be stored as model\.fp32\.tflite"

@@ -16,9 +16,9 @@ from slimship.compare import REL_BOUNDS
 from slimship.errors import ConfigError, TargetError
 from slimship.exporters.registry import FORMATS
 from slimship.models import lenet5
+from slimship.pipeline.bench import runs_on
 from slimship.pipeline.config import validate
 from slimship.pipeline.gates import QUANTISED_FORMATS
-from slimship.pipeline.run import runs_on
 from slimship.pipeline.verify import executorch_precision, verify_bundle
 from slimship.runtimes.targets import get_target
 

@@ -14,7 +14,7 @@ import torch
 from slimship.cli import main
 from slimship.errors import STOPPED_EXIT, ConfigError
 from slimship.pipeline.config import load_config
-from slimship.pipeline.run import calibration_data
+from slimship.pipeline.publish import calibration_data
 
 FACTORY = textwrap.dedent(
     """

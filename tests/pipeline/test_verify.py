@@ -13,7 +13,7 @@ import pytest
 
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
-from slimship.pipeline.release import npz_bytes, write_tarball
+from slimship.pipeline.bundle_files import npz_bytes, write_tarball
 from slimship.pipeline.verify import safe_extract, verify_bundle
 
 
