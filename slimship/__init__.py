@@ -17,6 +17,7 @@ from slimship.slimming import (
     SlimResult,
     find_groups,
     make_random_identical,
+    register_op,
     slim,
     zero_random_groups,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "__version__",
     "find_groups",
     "make_random_identical",
+    "register_op",
     "slim",
     "zero_random_groups",
 ]

@@ -1,7 +1,7 @@
 """The channel graph: every position of every tracked tensor dimension gets an id; ops couple ids.
 
 A *layout* is, per tensor dimension, an array of position ids (or None for an untracked dimension,
-such as a dynamic batch). Rules (see `rules.py`) unify ids that must be removed together, pin ids
+such as a dynamic batch). Op records (see `ops/`) unify ids that must be removed together, pin ids
 that must stay, and register *sites*: the places where values along a dimension are mixed (a
 convolution's input channels, a matmul's inner dimension), which is where value analysis must
 prove a removal exact. Connected components of the unified ids are the removable channels.
@@ -209,12 +209,12 @@ def registrar(table: dict[str, Any]) -> Any:
 
 
 def op_name(node: Node) -> str:
-    """'aten.conv2d' style name for a call_function node."""
+    """'aten.conv2d' style name for a call_function node ('mylib.my_op' for a custom op)."""
     target = node.target
     if target is operator.getitem:
         return "getitem"
     if isinstance(target, torch._ops.OpOverload):
-        return f"aten.{target._schema.name.split('::')[-1]}"
+        return target._schema.name.replace("::", ".")
     return getattr(target, "__name__", str(target))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,10 +15,8 @@ from slimship.slimming.graph import (
     get_tensor,
     op_args,
     op_name,
-    registrar,
-    set_op_arg,
-    shape_of,
 )
+from slimship.slimming.ops import SizeRule, record_for
 from slimship.slimming.plan import Plan
 
 
@@ -50,20 +46,20 @@ def rewrite(g: ChannelGraph, plan: Plan) -> dict[str, torch.Tensor]:
             _set(gm, name, tensor)
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
-            fix = ARG_RULES.get(op_name(node))
-            if fix is not None:
-                _apply_arg_rule(g, plan, node, fix)
+            record = record_for(op_name(node))
+            if record is not None and record.sizes is not None:
+                _apply_arg_rule(g, plan, node, record.sizes)
     gm.graph.lint()
     gm.recompile()
     return new
 
 
-def _apply_arg_rule(g: ChannelGraph, plan: Plan, node: Node, fix: ArgRule) -> None:
+def _apply_arg_rule(g: ChannelGraph, plan: Plan, node: Node, fix: SizeRule) -> None:
     """Fix the sizes a node holds; a rule that cannot read the node leaves it as it was and records it
     in `g.unreadable` (stage "rewrite"), so that the caller slims again with the node pinned."""
     before = (node.target, node.args, node.kwargs)
     try:
-        fix(g, plan, node, op_args(node))
+        fix(g, plan.keep, node, op_args(node))
     except Exception as exc:  # unknown means unprunable: the caller pins this node and slims again
         node.target, node.args, node.kwargs = before
         g.record_unreadable(node, "rewrite", exc)
@@ -112,108 +108,3 @@ def _set(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor.contiguous()
     else:
         setattr(owner, leaf, tensor.contiguous())
-
-
-# ---- sizes held by the graph -------------------------------------------------------------------
-def new_size(g: ChannelGraph, plan: Plan, node: Node, d: int) -> int | None:
-    layout = g.layouts.get(node)
-    if layout is None or d >= len(layout) or layout[d] is None:
-        return None
-    return int(plan.keep[g.component[layout[d]]].sum())
-
-
-ArgRule = Callable[[ChannelGraph, Plan, Node, dict[str, Any]], None]
-ARG_RULES: dict[str, ArgRule] = {}
-
-
-arg_rule = registrar(ARG_RULES)
-
-
-@arg_rule("aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand")
-def shape_list(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
-    key = "size" if "size" in a else "shape"
-    sizes = list(a[key])
-    offset = len(shape_of(node)) - len(sizes)
-    for i, s in enumerate(sizes):
-        if isinstance(s, int) and s != -1:
-            size = new_size(g, plan, node, i + offset)
-            if size is not None:
-                sizes[i] = size
-    set_op_arg(node, key, sizes)
-
-
-@arg_rule("aten.unflatten")
-def unflatten(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
-    d = int(a["dim"]) % len(shape_of(a["self"]))
-    sizes = list(a["sizes"])
-    for i, s in enumerate(sizes):
-        if isinstance(s, int) and s != -1:
-            size = new_size(g, plan, node, d + i)
-            if size is not None:
-                sizes[i] = size
-    set_op_arg(node, "sizes", sizes)
-
-
-@arg_rule("aten.split", "aten.split_with_sizes", "aten.chunk")
-def split(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
-    x = a["self"]
-    d = int(a.get("dim") or 0) % len(shape_of(x))
-    layouts = g.layouts.get(node)
-    if not layouts or layouts[0][d] is None:
-        return
-    sizes = [int(plan.keep[g.component[lay[d]]].sum()) for lay in layouts]
-    old = [int(v.shape[d]) for v in node.meta["val"]]
-    if sizes != old:
-        node.target = torch.ops.aten.split_with_sizes.default
-        node.args, node.kwargs = (x, sizes, d), {}
-
-
-@arg_rule("aten.slice", "aten.narrow")
-def slice_bounds(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
-    x = a.get("self", a.get("input"))
-    d = int(a.get("dim") or 0) % len(shape_of(x))
-    layout = g.layouts.get(x)
-    if layout is None or layout[d] is None:
-        return
-    keep = plan.keep[g.component[layout[d]]]
-    if keep.all():
-        return
-    prefix = np.concatenate([[0], np.cumsum(keep)])
-    if op_name(node) == "aten.narrow":
-        start, length = int(a["start"]), int(a["length"])
-        set_op_arg(node, "start", int(prefix[start]))
-        set_op_arg(node, "length", int(prefix[start + length] - prefix[start]))
-        return
-    lo, hi, _ = slice(a.get("start"), a.get("end")).indices(len(keep))
-    set_op_arg(node, "start", int(prefix[lo]))
-    set_op_arg(node, "end", int(prefix[hi]))
-
-
-@arg_rule("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution")
-def depthwise_groups(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
-    """A depthwise convolution has one group per channel: the group count follows the channels."""
-    groups = int(a.get("groups") or 1)
-    if groups > 1 and groups == shape_of(a["input"])[1] == shape_of(node)[1]:
-        size = new_size(g, plan, node, 1)
-        if size is not None and size != groups:
-            set_op_arg(node, "groups", size)
-
-
-@arg_rule("aten.group_norm")
-def group_count(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
-    """Whole groups are removed: the group count shrinks by the groups that went."""
-    channels = shape_of(a["input"])[1]
-    size = new_size(g, plan, node, 1)
-    if size is not None and size != channels:
-        set_op_arg(node, "num_groups", size // (channels // int(a["num_groups"])))
-
-
-@arg_rule("aten.scaled_dot_product_attention")
-def attention_scale(g: ChannelGraph, plan: Plan, node: Node, a: dict[str, Any]) -> None:
-    """A narrower head dim must not change the softmax scale: pin it to the original value."""
-    q = a["query"]
-    head_dim = shape_of(q)[-1]
-    if a.get("scale") is None and new_size(g, plan, q, len(shape_of(q)) - 1) not in (None, head_dim):
-        kwargs = dict(node.kwargs)
-        kwargs["scale"] = 1.0 / math.sqrt(head_dim)
-        node.kwargs = kwargs

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from slimship import make_random_identical, slim, zero_random_groups
+from slimship.slimming.facts import row_inverse
 from slimship.slimming.graph import unique_ints
-from slimship.slimming.values import _EmptyRows, row_inverse
+from slimship.slimming.ops.mixing import EmptyRows
 
 
 def _partition(labels: np.ndarray) -> list[int]:
@@ -56,7 +57,7 @@ def test_empty_rows_match_a_direct_test(dtype) -> None:
         w = rng.standard_normal((o, i, k)).astype(dtype)
         w[rng.random((o, i, k)) < 0.6] = 0
         w.flat[0] = rng.choice([np.nan, np.inf, -0.0, np.finfo(dtype).tiny / 4, w.flat[0]])
-        empty = _EmptyRows(w.reshape(o, i * k), k)
+        empty = EmptyRows(w.reshape(o, i * k), k)
         inputs = rng.random(i) < 0.5
         for chosen in (inputs, ~inputs, np.ones(i, dtype=bool)):
             assert (empty(chosen) == ~(w[:, chosen] != 0).reshape(o, -1).any(axis=1)).all()

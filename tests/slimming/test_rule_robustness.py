@@ -16,13 +16,18 @@ import torch
 from torch import fx, nn
 
 from slimship.slimming.graph import iter_dims, node_inputs, op_name
+from slimship.slimming.ops import OPS as RECORDS
 from slimship.slimming.plan import make_plan
-from slimship.slimming.rewrite import ARG_RULES, rewrite
-from slimship.slimming.rules import RULES, build_channel_graph
-from slimship.slimming.values import VALUE_RULES, ValueAnalysis
+from slimship.slimming.rewrite import rewrite
+from slimship.slimming.rules import build_channel_graph
+from slimship.slimming.values import ValueAnalysis
 
 SHAPE = (2, 4, 6, 6)
-OPS = sorted(name for name in set(RULES) | set(VALUE_RULES) | set(ARG_RULES) if name.startswith("aten."))
+#: every op with a record, and the in-place variants that read those records (`aten.relu_`)
+OPS = sorted(
+    {name for name in RECORDS if name.startswith("aten.")}
+    | {name + "_" for name in RECORDS if name.startswith("aten.") and hasattr(torch.ops.aten, name[5:] + "_")}
+)
 
 
 def _overloads(name: str) -> list[torch._ops.OpOverload]:

@@ -3,6 +3,7 @@ touches and is reported; a rewritten model that fails to run is a failed verific
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -11,10 +12,8 @@ from torch import nn
 
 from slimship import find_groups, slim, zero_random_groups
 from slimship.errors import VerificationError
-from slimship.slimming import rewrite as rewrite_module
-from slimship.slimming import rules as rules_module
-from slimship.slimming import values as values_module
 from slimship.slimming import zero_group
+from slimship.slimming.ops import OPS
 from tests.zoo import build
 
 
@@ -62,16 +61,16 @@ def test_reference_slims_both_spaces() -> None:
 
 
 @pytest.mark.parametrize(
-    ("table", "op", "stage"),
+    ("field", "op", "stage"),
     [
-        (rules_module.RULES, "aten.relu", "coupling"),
-        (values_module.VALUE_RULES, "aten.relu", "values"),
-        (rewrite_module.ARG_RULES, "aten.view", "rewrite"),
+        ("coupling", "aten.relu", "coupling"),
+        ("values", "aten.relu", "values"),
+        ("sizes", "aten.view", "rewrite"),
     ],
 )
-def test_a_rule_that_cannot_read_its_node_pins_it(monkeypatch, table, op, stage) -> None:
+def test_a_rule_that_cannot_read_its_node_pins_it(monkeypatch, field, op, stage) -> None:
     model, x = _zeroed_head()
-    monkeypatch.setitem(table, op, _raise)
+    monkeypatch.setitem(OPS, op, dataclasses.replace(OPS[op], **{field: _raise}))
     result = slim(model, x)  # no KeyError escapes
     entries = [u for u in result.report.unreadable if u.op == op]
     assert entries and entries[0].stage == stage and "KeyError" in entries[0].reason
@@ -87,7 +86,7 @@ def test_rewrite_that_fails_to_run_keeps_the_culprit_space(monkeypatch, caplog) 
     change; the slim model fails to run, and the culprit search keeps that space in place."""
     case = build("coatnet_like")
     assert zero_random_groups(case.model, case.example_inputs, fraction=0.4, seed=0) > 0
-    monkeypatch.delitem(rewrite_module.ARG_RULES, "aten.expand")
+    monkeypatch.setitem(OPS, "aten.expand", dataclasses.replace(OPS["aten.expand"], sizes=None))
     with caplog.at_level(logging.WARNING, logger="slimship.slimming.api"):
         result = slim(case.model, case.example_inputs)
     assert any("failed to run" in r.getMessage() for r in caplog.records)

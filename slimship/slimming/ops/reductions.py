@@ -1,0 +1,101 @@
+"""Reductions and ops along one dim: a reduced dim goes (a sum is a site), the others pass through."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch.fx import Node
+
+from slimship.slimming.facts import DimFacts, Facts, FactStore
+from slimship.slimming.graph import (
+    SUM,
+    ChannelGraph,
+    Site,
+    op_name,
+    shape_of,
+)
+from slimship.slimming.ops.common import (
+    dim_index,
+    pin_unknown,
+)
+from slimship.slimming.ops.record import register_op
+
+
+def reduction(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    x = a.get("self", a.get("input"))
+    xl = g.layout(x)
+    dims = a.get("dim")
+    if isinstance(dims, int):
+        dims = [dims]
+    name = op_name(node)
+    if dims is None or len(dims) == 0 or isinstance(node.meta.get("val"), list | tuple):
+        return pin_unknown(g, node, f"{name} {node.name} reduces the whole tensor")
+    rank = len(xl)
+    reduced = {dim_index(int(d), rank) for d in dims}
+    keep = bool(a.get("keepdim"))
+    out: list[np.ndarray | None] = []
+    for d in range(rank):
+        if d in reduced:
+            if name == "aten.sum" and xl[d] is not None and len(xl[d]) > 1:
+                g.sites.append(Site(node, SUM, [(x, d)]))
+            else:
+                g.pin(xl[d], f"{name} {node.name} reduces this dim")
+            if keep:
+                out.append(g.fresh(1, "reduced dim"))
+        else:
+            out.append(xl[d])
+    g.layouts[node] = out
+
+
+def reduction_values(va: FactStore, node: Node, a: dict[str, Any]) -> Facts | None:
+    x = a.get("self", a.get("input"))
+    dims = a.get("dim")
+    if dims is None or (isinstance(dims, list | tuple) and not dims):
+        return None
+    dims = [dims] if isinstance(dims, int) else dims
+    shape = shape_of(x)
+    reduced = {int(d) % len(shape) for d in dims}
+    count = np.prod([s if s is not None else np.nan for i, s in enumerate(shape) if i in reduced])
+    out: Facts = []
+    for d in range(len(shape)):
+        if d in reduced:
+            if a.get("keepdim"):
+                out.append(None)
+            continue
+        f = va.dim(x, d)
+        if f is not None and op_name(node) == "aten.sum":
+            f = DimFacts(f.const * count, f.cls)
+        out.append(f)
+    return out
+
+
+for _name in ("aten.mean", "aten.sum", "aten.amax", "aten.amin"):
+    register_op(_name, reduction, reduction_values)
+for _name in ("aten.max", "aten.min", "aten.var", "aten.std"):
+    register_op(_name, reduction)
+
+
+def along_dim(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    x = a.get("self", a.get("input"))
+    xl = list(g.layout(x))
+    d = dim_index(int(a["dim"]), len(xl))
+    g.pin(xl[d], f"{op_name(node)} {node.name} mixes this dim")
+    g.layouts[node] = xl
+
+
+def softmax_values(va: FactStore, node: Node, a: dict[str, Any]) -> Facts:
+    x = a.get("self", a.get("input"))
+    shape = shape_of(x)
+    d = int(a["dim"]) % len(shape)
+    out: Facts = []
+    for i in range(len(shape)):
+        f = va.dim(x, i) if i != d else None
+        if f is not None:
+            f = DimFacts(np.where(np.isnan(f.const), np.nan, 1.0 / shape[d]) if shape[d] else f.const, f.cls)
+        out.append(f)
+    return out
+
+
+register_op(("aten.softmax", "aten._softmax"), along_dim, softmax_values)
+register_op(("aten.log_softmax", "aten._log_softmax", "aten.cumsum"), along_dim)
