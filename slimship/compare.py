@@ -33,6 +33,36 @@ REL_BOUNDS: dict[str, float] = {
 #: alone would make its bound absolute there). Their top-1 agreement on evaluation data is checked too.
 MAGNITUDE_CAPS: dict[str, float | None] = {"fp32": None, "fp16": None, "int8-dynamic": 1.0, "int8": 1.0}
 
+#: Unit roundoff (half the spacing of numbers near 1) per float dtype, by torch/numpy dtype name.
+UNIT_ROUNDOFF: dict[str, float] = {
+    "float64": 2.0**-53,
+    "float32": 2.0**-24,
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+}
+
+#: Roundings a changed summation order may flip per accumulation on the way to an output (a kernel that
+#: blocks a shorter sum differently rounds each partial result; residual sums add one each, and the
+#: error is relative to the largest output, not to each one).
+ROUNDING_SLACK = 8.0
+
+
+def rounding_bound(dtype: Any, depth: int) -> float:
+    """Relative bound on the outputs of a model computed in `dtype` through `depth` chained
+    accumulations (matmuls, convolutions, reductions) when only the order of its sums changes:
+    ROUNDING_SLACK * unit roundoff * sqrt(depth) (independent roundings add like a random walk).
+
+    Removing an exactly-zero channel or merging equal ones changes only that order: a slim model
+    within this bound of its source is exact up to rounding, and a channel that mattered moves the
+    outputs by far more at a shallow depth. `dtype` is a name ("bfloat16", "torch.float16") or a dtype.
+    """
+    name = str(dtype).removeprefix("torch.")
+    unit = UNIT_ROUNDOFF.get(name)
+    if unit is None:
+        raise ValueError(f"no unit roundoff for dtype {name!r} (known: {sorted(UNIT_ROUNDOFF)})")
+    return ROUNDING_SLACK * unit * math.sqrt(max(depth, 1))
+
+
 #: (reason, (output label, first offending index) or None) of a failed output
 Problem = tuple[str, tuple[str, tuple[int, ...]] | None]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 from collections import Counter, defaultdict
@@ -14,14 +13,26 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimship.compare import compare
 from slimship.errors import SlimmingError, VerificationError
 from slimship.slimming.graph import ChannelGraph, Unreadable, get_tensor, slice_index
 from slimship.slimming.plan import Plan, make_plan, spaces
-from slimship.slimming.rewrite import rewrite
+from slimship.slimming.release import DenseRelease
+from slimship.slimming.rewrite import Release, rewrite
 from slimship.slimming.rules import build_channel_graph
-from slimship.slimming.trace import as_input_tuple, trace
+from slimship.slimming.trace import as_input_tuple, shared_copy, trace
 from slimship.slimming.values import ValueAnalysis
+from slimship.slimming.verify import (  # noqa: F401 - Verification, verify_outputs, ... re-exported
+    Reference,
+    Verification,
+    accumulation_depth,
+    check_against,
+    check_outputs,
+    lowest_precision,
+    random_like_inputs,
+    reference_outputs,
+    verify_bound,
+    verify_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +53,6 @@ class LayerReport:
     name: str
     shape_before: list[int]
     shape_after: list[int]
-
-
-@dataclass
-class Verification:
-    max_abs_diff: float
-    max_rel_diff: float
-    tolerance: float
-    inputs_checked: int
-    passed: bool
-    reason: str = ""  # why it failed: batch, output, kind of mismatch, first index
-    error: str | None = None  # the slim model failed to run (a failed verification, like a mismatch)
 
 
 @dataclass
@@ -110,6 +110,8 @@ class SlimResult:
             prefix, _, leaf = name.rpartition(".")
             owner = module.get_submodule(prefix) if prefix else module
             old = getattr(owner, leaf)
+            if old is tensor:  # already there (slim(..., release_source=True)): no copy
+                continue
             if isinstance(old, nn.Parameter):
                 setattr(owner, leaf, nn.Parameter(tensor.clone(), requires_grad=old.requires_grad))
             else:
@@ -173,90 +175,12 @@ def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
     return int(counter.get_total_flops())
 
 
-def random_like_inputs(inputs: tuple[Any, ...], generator: torch.Generator) -> tuple[Any, ...]:
-    """Fresh inputs of the same shapes: floats ~ N(mean, std) of the example, ints in its range."""
-    out = []
-    for x in inputs:
-        if not isinstance(x, torch.Tensor):
-            out.append(x)
-        elif x.is_floating_point():
-            std = float(x.std()) if x.numel() > 1 else 1.0
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-            out.append(noise * (std or 1.0) + float(x.mean()))
-        elif x.dtype == torch.bool:
-            out.append(x.clone())
-        else:
-            lo, hi = int(x.min()), int(x.max())
-            out.append(torch.randint(lo, hi + 1, x.shape, generator=generator, dtype=x.dtype))
-    return tuple(out)
-
-
-def _flat_outputs(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _flat_outputs(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flat_outputs(v)]
-    if hasattr(value, "to_tuple"):
-        return _flat_outputs(value.to_tuple())
-    return []
-
-
-VERIFY_SCALE_FLOOR = 1e-8  # slimming is exact: its bound is relative to the outputs, not to max(1, ...)
-
-
-def verify_outputs(
-    reference: nn.Module,
-    candidate: nn.Module,
-    example_inputs: tuple[Any, ...],
-    rtol: float = 1e-5,
-    n_random: int = 2,
-    seed: int = 0,
-    what: str = "slim model",
-) -> Verification:
-    """Compare outputs on the example inputs and `n_random` random inputs with `slimship.compare`.
-
-    Per batch, max|diff| must be <= rtol * max|finite reference| (relative to the outputs however small,
-    floored at 1e-8), NaN/Inf must match in place and sign, integer outputs exactly. Returns the worst
-    figures; `passed` is False (with `reason`) on the first batch that fails.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    batches = [example_inputs] + [random_like_inputs(example_inputs, generator) for _ in range(n_random)]
-    worst_abs = worst_rel = 0.0
-    reason = ""
-    with torch.no_grad():
-        for n, inputs in enumerate(batches):
-            ref = _flat_outputs(reference(*inputs))
-            got = _flat_outputs(candidate(*inputs))
-            result = compare(ref, got, rtol, floor=VERIFY_SCALE_FLOOR)
-            worst_abs, worst_rel = max(worst_abs, result.max_abs_diff), max(worst_rel, result.max_rel_diff)
-            if not result.passed and not reason:
-                batch = "example inputs" if n == 0 else f"random inputs {n}"
-                reason = f"{what} on {batch}: {result.reason}"
-    return Verification(worst_abs, worst_rel, rtol, len(batches), not reason, reason)
-
-
 # ---- slimming --------------------------------------------------------------------------------
 @dataclass
 class _Analysis:
     graph: ChannelGraph
-    values: ValueAnalysis
     plan: Plan
     spaces: dict[str, list]
-
-
-def check_outputs(
-    reference: nn.Module, candidate: nn.Module, example_inputs: tuple[Any, ...], **options: Any
-) -> Verification:
-    """`verify_outputs`, where a candidate that fails to run (or changes an output's shape) is a
-    failed verification instead of an exception."""
-    try:
-        return verify_outputs(reference, candidate, example_inputs, **options)
-    except Exception as exc:  # a rewritten graph that does not run is as wrong as a numeric mismatch
-        cause = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        rtol = options.get("rtol", 1e-5)
-        return Verification(float("inf"), float("inf"), rtol, 0, False, reason=cause, error=cause)
 
 
 def _analyse(
@@ -268,8 +192,7 @@ def _analyse(
     unreadable: dict[str, str] | None = None,
 ) -> _Analysis:
     g = build_channel_graph(gm, unreadable)
-    va = ValueAnalysis(g)
-    plan = make_plan(g, va, merge=merge, fold=fold)
+    plan = make_plan(g, ValueAnalysis(g), merge=merge, fold=fold)  # the analysis (and its tensors) go
     named = spaces(g)
     for name in exclude:
         for node, d in named.get(name, []):
@@ -277,7 +200,7 @@ def _analyse(
             _keep(plan, comps, "kept in place: slimming this space did not verify")
     if channel_multiple and channel_multiple > 1:
         _align(g, plan, named, channel_multiple)
-    return _Analysis(g, va, plan, named)
+    return _Analysis(g, plan, named)
 
 
 def _align(g: ChannelGraph, plan: Plan, named: dict[str, list], multiple: int) -> None:
@@ -341,6 +264,7 @@ def slim(
     dynamic_batch: bool = True,
     seed: int = 0,
     channel_multiple: int | None = None,
+    release_source: bool = False,
 ) -> SlimResult:
     """Remove zero-invariant channel groups and merge identical ones; verify the result numerically.
 
@@ -348,57 +272,108 @@ def slim(
     whose rewrite does not verify is kept in place (named in `report.excluded_spaces`); if the model
     still does not match, a VerificationError is raised. `channel_multiple` rounds every space's kept
     channels up to that multiple (see `slimship.runtimes.measure_alignment` for a target's value).
+
+    No weight is copied: the trace shares the model's tensors, the reference outputs are computed
+    before the rewrite, and the rewrite makes one new tensor at a time, in the model's dtype. The
+    bound is `rtol` relative to the outputs, or the rounding a changed summation order can cause in
+    the model's dtype at its accumulation depth where that is larger (bf16, fp16). By default the
+    model is left as it was (peak memory: the model plus its changed tensors in slim form); with
+    `release_source=True` each dense tensor is released as its slim one is made (spilled to a temp
+    file first, to retry from), so the peak stays near the model's own size, and the model's
+    modules are left holding the slim tensors (as after `apply_to`).
     """
     inputs = as_input_tuple(example_inputs)
     traced = trace(model, inputs, dynamic_batch=dynamic_batch)
     pristine = traced.gm
-    reference = copy.deepcopy(pristine)
-    flops_before = count_flops(reference, inputs)
+    reference = reference_outputs(pristine, inputs, n_random, seed)
+    params_before, bytes_before = count_params(pristine), count_bytes(pristine)
+    before = {str(n.target): list(get_tensor(pristine, str(n.target)).shape) for n in _attrs(pristine)}
+    holders = [pristine] + ([model] if isinstance(model, nn.Module) and model is not pristine else [])
+    release = DenseRelease(holders) if release_source else None
+    try:
+        done = _slim_verified(pristine, reference, merge, fold_constants, rtol, channel_multiple, release)
+    finally:
+        if release is not None:
+            release.close()
+    if release is not None and len(holders) > 1:
+        for sub in model.modules():
+            _sync_attributes(sub)
+    new, graph = done.new, done.analysis.graph
+    layers = [
+        LayerReport(name, shape, list(new[name].shape)) for name, shape in before.items() if new[name].dim()
+    ]
+    unreadable = list(done.pinned.values()) + graph.unreadable
+    report = SlimReport(
+        _report_spaces(done.analysis),
+        layers,
+        graph.unsupported,
+        done.check,
+        sorted(done.excluded),
+        unreadable,
+    )
+    return SlimResult(
+        model=done.gm,
+        report=report,
+        params_before=params_before,
+        params_after=count_params(done.gm),
+        flops_before=reference.flops,
+        flops_after=done.flops,
+        bytes_before=bytes_before,
+        bytes_after=count_bytes(done.gm),
+        dynamic_batch=traced.dynamic_batch,
+        _new_tensors=new,
+    )
+
+
+def _attrs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "get_attr"]
+
+
+@dataclass
+class _Verified:
+    gm: torch.fx.GraphModule
+    analysis: _Analysis
+    new: dict[str, torch.Tensor]
+    check: Verification
+    flops: int
+    excluded: set[str]
+    pinned: dict[str, Unreadable]
+
+
+def _slim_verified(
+    pristine: torch.fx.GraphModule,
+    reference: Reference,
+    merge: bool,
+    fold: bool,
+    rtol: float,
+    channel_multiple: int | None,
+    release: DenseRelease | None,
+) -> _Verified:
+    """Rewrite and verify, keeping in place the spaces that do not verify (up to 4 rounds)."""
     excluded: set[str] = set()
     pinned: dict[str, Unreadable] = {}  # nodes whose sizes the rewrite could not fix
     for _attempt in range(4):
-        gm, analysis, new = _rewrite_copy(pristine, merge, fold_constants, excluded, channel_multiple, pinned)
-        before = {name: list(get_tensor(pristine, name).shape) for name in new}
-        check = check_outputs(reference, gm, inputs, rtol=rtol, n_random=n_random, seed=seed)
+        gm, analysis, new = _rewrite_copy(pristine, merge, fold, excluded, channel_multiple, pinned, release)
+        bound = verify_bound(rtol, lowest_precision(pristine, reference), accumulation_depth(analysis.graph))
+        check, flops = check_against(reference, gm, bound)
         if check.passed:
-            break
+            return _Verified(gm, analysis, new, check, flops, excluded, pinned)
+        del gm, new
+        if release is not None:
+            release.restore()
         if check.error:
             log.warning("slim model failed to run (%s); looking for the spaces that cause it", check.error)
-        culprits = _find_culprits(
-            pristine, reference, inputs, merge, fold_constants, excluded, analysis, rtol, seed, pinned
-        )
+        culprits = _find_culprits(pristine, reference, merge, fold, excluded, analysis, bound, pinned)
         if not culprits:
-            what = check.error or f"max rel diff {check.max_rel_diff:.3g}, bound {rtol}: {check.reason}"
+            what = check.error or f"max rel diff {check.max_rel_diff:.3g}, bound {bound:.3g}: {check.reason}"
             raise VerificationError(
                 f"slim model differs from its source ({what}); "
                 "no single space explains it. Please report this model."
             )
         log.warning("spaces %s did not verify; keeping them in place", sorted(culprits))
         excluded |= culprits
-    else:
-        raise VerificationError(
-            f"slim model does not verify even with spaces {sorted(excluded)} kept: {check.reason}"
-        )
-    layers = [
-        LayerReport(name, shape, list(new[name].shape))
-        for name, shape in before.items()
-        if new[name].dim() > 0
-    ]
-    unreadable = list(pinned.values()) + analysis.graph.unreadable
-    report = SlimReport(
-        _report_spaces(analysis), layers, analysis.graph.unsupported, check, sorted(excluded), unreadable
-    )
-    return SlimResult(
-        model=gm,
-        report=report,
-        params_before=count_params(reference),
-        params_after=count_params(gm),
-        flops_before=flops_before,
-        flops_after=count_flops(gm, inputs),
-        bytes_before=count_bytes(reference),
-        bytes_after=count_bytes(gm),
-        dynamic_batch=traced.dynamic_batch,
-        _new_tensors=new,
+    raise VerificationError(
+        f"slim model does not verify even with spaces {sorted(excluded)} kept: {check.reason}"
     )
 
 
@@ -409,16 +384,19 @@ def _rewrite_copy(
     exclude: set[str],
     channel_multiple: int | None,
     pinned: dict[str, Unreadable],
+    release: Release | None = None,
 ) -> tuple[torch.fx.GraphModule, _Analysis, dict[str, torch.Tensor]]:
-    """Analyse and rewrite a copy of `pristine`. A node whose sizes the rewrite cannot fix is added to
-    `pinned` and the copy is slimmed again with it pinned (each round pins at least one more node)."""
+    """Analyse and rewrite a copy of `pristine` that shares its tensors. A node whose sizes the rewrite
+    cannot fix is added to `pinned` and the copy is slimmed again with it pinned (each round pins at
+    least one more node)."""
     while True:
-        gm = copy.deepcopy(pristine)
+        gm = shared_copy(pristine)
         reasons = {
             name: f"rewrite could not read {u.op} (node {name}): {u.reason}" for name, u in pinned.items()
         }
         analysis = _analyse(gm, merge, fold, exclude, channel_multiple, reasons)
-        new = rewrite(analysis.graph, analysis.plan)
+        g, plan = analysis.graph, analysis.plan
+        new = rewrite(g, plan, release) if release else rewrite(g, plan)
         failed = {
             u.node: u for u in analysis.graph.unreadable if u.stage == "rewrite" and u.node not in pinned
         }
@@ -426,10 +404,19 @@ def _rewrite_copy(
             return gm, analysis, new
         log.warning("rewrite could not read nodes %s; slimming again with them pinned", sorted(failed))
         pinned.update(failed)
+        if release is not None:
+            release.restore()
 
 
 def _find_culprits(
-    pristine, reference, inputs, merge, fold, excluded, analysis, rtol, seed, pinned=None
+    pristine: torch.fx.GraphModule,
+    reference: Reference,
+    merge: bool,
+    fold: bool,
+    excluded: set[str],
+    analysis: _Analysis,
+    bound: float,
+    pinned: dict[str, Unreadable] | None = None,
 ) -> set[str]:
     """Slim one changed space at a time; those that fail alone (mismatch or run error) are the culprits."""
     changed = [s.name for s in _report_spaces(analysis) if s.removed or s.merged]
@@ -437,7 +424,7 @@ def _find_culprits(
     for name in changed[:64]:
         others = {s for s in changed if s != name} | excluded
         gm, _, _ = _rewrite_copy(pristine, merge, fold, others, None, dict(pinned or {}))
-        if not check_outputs(reference, gm, inputs, rtol=rtol, n_random=1, seed=seed).passed:
+        if not check_against(reference, gm, bound, n_batches=2)[0].passed:
             culprits.add(name)
     return culprits
 

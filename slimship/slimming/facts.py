@@ -96,8 +96,8 @@ def as_numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach()
     try:
         return tensor.numpy()
-    except TypeError:  # bfloat16 and other dtypes numpy lacks
-        return tensor.double().numpy()
+    except TypeError:  # bfloat16 and other dtypes numpy lacks: float32 holds them exactly (half of float64)
+        return tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.double().numpy()
 
 
 def relabel(keys: np.ndarray, const: np.ndarray) -> np.ndarray:
@@ -193,12 +193,24 @@ class FactStore:
         key = (node, d)
         if key not in self._param_cache:
             const = self.param_const(node, d)
-            tensor = self.param(node).detach()
-            rows = tensor.movedim(d, 0).reshape(tensor.shape[d], -1).double()
-            _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-            start = reserve(rows.shape[0])
-            self._param_cache[key] = DimFacts(const, inverse.numpy().astype(np.int64) + start)
+            inverse = _equal_slices(self.param(node).detach(), d)
+            start = reserve(len(inverse))
+            self._param_cache[key] = DimFacts(const, inverse.astype(np.int64) + start)
         return self._param_cache[key]
+
+
+def _equal_slices(tensor: torch.Tensor, d: int) -> np.ndarray:
+    """Index of each slice along d among the distinct slices (float equality), read in the tensor's own
+    dtype: 16-bit floats compare by their bits (-0.0 made 0.0), so no float64 copy of a large weight is
+    made. A tensor with NaN takes the float64 path (NaN equals nothing)."""
+    rows = tensor.movedim(d, 0).reshape(tensor.shape[d], -1)
+    if rows.dtype in (torch.bfloat16, torch.float16) and not bool(torch.isnan(rows).any()):
+        bits = rows.view(torch.int16)
+        bits = torch.where(bits == torch.iinfo(torch.int16).min, 0, bits)  # -0.0 -> 0.0
+        return row_inverse(bits.numpy())
+    if rows.dtype in (torch.float32, torch.float64) and not bool(torch.isnan(rows).any()):
+        return row_inverse(rows.numpy())
+    return torch.unique(rows.double(), dim=0, return_inverse=True)[1].numpy()
 
 
 def _is_param(gm: torch.fx.GraphModule, node: Node) -> bool:

@@ -19,31 +19,46 @@ from slimship.slimming.graph import (
 from slimship.slimming.ops import SizeRule, record_for
 from slimship.slimming.plan import Plan
 
+#: Called with (qualified name, new tensor as set on the graph) right after each tensor is replaced.
+Release = Callable[[str, torch.Tensor], None]
 
-def rewrite(g: ChannelGraph, plan: Plan) -> dict[str, torch.Tensor]:
-    """Apply `plan` to `g.gm` in place; returns the new tensors by qualified name."""
+
+def rewrite(g: ChannelGraph, plan: Plan, release: Release | None = None) -> dict[str, torch.Tensor]:
+    """Apply `plan` to `g.gm` in place, one tensor at a time; returns the tensors by qualified name.
+
+    Folds are taken first (they read other tensors' columns); then each tensor is merged, sliced and
+    set on the graph before the next is read, and `release(name, new)` lets the caller drop the dense
+    tensor wherever else it is held, so at most one dense tensor beyond the model is alive. Nothing is
+    written in place: the dense tensors stay as they were for whoever still holds them.
+    """
     gm = g.gm
-    tensors = {
-        str(n.target): (n, get_tensor(gm, str(n.target))) for n in gm.graph.nodes if n.op == "get_attr"
-    }
-    # every change below builds a new tensor (nothing is written in place), so no copies up front
-    start = {name: t.detach() for name, (_, t) in tensors.items()}
-    new: dict[str, torch.Tensor] = dict(start)
-    _apply_folds(plan, new)
-    _apply_merges(g, plan, tensors, new)
-    for name, (node, _) in tensors.items():
-        layout = g.layouts.get(node)
-        tensor = new[name]
-        for d, ids in enumerate(layout or []):
+    nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
+    shifts = _fold_shifts(plan, gm)
+    merges = _merge_dims(g, plan)
+    new: dict[str, torch.Tensor] = {}
+    for name, node in nodes.items():
+        dense = get_tensor(gm, name).detach()
+        tensor = dense
+        if name in shifts:
+            tensor = (tensor.double() + shifts.pop(name)).to(tensor.dtype)
+        for d, pairs in merges.get(name, ()):
+            for dst, src in pairs:
+                tensor = tensor.index_add(d, dst, tensor.index_select(d, src))
+        for d, ids in enumerate(g.layouts.get(node) or []):
             if ids is None or not len(ids):
                 continue
             keep = plan.keep[g.component[ids]]
             if not keep.all():
                 tensor = tensor.index_select(d, torch.from_numpy(np.flatnonzero(keep)))
-        new[name] = tensor
-    for name, tensor in new.items():
-        if tensor is not start[name]:  # unchanged tensors stay where they are
-            _set(gm, name, tensor)
+        if tensor is dense:  # unchanged tensors stay where they are
+            new[name] = dense
+            continue
+        del dense
+        _set(gm, name, tensor)
+        new[name] = get_tensor(gm, name)
+        del tensor
+        if release is not None:
+            release(name, new[name])
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
             record = record_for(op_name(node))
@@ -65,22 +80,28 @@ def _apply_arg_rule(g: ChannelGraph, plan: Plan, node: Node, fix: SizeRule) -> N
         g.record_unreadable(node, "rewrite", exc)
 
 
-def _apply_folds(plan: Plan, new: dict[str, torch.Tensor]) -> None:
+def _fold_shifts(plan: Plan, gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Per bias, the (float64) sum its folded constant channels add, read from the dense weights."""
+    shifts: dict[str, torch.Tensor] = {}
     for fold in plan.folds:
-        weight = new[str(fold.site.weight.target)]
-        bias = new[str(fold.site.bias.target)]
+        weight = get_tensor(gm, str(fold.site.weight.target)).detach()
         columns = weight.index_select(fold.site.weight_dim, torch.from_numpy(fold.positions)).double()
         if fold.site.kind == CONV:
             columns = columns.sum(dim=tuple(range(2, columns.dim())))
         elif fold.site.weight_dim == 0:  # a linear weight stored [in, out] (addmm)
             columns = columns.t()
         shift = columns @ torch.from_numpy(fold.consts)
-        new[str(fold.site.bias.target)] = (bias.double() + shift).to(bias.dtype)
+        name = str(fold.site.bias.target)
+        shifts[name] = shifts[name] + shift if name in shifts else shift
+    return shifts
 
 
-def _apply_merges(g: ChannelGraph, plan: Plan, tensors: dict[str, Any], new: dict[str, torch.Tensor]) -> None:
+def _merge_dims(g: ChannelGraph, plan: Plan) -> dict[str, list[tuple[int, list[Any]]]]:
+    """Per consumer tensor: (dim, [(representative positions, merged positions)]) whose columns are
+    summed into their representative's before the merged ones are sliced away."""
+    out: dict[str, list[tuple[int, list[Any]]]] = {}
     if not plan.merged_into:
-        return
+        return out
     done: set[tuple[str, int]] = set()
     for node, d in g.consumer_dims:
         key = (str(node.target), d)
@@ -88,14 +109,14 @@ def _apply_merges(g: ChannelGraph, plan: Plan, tensors: dict[str, Any], new: dic
             continue
         done.add(key)
         comps = g.component[g.layouts[node][d]]
-        tensor = new[key[0]]
+        pairs = []
         for other, rep in plan.merged_into.items():
             src = np.flatnonzero(comps == other)
-            if not len(src):
-                continue
-            dst = np.flatnonzero(comps == rep)
-            tensor = tensor.index_add(d, torch.from_numpy(dst), tensor.index_select(d, torch.from_numpy(src)))
-        new[key[0]] = tensor
+            if len(src):
+                pairs.append((torch.from_numpy(np.flatnonzero(comps == rep)), torch.from_numpy(src)))
+        if pairs:
+            out.setdefault(key[0], []).append((d, pairs))
+    return out
 
 
 def _set(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,24 +47,59 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], dynamic: bool) -> torch.e
     return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def trace(model: nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> Traced:
-    """Export a deep copy of `model` (in eval mode) and return its GraphModule.
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the duration; every submodule's own flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
-    A dynamic batch dimension is tried first; a model that specialises its batch falls back to a
-    static trace (logged).
+
+def drop_unread_attrs(gm: torch.fx.GraphModule) -> None:
+    """Erase get_attr nodes nothing reads (a buffer kept for other settings, such as a rotary
+    embedding's `original_inv_freq`): their tensors then stay exactly as they are."""
+    unread = [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]
+    for node in unread:
+        gm.graph.erase_node(node)
+    if unread:
+        gm.recompile()
+
+
+def shared_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` (modules, graph, code) that shares its parameters and buffers, without copying
+    a single weight: a rewrite of the copy replaces tensors in the copy only."""
+    memo: dict[int, Any] = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
+    for module in gm.modules():  # constants the export lifted: plain tensor attributes
+        memo.update({id(v): v for v in vars(module).values() if isinstance(v, torch.Tensor)})
+    return copy.deepcopy(gm, memo)
+
+
+def trace(model: nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> Traced:
+    """Export `model` (in eval mode) and return its GraphModule, which shares the model's tensors.
+
+    Nothing is copied: the traced module holds the model's own parameters and buffers (a rewrite
+    replaces them by new tensors, never writes into them), and the model's train/eval flags are
+    restored afterwards. Parameters and buffers the forward does not read get no node, so nothing
+    downstream touches them. A dynamic batch dimension is tried first; a model that specialises its
+    batch falls back to a static trace (logged).
     """
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     if not isinstance(model, nn.Module):
         raise SlimmingError(f"expected an nn.Module or ExportedProgram, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
-    source = copy.deepcopy(model).eval()
     errors = []
     for dynamic in (True, False) if dynamic_batch else (False,):
         try:
-            with torch.no_grad():
-                program = _export(source, inputs, dynamic)
+            with torch.no_grad(), _eval_mode(model):
+                program = _export(model, inputs, dynamic)
             gm = program.module()
+            del program
+            drop_unread_attrs(gm)
             return Traced(gm=gm, example_inputs=inputs, dynamic_batch=dynamic)
         except Exception as exc:  # torch.export raises many exception types
             errors.append(exc)
