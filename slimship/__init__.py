@@ -13,6 +13,7 @@ from slimship.errors import (
     TargetError,
     VerificationError,
 )
+from slimship.hf import load_pretrained, slim_checkpoint
 from slimship.slimming import (
     SlimResult,
     find_groups,
@@ -35,7 +36,9 @@ __all__ = [
     "VerificationError",
     "__version__",
     "find_groups",
+    "load_pretrained",
     "make_random_identical",
     "slim",
+    "slim_checkpoint",
     "zero_random_groups",
 ]
