@@ -391,7 +391,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from slimship.runtimes.measure import bench, format_bench_table, format_profile_table
     from slimship.runtimes.targets import get_target, load_targets
-    from slimship.sources import program_files
+    from slimship.sources import bench_files
 
     extra = load_targets(args.targets_file) if args.targets_file else None
     target = get_target(args.target, extra)
@@ -401,8 +401,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         models.insert(0, dense)
     steps = Steps()
     with tempfile.TemporaryDirectory(prefix="slimship-bench-") as tmp:  # checkpoint folders -> .pt2
-        files = dict(zip(models, program_files(models, Path(tmp)), strict=True))  # dense is in models
-        models, dense = [files[m] for m in models], (files[dense] if dense else None)
+        models, dense, notes = bench_files(models, dense, Path(tmp))
+        _notes(notes)
         inputs = _bench_inputs(args, models)
         with steps.step(f"bench {len(models)} model(s) on {target.name}, {args.runs} runs each"):
             result = bench(

@@ -258,27 +258,45 @@ def input_specs(path: str | Path) -> list[TensorSpec]:
     return model_input_specs(p)
 
 
-def program_files(paths: list[Path], folder: Path) -> list[Path]:
-    """`paths` with every checkpoint folder replaced by its logits program (`folder`/NAME.pt2, torch.export
-    of `from_folder`'s module on its example), for commands that measure files."""
+#: the format a checkpoint folder given to `bench` as a model to measure is exported to (a dense folder
+#: is exported to each measured file's format instead, like a dense .pt2)
+BENCH_FOLDER_FORMAT = "onnx"
+
+
+def bench_files(
+    models: list[Path], dense: Path | None, folder: Path
+) -> tuple[list[Path], Path | None, list[str]]:
+    """`bench`'s models with checkpoint folders made files in `folder`: the dense folder becomes its logits
+    program (.pt2, which bench exports into each model's format), another folder an ONNX file (parity
+    checked by the exporter). Returns (models, dense, notes)."""
     import torch
 
-    out = []
-    for path in paths:
-        if not Path(path).is_dir():
-            out.append(Path(path))
+    from slimship.exporters.registry import ExportRequest, get_format
+
+    made: dict[Path, Path] = {}
+    notes = []
+    for path in dict.fromkeys(Path(m) for m in models):
+        if not path.is_dir():
             continue
-        source = from_folder(Path(path), None)
-        target = folder / f"{source.stem}.pt2"
-        if target.exists():
-            target = folder / f"{source.stem}-{len(out)}.pt2"
-        try:
-            program = torch.export.export(source.module, source.example, strict=False)
-        except Exception as exc:
-            raise ModelFileError(f"{path}: torch.export of its logits failed ({first_line(exc)})") from exc
-        torch.export.save(program, str(target))
-        out.append(target)
-    return out
+        source = from_folder(path, None)
+        name = f"{source.stem}-{len(made)}"
+        if path == dense:
+            target = folder / f"{name}.pt2"
+            try:
+                program = torch.export.export(source.module, source.example, strict=False)
+            except Exception as exc:
+                raise ModelFileError(
+                    f"{path}: torch.export of its logits failed ({first_line(exc)})"
+                ) from exc
+            torch.export.save(program, str(target))
+        else:
+            record = get_format(BENCH_FOLDER_FORMAT)
+            request = ExportRequest(source.module, source.example, source.example, dynamic_batch=False)
+            target = Path(record.export(request, folder / record.file_name(name)).path)
+            notes.append(f"{path}: measured as {record.name} (exported to {target.name}, parity checked)")
+        made[path] = target
+    files = [made.get(Path(m), Path(m)) for m in models]
+    return files, (made.get(dense, dense) if dense is not None else None), notes
 
 
 def random_inputs(

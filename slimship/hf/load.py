@@ -12,7 +12,8 @@ weights. The model returned is an instance of the stock class, ready for `genera
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +69,16 @@ def load_checkpoint(
     builder = _with_shapes(cls, shapes, ckpt.path) if shapes else cls
     options: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model, info = builder.from_pretrained(
-            str(ckpt.path),
-            local_files_only=True,
-            use_safetensors=not ckpt.pickled,
-            weights_only=True,
-            dtype=dtype,
-            output_loading_info=True,
-            **options,
-        )
+        with quiet_progress():
+            model, info = builder.from_pretrained(
+                str(ckpt.path),
+                local_files_only=True,
+                use_safetensors=not ckpt.pickled,
+                weights_only=True,
+                dtype=dtype,
+                output_loading_info=True,
+                **options,
+            )
     except SlimshipError:
         raise
     except Exception as exc:  # transformers raises many kinds (OSError, ValueError, RuntimeError ...)
@@ -85,6 +87,23 @@ def load_checkpoint(
     _check_loading_info(ckpt, info)
     sync_sizes(model)
     return model.eval()
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' progress bars off (loading and writing shards), unless slimship runs with -v."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def model_class(ckpt: CheckpointFolder) -> type:

@@ -16,7 +16,7 @@ from typing import Any
 
 from slimship.errors import ConfigError, ModelFileError, first_line
 from slimship.hf.folder import SLIM_FORMAT, SLIM_KEY, CheckpointFolder, write_checksums
-from slimship.hf.load import dense_shapes, layer_sizes
+from slimship.hf.load import dense_shapes, layer_sizes, quiet_progress
 
 SINGLE_FILE_LIMIT = "10000GB"  # a single-file source is written as a single file
 
@@ -80,6 +80,7 @@ def _save(model: Any, source: CheckpointFolder, folder: Path) -> None:
         total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         shard = max(1, -(-total // len(source.weight_files)))
     try:
-        model.save_pretrained(str(folder), safe_serialization=True, max_shard_size=shard)
+        with quiet_progress():
+            model.save_pretrained(str(folder), safe_serialization=True, max_shard_size=shard)
     except OSError as exc:
         raise ModelFileError(f"{folder}: could not write the slim folder ({first_line(exc)})") from exc
