@@ -13,6 +13,7 @@ from slimship.errors import (
     TargetError,
     VerificationError,
 )
+from slimship.hf import load_pretrained, slim_checkpoint
 from slimship.slimming import (
     SlimResult,
     find_groups,
@@ -36,8 +37,10 @@ __all__ = [
     "VerificationError",
     "__version__",
     "find_groups",
+    "load_pretrained",
     "make_random_identical",
     "register_op",
     "slim",
+    "slim_checkpoint",
     "zero_random_groups",
 ]
