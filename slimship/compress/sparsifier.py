@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from slimship.compress.base import (
+    SHARDABLE,
     Batch,
     Training,
     load_builtin_methods,
@@ -58,6 +59,7 @@ def register_sparsifier(name: str) -> Callable[[type[Sparsifier]], type[Sparsifi
             raise CompressionError(f"sparsifier {name!r} is registered twice")
         cls.name = name
         SPARSIFIERS[name] = cls
+        SHARDABLE.add(name)  # `compress(name)` drives this class, which follows FSDP shards
         return cls
 
     return wrap
@@ -277,6 +279,15 @@ class Sparsifier:
                     f"(sharded in the middle of the run?); shard before the first step: {BUILD_ORDER}"
                 )
             self.on_rebind()
+
+    def track(self, model: nn.Module) -> None:
+        """Follow the parameters of `model` from now on: the same module by names (slimship's loop trains
+        a sharded copy under strategy fsdp and hands the trained values back to the plain model)."""
+        model = unwrap(model)
+        if model is not self.views.model:
+            self.model = self.views.model = model
+            if self.views.refresh():
+                self.on_rebind()
 
     def on_rebind(self) -> None:
         """Method hook after the parameters moved into shards: remake state held per parameter chunk."""
@@ -528,11 +539,13 @@ def train_with(
     state: dict[str, Any] = {}
 
     def grad_hook(m: nn.Module, epoch: int, step: int) -> None:
+        sp.track(m)  # the sharded copy under strategy fsdp
         if sp.step != step:  # resumed from a checkpoint: the loop restored `state` in place
             sp.load_state_dict(state["sparsifier"])
         sp.after_backward()
 
     def epoch_hook(m: nn.Module, epoch: int, step: int) -> dict[str, Any]:
+        sp.track(m)
         state["sparsifier"] = sp.state_dict()  # saved with the checkpoint right after this hook
         record = (
             epoch_record() if epoch_record is not None else {"group_sparsity": sp.summary()["group_sparsity"]}
@@ -542,7 +555,7 @@ def train_with(
             record["test_accuracy"] = acc
         return record
 
-    return training.run(
+    history = training.run(
         model,
         train,
         desc=sp.name,
@@ -551,3 +564,5 @@ def train_with(
         epoch_hook=epoch_hook,
         state=state,
     )
+    sp.track(model)  # back to the plain model, which holds the trained values
+    return history

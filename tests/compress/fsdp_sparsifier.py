@@ -14,6 +14,9 @@ Per method, over the same global batches as ddp_sparsifier (each rank its half o
 * ``after``: a sparsifier built on an already sharded model: the error it raises.
 * ``resume``: each rank saves its own sparsifier state mid-run and loads it into a fresh sparsifier built
   before sharding, finishing with the same decisions; another rank's state is refused.
+* ``loop``: ``compress(name, ...)`` (slimship's own loop) under ``training_strategy("fsdp")`` and under
+  ``"ddp"``: the zero groups, the largest weight difference, the parameter types of the result; a method
+  whose hooks assume a plain model is refused under fsdp.
 
 Every rank writes ``fsdp-rank{R}.json``. ``benchmarks/bench_fsdp_decisions.py`` launches this too.
 """
@@ -25,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -33,8 +37,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from slimship.compress import sparsifier
+from slimship.compress import compress, device, sparsifier
 from slimship.compress.base import zero_mask
+from slimship.compress.device import training_strategy
 from slimship.errors import CompressionError
 from tests.compress.ddp_sparsifier import (
     METHODS,
@@ -144,11 +149,42 @@ def resumed(name: str, rank: int, world: int, out: Path) -> dict[str, Any]:
     return {"changes": changes, "refused_foreign": refused if sp.local_keys else "no local state"}
 
 
+LOOP = {"hesso": {"warmup_epochs": 1, "pruning_epochs": 2, "periods": 2}, "csgd": {"centripetal": 0.5}}
+
+
+def loop(name: str, rank: int, world: int, kind: str) -> tuple[dict[str, Any], nn.Module]:
+    """`compress(name)` on this rank's half of the global batches (4 epochs of 5) under strategy `kind`."""
+    shard_batches = [(x[rank::world], y[rank::world]) for x, y in global_batches()[:5]]
+    copies = mock.Mock(wraps=device.shard_copy)
+    with training_strategy(kind), mock.patch.object(device, "shard_copy", copies):
+        result = compress(name, small_cnn(), example(), shard_batches, epochs=4, lr=0.05, **LOOP[name])
+    info = result.info
+    record = {
+        "removable": info["removable"],
+        "types": sorted({type(p).__name__ for p in result.model.parameters()}),
+    }
+    record["per_space"] = info.get("per_space")
+    record["sharded_copies"] = copies.call_count
+    return record, result.model
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    report: dict[str, dict[str, Any]] = {k: {} for k in ("fsdp", "ddp", "full", "after", "resumed")}
+    report: dict[str, dict[str, Any]] = {k: {} for k in ("fsdp", "ddp", "full", "after", "resumed", "loop")}
+    for name in LOOP:
+        (fsdp, a), (ddp, b) = loop(name, rank, world, "fsdp"), loop(name, rank, world, "ddp")
+        diff = max(
+            float((p - q).abs().max()) for p, q in zip(a.state_dict().values(), b.state_dict().values())
+        )
+        report["loop"][name] = {"fsdp": fsdp, "ddp": ddp, "max_diff": diff, "slims_exactly": slims_exactly(a)}
+    with training_strategy("fsdp"):
+        try:
+            compress("lorita", small_cnn(), example(), [global_batches()[0]])
+            report["loop"]["refused"] = "no error"
+        except CompressionError as exc:
+            report["loop"]["refused"] = str(exc)
     for name in METHODS:
         report["fsdp"][name], plain = fsdp_run(name, rank, world)
         start = time.perf_counter()

@@ -76,3 +76,21 @@ def test_build_order_under_fsdp(ranks: list[dict]) -> None:
             "hspg",
             "magnitude",
         }
+
+
+def test_slimship_loop_under_strategy_fsdp(ranks: list[dict]) -> None:
+    """compress(name) under training_strategy("fsdp") trains a sharded copy (one per run) and returns a plain
+    model with DDP's decisions and weights, which slims exactly; a method whose hooks need a plain model
+    (lorita) is refused under fsdp, naming the methods that run."""
+    for r in ranks:
+        loop = r["loop"]
+        for name in ("hesso", "csgd"):
+            fsdp, ddp = loop[name]["fsdp"], loop[name]["ddp"]
+            assert (fsdp["sharded_copies"], ddp["sharded_copies"]) == (1, 0)
+            assert fsdp["types"] == ddp["types"] == ["Parameter"]
+            assert fsdp["removable"] == ddp["removable"] == 0.5
+            assert fsdp["per_space"] == ddp["per_space"]
+            assert loop[name]["max_diff"] <= 1e-6
+            assert loop[name]["slims_exactly"]
+        assert "'lorita' does not train under strategy fsdp" in loop["refused"]
+        assert "hesso" in loop["refused"] and "use strategy ddp" in loop["refused"]
