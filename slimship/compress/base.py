@@ -36,9 +36,12 @@ from slimship.compress.device import (
     broadcast_module_from_rank0,
     broadcast_object_from_rank0,
     device_of,
+    is_shard_copy,
     mean_across_ranks,
     rank,
+    strategy,
     to_device,
+    unshard_into,
     world_size,
     wrap_for_training,
 )
@@ -66,6 +69,8 @@ class CompressResult:
 
 
 METHODS: dict[str, Callable[..., CompressResult]] = {}
+#: methods that train under the fsdp strategy (their sparsifier follows the shards; see sparsifier.py)
+SHARDABLE: set[str] = set()
 
 
 def register(
@@ -157,6 +162,11 @@ def compress(
         raise CompressionError(
             f"compression method {method!r} has no option {', '.join(map(repr, unknown))}; "
             f"allowed options: {', '.join(sorted(allowed))}"
+        )
+    if strategy() == "fsdp" and world_size() > 1 and method not in SHARDABLE:
+        raise CompressionError(
+            f"compression method {method!r} does not train under strategy fsdp (its hooks assume a plain "
+            f"model); methods that do: {', '.join(sorted(SHARDABLE))}; or use strategy ddp"
         )
     log.info("compress: %s with %s", method, options or "defaults")
     result = fn(model, example_inputs, train, test, **options)
@@ -445,9 +455,12 @@ def train_loop(
     total_steps = epochs * (steps_per_epoch or 0)
     step = sum(int(h.get("steps", 0)) for h in history)
     lr = base_lrs[0] if base_lrs else 0.0
-    net = wrap_for_training(model)  # DistributedDataParallel under torchrun; hooks get `model` itself
+    if path is not None and strategy() == "fsdp" and world_size() > 1:
+        raise CompressionError(f"{desc}: training checkpoints are not written under strategy fsdp; use ddp")
+    net = wrap_for_training(model, optimizer)  # DDP under torchrun (or a sharded copy: strategy fsdp)
+    hooked = net if is_shard_copy(net) else model  # hooks get `model` itself, or the sharded copy
     for epoch in range(start, end):
-        model.train()
+        net.train()
         _set_epoch(batches, epoch)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x samples, correct, samples
         with _progress(f"{desc} {epoch + 1}/{epochs}", steps_per_epoch) as advance:
@@ -466,12 +479,12 @@ def train_loop(
                     )
                 loss.backward()
                 if grad_hook is not None:
-                    grad_hook(model, epoch, step)
+                    grad_hook(hooked, epoch, step)
                 optimizer.step()
                 step += 1
                 n_steps += 1
                 if step_hook is not None:
-                    step_hook(model, epoch, step)
+                    step_hook(hooked, epoch, step)
                 _add_sums(sums, out.detach(), y, loss.detach())
                 advance()
         total, correct, count = mean_across_ranks(sums).tolist()  # every rank's samples (ratios only)
@@ -484,7 +497,7 @@ def train_loop(
         if lr_schedule != "constant":
             record["lr"] = lr
         if epoch_hook is not None:
-            record.update(epoch_hook(model, epoch, step) or {})
+            record.update(epoch_hook(hooked, epoch, step) or {})
         history.append(record)
         log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs, _fmt_record(record))
         _epoch_line(f"{desc} epoch {epoch + 1}/{epochs}: {_fmt_record(record)}")
@@ -501,7 +514,8 @@ def train_loop(
                     "lr_schedule": {"name": lr_schedule, "floor": lr_floor, "base_lrs": base_lrs},
                 },
             )
-    del net
+    unshard_into(net, model, optimizer)  # strategy fsdp: the trained shards into `model` on every rank
+    del net, hooked
     if world_size() > 1:  # DDP left each rank its own last buffers (BatchNorm statistics): take rank 0's
         broadcast_module_from_rank0(model)
     model.eval()

@@ -28,6 +28,7 @@ from slimship.compress.base import (
 )
 from slimship.compress.checks import check_choice, check_number
 from slimship.compress.device import broadcast_from_rank0
+from slimship.compress.shards import sum_over_shards
 from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
 from slimship.compress.views import Block, Slot
 
@@ -122,11 +123,15 @@ class CSGD(Sparsifier):
         _, dense = np.unique(labels, return_inverse=True)
         return broadcast_from_rank0(torch.as_tensor(dense, dtype=torch.long, device=self.device))
 
-    def means(self, i: int, values: torch.Tensor, exact: bool = False) -> torch.Tensor:
-        """Each row replaced by its cluster's mean row (in the score dtype when `exact`, for the merge)."""
+    def means(self, i: int, values: torch.Tensor, slot: Slot, exact: bool = False) -> torch.Tensor:
+        """Each row of `slot`'s `values` replaced by its cluster's mean row (in the score dtype when `exact`,
+        for the merge). Under FSDP a slot split along the groups' dim holds each row on one rank: the
+        cluster sums are added over the ranks."""
         dtype = self.views.dtype if exact else values.dtype
         sums = values.new_zeros((self.k[i], values.shape[1]), dtype=dtype)
         sums.index_add_(0, self.labels[i], values.to(dtype))
+        if slot.split:
+            sum_over_shards(sums, self.views.group)
         sums /= self.counts[dtype][i]
         return sums.index_select(0, self.labels[i])  # (indexing with [] is several times slower on CPU)
 
@@ -141,9 +146,9 @@ class CSGD(Sparsifier):
                 # mean(g) + c (x - mean(x)), with one cluster mean since the mean is linear
                 cx = self.centripetal * x
                 if s.viewed:  # g is a view of the gradient: add straight into it
-                    torch.add(self.means(i, g - cx), cx, out=g)
+                    torch.add(self.means(i, g - cx, s), cx, out=g)
                 else:
-                    s.write(self.means(i, g - cx) + cx, s.tensor.grad)
+                    s.write(self.means(i, g - cx, s) + cx, s.tensor.grad)
 
     def params(self) -> list[Slot]:
         """Every producing parameter slot of every block."""
@@ -163,16 +168,23 @@ class CSGD(Sparsifier):
         with torch.no_grad():
             for i, block in enumerate(self.views):
                 if self.k[i] < len(block):
-                    block.set_full([self.means(i, v, exact=True) for v in block.full()])
+                    slots = block.params + block.buffers + block.stats  # the order of block.full()
+                    block.set_full(
+                        [self.means(i, v, s, exact=True) for v, s in zip(block.full(), slots, strict=True)]
+                    )
         self.merged = True
 
     def gap(self) -> float:
         """Largest distance of a member from its cluster mean, relative to the mean's norm."""
         worst = torch.zeros((), dtype=self.views.dtype, device=self.device)
         for i, block in enumerate(self.views):
-            x = block.matrix().to(self.views.dtype)
-            mean = self.means(i, x, exact=True)
-            worst = torch.maximum(worst, ((x - mean).norm(dim=1) / mean.norm(dim=1).clamp_min(1e-12)).max())
+            sq = torch.zeros(2, len(block), dtype=self.views.dtype, device=self.device)
+            for s in block.params:  # squared distances and mean norms, over the values this rank holds
+                x = s.read().to(self.views.dtype)
+                mean = self.means(i, x, s, exact=True)
+                sq += torch.stack([s.held(x - mean).pow(2).sum(1), s.held(mean).pow(2).sum(1)])
+            distance, norm = sum_over_shards(sq, self.views.group).sqrt()
+            worst = torch.maximum(worst, (distance / norm.clamp_min(1e-12)).max())
         return float(worst)
 
     def decisions(self) -> dict[str, Any]:

@@ -6,12 +6,15 @@ take the same decisions. Without an initialised process group these are no-ops.
 
 Device handling lives here only: :func:`resolve_device` turns ``auto | cpu | cuda | cuda:N | mps`` into a
 device, :func:`torchrun_env` reads the launcher's variables, :func:`process_group` opens and always closes
-the group, :func:`wrap_for_training` puts a model under DistributedDataParallel when there is a group.
+the group, :func:`wrap_for_training` puts a model under DistributedDataParallel when there is a group (or,
+inside ``training_strategy("fsdp")``, trains an FSDP2-sharded copy of it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
 import datetime
 import os
 import re
@@ -22,14 +25,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from slimship.errors import ConfigError
+from slimship.errors import CompressionError, ConfigError
 
 #: device names a config may give (``cuda:N`` too); ``auto`` picks cuda, then mps, then cpu
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_RULE = "auto, cpu, cuda, cuda:N or mps"
 #: how long ranks wait in one collective, e.g. the other ranks for rank 0's export and benchmark
 GROUP_TIMEOUT = datetime.timedelta(hours=4)
+#: how training spreads over the ranks of a torchrun job: replicas (DDP) or parameter shards (FSDP2)
+STRATEGIES = ("ddp", "fsdp")
+_STRATEGY: contextvars.ContextVar[str] = contextvars.ContextVar("slimship_strategy", default="ddp")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -199,16 +207,80 @@ def process_group(device: torch.device) -> Iterator[TorchrunEnv | None]:
         dist.destroy_process_group()
 
 
-def wrap_for_training(model: nn.Module) -> nn.Module:
+@contextlib.contextmanager
+def training_strategy(name: str) -> Iterator[None]:
+    """Training loops inside spread over the ranks as `name` says (one of :data:`STRATEGIES`)."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"training strategy {name!r} is not one of {', '.join(STRATEGIES)}")
+    token = _STRATEGY.set(name)
+    try:
+        yield
+    finally:
+        _STRATEGY.reset(token)
+
+
+def strategy() -> str:
+    """The training strategy in force (``ddp`` unless inside ``training_strategy``)."""
+    return _STRATEGY.get()
+
+
+def wrap_for_training(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """`model` under DistributedDataParallel when a process group has several ranks (as it is otherwise,
-    or when already wrapped). Its parameters are synchronised from rank 0 when wrapped."""
+    or when already wrapped). Its parameters are synchronised from rank 0 when wrapped. Under the ``fsdp``
+    strategy: an FSDP2-sharded copy (see :func:`shard_copy`) instead."""
     if world_size() <= 1 or isinstance(model, nn.parallel.DistributedDataParallel):
         return model
     if not any(p.requires_grad for p in model.parameters()):
         return model
+    if strategy() == "fsdp":
+        return shard_copy(model, optimizer)
     device = device_of(model)
     ids = [device] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+@torch.no_grad()
+def shard_copy(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """A copy of `model` sharded with FSDP2 over the default group (rank 0's values): every module holding
+    parameters of its own is one unit, then the root. `optimizer`'s parameter groups are pointed at the
+    copy's parameters (by name); it must not hold state yet."""
+    if optimizer is not None and optimizer.state:
+        raise CompressionError(
+            "training strategy fsdp: the optimizer already holds state (a resumed run?); resuming under "
+            "fsdp is not supported: train without a checkpoint or with strategy ddp"
+        )
+    broadcast_module_from_rank0(model)
+    net = copy.deepcopy(model)
+    for module in list(net.modules())[1:]:
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    fully_shard(net)
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        sharded = dict(net.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    return net
+
+
+def is_shard_copy(net: nn.Module) -> bool:
+    """True for what :func:`shard_copy` returned (hooks then get it, not the plain model)."""
+    return isinstance(net, FSDPModule)
+
+
+def unshard_into(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Copy the trained shards of `net` into the plain `model` on every rank (the gathered full state
+    dict) and point `optimizer` back at `model`'s parameters; nothing for a model that was not copied."""
+    if not is_shard_copy(net):
+        return
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+    model.load_state_dict(full)
+    if optimizer is not None:
+        names = {id(p): n for n, p in net.named_parameters()}
+        plain = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [plain[names[id(p)]] for p in group["params"]]
+        optimizer.state.clear()  # the sharded moments belong to the copy
 
 
 def to_device(value: Any, device: torch.device) -> Any:

@@ -46,6 +46,7 @@ class Drop(Sparsifier):
     """Rounds of stochastic drop-out / drop-in of whole groups, zeros held in between."""
 
     state_keys = ("round", "revived", "snapshots", "has_snapshot")
+    local_keys = ("snapshots",)
 
     def __init__(
         self,
@@ -96,6 +97,16 @@ class Drop(Sparsifier):
         self.revived = 0
         self.snapshots = [[torch.zeros_like(m) for m in b.full()] for b in self.views]
         self.has_snapshot = torch.zeros_like(self.zero)
+
+    def on_rebind(self) -> None:
+        """Sharded: snapshots of this rank's chunks; a noisy copy of another group's values would read
+        rows other ranks hold, so ``revive='copy'`` is refused."""
+        if self.views.group is not None and self.revive == "copy":
+            raise CompressionError(
+                "drop: revive='copy' copies a live group's values into a revived one, which under FSDP may "
+                "sit on another rank; use revive='restore' (the default) with a sharded model"
+            )
+        self.snapshots = [[torch.zeros_like(m) for m in b.full()] for b in self.views]
 
     def config(self) -> dict[str, Any]:
         return {

@@ -148,20 +148,22 @@ class HSPG(Sparsifier):
         """One group-lasso step on the redundant groups, then the half-space test: a group leaves when its
         trial point's margin ``trial . prev - epsilon ||prev||^2``, averaged across ranks, is negative (or
         its norm is zero), so every rank projects the same groups. True when a redundant group is left."""
+        xs = [b.matrix() for b in self.views]  # this rank's values (its chunks under FSDP)
+        each = iter(xs)
+        sq = self.views.total(lambda b: next(each).pow(2).sum(1))  # squared norms, summed over shards
         trials: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def margin(block) -> torch.Tensor:
-            prev = self.before[len(trials)]
-            x = block.matrix()
-            norm = x.norm(dim=1, keepdim=True)
-            lam = self.lam.index_select(0, block.rows)[:, None]  # ([] indexing is slower on CPU)
+            prev, x = self.before[len(trials)], xs[len(trials)]
+            norm = sq.index_select(0, block.rows).sqrt().to(x.dtype)[:, None]  # ([] is slower on CPU)
+            lam = self.lam.index_select(0, block.rows)[:, None]
             trial = x - self.lr * lam.to(x.dtype) * x / norm.clamp_min(1e-30)
             trials.append((x, trial))
-            gap = (trial * prev).sum(1) - self.epsilon * (prev * prev).sum(1)
-            return torch.where(norm[:, 0] == 0, -math.inf, gap)
+            return (trial * prev).sum(1) - self.epsilon * (prev * prev).sum(1)
 
+        gap = torch.where(sq == 0, -math.inf, self.views.total(margin))
         live = self.redundant & ~self.zero
-        out = live & (mean_across_ranks(self.views.gather(margin)) < 0)
+        out = live & (mean_across_ranks(gap) < 0)
         shrink = live & ~out
         for block, (x, trial) in zip(self.views, trials, strict=True):
             block.set_matrix(torch.where(shrink.index_select(0, block.rows)[:, None], trial, x))

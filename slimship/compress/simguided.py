@@ -142,6 +142,7 @@ class SimGuided(IterativePruning):
     step of the run is not simulated (nothing is masked before the first ``after_step``)."""
 
     state_keys = ("cuts_done", "masked", "masking", "saved")
+    local_keys = ("saved",)
 
     def __init__(self, model: nn.Module, example_inputs: Any, **options: Any) -> None:
         super().__init__(model, example_inputs, **options)
@@ -153,7 +154,14 @@ class SimGuided(IterativePruning):
         self.masked = torch.zeros_like(self.zero)
         self.masking = False  # python-side copy of masked.any() (no device sync per step)
         self.positions: list[list[torch.Tensor]] = []  # per block, the masked positions of each consumer
-        self.saved = [[s.tensor.detach().clone() for s in b.consume] for b in self.views]
+        self.saved = self.consumers()
+
+    def consumers(self) -> list[list[torch.Tensor]]:
+        """A copy of every block's consuming tensors (this rank's chunks under FSDP)."""
+        return [[s.local().detach().clone() for s in b.consume] for b in self.views]
+
+    def on_rebind(self) -> None:
+        self.saved = self.consumers()
 
     def on_backward(self) -> None:
         if self.masking:
@@ -173,10 +181,10 @@ class SimGuided(IterativePruning):
         """Save the consuming tensors and zero the slices of the `masked` groups."""
         self.masked, self.masking = masked, True
         self.positions = [self.consumer_masks(block) for block in self.views]
+        self.saved = self.consumers()
         for i, block in enumerate(self.views):
-            self.saved[i] = [s.tensor.detach().clone() for s in block.consume]
             for s, where in zip(block.consume, self.positions[i], strict=True):
-                s.tensor.masked_fill_(where, 0)
+                s.local().masked_fill_(where, 0)
 
     @torch.no_grad()
     def unmask(self) -> None:
@@ -184,7 +192,7 @@ class SimGuided(IterativePruning):
         positions = self.positions or [self.consumer_masks(block) for block in self.views]  # none if loaded
         for i, block in enumerate(self.views):
             for s, saved, where in zip(block.consume, self.saved[i], positions[i], strict=True):
-                s.tensor.copy_(torch.where(where, saved, s.tensor))
+                s.local().copy_(torch.where(where, saved, s.local()))
         self.masked, self.masking, self.positions = torch.zeros_like(self.zero), False, []
 
     def consumer_masks(self, block) -> list[torch.Tensor]:

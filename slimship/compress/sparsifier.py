@@ -9,7 +9,10 @@
         sp.after_step()       # projections, shrinking, drop-out / drop-in, holding zeros and clusters
 
 Works with any optimizer; with AMP call ``scaler.unscale_(optimizer)`` before ``after_backward()``; with
-DistributedDataParallel pass the wrapped model (its ``.module`` is used). Decisions that depend on data
+DistributedDataParallel pass the wrapped model (its ``.module`` is used). Under FSDP2 build the sparsifier
+on the plain model, then ``fully_shard`` it: the sparsifier follows the parameters into their DTensor
+shards, sums its group statistics over the shards and writes its zeros into each rank's chunk (building
+on an already sharded model is refused, saying so). Decisions that depend on data
 are averaged across ranks and random draws come from generators seeded alike on every rank, so all ranks
 decide alike. ``state_dict()`` / ``load_state_dict()`` resume from the user's checkpoints.
 
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from slimship.compress.base import (
+    SHARDABLE,
     Batch,
     Training,
     load_builtin_methods,
@@ -36,6 +40,7 @@ from slimship.compress.base import (
 )
 from slimship.compress.checks import check_choice, check_fraction, check_int, is_int, is_number
 from slimship.compress.device import device_of, mean_across_ranks, unwrap
+from slimship.compress.shards import BUILD_ORDER, refuse_sharded, shard_key
 from slimship.compress.views import GroupViews
 from slimship.errors import CompressionError
 
@@ -54,6 +59,7 @@ def register_sparsifier(name: str) -> Callable[[type[Sparsifier]], type[Sparsifi
             raise CompressionError(f"sparsifier {name!r} is registered twice")
         cls.name = name
         SPARSIFIERS[name] = cls
+        SHARDABLE.add(name)  # `compress(name)` drives this class, which follows FSDP shards
         return cls
 
     return wrap
@@ -182,6 +188,8 @@ class Sparsifier:
     state_keys: ClassVar[tuple[str, ...]] = ()
     #: zero the consuming slices of held groups too (magnitude pruning's importance includes them)
     hold_consumers: ClassVar[bool] = False
+    #: state keys holding this rank's chunks of parameters under FSDP (a rank loads only its own)
+    local_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -203,6 +211,7 @@ class Sparsifier:
             seed=seed,
         )
         self.model = unwrap(model)
+        refuse_sharded(self.model, f"sparsifier {self.name!r}")
         self.device = device_of(self.model)
         self.total_steps, self.seed = int(total_steps), int(seed)
         self.target = check_fraction("target", target)
@@ -236,6 +245,7 @@ class Sparsifier:
         if self.backward_done:
             self.wrong_order("after_backward() was called twice without after_step() in between")
         self.backward_done = True
+        self.follow()
         with torch.no_grad():
             if self.step < self.total_steps:
                 self.on_backward()
@@ -249,6 +259,7 @@ class Sparsifier:
         if not self.backward_done:
             self.wrong_order("after_step() was called without after_backward() since the previous step")
         self.backward_done = False
+        self.follow()
         with torch.no_grad():
             if self.step < self.total_steps:
                 self.on_step()
@@ -257,6 +268,29 @@ class Sparsifier:
             if self.holding:
                 self.views.zero(self.zero, consumers=self.hold_consumers)
         self.step += 1
+
+    def follow(self) -> None:
+        """Follow the model's parameters if they were replaced (sharded with fully_shard after building);
+        only before the first optimizer step, when nothing is decided yet."""
+        if self.views.refresh():
+            if self.step > 0:
+                raise CompressionError(
+                    f"sparsifier {self.name!r}: the model's parameters were replaced at step {self.step} "
+                    f"(sharded in the middle of the run?); shard before the first step: {BUILD_ORDER}"
+                )
+            self.on_rebind()
+
+    def track(self, model: nn.Module) -> None:
+        """Follow the parameters of `model` from now on: the same module by names (slimship's loop trains
+        a sharded copy under strategy fsdp and hands the trained values back to the plain model)."""
+        model = unwrap(model)
+        if model is not self.views.model:
+            self.model = self.views.model = model
+            if self.views.refresh():
+                self.on_rebind()
+
+    def on_rebind(self) -> None:
+        """Method hook after the parameters moved into shards: remake state held per parameter chunk."""
 
     def wrong_order(self, what: str) -> None:
         raise CompressionError(
@@ -307,6 +341,8 @@ class Sparsifier:
         for key in self.state_keys:
             value = getattr(self, key)
             state[key] = value.clone() if isinstance(value, torch.Tensor) else _copy(value)
+        if self.local_keys and self.views.group is not None:
+            state["shard"] = shard_key(self.views.group)
         return state
 
     def check_state(self, state: Any) -> None:
@@ -347,6 +383,14 @@ class Sparsifier:
                 f"sparsifier state of {self.name!r} was saved with other settings ({what}); "
                 "build the sparsifier with the same total_steps and options to resume"
             )
+        saved_shard = state.get("shard")
+        here_shard = shard_key(self.views.group) if self.local_keys else None
+        if self.local_keys and saved_shard != here_shard:
+            raise CompressionError(
+                f"sparsifier state of {self.name!r} holds parameter chunks of shard {saved_shard} "
+                f"([rank, ranks]; None: unsharded), this sparsifier's are {here_shard}: under FSDP every "
+                "rank saves and loads its own sparsifier state (sp.state_dict() on each rank)"
+            )
         zero, step = state["zero"], state["step"]
         if (
             not isinstance(zero, torch.Tensor)
@@ -359,6 +403,7 @@ class Sparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (tensors move to the model's device); a state of
         another method, model or settings is refused."""
+        self.follow()
         self.check_state(state)
         self.backward_done = False
         self.step = int(state["step"])
@@ -385,6 +430,7 @@ class Sparsifier:
         ``group_sparsity`` is the fraction of groups exactly zero; ``removable`` the fraction ``slim``
         removes from the model as it is now (zero groups, and for C-SGD the merged-away cluster members).
         """
+        self.follow()
         measured = self.views.is_zero().cpu()
         decided = self.zero.cpu()
         spaces = {
@@ -493,11 +539,13 @@ def train_with(
     state: dict[str, Any] = {}
 
     def grad_hook(m: nn.Module, epoch: int, step: int) -> None:
+        sp.track(m)  # the sharded copy under strategy fsdp
         if sp.step != step:  # resumed from a checkpoint: the loop restored `state` in place
             sp.load_state_dict(state["sparsifier"])
         sp.after_backward()
 
     def epoch_hook(m: nn.Module, epoch: int, step: int) -> dict[str, Any]:
+        sp.track(m)
         state["sparsifier"] = sp.state_dict()  # saved with the checkpoint right after this hook
         record = (
             epoch_record() if epoch_record is not None else {"group_sparsity": sp.summary()["group_sparsity"]}
@@ -507,7 +555,7 @@ def train_with(
             record["test_accuracy"] = acc
         return record
 
-    return training.run(
+    history = training.run(
         model,
         train,
         desc=sp.name,
@@ -516,3 +564,5 @@ def train_with(
         epoch_hook=epoch_hook,
         state=state,
     )
+    sp.track(model)  # back to the plain model, which holds the trained values
+    return history

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic.fields import FieldInfo
 
 from slimship._yaml import load_yaml
-from slimship.compress.device import DEVICE_RE, DEVICE_RULE
+from slimship.compress.device import DEVICE_RE, DEVICE_RULE, STRATEGIES
 from slimship.errors import ConfigError, SlimshipError, first_line
 from slimship.exporters.registry import FORMATS as FORMAT_TABLE
 from slimship.pipeline.config_checks import READINESS_CHECKS
@@ -81,6 +81,9 @@ class TrainSpec(Section):
         "auto",
         f"{DEVICE_RULE} (where dense training and compression run; auto: cuda, else mps, else cpu)",
         pattern=DEVICE_RE.pattern,
+    )
+    strategy: Literal[STRATEGIES] = _f(  # type: ignore[valid-type]
+        "ddp", "ddp or fsdp (under torchrun: replicas with DistributedDataParallel, or FSDP2 shards)"
     )
 
 

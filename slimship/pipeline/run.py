@@ -23,6 +23,7 @@ from slimship.compress.device import (
     rank,
     resolve_device,
     to_device,
+    training_strategy,
     world_size,
 )
 from slimship.errors import SlimshipError
@@ -96,7 +97,8 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
     with process_group(device), _rank0_voice():
         console = (console or Console()) if rank() == 0 else Console(quiet=True)
         stages = _Stages(console)
-        trained = _train_stages(config, stages, device)
+        with training_strategy(config.train.strategy if config.train else "ddp"):
+            trained = _train_stages(config, stages, device)
         if world_size() == 1:
             return _publish(config, console, stages, trained)
         return _publish_on_rank0(config, console, stages, trained)

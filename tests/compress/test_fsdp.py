@@ -1,0 +1,96 @@
+"""Sparsifiers on a model sharded with FSDP2 (fully_shard): 2 gloo processes, one launch (fsdp_sparsifier)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimship.compress.sparsifier import SPARSIFIERS
+from tests.compress.test_base import one_thread
+
+assert one_thread  # autouse fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # one torchrun launch of two processes, every method (~20-90 s by load)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("fsdp")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun is not None
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(28600 + os.getpid() % 1000)]
+    cmd += ["-m", "tests.compress.fsdp_sparsifier", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((out / f"fsdp-rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_every_sparsifier_under_fsdp_decides_as_one_process_and_ddp(ranks: list[dict]) -> None:
+    """Every registered sparsifier, built on the plain model then sharded: its parameters are DTensors; its
+    decisions at every step equal on both ranks, equal to DDP's and to one process's on the same global
+    batches; decided zeros hold in the shards after every optimizer step; the gathered full state dict has
+    exactly the decided groups zero, equals DDP's weights and slims exactly."""
+    from tests.compress import ddp_sparsifier
+
+    methods = sorted(ddp_sparsifier.METHODS)
+    assert methods == sorted(SPARSIFIERS)  # every user-loop sparsifier is covered
+    fsdp = [r["fsdp"] for r in ranks]
+    for name in methods:
+        single = ddp_sparsifier.run(name, rank=0, world=1)[0]
+        assert set(fsdp[0][name]["params"]) == {"DTensor"}
+        assert fsdp[0][name]["changes"] == fsdp[1][name]["changes"] == single, name
+        assert ranks[0]["ddp"][name]["changes"] == ranks[1]["ddp"][name]["changes"] == single, name
+        assert all(fsdp[0][name]["held"]) and all(fsdp[1][name]["held"]), name
+        assert len(fsdp[0][name]["held"]) == ddp_sparsifier.STEPS
+        decided = fsdp[0][name]["decided_zero"]
+        assert fsdp[0][name]["zeros"] == decided, name
+        assert (len(decided) == 0) == (name == "csgd"), name  # csgd merges clusters instead
+        full = ranks[0]["full"][name]
+        assert full["slims_exactly"], name
+        assert full["max_diff_from_ddp"] <= 1e-6, name
+    assert ranks[1]["full"] == {}  # rank 0 alone holds the gathered state dict
+
+
+def test_build_order_under_fsdp(ranks: list[dict]) -> None:
+    """Built on an already sharded model: refused, saying to build first, then shard. Resumed from each
+    rank's own saved state into a fresh sparsifier built before sharding: the same decisions; a state that
+    holds another rank's parameter chunks (drop's snapshots, simguided's saved consumers) is refused."""
+    for r in ranks:
+        for name, message in r["after"].items():
+            assert "already sharded" in message and "build the sparsifier on the plain model first" in message
+            assert r["resumed"][name]["changes"] == r["fsdp"][name]["changes"], name
+        refused = {n: v["refused_foreign"] for n, v in r["resumed"].items()}
+        for name in ("drop", "simguided"):
+            assert "every rank saves and loads its own sparsifier state" in refused[name], name
+        assert {n for n, v in refused.items() if v == "no local state"} == {
+            "csgd",
+            "hesso",
+            "hspg",
+            "magnitude",
+        }
+
+
+def test_slimship_loop_under_strategy_fsdp(ranks: list[dict]) -> None:
+    """compress(name) under training_strategy("fsdp") trains a sharded copy (one per run) and returns a plain
+    model with DDP's decisions and weights, which slims exactly; a method whose hooks need a plain model
+    (lorita) is refused under fsdp, naming the methods that run."""
+    for r in ranks:
+        loop = r["loop"]
+        for name in ("hesso", "csgd"):
+            fsdp, ddp = loop[name]["fsdp"], loop[name]["ddp"]
+            assert (fsdp["sharded_copies"], ddp["sharded_copies"]) == (1, 0)
+            assert fsdp["types"] == ddp["types"] == ["Parameter"]
+            assert fsdp["removable"] == ddp["removable"] == 0.5
+            assert fsdp["per_space"] == ddp["per_space"]
+            assert loop[name]["max_diff"] <= 1e-6
+            assert loop[name]["slims_exactly"]
+        assert "'lorita' does not train under strategy fsdp" in loop["refused"]
+        assert "hesso" in loop["refused"] and "use strategy ddp" in loop["refused"]
