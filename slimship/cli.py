@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slimship._console import Steps, native_stderr_quiet, note, setup_logging, stdout_console
+from slimship.budget import set_max_memory
 from slimship.cli_parser import GATE_HELP
 from slimship.errors import STOPPED_EXIT, GateError, SlimshipError, StoppedEarly, on_every_rank
 
@@ -559,6 +560,7 @@ def _speaks_for_all() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    set_max_memory(args.max_memory)
     try:
         if args.json and args.json != "-":
             check_output_file(Path(args.json), "--json")

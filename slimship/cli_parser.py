@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from slimship._version import __version__
+from slimship.budget import parse_size
 from slimship.runtimes.registry import RUNTIMES
 
 DESCRIPTION = """slim pruned PyTorch models, export them (ONNX, TFLite, ExecuTorch) with parity checks,
@@ -41,6 +42,13 @@ EXAMPLES = {
     "--calibration calib.npz",
     "verify": "slimship verify artifacts/my-model-1.0.0",
 }
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _command(sub: Any, name: str, text: str, fn: Any) -> argparse.ArgumentParser:
@@ -87,6 +95,14 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     parser.add_argument("--version", action="version", version=f"slimship {__version__}")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log at INFO level, show third-party logs"
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="memory budget for what a file declares (inputs, graph nodes, weights, .npz arrays), e.g. 4GiB "
+        "(omitted: a quarter of this machine's memory)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

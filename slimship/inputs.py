@@ -8,16 +8,20 @@ names the file and the key.
 
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from slimship.budget import INPUT_COPIES, check_bytes, check_tensor
 from slimship.errors import ConfigError, ModelFileError
+from slimship.runtimes.runners import probe_load
 
 if TYPE_CHECKING:
     from slimship.exporters.common import TensorSpec
@@ -27,40 +31,130 @@ _NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile,
 
 
 def load_npz_inputs(path: str | Path, specs: Sequence[TensorSpec] | None = None) -> list[np.ndarray]:
-    """Arrays in0..inN of an .npz, in order; checked against the model's input `specs` when given."""
+    """Arrays in0..inN of an .npz, in order; checked against the model's input `specs` when given.
+
+    Keys, shapes and dtypes are checked from the arrays' headers, and their sizes against the memory
+    budget (a run holds INPUT_COPIES of its inputs), before any data is read."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{p}: is a folder; --inputs takes an .npz file with arrays in0, in1, ...")
     if not p.is_file():
         raise ConfigError(f"{p}: no such inputs file")
-    arrays = _read_npz(p)
-    _check_keys(p, list(arrays))
-    inputs = [arrays[f"in{i}"] for i in range(len(arrays))]
-    for i, value in enumerate(inputs):
-        if value.size == 0:
-            raise ConfigError(f"{p}: in{i} has shape {list(value.shape)} with no elements; give real inputs")
-    if specs is not None:
-        check_inputs(inputs, specs, str(p))
-    return inputs
+    with _NpzReader(p) as reader:
+        _check_keys(p, list(reader.headers))
+        declared = [reader.headers[f"in{i}"] for i in range(len(reader.headers))]
+        for i, value in enumerate(declared):
+            if value.size == 0:
+                shape = list(value.shape)
+                raise ConfigError(f"{p}: in{i} has shape {shape} with no elements; give real inputs")
+        if specs is not None:
+            check_inputs(declared, specs, str(p))
+        check_bytes(str(p), "its arrays together", sum(h.nbytes for h in declared), INPUT_COPIES)
+        return [reader.read(f"in{i}") for i in range(len(declared))]
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ConfigError(f"{path}: a single .npy array, not an .npz archive of in0, in1, ...")
-        with data:
-            return {key: data[key] for key in data.files}
-    except _NPZ_READ_ERRORS as exc:
-        if "Object arrays" in str(exc):
+_NPY_MAGIC = b"\x93NUMPY"
+_MAX_MEMBERS = 4096
+_MAX_HEADER = 1 << 16
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """An .npz member's .npy header: what it declares (shape, dtype, size) and where its data starts."""
+
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+
+class _NpzReader:
+    """An .npz opened member by member: every .npy header read (bounded) and its declared size checked
+    against the budget and the member's size before any data is inflated; `read(key)` then reads one
+    array in chunks into an array of exactly the declared size."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            if not zipfile.is_zipfile(path):
+                with open(path, "rb") as f:
+                    if f.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
+                        raise ConfigError(f"{path}: a single .npy array, not an .npz archive of in0, in1 ...")
+                raise zipfile.BadZipFile("File is not a zip file")
+            self.archive = zipfile.ZipFile(path)
+            infos = [info for info in self.archive.infolist() if not info.is_dir()]
+            if len(infos) > _MAX_MEMBERS:
+                raise ConfigError(f"{path}: holds {len(infos)} members, over {_MAX_MEMBERS}")
+            self.headers = {info.filename.removesuffix(".npy"): self._header(info) for info in infos}
+            check_bytes(str(path), "its arrays together", sum(h.nbytes for h in self.headers.values()))
+        except _NPZ_READ_ERRORS as exc:
+            raise self._unreadable(exc) from None
+
+    def __enter__(self) -> _NpzReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.archive.close()
+
+    def _unreadable(self, exc: BaseException) -> ConfigError:
+        return ConfigError(
+            f"{self.path}: not a readable .npz file ({type(exc).__name__}: {str(exc)[:200]}); the file is "
+            "corrupt, truncated or of another format: save the inputs again with numpy.savez"
+        )
+
+    def _header(self, info: zipfile.ZipInfo) -> _Declared:
+        path, key = self.path, info.filename.removesuffix(".npy")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ConfigError(f"{path}: array {key!r} uses an unsupported zip compression")
+        with self.archive.open(info) as stream:
+            version = np.lib.format.read_magic(stream)
+            if version not in _HEADER_READERS:
+                raise ValueError(f"array {key!r}: .npy format version {version} is not supported")
+            shape, fortran, dtype = _HEADER_READERS[version](stream, max_header_size=_MAX_HEADER)
+            offset = stream.tell()
+        if dtype.hasobject:
             raise ConfigError(
                 f"{path}: holds object arrays (pickled Python objects), which slimship never loads; "
                 "save plain numeric arrays with numpy.savez"
-            ) from None
-        raise ConfigError(
-            f"{path}: not a readable .npz file ({type(exc).__name__}: {str(exc)[:200]}); the file is "
-            "corrupt, truncated or of another format: save the inputs again with numpy.savez"
-        ) from None
+            )
+        nbytes = check_tensor(str(path), f"array {key!r} ({dtype})", shape, dtype.itemsize)
+        if info.file_size != offset + nbytes:
+            raise ConfigError(
+                f"{path}: array {key!r} declares shape {list(shape)} ({nbytes} bytes of {dtype}) but its "
+                f"member holds {max(info.file_size - offset, 0)} bytes of data: corrupt or truncated"
+            )
+        return _Declared(info, tuple(shape), bool(fortran), dtype, offset)
+
+    def read(self, key: str) -> np.ndarray:
+        head = self.headers[key]
+        out = np.empty(head.nbytes, np.uint8)
+        try:
+            with self.archive.open(head.info) as stream:
+                stream.read(head.offset)
+                done = 0
+                while done < head.nbytes:
+                    block = stream.read(min(_CHUNK, head.nbytes - done))
+                    if not block:
+                        raise EOFError(f"array {key!r} is truncated ({done} of {head.nbytes} bytes)")
+                    out[done : done + len(block)] = np.frombuffer(block, np.uint8)
+                    done += len(block)
+        except _NPZ_READ_ERRORS as exc:
+            raise self._unreadable(exc) from None
+        array = out.view(head.dtype)
+        return array.reshape(head.shape[::-1]).T if head.fortran else array.reshape(head.shape)
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def _check_keys(path: Path, keys: list[str]) -> None:
@@ -105,6 +199,43 @@ def model_input_specs(path: str | Path) -> list[TensorSpec]:
 
     p = Path(path)
     check_model_file(p)
+    if p.suffix in _NATIVE_RUNTIMES:
+        probe_load(p, _NATIVE_RUNTIMES[p.suffix])
+    specs = _file_input_specs(p)
+    check_feedable(p, specs)
+    check_declared_inputs(str(p), specs)
+    return specs
+
+
+# formats whose specs a native runtime reads in this process (probed in a child first)
+_NATIVE_RUNTIMES = {".tflite": "litert", ".pte": "executorch"}
+_FEEDABLE = frozenset(
+    "float16 float32 float64 int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool".split()
+)
+
+
+def check_feedable(path: str | Path, specs: Sequence[TensorSpec]) -> None:
+    """Refuse a model input slimship cannot build or feed from numpy (bfloat16, strings, undefined)."""
+    for spec in specs:
+        if str(spec.dtype) not in _FEEDABLE:
+            raise ModelFileError(
+                f"{path}: input {spec.name!r} has element type {spec.dtype}, which slimship cannot feed "
+                f"(supported: {', '.join(sorted(_FEEDABLE))})"
+            )
+
+
+def check_declared_inputs(where: str, specs: Sequence[TensorSpec], copies: int = INPUT_COPIES) -> None:
+    """The inputs a model file declares (a dynamic dim counted as 1) against the memory budget, each and
+    together, before any is generated."""
+    total = 0
+    for spec in specs:
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        itemsize = np.dtype(spec.dtype).itemsize if str(spec.dtype) in _FEEDABLE else 1
+        total += check_tensor(where, f"input {spec.name!r} ({spec.dtype})", shape, itemsize, copies)
+    check_bytes(where, "its inputs together", total, copies)
+
+
+def _file_input_specs(p: Path) -> list[TensorSpec]:
     if p.suffix == ".onnx":
         from slimship.exporters.onnx_export import onnx_tensor_specs
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -27,7 +28,9 @@ from typing import Any
 
 import torch
 
+from slimship.budget import check_tensor
 from slimship.errors import ModelFileError
+from slimship.pt2_budget import check_declared_values, check_node_outputs
 from slimship.pt2_checks import (
     FQN,
     OPT_IN,
@@ -35,6 +38,7 @@ from slimship.pt2_checks import (
     check_graph_json,
     check_sample_inputs,
     drop_free_text,
+    parse_json,
 )
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ _WEIGHTS_DIR, _CONSTANTS_DIR = "data/weights/", "data/constants/"
 _WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
 _CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
 _TENSOR_PREFIX = "tensor_"
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 
 
 @dataclass
@@ -116,10 +121,13 @@ def load_program(path: str | Path, *, allow_pickle: bool = False) -> LoadedProgr
         program = _deserialize(path, members)
         example, source = None, "synthesized"
     inputs = input_specs(program)
+    module = program.module()
     if example is None:
+        for spec in inputs:
+            check_tensor(str(path), f"input {spec.name!r} ({spec.dtype})", spec.shape, spec.dtype.itemsize)
+        check_node_outputs(module, [(spec.shape, spec.dtype) for spec in inputs], str(path))
         example = synthesize_inputs(program, inputs)
     check_example(example, str(path))
-    module = program.module()
     return LoadedProgram(path, program, module, tuple(example), inputs, source, allow_pickle)
 
 
@@ -236,10 +244,7 @@ def _json_member(path: Path, members: dict[str, bytes], name: str) -> Any:
     data = members[name]
     if len(data) > MAX_JSON_BYTES:
         raise ModelFileError(f"{path}: member {name!r} is over {MAX_JSON_BYTES} bytes")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: member {name!r} is not valid JSON ({exc})") from None
+    return parse_json(data, f"{path}: member {name!r}")
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -253,6 +258,11 @@ def require_no_pickle(path: Path, members: dict[str, bytes]) -> None:
         config = _json_member(path, members, name).get("config", {}) if name in members else {}
         for fqn, meta in config.items():
             path_name = str(meta.get("path_name", ""))
+            if not _MEMBER_NAME.fullmatch(path_name):
+                raise ModelFileError(
+                    f"{path}: {name} ({str(fqn)[:80]}): refusing path {path_name[:80]!r}: not a plain member "
+                    f"name inside the archive's {directory} folder"
+                )
             if meta.get("use_pickle") or not path_name.startswith(("weight_", _TENSOR_PREFIX)):
                 raise PickleRequiredError(
                     f"{path}: member {directory + path_name!r} ({fqn}) is stored as a pickle (a tensor "
@@ -299,6 +309,14 @@ def _strided(
     numel = len(data) // element
     if any(s < 0 for s in sizes) or any(s < 0 for s in strides) or offset < 0:
         raise ModelFileError(f"{where}: negative size, stride or offset")
+    if len(sizes) != len(strides):
+        raise ModelFileError(f"{where}: {len(sizes)} sizes but {len(strides)} strides")
+    if any(n > 1 and s == 0 for n, s in zip(sizes, strides)):
+        raise ModelFileError(
+            f"{where}: refusing sizes {sizes} with strides {strides}: a stride of 0 repeats its storage, "
+            "which torch.export does not write for a weight"
+        )
+    check_tensor(where, f"weight ({dtype})", sizes, element)
     extent = offset + sum((n - 1) * s for n, s in zip(sizes, strides)) + 1 if all(sizes) else 0
     if extent > numel:
         raise ModelFileError(f"{where}: the tensor reaches element {extent} of a {numel}-element storage")
@@ -327,6 +345,7 @@ def _deserialize(path: Path, members: dict[str, bytes]) -> torch.export.Exported
         raise ModelFileError(f"{path}: {_MODEL_JSON} is not a serialized ExportedProgram")
     where = f"{path}: {_MODEL_JSON}"
     check_graph_json(doc, where)
+    check_declared_values(doc, where)
     drop_free_text(doc, where)
     fallback_unknown_pytree_types(doc)
     state_dict = _payload(path, members, _WEIGHTS_DIR, _WEIGHTS_CONFIG)

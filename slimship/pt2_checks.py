@@ -7,6 +7,7 @@ checked against an allowlist; pickles are only read as opcodes (`pickletools`), 
 from __future__ import annotations
 
 import io
+import json
 import pickletools
 import re
 import zipfile
@@ -61,6 +62,50 @@ _GUARD = re.compile(
     r"^L\[(?:'[A-Za-z_][A-Za-z0-9_]*'|[0-9]+)\](?:\.size\(\)\[[0-9]+\])? (?:==|!=|<=|>=|<|>) -?[0-9]+$"
 )
 _DROPPED_META = ("stack_trace", "custom")  # reach generated code as comments; not needed to run
+
+
+# ------------------------------------------------------------------------------------------ bounded JSON
+
+MAX_JSON_DEPTH = 128  # torch writes about 10 levels; nested subgraphs add a few each
+MAX_NODES = 50_000  # graph nodes, all subgraphs together (torch deserializes a few hundred a second)
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """JSON text parsed within bounds: no key twice in an object, nesting at most MAX_JSON_DEPTH levels."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ModelFileError(f"{where}: the key {key[:80]!r} appears twice in one object")
+            seen[key] = value
+        return seen
+
+    try:
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except RecursionError:
+        raise ModelFileError(
+            f"{where}: nests deeper than JSON can be parsed (over {MAX_JSON_DEPTH} levels)"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelFileError(f"{where}: not valid JSON ({exc})") from None
+    depth = json_depth(doc)
+    if depth > MAX_JSON_DEPTH:
+        raise ModelFileError(f"{where}: nests {depth} levels deep, over {MAX_JSON_DEPTH}")
+    return doc
+
+
+def json_depth(doc: Any) -> int:
+    """How many levels of lists and objects `doc` nests (iterative: no recursion)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, level)
+            stack.extend(
+                (child, level + 1) for child in (value.values() if isinstance(value, dict) else value)
+            )
+    return deepest
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -156,6 +201,11 @@ def _graph_nodes(doc: Any) -> Iterator[dict[str, Any]]:
 
 def check_graph_json(doc: Any, where: str) -> None:
     """Walk the serialized program and refuse any string torch would evaluate that is not allowlisted."""
+    count = sum(1 for _ in _graph_nodes(doc))
+    if count > MAX_NODES:
+        raise ModelFileError(
+            f"{where}: the program has {count} graph nodes, over the {MAX_NODES} slimship opens"
+        )
     for key, value, trail in _walk(doc, ""):
         if not isinstance(value, str):
             continue

@@ -20,6 +20,7 @@ import numpy as np
 
 from slimship.errors import ConfigError, ModelFileError, first_line
 from slimship.exporters.common import TensorSpec
+from slimship.inputs import check_declared_inputs, check_feedable
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -304,7 +305,7 @@ def random_inputs(
 ) -> tuple[list[np.ndarray], list[str]]:
     """Random arrays for `specs` (`input_shape` replaces the first input's shape after the batch dim);
     dynamic dims become 1, each with a note. Floats ~ N(0, 1); integers 0 or 1 (valid token ids)."""
-    rng, arrays, notes = np.random.default_rng(seed), [], []
+    rng, arrays, notes, shapes = np.random.default_rng(seed), [], [], []
     for i, spec in enumerate(specs):
         shape = list(spec.shape)
         if i == 0 and input_shape:
@@ -316,8 +317,14 @@ def random_inputs(
                     f"input {spec.name!r} {what} is dynamic ({dim}); using 1 (--input-shape overrides)"
                 )
                 shape[axis] = 1
+        shapes.append(shape)
+    check_feedable("random inputs", specs)
+    check_declared_inputs("random inputs", [TensorSpec(s.name, d, s.dtype) for s, d in zip(specs, shapes)])
+    for spec, shape in zip(specs, shapes):
         dtype = np.dtype(spec.dtype)
-        if np.issubdtype(dtype, np.floating):
+        if dtype in (np.float32, np.float64):  # drawn in the input's dtype: no float64 copy of float32
+            arrays.append(rng.standard_normal(shape, dtype=dtype))
+        elif np.issubdtype(dtype, np.floating):
             arrays.append(rng.standard_normal(shape).astype(dtype))
         elif dtype == np.bool_:
             arrays.append(rng.integers(0, 2, shape).astype(bool))

@@ -459,9 +459,20 @@ def _specs(values, initializers) -> list[TensorSpec]:
         shape: list[int | str] = [
             d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim
         ]
-        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        specs.append(TensorSpec(value.name, shape, dtype))
+        specs.append(TensorSpec(value.name, shape, _dtype_name(tensor_type.elem_type)))
     return specs
+
+
+def _dtype_name(elem_type: int) -> str:
+    """The numpy name of an ONNX element type; ONNX's own name (lower case) for one numpy cannot hold as a
+    plain number (string, bfloat16) or does not know ('undefined')."""
+    if elem_type == onnx.TensorProto.STRING:
+        return "string"
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError):
+        known = elem_type in onnx.TensorProto.DataType.values()
+        return onnx.TensorProto.DataType.Name(elem_type).lower() if known else f"undefined ({elem_type})"
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
