@@ -174,13 +174,10 @@ def _quantize(
     dynamic: bool,
 ) -> torch.export.ExportedProgram:
     """PT2E static int8 with the XNNPACK quantizer, calibrated on `calib`, re-exported for lowering."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer = _xnnpack_quantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     try:
         prepared = prepare_pt2e(program.module(), quantizer)
         with torch.no_grad():
@@ -193,6 +190,46 @@ def _quantize(
     except Exception as exc:
         stage = "PT2E quantization (ExecuTorch int8)"
         raise export_error(stage, exc, program.graph_module, _WAY_OUT) from exc
+
+
+def _xnnpack_quantizer() -> Any:
+    """ExecuTorch's XNNPACKQuantizer, keeping integer arithmetic integer.
+
+    Its `transform_for_annotation` turns every scalar of an `aten.add` / `aten.mul` into a float32
+    tensor constant, integer ones included: `positions = arange(n) + 0` (every Hugging Face decoder's
+    position ids) becomes float and the `aten.index` it feeds fails ("tensors used as indices must be
+    long ..."). This subclass puts the scalar back where the node's result is not floating point.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    class IntegerSafeQuantizer(XNNPACKQuantizer):
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().transform_for_annotation(model)
+            return integer_scalars_restored(model)
+
+    return IntegerSafeQuantizer()
+
+
+def integer_scalars_restored(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace the tensor-constant operands XNNPACKQuantizer gave integer add/mul nodes by their scalars."""
+    changed = False
+    for node in model.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(value, torch.Tensor) or value.dtype.is_floating_point:
+            continue
+        args = list(node.args)
+        for i, arg in enumerate(args):
+            constant_node = isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+            if constant_node and "_tensor_constant_" in str(arg.target):
+                constant = getattr(model, str(arg.target))
+                if constant.dim() == 0:
+                    args[i] = int(constant.item()) if float(constant.item()).is_integer() else constant.item()
+                    changed = True
+        node.args = tuple(args)
+    if changed:
+        model.graph.eliminate_dead_code()
+        model.recompile()
+    return model
 
 
 def _lower(

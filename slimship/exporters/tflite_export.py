@@ -191,6 +191,7 @@ def _convert(
 ) -> bytes:
     import litert_torch
 
+    model = broadcasts_materialised(model, inputs)
     module = litert_torch.to_channel_last_io(model, args=nhwc_args) if nhwc_args else model
     args = _layout(inputs, nhwc_args)
     quant_config = None
@@ -205,6 +206,64 @@ def _convert(
     if variant == "fp16":
         data = _fp16_weights(data)
     return data
+
+
+_ATEN = torch.ops.aten
+#: ops that only reshape or copy a tensor (a broadcast passes through them unchanged)
+_SHAPE_ONLY = frozenset({_ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default,
+                         _ATEN.unsqueeze.default, _ATEN.clone.default, _ATEN.contiguous.default})  # fmt: skip
+_TRANSPOSES = frozenset({_ATEN.transpose.int, _ATEN.permute.default, _ATEN.t.default})
+
+
+def broadcasts_materialised(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.nn.Module:
+    """`model` with each `expand` that reaches a transpose made a concatenation of copies, else `model`.
+
+    litert-torch 0.10 converts a transpose of a broadcast wrongly (`k.expand(...).transpose(2, 3)`
+    comes out with the wrong values): that is the `repeat_kv` of every grouped-query attention with a
+    single key/value head, so a decoder slimmed to one KV head differs from PyTorch. Copies along the
+    broadcast dimensions are the same values and convert right.
+    """
+    try:
+        graph_module = torch.export.export(model, inputs, strict=False).module()
+    except Exception:  # the conversion itself reports what fails to trace
+        return model
+    broadcasts = (_ATEN.expand.default, _ATEN.repeat.default)
+    expands = [n for n in graph_module.graph.nodes if n.target in broadcasts and _feeds_transpose(n)]
+    for node in expands:
+        _as_copies(graph_module.graph, node)
+    if not expands:
+        return model
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
+
+
+def _feeds_transpose(node: torch.fx.Node) -> bool:
+    users = list(node.users)
+    while users:
+        user = users.pop()
+        if user.target in _TRANSPOSES:
+            return True
+        if user.target in _SHAPE_ONLY:
+            users.extend(user.users)
+    return False
+
+
+def _as_copies(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Replace an expand or a repeat (a tiling: copies of the tensor side by side) by concatenations."""
+    source, out = node.args[0], node.meta.get("val")
+    shape = getattr(source, "meta", {}).get("val")
+    if out is None or shape is None or not all(isinstance(d, int) for d in (*out.shape, *shape.shape)):
+        return
+    with graph.inserting_before(node):
+        value, dims = source, list(shape.shape)
+        while len(dims) < out.dim():  # both add leading dimensions
+            value = graph.call_function(_ATEN.unsqueeze.default, (value, 0))
+            dims.insert(0, 1)
+        for dim, (size, target) in enumerate(zip(dims, out.shape, strict=True)):
+            if target > size:  # expand: size 1 -> target; repeat: target // size copies
+                value = graph.call_function(_ATEN.cat.default, ([value] * (target // size), dim))
+    node.replace_all_uses_with(value)
 
 
 def _graph_for_errors(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule | None:
