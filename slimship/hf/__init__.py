@@ -9,7 +9,8 @@
 """
 
 from slimship.hf.folder import CheckpointFolder, folder_digest, is_checkpoint_folder, read_folder
-from slimship.hf.load import layer_sizes, load_checkpoint, load_pretrained
+from slimship.hf.load import load_checkpoint, load_pretrained
+from slimship.hf.sizes import layer_sizes
 from slimship.hf.slim import FolderSlimResult, slim_checkpoint, slim_loaded
 from slimship.hf.trace import DEFAULT_TOKENS, LogitsOnly, example_ids
 
