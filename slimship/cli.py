@@ -213,7 +213,7 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
 def _slim_folder(args: argparse.Namespace) -> int:
     """`slimship slim DIR --out SLIM_DIR`: a Hugging Face checkpoint folder in, a slim folder out."""
-    from slimship.hf import slim_loaded
+    from slimship.hf.slim import slim_loaded
     from slimship.hf.write import check_new_folder
 
     out = check_new_folder(Path(args.out))
