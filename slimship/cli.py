@@ -217,6 +217,8 @@ def _slim_folder(args: argparse.Namespace) -> int:
     from slimship.hf.write import check_new_folder
 
     out = check_new_folder(Path(args.out))
+    if out.suffix == ".pt2":
+        raise SlimshipError(f"--out {out}: a checkpoint folder slims into a folder; give a folder path")
     steps = Steps()
     source = _source(args, steps)
     multiple = _channel_multiple(args, source.module, source.example)
