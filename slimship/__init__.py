@@ -13,7 +13,8 @@ from slimship.errors import (
     TargetError,
     VerificationError,
 )
-from slimship.hf import load_pretrained, slim_checkpoint
+from slimship.hf import load_pretrained
+from slimship.hf.slim import slim_checkpoint
 from slimship.slimming import (
     SlimResult,
     find_groups,

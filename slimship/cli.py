@@ -214,10 +214,12 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
 def _slim_folder(args: argparse.Namespace) -> int:
     """`slimship slim DIR --out SLIM_DIR`: a Hugging Face checkpoint folder in, a slim folder out."""
-    from slimship.hf import slim_loaded
+    from slimship.hf.slim import slim_loaded
     from slimship.hf.write import check_new_folder
 
     out = check_new_folder(Path(args.out))
+    if out.suffix == ".pt2":
+        raise SlimshipError(f"--out {out}: a checkpoint folder slims into a folder; give a folder path")
     steps = Steps()
     source = _source(args, steps)
     multiple = _channel_multiple(args, source.module, source.example)

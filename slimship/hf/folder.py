@@ -101,7 +101,8 @@ def read_folder(path: str | Path, *, allow_pickle: bool = False) -> CheckpointFo
 
 def _extra(name: str) -> bool:
     """Files copied into a slim folder as they are: not weights, not hidden."""
-    return not name.startswith(".") and not name.endswith((".safetensors", *PICKLE_SUFFIXES))
+    weights = (".safetensors", *PICKLE_SUFFIXES)
+    return not name.startswith(".") and not name.endswith(weights) and name not in (SAFE_INDEX, PICKLE_INDEX)
 
 
 def _weight_files(folder: Path, names: list[str], allow_pickle: bool) -> tuple[list[str], str | None, bool]:

@@ -12,7 +12,7 @@ weights. The model returned is an instance of the stock class, ready for `genera
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from torch import nn
 
 from slimship.errors import ModelFileError, SlimshipError, first_line
 from slimship.hf.folder import CONFIG, SLIM_KEY, CheckpointFolder, read_folder, verify_checksums
+from slimship.hf.sizes import sync_sizes
 
 log = logging.getLogger(__name__)
 
@@ -182,69 +183,6 @@ def _check_loading_info(ckpt: CheckpointFolder, info: dict[str, Any]) -> None:
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         log.warning("%s: tensors the model does not use were ignored: %s", ckpt.path, unexpected[:5])
-
-
-# ------------------------------------------------------------------------------------------ sizes
-
-SizeRule = Callable[[nn.Module], int | None]
-
-
-def _heads(module: nn.Module, proj: str) -> int | None:
-    linear, head_dim = getattr(module, proj, None), getattr(module, "head_dim", None)
-    if isinstance(linear, nn.Linear) and isinstance(head_dim, int) and head_dim > 0:
-        return linear.out_features // head_dim
-    return None
-
-
-def _groups(module: nn.Module) -> int | None:
-    heads, kv = _heads(module, "q_proj"), _heads(module, "k_proj")
-    return heads // kv if heads and kv else None
-
-
-def _width(module: nn.Module) -> int | None:
-    for proj in ("up_proj", "gate_proj", "fc1", "c_fc"):
-        linear = getattr(module, proj, None)
-        if isinstance(linear, nn.Linear):
-            return linear.out_features
-    return None
-
-
-#: size attribute a transformers module keeps -> how to read it from the module's (slim) weights
-SIZE_RULES: dict[str, SizeRule] = {
-    "num_heads": lambda m: _heads(m, "q_proj"),
-    "num_attention_heads": lambda m: _heads(m, "q_proj"),
-    "num_key_value_heads": lambda m: _heads(m, "k_proj"),
-    "num_key_value_groups": _groups,
-    "intermediate_size": _width,
-}
-#: the sizes `layer_sizes` reports per module (whether or not the module keeps them as attributes)
-REPORTED = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-
-
-def sync_sizes(model: nn.Module) -> None:
-    """Set the size attributes modules keep from their weights (Linear, Embedding, attention, MLP)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight is not None:
-            module.out_features, module.in_features = module.weight.shape
-        elif isinstance(module, nn.Embedding):
-            module.num_embeddings, module.embedding_dim = module.weight.shape
-        for attr, rule in SIZE_RULES.items():
-            if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
-                value = rule(module)
-                if value is not None:
-                    setattr(module, attr, value)
-
-
-def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Per module with attention heads or an MLP width: those sizes, e.g.
-    {"model.layers.0.self_attn": {"num_attention_heads": 4, "num_key_value_heads": 2}}."""
-    out: dict[str, dict[str, int]] = {}
-    for name, module in model.named_modules():
-        sizes = {attr: SIZE_RULES[attr](module) for attr in REPORTED}
-        sizes = {k: v for k, v in sizes.items() if v is not None}
-        if sizes and name:
-            out[name] = sizes
-    return out
 
 
 def dense_shapes(model: Any) -> dict[str, list[int]]:

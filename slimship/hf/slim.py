@@ -12,9 +12,10 @@ from slimship.compare import compare
 from slimship.errors import VerificationError
 from slimship.hf.folder import CheckpointFolder, read_folder
 from slimship.hf.load import load_checkpoint
+from slimship.hf.sizes import sync_sizes
 from slimship.hf.trace import DEFAULT_TOKENS, LogitsOnly, example_ids
 from slimship.hf.write import check_new_folder, write_folder
-from slimship.slimming import slim
+from slimship.slimming import SlimResult, slim, verify_outputs
 
 RELOAD_RTOL = 1e-5  # the folder loaded back runs the same weights through the same code
 RELOAD_FLOOR = 1e-8
@@ -64,6 +65,23 @@ def slim_checkpoint(
     return slim_loaded(ckpt, wrapper, (example_ids(model.config, tokens),), Path(out), channel_multiple)
 
 
+def _apply(result: SlimResult, wrapper: LogitsOnly, example: tuple[Any, ...]) -> None:
+    """Write the slim tensors into the model's own modules, set their per-layer sizes, and check the
+    model's forward against the slim graph."""
+    try:
+        result.apply_to(wrapper, example)
+        failed = None
+    except VerificationError as exc:  # a module reads a size from the shared config (Phi-3's fused qkv)
+        failed = exc
+    sync_sizes(wrapper.model)
+    check = verify_outputs(result.model, wrapper, example)
+    if not check.passed:
+        raise failed or VerificationError(
+            f"the slim model's own modules do not match the slim graph ({check.reason}); it may hard-code "
+            "a size slimming changed"
+        )
+
+
 def slim_loaded(
     ckpt: CheckpointFolder,
     wrapper: LogitsOnly,
@@ -74,7 +92,7 @@ def slim_loaded(
     """`slim_checkpoint` for a model already loaded from `ckpt` and wrapped for tracing (slimmed in place)."""
     check_new_folder(out)
     result = slim(wrapper, example, channel_multiple=channel_multiple)
-    result.apply_to(wrapper, example)  # the model's own modules get the slim shapes (verified)
+    _apply(result, wrapper, example)
     summary = result.summary()
     del result
     batches = [example, (example_ids(wrapper.model.config, example[0].shape[-1], seed=1),)]

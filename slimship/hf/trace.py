@@ -7,7 +7,10 @@ The wrapped model is the user's own object (`wrapper.model`): slimming it in pla
 
 from __future__ import annotations
 
+import copy
 import inspect
+import sys
+import types
 from typing import Any
 
 import torch
@@ -46,3 +49,34 @@ def example_ids(config: Any, tokens: int = DEFAULT_TOKENS, batch: int = 1, seed:
     """Random token ids [batch, tokens] below the model's vocabulary size (a fixed seed)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size(config), (batch, tokens), generator=generator)
+
+
+def is_cached_decoder(model: Any) -> bool:
+    """True for a transformers model whose forward returns a KV cache by default (`config.use_cache`)."""
+    transformers = sys.modules.get("transformers")  # a transformers model means transformers is imported
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return False
+    params = inspect.signature(model.forward).parameters
+    return bool(getattr(model.config, "use_cache", False)) and (
+        "use_cache" in params or _takes_kwargs(params)
+    )
+
+
+def for_tracing(model: Any) -> Any:
+    """`model` as torch.export should see it. A transformers decoder with its default cache settings gets
+    a view of itself (the same parameters, buffers and submodules under the same names) whose forward
+    takes token ids and returns the logits with the KV cache off; any other model is returned as it is.
+
+    `slim(for_tracing(model), ids)` reports the model's own tensor names, so `result.apply_to(model, ids)`
+    and `find_groups` work on the model itself.
+    """
+    if not is_cached_decoder(model):
+        return model
+    view = copy.copy(model)  # shallow: shares the parameter, buffer and module tables
+    view.forward = types.MethodType(_logits_forward, view)
+    return view
+
+
+def _logits_forward(self: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    out = type(self).forward(self, input_ids=input_ids, use_cache=False, return_dict=True)
+    return out.logits

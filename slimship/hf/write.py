@@ -16,7 +16,8 @@ from typing import Any
 
 from slimship.errors import ConfigError, ModelFileError, first_line
 from slimship.hf.folder import SLIM_FORMAT, SLIM_KEY, CheckpointFolder, write_checksums
-from slimship.hf.load import dense_shapes, layer_sizes, quiet_progress
+from slimship.hf.load import dense_shapes, quiet_progress
+from slimship.hf.sizes import layer_sizes
 
 SINGLE_FILE_LIMIT = "10000GB"  # a single-file source is written as a single file
 

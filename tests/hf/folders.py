@@ -23,16 +23,19 @@ SIZES = {
     "max_position_embeddings": 64,
 }
 
-#: architecture -> its tiny config (Qwen2 has q/k/v biases; Gemma ties its embeddings and scales them)
+#: architecture -> its tiny config (Qwen2 has q/k/v biases; Gemma ties its embeddings and scales them;
+#: Phi-3 fuses q/k/v and gate/up and splits them at sizes read from the config)
 CONFIGS: dict[str, Callable[[], Any]] = {
     "llama": lambda: transformers.LlamaConfig(**SIZES),
     "qwen2": lambda: transformers.Qwen2Config(**SIZES),
     "gemma": lambda: transformers.GemmaConfig(**SIZES, head_dim=8),
+    "phi3": lambda: transformers.Phi3Config(**SIZES, pad_token_id=0, bos_token_id=1, eos_token_id=1),
 }
 MODELS = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 

@@ -50,6 +50,8 @@ def test_pickle_weights_refused_unless_allowed(dense, tmp_path, capsys) -> None:
     assert _left(tmp_path) == {"pickled"}
     loaded = slimship.load_pretrained(folder, allow_pickle=True)  # opted in: torch.load(weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert main(["slim", str(folder), "--out", str(out), "--allow-pickle"]) == 0
+    assert {p.suffix for p in out.iterdir()} == {".json", ".safetensors", ""}  # SHA256SUMS; no pickle
 
 
 def test_missing_config_is_named(dense, tmp_path, capsys) -> None:

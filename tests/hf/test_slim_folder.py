@@ -19,7 +19,13 @@ def _slim_cli(src, out, capsys, *extra) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def _kv_rows(attention) -> int:
+    if hasattr(attention, "k_proj"):
+        return attention.k_proj.out_features
+    return (attention.qkv_proj.out_features - attention.o_proj.in_features) // 2  # fused q, k, v
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3"])
 def test_slim_folder_generates_the_dense_tokens(arch, tmp_path, capsys) -> None:
     dense_model = tiny_model(arch)
     src = write_folder(dense_model, tmp_path / "dense")
@@ -40,13 +46,11 @@ def test_slim_folder_generates_the_dense_tokens(arch, tmp_path, capsys) -> None:
     config = json.loads((tmp_path / "slim" / "config.json").read_text())
     layers = config["slimship"]["layers"]
     for i, layer in enumerate(slim.model.layers):  # the sizes written are the modules' sizes
-        assert layers[f"model.layers.{i}.mlp"]["intermediate_size"] == layer.mlp.up_proj.out_features
-        assert (
-            layers[f"model.layers.{i}.self_attn"]["num_key_value_heads"] * 8
-            == layer.self_attn.k_proj.out_features
-        )
+        assert layers[f"model.layers.{i}.mlp"]["intermediate_size"] == layer.mlp.down_proj.in_features
+        assert layers[f"model.layers.{i}.self_attn"]["num_key_value_heads"] * 8 == _kv_rows(layer.self_attn)
     widths = {v["intermediate_size"] for k, v in layers.items() if k.endswith(".mlp")}
-    assert max(widths) < 48  # FFN channels went
+    kv_heads = {v["num_key_value_heads"] for k, v in layers.items() if k.endswith(".self_attn")}
+    assert max(widths) < 48 and min(kv_heads) < 2  # FFN channels and KV heads went
     assert (tmp_path / "slim" / "tokenizer_config.json").read_bytes() == (
         src / "tokenizer_config.json"
     ).read_bytes()
