@@ -59,6 +59,19 @@ def test_every_sparsifier_under_fsdp_decides_as_one_process_and_ddp(ranks: list[
     assert ranks[1]["full"] == {}  # rank 0 alone holds the gathered state dict
 
 
+def test_uneven_shards_decide_as_one_process(ranks: list[dict]) -> None:
+    """7 and 11 channels over 2 ranks (4 + 3, 6 + 5 rows; C-SGD clusters and magnitude's consumer norms span
+    both ranks): every sparsifier's decisions at every step equal one process's; zeros hold; the gathered
+    weights equal one process's up to the order of summation."""
+    for name in sorted(SPARSIFIERS):
+        runs = [r["uneven"][name] for r in ranks]
+        assert runs[0]["changes"] == runs[1]["changes"] == runs[0]["single"], name
+        final = runs[0]["changes"][-1][1]
+        assert final["clusters"] if name == "csgd" else final["zero"], name  # decisions were taken
+        assert runs[0]["max_diff"] <= 1e-4, name  # gathered weights: one process's up to float32 rounding
+        assert all(runs[0]["held"]) and all(runs[1]["held"]), name
+
+
 def test_build_order_under_fsdp(ranks: list[dict]) -> None:
     """Built on an already sharded model: refused, saying to build first, then shard. Resumed from each
     rank's own saved state into a fresh sparsifier built before sharding: the same decisions; a state that
