@@ -85,11 +85,14 @@ class SparsifierCallback(pl.Callback):
         """A fit that ended before the schedule (early stopping, max_time, an interrupt) has not reached its
         targets: say so, with how far it got (a checkpoint resumes it)."""
         sp = self.sparsifier
-        if sp is not None and sp.step < sp.total_steps and trainer.is_global_zero:
+        if sp is None or sp.step >= sp.total_steps:
+            return
+        removable = sp.summary()["removable"]  # on every rank: a collective when the model is sharded
+        if trainer.is_global_zero:
             warnings.warn(
                 f"SparsifierCallback: fitting ended at optimizer step {sp.step} of the {sp.total_steps} the "
                 f"{self.name} schedule spans; its decisions are not finished (removable so far "
-                f"{sp.summary()['removable']:.3f} of target {sp.target}); resume from a checkpoint or "
+                f"{removable:.3f} of target {sp.target}); resume from a checkpoint or "
                 "slim knowing the model is only partly sparsified",
                 RuntimeWarning,
                 stacklevel=2,

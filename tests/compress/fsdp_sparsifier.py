@@ -14,6 +14,8 @@ Per method, over the same global batches as ddp_sparsifier (each rank its half o
 * ``after``: a sparsifier built on an already sharded model: the error it raises.
 * ``resume``: each rank saves its own sparsifier state mid-run and loads it into a fresh sparsifier built
   before sharding, finishing with the same decisions; another rank's state is refused.
+* ``uneven``: the same on a CNN of 7 and 11 channels (shards of 4 + 3 and 6 + 5 rows: groups split unevenly
+  and across ranks), against one process run inside this driver with the cross-rank averaging off.
 * ``loop``: ``compress(name, ...)`` (slimship's own loop) under ``training_strategy("fsdp")`` and under
   ``"ddp"``: the zero groups, the largest weight difference, the parameter types of the result; a method
   whose hooks assume a plain model is refused under fsdp.
@@ -63,11 +65,26 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def build(name: str, state: dict[str, Any] | None = None):
+def odd_cnn(seed: int = 0) -> nn.Module:
+    """As small_cnn with 7 and 11 channels: 2 ranks hold 4 + 3 and 6 + 5 rows."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 7, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(7, 11, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(11, 4),
+    )
+
+
+def build(name: str, state: dict[str, Any] | None = None, net=small_cnn, sharded: bool = True):
     """(model, sparsifier, optimizer): the sparsifier on the plain model, then the model sharded."""
-    model = small_cnn()
+    model = net()
     sp = sparsifier(name, model, example(), total_steps=STEPS, **METHODS[name])
-    shard(model)
+    if sharded:
+        shard(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -114,6 +131,22 @@ def fsdp_run(name: str, rank: int, world: int) -> tuple[dict[str, Any], nn.Modul
     record = {"changes": changes, "held": held, "params": sharded, "zeros": zeros, "seconds": seconds}
     record["decided_zero"] = sp.zero.nonzero().flatten().tolist()
     return record, plain
+
+
+def uneven(name: str, rank: int, world: int) -> dict[str, Any]:
+    """Decisions on odd_cnn sharded over the ranks, and in one process over the same global batches."""
+    model, sp, optimizer = build(name, net=odd_cnn)
+    changes: list = []
+    held: list = []
+    train(model, sp, optimizer, rank, world, range(STEPS), changes, held)
+    assert {type(p).__name__ for p in model.parameters()} == {"DTensor"}
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with mock.patch.object(device, "world_size", lambda: 1):  # one process: no averaging, no broadcast
+        model, sp, optimizer = build(name, net=odd_cnn, sharded=False)
+        single: list = []
+        train(model, sp, optimizer, 0, 1, range(STEPS), single, [])
+    diff = max(float((full[k] - v).abs().max()) for k, v in model.state_dict().items()) if full else None
+    return {"changes": changes, "held": held, "single": single, "max_diff": diff}
 
 
 def after(name: str) -> str:
@@ -172,7 +205,8 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    report: dict[str, dict[str, Any]] = {k: {} for k in ("fsdp", "ddp", "full", "after", "resumed", "loop")}
+    phases = ("fsdp", "ddp", "full", "after", "resumed", "uneven", "loop")
+    report: dict[str, dict[str, Any]] = {k: {} for k in phases}
     for name in LOOP:
         (fsdp, a), (ddp, b) = loop(name, rank, world, "fsdp"), loop(name, rank, world, "ddp")
         diff = max(
@@ -198,6 +232,7 @@ def main(out: Path) -> None:
             report["full"][name] = {"slims_exactly": slims_exactly(plain), "max_diff_from_ddp": diff}
         report["after"][name] = after(name)
         report["resumed"][name] = resumed(name, rank, world, out)
+        report["uneven"][name] = uneven(name, rank, world)
     (out / f"fsdp-rank{rank}.json").write_text(json.dumps(report, sort_keys=True))
     dist.destroy_process_group()
 
