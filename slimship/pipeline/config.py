@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from slimship._util import write_problem
 from slimship._yaml import load_yaml
 from slimship.compress.device import DEVICE_RE, DEVICE_RULE
 from slimship.errors import ConfigError, SlimshipError, first_line
@@ -505,7 +506,12 @@ def _check_out(config: PipelineConfig) -> list[str]:
         return [
             f"'release.out' is {config.release.out!r}; {probe} is not writable; choose a writable directory"
         ]
-    return []
+    problem = write_problem(out)  # tried with a real (removed) temporary folder: /proc passes os.access
+    return (
+        [f"'release.out' is {config.release.out!r}; {problem}; choose a writable directory"]
+        if problem
+        else []
+    )
 
 
 def _check_latency_gate(config: PipelineConfig) -> list[str]:

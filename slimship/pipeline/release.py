@@ -52,7 +52,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimship._util import current_umask, dump_json, file_in_the_way, new_file_mode, sha256_file, to_jsonable
+from slimship._util import (
+    current_umask,
+    dump_json,
+    file_in_the_way,
+    new_file_mode,
+    sha256_file,
+    to_jsonable,
+    write_problem,
+)
 from slimship._version import __version__
 from slimship.compare import REL_BOUNDS, compare, finite_scale
 from slimship.errors import ReleaseError
@@ -346,6 +354,9 @@ def check_out_dir(out_dir: Path) -> None:
         raise ReleaseError(
             f"release folder {out_dir}: {blocker} is a file, not a folder; give release.out / --out a folder"
         )
+    problem = write_problem(Path(out_dir))
+    if problem:
+        raise ReleaseError(f"release folder {out_dir}: {problem}; give release.out / --out a writable folder")
 
 
 def check_new_version(out_dir: Path, name: str, version: str) -> None:
