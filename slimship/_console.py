@@ -85,6 +85,17 @@ def quiet_third_party() -> None:
 
 
 # Native log lines some bindings print through Python's sys.stderr (ExecuTorch: "[cpuinfo_utils.cpp:71] ...").
+# CSI / OSC / other escape sequences, then any remaining C0/C1 control character (tab and newline kept)
+_CONTROL = re.compile(
+    r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
+
+
+def printable(text: str) -> str:
+    """`text` (a user-provided string: a description, a name) without terminal control sequences."""
+    return _CONTROL.sub("", text)
+
+
 NATIVE_LOG_LINE = re.compile(r"^\[[\w./-]+\.(?:cpp|cc|c|h):\d+\] ")
 
 

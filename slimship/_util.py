@@ -67,6 +67,30 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return target
 
 
+def dangling_link(folder: Path) -> Path | None:
+    """The first of `folder` and its parents that is a symlink to nothing (None: there is none)."""
+    for part in (folder, *folder.parents):
+        if part.is_symlink() and not part.exists():
+            return part
+    return None
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why a folder cannot be created and written at `folder`, found by trying: a temporary folder is made
+    (and removed) in its nearest existing ancestor. None when it can."""
+    link = dangling_link(folder)
+    if link is not None:
+        return f"{link} is a symlink to {os.readlink(link)}, which does not exist"
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".slimship-probe-", dir=probe))
+    except OSError as exc:
+        return f"nothing can be written in {probe} ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 def file_in_the_way(folder: Path) -> Path | None:
     """The first of `folder` and its parents that exists and is not a folder (None: it can be a folder)."""
     for part in (folder, *folder.parents):

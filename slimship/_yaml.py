@@ -29,7 +29,10 @@ def load_yaml(path: str | Path, what: str, error: type[SlimshipError] = ConfigEr
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text (byte {exc.start}); give a YAML {what}") from None
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters here
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
     try:
         node = loader.get_single_node()
         if node is None:

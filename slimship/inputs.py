@@ -289,6 +289,14 @@ def load_calibration(
     tuples of `batch` samples (the model's batch; a remainder is left out); ConfigError when the arrays
     disagree on the number of samples or hold fewer than one batch."""
     arrays = load_npz_inputs(path, specs)
+    for i, array in enumerate(arrays):
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            first = [int(n) for n in np.argwhere(~np.isfinite(array))[0]]
+            raise ConfigError(
+                f"{path}: in{i} holds {bad} NaN or Inf value(s) (the first at index {first}); int8 "
+                "calibration measures value ranges, which a NaN or Inf makes meaningless: give finite samples"
+            )
     counts = {int(a.shape[0]) if a.ndim else 0 for a in arrays}
     if len(counts) != 1 or 0 in counts:
         shapes = ", ".join(f"in{i} {list(a.shape)}" for i, a in enumerate(arrays))

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slimship._util import write_problem
 from slimship.errors import ConfigError, first_line
 from slimship.pipeline.factories import signature_problems
 
@@ -80,7 +81,12 @@ def _check_out(config: PipelineConfig) -> list[str]:
         return [
             f"'release.out' is {config.release.out!r}; {probe} is not writable; choose a writable directory"
         ]
-    return []
+    problem = write_problem(out)  # tried with a real (removed) temporary folder: /proc passes os.access
+    return (
+        [f"'release.out' is {config.release.out!r}; {problem}; choose a writable directory"]
+        if problem
+        else []
+    )
 
 
 def _check_latency_gate(config: PipelineConfig) -> list[str]:

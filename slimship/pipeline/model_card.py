@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Any
 
 from slimship.pipeline.explain import (
@@ -54,7 +56,15 @@ def _cell(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, int):
         return f"{value:,}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    text = str(value).replace("\n", " ")
+    if len(text) > 1 and text[0] == text[-1] == "`":  # a code span: shown literally, kept closed
+        return "`" + text[1:-1].replace("`", "'").replace("|", "\\|") + "`"
+    return md_text(text).replace("|", "\\|")
+
+
+def md_text(text: str) -> str:
+    """User-provided text (a file name, a description) as literal Markdown: HTML and markup escaped."""
+    return re.sub(r"([\\`*_\[\]#!])", r"\\\1", html.escape(text, quote=False))
 
 
 def _inputs(model: dict[str, Any]) -> str:
@@ -168,7 +178,10 @@ def _parity(parity: dict[str, dict[str, Any]]) -> str:
 
 
 def _calibration(manifest: dict[str, Any]) -> str:
-    text = calibration_sentence(manifest.get("calibration"), list(manifest["parity"]))
+    calibration = manifest.get("calibration")
+    if calibration is not None:
+        calibration = {**calibration, "source": md_text(str(calibration.get("source", "")))}
+    text = calibration_sentence(calibration, list(manifest["parity"]))
     return f"## Calibration\n\n{text}\n" if text else ""
 
 

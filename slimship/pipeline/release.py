@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimship._util import dump_json, file_in_the_way, sha256_file, to_jsonable
+from slimship._util import dump_json, file_in_the_way, sha256_file, to_jsonable, write_problem
 from slimship._version import __version__
 from slimship.compare import REL_BOUNDS, compare, finite_scale
 from slimship.errors import ReleaseError
@@ -227,13 +227,18 @@ def _process_alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _validate_inputs(inputs: ReleaseInputs) -> None:
-    if not NAME_RE.match(inputs.name or ""):
-        raise ReleaseError(f"release name {inputs.name!r} is invalid: use letters, digits, '.', '_' and '-'")
-    if not VERSION_RE.match(inputs.version or ""):
+def check_name_version(name: str, version: str) -> None:
+    """The whole name and version match their rules (fullmatch: no trailing newline slips past '$')."""
+    if not NAME_RE.fullmatch(name or ""):
+        raise ReleaseError(f"release name {name!r} is invalid: use letters, digits, '.', '_' and '-'")
+    if not VERSION_RE.fullmatch(version or ""):
         raise ReleaseError(
-            f"release version {inputs.version!r} is invalid: use MAJOR.MINOR.PATCH, e.g. 1.2.3 or 1.2.3-rc1"
+            f"release version {version!r} is invalid: use MAJOR.MINOR.PATCH, e.g. 1.2.3 or 1.2.3-rc1"
         )
+
+
+def _validate_inputs(inputs: ReleaseInputs) -> None:
+    check_name_version(inputs.name, inputs.version)
     if not isinstance(inputs.example_inputs, tuple) or not all(
         isinstance(t, torch.Tensor) for t in inputs.example_inputs
     ):
@@ -253,7 +258,7 @@ def _validate_inputs(inputs: ReleaseInputs) -> None:
 
 
 def _validate_model_file(role: str, path: Path, parity: dict[str, dict[str, float]]) -> None:
-    if not ROLE_RE.match(role) or role in RESERVED_ROLES:
+    if not ROLE_RE.fullmatch(role) or role in RESERVED_ROLES:
         reserved = ", ".join(sorted(RESERVED_ROLES))
         raise ReleaseError(f"model_files role {role!r} is invalid: use [A-Za-z0-9._-] and none of {reserved}")
     if not path.is_file():
@@ -296,6 +301,9 @@ def check_out_dir(out_dir: Path) -> None:
         raise ReleaseError(
             f"release folder {out_dir}: {blocker} is a file, not a folder; give release.out / --out a folder"
         )
+    problem = write_problem(Path(out_dir))
+    if problem:
+        raise ReleaseError(f"release folder {out_dir}: {problem}; give release.out / --out a writable folder")
 
 
 def check_new_version(out_dir: Path, name: str, version: str) -> None:
@@ -303,6 +311,7 @@ def check_new_version(out_dir: Path, name: str, version: str) -> None:
 
     Both are checked again at publish time.
     """
+    check_name_version(name, version)
     check_out_dir(out_dir)
     stem = bundle_stem(name, version)
     _refuse_existing(Path(out_dir) / stem, Path(out_dir) / f"{stem}.tar.gz")

@@ -233,6 +233,13 @@ def _escapes(path: PurePosixPath) -> bool:
 # ------------------------------------------------------------------------------------------ directory
 
 
+def _no_constant(name: str) -> None:
+    """A manifest's figures are numbers: NaN and Infinity (which would pass any comparison) are refused."""
+    raise ValueError(
+        f"{name} is not a number a manifest may hold (a tolerance or figure of {name} is refused)"
+    )
+
+
 def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
     manifest_path = root / mf.MANIFEST_NAME
     if not manifest_path.is_file():
@@ -245,7 +252,7 @@ def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
                 f"{_shown(source, root, manifest_path)}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; "
                 "not a slimship manifest"
             )
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ReleaseError(f"{_shown(source, root, manifest_path)}: not valid JSON ({exc})") from exc
     except RecursionError:

@@ -17,11 +17,13 @@ host, an adb device). Built-in profiles live in `BUILTIN_TARGETS`; users add the
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimship._console import printable
 from slimship._yaml import load_yaml
 from slimship.errors import ConfigError, TransportError
 from slimship.runtimes.arm64_provision import (
@@ -158,11 +160,19 @@ def parse_transport(spec: str, where: str = "transport") -> dict[str, Any]:
 # --- YAML validation: one checker per key -------------------------------------------------------
 
 
-def _int_or_none(value: Any, where: str, minimum: int = 1) -> int | None:
+MAX_THREADS = 1024
+_TARGET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,99}")
+_NAME_RULE = "letters, digits and . _ @ + -, at most 100 characters"
+MAX_CORE = 1023  # a remote device's core numbers; a local target's must exist on this machine
+MAX_CONNECT_TIMEOUT = 3600
+MAX_RUN_TIMEOUT = 7 * 86400.0
+
+
+def _int_or_none(value: Any, where: str, minimum: int = 1, maximum: int = MAX_THREADS) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: expected an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(f"{where}: expected an integer >= {minimum} and <= {maximum}, got {value!r}")
     return value
 
 
@@ -184,8 +194,8 @@ def _bool(value: Any, where: str) -> bool:
 def _affinity(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
         raise ConfigError(f"{where}: expected a list of CPU core numbers such as [0, 1], got {value!r}")
-    if any(c < 0 for c in value) or len(set(value)) != len(value):
-        raise ConfigError(f"{where}: core numbers must be distinct and >= 0, got {value!r}")
+    if any(not 0 <= c <= MAX_CORE for c in value) or len(set(value)) != len(value):
+        raise ConfigError(f"{where}: core numbers must be distinct, from 0 to {MAX_CORE}, got {value!r}")
     return tuple(value)
 
 
@@ -201,15 +211,21 @@ def _transport(value: Any, where: str) -> str:
 
 
 def _timeout(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{where}: expected a positive number of seconds, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_RUN_TIMEOUT:
+        raise ConfigError(f"{where}: expected finite seconds from 0 to {MAX_RUN_TIMEOUT:.0f}, got {value!r}")
     return float(value)
+
+
+def _description(value: Any, where: str) -> str:
+    """Free text shown in tables: control characters and terminal escape sequences removed."""
+    return printable(str(value))
 
 
 def _ssh(value: Any, where: str) -> SshOptions:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping with keys key, known_hosts, connect_timeout")
-    checks = {"key": _str, "known_hosts": _str, "connect_timeout": lambda v, w: _int_or_none(v, w)}
+    checks = {"key": _str, "known_hosts": _str,
+              "connect_timeout": lambda v, w: _int_or_none(v, w, maximum=MAX_CONNECT_TIMEOUT)}  # fmt: skip
     _unknown_keys(value, checks, where)
     kwargs = {k: checks[k](v, f"{where}.{k}") for k, v in value.items()}
     for k in ("key", "known_hosts"):
@@ -229,7 +245,7 @@ _FIELD_CHECKS = {
     "python": _str,
     "ssh": _ssh,
     "run_timeout": _timeout,
-    "description": lambda v, w: str(v),
+    "description": _description,
     "base": _str,
 }
 
@@ -259,6 +275,11 @@ def target_from_dict(name: str, data: dict[str, Any], where: str = "targets") ->
         raise ConfigError(
             f"{where}.python: a remote target needs the path of its python, e.g. /usr/bin/python3"
         )
+    cores = os.cpu_count() or 1
+    if target.scheme == "local" and any(c >= cores for c in target.affinity):
+        raise ConfigError(
+            f"{where}.affinity: {list(target.affinity)} names a core this machine lacks (cores 0-{cores - 1})"
+        )
     if target.scheme == "ssh" and not target.ssh.known_hosts:
         raise ConfigError(
             f"{where}.ssh.known_hosts: an SSH target needs a known_hosts file (host keys are always checked)"
@@ -273,6 +294,9 @@ def load_targets(path: str | Path) -> dict[str, Target]:
     if not isinstance(data, dict) or not isinstance(data.get("targets"), dict):
         raise ConfigError(f"{path}: expected a top-level mapping `targets:` of name -> settings")
     _unknown_keys(data, {"targets": None}, str(path))
+    for name in data["targets"]:
+        if not isinstance(name, str) or not _TARGET_NAME.fullmatch(name):
+            raise ConfigError(f"{path}: targets: {str(name)[:80]!r} is not a target name: {_NAME_RULE}")
     return {
         str(name): target_from_dict(str(name), spec, f"{path}: targets")
         for name, spec in data["targets"].items()

@@ -71,6 +71,15 @@ targets:
         ("t: {transport: 'adb://S'}", r"targets\.t\.python: a remote target needs"),
         ("t: {ssh: {key: k, port: 2}}", r"targets\.t\.ssh\.port: unknown key"),
         ("t: {base: huge}", r"targets\.t\.base: 'huge' is not a built-in target; allowed values: host"),
+        # sane limits: finite, positive, within this machine's cores
+        ("t: {run_timeout: .nan}", r"targets\.t\.run_timeout: expected finite seconds .*got nan"),
+        ("t: {run_timeout: .inf}", r"targets\.t\.run_timeout: expected finite seconds .*got inf"),
+        ("t: {ssh: {connect_timeout: 1000000000000}}", r"targets\.t\.ssh\.connect_timeout: .*<= 3600"),
+        ("t: {affinity: [999]}", r"targets\.t\.affinity: \[999\] names a core this machine lacks"),
+        ("t: {affinity: [1024]}", r"targets\.t\.affinity: core numbers must be distinct, from 0 to 1023"),
+        ("t: {threads: 1e9}", r"targets\.t\.threads: expected an integer >= 1 and <= 1024, got '1e9'"),
+        ("t: {threads: 1000000000}", r"targets\.t\.threads: expected an integer >= 1 and <= 1024"),
+        ('"bad\\u0007name": {threads: 1}', r"targets: 'bad\\x07name' is not a target name"),
     ],
 )
 def test_invalid_targets_name_the_key(tmp_path, body, pattern):
@@ -91,3 +100,9 @@ def test_parse_transport():
     assert parse_transport("adb://R58M123") == {"scheme": "adb", "serial": "R58M123"}
     with pytest.raises(ConfigError):
         parse_transport("ssh://me@host;rm -rf /")
+
+
+def test_a_description_is_shown_without_terminal_escapes(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text('targets:\n  t: {description: "\\e[2J\\e]0;owned\\u0007\\e[31mred\\u009b board"}\n')
+    assert load_targets(path)["t"].description == "red board"
