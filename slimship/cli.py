@@ -308,7 +308,7 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
     """Export `source` to every --format into `out`, one progress step per format (registry dispatch)."""
     import torch
 
-    from slimship.exporters.registry import ExportRequest, get_format
+    from slimship.exporters.registry import ExportFailures, ExportRequest, describe, export_formats
     from slimship.sources import output_names
 
     calibration, calib_info = _calibration(args, source.example)
@@ -323,20 +323,14 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
         eval_batches=calibration,
         output_names=output_names(source.module, source.example),
     )
-    results: dict[str, Any] = {}
-    for fmt in dict.fromkeys(args.format):
-        record = get_format(fmt)
-        with steps.step(f"export {fmt}") as info:
-            result = record.export(request, out / record.file_name(stem))
-            parity = result.parity
-            info["detail"] = (
-                f"parity max|diff| {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g})"
-                + (f"; {', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}")
-                + _batch_note(result, request)
-            )
-        results[fmt] = result
+    failures: dict[str, str] = {}
+    try:
+        results = export_formats(args.format, request, out, stem, lambda fmt: steps.step(f"export {fmt}"),
+                                 lambda result: describe(result) + _batch_note(result, request))  # fmt: skip
+    except ExportFailures as exc:  # the formats that passed are kept; the caller reports the others
+        results, failures = exc.results, exc.failures
     real = calibration if args.calibration else None  # the user's samples, not the random fallback
-    return {"results": results, "calibration": calib_info, "samples": real}
+    return {"results": results, "failures": failures, "calibration": calib_info, "samples": real}
 
 
 def _batch_note(result: Any, request: Any) -> str:
@@ -379,16 +373,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"{files[fmt]}  {result.bytes} bytes  parity max|diff| {result.parity.max_abs_diff:.3g}"
         )
         rows.append({"format": fmt, **_jsonable(result), "path": str(files[fmt])})
+    failures = [{"format": fmt, "reason": reason} for fmt, reason in exported["failures"].items()]
     _emit(
         args,
         {
             "source": source.origin,
             "formats": rows,
+            "failures": failures,
             "calibration": exported["calibration"],
             "seconds": steps.times,
         },
     )
-    return 0
+    for failure in failures:  # the files that passed are written; each failure is named with its reason
+        print(f"slimship: error: {failure['format']} failed: {failure['reason']}", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -467,14 +465,11 @@ def _cmd_release(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         exported = _export_all(args, source, Path(tmp), "model", steps)
         exports = exported["results"]
-        parity = {
-            fmt: {
-                "max_abs_diff": e.parity.max_abs_diff,
-                "max_rel_diff": e.parity.max_rel_diff,
-                "tolerance": e.parity.tolerance,
-            }
-            for fmt, e in exports.items()
-        }
+        if exported["failures"]:  # a release holds every format asked for, or none
+            from slimship.exporters.registry import ExportFailures
+
+            raise ExportFailures(exports, exported["failures"])
+        parity = {fmt: e.parity.record() for fmt, e in exports.items()}  # on the stored reference inputs
         files = {fmt: e.path for fmt, e in exports.items()}
         with steps.step("quality gates"):
             results = gate_release(  # GateError

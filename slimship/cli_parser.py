@@ -88,7 +88,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
         "default": None,
         "metavar": "FILE.npz",
         "help": "int8 calibration samples: arrays in0, in1, ... with samples along the first dim "
-        "(required by tflite-int8 and executorch-int8)",
+        "(used by tflite-int8, executorch-int8 and onnx-int8; random inputs without it)",
     }
     targets_file = {"default": None, "metavar": "FILE", "help": "YAML file of your own targets (see README)"}
     parser = argparse.ArgumentParser(prog="slimship", description=DESCRIPTION, formatter_class=_Help)

@@ -63,6 +63,9 @@ def rounding_bound(dtype: Any, depth: int) -> float:
         raise ValueError(f"no unit roundoff for dtype {name!r} (known: {sorted(UNIT_ROUNDOFF)})")
     return ROUNDING_SLACK * unit * math.sqrt(max(depth, 1))
 
+#: Minimum top-1 agreement with PyTorch on calibration or evaluation data, per precision (the second half
+#: of a file's verdict, where such data exist: at export; the release gate measures it again).
+TOP1_MINIMUMS: dict[str, float] = {"fp32": 0.99, "fp16": 0.97, "int8-dynamic": 0.90, "int8": 0.85}
 
 #: (reason, (output label, first offending index) or None) of a failed output
 Problem = tuple[str, tuple[str, tuple[int, ...]] | None]
@@ -173,6 +176,66 @@ def compare_cases(
             cands.append(c)
             labels.append(f"case {case!r} output {i}")
     return compare(refs, cands, rel_bound, labels=labels, floor=floor, cap=cap)
+
+
+def bounds(precision: str) -> tuple[float, float | None]:
+    """(relative bound, magnitude cap) of a file of `precision` (a key of REL_BOUNDS)."""
+    return REL_BOUNDS[precision], MAGNITUDE_CAPS[precision]
+
+
+@dataclass
+class CaseVerdict:
+    """One input case of `judge_cases`: its own figures against its own tolerance."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    passed: bool
+    reason: str = ""
+
+
+def judge_cases(
+    reference: Sequence[Sequence[Any]],
+    candidate: Sequence[Sequence[Any]],
+    case_names: Sequence[str],
+    rel_bound: float,
+    cap: float | None = None,
+) -> tuple[Comparison, dict[str, CaseVerdict]]:
+    """The one verdict on a model file, wherever it is checked (export, release, verify): for a file of
+    precision P, `rel_bound`, `cap` = `bounds(P)`.
+
+    Each input case is judged on its own: max|diff| <= rel_bound * max(1, max|finite reference of that
+    case|), capped at cap * that maximum. A case's verdict thus
+    does not depend on the other cases checked with it, so a file that passed on the release's reference
+    inputs at export passes them again in the bundle check. Returns the overall comparison (max|diff| over
+    all cases, the tolerance and reason of the case nearest to or past its bound) and each case's figures.
+    """
+    cases: dict[str, CaseVerdict] = {}
+    worst: Comparison | None = None
+    worst_ratio = -1.0
+    for case, ref_outs, cand_outs in zip(case_names, reference, candidate, strict=True):
+        labels = [f"case {case!r} output {i}" for i in range(len(ref_outs))]
+        result = compare(list(ref_outs), list(cand_outs), rel_bound, labels=labels, cap=cap)
+        if len(ref_outs) != len(cand_outs):
+            result.reason = f"case {case!r}: {result.reason}"
+        cases[case] = CaseVerdict(result.max_abs_diff, result.max_rel_diff, result.tolerance, result.passed,
+                                  result.reason)  # fmt: skip
+        ratio = math.inf if not result.passed else result.max_abs_diff / max(result.tolerance, 1e-300)
+        if worst is None or ratio > worst_ratio:
+            worst, worst_ratio = result, ratio
+    if worst is None:
+        return Comparison(0.0, 0.0, 0.0, rel_bound, True), cases
+    failed = [c for c in cases.values() if not c.passed]
+    overall = Comparison(
+        max_abs_diff=max(c.max_abs_diff for c in cases.values()),
+        max_rel_diff=max(c.max_rel_diff for c in cases.values()),
+        tolerance=worst.tolerance,
+        rel_bound=rel_bound,
+        passed=not failed,
+        reason=failed[0].reason if failed else "",
+        first_mismatch=worst.first_mismatch,
+    )
+    return overall, cases
 
 
 # ------------------------------------------------------------------------------------------ one array

@@ -182,8 +182,14 @@ def check_inputs(inputs: Sequence[np.ndarray], specs: Sequence[TensorSpec], wher
             raise ConfigError(f"{where}: in{i} {problem} (model input {spec.name!r})")
 
 
+def fed_as_float(value: np.ndarray, spec: TensorSpec) -> bool:
+    """A float array for a quantised integer input (full-int8 .tflite): the runner quantises it with the
+    input's scale and zero point."""
+    return getattr(spec, "quantization", None) is not None and np.dtype(value.dtype).kind == "f"
+
+
 def _spec_problem(value: np.ndarray, spec: TensorSpec) -> str | None:
-    if np.dtype(value.dtype) != np.dtype(spec.dtype):
+    if np.dtype(value.dtype) != np.dtype(spec.dtype) and not fed_as_float(value, spec):
         return f"is {value.dtype}, the model expects {spec.dtype}: save it as {spec.dtype}"
     if len(value.shape) != len(spec.shape):
         return f"has shape {list(value.shape)}, the model expects rank {len(spec.shape)}: {spec.shape}"

@@ -304,7 +304,9 @@ def random_inputs(
     specs: list[TensorSpec], input_shape: list[int] | None = None, seed: int = 0
 ) -> tuple[list[np.ndarray], list[str]]:
     """Random arrays for `specs` (`input_shape` replaces the first input's shape after the batch dim);
-    dynamic dims become 1, each with a note. Floats ~ N(0, 1); integers 0 or 1 (valid token ids)."""
+    dynamic dims become 1, each with a note. Floats ~ N(0, 1); integers 0 or 1 (valid token ids); a
+    quantised integer input (full-int8 .tflite) uniform floats over the range its scale and zero point
+    represent (the runner quantises them)."""
     rng, arrays, notes, shapes = np.random.default_rng(seed), [], [], []
     for i, spec in enumerate(specs):
         shape = list(spec.shape)
@@ -322,7 +324,10 @@ def random_inputs(
     check_declared_inputs("random inputs", [TensorSpec(s.name, d, s.dtype) for s, d in zip(specs, shapes)])
     for spec, shape in zip(specs, shapes):
         dtype = np.dtype(spec.dtype)
-        if dtype in (np.float32, np.float64):  # drawn in the input's dtype: no float64 copy of float32
+        quantised = spec.float_range() if hasattr(spec, "float_range") else None
+        if quantised is not None:  # a full-int8 input: floats over its range (quantised when fed)
+            arrays.append(rng.uniform(*quantised, shape).astype(np.float32))
+        elif dtype in (np.float32, np.float64):  # drawn in the input's dtype: no float64 copy of float32
             arrays.append(rng.standard_normal(shape, dtype=dtype))
         elif np.issubdtype(dtype, np.floating):
             arrays.append(rng.standard_normal(shape).astype(dtype))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimship.compare import compare_cases
+from slimship.compare import judge_cases
 from slimship.errors import ExportError, ModelFileError
 from slimship.runtimes.device_runner import RunnerLoadError, open_runner
 
@@ -30,6 +30,16 @@ class TensorSpec:
     name: str
     shape: list[int | str]
     dtype: str
+    #: (scale, zero point) of a quantised integer tensor (a full-int8 .tflite): float = (q - zero) * scale
+    quantization: tuple[float, int] | None = None
+
+    def float_range(self) -> tuple[float, float] | None:
+        """The float values a quantised integer input represents, (lowest, highest); None otherwise."""
+        if self.quantization is None:
+            return None
+        scale, zero = self.quantization
+        info = np.iinfo(np.dtype(self.dtype))
+        return (info.min - zero) * scale, (info.max - zero) * scale
 
 
 @dataclasses.dataclass
@@ -50,6 +60,18 @@ class ParityReport:
     top1_agreement: float | None = None
     top1_min: float | None = None
     reason: str = ""  # why it failed (which output, what mismatch, first index); empty when it passed
+    #: each case's own figures (max_abs_diff, max_rel_diff, tolerance): the verdict is per case
+    per_case: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    reference_case: str | None = None  # the case on the release's reference inputs (ExportRequest.example)
+
+    def record(self) -> dict[str, float]:
+        """What a release manifest records for this file: the figures on the reference inputs it stores
+        (the release's example), which `slimship verify` measures again by the same rule."""
+        case = self.per_case.get(self.reference_case or "")
+        if case is not None:
+            return dict(case)
+        keys = ("max_abs_diff", "max_rel_diff", "tolerance")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclasses.dataclass
@@ -164,15 +186,15 @@ def compare_outputs(
     rel_bound: float,
     cap: float | None = None,
 ) -> ParityReport:
-    """Compare per-case output lists with `slimship.compare` (NaN/Inf as values, one scale for all,
-    relative to max(1, max|reference|), capped at `cap` * max|reference|: see `MAGNITUDE_CAPS`)."""
+    """Compare per-case output lists with `slimship.compare.judge_cases` (NaN/Inf as values, each case
+    relative to its own max(1, max|reference|), capped at `cap` * max|reference|: see `MAGNITUDE_CAPS`)."""
     for case, ref_outs, cand_outs in zip(case_names, reference, candidate, strict=True):
         if len(ref_outs) != len(cand_outs):
             raise ExportError(
                 f"parity case {case!r}: PyTorch gives {len(ref_outs)} outputs, the exported model "
                 f"{len(cand_outs)}; check output_names and the model's return value"
             )
-    result = compare_cases(reference, candidate, case_names, rel_bound, cap=cap)
+    result, per_case = judge_cases(reference, candidate, case_names, rel_bound, cap)
     return ParityReport(
         max_abs_diff=result.max_abs_diff,
         max_rel_diff=result.max_rel_diff,
@@ -181,7 +203,73 @@ def compare_outputs(
         passed=result.passed,
         cases=list(case_names),
         reason=result.reason,
+        per_case={
+            name: {"max_abs_diff": c.max_abs_diff, "max_rel_diff": c.max_rel_diff, "tolerance": c.tolerance}
+            for name, c in per_case.items()
+        },
     )
+
+
+def parity_failure(kind: str, variant: str, parity: ParityReport) -> str:
+    """Why a file failed its verdict, with a way out that fits the precision (no calibration advice for
+    a float file: there, the converter changed the model's numbers)."""
+    top1 = "" if parity.top1_agreement is None else f", top-1 agreement {parity.top1_agreement:.3f}"
+    minimum = "" if parity.top1_min is None else f" (minimum {parity.top1_min})"
+    why = f" ({parity.reason})" if parity.reason else ""
+    if variant == "int8":
+        advice = "Try int8-dynamic or fp16, or calibration data closer to the inputs it will see."
+    elif variant.startswith("int8") or variant == "fp16":
+        advice = "Try a higher precision (fp16 or fp32) for this model."
+    else:
+        advice = (
+            f"A float32 file should match: the {kind} converter computes some op differently. "
+            "Please report it with the model; another format may convert exactly meanwhile."
+        )
+    return (f"{kind} {variant} outputs differ from PyTorch: max|diff| {parity.max_abs_diff:.3g} "
+            f"(tolerance {parity.tolerance:.3g}){why}{top1}{minimum}. {advice}")  # fmt: skip
+
+
+def fitting_reference(
+    reference: Any, inputs: tuple[torch.Tensor, ...], dynamic: bool
+) -> tuple[torch.Tensor, ...] | None:
+    """The release's reference inputs when the exported file takes them (same shapes, or another batch
+    when its batch is dynamic), else None."""
+    if reference is None:
+        return None
+    reference = as_input_tuple(reference)
+    fits = len(reference) == len(inputs) and all(
+        a.shape == b.shape or (dynamic and a.shape[1:] == b.shape[1:])
+        for a, b in zip(reference, inputs, strict=True)
+    )
+    return reference if fits else None
+
+
+def with_reference_case(
+    cases: list[tuple[str, tuple[torch.Tensor, ...]]], reference: tuple[torch.Tensor, ...] | None
+) -> tuple[list[tuple[str, tuple[torch.Tensor, ...]]], str | None]:
+    """`cases` with the release's reference inputs among them: (cases, that case's name).
+
+    A case holding the same tensors is reused; otherwise a case "reference" is added."""
+    if reference is None:
+        return cases, None
+    for name, inputs in cases:
+        same = len(inputs) == len(reference) and all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+            for a, b in zip(inputs, reference, strict=True)
+        )
+        if same:
+            return cases, name
+    return [*cases, ("reference", tuple(reference))], "reference"
+
+
+def agreement_check(report: ParityReport, precision: str, reference, candidate) -> ParityReport:
+    """The second half of a file's verdict: top-1 agreement on evaluation data >= TOP1_MINIMUMS."""
+    from slimship.compare import TOP1_MINIMUMS
+
+    report.top1_agreement = top1_agreement(reference, candidate)
+    report.top1_min = TOP1_MINIMUMS[precision]
+    report.passed = report.passed and report.top1_agreement >= report.top1_min
+    return report
 
 
 def top1_agreement(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:

@@ -24,29 +24,32 @@ import numpy as np
 import torch
 
 from slimship._util import atomic_write_bytes
-from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
+from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, TOP1_MINIMUMS
 from slimship.errors import ExportError, VerificationError, first_line
 from slimship.exporters.common import (
     ParityReport,
     Timings,
+    agreement_check,
     as_input_tuple,
     batches_as_tuples,
     compare_outputs,
     eval_mode,
     export_error,
+    fitting_reference,
     nbytes_and_hash,
     open_model_runner,
+    parity_failure,
     random_like,
     to_numpy,
-    top1_agreement,
     torch_outputs,
+    with_reference_case,
     without_shape_guards,
 )
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("fp32", "int8")
-TOP1_MIN = {"fp32": 0.99, "int8": 0.85}
+TOP1_MIN = {v: TOP1_MINIMUMS[v] for v in VARIANTS}
 MAX_BATCH = 64
 
 # variant -> (relative bound on max|diff|, minimum top-1 agreement on evaluation data); as for TFLite,
@@ -94,10 +97,13 @@ def export_executorch(
     calibration: Iterable[Any] | None = None,
     eval_batches: Iterable[Any] | None = None,
     dynamic_batch: bool = True,
+    reference_inputs: Any = None,
 ) -> ExecuTorchExport:
     """Lower `model` to an ExecuTorch program at `path` (XNNPACK delegate) and verify it against PyTorch.
 
-    Raises ExportError (lowering failed, executorch missing) or VerificationError (parity failed).
+    `reference_inputs`: the inputs a release stores (checked too when the program's batch allows them;
+    `parity.record()` gives the figures on them). Raises ExportError (lowering failed, executorch
+    missing) or VerificationError (parity failed; the file is removed).
     """
     if variant not in VARIANTS:
         raise ExportError(f"ExecuTorch variant={variant!r} is not one of {VARIANTS}")
@@ -122,6 +128,7 @@ def export_executorch(
         parity = executorch_parity(
             reference, path, inputs, variant=variant, check_inputs=calib if variant == "int8" else [],
             eval_batches=batches_as_tuples(eval_batches), dynamic_batch=dynamic,
+            reference_inputs=fitting_reference(reference_inputs, inputs, dynamic),
         )  # fmt: skip
     nbytes, digest = nbytes_and_hash(path)
     result = ExecuTorchExport(
@@ -130,12 +137,8 @@ def export_executorch(
         calibration_batches=len(calib) if variant == "int8" else 0, timings=timings.stages, notes=notes,
     )  # fmt: skip
     if not parity.passed:
-        top1 = "" if parity.top1_agreement is None else f", top-1 agreement {parity.top1_agreement:.3f}"
-        raise VerificationError(
-            f"{path}: ExecuTorch {variant} outputs differ from PyTorch: max|diff| {parity.max_abs_diff:.3g} "
-            f"(tolerance {parity.tolerance:.3g}){top1} (minimum {parity.top1_min}). "
-            "Try fp32, or more representative calibration data for int8."
-        )
+        path.unlink(missing_ok=True)
+        raise VerificationError(f"{path}: {parity_failure('ExecuTorch', variant, parity)}")
     return result
 
 
@@ -293,26 +296,28 @@ def executorch_parity(
     check_inputs: list[tuple[torch.Tensor, ...]] | None = None,
     eval_batches: list[tuple[torch.Tensor, ...]] | None = None,
     dynamic_batch: bool = False,
+    reference_inputs: tuple[torch.Tensor, ...] | None = None,
 ) -> ParityReport:
-    """Compare a .pte program with PyTorch on the same inputs (and another batch size if dynamic)."""
+    """Compare a .pte program with PyTorch on the same inputs (and another batch size if dynamic) by the
+    one verdict (`slimship.compare.judge_cases`, then top-1 agreement on `eval_batches`)."""
     inputs = as_input_tuple(example_inputs)
-    rel_bound, top1_min = PARITY_BOUNDS[variant]
+    rel_bound, _ = PARITY_BOUNDS[variant]
     runner = open_model_runner(path, runtime="executorch")
     cases = [("example", inputs)] + [(f"check_{i}", c) for i, c in enumerate(check_inputs or [])]
     if variant == "fp32":
         cases += [(f"random_{i}", random_like(inputs, seed=i)) for i in range(2)]
         if dynamic_batch:
             cases.append(("random_batch_3", random_like(inputs, seed=7, batch=3)))
+    cases, reference_case = with_reference_case(cases, reference_inputs)
     reference = [torch_outputs(model, case) for _, case in cases]
     candidate = [_run(runner, to_numpy(case)) for _, case in cases]
     cap = MAGNITUDE_CAPS[variant]
     report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, cap)
+    report.reference_case = reference_case
     if eval_batches:
         ref_eval = [torch_outputs(model, b) for b in eval_batches]
         cand_eval = [_run(runner, to_numpy(b)) for b in eval_batches]
-        report.top1_agreement = top1_agreement(ref_eval, cand_eval)
-        report.top1_min = top1_min
-        report.passed = report.passed and report.top1_agreement >= top1_min
+        agreement_check(report, variant, ref_eval, cand_eval)
     return report
 
 

@@ -26,12 +26,14 @@ from slimship.exporters.common import (
     compare_outputs,
     eval_mode,
     export_error,
+    fitting_reference,
     module_hash,
     nbytes_and_hash,
     open_model_runner,
     random_like,
     to_numpy,
     torch_outputs,
+    with_reference_case,
     without_shape_guards,
 )
 from slimship.exporters.onnx_passes import AddMetadata, Pass, SurgeryReport, default_passes, run_surgery
@@ -73,6 +75,8 @@ class OnnxExport:
     metadata: dict[str, str]
     timings: dict[str, float]
     skipped_passes: list[SkippedPass] = dataclasses.field(default_factory=list)
+    precision: str = "fp32"  # fp16, int8-dynamic, int8: slimship.exporters.onnx_quant
+    calibration_batches: int = 0
 
 
 class ParityInputs(NamedTuple):
@@ -82,6 +86,7 @@ class ParityInputs(NamedTuple):
     inputs: tuple[torch.Tensor, ...]
     check_inputs: list[Any] | None
     dynamic: bool
+    reference_inputs: tuple[torch.Tensor, ...] | None = None
 
 
 def default_names(prefix: str, count: int) -> list[str]:
@@ -101,12 +106,14 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     surgery: bool = True,
     check_inputs: list[Any] | None = None,
+    reference_inputs: Any = None,
 ) -> OnnxExport:
     """Export `model` to ONNX at `path`, simplify it, check it and verify parity with PyTorch.
 
     Parity runs on the example inputs, `check_inputs` (extra input tuples) and random inputs (also at
-    another batch size when the batch dimension is dynamic); fp32 tolerance is
-    1e-4 * max(1, max|reference|). A surgery pass after which the graph fails the checker or differs from
+    another batch size when the batch dimension is dynamic) and `reference_inputs` (the inputs a release
+    stores: `parity.record()`); fp32 tolerance is 1e-4 * max(1, max|reference|) per case. A surgery
+    pass after which the graph fails the checker or differs from
     the graph before surgery is left out (logged, listed in `skipped_passes`). Raises ExportError,
     VerificationError.
     """
@@ -142,7 +149,8 @@ def export_onnx(
             proto, report, skipped = checked_surgery(proto, default_passes(entries), cases)
         else:
             proto = _metadata_only(exported, entries)
-    verify = ParityInputs(traced, inputs, check_inputs, dynamic)
+    reference = fitting_reference(reference_inputs, inputs, dynamic)
+    verify = ParityInputs(traced, inputs, check_inputs, dynamic, reference)
     if report is None:
         proto, parity = _write_and_verify(proto, path, verify, timings)
     else:
@@ -216,6 +224,7 @@ def _write_and_verify(
                 verify.inputs,
                 check_inputs=verify.check_inputs,
                 dynamic_batch=verify.dynamic,
+                reference_inputs=verify.reference_inputs,
             )
     except Exception:  # onnxruntime cannot run it: leave no file behind
         path.unlink(missing_ok=True)
@@ -545,8 +554,11 @@ def onnx_parity(
     dynamic_batch: bool = False,
     rel_bound: float = ONNX_FP32_REL_BOUND,
     random_cases: int = 2,
+    reference_inputs: tuple[torch.Tensor, ...] | None = None,
+    cap: float | None = None,
 ) -> ParityReport:
-    """Compare onnxruntime and PyTorch outputs on example, given and random inputs."""
+    """Compare onnxruntime and PyTorch outputs on example, given, random and the release's reference inputs
+    (each case by its own scale: `slimship.compare.judge_cases`)."""
     inputs = as_input_tuple(example_inputs)
     load_onnx(path)  # clear ModelFileError for a damaged file
     runner = open_model_runner(path, runtime="onnxruntime")
@@ -555,9 +567,12 @@ def onnx_parity(
     cases += [(f"random_{i}", random_like(inputs, seed=i)) for i in range(random_cases)]
     if dynamic_batch and inputs and inputs[0].dim():
         cases.append(("random_batch", random_like(inputs, seed=99, batch=inputs[0].shape[0] + 1)))
+    cases, reference_case = with_reference_case(cases, reference_inputs)
     reference = [torch_outputs(model, case) for _, case in cases]
     candidate = [_run(runner, to_numpy(case)) for _, case in cases]
-    return compare_outputs(reference, candidate, [name for name, _ in cases], rel_bound)
+    report = compare_outputs(reference, candidate, [name for name, _ in cases], rel_bound, cap)
+    report.reference_case = reference_case
+    return report
 
 
 def _run(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:

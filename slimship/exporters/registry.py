@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from slimship.errors import ExportError
+from slimship.errors import ExportError, SlimshipError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,7 @@ class FormatRecord:
 
     def file_name(self, stem: str) -> str:
         """The bundle / export file name of this format for a model called `stem`."""
-        tail = "" if self.family == "onnx" else f".{self.precision}"
+        tail = "" if (self.family, self.precision) == ("onnx", "fp32") else f".{self.precision}"
         return f"{stem}{tail}{self.suffix}"
 
     def export(self, request: ExportRequest, path: Path) -> Any:
@@ -60,8 +61,21 @@ def _onnx(request: ExportRequest, path: Path) -> Any:
 
     return export_onnx(
         request.model, request.trace_example, path, dynamic_batch=request.dynamic_batch,
-        output_names=request.output_names,
+        output_names=request.output_names, reference_inputs=request.example,
     )  # fmt: skip
+
+
+def _onnx_quantised(variant: str) -> Callable[[ExportRequest, Path], Any]:
+    def export(request: ExportRequest, path: Path) -> Any:
+        from slimship.exporters.onnx_quant import export_onnx_quantised
+
+        return export_onnx_quantised(
+            request.model, request.trace_example, path, variant=variant, calibration=request.calibration,
+            eval_batches=request.eval_batches, dynamic_batch=request.dynamic_batch,
+            output_names=request.output_names, reference_inputs=request.example,
+        )  # fmt: skip
+
+    return export
 
 
 def _tflite(variant: str) -> Callable[[ExportRequest, Path], Any]:
@@ -70,7 +84,7 @@ def _tflite(variant: str) -> Callable[[ExportRequest, Path], Any]:
 
         return export_tflite(
             request.model, request.example, path, variant=variant, calibration=request.calibration,
-            eval_batches=request.eval_batches,
+            eval_batches=request.eval_batches, reference_inputs=request.example,
         )  # fmt: skip
 
     return export
@@ -83,6 +97,7 @@ def _executorch(variant: str) -> Callable[[ExportRequest, Path], Any]:
         return export_executorch(
             request.model, request.trace_example, path, variant=variant, calibration=request.calibration,
             eval_batches=request.eval_batches, dynamic_batch=request.dynamic_batch,
+            reference_inputs=request.example,
         )  # fmt: skip
 
     return export
@@ -94,6 +109,13 @@ FORMATS: dict[str, FormatRecord] = {
     for record in (
         FormatRecord("onnx", "onnx", ".onnx", "fp32", ("onnxruntime",), _onnx,
                      description="ONNX (opset 18) after slimship's surgery passes"),
+        FormatRecord("onnx-fp16", "onnx", ".onnx", "fp16", ("onnxruntime",), _onnx_quantised("fp16"),
+                     description="ONNX, float16 weights and compute (float32 inputs and outputs)"),
+        FormatRecord("onnx-int8-dynamic", "onnx", ".onnx", "int8-dynamic", ("onnxruntime",),
+                     _onnx_quantised("int8-dynamic"),
+                     description="ONNX, int8 weights, dynamic-range kernels"),
+        FormatRecord("onnx-int8", "onnx", ".onnx", "int8", ("onnxruntime",), _onnx_quantised("int8"),
+                     description="ONNX, static int8 QDQ (per-channel weights, calibrated)"),
         FormatRecord("tflite-fp32", "tflite", ".tflite", "fp32", _TFLITE_RUNTIMES, _tflite("fp32"),
                      description="LiteRT flatbuffer, float32"),
         FormatRecord("tflite-fp16", "tflite", ".tflite", "fp16", _TFLITE_RUNTIMES, _tflite("fp16"),
@@ -175,7 +197,53 @@ def format_for_runtime(runtime: str, precision: str = "fp32") -> FormatRecord:
                       f"{', '.join(sorted({r for f in FORMATS.values() for r in f.runtimes}))}")  # fmt: skip
 
 
-def export_formats(names: Iterable[str], request: ExportRequest, out_dir: Path, stem: str) -> dict[str, Any]:
-    """Export to each named format in `out_dir` (file names from `FormatRecord.file_name`)."""
-    return {name: get_format(name).export(request, Path(out_dir) / get_format(name).file_name(stem))
-            for name in names}  # fmt: skip
+class ExportFailures(ExportError):
+    """Some formats of a multi-format export failed. `results` holds the formats that passed (their files
+    are written and checked), `failures` each failed format's reason (its file is removed)."""
+
+    def __init__(self, results: dict[str, Any], failures: dict[str, str]) -> None:
+        self.results, self.failures = results, failures
+        lines = "\n  ".join(f"{name}: {reason}" for name, reason in failures.items())
+        kept = f"; kept {', '.join(results)}" if results else ""
+        total = len(failures) + len(results)
+        super().__init__(f"{len(failures)} of {total} formats failed{kept}:\n  {lines}")
+
+
+#: a context manager per format ("export NAME"), yielding a dict whose "detail" is shown when it ends
+Progress = Callable[[str], AbstractContextManager[dict[str, Any]]]
+
+
+def export_formats(
+    names: Iterable[str],
+    request: ExportRequest,
+    out_dir: Path,
+    stem: str,
+    progress: Progress | None = None,
+    detail: Callable[[Any], str] | None = None,
+) -> dict[str, Any]:
+    """Export to each named format in `out_dir` (file names from `FormatRecord.file_name`), every one even
+    when another fails: a failed format leaves no file and raises, once all are done, ExportFailures
+    with the results that passed and each failure's reason. `progress(name)` wraps each format; its
+    detail is `detail(result)` (default `describe`)."""
+    results, failures = {}, {}
+    for name in dict.fromkeys(names):
+        record = get_format(name)
+        path = Path(out_dir) / record.file_name(stem)
+        try:
+            with progress(name) if progress else nullcontext({}) as info:
+                results[name] = record.export(request, path)
+                info["detail"] = (detail or describe)(results[name])
+        except SlimshipError as exc:
+            path.unlink(missing_ok=True)
+            failures[name] = str(exc)
+    if failures:
+        raise ExportFailures(results, failures)
+    return results
+
+
+def describe(result: Any) -> str:
+    """One line on an exported file: its verdict's figures and its stages' seconds."""
+    parity = result.parity
+    top1 = "" if parity.top1_agreement is None else f", top-1 agreement {parity.top1_agreement:.3f}"
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+    return f"parity max|diff| {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g}){top1}; {stages}"

@@ -113,7 +113,10 @@ def tensor_specs(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     interp = _interpreter(path)
 
     def spec(d: dict[str, Any]) -> TensorSpec:
-        return TensorSpec(d["name"], [int(x) for x in d["shape"]], np.dtype(d["dtype"]).name)
+        scale, zero = d.get("quantization", (0.0, 0))
+        quantised = np.issubdtype(d["dtype"], np.integer) and scale
+        return TensorSpec(d["name"], [int(x) for x in d["shape"]], np.dtype(d["dtype"]).name,
+                          (float(scale), int(zero)) if quantised else None)  # fmt: skip
 
     return [spec(d) for d in interp.get_input_details()], [spec(d) for d in interp.get_output_details()]
 

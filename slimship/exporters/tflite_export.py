@@ -31,12 +31,13 @@ import numpy as np
 import torch
 
 from slimship._util import atomic_write_bytes
-from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
+from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, TOP1_MINIMUMS
 from slimship.errors import ExportError, VerificationError
 from slimship.exporters.common import (
     ParityReport,
     TensorSpec,
     Timings,
+    agreement_check,
     as_input_tuple,
     batches_as_tuples,
     compare_outputs,
@@ -44,10 +45,11 @@ from slimship.exporters.common import (
     export_error,
     nbytes_and_hash,
     open_model_runner,
+    parity_failure,
     random_like,
     to_numpy,
-    top1_agreement,
     torch_outputs,
+    with_reference_case,
 )
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,7 @@ VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8")
 # on small random-init nets reach ~0.3 of the output scale), so top-1 agreement on the user's
 # evaluation data is the real quality gate for the int8 variants.
 #: variant -> (relative parity bound from slimship.compare.REL_BOUNDS, top-1 agreement minimum)
-PARITY_BOUNDS: dict[str, tuple[float, float]] = {
-    variant: (REL_BOUNDS[variant], top1_min)
-    for variant, top1_min in {"fp32": 0.99, "fp16": 0.97, "int8-dynamic": 0.90, "int8": 0.85}.items()
-}
+PARITY_BOUNDS: dict[str, tuple[float, float]] = {v: (REL_BOUNDS[v], TOP1_MINIMUMS[v]) for v in VARIANTS}
 
 _FP16_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
 _WAY_OUT = (
@@ -98,12 +97,15 @@ def export_tflite(
     nhwc: bool = False,
     check_inputs: list[Any] | None = None,
     eval_batches: Iterable[Any] | None = None,
+    reference_inputs: Any = None,
 ) -> TFLiteExport:
     """Convert `model` to a .tflite `variant` at `path` and verify it against PyTorch.
 
     `calibration` / `eval_batches`: iterables of input tensors or tuples (extra items such as labels
     are ignored only when they are not tensors; pass input tuples). With `nhwc=True` every 4-D input
-    is taken channel-last (N, H, W, C) by the converted model. Raises ExportError, VerificationError.
+    is taken channel-last (N, H, W, C) by the converted model. `reference_inputs` (default: the example)
+    are the inputs a release stores; `parity.record()` gives the figures on them. Raises ExportError,
+    VerificationError (the file is removed).
     """
     if variant not in VARIANTS:
         raise ExportError(f"variant={variant!r} is not one of {VARIANTS}")
@@ -129,6 +131,7 @@ def export_tflite(
             nhwc_args=nhwc_args,
             check_inputs=[*(calib if variant == "int8" else []), *map(as_input_tuple, check_inputs or [])],
             eval_batches=evals,
+            reference_inputs=as_input_tuple(reference_inputs) if reference_inputs is not None else inputs,
         )
     nbytes, digest = nbytes_and_hash(path)
     from slimship.exporters.tflite_compat import read_ops, tensor_specs
@@ -148,13 +151,8 @@ def export_tflite(
         timings=timings.stages,
     )
     if not parity.passed:
-        top1 = "" if parity.top1_agreement is None else f", top-1 agreement {parity.top1_agreement:.3f}"
-        why = f" ({parity.reason})" if parity.reason else ""
-        raise VerificationError(
-            f"{path}: TFLite {variant} outputs differ from PyTorch: max|diff| {parity.max_abs_diff:.3g} "
-            f"(tolerance {parity.tolerance:.3g}){why}{top1} (minimum {parity.top1_min}). "
-            "Try a less aggressive variant, or more representative calibration data for int8."
-        )
+        path.unlink(missing_ok=True)
+        raise VerificationError(f"{path}: {parity_failure('TFLite', variant, parity)}")
     return result
 
 
@@ -336,25 +334,27 @@ def tflite_parity(
     check_inputs: list[tuple[torch.Tensor, ...]] | None = None,
     eval_batches: list[tuple[torch.Tensor, ...]] | None = None,
     runtime: str = "litert",
+    reference_inputs: tuple[torch.Tensor, ...] | None = None,
 ) -> ParityReport:
-    """Compare a .tflite file with PyTorch on the same inputs (NHWC-transposed for `nhwc_args`)."""
+    """Compare a .tflite file with PyTorch on the same inputs (NHWC-transposed for `nhwc_args`) by the
+    one verdict (`slimship.compare.judge_cases`, then top-1 agreement on `eval_batches`)."""
     inputs = as_input_tuple(example_inputs)
     nhwc_args = nhwc_args or []
-    rel_bound, top1_min = PARITY_BOUNDS[variant]
+    rel_bound, _ = PARITY_BOUNDS[variant]
     runner = open_model_runner(path, runtime=runtime)
     cases = [("example", inputs)] + [(f"check_{i}", c) for i, c in enumerate(check_inputs or [])]
     if variant in ("fp32", "fp16"):
         cases += [(f"random_{i}", random_like(inputs, seed=i)) for i in range(2)]
+    cases, reference_case = with_reference_case(cases, reference_inputs)
     reference = [torch_outputs(model, case) for _, case in cases]
     candidate = [run_tflite(runner, to_numpy(_layout(case, nhwc_args))) for _, case in cases]
     cap = MAGNITUDE_CAPS[variant]
     report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, cap)
+    report.reference_case = reference_case
     if eval_batches:
         ref_eval = [torch_outputs(model, b) for b in eval_batches]
         cand_eval = [run_tflite(runner, to_numpy(_layout(b, nhwc_args))) for b in eval_batches]
-        report.top1_agreement = top1_agreement(ref_eval, cand_eval)
-        report.top1_min = top1_min
-        report.passed = report.passed and report.top1_agreement >= top1_min
+        agreement_check(report, variant, ref_eval, cand_eval)
     return report
 
 

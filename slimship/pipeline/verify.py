@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from slimship._util import sha256_file
-from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, Comparison, compare
+from slimship.compare import Comparison, bounds, judge_cases
 from slimship.errors import ReleaseError
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.bundle_files import RUNNABLE_FORMATS, flatten_outputs, format_of
@@ -434,7 +434,7 @@ def _parity_of(
         return ParityCheck(role, entry["path"], math.inf, 0.0, False, reason=reason)
     precision = _file_precision(path, entry["format"], where)
     actual = _run_model(path, entry["format"], inputs, where)
-    result = compare(expected, actual, REL_BOUNDS[precision], cap=MAGNITUDE_CAPS[precision])
+    result, _ = judge_cases([expected], [actual], ["reference"], *bounds(precision))  # the export's rule
     own = result.tolerance
     claimed_tol, claimed_diff = recorded.get("tolerance"), recorded.get("max_abs_diff")
     tolerance = min(own, claimed_tol) if isinstance(claimed_tol, int | float) else own

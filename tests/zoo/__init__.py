@@ -25,6 +25,7 @@ from tests.zoo import (  # noqa: F401  # isort: skip
     mlp,
     inception,
     gpt2,
+    llama,
     hybrid,
 )
 
