@@ -354,6 +354,9 @@ def _batch_note(result: Any, request: Any) -> str:
 def _cmd_export(args: argparse.Namespace) -> int:
     from slimship.exporters.registry import get_format
 
+    if args.task == "text-generation":
+        return _text_generation("export_command", args)
+
     out = Path(args.out)
     check_output_dir(out, "--out")
     steps = Steps()
@@ -393,6 +396,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from slimship.runtimes.measure import bench, format_bench_table, format_profile_table
     from slimship.runtimes.targets import get_target, load_targets
     from slimship.sources import bench_files
+
+    if args.task == "text-generation":
+        return _text_generation("bench_command", args)
 
     extra = load_targets(args.targets_file) if args.targets_file else None
     target = get_target(args.target, extra)
@@ -435,6 +441,17 @@ def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
     for model, model_specs in specs.items():
         check_inputs(inputs, model_specs, f"{args.inputs} (for {model})")
     return inputs
+
+
+def _text_generation(command: str, args: argparse.Namespace) -> int:
+    """`export`/`bench --task text-generation` and `generate`: slimship.decoder.cli's commands."""
+    from slimship.decoder import cli as decoder_cli
+
+    return getattr(decoder_cli, command)(args, _human(args), lambda payload: _emit(args, payload))
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    return _text_generation("generate_command", args)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -509,7 +526,7 @@ def _jsonable(value: Any) -> Any:
 COMMANDS: dict[str, str] = {
     "demo": "_cmd_demo", "run": "_cmd_run", "config-schema": "_cmd_config_schema", "targets": "_cmd_targets",
     "slim": "_cmd_slim", "export": "_cmd_export", "bench": "_cmd_bench", "release": "_cmd_release",
-    "verify": "_cmd_verify",
+    "verify": "_cmd_verify", "generate": "_cmd_generate",
 }  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from slimship._version import __version__
 from slimship.budget import parse_size
+from slimship.decoder import cli as decoder_cli
 from slimship.runtimes.registry import RUNTIMES
 
 DESCRIPTION = """slim pruned PyTorch models, export them (ONNX, TFLite, ExecuTorch) with parity checks,
@@ -36,11 +37,15 @@ EXAMPLES = {
     "  slimship slim --model torchvision.models:resnet18 --weights resnet18.safetensors "
     "--input-shape 3 224 224 --out slim.pt2",
     "export": "slimship export slim.pt2 --format onnx tflite-fp32 tflite-int8 --calibration calib.npz "
-    "--out exported",
-    "bench": "slimship bench exported/slim.onnx --dense exported/model.onnx --target mobile-1t --json -",
+    "--out exported\n  slimship export --model my_models:slim_llama --task text-generation --max-seq-len 256 "
+    "--format executorch-fp32 executorch-8da4w onnx --out exported",
+    "bench": "slimship bench exported/slim.onnx --dense exported/model.onnx --target mobile-1t --json -\n"
+    "  slimship bench slim.fp32.pte --dense dense.fp32.pte --task text-generation --prompt-len 32 "
+    "--new-tokens 32 --runs 10 --target mobile-1t",
     "release": "slimship release slim.pt2 --name my-model --version 1.0.0 --format onnx tflite-int8 "
     "--calibration calib.npz",
     "verify": "slimship verify artifacts/my-model-1.0.0",
+    "generate": "slimship generate exported/slim.fp32.pte --prompt-ids 1,2,3 --max-new-tokens 16",
 }
 
 
@@ -148,6 +153,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--format", **formats)
     p.add_argument("--calibration", **calibration)
     p.add_argument("--out", type=Path, default=Path("."), help="output folder")
+    decoder_cli.add_export_arguments(p)
 
     p = _command(sub, "bench", "measure .onnx / .tflite / .pte models on a target", commands["bench"])
     p.add_argument("models", nargs="+", help="model files; input shapes are read from the first one")
@@ -175,6 +181,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
         action="store_true",
         help="also a per-layer profile of each dense/slim pair (onnxruntime profiler, ExecuTorch ETDump)",
     )
+    decoder_cli.add_bench_arguments(p)
 
     p = _command(
         sub, "release", "bundle a slim model with fresh exports, gates and a model card", commands["release"]
@@ -190,6 +197,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
 
     p = _command(sub, "verify", "check a release bundle: checksums, schema, parity", commands["verify"])
     p.add_argument("bundle", help="bundle directory or .tar.gz")
+
+    p = _command(sub, "generate", "greedy text generation from token ids with a .pte / .onnx decoder",
+                 commands["generate"])  # fmt: skip
+    decoder_cli.add_generate_arguments(p)
     return parser
 
 

@@ -103,6 +103,13 @@ def _executorch(variant: str) -> Callable[[ExportRequest, Path], Any]:
     return export
 
 
+def _text_generation_only(name: str) -> Callable[[ExportRequest, Path], Any]:
+    def export(request: ExportRequest, path: Path) -> Any:
+        raise ExportError(f"{name} is a text-generation format: export a decoder with --task text-generation")
+
+    return export
+
+
 _TFLITE_RUNTIMES = ("litert", "tflite_runtime")
 FORMATS: dict[str, FormatRecord] = {
     record.name: record
@@ -128,6 +135,9 @@ FORMATS: dict[str, FormatRecord] = {
                      extra="executorch", description="ExecuTorch, XNNPACK, float32"),
         FormatRecord("executorch-int8", "executorch", ".pte", "int8", ("executorch",), _executorch("int8"),
                      extra="executorch", description="ExecuTorch, XNNPACK, int8 (calibrated)"),
+        FormatRecord("executorch-8da4w", "executorch", ".pte", "8da4w", ("executorch",),
+                     _text_generation_only("executorch-8da4w"), extra="executorch",
+                     description="ExecuTorch, XNNPACK, int8 dynamic activations, int4 weights (decoders)"),
     )
 }  # fmt: skip
 

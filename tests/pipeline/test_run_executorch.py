@@ -79,7 +79,7 @@ def test_quantised_gate_and_bench_filter_read_the_registry() -> None:
     assert [f for f in FORMATS if runs_on(int8, f)] == ["tflite-int8"]
     assert [f for f in FORMATS if runs_on(local, f)] == list(FORMATS)
     assert [f for f in FORMATS if runs_on(local.with_overrides(runtime="executorch"), f)] == [
-        "executorch-fp32", "executorch-int8",
+        "executorch-fp32", "executorch-int8", "executorch-8da4w",
     ]  # fmt: skip
 
 

@@ -1,0 +1,193 @@
+"""Decoding speed of text-generation files: time to first token, prefill and decode tokens per second.
+
+Every run is one greedy generation of `new_tokens` after a random prompt of `prompt_len` tokens (the same
+prompt for every file, EOS ignored), through the runner `slimship generate` uses. Files are run in turn
+within each run (dense, slim, dense, slim ...) in this process, so a dense/slim speedup is the median of
+per-run ratios with its spread, as for every other speedup in slimship. Memory: the resident memory a
+file's load and first generation added to this process (`rss_kb`, Linux) and the process's high-water
+mark after all runs (`peak_rss_kb`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from slimship.decoder.runner import Decoder, check_room, greedy, open_decoder
+from slimship.errors import SlimshipError
+from slimship.exporters.registry import precision_from_name
+from slimship.runtimes.measure import Speedup, speedup_from_ratios, speedup_text
+
+
+@dataclasses.dataclass
+class Spread:
+    """Median and 10th-90th percentiles of a per-run figure."""
+
+    median: float
+    p10: float
+    p90: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        p10, med, p90 = (float(v) for v in np.percentile(np.asarray(values, np.float64), [10, 50, 90]))
+        return cls(med, p10, p90)
+
+
+@dataclasses.dataclass
+class DecodeMeasurement:
+    """One file's decoding figures over the timed runs."""
+
+    model: str
+    kind: str  # suffix and precision, e.g. ".pte fp32": files of one kind are compared
+    bytes: int
+    ttft_ms: Spread  # prefill call + first token
+    prefill_tok_s: Spread
+    decode_tok_s: Spread
+    ms_per_token: Spread  # decode
+    rss_kb: int | None
+
+
+@dataclasses.dataclass
+class DecodeBench:
+    threads: int | None
+    prompt_len: int
+    new_tokens: int
+    runs: int
+    warmup: int
+    measurements: list[DecodeMeasurement]
+    decode_speedups: list[Speedup]  # dense/slim decode time per run
+    prefill_speedups: list[Speedup]
+    peak_rss_kb: int
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _rss_kb() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def file_kind(path: Path) -> str:
+    """Suffix and precision (read from the file name; fp32 when it names none)."""
+    return f"{path.suffix.lower()} {precision_from_name(path) or 'fp32'}"
+
+
+def _first_run(decoder: Decoder, path: Path, prompt: list[int], new_tokens: int) -> None:
+    check_room(decoder.info, len(prompt), new_tokens, str(path))
+    if max(prompt) >= decoder.info.vocab_size:
+        raise SlimshipError(
+            f"{path}: its vocabulary of {decoder.info.vocab_size} is smaller than the others'"
+        )
+    greedy(decoder, prompt, new_tokens, stop_at_eos=False)  # allocations, XNNPACK weight packing
+
+
+def bench_decode(
+    files: Sequence[str | Path], *, dense: str | Path | None = None, prompt_len: int = 32,
+    new_tokens: int = 32,
+    runs: int = 10, warmup: int = 2, threads: int | None = 1, seed: int = 0,
+) -> DecodeBench:  # fmt: skip
+    """Time greedy generation of every file (see the module doc); speedups of each file against `dense`
+    where both are of one kind (suffix and precision)."""
+    if runs < 1 or warmup < 0:
+        raise SlimshipError(f"runs must be >= 1 and warmup >= 0 (got {runs}, {warmup})")
+    paths = [Path(f) for f in files]
+    dense_path = Path(dense) if dense is not None else None
+    if dense_path is not None and dense_path not in paths:
+        paths.insert(0, dense_path)
+    opened: list[tuple[Decoder, int | None]] = []
+    prompt: list[int] = []
+    for path in paths:
+        before = _rss_kb()
+        decoder = open_decoder(path, threads)
+        if not prompt:
+            rng = np.random.default_rng(seed)
+            prompt = [int(t) for t in rng.integers(0, decoder.info.vocab_size, prompt_len)]
+        _first_run(decoder, path, prompt, new_tokens)
+        after = _rss_kb()
+        opened.append((decoder, None if before is None or after is None else max(after - before, 0)))
+    times: dict[Path, dict[str, list[float]]] = {p: {"prefill": [], "decode": []} for p in paths}
+    for run in range(warmup + runs):
+        for path, (decoder, _) in zip(paths, opened, strict=True):
+            result = greedy(decoder, prompt, new_tokens, stop_at_eos=False)
+            if run >= warmup:
+                times[path]["prefill"].append(result.prefill_s)
+                times[path]["decode"].append(sum(result.step_s))
+    measurements = [
+        _measurement(p, times[p], rss, prompt_len, new_tokens) for p, (_, rss) in zip(paths, opened)
+    ]
+    decode, prefill, notes = _speedups(paths, dense_path, times)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return DecodeBench(
+        threads, prompt_len, new_tokens, runs, warmup, measurements, decode, prefill, int(peak), notes
+    )
+
+
+def _measurement(
+    path: Path, times: dict[str, list[float]], rss: int | None, prompt_len: int, new_tokens: int
+):
+    prefill, decode = np.asarray(times["prefill"]), np.asarray(times["decode"])
+    steps = max(new_tokens - 1, 1)
+    return DecodeMeasurement(
+        model=str(path), kind=file_kind(path), bytes=path.stat().st_size,
+        ttft_ms=Spread.of(prefill * 1e3), prefill_tok_s=Spread.of(prompt_len / prefill),
+        decode_tok_s=Spread.of(steps / decode), ms_per_token=Spread.of(decode / steps * 1e3), rss_kb=rss,
+    )  # fmt: skip
+
+
+def _speedups(
+    paths: list[Path], dense: Path | None, times: dict[Path, dict[str, list[float]]]
+) -> tuple[list[Speedup], list[Speedup], list[str]]:
+    if dense is None:
+        return [], [], []
+    decode, prefill, notes = [], [], []
+    for path in paths:
+        if path == dense:
+            continue
+        if file_kind(path) != file_kind(dense):
+            notes.append(
+                f"{path.name}: no speedup against {dense.name} ({file_kind(path)} vs {file_kind(dense)})"
+            )
+            continue
+        for key, out in (("decode", decode), ("prefill", prefill)):
+            ratios = [d / s for d, s in zip(times[dense][key], times[path][key], strict=True)]
+            record = speedup_from_ratios(ratios, str(dense), str(path), "local")
+            record.format = file_kind(path)
+            out.append(record)
+    return decode, prefill, notes
+
+
+def format_decode_table(result: DecodeBench):
+    """A rich Table: one row per file, then the dense/slim speedups."""
+    from rich.table import Table
+
+    title = (
+        f"text generation: prompt {result.prompt_len}, {result.new_tokens} new tokens, {result.runs} runs, "
+        f"threads={result.threads or 'default'} (median, p10-p90)"
+    )
+    table = Table(title=title)
+    for header in ("model", "kind", "MB", "TTFT ms", "prefill tok/s", "decode tok/s", "ms/token", "RSS MB"):
+        table.add_column(header)
+    for m in result.measurements:
+        table.add_row(
+            Path(m.model).name, m.kind, f"{m.bytes / 1e6:.2f}", _spread(m.ttft_ms, ".2f"),
+            _spread(m.prefill_tok_s, ".0f"), _spread(m.decode_tok_s, ".0f"), _spread(m.ms_per_token, ".3f"),
+            "-" if m.rss_kb is None else f"{m.rss_kb / 1024:.1f}",
+        )  # fmt: skip
+    for label, speedups in (("decode", result.decode_speedups), ("prefill", result.prefill_speedups)):
+        for s in speedups:
+            table.caption = (table.caption or "") + (
+                f"\n{label} speedup {Path(s.dense).name} -> {Path(s.slim).name}: "
+                f"{speedup_text(s.median, s.p10, s.p90)}"
+            )
+    return table
+
+
+def _spread(s: Spread, spec: str) -> str:
+    return f"{s.median:{spec}} ({s.p10:{spec}}-{s.p90:{spec}})"
