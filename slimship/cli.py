@@ -14,17 +14,20 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimship._console import Steps, native_stderr_quiet, note, setup_logging, stdout_console
 from slimship.budget import set_max_memory
-from slimship.cli_parser import GATE_HELP
 from slimship.errors import STOPPED_EXIT, GateError, SlimshipError, StoppedEarly, on_every_rank
+from slimship.pipeline.gates import GATE_RULES
+
+if TYPE_CHECKING:
+    from slimship.pipeline.records import ExportResult
 
 
 def _gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The gate options given on the command line (they override the config's `gates:`)."""
-    return {name: getattr(args, name) for name in GATE_HELP if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in GATE_RULES if getattr(args, name) is not None}
 
 
 def _json_to_stdout(args: argparse.Namespace) -> bool:
@@ -265,53 +268,24 @@ def _reexport(module: Any, example: tuple[Any, ...], dynamic_shapes: Any, source
         ) from exc
 
 
-RANDOM_CALIBRATION = 32  # batches of random inputs an int8 format calibrates on without --calibration
-
-
-def _calibration(args: argparse.Namespace, example: tuple[Any, ...]) -> tuple[list[Any] | None, dict | None]:
-    """--calibration samples as tensor tuples (checked against the model's inputs) and {samples, source}.
-
-    Without --calibration, a calibrated int8 format gets RANDOM_CALIBRATION batches of random inputs shaped
-    like the example, said on stderr and recorded as such (the manifest and model card show it): never
-    the one example alone, and never silently.
-    """
+def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, steps: Steps) -> ExportResult:
+    """Export `source` to every --format into `out`, one progress step per format (the pipeline's export
+    stage), calibrated on --calibration or the pipeline's one fallback (see slimship.pipeline.calibration)."""
     import torch
 
-    from slimship.exporters.common import TensorSpec, random_like
-    from slimship.exporters.registry import get_format
-    from slimship.inputs import load_calibration
-
-    if not args.calibration:
-        needs = [f for f in args.format if get_format(f).precision == "int8"]
-        if not needs:
-            return None, None
-        source = f"{RANDOM_CALIBRATION} batches of random inputs (no --calibration given)"
-        print(
-            f"note: {', '.join(needs)} calibrated on {source}; pass --calibration FILE.npz with real "
-            "samples for a representative int8 model",
-            file=sys.stderr,
-        )
-        batches = [random_like(example, seed=1000 + i) for i in range(RANDOM_CALIBRATION)]
-        batch = int(example[0].shape[0]) if example and example[0].dim() else 1
-        return batches, {"samples": RANDOM_CALIBRATION * batch, "source": source}
-    specs = [
-        TensorSpec(f"input_{i}", ["batch", *t.shape[1:]], str(t.dtype).removeprefix("torch."))
-        for i, t in enumerate(example)
-    ]
-    batch = int(example[0].shape[0]) if example and example[0].dim() else 1  # a static batch must match
-    samples = load_calibration(args.calibration, specs, batch)
-    batches = [tuple(torch.from_numpy(a.copy()) for a in sample) for sample in samples]
-    return batches, {"samples": len(batches) * batch, "source": str(args.calibration)}
-
-
-def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, steps: Steps) -> dict[str, Any]:
-    """Export `source` to every --format into `out`, one progress step per format (registry dispatch)."""
-    import torch
-
-    from slimship.exporters.registry import ExportFailures, ExportRequest, describe, export_formats
+    from slimship.exporters.registry import ExportRequest, describe
+    from slimship.pipeline.calibration import calibration, from_file
+    from slimship.pipeline.publish import export_stage
     from slimship.sources import output_names
 
-    calibration, calib_info = _calibration(args, source.example)
+    given = from_file(args.calibration, source.example) if args.calibration else None
+    calib = calibration(
+        args.format,
+        source.example,
+        given,
+        "no --calibration given",
+        "pass --calibration FILE.npz with real samples",
+    )
     trace_example = source.example
     if source.kind == "factory":
         trace_example = tuple(torch.cat([t, t]) for t in source.example)  # batch 2: lets the batch be dynamic
@@ -319,18 +293,13 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
         source.module,
         source.example,
         trace_example,
-        calibration=calibration,
-        eval_batches=calibration,
+        calibration=calib.batches,
+        eval_batches=calib.batches,
         output_names=output_names(source.module, source.example),
     )
-    failures: dict[str, str] = {}
-    try:
-        results = export_formats(args.format, request, out, stem, lambda fmt: steps.step(f"export {fmt}"),
-                                 lambda result: describe(result) + _batch_note(result, request))  # fmt: skip
-    except ExportFailures as exc:  # the formats that passed are kept; the caller reports the others
-        results, failures = exc.results, exc.failures
-    real = calibration if args.calibration else None  # the user's samples, not the random fallback
-    return {"results": results, "failures": failures, "calibration": calib_info, "samples": real}
+
+    return export_stage(request, args.format, out, stem, calib, steps.step,
+                        lambda result: describe(result) + _batch_note(result, request))  # fmt: skip
 
 
 def _batch_note(result: Any, request: Any) -> str:
@@ -366,24 +335,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
         exported = _export_all(args, source, Path(tmp), source.stem, steps)
         out.mkdir(parents=True, exist_ok=True)
         files = {}
-        for fmt, result in exported["results"].items():
+        for fmt, result in exported.results.items():
             files[fmt] = out / Path(result.path).name
             shutil.move(str(result.path), files[fmt])
     console = _human(args)
     rows = []
-    for fmt, result in exported["results"].items():
+    for fmt, result in exported.results.items():
         console.print(
             f"{files[fmt]}  {result.bytes} bytes  parity max|diff| {result.parity.max_abs_diff:.3g}"
         )
         rows.append({"format": fmt, **_jsonable(result), "path": str(files[fmt])})
-    failures = [{"format": fmt, "reason": reason} for fmt, reason in exported["failures"].items()]
+    failures = [{"format": fmt, "reason": reason} for fmt, reason in exported.failures.items()]
     _emit(
         args,
         {
             "source": source.origin,
             "formats": rows,
             "failures": failures,
-            "calibration": exported["calibration"],
+            "calibration": exported.calibration.to_dict(),
             "seconds": steps.times,
         },
     )
@@ -473,7 +442,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from slimship._util import sha256_file
     from slimship.pipeline.bench import gate_release
     from slimship.pipeline.config import gates_from_options
-    from slimship.pipeline.release import ReleaseInputs, check_new_version, write_release
+    from slimship.pipeline.publish import ReleaseRequest, publish
+    from slimship.pipeline.release import check_new_version
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options(_gate_overrides(args))  # checked before any export
@@ -481,35 +451,20 @@ def _cmd_release(args: argparse.Namespace) -> int:
     source = _source(args, steps)
     with tempfile.TemporaryDirectory() as tmp:
         exported = _export_all(args, source, Path(tmp), "model", steps)
-        exports = exported["results"]
-        if exported["failures"]:  # a release holds every format asked for, or none
-            from slimship.exporters.registry import ExportFailures
-
-            raise ExportFailures(exports, exported["failures"])
-        parity = {fmt: e.parity.record() for fmt, e in exports.items()}  # on the stored reference inputs
-        files = {fmt: e.path for fmt, e in exports.items()}
+        exported.require_all()  # a release holds every format asked for, or none
         with steps.step("quality gates"):
             results = gate_release(  # GateError
-                source.module, source.example, files, gates, args.target, samples=exported["samples"]
-            )
-        source_hash = sha256_file(args.model) if args.model and source.kind == "pt2" else source.sha256
-        inputs = ReleaseInputs(
-            name=args.name,
-            version=args.version,
-            slim_module=source.module,
-            example_inputs=source.example,
-            model_files=files,
-            reference={"source_sha256": source_hash},
-            slimming={},
-            parity=parity,
-            accuracy={},
-            latency={},
-            config={"command": "release", "model": source.origin, "gates": gates.model_dump()},
-            gates=[r.to_dict() for r in results],
-            calibration=exported["calibration"],
-        )
+                source.module, source.example, exported.files(), gates, args.target,
+                samples=exported.calibration.real_batches(),
+            )  # fmt: skip
+        request = ReleaseRequest(
+            args.name, args.version, Path(args.out), source.module, source.example,
+            sha256_file(args.model) if args.model and source.kind == "pt2" else source.sha256,
+            exported, results,
+            {"command": "release", "model": source.origin, "gates": gates.model_dump()},
+        )  # fmt: skip
         with steps.step("write release bundle"):
-            result = write_release(inputs, Path(args.out))
+            result = publish(request)
     _human(args).print(str(result.bundle_dir))
     _emit(args, {"bundle": result, "seconds": steps.times})
     return 0

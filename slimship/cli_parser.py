@@ -10,6 +10,7 @@ from typing import Any
 from slimship._version import __version__
 from slimship.budget import parse_size
 from slimship.decoder import cli as decoder_cli
+from slimship.pipeline.gates import GATE_RULES
 from slimship.runtimes.registry import RUNTIMES
 
 DESCRIPTION = """slim pruned PyTorch models, export them (ONNX, TFLite, ExecuTorch) with parity checks,
@@ -204,20 +205,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     return parser
 
 
-GATE_HELP = {
-    "max_accuracy_drop": (
-        "POINTS",
-        "top-1 points the slim model may lose against the dense one (omitted: 1)",
-    ),
-    "min_speedup": ("X", "smallest dense/slim speedup per target (omitted: off)"),
-    "max_latency_ms": ("MS", "largest p50 latency per target (omitted: off)"),
-    "min_agreement": ("FRACTION", "top-1 agreement of quantised variants with the slim model (omitted: 0.9)"),
-}
-
-
 def _add_gate_options(p: argparse.ArgumentParser) -> None:
     """Quality gates (override the config's `gates:`); a failing gate exits 3 and publishes nothing."""
     group = p.add_argument_group("quality gates (a failing gate exits 3 and publishes nothing)")
-    for name, (metavar, text) in GATE_HELP.items():
+    for name, rule in GATE_RULES.items():  # one option per gate record
         flag = "--" + name.replace("_", "-")
-        group.add_argument(flag, dest=name, type=float, default=None, metavar=metavar, help=text)
+        group.add_argument(flag, dest=name, type=float, default=None, metavar=rule.metavar, help=rule.help)

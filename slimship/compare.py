@@ -63,6 +63,7 @@ def rounding_bound(dtype: Any, depth: int) -> float:
         raise ValueError(f"no unit roundoff for dtype {name!r} (known: {sorted(UNIT_ROUNDOFF)})")
     return ROUNDING_SLACK * unit * math.sqrt(max(depth, 1))
 
+
 #: Minimum top-1 agreement with PyTorch on calibration or evaluation data, per precision (the second half
 #: of a file's verdict, where such data exist: at export; the release gate measures it again).
 TOP1_MINIMUMS: dict[str, float] = {"fp32": 0.99, "fp16": 0.97, "int8-dynamic": 0.90, "int8": 0.85}

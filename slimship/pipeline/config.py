@@ -30,7 +30,10 @@ from slimship.errors import ConfigError, SlimshipError, first_line
 from slimship.exporters.registry import FORMATS as FORMAT_TABLE
 from slimship.pipeline.config_checks import READINESS_CHECKS
 from slimship.pipeline.factories import resolve
+from slimship.pipeline.gates import GatesSpec
 from slimship.pipeline.names import NAME_RE, NAME_RULE, VERSION_RE, VERSION_RULE
+from slimship.pipeline.section import Section
+from slimship.pipeline.section import spec_field as _f
 from slimship.runtimes.registry import RUNTIMES
 
 # names come from the format and runtime registries (one table each; adding one there adds it here)
@@ -40,19 +43,6 @@ IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 Format = Literal[FORMATS]  # type: ignore[valid-type]
 AlignRuntime = Literal[ALIGN_RUNTIMES]  # type: ignore[valid-type]
-
-
-def _f(default: Any, expected: str, **constraints: Any) -> Any:
-    """A field whose description is what an error message says is expected."""
-    if callable(default):
-        return Field(default_factory=default, description=expected, **constraints)
-    return Field(default, description=expected, **constraints)
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys refused, strict types."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class ModelSpec(Section):
@@ -117,24 +107,6 @@ class ReleaseSpec(Section):
     version: str = _f("0.1.0", VERSION_RULE, pattern=VERSION_RE.pattern)
     out: str = _f("artifacts", "a directory path (created if missing)", min_length=1)
     notes: str = _f("", "text for the model card")
-
-
-class GatesSpec(Section):
-    """What a release must meet; a gate set to null is off. See slimship.pipeline.gates."""
-
-    max_accuracy_drop: float | None = _f(
-        1.0, "percentage points of top-1 the slim model may lose against the dense one (>= 0), or null", ge=0
-    )
-    min_speedup: float | None = _f(
-        None, "the smallest dense/slim speedup accepted per target (> 0), or null", gt=0
-    )
-    max_latency_ms: Annotated[float, Field(gt=0)] | dict[str, Annotated[float, Field(gt=0)]] | None = _f(
-        None, "the largest p50 latency in ms, one number for every target or a mapping target -> ms, or null"
-    )
-    min_agreement: float | None = _f(
-        0.9, "the smallest top-1 agreement of quantised variants with the slim model, in [0, 1], or null",
-        ge=0, le=1,
-    )  # fmt: skip
 
 
 class CompressSpec(Section):

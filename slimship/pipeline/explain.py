@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimship.compare import REL_BOUNDS
+from slimship.pipeline.records import TargetRecord
 
 #: accuracy drop (percentage points, slim vs dense) past which the headline is shown as a warning
 HEADLINE_DROP_PT = 1.0
@@ -141,7 +142,7 @@ def target_definitions(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def target_record(target: Any) -> dict[str, Any]:
+def target_record(target: Any) -> TargetRecord:
     """A Target as plain data for the manifest's `targets` (see TARGET_FIELDS)."""
     return {
         "runtime": target.runtime,

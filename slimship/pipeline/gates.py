@@ -1,64 +1,115 @@
 """Quality gates: what a release must meet, decided on measured figures before anything is published.
 
-One rule per gate (`GATE_RULES`): which figures it reads and how a figure compares with the limit.
-A gate set to None is off. A gate that is on but has no figure (no evaluation data, no quantised
-variant, no timed target) is "not evaluated": listed as such, never counted as passed.
+A gate is one `GateRule` in `GATE_RULES` (what it reads from `GateFigures`, how a figure compares with the
+limit, its command-line option) and one field of `GatesSpec` (its limit, checked like the rest of the
+config). `GateFigures.of(bench)` fills every figure from the bench stage's typed records, for `slimship run`
+and `slimship release` alike. A gate set to None is off. A gate that is on but has no figure (no
+evaluation data, no quantised variant, no timed target) is "not evaluated": listed as such, never counted
+as passed.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from slimship.errors import GateError
 from slimship.exporters.registry import FORMATS
+from slimship.pipeline.records import BenchFigures
+from slimship.pipeline.section import Section, spec_field
 
 PASSED, FAILED, NOT_EVALUATED, OFF = "passed", "failed", "not evaluated", "off"
 # formats whose top-1 agreement with the slim model is gated: the registry's reduced-precision ones
 QUANTISED_FORMATS: tuple[str, ...] = tuple(name for name, r in FORMATS.items() if r.precision != "fp32")
+TORCH_SUBJECT = "torch top-1"  # the subject of a figure on the torch models, not on a target/format
 
 
-@dataclass
-class Figures:
-    """What the gates read: top-1 in percent on the same evaluation data, and per `target/format`."""
+class GatesSpec(Section):
+    """What a release must meet; a gate set to null is off. See slimship.pipeline.gates."""
+
+    max_accuracy_drop: float | None = spec_field(
+        1.0, "percentage points of top-1 the slim model may lose against the dense one (>= 0), or null", ge=0
+    )
+    min_speedup: float | None = spec_field(
+        None, "the smallest dense/slim speedup accepted per target (> 0), or null", gt=0
+    )
+    max_latency_ms: Annotated[float, Field(gt=0)] | dict[str, Annotated[float, Field(gt=0)]] | None = (
+        spec_field(
+            None,
+            "the largest p50 latency in ms, one number for every target or a mapping target -> ms, or null",
+        )
+    )
+    min_agreement: float | None = spec_field(
+        0.9, "the smallest top-1 agreement of quantised variants with the slim model, in [0, 1], or null",
+        ge=0, le=1,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GateFigures:
+    """What the gates read: top-1 in percent of the torch models on the same evaluation data, and per
+    bench subject (`target/format`) the figures measured there."""
 
     dense_top1: float | None = None
     slim_top1: float | None = None
-    speedup: dict[str, float] = field(default_factory=dict)  # interleaved, same format (non-emulated)
-    p50_ms: dict[str, float] = field(default_factory=dict)  # non-emulated
-    agreement: dict[str, float] = field(default_factory=dict)  # quantised variants vs the slim model
+    speedup: Mapping[str, float] = field(default_factory=dict)  # interleaved, same format (device targets)
+    p50_ms: Mapping[str, float] = field(default_factory=dict)  # device targets
+    agreement: Mapping[str, float] = field(default_factory=dict)  # quantised variants vs the slim model
+
+    @classmethod
+    def of(cls, bench: BenchFigures) -> GateFigures:
+        """Every figure a gate reads, from the bench stage's records (run and release alike)."""
+        speedup, p50, agreement = {}, {}, {}
+        for entry in bench.entries:
+            if not entry.emulated:
+                p50[entry.subject] = (entry.timed or entry.checked).latency.p50_ms
+                if entry.speedup is not None:
+                    speedup[entry.subject] = round(entry.speedup.median, 4)
+            if entry.format in QUANTISED_FORMATS and entry.checked.agreement is not None:
+                agreement[entry.subject] = entry.checked.agreement
+        return cls(bench.dense_top1, bench.slim_top1, speedup, p50, agreement)
 
     def accuracy_drop(self) -> dict[str, float]:
         if self.dense_top1 is None or self.slim_top1 is None:
             return {}
-        return {"torch top-1": round(self.dense_top1 - self.slim_top1, 3)}
+        return {TORCH_SUBJECT: round(self.dense_top1 - self.slim_top1, 3)}
 
 
 @dataclass(frozen=True)
 class GateRule:
+    """One gate: its figures, how a figure compares with the limit, and its command-line option."""
+
     what: str
-    figures: Callable[[Figures], dict[str, float]]
+    figures: Callable[[GateFigures], Mapping[str, float]]
     ok: Callable[[float, float], bool]
     unit: str
     missing: str  # why a gate that is on can have no figure
+    metavar: str  # the CLI option's value (--NAME METAVAR)
+    help: str  # the CLI option's help
 
 
 GATE_RULES: dict[str, GateRule] = {
     "max_accuracy_drop": GateRule(
-        "top-1 drop, slim vs dense", Figures.accuracy_drop, operator.le, " pt", "no evaluation data"
+        "top-1 drop, slim vs dense", GateFigures.accuracy_drop, operator.le, " pt", "no evaluation data",
+        "POINTS", "top-1 points the slim model may lose against the dense one (omitted: 1)",
     ),
     "min_speedup": GateRule(
-        "speedup", lambda f: f.speedup, operator.ge, "x", "no interleaved timing on a device target"
+        "speedup", lambda f: f.speedup, operator.ge, "x", "no interleaved timing on a device target",
+        "X", "smallest dense/slim speedup per target (omitted: off)",
     ),
     "max_latency_ms": GateRule(
-        "p50 latency", lambda f: f.p50_ms, operator.le, " ms", "no timing on a device target"
+        "p50 latency", lambda f: f.p50_ms, operator.le, " ms", "no timing on a device target",
+        "MS", "largest p50 latency per target (omitted: off)",
     ),
     "min_agreement": GateRule(
-        "top-1 agreement with the slim model", lambda f: f.agreement, operator.ge, "", "no quantised variant"
+        "top-1 agreement with the slim model", lambda f: f.agreement, operator.ge, "", "no quantised variant",
+        "FRACTION", "top-1 agreement of quantised variants with the slim model (omitted: 0.9)",
     ),
-}
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,12 +143,11 @@ def _limit_for(limit: Any, subject: str) -> float | None:
     return limit
 
 
-def evaluate_gates(gates: Any, figures: Figures) -> list[GateResult]:
-    """Every gate of `gates` (a GatesSpec or mapping) against `figures`, in GATE_RULES order."""
-    spec = gates if isinstance(gates, dict) else gates.model_dump()
+def evaluate_gates(gates: GatesSpec, figures: GateFigures) -> list[GateResult]:
+    """Every gate of `gates` against `figures`, in GATE_RULES order."""
     results: list[GateResult] = []
     for name, rule in GATE_RULES.items():
-        limit = spec.get(name)
+        limit = getattr(gates, name)
         if limit is None:
             results.append(GateResult(name, OFF))
             continue

@@ -1,101 +1,108 @@
-"""Export, calibration and release steps of the pipeline (the figures and files a bundle is made from)."""
+"""The export and release steps `slimship run` and the CLI share: every format exported through its
+registry record into one `ExportResult`, and one release made from the stages' records."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slimship._util import sha256_bytes
+from slimship.exporters.registry import ExportFailures, ExportRequest, export_formats
+from slimship.pipeline.gates import GateResult
+from slimship.pipeline.records import BenchFigures, CalibrationData, ExportResult
+from slimship.pipeline.release import ReleaseInputs, ReleaseResult, write_release
+
+Step = Callable[[str], contextlib.AbstractContextManager[dict[str, Any]]]  # a progress step: its info dict
 
 
-def export_all(
-    model, examples, formats, workdir: Path, stem: str, calib, evals, dynamic: bool
-) -> dict[str, Any]:
-    """Each format through its registry record (`FormatRecord.export`, parity checked by the exporter)."""
-    from slimship.exporters.registry import ExportRequest, export_formats
-
-    example, trace_example = examples
-    request = ExportRequest(model, example, trace_example, calib, evals, dynamic)
-    return export_formats(formats, request, workdir, stem)
+@contextlib.contextmanager
+def _silent(name: str) -> Iterator[dict[str, Any]]:
+    yield {}
 
 
-CALIBRATION_SAMPLES = 64
+def export_stage(
+    request: ExportRequest,
+    formats: Iterable[str],
+    out_dir: Path,
+    stem: str,
+    calibration: CalibrationData,
+    step: Step = _silent,
+    detail: Callable[[Any], str] | None = None,
+) -> ExportResult:
+    """Export `request.model` to each format (once each, in order) into `out_dir`, named by the format
+    record; each exporter checks its parity. Every format is tried: the result holds the ones that passed
+    and each failure's reason (`ExportResult.require_all` raises for a stage that needs them all). `step`
+    wraps each format (the CLI's progress line, whose `detail` is said from the exporter's result)."""
+    try:
+        results = export_formats(formats, request, Path(out_dir), stem, step, detail)
+    except ExportFailures as exc:  # the formats that passed are kept
+        return ExportResult(exc.results, calibration, exc.failures)
+    return ExportResult(results, calibration)
 
 
-def calibration_data(
-    train: Any, test: Any, factory: str | None, limit: int = CALIBRATION_SAMPLES
-) -> tuple[list[tuple[torch.Tensor, ...]] | None, dict[str, Any]]:
-    """Calibration batches for int8 (one sample each) and their record {samples, source} for the manifest.
-
-    The first `limit` samples of the data factory's train split (its test split when there is no train
-    split); without data, the exporters calibrate on the one random example input, and the record says so.
-    """
-    for split, batches in (("train", train), ("test", test)):
-        if batches is None:
-            continue
-        samples: list[tuple[torch.Tensor, ...]] = []
-        for batch in batches:
-            x = batch[0] if isinstance(batch, tuple | list) else batch
-            samples += [(x[i : i + 1],) for i in range(min(len(x), limit - len(samples)))]
-            if len(samples) >= limit:
-                break
-        if samples:
-            source = f"data.factory {factory}: first {len(samples)} samples of the {split} split"
-            return samples, {"samples": len(samples), "source": source}
-    return None, {"samples": 1, "source": "the random example input (no data factory given)"}
-
-
-def write_run_release(
-    config, slim_model, example, slim_result, slim_exports, accuracy, latency, source, plots, aligned, gates,
-    calibration=None,
-):  # fmt: skip
-    from slimship.pipeline.explain import target_record
-    from slimship.pipeline.release import ReleaseInputs, write_release
-
-    rcfg = config.release
-    source_bytes = b"".join(
-        t.detach().contiguous().numpy().tobytes()
-        for t in source.state_dict().values()
-        if t.is_floating_point()
+def weights_sha256(module: torch.nn.Module) -> str:
+    """The sha256 of a module's floating-point weights (the source of a run's release)."""
+    return sha256_bytes(
+        b"".join(
+            t.detach().contiguous().numpy().tobytes()
+            for t in module.state_dict().values()
+            if t.is_floating_point()
+        )
     )
-    parity = {}
-    files = {}
-    for fmt, export in slim_exports.items():
-        files[fmt] = export.path
-        parity[fmt] = export.parity.record()  # on the reference inputs the bundle stores (verify re-runs)
-    slimming = (
-        slim_result.summary()
-        | aligned
-        | {
-            "per_layer": {
-                s.name: {"channels_before": s.channels_before, "channels_kept": s.channels_after}
-                for s in slim_result.report.spaces
-                if s.channels_before > 1
-            },
-            "layers": [
-                {"name": layer.name, "before": layer.shape_before, "after": layer.shape_after}
-                for layer in slim_result.report.layers
-            ],
-        }
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """What one release is made of, from the stages' records (`slimship run` and `slimship release`):
+    the bundle's name, version and folder, the slim module with its example inputs and the sha256 of its
+    source, its exported files, the gates it passed, the config it came from; a run adds its bench figures,
+    slimming summary, report plots and target definitions."""
+
+    name: str
+    version: str
+    out: Path
+    module: Any
+    example: tuple[torch.Tensor, ...]
+    source_sha256: str
+    exports: ExportResult
+    gates: Sequence[GateResult]
+    config: dict[str, Any]
+    bench: BenchFigures | None = None
+    slimming: dict[str, Any] = field(default_factory=dict)
+    plots: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+    targets: dict[str, dict[str, Any]] | None = None
+
+
+def release_inputs(request: ReleaseRequest) -> ReleaseInputs:
+    """The ReleaseInputs of a request: files and parity from its exports, figures from its bench."""
+    record = request.exports.calibration.record
+    bench = request.bench
+    return ReleaseInputs(
+        name=request.name,
+        version=request.version,
+        slim_module=request.module,
+        example_inputs=request.example,
+        model_files=request.exports.files(),
+        reference={"source_sha256": request.source_sha256},
+        slimming=request.slimming,
+        parity={fmt: p.to_dict() for fmt, p in request.exports.parity().items()},
+        accuracy=bench.accuracy() if bench is not None else {},
+        latency=bench.latency() if bench is not None else {},
+        config=request.config,
+        extra_plots=request.plots,
+        model_card_notes=request.notes,
+        gates=[g.to_dict() for g in request.gates],
+        calibration=record.to_dict() if record is not None else None,
+        targets=request.targets,
     )
-    inputs = ReleaseInputs(
-        name=rcfg.name,
-        version=rcfg.version,
-        slim_module=slim_model,
-        example_inputs=example,
-        model_files=files,
-        reference={"source_sha256": sha256_bytes(source_bytes)},
-        slimming=slimming,
-        parity=parity,
-        accuracy=accuracy,
-        latency=latency,
-        config=config.to_dict(),
-        extra_plots=plots,
-        model_card_notes=rcfg.notes,
-        gates=gates,
-        calibration=calibration,
-        targets={t.name: target_record(t) for t in config.target_profiles()},
-    )
-    return write_release(inputs, Path(rcfg.out)).bundle_dir
+
+
+def publish(request: ReleaseRequest) -> ReleaseResult:
+    """Write the release bundle of `request` (see `write_release`: verified, never overwriting)."""
+    return write_release(release_inputs(request), Path(request.out))

@@ -71,6 +71,15 @@ from slimship.pipeline.bundle_files import (
 )
 from slimship.pipeline.model_card import render_model_card
 from slimship.pipeline.names import NAME_RE, VERSION_RE
+from slimship.pipeline.records import (
+    AccuracyRecord,
+    CalibrationRecord,
+    GateRecord,
+    LatencyRecord,
+    ModelReference,
+    ParityRecord,
+    TargetRecord,
+)
 from slimship.pipeline.report import render_report
 from slimship.pipeline.verify import verify_bundle
 
@@ -85,31 +94,32 @@ _STAGING_RE = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.part
 
 @dataclass
 class ReleaseInputs:
-    """Everything a release is made from (filled by the pipeline).
+    """Everything a release is made from: the pipeline fills it from its stages' records
+    (`slimship.pipeline.publish.release_inputs`); a library caller may fill it by hand.
 
-    `reference` holds `source_sha256` (required) and optionally `inputs` / `outputs` (lists of
-    {name, shape, dtype}; missing parts are taken from the example tensors), `input_names`,
-    `output_names`, `layout`, `preprocessing`. `parity[role]` needs `tolerance` (largest absolute
-    difference accepted) for every .onnx/.tflite model file; `latency[target]` needs p50_ms, p90_ms,
-    p99_ms and `emulated`. See manifest.schema.json for every field.
+    Each figure field is one manifest section (see slimship.pipeline.records for its keys and
+    manifest.schema.json for every field): `reference` needs `source_sha256` (missing input and output
+    specs are taken from the example tensors), `parity[role]` needs `tolerance` (the largest absolute
+    difference accepted) for every .onnx/.tflite/.pte model file, `latency[target]` needs p50_ms, p90_ms,
+    p99_ms and `emulated`.
     """
 
     name: str
     version: str
     slim_module: torch.nn.Module
     example_inputs: tuple[torch.Tensor, ...]
-    model_files: dict[str, Path]
-    reference: dict[str, Any]
-    slimming: dict[str, Any]
-    parity: dict[str, dict[str, float]]
-    accuracy: dict[str, dict[str, float]]
-    latency: dict[str, dict[str, Any]]
-    config: dict[str, Any]
+    model_files: dict[str, Path]  # role (a format name, or any other) -> file
+    reference: ModelReference
+    slimming: dict[str, Any]  # SlimResult.summary() and per-layer channels (free-form, schema-checked)
+    parity: dict[str, ParityRecord]
+    accuracy: dict[str, AccuracyRecord]
+    latency: dict[str, LatencyRecord]
+    config: dict[str, Any]  # the config the release came from, as JSON data
     extra_plots: dict[str, Any] = field(default_factory=dict)
     model_card_notes: str = ""
-    gates: list[dict[str, Any]] | None = None  # quality gate results (slimship.pipeline.gates)
-    calibration: dict[str, Any] | None = None  # int8 calibration data: {"samples": int, "source": str}
-    targets: dict[str, dict[str, Any]] | None = None  # target name -> definition (explain.target_record)
+    gates: list[GateRecord] | None = None  # quality gate results (slimship.pipeline.gates)
+    calibration: CalibrationRecord | None = None  # what int8 files were calibrated on
+    targets: dict[str, TargetRecord] | None = None  # target name -> definition (explain.target_record)
 
 
 @dataclass

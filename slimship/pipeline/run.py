@@ -6,12 +6,11 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from rich.console import Console
 
@@ -27,11 +26,14 @@ from slimship.compress.device import (
     world_size,
 )
 from slimship.errors import SlimshipError
-from slimship.exporters.registry import get_format
-from slimship.pipeline.bench import bench_targets, gate_results, profile_plots
+from slimship.exporters.registry import ExportRequest, get_format
+from slimship.pipeline.bench import BenchPlan, EvalPair, bench_targets, profile_plots
+from slimship.pipeline.calibration import calibration, from_data
 from slimship.pipeline.config import PipelineConfig
-from slimship.pipeline.gates import enforce
-from slimship.pipeline.publish import calibration_data, export_all, write_run_release
+from slimship.pipeline.explain import target_record
+from slimship.pipeline.gates import FAILED, GateFigures, GateResult, enforce, evaluate_gates
+from slimship.pipeline.publish import ReleaseRequest, export_stage, publish, weights_sha256
+from slimship.pipeline.records import BenchFigures, ExportResult
 from slimship.pipeline.summary import summary_table
 from slimship.pipeline.training import (
     Trained,
@@ -47,6 +49,7 @@ from slimship.pipeline.training import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EVAL_SAMPLES = 200
 
@@ -67,7 +70,7 @@ class _Stages:
         self.console = console
         self.timings: dict[str, float] = {}
 
-    def run(self, name: str, fn, *args, **kwargs):
+    def run(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         start = time.perf_counter()
         with self.console.status(f"[bold]{name}[/bold] ..."):
             result = fn(*args, **kwargs)
@@ -117,7 +120,9 @@ def _rank0_voice() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _publish_on_rank0(config: PipelineConfig, console: Console, stages: _Stages, trained: Trained):
+def _publish_on_rank0(
+    config: PipelineConfig, console: Console, stages: _Stages, trained: Trained
+) -> PipelineResult:
     """Rank 0 publishes and then tells the others whether it succeeded; they wait for that word."""
     if rank() != 0:
         if not broadcast_object_from_rank0(None):
@@ -188,123 +193,164 @@ def _compare_ranks(model: torch.nn.Module) -> dict[str, Any]:
     return {"processes": len(digests), "same_model_on_every_rank": not differ}
 
 
-def _publish(config: PipelineConfig, console: Console, stages: _Stages, trained: Trained) -> PipelineResult:
-    """Slim, export, bench, gate and release the compressed model (rank 0 only under torchrun)."""
+@dataclass(frozen=True)
+class Slimmed:
+    """The slim stage: its SlimResult (the "before" figures of the compressed model), the channel multiple it
+    aligned to (and the measurement that chose it), and the layers a low-rank method factorised."""
+
+    result: Any  # slimming.SlimResult
+    multiple: int | None
+    alignment: dict[str, Any] | None
+    factorized_layers: list[dict[str, Any]] | None = None
+
+    def release_summary(self) -> dict[str, Any]:
+        """The manifest's `slimming`: the summary, the alignment, channels per space and layer shapes."""
+        report = self.result.report
+        return self.result.summary() | {
+            "channel_multiple": self.multiple,
+            "alignment": self.alignment,
+            "per_layer": {
+                s.name: {"channels_before": s.channels_before, "channels_kept": s.channels_after}
+                for s in report.spaces
+                if s.channels_before > 1
+            },
+            "layers": [
+                {"name": la.name, "before": la.shape_before, "after": la.shape_after} for la in report.layers
+            ],
+        }
+
+
+def _slim_stage(config: PipelineConfig, stages: _Stages, trained: Trained) -> Slimmed:
+    """Factorise (low-rank methods), choose the channel multiple (`auto`) and slim the compressed model."""
     from slimship.slimming import slim
 
-    compressed, result, compress_info = trained.compressed, trained.result, trained.compress_info
-    compress_plots, dense_acc, train, test = (
-        trained.compress_plots,
-        trained.dense_acc,
-        trained.train,
-        trained.test,
-    )
-    example, trace_example, seed = trained.example, trained.trace_example, config.seed
+    compressed, result = trained.compressed, trained.result
     slim_source, factorized = compressed, None
-    if compress_info.get("slim_step") == "factorize":  # low-rank methods: thin layers replace wide ones
+    if (
+        trained.compress_info.get("slim_step") == "factorize"
+    ):  # low-rank methods: thin layers replace wide ones
         from slimship.compress.lorita import factorize
 
         factorized = stages.run(
-            "factorize (SVD truncation, verify per layer)", factorize, compressed, trace_example,
-            train=train, seed=seed, **result.info["factorize"],
+            "factorize (SVD truncation, verify per layer)", factorize, compressed, trained.trace_example,
+            train=trained.train, seed=config.seed, **result.info["factorize"],
         )  # fmt: skip
         slim_source = factorized.model
     scfg = config.slim
     multiple, alignment = scfg.channel_multiple, None
     if multiple == "auto":
         multiple, alignment = stages.run(
-            "measure channel alignment on the first target",
-            _measure_alignment,
-            config,
-            slim_source,
-            trace_example,
-            example,
-        )
+            "measure channel alignment on the first target", _measure_alignment, config, slim_source,
+            trained.trace_example, trained.example,
+        )  # fmt: skip
     slim_result = stages.run(
-        "slim (trace, analyse, rewrite, verify)", slim, slim_source, trace_example,
+        "slim (trace, analyse, rewrite, verify)", slim, slim_source, trained.trace_example,
         merge=scfg.merge, fold_constants=scfg.fold_constants, rtol=scfg.rtol, channel_multiple=multiple,
     )  # fmt: skip
-    if factorized is not None:
-        slim_result = _from_factorized(slim_result, factorized, compressed)
-        compress_info["factorized_layers"] = [
-            {"name": f.name, "rank": f.rank, "full_rank": f.full_rank, "rel_output_error": f.rel_output_error}
-            for f in factorized.layers
-            if f.replaced
-        ]
-    slim_model = slim_result.model
-    slim_acc = top1_accuracy(slim_model, test)
+    if factorized is None:
+        return Slimmed(slim_result, multiple, alignment)
+    layers = [
+        {"name": f.name, "rank": f.rank, "full_rank": f.full_rank, "rel_output_error": f.rel_output_error}
+        for f in factorized.layers
+        if f.replaced
+    ]
+    return Slimmed(_from_factorized(slim_result, factorized, compressed), multiple, alignment, layers)
 
-    formats = config.export.formats
-    evals = None
-    eval_pairs: list[tuple[np.ndarray, np.ndarray]] = []
-    if test is not None:
-        xs, ys = [], []
-        for x, y in test:
-            xs.append(x)
-            ys.append(y)
-        x_all, y_all = torch.cat(xs)[:EVAL_SAMPLES], torch.cat(ys)[:EVAL_SAMPLES]
-        evals = [(x_all[i : i + 1],) for i in range(len(x_all))]
-        eval_pairs = [(x_all[i : i + 1].numpy(), y_all[i : i + 1].numpy()) for i in range(len(x_all))]
-    calib, calibration = calibration_data(train, test, config.data.factory if config.data else None)
-    if not any(get_format(fmt).precision == "int8" for fmt in formats):
-        calibration = None  # no calibrated variant: nothing to record
+
+def _eval_samples(test: Any) -> tuple[list[tuple[torch.Tensor, ...]] | None, list[EvalPair]]:
+    """The first EVAL_SAMPLES test samples one by one: as export check inputs, and as (input, label) pairs."""
+    if test is None:
+        return None, []
+    xs, ys = [], []
+    for x, y in test:
+        xs.append(x)
+        ys.append(y)
+    x_all, y_all = torch.cat(xs)[:EVAL_SAMPLES], torch.cat(ys)[:EVAL_SAMPLES]
+    evals = [(x_all[i : i + 1],) for i in range(len(x_all))]
+    return evals, [(x_all[i : i + 1].numpy(), y_all[i : i + 1].numpy()) for i in range(len(x_all))]
+
+
+def _summary(trained: Trained, slimmed: Slimmed, dense: ExportResult, slim: ExportResult, bench: BenchFigures,
+             gates: list[GateResult]) -> dict[str, Any]:  # fmt: skip
+    """The run's JSON summary (and what its table shows)."""
+    result = slimmed.result
+    compress = trained.compress_info
+    if slimmed.factorized_layers is not None:
+        compress = compress | {"factorized_layers": slimmed.factorized_layers}
+    record = slim.calibration.record
+    return {
+        "params": [result.params_before, result.params_after],
+        "flops": [result.flops_before, result.flops_after],
+        "flops_ratio": round(result.flops_ratio, 3),
+        "accuracy": {"dense": bench.dense_top1, "slim": bench.slim_top1},
+        "files": {fmt: [dense.bytes()[fmt], size] for fmt, size in slim.bytes().items()},
+        "latency": bench.rows(),
+        "compress": compress,
+        "channel_multiple": slimmed.multiple,
+        "alignment": slimmed.alignment,
+        "profiles": bench.profiles(),
+        "ranks": trained.ranks,
+        "gates": [g.to_dict() for g in gates],
+        "calibration": record.to_dict() if record is not None else None,
+    }
+
+
+def _publish(config: PipelineConfig, console: Console, stages: _Stages, trained: Trained) -> PipelineResult:
+    """Slim, export, bench, gate and release the compressed model (rank 0 only under torchrun)."""
+    slimmed = _slim_stage(config, stages, trained)
+    slim_model = slimmed.result.model
+    slim_acc = top1_accuracy(slim_model, trained.test)
+    evals, eval_pairs = _eval_samples(trained.test)
+    formats, example = config.export.formats, trained.example
+    data = from_data(trained.train, trained.test, config.data.factory if config.data else None)
+    calib = calibration(formats, example, data, "no data factory given", "give a data factory")
 
     with tempfile.TemporaryDirectory(prefix="slimship-") as tmp:
-        workdir = Path(tmp)
-        dynamic = config.export.dynamic_batch
-        examples = (example, trace_example)
-        export_args = (formats, workdir)
-        dense_exports = stages.run(
-            "export dense", export_all, compressed, examples, *export_args, "dense", calib, evals, dynamic
-        )
-        slim_exports = stages.run(
-            "export slim", export_all, slim_model, examples, *export_args, "slim", calib, evals, dynamic
-        )
-        latency, accuracy, rows, profiles = stages.run(
-            "bench on targets", bench_targets, config, example, dense_exports, slim_exports, slim_model,
-            eval_pairs, (slim_result.flops_before, slim_result.flops_after),
-        )  # fmt: skip
-        accuracy["dense-torch"] = {"top1": dense_acc}
-        accuracy["slim-torch"] = {"top1": slim_acc}
-        summary = {
-            "params": [slim_result.params_before, slim_result.params_after],
-            "flops": [slim_result.flops_before, slim_result.flops_after],
-            "flops_ratio": round(slim_result.flops_ratio, 3),
-            "accuracy": {"dense": dense_acc, "slim": slim_acc},
-            "files": {fmt: [dense_exports[fmt].bytes, slim_exports[fmt].bytes] for fmt in formats},
-            "latency": rows,
-            "compress": compress_info,
-            "channel_multiple": multiple,
-            "alignment": alignment,
-            "profiles": profiles,
-            "ranks": trained.ranks,
-        }
-        compress_plots |= profile_plots(profiles, slim_result.report.spaces)
-        gates = gate_results(config, dense_acc, slim_acc, latency, accuracy)
-        summary["gates"] = [g.to_dict() for g in gates]
-        if any(g.status == "failed" for g in gates):
-            console.print(summary_table(summary))
+
+        def export(model: torch.nn.Module, stem: str) -> ExportResult:
+            request = ExportRequest(model, example, trained.trace_example, calib.batches, evals,
+                                    config.export.dynamic_batch)  # fmt: skip
+            exported = export_stage(request, formats, Path(tmp), stem, calib)
+            exported.require_all()  # a run releases every format it names, or stops naming the failures
+            return exported
+
+        dense = stages.run("export dense", export, trained.compressed, "dense")
+        slim = stages.run("export slim", export, slim_model, "slim")
+        bcfg, result = config.bench, slimmed.result
+        plan = BenchPlan(config.target_profiles(), bcfg.runs, bcfg.warmup, bcfg.profile, example, eval_pairs,
+                         (result.flops_before, result.flops_after))  # fmt: skip
+        top1 = (trained.dense_acc, slim_acc)
+        bench = stages.run("bench on targets", bench_targets, plan, dense, slim, slim_model, top1)
+        gates = evaluate_gates(config.gates, GateFigures.of(bench))
+        summary = _summary(trained, slimmed, dense, slim, bench, gates)
+        if any(g.status == FAILED for g in gates):
+            console.print(summary_table(summary, gates))
             enforce(gates)  # raises GateError: nothing is published
-        summary["calibration"] = calibration
-        release_dir = stages.run(
-            "write release bundle", write_run_release, config, slim_model, example, slim_result, slim_exports,
-            accuracy, latency, compressed, compress_plots,
-            {"channel_multiple": multiple, "alignment": alignment}, summary["gates"], calibration,
+        rcfg = config.release
+        request = ReleaseRequest(
+            rcfg.name, rcfg.version, Path(rcfg.out), slim_model, example, weights_sha256(trained.compressed),
+            slim, gates, config.to_dict(), bench, slimmed.release_summary(),
+            trained.compress_plots | profile_plots(bench, result.report.spaces), rcfg.notes,
+            {t.name: target_record(t) for t in config.target_profiles()},
         )  # fmt: skip
-    console.print(summary_table(summary))
-    if release_dir is not None:
-        console.print(f"release bundle: [bold]{release_dir}[/bold]")
+        release_dir = stages.run("write release bundle", publish, request).bundle_dir
+    console.print(summary_table(summary, gates))
+    console.print(f"release bundle: [bold]{release_dir}[/bold]")
     return PipelineResult(release_dir, summary, stages.timings)
 
 
-def _measure_alignment(config, model, trace_example, example) -> tuple[int | None, dict[str, Any]]:
+def _measure_alignment(
+    config: PipelineConfig,
+    model: torch.nn.Module,
+    trace_example: tuple[torch.Tensor, ...],
+    example: tuple[torch.Tensor, ...],
+) -> tuple[int | None, dict[str, Any]]:
     """`slim.channel_multiple: auto`: the multiple the first target's kernels favour for the op kinds the
     model contains, confirmed on the whole model there (see `choose_channel_multiple`), on
     `slim.align_runtime` (default: the target's own runtime, else that of the first export format)."""
     from slimship.pipeline.alignment import choose_channel_multiple
 
     target = config.target_profiles()[0]  # not emulated: checked with the config
-    from slimship.exporters.registry import get_format
 
     first = get_format(config.export.formats[0])
     scfg = config.slim

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from rich.table import Table
@@ -19,8 +20,9 @@ def gate_row(table: Table, gate: GateResult) -> None:
     table.add_row(label, "", figure, f"[{style}]{gate.status}[/{style}]")
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
-    """The short table printed at the end of a run: accuracy, then each gate, then sizes and timings."""
+def summary_table(summary: dict[str, Any], gates: Sequence[GateResult] = ()) -> Table:
+    """The short table printed at the end of a run (from its JSON summary): accuracy, then each gate, then
+    sizes and timings."""
     table = Table(title="slimship summary", show_lines=False)
     table.add_column("metric")
     table.add_column("dense", justify="right")
@@ -31,8 +33,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row("test top-1 (torch)", f"{acc['dense']:.2f}%", f"{acc['slim']:.2f}%", "")
     else:
         table.add_row("test top-1 (torch)", "no data", "no data", "")
-    for gate in summary.get("gates", []):
-        gate_row(table, GateResult(**gate))
+    for gate in gates:
+        gate_row(table, gate)
     p0, p1 = summary["params"]
     f0, f1 = summary["flops"]
     table.add_row("params", f"{p0:,}", f"{p1:,}", f"{p0 / max(p1, 1):.2f}x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,10 +12,22 @@ import yaml
 
 from slimship.cli import main
 from slimship.errors import GateError
-from slimship.pipeline.gates import FAILED, NOT_EVALUATED, OFF, PASSED, Figures, enforce, evaluate_gates
+from slimship.pipeline.gates import (
+    FAILED,
+    GATE_RULES,
+    NOT_EVALUATED,
+    OFF,
+    PASSED,
+    GateFigures,
+    GatesSpec,
+    enforce,
+    evaluate_gates,
+)
+from slimship.pipeline.records import BenchEntry, BenchFigures
 
 GATES = {"max_accuracy_drop": 1.0, "min_speedup": 1.5, "max_latency_ms": {"a": 2.0}, "min_agreement": 0.9}
-FIGS = Figures(
+SPEC = GatesSpec(**GATES)
+FIGS = GateFigures(
     dense_top1=90.0,
     slim_top1=88.5,
     speedup={"a/onnx": 1.6, "b/onnx": 1.2},
@@ -28,7 +41,7 @@ def _status(results, gate, subject=""):
 
 
 def test_each_gate_compares_its_figures_with_its_limit() -> None:
-    results = evaluate_gates(GATES, FIGS)
+    results = evaluate_gates(SPEC, FIGS)
     assert _status(results, "max_accuracy_drop", "torch top-1") == FAILED  # 1.5 points > 1.0
     assert _status(results, "min_speedup", "a/onnx") == PASSED
     assert _status(results, "min_speedup", "b/onnx") == FAILED
@@ -43,16 +56,54 @@ def test_each_gate_compares_its_figures_with_its_limit() -> None:
 
 
 def test_a_gate_without_figures_is_not_evaluated_never_passed() -> None:
-    results = evaluate_gates(GATES, Figures())
+    results = evaluate_gates(SPEC, GateFigures())
     assert {r.gate: r.status for r in results} == dict.fromkeys(GATES, NOT_EVALUATED)
     enforce(results)  # nothing failed
-    off = evaluate_gates(dict.fromkeys(GATES), FIGS)
+    off = evaluate_gates(GatesSpec(**dict.fromkeys(GATES)), FIGS)
     assert {r.status for r in off} == {OFF}
 
 
 def test_the_boundary_passes() -> None:
-    results = evaluate_gates({"max_accuracy_drop": 1.5}, FIGS)
+    results = evaluate_gates(GatesSpec(max_accuracy_drop=1.5), FIGS)
     assert _status(results, "max_accuracy_drop", "torch top-1") == PASSED
+
+
+def test_a_gate_is_one_record_its_spec_field_its_rule_and_its_option() -> None:
+    """Every gate rule has its GatesSpec field (its limit) and its command-line option, and nothing else."""
+    from slimship.cli import build_parser
+
+    assert list(GATE_RULES) == list(GatesSpec.model_fields)
+    flags = [x for i, name in enumerate(GATE_RULES) for x in (f"--{name.replace('_', '-')}", str(i + 1))]
+    args = build_parser().parse_args(["release", "m.pt2", "--name", "n", "--version", "1.0.0", *flags])
+    assert {name: getattr(args, name) for name in GATE_RULES} == {
+        n: i + 1.0 for i, n in enumerate(GATE_RULES)
+    }
+
+
+def test_gate_figures_come_from_the_bench_records() -> None:
+    """Device targets give p50 and speedup, every target gives the agreement of a quantised format."""
+
+    def measured(p50: float, agreement: float | None = None) -> SimpleNamespace:
+        return SimpleNamespace(latency=SimpleNamespace(p50_ms=p50), agreement=agreement, parity=None,
+                               model_rss_kb=None)  # fmt: skip
+
+    speedup = SimpleNamespace(median=1.23456)
+    bench = BenchFigures(
+        (
+            BenchEntry("a", "onnx", False, measured(9.0), measured(1.5), measured(3.0), speedup),
+            BenchEntry("a", "tflite-int8", False, measured(2.0, 0.97)),
+            BenchEntry("emu", "tflite-int8", True, measured(50.0, 0.5)),
+        ),
+        dense_top1=90.0,
+        slim_top1=89.0,
+    )
+    figures = GateFigures.of(bench)
+    assert figures.p50_ms == {"a/onnx": 1.5, "a/tflite-int8": 2.0}  # the interleaved timing, if any
+    assert figures.speedup == {"a/onnx": 1.2346}
+    assert figures.agreement == {"a/tflite-int8": 0.97, "emu/tflite-int8": 0.5}
+    results = evaluate_gates(SPEC, figures)
+    assert _status(results, "max_accuracy_drop", "torch top-1") == PASSED
+    assert _status(results, "min_agreement", "emu/tflite-int8") == FAILED
 
 
 # ----------------------------------------------------------------------------------------- end to end

@@ -13,8 +13,8 @@ import torch
 
 from slimship.cli import main
 from slimship.errors import STOPPED_EXIT, ConfigError
+from slimship.pipeline.calibration import RANDOM_CALIBRATION, calibration, from_data
 from slimship.pipeline.config import load_config
-from slimship.pipeline.publish import calibration_data
 
 FACTORY = textwrap.dedent(
     """
@@ -195,20 +195,38 @@ def test_a_failing_or_single_pass_factory_is_a_config_error_before_training(case
 def test_calibration_comes_from_the_train_split_and_is_counted():
     train = [(torch.randn(8, 1, 4, 4), torch.zeros(8)) for _ in range(10)]
     test = [(torch.randn(5, 1, 4, 4), torch.zeros(5))]
-    batches, record = calibration_data(train, test, "my.mod:loaders", limit=20)
+    data = from_data(train, test, "my.mod:loaders", limit=20)
+    batches, record = data.batches, data.to_dict()
     assert len(batches) == 20 and all(b[0].shape == (1, 1, 4, 4) for b in batches)
     assert torch.equal(batches[9][0][0], train[1][0][1])
     assert record == {
         "samples": 20,
         "source": "data.factory my.mod:loaders: first 20 samples of the train split",
     }
-    batches, record = calibration_data(None, test, "my.mod:loaders", limit=20)
+    data = from_data(None, test, "my.mod:loaders", limit=20)
+    batches, record = data.batches, data.to_dict()
     assert len(batches) == 5 and record["samples"] == 5 and "test split" in record["source"]
-    batches, record = calibration_data(None, None, None)
-    assert batches is None and record == {
-        "samples": 1,
-        "source": "the random example input (no data factory given)",
+    assert from_data(None, None, None) is None
+
+
+def test_one_calibration_fallback_random_batches_said_and_recorded(capsys):
+    """Without samples an int8 format calibrates on RANDOM_CALIBRATION seeded random batches (run and CLI
+    alike), said on stderr and recorded; no int8 format: nothing calibrated, nothing recorded."""
+    example = (torch.randn(1, 1, 4, 4),)
+    calib = calibration(
+        ["onnx", "tflite-int8"], example, None, "no data factory given", "give a data factory"
+    )
+    assert len(calib.batches) == RANDOM_CALIBRATION and calib.batches[0][0].shape == (1, 1, 4, 4)
+    assert not torch.equal(calib.batches[0][0], calib.batches[1][0]) and calib.real_batches() is None
+    assert calib.to_dict() == {
+        "samples": RANDOM_CALIBRATION,
+        "source": f"{RANDOM_CALIBRATION} batches of random inputs (no data factory given)",
     }
+    assert "note: tflite-int8 calibrated on 32 batches of random inputs" in capsys.readouterr().err
+    assert calibration(["onnx"], example, None, "-", "-").to_dict() is None
+    given = from_data([(torch.randn(3, 1, 4, 4), torch.zeros(3))], None, "m:f")
+    assert calibration(["onnx"], example, given, "-", "-").to_dict() is None  # recorded only for int8
+    assert calibration(["tflite-int8"], example, given, "-", "-") is given
 
 
 def test_a_run_stopped_by_stop_after_releases_nothing_and_the_resumed_run_releases(tmp_path, capsys):
