@@ -26,6 +26,8 @@ from tests.zoo import (  # noqa: F401  # isort: skip
     inception,
     gpt2,
     hybrid,
+    darknet,
+    reparam,
 )
 
 
