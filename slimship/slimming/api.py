@@ -285,7 +285,7 @@ def slim(
     inputs = as_input_tuple(example_inputs)
     traced = trace(model, inputs, dynamic_batch=dynamic_batch)
     pristine = traced.gm
-    reference = reference_outputs(pristine, inputs, n_random, seed)
+    reference = reference_outputs(pristine, inputs, n_random, seed, merge=traced.dynamic_batch)
     params_before, bytes_before = count_params(pristine), count_bytes(pristine)
     before = {str(n.target): list(get_tensor(pristine, str(n.target)).shape) for n in _attrs(pristine)}
     holders = [pristine] + ([model] if isinstance(model, nn.Module) and model is not pristine else [])

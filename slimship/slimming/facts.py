@@ -201,15 +201,10 @@ class FactStore:
 
 def _equal_slices(tensor: torch.Tensor, d: int) -> np.ndarray:
     """Index of each slice along d among the distinct slices (float equality), read in the tensor's own
-    dtype: 16-bit floats compare by their bits (-0.0 made 0.0), so no float64 copy of a large weight is
-    made. A tensor with NaN takes the float64 path (NaN equals nothing)."""
+    dtype (bfloat16 widened to float32, exactly), so no float64 copy of a large weight is made."""
     rows = tensor.movedim(d, 0).reshape(tensor.shape[d], -1)
-    if rows.dtype in (torch.bfloat16, torch.float16) and not bool(torch.isnan(rows).any()):
-        bits = rows.view(torch.int16)
-        bits = torch.where(bits == torch.iinfo(torch.int16).min, 0, bits)  # -0.0 -> 0.0
-        return row_inverse(bits.numpy())
-    if rows.dtype in (torch.float32, torch.float64) and not bool(torch.isnan(rows).any()):
-        return row_inverse(rows.numpy())
+    if rows.is_floating_point():
+        return row_inverse(as_numpy(rows))  # NaN (equal to nothing) is handled there
     return torch.unique(rows.double(), dim=0, return_inverse=True)[1].numpy()
 
 
