@@ -45,6 +45,7 @@ from slimship.compress.device import (
     world_size,
     wrap_for_training,
 )
+from slimship.compress.shards import sharded_model
 from slimship.errors import CompressionError
 from slimship.slimming.api import ChannelGroup, GroupSet, find_groups
 from slimship.slimming.graph import get_tensor, slice_index
@@ -156,6 +157,11 @@ def compress(
 ) -> CompressResult:
     """Run compression `method` on a copy of `model`; unknown methods or options raise CompressionError."""
     fn = _lookup(method)
+    if sharded_model(model):
+        raise CompressionError(
+            f"compress({method!r}): the model is already sharded (DTensor parameters); pass the plain model: "
+            "slimship's loop shards its own copy under training_strategy('fsdp') (train.strategy: fsdp)"
+        )
     allowed = method_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
