@@ -204,3 +204,55 @@ def garbage(path: Path, size: int = 1024, seed: int = 0) -> Path:
     """`size` pseudo-random bytes (seeded) behind a plausible file name."""
     path.write_bytes(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes())
     return path
+
+
+def with_nan(shape: tuple[int, ...]) -> np.ndarray:
+    """Random float32 samples with one NaN at [3, 1]."""
+    array = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    array[3, 1] = np.nan
+    return array
+
+
+def text(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def link(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
+
+
+def example_config(path: Path, out: str) -> Path:
+    """configs/example.yaml with another release.out."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "example.yaml").read_text())
+    config["release"]["out"] = out
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tiny_bundle(out: Path) -> Path:
+    """A release bundle of a one-layer model (no exports), written by write_release."""
+    from slimship.pipeline.release import ReleaseInputs, write_release
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    inputs = ReleaseInputs(
+        name="tiny", version="0.1.0", slim_module=model, example_inputs=(torch.randn(1, 4),), model_files={},
+        reference={"source_sha256": "0" * 64}, slimming={}, parity={}, accuracy={}, latency={}, config={},
+    )  # fmt: skip
+    return write_release(inputs, out).bundle_dir
+
+
+def edited_bundle(bundle: Path, dst: Path, old: str, new: str) -> Path:
+    """A copy of `bundle` whose manifest.json text has `old` replaced by `new` (once; it must be there)."""
+    import shutil
+
+    shutil.copytree(bundle, dst)
+    manifest = dst / "manifest.json"
+    body = manifest.read_text()
+    assert old in body, old
+    manifest.write_text(body.replace(old, new, 1))
+    return dst

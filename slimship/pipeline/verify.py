@@ -233,11 +233,12 @@ def _escapes(path: PurePosixPath) -> bool:
 # ------------------------------------------------------------------------------------------ directory
 
 
+class _NotFinite(ValueError):
+    """A manifest holds NaN or Infinity, which would pass (or fail) any comparison."""
+
+
 def _no_constant(name: str) -> None:
-    """A manifest's figures are numbers: NaN and Infinity (which would pass any comparison) are refused."""
-    raise ValueError(
-        f"{name} is not a number a manifest may hold (a tolerance or figure of {name} is refused)"
-    )
+    raise _NotFinite(name)
 
 
 def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
@@ -253,6 +254,11 @@ def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
                 "not a slimship manifest"
             )
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except _NotFinite as exc:
+        raise ReleaseError(
+            f"{_shown(source, root, manifest_path)}: holds {exc} where a figure belongs; every figure of a "
+            "manifest (tolerances included) must be a finite number"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ReleaseError(f"{_shown(source, root, manifest_path)}: not valid JSON ({exc})") from exc
     except RecursionError:
