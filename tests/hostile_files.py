@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -255,4 +256,22 @@ def edited_bundle(bundle: Path, dst: Path, old: str, new: str) -> Path:
     body = manifest.read_text()
     assert old in body, old
     manifest.write_text(body.replace(old, new, 1))
+    return dst
+
+
+def bundle_with_file(bundle: Path, dst: Path, name: str, make: Callable[[Path], Path]) -> Path:
+    """A copy of `bundle` whose file `name` is replaced by `make(path)`, its manifest entry (sha256, bytes)
+    updated so the checksums still agree: only what the file declares is hostile."""
+    import hashlib
+    import shutil
+
+    shutil.copytree(bundle, dst)
+    target = dst / name
+    target.unlink()
+    make(target)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    entry = next(f for f in manifest["files"] if f["path"] == name)
+    entry["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    entry["bytes"] = target.stat().st_size
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return dst

@@ -160,6 +160,19 @@ CASES = {
         ],
         r"b/manifest\.json: holds NaN where a figure belongs",
     ),
+    "verify-reference-io-bomb": Case(  # checksums agree; the array inside declares 64 MiB, 16 MiB allowed
+        lambda d, base: [
+            "--max-memory",
+            "16MiB",
+            "verify",
+            str(
+                hf.bundle_with_file(
+                    base["bundle"], d / "b", "reference_io.npz", lambda p: hf.npz_bomb(p, 64 << 20)
+                )
+            ),
+        ],
+        r"b/reference_io\.npz: array 'in0' \(float32\) of shape \[16777216\] would take 64\.0 MiB",
+    ),
     "verify-name-with-newline": Case(
         lambda d, base: [
             "verify",

@@ -34,7 +34,8 @@ import numpy as np
 
 from slimship._util import sha256_file
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, Comparison, compare
-from slimship.errors import ReleaseError
+from slimship.errors import ReleaseError, SlimshipError
+from slimship.inputs import read_npz_arrays
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.release import RUNNABLE_FORMATS, flatten_outputs, format_of
 
@@ -417,13 +418,14 @@ def _check_parity(
 
 
 def _load_reference(path: Path, ref: dict[str, Any], where: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return [data[k] for k in ref["inputs"]], [data[k] for k in ref["outputs"]]
-    except KeyError as exc:
-        raise ReleaseError(f"{where}: has no array {exc} named by reference_io in the manifest") from exc
-    except (OSError, ValueError) as exc:
+    try:  # headers checked against the memory budget before any array is inflated
+        arrays = read_npz_arrays(path, [*ref["inputs"], *ref["outputs"]])
+    except SlimshipError as exc:
+        detail = str(exc).removeprefix(f"{path}: ")
+        raise ReleaseError(f"{where}: {detail} (named by reference_io in the manifest)") from None
+    except OSError as exc:
         raise ReleaseError(f"{where}: not a readable .npz of plain arrays ({exc})") from exc
+    return arrays[: len(ref["inputs"])], arrays[len(ref["inputs"]) :]
 
 
 def _parity_of(
