@@ -4,9 +4,16 @@ builder per class of hostile input (tests/test_hostile_inputs.py, benchmarks/hos
 from __future__ import annotations
 
 import json
+import os
+import resource
 import struct
+import subprocess
+import sys
+import threading
+import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +282,45 @@ def bundle_with_file(bundle: Path, dst: Path, name: str, make: Callable[[Path], 
     entry["bytes"] = target.stat().st_size
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return dst
+
+
+# ------------------------------------------------------------------------------------------ child runs
+
+
+@dataclass
+class Outcome:
+    """How a `python -m slimship` child ended: exit status, stderr, peak RSS (MiB, from wait4), seconds."""
+
+    exit: int
+    stderr: str
+    peak_mib: float
+    seconds: float
+
+    def message(self) -> str:
+        """The last `slimship:` line of stderr (or its tail)."""
+        lines = [line for line in self.stderr.splitlines() if line.startswith("slimship:")]
+        return lines[-1] if lines else self.stderr.strip()[-200:]
+
+
+def run_slimship(argv: list[str], cwd: Path, stderr: Path, code: Path, cap: int, timeout: float) -> Outcome:
+    """`python -m slimship argv` in `cwd` with `code` on PYTHONPATH, its address space capped at `cap` bytes
+    (a regression fails the run, not the machine) and killed after `timeout` seconds."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    start = time.monotonic()
+    with open(stderr, "wb") as sink:
+        child = subprocess.Popen([sys.executable, "-m", "slimship", *argv], cwd=cwd, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink,
+                                 preexec_fn=limit)  # fmt: skip
+        timer = threading.Timer(timeout, child.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        finally:
+            timer.cancel()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return Outcome(child.returncode, stderr.read_text(errors="replace"), usage.ru_maxrss / 1024,
+                   time.monotonic() - start)  # fmt: skip

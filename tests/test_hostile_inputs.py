@@ -4,13 +4,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import resource
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,35 +20,8 @@ CAP = 6 << 30  # address-space cap of the child: a regression fails the test ins
 BENCH = ["bench", "--runs", "1", "--warmup", "0"]
 
 
-@dataclass
-class Outcome:
-    exit: int
-    stderr: str
-    peak_mib: float
-    seconds: float
-
-
-def run_slimship(argv: list[str], cwd: Path, stderr: Path) -> Outcome:
-    """`python -m slimship argv` in `cwd`: exit status, stderr, peak RSS (wait4) and wall time."""
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    start = time.monotonic()
-    with open(stderr, "wb") as sink:
-        child = subprocess.Popen([sys.executable, "-m", "slimship", *argv], cwd=cwd, env=env,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink,
-                                 preexec_fn=cap)  # fmt: skip
-        timer = threading.Timer(SECONDS * 2, child.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            timer.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return Outcome(child.returncode, stderr.read_text(errors="replace"), usage.ru_maxrss / 1024,
-                   time.monotonic() - start)  # fmt: skip
+def run_slimship(argv: list[str], cwd: Path, stderr: Path) -> hf.Outcome:
+    return hf.run_slimship(argv, cwd, stderr, ROOT, CAP, SECONDS * 2)
 
 
 @dataclass
