@@ -408,7 +408,7 @@ def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
         for model, model_specs in specs.items():  # a shape the file fixes otherwise fails "on the device"
             check_inputs(inputs, model_specs, f"random inputs of --input-shape / {models[0]} (for {model})")
         return inputs
-    inputs = load_npz_inputs(args.inputs)
+    inputs = load_npz_inputs(args.inputs, specs[models[0]])  # shapes checked from headers, before data
     for model, model_specs in specs.items():
         check_inputs(inputs, model_specs, f"{args.inputs} (for {model})")
     return inputs
