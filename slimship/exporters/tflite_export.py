@@ -34,6 +34,7 @@ from slimship._util import atomic_write_bytes
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, TOP1_MINIMUMS
 from slimship.errors import ExportError, VerificationError
 from slimship.exporters._common import (
+    Memo,
     ParityReport,
     TensorSpec,
     Timings,
@@ -346,14 +347,14 @@ def tflite_parity(
     if variant in ("fp32", "fp16"):
         cases += [(f"random_{i}", random_like(inputs, seed=i)) for i in range(2)]
     cases, reference_case = with_reference_case(cases, reference_inputs)
-    reference = [torch_outputs(model, case) for _, case in cases]
-    candidate = [run_tflite(runner, to_numpy(_layout(case, nhwc_args))) for _, case in cases]
+    torch_run = Memo(lambda case: torch_outputs(model, case))
+    file_run = Memo(lambda case: run_tflite(runner, to_numpy(_layout(case, nhwc_args))))
+    reference, candidate = [torch_run(c) for _, c in cases], [file_run(c) for _, c in cases]
     cap = MAGNITUDE_CAPS[variant]
     report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, cap)
     report.reference_case = reference_case
     if eval_batches:
-        ref_eval = [torch_outputs(model, b) for b in eval_batches]
-        cand_eval = [run_tflite(runner, to_numpy(_layout(b, nhwc_args))) for b in eval_batches]
+        ref_eval, cand_eval = [torch_run(b) for b in eval_batches], [file_run(b) for b in eval_batches]
         agreement_check(report, variant, ref_eval, cand_eval)
     return report
 
