@@ -32,7 +32,7 @@ import torch
 
 from slimship._util import atomic_write_bytes
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, TOP1_MINIMUMS
-from slimship.errors import ExportError, VerificationError
+from slimship.errors import ExportError, ModelFileError, VerificationError
 from slimship.exporters._common import (
     Memo,
     ParityReport,
@@ -123,7 +123,7 @@ def export_tflite(
         data = _convert(model, inputs, variant, calib, nhwc_args)
     atomic_write_bytes(path, data)
     evals = batches_as_tuples(eval_batches)
-    with timings.measure("parity"):
+    with timings.measure("parity"), _loadable(path, variant):
         parity = tflite_parity(
             model,
             path,
@@ -155,6 +155,20 @@ def export_tflite(
         path.unlink(missing_ok=True)
         raise VerificationError(f"{path}: {parity_failure('TFLite', variant, parity)}")
     return result
+
+
+@contextlib.contextmanager
+def _loadable(path: Path, variant: str) -> Iterator[None]:
+    """A converted file LiteRT itself cannot load is the converter's failure, not a damaged file."""
+    try:
+        yield
+    except ModelFileError as exc:
+        path.unlink(missing_ok=True)
+        raise ExportError(
+            f"{path}: litert-torch converted the model to {variant}, and LiteRT cannot load that file: "
+            f"{str(exc).split('cannot be loaded (', 1)[-1].rstrip('. ')}. Way out: another precision of "
+            "TFLite, or ONNX / ExecuTorch at this precision."
+        ) from None
 
 
 @contextlib.contextmanager
