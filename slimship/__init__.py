@@ -13,6 +13,8 @@ from slimship.errors import (
     TargetError,
     VerificationError,
 )
+from slimship.hf import load_pretrained
+from slimship.hf.slim import slim_checkpoint
 from slimship.slimming import (
     SlimResult,
     find_groups,
@@ -35,7 +37,9 @@ __all__ = [
     "VerificationError",
     "__version__",
     "find_groups",
+    "load_pretrained",
     "make_random_identical",
     "slim",
+    "slim_checkpoint",
     "zero_random_groups",
 ]

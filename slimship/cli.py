@@ -188,6 +188,8 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
     from slimship.slimming import slim
 
+    if getattr(args, "model", None) is not None and Path(args.model).is_dir():
+        return _slim_folder(args)  # a checkpoint folder in, a slim checkpoint folder out
     check_output_file(Path(args.out), "--out")
     refuse_existing([Path(args.out)], "--out")
     steps = Steps()
@@ -206,6 +208,29 @@ def _cmd_slim(args: argparse.Namespace) -> int:
     summary = _jsonable(result.summary())
     _slim_summary(args, summary)
     _emit(args, {"out": str(args.out), "source": source.origin, "summary": summary, "seconds": steps.times})
+    return 0
+
+
+def _slim_folder(args: argparse.Namespace) -> int:
+    """`slimship slim DIR --out SLIM_DIR`: a Hugging Face checkpoint folder in, a slim folder out."""
+    from slimship.hf.slim import slim_loaded
+    from slimship.hf.write import check_new_folder
+
+    out = check_new_folder(Path(args.out))
+    if out.suffix == ".pt2":
+        raise SlimshipError(f"--out {out}: a checkpoint folder slims into a folder; give a folder path")
+    steps = Steps()
+    source = _source(args, steps)
+    multiple = _channel_multiple(args, source.module, source.example)
+    with steps.step("slim (trace, analyse, rewrite, verify), write the folder and load it back"):
+        result = slim_loaded(source.checkpoint, source.module, source.example, out, multiple)
+    summary = _jsonable(result.summary)
+    _slim_summary(args, summary)
+    before, after = result.weight_bytes_before, result.weight_bytes_after
+    _human(args).print(
+        f"  weight files: {before:,} -> {after:,} bytes; per-layer sizes in config.json 'slimship'"
+    )
+    _emit(args, {**_jsonable(result.to_dict()), "seconds": steps.times})
     return 0
 
 
@@ -371,6 +396,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from slimship.runtimes.measure import bench, format_bench_table, format_profile_table
     from slimship.runtimes.targets import get_target, load_targets
+    from slimship.sources import bench_files
 
     if args.task == "text-generation":
         return _text_generation("bench_command", args)
@@ -381,12 +407,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     dense = Path(args.dense) if args.dense else None
     if dense is not None and dense not in models:
         models.insert(0, dense)
-    inputs = _bench_inputs(args, models)
     steps = Steps()
-    with steps.step(f"bench {len(models)} model(s) on {target.name}, {args.runs} runs each"):
-        result = bench(
-            models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup, profile=args.profile
-        )
+    with tempfile.TemporaryDirectory(prefix="slimship-bench-") as tmp:  # checkpoint folders -> .pt2
+        models, dense, notes = bench_files(models, dense, Path(tmp))
+        _notes(notes)
+        inputs = _bench_inputs(args, models)
+        with steps.step(f"bench {len(models)} model(s) on {target.name}, {args.runs} runs each"):
+            result = bench(
+                models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup, profile=args.profile
+            )
     _human(args).print(format_bench_table(result))
     for profile in result.profiles:
         _human(args).print(format_profile_table(profile))
@@ -467,7 +496,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
             results = gate_release(  # GateError
                 source.module, source.example, files, gates, args.target, samples=exported["samples"]
             )
-        source_hash = sha256_file(args.model) if args.model else source.sha256
+        source_hash = sha256_file(args.model) if args.model and source.kind == "pt2" else source.sha256
         inputs = ReleaseInputs(
             name=args.name,
             version=args.version,

@@ -1,8 +1,10 @@
 """ "Get me a model and its example inputs from what the user gave": one helper every command uses.
 
-A model is given as a torch.export program (`MODEL.pt2`, opened by the safe loader), or as a factory
-(`--model package.module:function`, which returns an nn.Module, with `--input-shape`), optionally with
-weights (`--weights FILE`: a state_dict in .safetensors, or a .pt read with `torch.load(weights_only=True)`).
+A model is given as a torch.export program (`MODEL.pt2`, opened by the safe loader), as a Hugging Face
+checkpoint folder (config.json + safetensors; `--input-shape TOKENS` sets the example's sequence length),
+or as a factory (`--model package.module:function`, which returns an nn.Module, with `--input-shape`),
+optionally with weights (`--weights FILE`: a state_dict in .safetensors, or a .pt read with
+`torch.load(weights_only=True)`).
 Deployment files (.onnx, .tflite, .pte) give their input names, shapes and dtypes through `input_specs`.
 """
 
@@ -32,8 +34,9 @@ class ModelSource:
     stem: str  # a name for output files
     sha256: str  # of the .pt2, or of the weights file, or of the factory spec
     dynamic_shapes: Any = None  # the source program's dynamic dims (re-export keeps them)
-    kind: str = "pt2"  # "pt2" or "factory" (a module in eager mode: any batch traces)
+    kind: str = "pt2"  # "pt2", "folder" or "factory" (a module in eager mode: any batch traces)
     notes: list[str] = field(default_factory=list)
+    checkpoint: Any = None  # the slimship.hf.CheckpointFolder of a "folder" source
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -46,7 +49,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str = "the model"
         type=Path,
         nargs="?",
         default=None,
-        help=f"{what}: a torch.export program (.pt2); or use --model",
+        help=f"{what}: a torch.export program (.pt2) or a Hugging Face checkpoint folder; or use --model",
     )
     group = parser.add_argument_group("model given as Python code instead of a .pt2")
     group.add_argument(
@@ -92,6 +95,8 @@ def model_from_args(args: argparse.Namespace) -> ModelSource:
         )
     if getattr(args, "weights", None):
         raise ConfigError(f"--weights {args.weights} applies to --model FACTORY, not to a .pt2 ({path})")
+    if Path(path).is_dir():
+        return from_folder(path, args.input_shape, allow_pickle=args.allow_pickle)
     return from_program(path, args.input_shape, allow_pickle=args.allow_pickle)
 
 
@@ -121,6 +126,30 @@ def from_program(path: Path, input_shape: list[int] | None, *, allow_pickle: boo
     return ModelSource(
         loaded.module, tuple(example), str(path), stem, sha256_file(path),
         dynamic_shapes=loaded.dynamic_shapes(), notes=notes,
+    )  # fmt: skip
+
+
+def from_folder(path: Path, input_shape: list[int] | None, *, allow_pickle: bool = False) -> ModelSource:
+    """A Hugging Face checkpoint folder, loaded by `slimship.hf` and seen as token ids -> logits (no KV
+    cache); `input_shape` is [TOKENS], the example's sequence length."""
+    from slimship.hf import (
+        DEFAULT_TOKENS,
+        LogitsOnly,
+        example_ids,
+        folder_digest,
+        load_checkpoint,
+        read_folder,
+    )
+
+    if input_shape and len(input_shape) != 1:
+        raise ConfigError(f"--input-shape {input_shape}: a checkpoint folder takes one number, the tokens")
+    tokens = input_shape[0] if input_shape else DEFAULT_TOKENS
+    ckpt = read_folder(path, allow_pickle=allow_pickle)
+    model = load_checkpoint(ckpt)
+    notes = [f"example inputs: {tokens} random token ids (input_ids [1, {tokens}]; --input-shape TOKENS)"]
+    return ModelSource(
+        LogitsOnly(model), (example_ids(model.config, tokens),), str(path), Path(path).resolve().name,
+        folder_digest(ckpt), kind="folder", notes=notes, checkpoint=ckpt,
     )  # fmt: skip
 
 
@@ -208,6 +237,10 @@ def _key_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str:
 def input_specs(path: str | Path) -> list[TensorSpec]:
     """Input names, shapes (a string for a dynamic dim) and dtypes of a .pt2, .onnx, .tflite or .pte."""
     p = Path(path)
+    if p.is_dir():  # a checkpoint folder: token ids, as `from_folder` gives them
+        from slimship.hf import DEFAULT_TOKENS
+
+        return [TensorSpec("input_ids", [1, DEFAULT_TOKENS], "int64")]
     if p.suffix == ".pt2":
         from slimship.loading import load_program
 
@@ -223,6 +256,50 @@ def input_specs(path: str | Path) -> list[TensorSpec]:
     from slimship.inputs import model_input_specs
 
     return model_input_specs(p)
+
+
+#: the format a checkpoint folder given to `bench` as a model to measure is exported to (a dense folder
+#: is exported to each measured file's format instead, like a dense .pt2)
+BENCH_FOLDER_FORMAT = "onnx"
+
+
+def bench_files(
+    models: list[Path], dense: Path | None, folder: Path
+) -> tuple[list[Path], Path | None, list[str]]:
+    """`bench`'s models with checkpoint folders made files in `folder`: the dense folder becomes its logits
+    program (.pt2, which bench exports into each model's format), another folder an ONNX file (parity
+    checked by the exporter). Returns (models, dense, notes)."""
+    import torch
+
+    from slimship.exporters.registry import ExportRequest, get_format
+
+    made: dict[Path, Path] = {}
+    notes = []
+    for path in dict.fromkeys(Path(m) for m in models):
+        if not path.is_dir():
+            continue
+        source = from_folder(path, None)
+        name = f"{source.stem}-{len(made)}"
+        if path == dense:
+            target = folder / f"{name}.pt2"
+            try:
+                program = torch.export.export(source.module, source.example, strict=False)
+            except Exception as exc:
+                raise ModelFileError(
+                    f"{path}: torch.export of its logits failed ({first_line(exc)})"
+                ) from exc
+            torch.export.save(program, str(target))
+            notes.append(
+                f"{path}: the dense model, as its logits program {target.name} (exported per format)"
+            )
+        else:
+            record = get_format(BENCH_FOLDER_FORMAT)
+            request = ExportRequest(source.module, source.example, source.example, dynamic_batch=False)
+            target = Path(record.export(request, folder / record.file_name(name)).path)
+            notes.append(f"{path}: measured as {record.name} (exported to {target.name}, parity checked)")
+        made[path] = target
+    files = [made.get(Path(m), Path(m)) for m in models]
+    return files, (made.get(dense, dense) if dense is not None else None), notes
 
 
 def random_inputs(
