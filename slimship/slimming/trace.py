@@ -49,9 +49,11 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], dynamic: bool) -> torch.e
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode for the duration; every submodule's own flag restored afterwards."""
+    """The model in eval mode for the duration; every submodule's own flag restored afterwards. The flags
+    are set directly: a program's `module()` refuses `eval()` ("not supported yet")."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in flags:
+        m.training = False
     try:
         yield
     finally:
