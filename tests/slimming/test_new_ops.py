@@ -24,6 +24,18 @@ class MeanVarConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
+class NormedConv2d(nn.Conv2d):
+    """Weight norm written by hand: w = gain * v / ||v|| (EDM's and StyleGAN's normalised weights)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(self.weight, dim=(1, 2, 3), keepdim=True)
+        return F.conv2d(x, self.gain * self.weight / norm, self.bias, self.stride, self.padding)
+
+
 def weight_normed_conv(*args, **kwargs) -> nn.Module:
     return nn.utils.parametrizations.weight_norm(nn.Conv2d(*args, **kwargs))
 
@@ -52,6 +64,8 @@ def _zero_rows(model: Head, rows: list[int]) -> None:
         conv = model.conv
         if hasattr(conv, "parametrizations"):
             conv.parametrizations.weight.original0[rows] = 0  # g: the magnitudes
+        elif hasattr(conv, "gain"):
+            conv.gain[rows] = 0
         else:
             conv.weight[rows] = 0
         conv.bias[rows] = 0
@@ -67,12 +81,17 @@ def _slim_exactly(model: nn.Module, x: torch.Tensor):
     return result
 
 
-def _first_weight(model: nn.Module) -> torch.Tensor:
-    conv = model.conv
+def _first_weight_of(conv: nn.Module) -> torch.Tensor:
     return conv.parametrizations.weight.original1 if hasattr(conv, "parametrizations") else conv.weight
 
 
-@pytest.mark.parametrize("conv", [BatchNormStdConv2d, StdMeanConv2d, MeanVarConv2d, weight_normed_conv])
+def _first_weight(model: nn.Module) -> torch.Tensor:
+    return _first_weight_of(model.conv)
+
+
+@pytest.mark.parametrize(
+    "conv", [BatchNormStdConv2d, StdMeanConv2d, MeanVarConv2d, weight_normed_conv, NormedConv2d]
+)
 def test_zero_rows_of_a_computed_weight_are_removed(conv) -> None:
     torch.manual_seed(0)
     model, x = Head(conv).eval(), torch.randn(2, 3, 8, 8)
@@ -82,20 +101,19 @@ def test_zero_rows_of_a_computed_weight_are_removed(conv) -> None:
     assert result.model.mid.weight.shape[1] == 6
 
 
-def test_weight_norm_drops_zero_input_columns_only() -> None:
+@pytest.mark.parametrize("conv", [weight_normed_conv, NormedConv2d])
+def test_weight_norm_drops_zero_input_columns_only(conv) -> None:
     """A weight norm's norm runs over its input columns: a zero column can go, a live one cannot."""
     torch.manual_seed(0)
-    model, x = (
-        nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), weight_normed_conv(8, 6, 1)).eval(),
-        torch.randn(2, 3, 6, 6),
-    )
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), conv(8, 6, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         model[0].weight[[2, 3, 7]] = 0
         model[0].bias[[2, 3, 7]] = 0
-        model[2].parametrizations.weight.original1[:, [2, 3]] = 0  # column 7 stays in the norm
+        _first_weight_of(model[2])[:, [2, 3]] = 0  # column 7 stays in the norm
     result = _slim_exactly(model, x)
     assert result.model.get_submodule("0").weight.shape[0] == 6  # 2 and 3 go, 7 stays
-    assert result.model.get_submodule("2").parametrizations.weight.original1.shape[1] == 6
+    assert _first_weight_of(result.model.get_submodule("2")).shape[1] == 6
 
 
 def test_spatial_padding_keeps_channels_removable() -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch.fx import Node
 
-from slimship.slimming.facts import DimFacts, Facts, FactStore
+from slimship.slimming.facts import DimFacts, Facts, FactStore, facts_of
 from slimship.slimming.graph import (
     SUM,
     ChannelGraph,
@@ -30,7 +31,10 @@ def reduction(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
     g.layouts[node] = out
 
 
-def _reduced_layout(g: ChannelGraph, node: Node, a: dict[str, Any]) -> list[np.ndarray | None] | None:
+def _reduced_layout(
+    g: ChannelGraph, node: Node, a: dict[str, Any], sums: bool = False
+) -> list[np.ndarray | None] | None:
+    """The kept dims' positions; a reduced dim is a sum site (`sums`, or a plain sum) or stays."""
     x = a.get("self", a.get("input"))
     xl = g.layout(x)
     dims = a.get("dim")
@@ -45,7 +49,7 @@ def _reduced_layout(g: ChannelGraph, node: Node, a: dict[str, Any]) -> list[np.n
     out: list[np.ndarray | None] = []
     for d in range(rank):
         if d in reduced:
-            if name == "aten.sum" and xl[d] is not None and len(xl[d]) > 1:
+            if (sums or name == "aten.sum") and xl[d] is not None and len(xl[d]) > 1:
                 g.sites.append(Site(node, SUM, [(x, d)]))
             else:
                 g.pin(xl[d], f"{name} {node.name} reduces this dim")
@@ -142,3 +146,29 @@ def softmax_values(va: FactStore, node: Node, a: dict[str, Any]) -> Facts:
 
 register_op(("aten.softmax", "aten._softmax"), along_dim, softmax_values)
 register_op(("aten.log_softmax", "aten._log_softmax", "aten.cumsum"), along_dim)
+
+
+def vector_norm(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    """A p-norm (p > 0) over some dims: a zero slice adds nothing to it, so those dims are sum sites
+    (w / ||w|| written by hand: a weight's zero input columns can go)."""
+    out = _reduced_layout(g, node, a, sums=float(a.get("ord", 2)) > 0)
+    if out is None:
+        return pin_unknown(g, node, f"{op_name(node)} {node.name} reduces the whole tensor")
+    g.layouts[node] = out
+
+
+def vector_norm_values(va: FactStore, node: Node, a: dict[str, Any]) -> Facts | None:
+    """The norms of a parameter are computed (a weight's row norms: known, and non-zero where the row
+    is); otherwise a zero slice has norm 0, and equal slices equal norms."""
+    x = a["self"]
+    if va.has_param(x) and a.get("dim") is not None:
+        dims = [a["dim"]] if isinstance(a["dim"], int) else list(a["dim"])
+        norms = torch.linalg.vector_norm(va.param(x), a.get("ord", 2), dims, bool(a.get("keepdim")))
+        return [facts_of(norms, d) if va.live(node, d) else None for d in range(norms.dim())]
+    kept = reduction_values(va, node, a)
+    if kept is None:
+        return None
+    return [None if f is None else DimFacts(np.where(f.const == 0, 0.0, np.nan), f.cls) for f in kept]
+
+
+register_op("aten.linalg_vector_norm", vector_norm, vector_norm_values)
