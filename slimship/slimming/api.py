@@ -276,8 +276,10 @@ def slim(
     No weight is copied: the trace shares the model's tensors, the reference outputs are computed
     before the rewrite, and the rewrite makes one new tensor at a time, in the model's dtype. The
     bound is `rtol` relative to the outputs, or the rounding a changed summation order can cause in
-    the model's dtype at its accumulation depth where that is larger (bf16, fp16). By default the
-    model is left as it was (peak memory: the model plus its changed tensors in slim form); with
+    the model's dtype at its accumulation depth where that is larger (bf16, fp16). The slim model
+    shares the tensors slimming left unchanged with `model`: deep-copy one of them before training
+    both apart. By default the model is left as it was (peak memory: the model plus its changed
+    tensors in slim form); with
     `release_source=True` each dense tensor is released as its slim one is made (spilled to a temp
     file first, to retry from), so the peak stays near the model's own size, and the model's
     modules are left holding the slim tensors (as after `apply_to`).
