@@ -140,6 +140,13 @@ CASES = {
         ],
         r"b/reference_io\.npz: array 'in0' \(float32\) of shape \[16777216\] would take 64\.0 MiB",
     ),
+    "verify-1e999-tolerance": Case(  # a valid JSON number that Python reads as inf
+        lambda d, base: [
+            "verify",
+            str(hf.edited_bundle(base["bundle"], d / "b", '"tolerance": 0.0001', '"tolerance": 1e999')),
+        ],
+        r"b/manifest\.json: holds 1e999 where a figure belongs",
+    ),
     "verify-name-with-newline": Case(
         lambda d, base: [
             "verify",

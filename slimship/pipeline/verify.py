@@ -242,6 +242,14 @@ def _no_constant(name: str) -> None:
     raise _NotFinite(name)
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float; one too large for a float (1e999 reads as inf) is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text[:40])
+    return value
+
+
 def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
     manifest_path = root / mf.MANIFEST_NAME
     if not manifest_path.is_file():
@@ -254,7 +262,9 @@ def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
                 f"{_shown(source, root, manifest_path)}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; "
                 "not a slimship manifest"
             )
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+        manifest = json.loads(
+            manifest_path.read_text(encoding="utf-8"), parse_constant=_no_constant, parse_float=_finite
+        )
     except _NotFinite as exc:
         raise ReleaseError(
             f"{_shown(source, root, manifest_path)}: holds {exc} where a figure belongs; every figure of a "
