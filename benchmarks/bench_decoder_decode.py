@@ -34,6 +34,7 @@ from torch import nn
 
 import slimship
 from slimship.decoder import DecoderExportOptions, bench_decode, export_decoder
+from slimship.hf import LogitsOnly
 from slimship.slimming.api import find_groups, zero_group
 
 SIZES = {  # name: (hidden, layers, ffn, heads, kv heads, vocab)
@@ -43,15 +44,6 @@ SIZES = {  # name: (hidden, layers, ffn, heads, kv heads, vocab)
 }
 FFN_ZEROED = 320 / 768
 KV_ZEROED = 0.5
-
-
-class Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def build(size: str, seed: int = 0) -> nn.Module:
@@ -66,7 +58,7 @@ def build(size: str, seed: int = 0) -> nn.Module:
     )  # fmt: skip
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
-    wrapper, example = Logits(model), (torch.arange(8).unsqueeze(0),)
+    wrapper, example = LogitsOnly(model), (torch.arange(8).unsqueeze(0),)
     found, rng = find_groups(wrapper, example), random.Random(seed)
     with torch.no_grad():
         for space, indices in found.by_space.items():
@@ -78,7 +70,7 @@ def build(size: str, seed: int = 0) -> nn.Module:
 
 def slim_copy(size: str, prompt_len: int) -> tuple[nn.Module, float]:
     model = build(size)
-    wrapper, example = Logits(model), (torch.arange(prompt_len).unsqueeze(0),)
+    wrapper, example = LogitsOnly(model), (torch.arange(prompt_len).unsqueeze(0),)
     result = slimship.slim(wrapper, example)
     result.apply_to(wrapper, example)
     return model, result.flops_ratio
