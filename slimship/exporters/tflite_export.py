@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -52,6 +51,7 @@ from slimship.exporters.common import (
     torch_outputs,
     with_reference_case,
 )
+from slimship.exporters.tflite_compat import input_order, output_order, read_ops, tensor_specs
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,6 @@ def export_tflite(
             reference_inputs=as_input_tuple(reference_inputs) if reference_inputs is not None else inputs,
         )
     nbytes, digest = nbytes_and_hash(path)
-    from slimship.exporters.tflite_compat import read_ops, tensor_specs
-
     in_specs, out_specs = tensor_specs(path)
     result = TFLiteExport(
         path=path,
@@ -385,28 +383,6 @@ def run_tflite(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:
     return [outputs[out_order.index(i)] for i in range(len(outputs))] if out_order else outputs
 
 
-def output_order(names: list[str]) -> list[int] | None:
-    """Output index per interpreter output position, from names like `serving_default_output_<i>...`."""
-    order = []
-    for name in names:
-        match = re.search(r"output_(\d+)", name)
-        if not match:
-            return None
-        order.append(int(match.group(1)))
-    return order if sorted(order) == list(range(len(order))) else None
-
-
 def _arg_order(runner) -> list[int] | None:
     """Map interpreter input positions to argument indices when the names say (…args_<i>)."""
     return input_order([d["name"] for d in getattr(runner, "inputs", [])])
-
-
-def input_order(names: list[str]) -> list[int] | None:
-    """Argument index per interpreter input position, from names like `serving_default_args_<i>`."""
-    order = []
-    for name in names:
-        tail = name.rsplit("args_", 1)
-        if len(tail) != 2 or not tail[1].split(":")[0].isdigit():
-            return None
-        order.append(int(tail[1].split(":")[0]))
-    return order if sorted(order) == list(range(len(order))) else None
