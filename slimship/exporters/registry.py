@@ -42,10 +42,11 @@ class FormatRecord:
     exporter: Callable[[ExportRequest, Path], Any]
     extra: str | None = None  # the optional package extra it needs, e.g. "executorch"
     description: str = ""
+    task: str | None = None  # "text-generation": a decoder with its KV cache only (`--task text-generation`)
 
     @property
     def quantised(self) -> bool:
-        return self.precision.startswith("int8")
+        return self.precision not in ("fp32", "fp16")
 
     def file_name(self, stem: str) -> str:
         """The bundle / export file name of this format for a model called `stem`."""
@@ -136,10 +137,10 @@ FORMATS: dict[str, FormatRecord] = {
         FormatRecord("executorch-int8", "executorch", ".pte", "int8", ("executorch",), _executorch("int8"),
                      extra="executorch", description="ExecuTorch, XNNPACK, int8 (calibrated)"),
         FormatRecord("executorch-8da4w", "executorch", ".pte", "8da4w", ("executorch",),
-                     _text_generation_only("executorch-8da4w"), extra="executorch",
+                     _text_generation_only("executorch-8da4w"), extra="executorch", task="text-generation",
                      description="ExecuTorch, XNNPACK, int8 dynamic activations, int4 weights (decoders)"),
         FormatRecord("onnx-int4", "onnx", ".onnx", "int4", ("onnxruntime",),
-                     _text_generation_only("onnx-int4"),
+                     _text_generation_only("onnx-int4"), task="text-generation",
                      description="ONNX, int4 weights (MatMulNBits), float activations (decoders)"),
     )
 }  # fmt: skip

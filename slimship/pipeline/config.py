@@ -37,7 +37,7 @@ from slimship.pipeline.section import spec_field as _f
 from slimship.runtimes.registry import RUNTIMES
 
 # names come from the format and runtime registries (one table each; adding one there adds it here)
-FORMATS: tuple[str, ...] = tuple(FORMAT_TABLE)
+FORMATS: tuple[str, ...] = tuple(name for name, r in FORMAT_TABLE.items() if r.task is None)  # one pass
 ALIGN_RUNTIMES: tuple[str, ...] = tuple(name for name, r in RUNTIMES.items() if r.times_alignment)
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 

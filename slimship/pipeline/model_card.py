@@ -63,8 +63,10 @@ def _cell(value: Any) -> str:
 
 
 def md_text(text: str) -> str:
-    """User-provided text (a file name, a description) as literal Markdown: HTML and markup escaped."""
-    return re.sub(r"([\\`*_\[\]#!])", r"\\\1", html.escape(text, quote=False))
+    """User-provided text (a file name, a description) as literal Markdown: HTML and markup escaped. An
+    underscore inside a word (`max_accuracy_drop`) is no markup in Markdown and stays as it is."""
+    return re.sub(r"[\\`*\[\]#!]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: "\\" + m[0],
+                  html.escape(text, quote=False))  # fmt: skip
 
 
 def _inputs(model: dict[str, Any]) -> str:
