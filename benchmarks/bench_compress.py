@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from slimship.compress import compress, train_loop
-from slimship.compress.base import make_optimizer
+from slimship.compress.training import make_optimizer
 from slimship.data import digits_loaders, evaluate_accuracy
 from slimship.exporters.onnx_export import export_onnx
 from slimship.exporters.tflite_export import export_tflite

@@ -5,20 +5,10 @@ method also stays importable on its own.
 """
 
 from slimship.compress.adc import AdcPolicy, SearchResult, adc, adc_search, apply_policy
-from slimship.compress.base import (
-    METHODS,
-    CompressResult,
-    compress,
-    group_norms,
-    group_sparsity,
-    load_builtin_methods,
-    method_options,
-    register,
-    train_loop,
-)
 from slimship.compress.csgd import csgd
 from slimship.compress.distill import DistillationLoss, build_student, hakd, latency_table, thinned
 from slimship.compress.drop import drop
+from slimship.compress.groups import group_norms, group_sparsity
 from slimship.compress.hspg import hesso, hspg
 from slimship.compress.imports import (
     fold_mask_keys,
@@ -27,8 +17,17 @@ from slimship.compress.imports import (
     make_prune_permanent,
 )
 from slimship.compress.lorita import LowRankParametrization, factorize, lorita, parametrize_low_rank
+from slimship.compress.registry import (
+    METHODS,
+    CompressResult,
+    compress,
+    load_builtin_methods,
+    method_options,
+    register,
+)
 from slimship.compress.simguided import magnitude, simguided
 from slimship.compress.sparsifier import SPARSIFIERS, Sparsifier, sparsifier, sparsifier_options
+from slimship.compress.training import train_loop
 
 __all__ = [
     "METHODS",

@@ -18,18 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    Training,
-    maybe_accuracy,
-    register,
-    working_copy,
-)
 from slimship.compress.checks import check_choice, check_number
 from slimship.compress.device import broadcast_from_rank0
+from slimship.compress.registry import CompressResult, register
 from slimship.compress.shards import sum_over_shards
 from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
+from slimship.compress.training import Batch, Training, maybe_accuracy, working_copy
 from slimship.compress.views import Block, Slot
 
 log = logging.getLogger(__name__)

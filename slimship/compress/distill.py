@@ -33,15 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    GroupTensors,
-    Training,
-    maybe_accuracy,
-    prunable_groups,
-    register,
-)
 from slimship.compress.checks import check_callable, check_int, check_module
 from slimship.compress.device import (
     broadcast_module_from_rank0,
@@ -50,6 +41,9 @@ from slimship.compress.device import (
     rank,
     unwrap,
 )
+from slimship.compress.groups import GroupTensors, prunable_groups
+from slimship.compress.registry import CompressResult, register
+from slimship.compress.training import Batch, Training, maybe_accuracy
 from slimship.errors import CompressionError
 from slimship.runtimes.registry import RUNTIME_NAMES
 from slimship.slimming.api import count_flops, count_params, slim

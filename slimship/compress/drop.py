@@ -21,17 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    Training,
-    register,
-    working_copy,
-)
 from slimship.compress.checks import check_choice, check_fraction, check_int, check_number
 from slimship.compress.device import decision_generator
 from slimship.compress.hspg import epoch_stages, finish
+from slimship.compress.registry import CompressResult, register
 from slimship.compress.sparsifier import CRITERIA, Sparsifier, check_steps, register_sparsifier, train_with
+from slimship.compress.training import Batch, Training, working_copy
 from slimship.compress.views import Block
 from slimship.errors import CompressionError
 

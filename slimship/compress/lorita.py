@@ -33,17 +33,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimship.compress.adc.budget import layer_flops
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    maybe_accuracy,
-    register,
-    run_with_hooks,
-    train_loop,
-    working_copy,
-)
 from slimship.compress.checks import check_int, check_module, check_number
 from slimship.compress.device import score_dtype, unwrap
+from slimship.compress.groups import run_with_hooks
+from slimship.compress.registry import CompressResult, register
+from slimship.compress.training import Batch, maybe_accuracy, train_loop, working_copy
 from slimship.errors import CompressionError, VerificationError
 from slimship.slimming.api import count_flops, count_params, verify_outputs
 from slimship.slimming.trace import as_input_tuple

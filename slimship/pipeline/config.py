@@ -202,7 +202,8 @@ def _yaml_type(tp: Any) -> Any:
 
 def _option_types(method: str) -> dict[str, tuple[Any, Any]]:
     """Option name -> (YAML annotation, default) from the method's signature and type hints."""
-    from slimship.compress.base import METHODS, Training
+    from slimship.compress.registry import METHODS
+    from slimship.compress.training import Training
 
     fn = METHODS[method]
     hints: dict[str, Any] = {}
@@ -248,7 +249,7 @@ def compress_model(method: str) -> type[CompressSpec]:
 
 
 def _methods() -> list[str]:
-    from slimship.compress.base import METHODS, load_builtin_methods
+    from slimship.compress.registry import METHODS, load_builtin_methods
 
     load_builtin_methods()
     return sorted(METHODS)

@@ -16,7 +16,7 @@ from slimship.compress.adc import (
     top_policies,
     uniform_counts,
 )
-from slimship.compress.base import GroupTensors, prunable_groups
+from slimship.compress.groups import GroupTensors, prunable_groups
 from slimship.data import Batches, digits_arrays
 from slimship.errors import CompressionError
 from slimship.slimming.api import count_flops, slim

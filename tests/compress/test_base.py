@@ -12,16 +12,9 @@ import torch
 from torch import nn
 
 from slimship.compress import compress, group_norms, train_loop
-from slimship.compress.base import (
-    METHODS,
-    GroupTensors,
-    Training,
-    lr_factor,
-    make_optimizer,
-    method_options,
-    prunable_groups,
-    register,
-)
+from slimship.compress.groups import GroupTensors, prunable_groups
+from slimship.compress.registry import METHODS, method_options, register
+from slimship.compress.training import Training, lr_factor, make_optimizer
 from slimship.data import Batches
 from slimship.errors import CompressionError
 from slimship.slimming import find_groups, slim
@@ -165,7 +158,7 @@ def test_train_loop_resume_equals_uninterrupted(tmp_path, caplog) -> None:
     ckpt = tmp_path / "run.pt"
     _, partial = _train(3, checkpoint=ckpt, stop_after=1)
     assert len(partial) == 1 and ckpt.exists()
-    with caplog.at_level(logging.INFO, logger="slimship.compress.base"):
+    with caplog.at_level(logging.INFO, logger="slimship.compress.training"):
         resumed, hist = _train(3, checkpoint=ckpt)
     assert "resuming from checkpoint" in caplog.text
     assert same_state(full, resumed)

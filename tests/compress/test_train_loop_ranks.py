@@ -14,7 +14,7 @@ from torch import nn
 
 def _train_rank(rank: int, folder: str) -> None:
     """One rank: a BatchNorm model trained on this rank's own batches; its state saved to rank<r>.pt."""
-    from slimship.compress.base import train_loop
+    from slimship.compress.training import train_loop
 
     torch.set_num_threads(1)
     store = dist.FileStore(str(Path(folder) / "store"), 2)

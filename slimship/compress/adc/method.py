@@ -33,18 +33,11 @@ from slimship.compress.adc.search import (
     select_policy,
     top_policies,
 )
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    GroupTensors,
-    make_optimizer,
-    maybe_accuracy,
-    register,
-    train_loop,
-    working_copy,
-)
 from slimship.compress.checks import check_choice
 from slimship.compress.device import device_of
+from slimship.compress.groups import GroupTensors
+from slimship.compress.registry import CompressResult, register
+from slimship.compress.training import Batch, make_optimizer, maybe_accuracy, train_loop, working_copy
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
 

@@ -36,16 +36,10 @@ from slimship.compress.adc.agent import (
 )
 from slimship.compress.adc.budget import Budget, FlopsModel, Space, build_spaces, uniform_counts
 from slimship.compress.adc.policy import AdcPolicy, Pruner, importance_scores, recalibrate_batchnorm
-from slimship.compress.base import (
-    Batch,
-    load_checkpoint,
-    progress,
-    prunable_groups,
-    save_checkpoint,
-    working_copy,
-)
 from slimship.compress.checks import check_batches, check_int, check_module, check_number, refuse
 from slimship.compress.device import device_of, mean_across_ranks, rank, score_dtype, unwrap
+from slimship.compress.groups import prunable_groups
+from slimship.compress.training import Batch, load_checkpoint, progress, save_checkpoint, working_copy
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
 
