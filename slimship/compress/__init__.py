@@ -4,7 +4,7 @@
 method also stays importable on its own.
 """
 
-from slimship.compress.adc import AdcPolicy, SearchResult, adc, adc_search, apply_policy
+from slimship.compress.adc import AdcOptions, AdcPolicy, SearchResult, adc, adc_search, apply_policy
 from slimship.compress.csgd import csgd
 from slimship.compress.distill import DistillationLoss, build_student, hakd, latency_table, thinned
 from slimship.compress.drop import drop
@@ -32,6 +32,7 @@ from slimship.compress.training import train_loop
 __all__ = [
     "METHODS",
     "SPARSIFIERS",
+    "AdcOptions",
     "AdcPolicy",
     "CompressResult",
     "DistillationLoss",

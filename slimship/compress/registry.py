@@ -50,16 +50,18 @@ SHARDABLE: set[str] = set()
 
 
 def register(
-    name: str, *, training: Training | None = None
+    name: str, *, training: Training | None = None, options: type | None = None
 ) -> Callable[[Callable[..., CompressResult]], Callable[..., CompressResult]]:
     """Decorator: make `fn` available as ``compress(name, ...)``.
 
-    With `training`, `fn` takes a ``training: Training`` argument; the registered method takes the
-    fields of :class:`Training` as flat keyword options instead, defaulting to `training`'s values.
+    With `options` (a frozen dataclass of the method's options), `fn` takes ``options: that class``;
+    with `training`, `fn` takes a ``training: Training`` argument. The registered method takes the
+    fields of both as flat keyword options (Training's defaulting to `training`'s values), checked by
+    name; it also takes ``options=`` a ready options object, which the flat options then override.
     """
 
     def wrap(fn: Callable[..., CompressResult]) -> Callable[..., CompressResult]:
-        method = fn if training is None else _with_training(fn, training)
+        method = fn if training is None and options is None else _with_options(fn, training, options)
         if name in METHODS and METHODS[name] is not method:
             raise CompressionError(f"compression method {name!r} is registered twice")
         METHODS[name] = method
@@ -68,28 +70,67 @@ def register(
     return wrap
 
 
-def _with_training(fn: Callable[..., CompressResult], defaults: Training) -> Callable[..., CompressResult]:
-    """`fn(..., training=Training)` as a method with the Training fields as flat keyword options."""
+def _option_fields(training: Training | None, options: type | None) -> list[inspect.Parameter]:
+    """The flat keyword options an options class and Training give (fields, defaults, annotations)."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    own = (
+        [] if options is None else [inspect.Parameter(f.name, kw, default=f.default) for f in fields(options)]
+    )
+    shared = (
+        []
+        if training is None
+        else [inspect.Parameter(f.name, kw, default=getattr(training, f.name)) for f in fields(Training)]
+    )
+    return own + shared
+
+
+def _with_options(
+    fn: Callable[..., CompressResult], training: Training | None, options: type | None
+) -> Callable[..., CompressResult]:
+    """`fn(..., training=Training, options=Options)` as a method with their fields as flat keyword options."""
     signature = inspect.signature(fn)
-    own = [p for p in signature.parameters.values() if p.name != "training"]
-    shared = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, f.name))
-        for f in fields(Training)
-    ]
-    clash = {p.name for p in own} & {p.name for p in shared}
-    if "training" not in signature.parameters or clash:
+    takes = {"training": training is not None, "options": options is not None}
+    own = [p for p in signature.parameters.values() if not takes.get(p.name)]
+    flat = _option_fields(training, options)
+    names = [p.name for p in flat]
+    clash = ({p.name for p in own} & set(names)) | {n for n in names if names.count(n) > 1}
+    missing = [k for k, wanted in takes.items() if wanted and k not in signature.parameters]
+    if missing or clash:
         raise CompressionError(
-            f"method {fn.__name__} must take `training` and none of the Training options "
-            f"itself (clash: {sorted(clash)})"
+            f"method {fn.__name__} must take {missing} and none of its flat options itself "
+            f"(clash: {sorted(clash)})"
         )
-    names = {p.name for p in shared}
+    train_names = {f.name for f in fields(Training)} if training is not None else set()
+    option_names = {f.name for f in fields(options)} if options is not None else set()
 
     @functools.wraps(fn)
-    def method(model: nn.Module, example_inputs: Any, train: Any, test: Any = None, **options: Any):
-        run = {k: options.pop(k) for k in list(options) if k in names}
-        return fn(model, example_inputs, train, test, training=replace(defaults, **run), **options)
+    def method(
+        model: nn.Module,
+        example_inputs: Any,
+        train: Any,
+        test: Any = None,
+        *,
+        options: Any = None,
+        **flat: Any,
+    ) -> CompressResult:
+        kwargs = {k: v for k, v in flat.items() if k not in train_names | option_names}
+        if training is not None:
+            kwargs["training"] = replace(training, **{k: v for k, v in flat.items() if k in train_names})
+        if options_type is not None:
+            base = options_type() if options is None else options
+            if not isinstance(base, options_type):
+                raise CompressionError(
+                    f"{fn.__name__}: options must be a {options_type.__name__}, got {type(base).__name__}"
+                )
+            kwargs["options"] = replace(base, **{k: v for k, v in flat.items() if k in option_names})
+        elif options is not None:
+            raise CompressionError(f"{fn.__name__} takes no options object")
+        return fn(model, example_inputs, train, test, **kwargs)
 
-    method.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    options_type = options
+    method.__signature__ = signature.replace(parameters=own + flat)  # type: ignore[attr-defined]
+    method.options_type = options  # type: ignore[attr-defined]
+    method.training_defaults = training  # type: ignore[attr-defined]
     return method
 
 

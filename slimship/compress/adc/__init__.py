@@ -37,7 +37,7 @@ from slimship.compress.adc.latency import (
     close_latency_loop,
     measure_latency_ms,
 )
-from slimship.compress.adc.method import adc, split_validation, validation_scores
+from slimship.compress.adc.method import AdcOptions, adc, split_validation, validation_scores
 from slimship.compress.adc.policy import (
     IMPORTANCES,
     AdcPolicy,
@@ -59,6 +59,7 @@ __all__ = [
     "IMPORTANCES",
     "RUNTIMES",
     "SEARCHES",
+    "AdcOptions",
     "AdcPolicy",
     "Agent",
     "Budget",
