@@ -228,19 +228,21 @@ class Training:
         return train_loop(
             model,
             batches,
-            epochs=self.epochs,
+            LoopOptions(
+                epochs=self.epochs,
+                seed=self.seed,
+                lr_schedule=self.lr_schedule,
+                lr_floor=self.lr_floor,
+                checkpoint=self.checkpoint,
+                stop_after=self.stop_after,
+            ),
             optimizer=make_optimizer(model, self.lr, self.momentum, self.weight_decay),
             loss_fn=loss_fn,
             grad_hook=grad_hook,
             step_hook=step_hook,
             epoch_hook=epoch_hook,
-            checkpoint=self.checkpoint,
             state=state,
-            stop_after=self.stop_after,
-            seed=self.seed,
             desc=desc,
-            lr_schedule=self.lr_schedule,
-            lr_floor=self.lr_floor,
         )
 
     def completed(self, history: list[dict[str, Any]]) -> bool:
@@ -253,25 +255,40 @@ def _set_epoch(batches: Iterable[Batch], epoch: int) -> None:
         batches.set_epoch(epoch)
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """The options of one :func:`train_loop` run: its length, seed, rate schedule and checkpoint.
+
+    `epochs` passes over the batches; `seed` seeds torch, numpy and `random` first; `lr_schedule` (a name
+    in ``LR_SCHEDULES``) and `lr_floor` shape the rate; `checkpoint` is the file a run saves to and
+    resumes from; `stop_after` ends the call after that many epochs in total (the checkpoint finishes it).
+    """
+
+    epochs: int
+    seed: int = 0
+    lr_schedule: str = "constant"
+    lr_floor: float = 0.0
+    checkpoint: Path | str | None = None
+    stop_after: int | None = None
+
+
 def train_loop(
     model: nn.Module,
     batches: Iterable[Batch],
+    options: LoopOptions,
     *,
-    epochs: int,
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
     step_hook: Hook | None = None,
     epoch_hook: Hook | None = None,
     grad_hook: Hook | None = None,
-    checkpoint: Path | str | None = None,
     state: dict[str, Any] | None = None,
-    stop_after: int | None = None,
-    seed: int = 0,
     desc: str = "train",
-    lr_schedule: str = "constant",
-    lr_floor: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Train `model` in place for `epochs` passes over `batches`; return one record per epoch.
+    """Train `model` in place for ``options.epochs`` passes over `batches`; return one record per epoch.
+
+    ``train_loop(model, batches, LoopOptions(epochs=3), optimizer=opt)``; the fields of `options` below
+    are named as in :class:`LoopOptions`.
 
     Hooks get ``(model, epoch, step)``: ``grad_hook`` after ``backward`` (may edit gradients),
     ``step_hook`` after ``optimizer.step()``, ``epoch_hook`` at the end of an epoch (its dict is merged
@@ -294,6 +311,13 @@ def train_loop(
     the samples of all ranks. At the end every rank takes rank 0's parameters and buffers (under DDP each
     rank's BatchNorm statistics follow its own last batches), so all hold the model rank 0 publishes.
     """
+    epochs, seed, checkpoint, stop_after = (
+        options.epochs,
+        options.seed,
+        options.checkpoint,
+        options.stop_after,
+    )
+    lr_schedule, lr_floor = options.lr_schedule, options.lr_floor
     if epochs < 0:
         raise CompressionError(f"epochs must be >= 0, got {epochs}")
     steps_per_epoch = _check_schedule(lr_schedule, lr_floor, batches)

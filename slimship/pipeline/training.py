@@ -22,10 +22,12 @@ def top1_accuracy(model: torch.nn.Module, test: Any) -> float | None:
 
 
 def train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, seed: int) -> None:
-    from slimship.compress.training import train_loop
+    from slimship.compress.training import LoopOptions, train_loop
 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    train_loop(model, train, epochs=epochs, optimizer=optimizer, seed=seed, desc="dense training")
+    train_loop(
+        model, train, LoopOptions(epochs=epochs, seed=seed), optimizer=optimizer, desc="dense training"
+    )
 
 
 @dataclass

@@ -48,6 +48,7 @@ from slimship.compress.adc.policy import (
 )
 from slimship.compress.adc.search import (
     SEARCHES,
+    SearchOptions,
     SearchResult,
     adc_search,
     select_policy,
@@ -66,6 +67,7 @@ __all__ = [
     "FlopsModel",
     "LatencyTable",
     "Pruner",
+    "SearchOptions",
     "SearchResult",
     "Snap",
     "Space",

@@ -37,7 +37,14 @@ from slimship.compress.checks import check_choice
 from slimship.compress.device import device_of
 from slimship.compress.groups import GroupTensors
 from slimship.compress.registry import CompressResult, register
-from slimship.compress.training import Batch, make_optimizer, maybe_accuracy, train_loop, working_copy
+from slimship.compress.training import (
+    Batch,
+    LoopOptions,
+    make_optimizer,
+    maybe_accuracy,
+    train_loop,
+    working_copy,
+)
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
 
@@ -90,10 +97,9 @@ def finetune(model, tensors: GroupTensors, removed: list[int], train, epochs: in
     history = train_loop(
         model,
         train,
-        epochs=epochs,
+        LoopOptions(epochs=epochs, seed=seed),
         optimizer=make_optimizer(model, lr),
         step_hook=keep_zero,
-        seed=seed,
         desc="adc fine-tune",
     )
     keep_zero(model, 0, 0)
