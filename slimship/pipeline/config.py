@@ -27,6 +27,8 @@ from pydantic.fields import FieldInfo
 
 from slimship._yaml import load_yaml
 from slimship.compress.device import DEVICE_RE, DEVICE_RULE, STRATEGIES
+from slimship.compress.registry import METHODS, load_builtin_methods
+from slimship.compress.training import Training
 from slimship.errors import ConfigError, SlimshipError, first_line
 from slimship.exporters.registry import FORMATS as FORMAT_TABLE
 from slimship.pipeline.config_checks import READINESS_CHECKS
@@ -204,9 +206,6 @@ def _yaml_type(tp: Any) -> Any:
 def _option_types(method: str) -> dict[str, tuple[Any, Any]]:
     """Option name -> (YAML annotation, default): the fields of the method's options object and of its
     Training (a user's method without them: its keyword-only parameters and type hints)."""
-    from slimship.compress.registry import METHODS
-    from slimship.compress.training import Training
-
     fn = METHODS[method]
     options, training = getattr(fn, "options_type", None), getattr(fn, "training_defaults", None)
     hints: dict[str, Any] = {}
@@ -260,8 +259,6 @@ def compress_model(method: str) -> type[CompressSpec]:
 
 
 def _methods() -> list[str]:
-    from slimship.compress.registry import METHODS, load_builtin_methods
-
     load_builtin_methods()
     return sorted(METHODS)
 
