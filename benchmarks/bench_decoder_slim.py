@@ -1,7 +1,8 @@
 """Slim time and peak resident memory against model size: Llama-shaped bf16 decoders, 100M to 1.1B (7B).
 
     PYTHONPATH=. python benchmarks/bench_decoder_slim.py [--sizes 120m,300m,1.1b] [--with-7b]
-        [--dtype bfloat16] [--fraction 0.3] [--seq 16] [--out benchmarks/RESULTS_decoder_slim.md]
+        [--modes keep,release] [--dtype bfloat16] [--fraction 0.3] [--seq 16] [--append]
+        [--out benchmarks/RESULTS_decoder_slim.md]
 
 Each size runs in its own child process (so one size's memory cannot leak into the next): the decoder is
 built from a `LlamaConfig` on the meta device, materialised in the chosen dtype with random weights
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_decoder_slim.md")))
+    parser.add_argument("--append", action="store_true", help="add this run to --out as a new section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="keep", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,7 +201,10 @@ def main() -> None:
     ]
     text = "\n".join(header + table(rows)) + "\n"
     print(text)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if args.append and out.exists():
+        text = out.read_text() + "\n" + text.replace("# Slim time", "## Slim time", 1)
+    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,8 @@ peak RSS of the child (ru_maxrss from wait4), seconds, and the first `slimship:`
 from __future__ import annotations
 
 import argparse
-import os
-import resource
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,32 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests import hostile_files as hf  # noqa: E402
-
-
-def run_child(argv: list[str], cwd: Path, code: Path, cap: int, timeout: float) -> dict:
-    """Run `python -m slimship argv` capped at `cap` bytes of address space: exit, peak RSS, seconds."""
-    env = {**os.environ, "PYTHONPATH": str(code)}
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-
-    err = cwd / "stderr.txt"
-    start = time.monotonic()
-    with open(err, "wb") as sink:
-        child = subprocess.Popen([sys.executable, "-m", "slimship", *argv], cwd=cwd, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=sink, preexec_fn=limit)  # fmt: skip
-        timer = threading.Timer(timeout, child.kill)
-        timer.start()
-        _, status, usage = os.wait4(child.pid, 0)
-        timer.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    lines = [line for line in err.read_text(errors="replace").splitlines() if line.startswith("slimship:")]
-    return {
-        "exit": child.returncode,
-        "peak_mib": usage.ru_maxrss / 1024,
-        "seconds": time.monotonic() - start,
-        "message": (lines[-1] if lines else err.read_text(errors="replace").strip()[-200:])[:160],
-    }
 
 
 def cases(tmp: Path) -> dict[str, tuple[Callable[[], None], list[str]]]:
@@ -114,10 +83,9 @@ def main() -> None:
             if args.only and not any(o in case for o in args.only):
                 continue
             build()
-            row = run_child(argv, tmp, args.code, int(args.cap_gib * (1 << 30)), args.timeout)
-            print(
-                f"{case:36} {row['exit']:>4} {row['peak_mib']:>9.0f} {row['seconds']:>6.1f}  {row['message']}"
-            )
+            cap = int(args.cap_gib * (1 << 30))
+            row = hf.run_slimship(argv, tmp, tmp / "stderr.txt", args.code, cap, args.timeout)
+            print(f"{case:36} {row.exit:>4} {row.peak_mib:>9.0f} {row.seconds:>6.1f}  {row.message()[:160]}")
             sys.stdout.flush()
 
 

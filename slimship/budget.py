@@ -48,7 +48,7 @@ _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
 
 def parse_size(text: str) -> int:
     """'4GiB', '512M', '1.5g', '1000000' -> bytes (K/M/G/T are powers of 1024, as in the GiB units)."""
-    match = _SIZE.fullmatch(text.strip())
+    match = _SIZE.fullmatch(text)
     if not match:
         raise ValueError(f"not a size: {text!r} (e.g. 4GiB, 512MiB)")
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]

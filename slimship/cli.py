@@ -217,10 +217,12 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
 def _slim_folder(args: argparse.Namespace) -> int:
     """`slimship slim DIR --out SLIM_DIR`: a Hugging Face checkpoint folder in, a slim folder out."""
+    from slimship.hf import read_folder
     from slimship.hf.slim import slim_loaded
     from slimship.hf.write import check_new_folder
 
     out = check_new_folder(Path(args.out))
+    read_folder(args.model, allow_pickle=args.allow_pickle)  # a folder that is no checkpoint: named first
     if out.suffix == ".pt2":
         raise SlimshipError(f"--out {out}: a checkpoint folder slims into a folder; give a folder path")
     steps = Steps()
@@ -406,7 +408,7 @@ def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
         for model, model_specs in specs.items():  # a shape the file fixes otherwise fails "on the device"
             check_inputs(inputs, model_specs, f"random inputs of --input-shape / {models[0]} (for {model})")
         return inputs
-    inputs = load_npz_inputs(args.inputs)
+    inputs = load_npz_inputs(args.inputs, specs[models[0]])  # shapes checked from headers, before data
     for model, model_specs in specs.items():
         check_inputs(inputs, model_specs, f"{args.inputs} (for {model})")
     return inputs

@@ -59,6 +59,17 @@ _MAX_HEADER = 1 << 16
 _CHUNK = 1 << 20
 
 
+def read_npz_arrays(path: str | Path, keys: Sequence[str]) -> list[np.ndarray]:
+    """The arrays `keys` of an .npz, each header checked against the budget before its data is read;
+    ConfigError naming the file (and a missing key) otherwise."""
+    p = Path(path)
+    with _NpzReader(p) as reader:
+        missing = [k for k in keys if k not in reader.headers]
+        if missing:
+            raise ConfigError(f"{p}: has no array {missing[0]!r}")
+        return [reader.read(k) for k in keys]
+
+
 @dataclass(frozen=True)
 class _Declared:
     """An .npz member's .npy header: what it declares (shape, dtype, size) and where its data starts."""

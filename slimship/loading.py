@@ -36,6 +36,7 @@ from slimship.pt2_checks import (
     OPT_IN,
     PickleRequiredError,
     check_graph_json,
+    check_node_count,
     check_sample_inputs,
     drop_free_text,
     parse_json,
@@ -244,6 +245,9 @@ def _json_member(path: Path, members: dict[str, bytes], name: str) -> Any:
     data = members[name]
     if len(data) > MAX_JSON_BYTES:
         raise ModelFileError(f"{path}: member {name!r} is over {MAX_JSON_BYTES} bytes")
+    if name == _MODEL_JSON:  # the graph: its size is bounded before parsing; a duplicate key hides nothing
+        check_node_count(data, f"{path}: {_MODEL_JSON}")
+        return parse_json(data, f"{path}: member {name!r}", unique_keys=False)
     return parse_json(data, f"{path}: member {name!r}")
 
 

@@ -67,11 +67,13 @@ _DROPPED_META = ("stack_trace", "custom")  # reach generated code as comments; n
 # ------------------------------------------------------------------------------------------ bounded JSON
 
 MAX_JSON_DEPTH = 128  # torch writes about 10 levels; nested subgraphs add a few each
-MAX_NODES = 50_000  # graph nodes, all subgraphs together (torch deserializes a few hundred a second)
+MAX_NODES = 20_000  # graph nodes, all subgraphs together: torch rebuilds a few hundred a second (a large
+# transformer has a few thousand)
 
 
-def parse_json(data: bytes, where: str) -> Any:
-    """JSON text parsed within bounds: no key twice in an object, nesting at most MAX_JSON_DEPTH levels."""
+def parse_json(data: bytes, where: str, unique_keys: bool = True) -> Any:
+    """JSON text parsed within bounds: nesting at most MAX_JSON_DEPTH levels and, with `unique_keys`, no key
+    twice in one object (a second entry would hide the first from a check)."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
@@ -82,7 +84,7 @@ def parse_json(data: bytes, where: str) -> Any:
         return seen
 
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates if unique_keys else None)
     except RecursionError:
         raise ModelFileError(
             f"{where}: nests deeper than JSON can be parsed (over {MAX_JSON_DEPTH} levels)"
@@ -197,6 +199,15 @@ def _graph_nodes(doc: Any) -> Iterator[dict[str, Any]]:
     for key, value, _ in _walk(doc, ""):
         if key == "nodes" and isinstance(value, list):
             yield from (n for n in value if isinstance(n, dict))
+
+
+def check_node_count(data: bytes, where: str) -> None:
+    """Before parsing: the nodes a graph JSON holds, counted from its text (torch writes '"target": ')."""
+    count = data.count(b'"target": ')
+    if count > MAX_NODES:
+        raise ModelFileError(
+            f"{where}: the program has {count} graph nodes, over the {MAX_NODES} slimship opens"
+        )
 
 
 def check_graph_json(doc: Any, where: str) -> None:

@@ -290,6 +290,9 @@ def bench_files(
                     f"{path}: torch.export of its logits failed ({first_line(exc)})"
                 ) from exc
             torch.export.save(program, str(target))
+            notes.append(
+                f"{path}: the dense model, as its logits program {target.name} (exported per format)"
+            )
         else:
             record = get_format(BENCH_FOLDER_FORMAT)
             request = ExportRequest(source.module, source.example, source.example, dynamic_batch=False)

@@ -4,8 +4,16 @@ builder per class of hostile input (tests/test_hostile_inputs.py, benchmarks/hos
 from __future__ import annotations
 
 import json
+import os
+import resource
 import struct
+import subprocess
+import sys
+import threading
+import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +212,115 @@ def garbage(path: Path, size: int = 1024, seed: int = 0) -> Path:
     """`size` pseudo-random bytes (seeded) behind a plausible file name."""
     path.write_bytes(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes())
     return path
+
+
+def with_nan(shape: tuple[int, ...]) -> np.ndarray:
+    """Random float32 samples with one NaN at [3, 1]."""
+    array = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    array[3, 1] = np.nan
+    return array
+
+
+def text(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def link(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
+
+
+def example_config(path: Path, out: str) -> Path:
+    """configs/example.yaml with another release.out."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "example.yaml").read_text())
+    config["release"]["out"] = out
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tiny_bundle(out: Path) -> Path:
+    """A release bundle of a one-layer model (no exports), written by write_release."""
+    from slimship.pipeline.release import ReleaseInputs, write_release
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    inputs = ReleaseInputs(
+        name="tiny", version="0.1.0", slim_module=model, example_inputs=(torch.randn(1, 4),), model_files={},
+        reference={"source_sha256": "0" * 64}, slimming={}, parity={}, accuracy={}, latency={}, config={},
+    )  # fmt: skip
+    return write_release(inputs, out).bundle_dir
+
+
+def edited_bundle(bundle: Path, dst: Path, old: str, new: str) -> Path:
+    """A copy of `bundle` whose manifest.json text has `old` replaced by `new` (once; it must be there)."""
+    import shutil
+
+    shutil.copytree(bundle, dst)
+    manifest = dst / "manifest.json"
+    body = manifest.read_text()
+    assert old in body, old
+    manifest.write_text(body.replace(old, new, 1))
+    return dst
+
+
+def bundle_with_file(bundle: Path, dst: Path, name: str, make: Callable[[Path], Path]) -> Path:
+    """A copy of `bundle` whose file `name` is replaced by `make(path)`, its manifest entry (sha256, bytes)
+    updated so the checksums still agree: only what the file declares is hostile."""
+    import hashlib
+    import shutil
+
+    shutil.copytree(bundle, dst)
+    target = dst / name
+    target.unlink()
+    make(target)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    entry = next(f for f in manifest["files"] if f["path"] == name)
+    entry["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    entry["bytes"] = target.stat().st_size
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ child runs
+
+
+@dataclass
+class Outcome:
+    """How a `python -m slimship` child ended: exit status, stderr, peak RSS (MiB, from wait4), seconds."""
+
+    exit: int
+    stderr: str
+    peak_mib: float
+    seconds: float
+
+    def message(self) -> str:
+        """The last `slimship:` line of stderr (or its tail)."""
+        lines = [line for line in self.stderr.splitlines() if line.startswith("slimship:")]
+        return lines[-1] if lines else self.stderr.strip()[-200:]
+
+
+def run_slimship(argv: list[str], cwd: Path, stderr: Path, code: Path, cap: int, timeout: float) -> Outcome:
+    """`python -m slimship argv` in `cwd` with `code` on PYTHONPATH, its address space capped at `cap` bytes
+    (a regression fails the run, not the machine) and killed after `timeout` seconds."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    start = time.monotonic()
+    with open(stderr, "wb") as sink:
+        child = subprocess.Popen([sys.executable, "-m", "slimship", *argv], cwd=cwd, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink,
+                                 preexec_fn=limit)  # fmt: skip
+        timer = threading.Timer(timeout, child.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        finally:
+            timer.cancel()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return Outcome(child.returncode, stderr.read_text(errors="replace"), usage.ru_maxrss / 1024,
+                   time.monotonic() - start)  # fmt: skip

@@ -4,13 +4,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import resource
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,35 +20,8 @@ CAP = 6 << 30  # address-space cap of the child: a regression fails the test ins
 BENCH = ["bench", "--runs", "1", "--warmup", "0"]
 
 
-@dataclass
-class Outcome:
-    exit: int
-    stderr: str
-    peak_mib: float
-    seconds: float
-
-
-def run_slimship(argv: list[str], cwd: Path, stderr: Path) -> Outcome:
-    """`python -m slimship argv` in `cwd`: exit status, stderr, peak RSS (wait4) and wall time."""
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    start = time.monotonic()
-    with open(stderr, "wb") as sink:
-        child = subprocess.Popen([sys.executable, "-m", "slimship", *argv], cwd=cwd, env=env,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink,
-                                 preexec_fn=cap)  # fmt: skip
-        timer = threading.Timer(SECONDS * 2, child.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            timer.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return Outcome(child.returncode, stderr.read_text(errors="replace"), usage.ru_maxrss / 1024,
-                   time.monotonic() - start)  # fmt: skip
+def run_slimship(argv: list[str], cwd: Path, stderr: Path) -> hf.Outcome:
+    return hf.run_slimship(argv, cwd, stderr, ROOT, CAP, SECONDS * 2)
 
 
 @dataclass
@@ -114,9 +81,9 @@ CASES = {
         _pt2_case(lambda s, d: hf.pt2_nested(s, d, 100_000)),
         r"m\.pt2: member 'models/model\.json': nests deeper",
     ),
-    "pt2-60k-nodes": Case(
-        _pt2_case(lambda s, d: hf.pt2_many_nodes(s, d, 60_000)),
-        r"m\.pt2: models/model\.json: the program has 60003 graph nodes, over the 50000",
+    "pt2-25k-nodes": Case(
+        _pt2_case(lambda s, d: hf.pt2_many_nodes(s, d, 25_000)),
+        r"m\.pt2: models/model\.json: the program has 25003 graph nodes, over the 20000",
     ),
     "pte-1KB-garbage": Case(
         lambda d, base: [*BENCH, str(hf.garbage(d / "m.pte"))],
@@ -132,6 +99,118 @@ CASES = {
         _pt2_case(lambda s, d: hf.pt2_weight(s, d, "lin.weight", [4, 4], [4, 1], "../../etc/passwd")),
         r"model_weights_config\.json \(lin\.weight\): refusing path '\.\./\.\./etc/passwd': not a plain",
     ),
+    "onnx-external-data-missing": Case(
+        lambda d, base: [*BENCH, str(hf.onnx_external(d / "m.onnx", "weights.bin"))],
+        r"m\.onnx: initializer 'w' keeps its data in 'weights\.bin', which is missing",
+    ),
+    "onnx-external-data-outside": Case(
+        lambda d, base: [*BENCH, str(hf.onnx_external(d / "m.onnx", "../../etc/passwd"))],
+        r"m\.onnx: initializer 'w' keeps its data in '\.\./\.\./etc/passwd', which is not a relative",
+    ),
+    "calibration-nan": Case(
+        lambda d, base: [
+            "export",
+            str(base["pt2"]),
+            "--format",
+            "tflite-int8",
+            "--out",
+            str(d / "x"),
+            "--calibration",
+            str(hf.npz_values(d / "c.npz", in0=hf.with_nan((8, 4)))),
+        ],
+        r"c\.npz: in0 holds 1 NaN or Inf value\(s\) \(the first at index \[3, 1\]\); int8 calibration",
+    ),
+    "verify-nan-tolerance": Case(
+        lambda d, base: [
+            "verify",
+            str(hf.edited_bundle(base["bundle"], d / "b", '"tolerance": 0.0001', '"tolerance": NaN')),
+        ],
+        r"b/manifest\.json: holds NaN where a figure belongs",
+    ),
+    "verify-reference-io-bomb": Case(  # checksums agree; the array inside declares 64 MiB, 16 MiB allowed
+        lambda d, base: [
+            "--max-memory",
+            "16MiB",
+            "verify",
+            str(
+                hf.bundle_with_file(
+                    base["bundle"], d / "b", "reference_io.npz", lambda p: hf.npz_bomb(p, 64 << 20)
+                )
+            ),
+        ],
+        r"b/reference_io\.npz: array 'in0' \(float32\) of shape \[16777216\] would take 64\.0 MiB",
+    ),
+    "verify-1e999-tolerance": Case(  # a valid JSON number that Python reads as inf
+        lambda d, base: [
+            "verify",
+            str(hf.edited_bundle(base["bundle"], d / "b", '"tolerance": 0.0001', '"tolerance": 1e999')),
+        ],
+        r"b/manifest\.json: holds 1e999 where a figure belongs",
+    ),
+    "verify-name-with-newline": Case(
+        lambda d, base: [
+            "verify",
+            str(hf.edited_bundle(base["bundle"], d / "b", '"name": "tiny"', '"name": "tiny\\n"')),
+        ],
+        r"b/manifest\.json: does not match the manifest schema.*",
+    ),
+    # 3. whole strings and sane limits
+    "release-name-newline": Case(
+        lambda d, base: [
+            "release",
+            str(base["pt2"]),
+            "--name",
+            "abc\n",
+            "--version",
+            "1.0.0",
+            "--out",
+            str(d),
+        ],
+        r"release name 'abc\\n' is invalid",
+    ),
+    "release-version-newline": Case(
+        lambda d, base: [
+            "release",
+            str(base["pt2"]),
+            "--name",
+            "abc",
+            "--version",
+            "1.0.0\n",
+            "--out",
+            str(d),
+        ],
+        r"release version '1\.0\.0\\n' is invalid",
+    ),
+    "targets-run-timeout-nan": Case(
+        lambda d, base: [
+            "targets",
+            "--targets-file",
+            str(hf.text(d / "t.yaml", "targets:\n  t: {run_timeout: .nan}\n")),
+        ],
+        r"t\.yaml: targets\.t\.run_timeout: expected finite seconds",
+    ),
+    # 4. up-front checks that try what the run will do
+    "release-out-dangling-symlink": Case(
+        lambda d, base: [
+            "release",
+            str(base["pt2"]),
+            "--name",
+            "a",
+            "--version",
+            "1.0.0",
+            "--out",
+            str(hf.link(d / "l", d / "gone")),
+        ],
+        r"release folder \S*l: \S*l is a symlink to \S*gone, which does not exist",
+    ),
+    "release-out-proc": Case(
+        lambda d, base: ["release", str(base["pt2"]), "--name", "a", "--version", "1.0.0", "--out", "/proc"],
+        r"release folder /proc: nothing can be written in /proc",
+    ),
+    "run-release-out-proc": Case(
+        lambda d, base: ["run", str(hf.example_config(d / "c.yaml", out="/proc"))],
+        r"c\.yaml: 'release\.out' is '/proc'; nothing can be written in /proc",
+    ),
     "pt2-duplicate-parameter": Case(
         _pt2_case(hf.pt2_duplicate_weight),
         r"m\.pt2: member 'data/weights/model_weights_config\.json': the key 'lin\.weight' appears twice",
@@ -142,11 +221,15 @@ CASES = {
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("base")
-    return {"onnx": hf.onnx_identity(root / "ok.onnx", [1, 4]), "pt2": hf.tiny_pt2(root / "tiny.pt2")}
+    return {
+        "onnx": hf.onnx_identity(root / "ok.onnx", [1, 4]),
+        "pt2": hf.tiny_pt2(root / "tiny.pt2"),
+        "bundle": hf.tiny_bundle(root / "releases"),
+    }
 
 
 def _listing(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -164,3 +247,18 @@ def test_hostile_file_is_refused_within_bounds(name: str, base: dict[str, Path],
     assert outcome.peak_mib < PEAK_LIMIT_MIB, f"peak {outcome.peak_mib:.0f} MiB"
     assert outcome.seconds < SECONDS, f"{outcome.seconds:.1f} s"
     assert _listing(work) == before  # nothing written, nothing left behind
+
+
+def test_the_model_card_escapes_file_names() -> None:
+    from slimship.pipeline.model_card import md_text
+
+    assert md_text("<script>alert(1)</script>_x.npz") == "&lt;script&gt;alert(1)&lt;/script&gt;\\_x.npz"
+
+
+def test_a_size_is_parsed_whole() -> None:
+    from slimship.budget import parse_size
+
+    assert parse_size("4GiB") == 4 << 30 and parse_size("512M") == 512 << 20 and parse_size("1000") == 1000
+    for bad in ("4GiB\n", "-1", "0", "1e99GiB", "four"):
+        with pytest.raises(ValueError):
+            parse_size(bad)

@@ -25,8 +25,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from slimship.errors import CompressionError, ConfigError
 
@@ -244,6 +242,8 @@ def shard_copy(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     """A copy of `model` sharded with FSDP2 over the default group (rank 0's values): every module holding
     parameters of its own is one unit, then the root. `optimizer`'s parameter groups are pointed at the
     copy's parameters (by name); it must not hold state yet."""
+    from torch.distributed.fsdp import fully_shard  # seconds to import: only when sharding
+
     if optimizer is not None and optimizer.state:
         raise CompressionError(
             "training strategy fsdp: the optimizer already holds state (a resumed run?); resuming under "
@@ -255,6 +255,7 @@ def shard_copy(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
         if any(True for _ in module.parameters(recurse=False)):
             fully_shard(module)
     fully_shard(net)
+    net.slimship_shard_copy = True  # type: ignore[assignment]
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
         sharded = dict(net.named_parameters())
@@ -265,7 +266,7 @@ def shard_copy(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
 
 def is_shard_copy(net: nn.Module) -> bool:
     """True for what :func:`shard_copy` returned (hooks then get it, not the plain model)."""
-    return isinstance(net, FSDPModule)
+    return bool(getattr(net, "slimship_shard_copy", False))
 
 
 def unshard_into(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -273,6 +274,8 @@ def unshard_into(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimi
     dict) and point `optimizer` back at `model`'s parameters; nothing for a model that was not copied."""
     if not is_shard_copy(net):
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
     model.load_state_dict(full)
     if optimizer is not None:

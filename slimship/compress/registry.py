@@ -25,6 +25,7 @@ from slimship.compress.device import (
     strategy,
     world_size,
 )
+from slimship.compress.shards import sharded_model
 from slimship.compress.training import Batch, Training
 from slimship.errors import CompressionError
 
@@ -173,6 +174,11 @@ def compress(
 ) -> CompressResult:
     """Run compression `method` on a copy of `model`; unknown methods or options raise CompressionError."""
     fn = _lookup(method)
+    if sharded_model(model):
+        raise CompressionError(
+            f"compress({method!r}): the model is already sharded (DTensor parameters); pass the plain model: "
+            "slimship's loop shards its own copy under training_strategy('fsdp') (train.strategy: fsdp)"
+        )
     allowed = method_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:

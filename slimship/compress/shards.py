@@ -11,13 +11,13 @@ statistics over the shards with :func:`sum_over_shards`. Only one-dimensional me
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from slimship.errors import CompressionError
 
@@ -39,9 +39,16 @@ class ShardInfo:
     group: Any  # the mesh's process group
 
 
+def _dtensor_module() -> Any:
+    """torch.distributed.tensor if something loaded it (a DTensor exists only then; importing it costs
+    seconds at start-up, so it is never imported here)."""
+    return sys.modules.get("torch.distributed.tensor")
+
+
 def is_sharded(tensor: Any) -> bool:
     """True for a DTensor (a parameter under FSDP2 or another DTensor engine)."""
-    return isinstance(tensor, DTensor)
+    module = _dtensor_module()
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def sharded_model(model: nn.Module) -> bool:
@@ -70,9 +77,10 @@ def shard_of(name: str, tensor: torch.Tensor) -> ShardInfo | None:
             "sparsifiers follow one-dimensional meshes only (FSDP2's fully_shard, Shard or Replicate)"
         )
     (placement,) = placements
-    if isinstance(placement, Replicate):
+    module = _dtensor_module()
+    if isinstance(placement, module.Replicate):
         return None
-    if type(placement) is not Shard:
+    if type(placement) is not module.Shard:
         raise CompressionError(
             f"parameter {name!r} is placed as {placement}; sparsifiers follow Shard(d) and Replicate only"
         )

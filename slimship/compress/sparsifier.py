@@ -281,7 +281,7 @@ class Sparsifier:
         model = unwrap(model)
         if model is not self.views.model:
             self.model = self.views.model = model
-            if self.views.refresh():
+            if self.views.refresh(relocate=True):
                 self.on_rebind()
 
     def on_rebind(self) -> None:

@@ -45,6 +45,8 @@ class Slot:
     shard: ShardInfo | None = None  # this rank's chunk when the tensor is a sharded DTensor
     here: torch.Tensor | None = None  # split along `dim`: which flattened positions this rank holds
     at: torch.Tensor | None = None  # ... and where they are in the local chunk
+    module: nn.Module | None = None  # the module holding the tensor as its attribute `attr`
+    attr: str = ""
 
     @classmethod
     def build(cls, name: str, tensor: torch.Tensor, dim: int, positions: Sequence[tuple[int, ...]]) -> Slot:
@@ -57,6 +59,11 @@ class Slot:
         slot = cls(name, tensor, dim, index, owner, whole=flat == list(range(tensor.shape[dim])))
         slot.bind(tensor)
         return slot
+
+    def locate(self, model: nn.Module) -> None:
+        """Remember the module of `model` that holds this slot's tensor (looked up again each step)."""
+        prefix, _, self.attr = self.name.rpartition(".")
+        self.module = model.get_submodule(prefix) if prefix else model
 
     def bind(self, tensor: torch.Tensor) -> None:
         """Follow `tensor` (the parameter now registered under this slot's name, e.g. its DTensor)."""
@@ -153,6 +160,8 @@ class Block:
             (self.params if id(tensor) in params else self.buffers).append(slot)
         self.stats = [self._slot(model, groups, "stats", k) for k in range(len(first.stats))]
         self.consume = [self._slot(model, groups, "consume", k) for k in range(len(first.consume))]
+        for slot in self.all_slots():
+            slot.locate(model)
         self.size = sum(s.width() for s in self.params)
 
     @staticmethod
@@ -252,13 +261,16 @@ class GroupViews:
     def __iter__(self) -> Iterator[Block]:
         return iter(self.blocks)
 
-    def refresh(self) -> bool:
+    def refresh(self, relocate: bool = False) -> bool:
         """Follow the parameters registered under the slots' names now (a model sharded with fully_shard
-        after the views were built has new DTensor parameters); True when some slot moved."""
+        after the views were built has new DTensor parameters); True when some slot moved. `relocate`
+        looks the names up again in ``self.model`` (another module of the same structure)."""
         moved = False
         for b in self.blocks:
             for s in b.all_slots():
-                tensor = get_tensor(self.model, s.name)
+                if relocate:
+                    s.locate(self.model)
+                tensor = getattr(s.module, s.attr)  # a few dict look-ups: cheap enough for every step
                 if tensor is not s.tensor:
                     s.bind(tensor)
                     moved = True

@@ -5,12 +5,13 @@ prompt for every file, EOS ignored), through the runner `slimship generate` uses
 within each run (dense, slim, dense, slim ...) in this process, so a dense/slim speedup is the median of
 per-run ratios with its spread, as for every other speedup in slimship. Memory: the resident memory a
 file's load and first generation added to this process (`rss_kb`, Linux) and the process's high-water
-mark after all runs (`peak_rss_kb`).
+mark after all runs (`peak_rss_kb`); each runtime is imported before the first file is opened.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import resource
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from slimship.decoder.runner import Decoder, check_room, greedy, open_decoder
 from slimship.errors import SlimshipError
 from slimship.exporters.registry import precision_from_name
 from slimship.runtimes.measure import Speedup, speedup_from_ratios, speedup_text
+
+RUNTIME_MODULES = {".pte": "executorch.runtime", ".onnx": "onnxruntime"}
 
 
 @dataclasses.dataclass
@@ -101,6 +104,8 @@ def bench_decode(
     dense_path = Path(dense) if dense is not None else None
     if dense_path is not None and dense_path not in paths:
         paths.insert(0, dense_path)
+    for suffix in {p.suffix.lower() for p in paths}:  # runtimes imported first: RSS is then the model's
+        importlib.import_module(RUNTIME_MODULES.get(suffix, "numpy"))
     opened: list[tuple[Decoder, int | None]] = []
     prompt: list[int] = []
     for path in paths:

@@ -74,7 +74,7 @@ def decoder_from_args(args: argparse.Namespace) -> tuple[Any, str, str]:
     if factory and path:
         raise ConfigError(f"give either a checkpoint folder ({path}) or --model {factory}, not both")
     if path is not None:
-        return _from_folder(Path(path))
+        return _from_folder(Path(path), bool(getattr(args, "allow_pickle", False)))
     if not factory:
         raise ConfigError("no model given: pass --model package.module:function returning a causal LM")
     if ":" not in factory:
@@ -94,7 +94,7 @@ def decoder_from_args(args: argparse.Namespace) -> tuple[Any, str, str]:
     return model.eval(), origin, factory.rpartition(":")[2] or "model"
 
 
-def _from_folder(path: Path) -> tuple[Any, str, str]:
+def _from_folder(path: Path, allow_pickle: bool) -> tuple[Any, str, str]:
     if not path.is_dir():
         raise ConfigError(
             f"{path}: --task text-generation takes a checkpoint folder or --model FACTORY (a .pt2 holds "
@@ -104,7 +104,7 @@ def _from_folder(path: Path) -> tuple[Any, str, str]:
         from slimship.hf import load_pretrained  # the checkpoint-folder package (optional here)
     except ImportError:
         raise ConfigError(f"{path}: checkpoint folders need slimship.hf; use --model FACTORY") from None
-    return load_pretrained(path).eval(), str(path), path.name or "model"
+    return load_pretrained(path, allow_pickle=allow_pickle).eval(), str(path), path.name or "model"
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -3,7 +3,8 @@
 - `executorch-fp32` / `executorch-8da4w`: `StaticKVDecoder` -> `torch.export` (strict, dynamic sequence
   length up to `max_seq_len`) -> `to_edge_transform_and_lower(XnnpackPartitioner)` with ExecuTorch's LLM
   runner metadata methods (`runner.PTE_METADATA`) -> `.pte`.
-- `onnx`: `PastKVDecoder` -> `torch.onnx.export(dynamo=True)` with dynamic sequence and past lengths.
+- `onnx`: `PastKVDecoder` -> `torch.onnx.export(dynamo=True)` with dynamic sequence and past lengths;
+  `onnx-int4`: the same graph with onnxruntime's `MatMulNBits` (weight-only int4, blocks of 32).
 
 Parity, read back from the written file: an fp32 file's greedy tokens must equal transformers'
 `generate()` on the same weights and its logits along that sequence must match the model's within
@@ -157,7 +158,8 @@ def _build_pte_8da4w(
     return [report.note]
 
 
-def _build_onnx(model: nn.Module, info: DecoderInfo, options: DecoderExportOptions, path: Path) -> list[str]:
+def _onnx_proto(model: nn.Module, info: DecoderInfo, options: DecoderExportOptions) -> Any:
+    """The decoder as an ONNX graph with past/present keys and values and slimship's metadata."""
     import onnx
 
     layout = info.layout
@@ -181,11 +183,34 @@ def _build_onnx(model: nn.Module, info: DecoderInfo, options: DecoderExportOptio
             f"ONNX export with past key/values failed: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     proto = exported.model_proto
+    for node in proto.graph.node:  # the exporter's per-node stack traces: half the file of a small model
+        del node.metadata_props[:]
     meta = {"vocab_size": info.vocab_size, "max_seq_len": options.max_seq_len, "layers": layout.layers,
             "bos_id": info.bos_id, "eos_ids": list(info.eos_ids), "kv_heads": list(layout.heads)}  # fmt: skip
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    atomic_write_bytes(path, proto.SerializeToString())
+    return proto
+
+
+def _build_onnx(model: nn.Module, info: DecoderInfo, options: DecoderExportOptions, path: Path) -> list[str]:
+    atomic_write_bytes(path, _onnx_proto(model, info, options).SerializeToString())
     return []
+
+
+def _build_onnx_int4(
+    model: nn.Module, info: DecoderInfo, options: DecoderExportOptions, path: Path
+) -> list[str]:
+    """Weight-only int4 (onnxruntime's MatMulNBits, symmetric blocks of `group_size` along the input)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(_onnx_proto(model, info, options), block_size=options.group_size,
+                                     is_symmetric=True)  # fmt: skip
+    quantizer.process()
+    proto = quantizer.model.model
+    count = sum(node.op_type == "MatMulNBits" for node in proto.graph.node)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return [
+        f"{count} MatMul weights at 4 bits (MatMulNBits, blocks of {options.group_size}); activations fp32"
+    ]
 
 
 #: text-generation formats (the names match `slimship.exporters.registry.FORMATS`)
@@ -195,6 +220,7 @@ DECODER_FORMATS: dict[str, DecoderFormat] = {
         DecoderFormat("executorch-fp32", ".pte", "fp32", _build_pte_fp32),
         DecoderFormat("executorch-8da4w", ".pte", "8da4w", _build_pte_8da4w),
         DecoderFormat("onnx", ".onnx", "fp32", _build_onnx),
+        DecoderFormat("onnx-int4", ".onnx", "int4", _build_onnx_int4),
     )
 }
 
@@ -208,7 +234,7 @@ def get_decoder_format(name: str) -> DecoderFormat:
 
 
 def file_name(stem: str, fmt: DecoderFormat) -> str:
-    tail = "" if fmt.suffix == ".onnx" else f".{fmt.precision}"
+    tail = "" if fmt.suffix == ".onnx" and fmt.precision == "fp32" else f".{fmt.precision}"
     return f"{stem}{tail}{fmt.suffix}"
 
 

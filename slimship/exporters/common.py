@@ -125,6 +125,20 @@ def torch_outputs(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> lis
     return [x.detach().cpu().numpy() for x in leaves]
 
 
+class Memo:
+    """`fn(inputs)` computed once per input tuple (by the tensors' identity): the calibration batches are
+    often the evaluation batches too, and a parity check runs both through PyTorch and the runtime."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.seen = fn, {}
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> Any:
+        key = tuple(id(t) for t in inputs)
+        if key not in self.seen:
+            self.seen[key] = (inputs, self.fn(inputs))  # the inputs are held, so their ids stay theirs
+        return self.seen[key][1]
+
+
 def random_like(
     inputs: Sequence[torch.Tensor], seed: int, batch: int | None = None
 ) -> tuple[torch.Tensor, ...]:

@@ -27,6 +27,7 @@ from slimship._util import atomic_write_bytes
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, TOP1_MINIMUMS
 from slimship.errors import ExportError, VerificationError, first_line
 from slimship.exporters.common import (
+    Memo,
     ParityReport,
     Timings,
     agreement_check,
@@ -309,14 +310,14 @@ def executorch_parity(
         if dynamic_batch:
             cases.append(("random_batch_3", random_like(inputs, seed=7, batch=3)))
     cases, reference_case = with_reference_case(cases, reference_inputs)
-    reference = [torch_outputs(model, case) for _, case in cases]
-    candidate = [_run(runner, to_numpy(case)) for _, case in cases]
+    torch_run = Memo(lambda case: torch_outputs(model, case))
+    file_run = Memo(lambda case: _run(runner, to_numpy(case)))
+    reference, candidate = [torch_run(c) for _, c in cases], [file_run(c) for _, c in cases]
     cap = MAGNITUDE_CAPS[variant]
     report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, cap)
     report.reference_case = reference_case
     if eval_batches:
-        ref_eval = [torch_outputs(model, b) for b in eval_batches]
-        cand_eval = [_run(runner, to_numpy(b)) for b in eval_batches]
+        ref_eval, cand_eval = [torch_run(b) for b in eval_batches], [file_run(b) for b in eval_batches]
         agreement_check(report, variant, ref_eval, cand_eval)
     return report
 

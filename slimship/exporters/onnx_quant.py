@@ -28,7 +28,7 @@ import torch
 from slimship._util import atomic_write_bytes
 from slimship.compare import bounds
 from slimship.errors import ExportError, VerificationError, first_line
-from slimship.exporters._common import (
+from slimship.exporters.common import (
     Timings,
     agreement_check,
     as_input_tuple,

@@ -138,6 +138,9 @@ FORMATS: dict[str, FormatRecord] = {
         FormatRecord("executorch-8da4w", "executorch", ".pte", "8da4w", ("executorch",),
                      _text_generation_only("executorch-8da4w"), extra="executorch",
                      description="ExecuTorch, XNNPACK, int8 dynamic activations, int4 weights (decoders)"),
+        FormatRecord("onnx-int4", "onnx", ".onnx", "int4", ("onnxruntime",),
+                     _text_generation_only("onnx-int4"),
+                     description="ONNX, int4 weights (MatMulNBits), float activations (decoders)"),
     )
 }  # fmt: skip
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import subprocess
 import tempfile
 import time
@@ -137,8 +138,6 @@ def tflite_compatibility(
     is 1e-4 for float models, 1e-2 when int8 weights are present (dynamic-range kernels differ between
     runtime versions) and 2 output quantization steps for int8 outputs.
     """
-    from slimship.exporters.tflite_export import input_order, output_order
-
     path = Path(path)
     ops = read_ops(path)
     rel_bound = default_rel_bound(path) if rel_bound is None else rel_bound
@@ -244,3 +243,25 @@ def _run_edge(
         with np.load(outputs_npz, allow_pickle=False) as data:
             outputs = [data[f"out{i}"] for i in range(len(data.files))]
     return version, outputs, None, True
+
+
+def output_order(names: list[str]) -> list[int] | None:
+    """Output index per interpreter output position, from names like `serving_default_output_<i>...`."""
+    order = []
+    for name in names:
+        match = re.search(r"output_(\d+)", name)
+        if not match:
+            return None
+        order.append(int(match.group(1)))
+    return order if sorted(order) == list(range(len(order))) else None
+
+
+def input_order(names: list[str]) -> list[int] | None:
+    """Argument index per interpreter input position, from names like `serving_default_args_<i>`."""
+    order = []
+    for name in names:
+        tail = name.rsplit("args_", 1)
+        if len(tail) != 2 or not tail[1].split(":")[0].isdigit():
+            return None
+        order.append(int(tail[1].split(":")[0]))
+    return order if sorted(order) == list(range(len(order))) else None

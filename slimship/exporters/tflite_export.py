@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,8 +31,9 @@ import torch
 
 from slimship._util import atomic_write_bytes
 from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS, TOP1_MINIMUMS
-from slimship.errors import ExportError, VerificationError
+from slimship.errors import ExportError, ModelFileError, VerificationError
 from slimship.exporters.common import (
+    Memo,
     ParityReport,
     TensorSpec,
     Timings,
@@ -51,6 +51,7 @@ from slimship.exporters.common import (
     torch_outputs,
     with_reference_case,
 )
+from slimship.exporters.tflite_compat import input_order, output_order, read_ops, tensor_specs
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def export_tflite(
         data = _convert(model, inputs, variant, calib, nhwc_args)
     atomic_write_bytes(path, data)
     evals = batches_as_tuples(eval_batches)
-    with timings.measure("parity"):
+    with timings.measure("parity"), _loadable(path, variant):
         parity = tflite_parity(
             model,
             path,
@@ -134,8 +135,6 @@ def export_tflite(
             reference_inputs=as_input_tuple(reference_inputs) if reference_inputs is not None else inputs,
         )
     nbytes, digest = nbytes_and_hash(path)
-    from slimship.exporters.tflite_compat import read_ops, tensor_specs
-
     in_specs, out_specs = tensor_specs(path)
     result = TFLiteExport(
         path=path,
@@ -154,6 +153,20 @@ def export_tflite(
         path.unlink(missing_ok=True)
         raise VerificationError(f"{path}: {parity_failure('TFLite', variant, parity)}")
     return result
+
+
+@contextlib.contextmanager
+def _loadable(path: Path, variant: str) -> Iterator[None]:
+    """A converted file LiteRT itself cannot load is the converter's failure, not a damaged file."""
+    try:
+        yield
+    except ModelFileError as exc:
+        path.unlink(missing_ok=True)
+        raise ExportError(
+            f"{path}: litert-torch converted the model to {variant}, and LiteRT cannot load that file: "
+            f"{str(exc).split('cannot be loaded (', 1)[-1].rstrip('. ')}. Way out: another precision of "
+            "TFLite, or ONNX / ExecuTorch at this precision."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -346,14 +359,14 @@ def tflite_parity(
     if variant in ("fp32", "fp16"):
         cases += [(f"random_{i}", random_like(inputs, seed=i)) for i in range(2)]
     cases, reference_case = with_reference_case(cases, reference_inputs)
-    reference = [torch_outputs(model, case) for _, case in cases]
-    candidate = [run_tflite(runner, to_numpy(_layout(case, nhwc_args))) for _, case in cases]
+    torch_run = Memo(lambda case: torch_outputs(model, case))
+    file_run = Memo(lambda case: run_tflite(runner, to_numpy(_layout(case, nhwc_args))))
+    reference, candidate = [torch_run(c) for _, c in cases], [file_run(c) for _, c in cases]
     cap = MAGNITUDE_CAPS[variant]
     report = compare_outputs(reference, candidate, [n for n, _ in cases], rel_bound, cap)
     report.reference_case = reference_case
     if eval_batches:
-        ref_eval = [torch_outputs(model, b) for b in eval_batches]
-        cand_eval = [run_tflite(runner, to_numpy(_layout(b, nhwc_args))) for b in eval_batches]
+        ref_eval, cand_eval = [torch_run(b) for b in eval_batches], [file_run(b) for b in eval_batches]
         agreement_check(report, variant, ref_eval, cand_eval)
     return report
 
@@ -370,28 +383,6 @@ def run_tflite(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:
     return [outputs[out_order.index(i)] for i in range(len(outputs))] if out_order else outputs
 
 
-def output_order(names: list[str]) -> list[int] | None:
-    """Output index per interpreter output position, from names like `serving_default_output_<i>...`."""
-    order = []
-    for name in names:
-        match = re.search(r"output_(\d+)", name)
-        if not match:
-            return None
-        order.append(int(match.group(1)))
-    return order if sorted(order) == list(range(len(order))) else None
-
-
 def _arg_order(runner) -> list[int] | None:
     """Map interpreter input positions to argument indices when the names say (…args_<i>)."""
     return input_order([d["name"] for d in getattr(runner, "inputs", [])])
-
-
-def input_order(names: list[str]) -> list[int] | None:
-    """Argument index per interpreter input position, from names like `serving_default_args_<i>`."""
-    order = []
-    for name in names:
-        tail = name.rsplit("args_", 1)
-        if len(tail) != 2 or not tail[1].split(":")[0].isdigit():
-            return None
-        order.append(int(tail[1].split(":")[0]))
-    return order if sorted(order) == list(range(len(order))) else None

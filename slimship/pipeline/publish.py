@@ -39,7 +39,7 @@ def export_stage(
     and each failure's reason (`ExportResult.require_all` raises for a stage that needs them all). `step`
     wraps each format (the CLI's progress line, whose `detail` is said from the exporter's result)."""
     try:
-        results = export_formats(formats, request, Path(out_dir), stem, step, detail)
+        results = export_formats(formats, request, Path(out_dir), stem, lambda f: step(f"export {f}"), detail)
     except ExportFailures as exc:  # the formats that passed are kept
         return ExportResult(exc.results, calibration, exc.failures)
     return ExportResult(results, calibration)

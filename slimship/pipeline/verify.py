@@ -34,7 +34,8 @@ import numpy as np
 
 from slimship._util import sha256_file
 from slimship.compare import Comparison, bounds, judge_cases
-from slimship.errors import ReleaseError
+from slimship.errors import ReleaseError, SlimshipError
+from slimship.inputs import read_npz_arrays
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.bundle_files import RUNNABLE_FORMATS, flatten_outputs, format_of
 
@@ -233,11 +234,20 @@ def _escapes(path: PurePosixPath) -> bool:
 # ------------------------------------------------------------------------------------------ directory
 
 
+class _NotFinite(ValueError):
+    """A manifest holds NaN or Infinity, which would pass (or fail) any comparison."""
+
+
 def _no_constant(name: str) -> None:
-    """A manifest's figures are numbers: NaN and Infinity (which would pass any comparison) are refused."""
-    raise ValueError(
-        f"{name} is not a number a manifest may hold (a tolerance or figure of {name} is refused)"
-    )
+    raise _NotFinite(name)
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; one too large for a float (1e999 reads as inf) is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text[:40])
+    return value
 
 
 def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
@@ -252,7 +262,14 @@ def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
                 f"{_shown(source, root, manifest_path)}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; "
                 "not a slimship manifest"
             )
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+        manifest = json.loads(
+            manifest_path.read_text(encoding="utf-8"), parse_constant=_no_constant, parse_float=_finite
+        )
+    except _NotFinite as exc:
+        raise ReleaseError(
+            f"{_shown(source, root, manifest_path)}: holds {exc} where a figure belongs; every figure of a "
+            "manifest (tolerances included) must be a finite number"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ReleaseError(f"{_shown(source, root, manifest_path)}: not valid JSON ({exc})") from exc
     except RecursionError:
@@ -411,13 +428,14 @@ def _check_parity(
 
 
 def _load_reference(path: Path, ref: dict[str, Any], where: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return [data[k] for k in ref["inputs"]], [data[k] for k in ref["outputs"]]
-    except KeyError as exc:
-        raise ReleaseError(f"{where}: has no array {exc} named by reference_io in the manifest") from exc
-    except (OSError, ValueError) as exc:
+    try:  # headers checked against the memory budget before any array is inflated
+        arrays = read_npz_arrays(path, [*ref["inputs"], *ref["outputs"]])
+    except SlimshipError as exc:
+        detail = str(exc).removeprefix(f"{path}: ")
+        raise ReleaseError(f"{where}: {detail} (named by reference_io in the manifest)") from None
+    except OSError as exc:
         raise ReleaseError(f"{where}: not a readable .npz of plain arrays ({exc})") from exc
+    return arrays[: len(ref["inputs"])], arrays[len(ref["inputs"]) :]
 
 
 def _parity_of(

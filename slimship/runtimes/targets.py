@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,16 @@ def get_target(name: str, extra: dict[str, Target] | None = None) -> Target:
     return table[name]
 
 
+#: scheme -> factory(target) -> a Transport (`slimship.runtimes.transports`); filled by the modules that
+#: implement transports (local, ssh, adb there; qemu-aarch64 in arm64_emu), read here to accept their specs.
+TRANSPORT_FACTORIES: dict[str, Callable[[Any], Any]] = {}
+
+
+def register_transport(scheme: str, factory: Callable[[Any], Any]) -> None:
+    """Make `scheme://...` (or bare `scheme`) targets use `factory(target)`."""
+    TRANSPORT_FACTORIES[scheme] = factory
+
+
 def parse_transport(spec: str, where: str = "transport") -> dict[str, Any]:
     """Split a transport string into its parts; raise TransportError naming `where` if invalid."""
     if spec == "local":
@@ -146,14 +157,12 @@ def parse_transport(spec: str, where: str = "transport") -> dict[str, Any]:
         }
     if m := _ADB_RE.match(spec):
         return {"scheme": "adb", "serial": m["serial"]}
-    from slimship.runtimes.transports import registered_schemes
-
     scheme = spec.split("://", 1)[0]
-    if "://" in spec and scheme in registered_schemes() and scheme not in _BUILTIN_SCHEMES:
+    if "://" in spec and scheme in tuple(TRANSPORT_FACTORIES) and scheme not in _BUILTIN_SCHEMES:
         return {"scheme": scheme, "rest": spec.split("://", 1)[1]}
     raise TransportError(
         f"{where}: {spec!r} is not a transport; allowed forms: {', '.join(TRANSPORT_SCHEMES)}"
-        + "".join(f", {s}://..." for s in registered_schemes() if s not in _BUILTIN_SCHEMES)
+        + "".join(f", {s}://..." for s in tuple(TRANSPORT_FACTORIES) if s not in _BUILTIN_SCHEMES)
     )
 
 

@@ -20,13 +20,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from slimship.errors import DeviceError, TargetError
-from slimship.runtimes.targets import Target, parse_transport
+from slimship.runtimes.targets import TRANSPORT_FACTORIES, Target, parse_transport, register_transport
 
 log = logging.getLogger(__name__)
 _SAFE_REMOTE_DIR = re.compile(r"^/[A-Za-z0-9._/-]+$")
@@ -66,26 +65,14 @@ class Transport(Protocol):
         ...
 
 
-_REGISTRY: dict[str, Callable[[Target], Transport]] = {}
-
-
-def register_transport(scheme: str, factory: Callable[[Target], Transport]) -> None:
-    """Make `scheme://...` (or bare `scheme`) targets use `factory(target)`."""
-    _REGISTRY[scheme] = factory
-
-
-def registered_schemes() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
 def open_transport(target: Target) -> Transport:
     """The transport for a target, by its scheme."""
     parse_transport(target.transport, f"target {target.name!r}: transport")
-    factory = _REGISTRY.get(target.scheme)
+    factory = TRANSPORT_FACTORIES.get(target.scheme)
     if factory is None:
         raise TargetError(
             f"target {target.name!r}: no transport for scheme {target.scheme!r}; "
-            f"known: {', '.join(_REGISTRY)}"
+            f"known: {', '.join(TRANSPORT_FACTORIES)}"
         )
     return factory(target)
 

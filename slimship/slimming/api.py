@@ -276,8 +276,10 @@ def slim(
     No weight is copied: the trace shares the model's tensors, the reference outputs are computed
     before the rewrite, and the rewrite makes one new tensor at a time, in the model's dtype. The
     bound is `rtol` relative to the outputs, or the rounding a changed summation order can cause in
-    the model's dtype at its accumulation depth where that is larger (bf16, fp16). By default the
-    model is left as it was (peak memory: the model plus its changed tensors in slim form); with
+    the model's dtype at its accumulation depth where that is larger (bf16, fp16). The slim model
+    shares the tensors slimming left unchanged with `model`: deep-copy one of them before training
+    both apart. By default the model is left as it was (peak memory: the model plus its changed
+    tensors in slim form); with
     `release_source=True` each dense tensor is released as its slim one is made (spilled to a temp
     file first, to retry from), so the peak stays near the model's own size, and the model's
     modules are left holding the slim tensors (as after `apply_to`).
@@ -285,7 +287,7 @@ def slim(
     inputs = as_input_tuple(example_inputs)
     traced = trace(model, inputs, dynamic_batch=dynamic_batch)
     pristine = traced.gm
-    reference = reference_outputs(pristine, inputs, n_random, seed)
+    reference = reference_outputs(pristine, inputs, n_random, seed, merge=traced.dynamic_batch)
     params_before, bytes_before = count_params(pristine), count_bytes(pristine)
     before = {str(n.target): list(get_tensor(pristine, str(n.target)).shape) for n in _attrs(pristine)}
     holders = [pristine] + ([model] if isinstance(model, nn.Module) and model is not pristine else [])

@@ -111,6 +111,31 @@ def relabel(keys: np.ndarray, const: np.ndarray) -> np.ndarray:
     return labels
 
 
+def slice_consts(values: np.ndarray, d: int) -> np.ndarray:
+    """Per slice along d: its value if every element is equal, else NaN (min/max in the array's own
+    dtype, exact in any order, widened afterwards)."""
+    n = values.shape[d]
+    pre, post = int(np.prod(values.shape[:d])), int(np.prod(values.shape[d + 1 :]))
+    if pre * post == 0:
+        return np.zeros(n)
+    blocks = values.reshape(pre, n, post)
+    lo = blocks.min(axis=0).min(axis=1).astype(np.float64)
+    hi = blocks.max(axis=0).max(axis=1).astype(np.float64)
+    return np.where(lo == hi, lo, np.nan)
+
+
+def slice_labels(tensor: torch.Tensor, d: int) -> np.ndarray:
+    """Fresh labels of the slices along d: equal slices, equal labels (see `_equal_slices`)."""
+    inverse = _equal_slices(tensor, d)
+    return inverse.astype(np.int64) + reserve(len(inverse))
+
+
+def facts_of(tensor: torch.Tensor, d: int) -> DimFacts:
+    """Facts of dim d of a known tensor (a value computed from parameters only)."""
+    tensor = tensor.detach()
+    return DimFacts(slice_consts(as_numpy(tensor), d), slice_labels(tensor, d))
+
+
 class FactStore:
     """The facts of a graph's values, by node, and its parameters read once (rules query this)."""
 
@@ -176,40 +201,23 @@ class FactStore:
         """Per slice along d of a parameter: its value if every element is equal, else NaN."""
         key = (node, d)
         if key not in self._const_cache:
-            values = as_numpy(self.param(node))
-            n = values.shape[d]
-            pre, post = int(np.prod(values.shape[:d])), int(np.prod(values.shape[d + 1 :]))
-            if pre * post == 0:
-                const = np.zeros(n)
-            else:  # min/max in the parameter's own dtype (exact, in any order), widened afterwards
-                blocks = values.reshape(pre, n, post)
-                lo = blocks.min(axis=0).min(axis=1).astype(np.float64)
-                hi = blocks.max(axis=0).max(axis=1).astype(np.float64)
-                const = np.where(lo == hi, lo, np.nan)
-            self._const_cache[key] = const
+            self._const_cache[key] = slice_consts(as_numpy(self.param(node)), d)
         return self._const_cache[key]
 
     def param_facts(self, node: Node, d: int) -> DimFacts:
         key = (node, d)
         if key not in self._param_cache:
             const = self.param_const(node, d)
-            inverse = _equal_slices(self.param(node).detach(), d)
-            start = reserve(len(inverse))
-            self._param_cache[key] = DimFacts(const, inverse.astype(np.int64) + start)
+            self._param_cache[key] = DimFacts(const, slice_labels(self.param(node).detach(), d))
         return self._param_cache[key]
 
 
 def _equal_slices(tensor: torch.Tensor, d: int) -> np.ndarray:
     """Index of each slice along d among the distinct slices (float equality), read in the tensor's own
-    dtype: 16-bit floats compare by their bits (-0.0 made 0.0), so no float64 copy of a large weight is
-    made. A tensor with NaN takes the float64 path (NaN equals nothing)."""
+    dtype (bfloat16 widened to float32, exactly), so no float64 copy of a large weight is made."""
     rows = tensor.movedim(d, 0).reshape(tensor.shape[d], -1)
-    if rows.dtype in (torch.bfloat16, torch.float16) and not bool(torch.isnan(rows).any()):
-        bits = rows.view(torch.int16)
-        bits = torch.where(bits == torch.iinfo(torch.int16).min, 0, bits)  # -0.0 -> 0.0
-        return row_inverse(bits.numpy())
-    if rows.dtype in (torch.float32, torch.float64) and not bool(torch.isnan(rows).any()):
-        return row_inverse(rows.numpy())
+    if rows.is_floating_point():
+        return row_inverse(as_numpy(rows))  # NaN (equal to nothing) is handled there
     return torch.unique(rows.double(), dim=0, return_inverse=True)[1].numpy()
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimship.errors import SlimmingError, first_line
+from slimship.hf.trace import for_tracing
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,11 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], dynamic: bool) -> torch.e
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode for the duration; every submodule's own flag restored afterwards."""
+    """The model in eval mode for the duration; every submodule's own flag restored afterwards. The flags
+    are set directly: a program's `module()` refuses `eval()` ("not supported yet")."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in flags:
+        m.training = False
     try:
         yield
     finally:
@@ -85,12 +88,14 @@ def trace(model: nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> 
     replaces them by new tensors, never writes into them), and the model's train/eval flags are
     restored afterwards. Parameters and buffers the forward does not read get no node, so nothing
     downstream touches them. A dynamic batch dimension is tried first; a model that specialises its
-    batch falls back to a static trace (logged).
+    batch falls back to a static trace (logged). A transformers decoder with its default KV cache is
+    traced as token ids -> logits with the cache off (`slimship.hf.for_tracing`: the same tensors).
     """
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     if not isinstance(model, nn.Module):
         raise SlimmingError(f"expected an nn.Module or ExportedProgram, got {type(model).__name__}")
+    model = for_tracing(model)
     inputs = as_input_tuple(example_inputs)
     errors = []
     for dynamic in (True, False) if dynamic_batch else (False,):

@@ -8,6 +8,7 @@ can cause in the model's own dtype at its accumulation depth (`compare.rounding_
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ class Reference:
     batches: list[tuple[Any, ...]]
     outputs: list[list[torch.Tensor]]
     flops: int  # of one forward on the example inputs
+    merged: bool = False  # the random batches ran as one forward (see run_batches)
 
 
 def random_like_inputs(inputs: tuple[Any, ...], generator: torch.Generator) -> tuple[Any, ...]:
@@ -79,26 +81,56 @@ def input_batches(example_inputs: tuple[Any, ...], n_random: int, seed: int) -> 
 
 @torch.no_grad()
 def run_batches(
-    model: nn.Module, batches: list[tuple[Any, ...]], flops: bool = True
-) -> tuple[list[list[torch.Tensor]], int]:
-    """Outputs on every batch, and the FLOPs of the first (counted by torch.utils.flop_counter)."""
+    model: nn.Module, batches: list[tuple[Any, ...]], flops: bool = True, merge: bool = False
+) -> tuple[list[list[torch.Tensor]], int, bool]:
+    """Outputs on every batch, the FLOPs of the first (counted by torch.utils.flop_counter), and whether
+    the others ran merged.
+
+    With `merge` (a model traced with a free batch dimension), the batches after the first run as one
+    forward, concatenated along dim 0, and their outputs are split back; a model whose outputs do not
+    split that way (or that refuses the merged batch) runs them one by one.
+    """
     counter = FlopCounterMode(display=False)
-    outputs = []
-    for n, inputs in enumerate(batches):
-        if n == 0 and flops:
-            with counter:
-                outputs.append([t.detach() for t in flat_outputs(model(*inputs))])
-        else:
-            outputs.append([t.detach() for t in flat_outputs(model(*inputs))])
-    return outputs, int(counter.get_total_flops())
+    with counter if flops else contextlib.nullcontext():
+        first = [t.detach() for t in flat_outputs(model(*batches[0]))]
+    rest = batches[1:]
+    merged = _merged_outputs(model, rest, first) if merge and len(rest) > 1 else None
+    if merged is not None:
+        return [first, *merged], int(counter.get_total_flops()), True
+    others = [[t.detach() for t in flat_outputs(model(*inputs))] for inputs in rest]
+    return [first, *others], int(counter.get_total_flops()), False
+
+
+def _merged_outputs(
+    model: nn.Module, batches: list[tuple[Any, ...]], first: list[torch.Tensor]
+) -> list[list[torch.Tensor]] | None:
+    """Outputs of `batches` from one forward on their concatenation, or None where that is not sound."""
+    k = len(batches)
+    columns = list(zip(*batches, strict=True))
+    if any(isinstance(c[0], torch.Tensor) and c[0].dim() == 0 for c in columns):
+        return None
+    if any(not isinstance(c[0], torch.Tensor) and any(v is not c[0] for v in c) for c in columns):
+        return None
+    inputs = tuple(torch.cat(c) if isinstance(c[0], torch.Tensor) else c[0] for c in columns)
+    try:
+        outputs = [t.detach() for t in flat_outputs(model(*inputs))]
+    except Exception:  # a graph that specialised something to the example's batch: one by one
+        return None
+    fits = len(outputs) == len(first) and all(
+        o.dim() > 0 and f.dim() > 0 and o.shape[0] == k * f.shape[0] and o.shape[1:] == f.shape[1:]
+        for o, f in zip(outputs, first, strict=True)
+    )
+    if not fits:
+        return None
+    return [list(parts) for parts in zip(*(o.chunk(k) for o in outputs), strict=True)]
 
 
 def reference_outputs(
-    model: nn.Module, example_inputs: tuple[Any, ...], n_random: int, seed: int
+    model: nn.Module, example_inputs: tuple[Any, ...], n_random: int, seed: int, merge: bool = False
 ) -> Reference:
     batches = input_batches(example_inputs, n_random, seed)
-    outputs, flops = run_batches(model, batches)
-    return Reference(batches, outputs, flops)
+    outputs, flops, merged = run_batches(model, batches, merge=merge)
+    return Reference(batches, outputs, flops, merged)
 
 
 def check_batches(
@@ -128,9 +160,10 @@ def check_against(
 ) -> tuple[Verification, int]:
     """Verify `candidate` on the reference's batches (the first `n_batches`); a candidate that fails to
     run is a failed verification, not an exception. Returns it with the candidate's FLOPs (0 if it failed)."""
-    batches = reference.batches[:n_batches] if n_batches else reference.batches
+    # merged random batches cost one forward however many: check them all, batched as the reference was
+    batches = reference.batches[:n_batches] if n_batches and not reference.merged else reference.batches
     try:
-        outputs, flops = run_batches(candidate, batches)
+        outputs, flops, _ = run_batches(candidate, batches, merge=reference.merged)
     except Exception as exc:  # a rewritten graph that does not run is as wrong as a numeric mismatch
         cause = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         return Verification(float("inf"), float("inf"), rtol, 0, False, reason=cause, error=cause), 0
@@ -153,8 +186,8 @@ def verify_outputs(
     figures; `passed` is False (with `reason`) on the first batch that fails.
     """
     batches = input_batches(example_inputs, n_random, seed)
-    ref, _ = run_batches(reference, batches, flops=False)
-    got, _ = run_batches(candidate, batches, flops=False)
+    ref, _, _ = run_batches(reference, batches, flops=False)
+    got, _, _ = run_batches(candidate, batches, flops=False)
     return check_batches(ref, got, rtol, what)
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.distributed.fsdp import fully_shard
 
 from slimship.cli import main
-from slimship.compress import compress
+from slimship.compress import compress, sparsifier
 from slimship.compress.device import training_strategy
 from slimship.compress.sparsifier import SPARSIFIERS
-from slimship.errors import ConfigError
+from slimship.errors import CompressionError, ConfigError
 from slimship.pipeline.config import merge, validate
+from tests.compress.gloo import single_process_group
 from tests.compress.test_base import example, one_thread, tiny_data, tiny_model
 from tests.pipeline.test_torchrun import _config, _initializers
 
@@ -168,3 +170,15 @@ def test_train_strategy_in_the_config() -> None:
     with training_strategy("fsdp"):
         result = compress("hesso", tiny_model(), example(), tiny_data(), epochs=2, periods=1)
     assert {type(p) for p in result.model.parameters()} == {torch.nn.Parameter}
+
+
+def test_an_already_sharded_model_is_refused_in_process(tmp_path: Path) -> None:
+    """One gloo process: fully_shard makes DTensor parameters; building a sparsifier or calling compress on
+    that model is refused, saying to build on the plain model first (no raw deepcopy AssertionError)."""
+    with single_process_group(tmp_path):
+        model = fully_shard(tiny_model())
+        assert {type(p).__name__ for p in model.parameters()} == {"DTensor"}
+        with pytest.raises(CompressionError, match="build the sparsifier on the plain model first"):
+            sparsifier("hesso", model, example(), total_steps=10)
+        with pytest.raises(CompressionError, match=r"already sharded.*pass the plain model"):
+            compress("hesso", model, example(), tiny_data(), epochs=1)

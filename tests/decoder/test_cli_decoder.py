@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from slimship.cli import main
+from slimship.decoder import export_decoder
+from slimship.errors import ExportError
 
 SLIM = "tests.decoder.tiny:tiny_slim_llama"
 
@@ -56,3 +60,9 @@ def test_bench_refuses_remote_targets_and_plain_files(tmp_path: Path, capsys):
     argv = ["bench", str(onnx), "--task", "text-generation", "--runs", "1"]
     _fails([*argv, "--target", "arm64-emu-onnxruntime"], capsys, "local targets")
     _fails(argv, capsys, str(onnx))
+
+
+def test_unknown_format_is_refused_before_any_work(tmp_path: Path):
+    with pytest.raises(ExportError, match="no text-generation exporter; known: executorch-fp32"):
+        export_decoder(object(), ["tflite-fp32"], tmp_path, "x")  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())

@@ -21,6 +21,22 @@ def _json(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _executorch_llm_runner(pte: Path, tmp_path: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from ExecuTorch's own LLM runner (its C++ TextLLMRunner, which reads the .pte's metadata
+    methods), with a tiktoken file whose token i is the single byte 33 + i."""
+    import base64
+
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    vocab = tmp_path / "bytes.tiktoken"
+    vocab.write_text("".join(f"{base64.b64encode(bytes([33 + i])).decode()} {i}\n" for i in range(96)))
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(pte), str(vocab))
+    config = GenerationConfig(echo=False, max_new_tokens=new_tokens, temperature=0.0, num_bos=0, num_eos=0)
+    runner.generate("".join(chr(33 + t) for t in prompt), config, token_callback=pieces.append)
+    return [ord(c) - 33 for c in "".join(pieces)]
+
+
 @pytest.mark.slow
 def test_slim_decoder_export_bench_generate(tmp_path: Path, capsys):
     slim_dir, dense_dir = tmp_path / "slim", tmp_path / "dense"
@@ -49,6 +65,8 @@ def test_slim_decoder_export_bench_generate(tmp_path: Path, capsys):
         out = _json(["generate", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
                      "12"], capsys)  # fmt: skip
         assert out["tokens"] == expected, path
+
+    assert _executorch_llm_runner(pte, tmp_path, PROMPT, 12) == expected
 
     _json([*export, "--model", "tests.decoder.tiny:tiny_zeroed_llama", "--out", str(dense_dir), "--format",
            "onnx"], capsys)  # fmt: skip

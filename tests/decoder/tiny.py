@@ -7,19 +7,9 @@ import torch
 from torch import nn
 
 import slimship
+from slimship.hf import LogitsOnly
 
 VOCAB = 96
-
-
-class Logits(nn.Module):
-    """The causal LM as slimship traces it: token ids in, logits out, no cache."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def tiny_llama(seed: int = 0, *, hidden: int = 64, ffn: int = 128, layers: int = 2, heads: int = 4,
@@ -45,7 +35,7 @@ def zero_groups(model: nn.Module, fractions: dict[str, float], seed: int = 0) ->
     from slimship.slimming.api import find_groups, zero_group
 
     example = (torch.arange(8).unsqueeze(0) % VOCAB,)
-    wrapper = Logits(model)  # group names are the wrapper's
+    wrapper = LogitsOnly(model)  # group names are the wrapper's
     found = find_groups(wrapper, example)
     rng = random.Random(seed)
     for space, indices in found.by_space.items():
@@ -57,7 +47,7 @@ def zero_groups(model: nn.Module, fractions: dict[str, float], seed: int = 0) ->
 
 def slim_llama(model: nn.Module) -> nn.Module:
     """`model` slimmed in place (its own module objects, the slim weights)."""
-    wrapper = Logits(model)
+    wrapper = LogitsOnly(model)
     example = (torch.arange(8).unsqueeze(0) % VOCAB,)
     slimship.slim(wrapper, example).apply_to(wrapper, example)
     return model

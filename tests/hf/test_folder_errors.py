@@ -124,3 +124,18 @@ def test_tampered_slim_folder_is_refused(dense, tmp_path, capsys) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(ModelFileError, match=r"model\.safetensors: sha256 differs"):
         slimship.load_pretrained(out)
+
+
+def test_missing_tensor_or_shard_is_named(dense, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(dense, tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match=r"lack .*model\.layers\.1\.mlp\.up_proj\.weight"):
+        slimship.load_pretrained(folder)  # never a random tensor in its place
+    index = {"metadata": {}, "weight_map": {name: "model-00002-of-00002.safetensors" for name in state}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFileError, match=r"model-00002-of-00002\.safetensors, missing"):
+        slimship.load_pretrained(folder)

@@ -196,7 +196,7 @@ def test_transport_registry(tiny_models):
     finally:
         from slimship.runtimes import transports
 
-        transports._REGISTRY.pop("recording")
+        transports.TRANSPORT_FACTORIES.pop("recording")
 
 
 FAKE_ADB = textwrap.dedent(

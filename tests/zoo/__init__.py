@@ -27,6 +27,8 @@ from tests.zoo import (  # noqa: F401  # isort: skip
     gpt2,
     llama,
     hybrid,
+    darknet,
+    reparam,
 )
 
 

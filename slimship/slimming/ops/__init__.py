@@ -13,6 +13,7 @@ from slimship.slimming.ops import (  # noqa: F401 - imported for their registrat
     normalisation,
     products,
     reductions,
+    reparam,
     shape_view,
 )
 from slimship.slimming.ops.common import new_size, pin_unknown

@@ -14,6 +14,7 @@ from slimship.slimming.graph import (
     CONV_T,
     ChannelGraph,
     Site,
+    op_name,
     set_op_arg,
     shape_of,
 )
@@ -190,3 +191,64 @@ for _name, _keeps in POOLS.items():
         values=_channelwise_values(_keeps),
         fixed_sizes="kernel, stride, padding and output sizes act on spatial dims, which stay",
     )
+
+
+def _padded_dims(a: dict[str, Any], rank: int) -> set[int]:
+    """The dims a pad call pads or crops: widths come in (before, after) pairs from the last dim."""
+    widths = list(a["pad"] if "pad" in a else a["padding"])
+    if len(widths) % 2 or len(widths) // 2 > rank:
+        raise ValueError(f"{len(widths)} pad widths for a rank-{rank} tensor")
+    return {
+        rank - 1 - k
+        for k in range(len(widths) // 2)
+        if not all(isinstance(w, int) and w == 0 for w in widths[2 * k : 2 * k + 2])
+    }
+
+
+def pad(g: ChannelGraph, node: Node, a: dict[str, Any]) -> None:
+    """Padding keeps the dims it does not pad; a padded (or cropped) dim stays."""
+    xl = list(g.layout(a["self"]))
+    reason = f"{op_name(node)} {node.name} pads this dim"
+    out_shape = shape_of(node)
+    for d in _padded_dims(a, len(xl)):
+        g.pin(xl[d], reason)
+        xl[d] = g.fresh(out_shape[d], reason)
+    g.layouts[node] = xl
+
+
+def pad_values(va: FactStore, node: Node, a: dict[str, Any]) -> Facts:
+    """Slices along a dim that is not padded keep their equality; a constant survives when the fill
+    equals it (constant mode) or copies it (reflect, replicate, circular)."""
+    x = a["self"]
+    rank = len(shape_of(x))
+    padded = _padded_dims(a, rank)
+    copies = (
+        a.get("mode", "constant") != "constant"
+        or "reflection" in op_name(node)
+        or "replication" in op_name(node)
+    )
+    fill = a.get("value")
+    fill = 0.0 if fill is None else float(fill)
+    out: Facts = []
+    for d in range(rank):
+        f = va.dim(x, d)
+        if d in padded or f is None:
+            out.append(None)
+        elif copies or not padded:
+            out.append(f)
+        else:
+            out.append(DimFacts(np.where(f.const == fill, f.const, np.nan), f.cls))
+    return out
+
+
+for _name in (
+    "aten.pad",
+    "aten.constant_pad_nd",
+    "aten.reflection_pad1d",
+    "aten.reflection_pad2d",
+    "aten.reflection_pad3d",
+    "aten.replication_pad1d",
+    "aten.replication_pad2d",
+    "aten.replication_pad3d",
+):
+    register_op(_name, pad, pad_values, fixed_sizes="its widths are those of the dims it pads, which stay")
