@@ -74,15 +74,9 @@ def register(
 def _option_fields(training: Training | None, options: type | None) -> list[inspect.Parameter]:
     """The flat keyword options an options class and Training give (fields, defaults, annotations)."""
     kw = inspect.Parameter.KEYWORD_ONLY
-    own = (
-        [] if options is None else [inspect.Parameter(f.name, kw, default=f.default) for f in fields(options)]
-    )
-    shared = (
-        []
-        if training is None
-        else [inspect.Parameter(f.name, kw, default=getattr(training, f.name)) for f in fields(Training)]
-    )
-    return own + shared
+    own = [] if options is None else [(f, f.default) for f in fields(options)]
+    shared = [] if training is None else [(f, getattr(training, f.name)) for f in fields(Training)]
+    return [inspect.Parameter(f.name, kw, default=default, annotation=f.type) for f, default in own + shared]
 
 
 def _with_options(
