@@ -13,7 +13,7 @@ from slimship.compress.adc import (
     adc_search,
     apply_policy,
 )
-from slimship.compress.csgd import csgd
+from slimship.compress.csgd import CsgdOptions, csgd
 from slimship.compress.distill import (
     DistillationLoss,
     HakdOptions,
@@ -24,7 +24,7 @@ from slimship.compress.distill import (
 )
 from slimship.compress.drop import DropOptions, drop
 from slimship.compress.groups import group_norms, group_sparsity
-from slimship.compress.hspg import HspgOptions, hesso, hspg
+from slimship.compress.hspg import HessoOptions, HspgOptions, hesso, hspg
 from slimship.compress.imports import (
     fold_mask_keys,
     import_pruned,
@@ -56,9 +56,11 @@ __all__ = [
     "AdcOptions",
     "AdcPolicy",
     "CompressResult",
+    "CsgdOptions",
     "DistillationLoss",
     "DropOptions",
     "HakdOptions",
+    "HessoOptions",
     "HspgOptions",
     "LoopOptions",
     "LoritaOptions",

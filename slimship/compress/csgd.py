@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -206,7 +207,18 @@ class CSGD(Sparsifier):
         return counts
 
 
-@register("csgd", training=Training(epochs=20))
+@dataclass(frozen=True)
+class CsgdOptions:
+    """The options of :func:`csgd` (see its documentation); ``csgd(..., options=CsgdOptions(...))``."""
+
+    target: float = 0.5
+    space_targets: dict[str, float] | None = None
+    spaces: list[str] | None = None
+    centripetal: float = 0.1
+    clustering: str = "kmeans"
+
+
+@register("csgd", training=Training(epochs=20), options=CsgdOptions)
 def csgd(
     model: nn.Module,
     example_inputs: Any,
@@ -214,11 +226,7 @@ def csgd(
     test: Iterable[Batch] | None = None,
     *,
     training: Training,
-    target: float = 0.5,
-    space_targets: dict[str, float] | None = None,
-    spaces: list[str] | None = None,
-    centripetal: float = 0.1,
-    clustering: str = "kmeans",
+    options: CsgdOptions,
 ) -> CompressResult:
     """Train with the centripetal update so each space keeps ``1 - target`` of its channels distinct."""
     model = working_copy(model)
@@ -227,12 +235,12 @@ def csgd(
         model,
         example_inputs,
         total_steps=max(training.epochs * n, 1),
-        target=target,
-        space_targets=space_targets,
-        spaces=spaces,
+        target=options.target,
+        space_targets=options.space_targets,
+        spaces=options.spaces,
         seed=training.seed,
-        centripetal=centripetal,
-        clustering=clustering,
+        centripetal=options.centripetal,
+        clustering=options.clustering,
         merge_at_end=False,
     )
     history = train_with(sp, model, train, test, training, epoch_record=lambda: {"cluster_gap": sp.gap()})
@@ -243,7 +251,7 @@ def csgd(
         sp.merge()
     merging = sum(len(b) - k for b, k in zip(sp.views, sp.k, strict=True))
     info = {
-        "target": target,
+        "target": options.target,
         "clusters": sum(sp.k),
         "groups": len(sp.groups),
         "merging": merging,
@@ -252,7 +260,7 @@ def csgd(
         "test_accuracy_before_merge": accuracy_before_merge,
         "test_accuracy": maybe_accuracy(model, test),
         "completed": completed,
-        "clustering": clustering,
-        "centripetal": centripetal,
+        "clustering": options.clustering,
+        "centripetal": options.centripetal,
     }
     return CompressResult(model=model, method="csgd", history=history, info=info)

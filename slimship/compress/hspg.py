@@ -334,7 +334,19 @@ def hspg(
     return finish(sp, model, history, test, extra, training)
 
 
-@register("hesso", training=Training())
+@dataclass(frozen=True)
+class HessoOptions:
+    """The options of :func:`hesso` (see its documentation); ``hesso(..., options=HessoOptions(...))``."""
+
+    target: float = 0.5
+    space_targets: dict[str, float] | None = None
+    spaces: list[str] | None = None
+    warmup_epochs: int | None = None
+    pruning_epochs: int | None = None
+    periods: int = 5
+
+
+@register("hesso", training=Training(), options=HessoOptions)
 def hesso(
     model: nn.Module,
     example_inputs: Any,
@@ -342,29 +354,28 @@ def hesso(
     test: Iterable[Batch] | None = None,
     *,
     training: Training,
-    target: float = 0.5,
-    space_targets: dict[str, float] | None = None,
-    spaces: list[str] | None = None,
-    warmup_epochs: int | None = None,
-    pruning_epochs: int | None = None,
-    periods: int = 5,
+    options: HessoOptions,
 ) -> CompressResult:
     """Saliency-ranked groups shrunk progressively to exactly zero until each space reaches `target`."""
     model = working_copy(model)
-    n, warmup, middle = epoch_stages(training, train, warmup_epochs, pruning_epochs, "pruning_epochs")
-    check_int("periods", periods, low=1)
-    check_parts(f"pruning_epochs={middle // max(n, 1)} x {n} batches", middle, periods, "periods")
+    n, warmup, middle = epoch_stages(
+        training, train, options.warmup_epochs, options.pruning_epochs, "pruning_epochs"
+    )
+    check_int("periods", options.periods, low=1)
+    check_parts(f"pruning_epochs={middle // max(n, 1)} x {n} batches", middle, options.periods, "periods")
     sp = HESSO(
         model,
         example_inputs,
         total_steps=training.epochs * n,
-        target=target,
-        space_targets=space_targets,
-        spaces=spaces,
+        target=options.target,
+        space_targets=options.space_targets,
+        spaces=options.spaces,
         seed=training.seed,
         warmup_steps=warmup,
         pruning_steps=middle,
-        periods=periods,
+        periods=options.periods,
     )
     history = train_with(sp, model, train, test, training)
-    return finish(sp, model, history, test, {"periods": periods, "stages": [sp.start, sp.end]}, training)
+    return finish(
+        sp, model, history, test, {"periods": options.periods, "stages": [sp.start, sp.end]}, training
+    )
