@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from slimship.compress import compress, train_loop
+from slimship.compress import LoopOptions, compress, train_loop
 from slimship.compress.adc import measure_latency_ms
 from slimship.compress.lorita import factorize
 from slimship.data import Batches, digits_loaders, evaluate_accuracy
@@ -73,9 +73,8 @@ def train_dense(factory, train, epochs: int):
     train_loop(
         model,
         train,
-        epochs=epochs,
+        LoopOptions(epochs=epochs, seed=0),
         optimizer=torch.optim.Adam(model.parameters(), 2e-3),
-        seed=0,
         desc=f"dense {factory.__name__}",
     )
     return model.eval()

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from slimship.compress import compress, train_loop
-from slimship.compress.base import make_optimizer
+from slimship.compress import LoopOptions, compress, train_loop
+from slimship.compress.training import make_optimizer
 from slimship.data import digits_loaders, evaluate_accuracy
 from slimship.exporters.onnx_export import export_onnx
 from slimship.exporters.tflite_export import export_tflite
@@ -127,8 +127,8 @@ def run_model(
     dense = MODELS[name](seed=0)
     t0 = time.time()
     train_loop(
-        dense, train, epochs=dense_epochs, optimizer=make_optimizer(dense, lr), seed=0, desc="dense",
-        lr_schedule=schedule, lr_floor=0.01,
+        dense, train, LoopOptions(epochs=dense_epochs, seed=0, lr_schedule=schedule, lr_floor=0.01),
+        optimizer=make_optimizer(dense, lr), desc="dense",
     )  # fmt: skip
     dense.eval()
     dense_acc = evaluate_accuracy(dense, test)

@@ -7,6 +7,7 @@ what it must be instead of a Python error deep inside torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -108,3 +109,17 @@ def check_batches(name: str, value: Any) -> list[tuple[Any, Any]]:
         if not isinstance(batch, tuple | list) or len(batch) != 2:
             raise refuse(f"{name}[{i}]", "an (inputs, targets) pair", batch)
     return [tuple(b) for b in batches]
+
+
+def with_overrides(what: str, options: Any, overrides: dict[str, Any]) -> Any:
+    """`options` (a frozen dataclass) with the fields `overrides` names replaced; other names refused."""
+    if not dataclasses.is_dataclass(options) or isinstance(options, type):
+        raise refuse(f"{what} options", "an options object (a frozen dataclass)", options)
+    known = {f.name for f in dataclasses.fields(options)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise CompressionError(
+            f"{what} has no option {', '.join(map(repr, unknown))}; "
+            f"allowed options: {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(options, **overrides)

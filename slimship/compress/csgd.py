@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    Training,
-    maybe_accuracy,
-    register,
-    working_copy,
-)
 from slimship.compress.checks import check_choice, check_number
 from slimship.compress.device import broadcast_from_rank0
+from slimship.compress.registry import CompressResult, register
 from slimship.compress.shards import sum_over_shards
 from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
+from slimship.compress.training import Batch, Training, maybe_accuracy, working_copy
 from slimship.compress.views import Block, Slot
 
 log = logging.getLogger(__name__)
@@ -212,7 +207,18 @@ class CSGD(Sparsifier):
         return counts
 
 
-@register("csgd", training=Training(epochs=20))
+@dataclass(frozen=True)
+class CsgdOptions:
+    """The options of :func:`csgd` (see its documentation); ``csgd(..., options=CsgdOptions(...))``."""
+
+    target: float = 0.5
+    space_targets: dict[str, float] | None = None
+    spaces: list[str] | None = None
+    centripetal: float = 0.1
+    clustering: str = "kmeans"
+
+
+@register("csgd", training=Training(epochs=20), options=CsgdOptions)
 def csgd(
     model: nn.Module,
     example_inputs: Any,
@@ -220,11 +226,7 @@ def csgd(
     test: Iterable[Batch] | None = None,
     *,
     training: Training,
-    target: float = 0.5,
-    space_targets: dict[str, float] | None = None,
-    spaces: list[str] | None = None,
-    centripetal: float = 0.1,
-    clustering: str = "kmeans",
+    options: CsgdOptions,
 ) -> CompressResult:
     """Train with the centripetal update so each space keeps ``1 - target`` of its channels distinct."""
     model = working_copy(model)
@@ -233,12 +235,12 @@ def csgd(
         model,
         example_inputs,
         total_steps=max(training.epochs * n, 1),
-        target=target,
-        space_targets=space_targets,
-        spaces=spaces,
+        target=options.target,
+        space_targets=options.space_targets,
+        spaces=options.spaces,
         seed=training.seed,
-        centripetal=centripetal,
-        clustering=clustering,
+        centripetal=options.centripetal,
+        clustering=options.clustering,
         merge_at_end=False,
     )
     history = train_with(sp, model, train, test, training, epoch_record=lambda: {"cluster_gap": sp.gap()})
@@ -249,7 +251,7 @@ def csgd(
         sp.merge()
     merging = sum(len(b) - k for b, k in zip(sp.views, sp.k, strict=True))
     info = {
-        "target": target,
+        "target": options.target,
         "clusters": sum(sp.k),
         "groups": len(sp.groups),
         "merging": merging,
@@ -258,7 +260,7 @@ def csgd(
         "test_accuracy_before_merge": accuracy_before_merge,
         "test_accuracy": maybe_accuracy(model, test),
         "completed": completed,
-        "clustering": clustering,
-        "centripetal": centripetal,
+        "clustering": options.clustering,
+        "centripetal": options.centripetal,
     }
     return CompressResult(model=model, method="csgd", history=history, info=info)

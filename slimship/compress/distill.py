@@ -26,6 +26,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    GroupTensors,
-    Training,
-    maybe_accuracy,
-    prunable_groups,
-    register,
-)
 from slimship.compress.checks import check_callable, check_int, check_module
 from slimship.compress.device import (
     broadcast_module_from_rank0,
@@ -50,6 +42,9 @@ from slimship.compress.device import (
     rank,
     unwrap,
 )
+from slimship.compress.groups import GroupTensors, prunable_groups
+from slimship.compress.registry import CompressResult, register
+from slimship.compress.training import Batch, Training, maybe_accuracy
 from slimship.errors import CompressionError
 from slimship.runtimes.registry import RUNTIME_NAMES
 from slimship.slimming.api import count_flops, count_params, slim
@@ -420,8 +415,25 @@ def build_student(
     return student.eval(), choice
 
 
+@dataclass(frozen=True)
+class HakdOptions:
+    """The options of :func:`hakd` (see its documentation); ``hakd(..., options=HakdOptions(...))``."""
+
+    student_factory: Callable[[float], nn.Module] | None = None
+    widths: tuple[float, ...] = (0.75, 0.5, 0.35, 0.25)
+    speedup: float | None = None
+    latency_budget_ms: float | None = None
+    min_flops_ratio: float | None = None
+    runtimes: tuple[str, ...] = ("onnxruntime",)
+    repeats: int = 30
+    student_init: str = "teacher"
+    temperature: float = 4.0
+    alpha: float = 0.7
+    clip_grad: float | None = 5.0
+
+
 @register("distill")
-@register("hakd", training=Training())
+@register("hakd", training=Training(), options=HakdOptions)
 def hakd(
     model: nn.Module,
     example_inputs: Any,
@@ -429,17 +441,7 @@ def hakd(
     test: Iterable[Batch] | None = None,
     *,
     training: Training,
-    student_factory: Callable[[float], nn.Module] | None = None,
-    widths: tuple[float, ...] = (0.75, 0.5, 0.35, 0.25),
-    speedup: float | None = None,
-    latency_budget_ms: float | None = None,
-    min_flops_ratio: float | None = None,
-    runtimes: tuple[str, ...] = ("onnxruntime",),
-    repeats: int = 30,
-    student_init: str = "teacher",
-    temperature: float = 4.0,
-    alpha: float = 0.7,
-    clip_grad: float | None = 5.0,
+    options: HakdOptions,
 ) -> CompressResult:
     """Pick a student by measured latency under a budget and train it by distillation from `model`.
 
@@ -447,18 +449,18 @@ def hakd(
     """
     if train is None:
         raise CompressionError("hakd trains the student: pass training batches (train=...)")
-    kd = DistillationLoss(copy.deepcopy(model), temperature=temperature, alpha=alpha)
+    kd = DistillationLoss(copy.deepcopy(model), temperature=options.temperature, alpha=options.alpha)
     student, choice = build_student(
         kd.teacher,
         example_inputs,
-        widths=widths,
-        speedup=speedup,
-        latency_budget_ms=latency_budget_ms,
-        min_flops_ratio=min_flops_ratio,
-        runtimes=runtimes,
-        repeats=repeats,
-        student_factory=student_factory,
-        student_init=student_init,
+        widths=options.widths,
+        speedup=options.speedup,
+        latency_budget_ms=options.latency_budget_ms,
+        min_flops_ratio=options.min_flops_ratio,
+        runtimes=options.runtimes,
+        repeats=options.repeats,
+        student_factory=options.student_factory,
+        student_init=options.student_init,
         seed=training.seed,
     )
     history = training.run(
@@ -467,16 +469,16 @@ def hakd(
         desc="hakd",
         loss_fn=kd,
         grad_hook=None
-        if clip_grad is None
-        else lambda m, e, s: nn.utils.clip_grad_norm_(m.parameters(), clip_grad),
+        if options.clip_grad is None
+        else lambda m, e, s: nn.utils.clip_grad_norm_(m.parameters(), options.clip_grad),
         epoch_hook=lambda m, e, s: {"test_accuracy": a} if (a := maybe_accuracy(m, test)) is not None else {},
     )
     info = {
         **choice,
         "teacher_test_accuracy": maybe_accuracy(kd.teacher, test),
         "test_accuracy": maybe_accuracy(student, test),
-        "temperature": temperature,
-        "alpha": alpha,
+        "temperature": options.temperature,
+        "alpha": options.alpha,
         "completed": training.completed(history),
     }
     return CompressResult(model=student, method="hakd", history=history, info=info)

@@ -16,22 +16,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    Training,
-    register,
-    working_copy,
-)
 from slimship.compress.checks import check_choice, check_fraction, check_int, check_number
 from slimship.compress.device import decision_generator
 from slimship.compress.hspg import epoch_stages, finish
+from slimship.compress.registry import CompressResult, register
 from slimship.compress.sparsifier import CRITERIA, Sparsifier, check_steps, register_sparsifier, train_with
+from slimship.compress.training import Batch, Training, working_copy
 from slimship.compress.views import Block
 from slimship.errors import CompressionError
 
@@ -54,16 +50,13 @@ class Drop(Sparsifier):
         example_inputs: Any,
         *,
         total_steps: int,
-        target: float = 0.5,
-        space_targets: dict[str, float] | None = None,
-        spaces: list[str] | None = None,
-        seed: int = 0,
         pruning_steps: int | None = None,
         rounds: int = 5,
         drop_in: float = 0.2,
         pool: float = 2.0,
         revive: str = "restore",
         criterion: str = "magnitude",
+        **options: Any,
     ) -> None:
         check_fraction("drop_in", drop_in, high_open=False)
         check_choice("criterion", criterion, CRITERIA)
@@ -75,10 +68,7 @@ class Drop(Sparsifier):
             model,
             example_inputs,
             total_steps=total_steps,
-            target=target,
-            space_targets=space_targets,
-            spaces=spaces,
-            seed=seed,
+            **options,  # the options every sparsifier takes: target, space_targets, spaces, seed
         )
         end = max(rounds, round(0.6 * total_steps)) if pruning_steps is None else pruning_steps
         if not rounds <= end <= total_steps:
@@ -210,7 +200,22 @@ class Drop(Sparsifier):
         return {**super().decisions(), "revived": self.revived}
 
 
-@register("drop", training=Training())
+@dataclass(frozen=True)
+class DropOptions:
+    """The options of :func:`drop` (see its documentation); ``drop(..., options=DropOptions(...))``."""
+
+    target: float = 0.5
+    space_targets: dict[str, float] | None = None
+    spaces: list[str] | None = None
+    pruning_epochs: int | None = None
+    rounds: int = 5
+    drop_in: float = 0.2
+    pool: float = 2.0
+    revive: str = "restore"
+    criterion: str = "magnitude"
+
+
+@register("drop", training=Training(), options=DropOptions)
 def drop(
     model: nn.Module,
     example_inputs: Any,
@@ -218,38 +223,36 @@ def drop(
     test: Iterable[Batch] | None = None,
     *,
     training: Training,
-    target: float = 0.5,
-    space_targets: dict[str, float] | None = None,
-    spaces: list[str] | None = None,
-    pruning_epochs: int | None = None,
-    rounds: int = 5,
-    drop_in: float = 0.2,
-    pool: float = 2.0,
-    revive: str = "restore",
-    criterion: str = "magnitude",
+    options: DropOptions,
 ) -> CompressResult:
     """Iterative stochastic prune-retrain on channel groups towards `target` group sparsity per space."""
-    check_int("rounds", rounds, low=1)
-    check_number("pool", pool, low=1.0)
+    pruning_epochs = options.pruning_epochs
+    check_int("rounds", options.rounds, low=1)
+    check_number("pool", options.pool, low=1.0)
     model = working_copy(model)
     if pruning_epochs is None:
-        pruning_epochs = max(rounds, round(0.6 * training.epochs))
+        pruning_epochs = max(options.rounds, round(0.6 * training.epochs))
     n, _, pruning = epoch_stages(training, train, 0, pruning_epochs, "pruning_epochs")
     sp = Drop(
         model,
         example_inputs,
         total_steps=training.epochs * n,
-        target=target,
-        space_targets=space_targets,
-        spaces=spaces,
+        target=options.target,
+        space_targets=options.space_targets,
+        spaces=options.spaces,
         seed=training.seed,
         pruning_steps=pruning,
-        rounds=rounds,
-        drop_in=drop_in,
-        pool=pool,
-        revive=revive,
-        criterion=criterion,
+        rounds=options.rounds,
+        drop_in=options.drop_in,
+        pool=options.pool,
+        revive=options.revive,
+        criterion=options.criterion,
     )
     history = train_with(sp, model, train, test, training)
-    extra = {"rounds": rounds, "drop_in": drop_in, "revived": sp.revived, "round_starts": sp.starts}
+    extra = {
+        "rounds": options.rounds,
+        "drop_in": options.drop_in,
+        "revived": sp.revived,
+        "round_starts": sp.starts,
+    }
     return finish(sp, model, history, test, extra, training)

@@ -24,21 +24,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    Training,
-    maybe_accuracy,
-    register,
-    working_copy,
-)
 from slimship.compress.checks import check_choice, check_int, check_number
 from slimship.compress.device import mean_across_ranks
+from slimship.compress.registry import CompressResult, register
 from slimship.compress.sparsifier import (
     CRITERIA,
     Sparsifier,
@@ -50,6 +44,7 @@ from slimship.compress.sparsifier import (
     steps_per_epoch,
     train_with,
 )
+from slimship.compress.training import Batch, Training, maybe_accuracy, working_copy
 from slimship.errors import CompressionError
 
 log = logging.getLogger(__name__)
@@ -69,16 +64,13 @@ class HSPG(Sparsifier):
         example_inputs: Any,
         *,
         total_steps: int,
-        target: float = 0.5,
-        space_targets: dict[str, float] | None = None,
-        spaces: list[str] | None = None,
-        seed: int = 0,
         warmup_steps: int | None = None,
         projection_steps: int | None = None,
         lam: float = 1e-3,
         epsilon: float = 0.0,
         criterion: str = "salience",
         lr: float = 0.05,
+        **options: Any,
     ) -> None:
         check_choice("criterion", criterion, CRITERIA)
         check_number("lam", lam)
@@ -89,10 +81,7 @@ class HSPG(Sparsifier):
             model,
             example_inputs,
             total_steps=total_steps,
-            target=target,
-            space_targets=space_targets,
-            spaces=spaces,
-            seed=seed,
+            **options,  # the options every sparsifier takes: target, space_targets, spaces, seed
         )
         self.criterion = criterion
         self.start, self.end = stage_steps(total_steps, warmup_steps, projection_steps, "projection_steps")
@@ -291,7 +280,21 @@ def epoch_stages(
     return n, warmup * n, middle * n
 
 
-@register("hspg", training=Training())
+@dataclass(frozen=True)
+class HspgOptions:
+    """The options of :func:`hspg` (see its documentation); ``hspg(..., options=HspgOptions(...))``."""
+
+    target: float = 0.5
+    space_targets: dict[str, float] | None = None
+    spaces: list[str] | None = None
+    warmup_epochs: int | None = None
+    projection_epochs: int | None = None
+    lam: float = 1e-3
+    epsilon: float = 0.0
+    criterion: str = "salience"
+
+
+@register("hspg", training=Training(), options=HspgOptions)
 def hspg(
     model: nn.Module,
     example_inputs: Any,
@@ -299,39 +302,51 @@ def hspg(
     test: Iterable[Batch] | None = None,
     *,
     training: Training,
-    target: float = 0.5,
-    space_targets: dict[str, float] | None = None,
-    spaces: list[str] | None = None,
-    warmup_epochs: int | None = None,
-    projection_epochs: int | None = None,
-    lam: float = 1e-3,
-    epsilon: float = 0.0,
-    criterion: str = "salience",
+    options: HspgOptions,
 ) -> CompressResult:
     """Half-space stochastic projected gradient towards a `target` group sparsity per space."""
     model = working_copy(model)
-    n, warmup, middle = epoch_stages(training, train, warmup_epochs, projection_epochs, "projection_epochs")
+    n, warmup, middle = epoch_stages(
+        training, train, options.warmup_epochs, options.projection_epochs, "projection_epochs"
+    )
     sp = HSPG(
         model,
         example_inputs,
         total_steps=training.epochs * n,
-        target=target,
-        space_targets=space_targets,
-        spaces=spaces,
+        target=options.target,
+        space_targets=options.space_targets,
+        spaces=options.spaces,
         seed=training.seed,
         warmup_steps=warmup,
         projection_steps=middle,
-        lam=lam,
-        epsilon=epsilon,
-        criterion=criterion,
+        lam=options.lam,
+        epsilon=options.epsilon,
+        criterion=options.criterion,
         lr=training.lr,
     )
     history = train_with(sp, model, train, test, training)
-    extra = {"forced_to_zero": sp.forced, "lam": lam, "epsilon": epsilon, "stages": [sp.start, sp.end]}
+    extra = {
+        "forced_to_zero": sp.forced,
+        "lam": options.lam,
+        "epsilon": options.epsilon,
+        "stages": [sp.start, sp.end],
+    }
     return finish(sp, model, history, test, extra, training)
 
 
-@register("hesso", training=Training())
+@dataclass(frozen=True)
+class HessoOptions:
+    """The options of :func:`hesso` (see its documentation); ``hesso(..., options=HessoOptions(...))``."""
+
+    target: float = 0.5
+    space_targets: dict[str, float] | None = None
+    spaces: list[str] | None = None
+    warmup_epochs: int | None = None
+    pruning_epochs: int | None = None
+    periods: int = 5
+
+
+@register("hesso", training=Training(), options=HessoOptions)
 def hesso(
     model: nn.Module,
     example_inputs: Any,
@@ -339,29 +354,28 @@ def hesso(
     test: Iterable[Batch] | None = None,
     *,
     training: Training,
-    target: float = 0.5,
-    space_targets: dict[str, float] | None = None,
-    spaces: list[str] | None = None,
-    warmup_epochs: int | None = None,
-    pruning_epochs: int | None = None,
-    periods: int = 5,
+    options: HessoOptions,
 ) -> CompressResult:
     """Saliency-ranked groups shrunk progressively to exactly zero until each space reaches `target`."""
     model = working_copy(model)
-    n, warmup, middle = epoch_stages(training, train, warmup_epochs, pruning_epochs, "pruning_epochs")
-    check_int("periods", periods, low=1)
-    check_parts(f"pruning_epochs={middle // max(n, 1)} x {n} batches", middle, periods, "periods")
+    n, warmup, middle = epoch_stages(
+        training, train, options.warmup_epochs, options.pruning_epochs, "pruning_epochs"
+    )
+    check_int("periods", options.periods, low=1)
+    check_parts(f"pruning_epochs={middle // max(n, 1)} x {n} batches", middle, options.periods, "periods")
     sp = HESSO(
         model,
         example_inputs,
         total_steps=training.epochs * n,
-        target=target,
-        space_targets=space_targets,
-        spaces=spaces,
+        target=options.target,
+        space_targets=options.space_targets,
+        spaces=options.spaces,
         seed=training.seed,
         warmup_steps=warmup,
         pruning_steps=middle,
-        periods=periods,
+        periods=options.periods,
     )
     history = train_with(sp, model, train, test, training)
-    return finish(sp, model, history, test, {"periods": periods, "stages": [sp.start, sp.end]}, training)
+    return finish(
+        sp, model, history, test, {"periods": options.periods, "stages": [sp.start, sp.end]}, training
+    )

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from slimship.compress.base import Batch, CompressResult, GroupTensors, register
+from slimship.compress.groups import GroupTensors
+from slimship.compress.registry import CompressResult, register
+from slimship.compress.training import Batch
 from slimship.errors import CompressionError, ModelFileError
 from slimship.slimming.api import find_groups
 

@@ -33,17 +33,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimship.compress.adc.budget import layer_flops
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    maybe_accuracy,
-    register,
-    run_with_hooks,
-    train_loop,
-    working_copy,
-)
 from slimship.compress.checks import check_int, check_module, check_number
 from slimship.compress.device import score_dtype, unwrap
+from slimship.compress.groups import run_with_hooks
+from slimship.compress.registry import CompressResult, register
+from slimship.compress.training import Batch, LoopOptions, maybe_accuracy, train_loop, working_copy
 from slimship.errors import CompressionError, VerificationError
 from slimship.slimming.api import count_flops, count_params, verify_outputs
 from slimship.slimming.trace import as_input_tuple
@@ -174,24 +168,31 @@ def parametrize_low_rank(model: nn.Module, *, depth: int = 3) -> LowRankParametr
     return LowRankParametrization(model=model, layers=names, depth=depth)
 
 
-@register("lorita")
+@dataclass(frozen=True)
+class LoritaOptions:
+    """The options of :func:`lorita` (see its documentation); ``lorita(..., options=LoritaOptions(...))``."""
+
+    depth: int = 3
+    epochs: int = 20
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    rank_ratio: float | None = None
+    energy: float | None = 0.98
+    min_saving: float = 0.0
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-3
+    checkpoint: str | None = None
+    seed: int = 0
+
+
+@register("lorita", options=LoritaOptions)
 def lorita(
     model: nn.Module,
     example_inputs: Any,
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
-    depth: int = 3,
-    epochs: int = 20,
-    lr: float = 2e-3,
-    weight_decay: float = 1e-4,
-    rank_ratio: float | None = None,
-    energy: float | None = 0.98,
-    min_saving: float = 0.0,
-    finetune_epochs: int = 0,
-    finetune_lr: float = 1e-3,
-    checkpoint: str | None = None,
-    seed: int = 0,
+    options: LoritaOptions,
 ) -> CompressResult:
     """Train with each weight over-parametrised as `depth` factors (Adam + weight decay), then collapse.
 
@@ -202,34 +203,32 @@ def lorita(
     """
     if train is None:
         raise CompressionError("lorita needs training data (train batches)")
-    _check_rank_options(rank_ratio, energy)
-    _check_finetune(finetune_epochs, finetune_lr, train)
+    _check_rank_options(options.rank_ratio, options.energy)
+    _check_finetune(options.finetune_epochs, options.finetune_lr, train)
     model = working_copy(model)
-    lowrank = parametrize_low_rank(model, depth=depth)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    lowrank = parametrize_low_rank(model, depth=options.depth)
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     history = train_loop(
         model,
         train,
-        epochs=epochs,
+        LoopOptions(epochs=options.epochs, seed=options.seed, checkpoint=options.checkpoint),
         optimizer=optimizer,
-        checkpoint=checkpoint,
-        seed=seed,
-        desc=f"lorita (depth {depth})",
+        desc=f"lorita (depth {options.depth})",
     )
     lowrank.collapse()
     model.eval()
     info = {
         "slim_step": "factorize",
         "factorize": {
-            "rank_ratio": rank_ratio,
-            "energy": energy,
-            "min_saving": min_saving,
-            "finetune_epochs": finetune_epochs,
-            "finetune_lr": finetune_lr,
+            "rank_ratio": options.rank_ratio,
+            "energy": options.energy,
+            "min_saving": options.min_saving,
+            "finetune_epochs": options.finetune_epochs,
+            "finetune_lr": options.finetune_lr,
         },
-        "depth": depth,
+        "depth": options.depth,
         "layers": lowrank.layers,
-        "effective_rank": lowrank.effective_ranks(energy or 0.98),
+        "effective_rank": lowrank.effective_ranks(options.energy or 0.98),
         "test_accuracy": maybe_accuracy(model, test),
     }
     return CompressResult(model=model, method="lorita", history=history, info=info)
@@ -461,9 +460,8 @@ def factorize(
         history = train_loop(
             slim_model,
             train,
-            epochs=finetune_epochs,
+            LoopOptions(epochs=finetune_epochs, seed=seed),
             optimizer=torch.optim.Adam(slim_model.parameters(), lr=finetune_lr),
-            seed=seed,
             desc="lorita thin-model fine-tune",
         )
         slim_model.eval()

@@ -23,16 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimship.compress.base import (
-    Batch,
-    CompressResult,
-    Training,
-    maybe_accuracy,
-    register,
-    working_copy,
-)
 from slimship.compress.checks import check_fraction, check_int, check_number
 from slimship.compress.device import mean_across_ranks
+from slimship.compress.registry import CompressResult, register
 from slimship.compress.sparsifier import (
     Sparsifier,
     check_steps,
@@ -40,6 +33,7 @@ from slimship.compress.sparsifier import (
     steps_per_epoch,
     train_with,
 )
+from slimship.compress.training import Batch, Training, maybe_accuracy, working_copy
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
 

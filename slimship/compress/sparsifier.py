@@ -30,17 +30,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from slimship.compress.base import (
-    SHARDABLE,
-    Batch,
-    Training,
-    load_builtin_methods,
-    maybe_accuracy,
-    prunable_groups,
-)
 from slimship.compress.checks import check_choice, check_fraction, check_int, is_int, is_number
 from slimship.compress.device import device_of, mean_across_ranks, unwrap
+from slimship.compress.groups import prunable_groups
+from slimship.compress.registry import SHARDABLE, load_builtin_methods
 from slimship.compress.shards import BUILD_ORDER, refuse_sharded, shard_key
+from slimship.compress.training import Batch, Training, maybe_accuracy
 from slimship.compress.views import GroupViews
 from slimship.errors import CompressionError
 

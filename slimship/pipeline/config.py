@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import types
@@ -26,6 +27,8 @@ from pydantic.fields import FieldInfo
 
 from slimship._yaml import load_yaml
 from slimship.compress.device import DEVICE_RE, DEVICE_RULE, STRATEGIES
+from slimship.compress.registry import METHODS, load_builtin_methods
+from slimship.compress.training import Training
 from slimship.errors import ConfigError, SlimshipError, first_line
 from slimship.exporters.registry import FORMATS as FORMAT_TABLE
 from slimship.pipeline.config_checks import READINESS_CHECKS
@@ -201,21 +204,29 @@ def _yaml_type(tp: Any) -> Any:
 
 
 def _option_types(method: str) -> dict[str, tuple[Any, Any]]:
-    """Option name -> (YAML annotation, default) from the method's signature and type hints."""
-    from slimship.compress.base import METHODS, Training
-
+    """Option name -> (YAML annotation, default): the fields of the method's options object and of its
+    Training (a user's method without them: its keyword-only parameters and type hints)."""
     fn = METHODS[method]
+    options, training = getattr(fn, "options_type", None), getattr(fn, "training_defaults", None)
     hints: dict[str, Any] = {}
-    for source in (Training, getattr(fn, "__wrapped__", fn)):
+    for source in (Training, options or getattr(fn, "__wrapped__", fn)):
         with contextlib.suppress(Exception):  # a user's method with unresolvable hints: options untyped
             hints |= typing.get_type_hints(source)
+    if options is None:  # a method without an options object: its keyword-only parameters
+        defaults = {
+            p.name: p.default
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+    else:
+        defaults = {f.name: f.default for f in dataclasses.fields(options)}
+        if training is not None:
+            defaults |= {f.name: getattr(training, f.name) for f in dataclasses.fields(Training)}
     out = {}
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
-        tp = _yaml_type(hints.get(p.name, Any))
+    for name, default in defaults.items():
+        tp = _yaml_type(hints.get(name, Any))
         if tp is not None:
-            out[p.name] = (tp, p.default)
+            out[name] = (tp, default)
     return out
 
 
@@ -248,8 +259,6 @@ def compress_model(method: str) -> type[CompressSpec]:
 
 
 def _methods() -> list[str]:
-    from slimship.compress.base import METHODS, load_builtin_methods
-
     load_builtin_methods()
     return sorted(METHODS)
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from slimship._util import sha256_bytes
+from slimship.compress.training import LoopOptions, train_loop
 from slimship.errors import ConfigError, StoppedEarly
 from slimship.pipeline.config import PipelineConfig
 
@@ -22,10 +23,10 @@ def top1_accuracy(model: torch.nn.Module, test: Any) -> float | None:
 
 
 def train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, seed: int) -> None:
-    from slimship.compress.base import train_loop
-
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    train_loop(model, train, epochs=epochs, optimizer=optimizer, seed=seed, desc="dense training")
+    train_loop(
+        model, train, LoopOptions(epochs=epochs, seed=seed), optimizer=optimizer, desc="dense training"
+    )
 
 
 @dataclass

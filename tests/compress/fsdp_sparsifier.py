@@ -40,8 +40,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from slimship.compress import compress, device, sparsifier
-from slimship.compress.base import zero_mask
 from slimship.compress.device import training_strategy
+from slimship.compress.groups import zero_mask
 from slimship.errors import CompressionError
 from tests.compress.ddp_sparsifier import (
     METHODS,

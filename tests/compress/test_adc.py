@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 from torch import nn
 
-from slimship.compress import compress
+from slimship.compress import compress, method_options
 from slimship.compress.adc import (
+    AdcOptions,
     Budget,
     Pruner,
+    adc,
     aligned_counts,
     build_spaces,
     close_latency_loop,
     top_policies,
     uniform_counts,
 )
-from slimship.compress.base import GroupTensors, prunable_groups
+from slimship.compress.groups import GroupTensors, prunable_groups
 from slimship.data import Batches, digits_arrays
 from slimship.errors import CompressionError
 from slimship.slimming.api import count_flops, slim
@@ -244,3 +248,26 @@ def test_one_budget_flops_or_latency(data):
         compress("adc", tiny_cnn(), (x,), train, target_flops_kept=0.4, target_latency_ms=5.0)
     r = compress("adc", tiny_cnn(), (x,), train, search="uniform", finetune_epochs=0)
     assert r.info["budget"] == {"kind": "flops_kept", "target": 0.25}
+
+
+def test_options_object_matches_flat_options_and_unknown_names_are_refused(data):
+    train, x = data
+    flat = {"search": "uniform", "target_flops_kept": 0.3, "finetune_epochs": 0}
+    a = compress("adc", tiny_cnn(), (x,), train, **flat)
+    b = adc(
+        tiny_cnn(),
+        (x,),
+        train,
+        options=AdcOptions(search="uniform", finetune_epochs=0),
+        target_flops_kept=0.3,
+    )
+    assert a.info["policy"] == b.info["policy"]
+    for va, vb in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(va, vb)
+    assert method_options("adc") == {f.name: f.default for f in fields(AdcOptions)}
+    with pytest.raises(TypeError, match="episode"):
+        AdcOptions(episode=3)
+    with pytest.raises(CompressionError, match="has no option 'episode'"):
+        compress("adc", tiny_cnn(), (x,), train, episode=3)
+    with pytest.raises(CompressionError, match="options must be a AdcOptions"):
+        adc(tiny_cnn(), (x,), train, options={"episodes": 3})

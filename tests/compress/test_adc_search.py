@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimship.compress.adc import DDPG, adc_search, apply_policy
+from slimship.compress.adc import DDPG, SearchOptions, adc_search, apply_policy
 from slimship.errors import CompressionError
 from slimship.slimming.api import count_flops, slim
 from tests.compress.test_adc import tiny_cnn
@@ -97,6 +97,21 @@ def test_same_seed_same_policy_and_the_global_rng_is_left_alone() -> None:
     assert torch.equal(torch.random.get_rng_state(), state)
     b = search(model, closeness(model), episodes=10)
     assert a.policy == b.policy and a.rewards == b.rewards and a.episodes == b.episodes
+
+
+def test_an_options_object_gives_the_same_search_and_unknown_names_are_refused() -> None:
+    model = small_cnn()
+    flat = search(model, closeness(model), episodes=6)
+    options = SearchOptions(target_flops_kept=0.4, episodes=6, ddpg=FAST, seed=1)
+    typed = adc_search(model, (X,), closeness(model), options)
+    assert typed.policy == flat.policy and typed.rewards == flat.rewards
+    assert adc_search(model, (X,), closeness(model), options, episodes=6).rewards == flat.rewards
+    with pytest.raises(
+        CompressionError, match="adc_search has no option 'episode'; allowed options: calibrate"
+    ):
+        adc_search(model, (X,), closeness(model), options, episode=6)
+    with pytest.raises(CompressionError, match="adc_search options must be an options object"):
+        adc_search(model, (X,), closeness(model), {"episodes": 6})
 
 
 @pytest.mark.parametrize(

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from slimship.compress import compress, group_norms, train_loop
-from slimship.compress.base import (
-    METHODS,
-    GroupTensors,
-    Training,
-    lr_factor,
-    make_optimizer,
-    method_options,
-    prunable_groups,
-    register,
-)
+from slimship.compress import LoopOptions, compress, group_norms, train_loop
+from slimship.compress.groups import GroupTensors, prunable_groups
+from slimship.compress.registry import METHODS, CompressResult, method_options, register
+from slimship.compress.training import Training, lr_factor, make_optimizer
 from slimship.data import Batches
 from slimship.errors import CompressionError
 from slimship.slimming import find_groups, slim
@@ -144,11 +137,42 @@ def test_method_may_not_redeclare_a_training_option() -> None:
     assert "clashing" not in METHODS
 
 
+@dataclass(frozen=True)
+class EchoOptions:
+    width: float = 0.5
+    name: str = "a"
+
+
+def test_an_options_object_and_its_flat_fields_reach_the_method() -> None:
+    def echo(model, example_inputs, train, test=None, *, training: Training, options: EchoOptions):
+        return CompressResult(model=model, method="echo", info={"options": options, "training": training})
+
+    method = register("echo-options", training=Training(epochs=7), options=EchoOptions)(echo)
+    try:
+        assert method_options("echo-options") == {"width": 0.5, "name": "a", **asdict(Training(epochs=7))}
+        flat = compress("echo-options", tiny_model(), example(), None, width=0.25, lr=0.1).info
+        assert flat["options"] == EchoOptions(width=0.25) and flat["training"] == Training(epochs=7, lr=0.1)
+        typed = method(tiny_model(), example(), None, options=EchoOptions(name="b"), width=0.25).info
+        assert typed["options"] == EchoOptions(width=0.25, name="b")
+        with pytest.raises(CompressionError, match="options must be a EchoOptions, got dict"):
+            method(tiny_model(), example(), None, options={"width": 0.25})
+        with pytest.raises(CompressionError, match="has no option 'widht'"):
+            compress("echo-options", tiny_model(), example(), None, widht=0.25)
+        with pytest.raises(CompressionError, match=r"clash: \['width'\]"):
+            register("clash-options", options=EchoOptions)(
+                lambda model, example_inputs, train, test=None, *, options, width=1: None
+            )
+    finally:
+        METHODS.pop("echo-options")
+
+
 def _train(epochs: int, checkpoint=None, stop_after=None, model=None):
     model = model or tiny_model()
     opt = make_optimizer(model, 0.05)
     data = tiny_data()
-    hist = train_loop(model, data, epochs=epochs, optimizer=opt, checkpoint=checkpoint, stop_after=stop_after)
+    hist = train_loop(
+        model, data, LoopOptions(epochs, checkpoint=checkpoint, stop_after=stop_after), optimizer=opt
+    )
     return model, hist
 
 
@@ -165,7 +189,7 @@ def test_train_loop_resume_equals_uninterrupted(tmp_path, caplog) -> None:
     ckpt = tmp_path / "run.pt"
     _, partial = _train(3, checkpoint=ckpt, stop_after=1)
     assert len(partial) == 1 and ckpt.exists()
-    with caplog.at_level(logging.INFO, logger="slimship.compress.base"):
+    with caplog.at_level(logging.INFO, logger="slimship.compress.training"):
         resumed, hist = _train(3, checkpoint=ckpt)
     assert "resuming from checkpoint" in caplog.text
     assert same_state(full, resumed)
@@ -202,10 +226,10 @@ def test_prunable_groups_rejects_unknown_space() -> None:
 def _train_cosine(epochs: int, checkpoint=None, stop_after=None, floor: float = 0.1):
     model = tiny_model()
     opt = make_optimizer(model, 0.05)
-    hist = train_loop(
-        model, tiny_data(), epochs=epochs, optimizer=opt, checkpoint=checkpoint, stop_after=stop_after,
-        lr_schedule="cosine", lr_floor=floor,
-    )  # fmt: skip
+    options = LoopOptions(
+        epochs, lr_schedule="cosine", lr_floor=floor, checkpoint=checkpoint, stop_after=stop_after
+    )
+    hist = train_loop(model, tiny_data(), options, optimizer=opt)
     return model, hist, opt
 
 

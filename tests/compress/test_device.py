@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimship.compress import base
-from slimship.compress.base import rng_state, set_rng_state
+from slimship.compress import training
 from slimship.compress.device import (
     available_devices,
     backend_for,
@@ -19,6 +18,7 @@ from slimship.compress.device import (
     resolve_device,
     torchrun_env,
 )
+from slimship.compress.training import rng_state, set_rng_state
 from slimship.errors import ConfigError
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without cuda")
@@ -81,7 +81,7 @@ def test_a_device_state_for_a_missing_device_is_skipped_with_a_warning(device, c
     assert "cuda" not in state and "mps" not in state  # a CPU run saves CPU streams only
     expected = _draws()
     state[device] = [torch.get_rng_state()] if device == "cuda" else torch.get_rng_state()
-    with caplog.at_level(logging.WARNING, logger="slimship.compress.base"):
+    with caplog.at_level(logging.WARNING, logger="slimship.compress.training"):
         set_rng_state(state)
     assert _draws() == expected
     assert f"holds a {device} random state but this machine has no {device}" in caplog.text
@@ -89,7 +89,7 @@ def test_a_device_state_for_a_missing_device_is_skipped_with_a_warning(device, c
 
 def test_a_device_state_is_restored_where_the_device_exists(monkeypatch) -> None:
     restored = []
-    monkeypatch.setitem(base.DEVICE_RNG, "cuda", (lambda: True, restored.append))
+    monkeypatch.setitem(training.DEVICE_RNG, "cuda", (lambda: True, restored.append))
     saved = [torch.get_rng_state(), torch.get_rng_state()]
     set_rng_state(rng_state() | {"cuda": saved})
     assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], saved, strict=True))

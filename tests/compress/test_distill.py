@@ -16,7 +16,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from slimship.compress import DistillationLoss, build_student, compress, distill, thinned, train_loop
+from slimship.compress import (
+    DistillationLoss,
+    LoopOptions,
+    build_student,
+    compress,
+    distill,
+    thinned,
+    train_loop,
+)
 from slimship.compress.distill import choose_student
 from slimship.data import evaluate_accuracy
 from slimship.errors import CompressionError
@@ -111,7 +119,7 @@ def trained_teacher(data) -> nn.Module:
     """The tiny model after a few epochs of plain training (a teacher worth distilling)."""
     teacher = tiny_model()
     optimizer = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
-    train_loop(teacher, data, epochs=4, optimizer=optimizer)
+    train_loop(teacher, data, LoopOptions(epochs=4), optimizer=optimizer)
     return teacher.eval()
 
 

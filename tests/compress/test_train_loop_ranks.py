@@ -14,7 +14,7 @@ from torch import nn
 
 def _train_rank(rank: int, folder: str) -> None:
     """One rank: a BatchNorm model trained on this rank's own batches; its state saved to rank<r>.pt."""
-    from slimship.compress.base import train_loop
+    from slimship.compress.training import LoopOptions, train_loop
 
     torch.set_num_threads(1)
     store = dist.FileStore(str(Path(folder) / "store"), 2)
@@ -26,7 +26,7 @@ def _train_rank(rank: int, folder: str) -> None:
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
         batches = [(torch.randn(4, 1, 8, 8, generator=g) + rank, torch.randint(0, 3, (4,), generator=g))] * 2
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        train_loop(model, batches, epochs=1, optimizer=optimizer, desc="ranks")
+        train_loop(model, batches, LoopOptions(epochs=1), optimizer=optimizer, desc="ranks")
         torch.save(model.state_dict(), Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimship.compress.base import group_norms, group_vector, zero_mask
+from slimship.compress.groups import group_norms, group_vector, zero_mask
 from slimship.compress.views import GroupViews
 from slimship.slimming import find_groups
 from slimship.slimming.graph import get_tensor, slice_index

@@ -37,7 +37,7 @@ from slimship.compress.adc.latency import (
     close_latency_loop,
     measure_latency_ms,
 )
-from slimship.compress.adc.method import adc, split_validation, validation_scores
+from slimship.compress.adc.method import AdcOptions, adc, split_validation, validation_scores
 from slimship.compress.adc.policy import (
     IMPORTANCES,
     AdcPolicy,
@@ -48,6 +48,7 @@ from slimship.compress.adc.policy import (
 )
 from slimship.compress.adc.search import (
     SEARCHES,
+    SearchOptions,
     SearchResult,
     adc_search,
     select_policy,
@@ -59,12 +60,14 @@ __all__ = [
     "IMPORTANCES",
     "RUNTIMES",
     "SEARCHES",
+    "AdcOptions",
     "AdcPolicy",
     "Agent",
     "Budget",
     "FlopsModel",
     "LatencyTable",
     "Pruner",
+    "SearchOptions",
     "SearchResult",
     "Snap",
     "Space",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimship.compress.base import run_with_hooks
+from slimship.compress.groups import run_with_hooks
 from slimship.slimming.api import ChannelGroup, count_flops
 
 KINDS = {nn.Conv1d: 1.0, nn.Conv2d: 1.0, nn.Conv3d: 1.0, nn.Linear: 0.0}

@@ -19,8 +19,8 @@ from torch import nn
 
 from slimship.compress.adc.budget import Budget, Snap, Space, grow_to_budget, shrink_to_budget
 from slimship.compress.adc.policy import Pruner
-from slimship.compress.base import progress
 from slimship.compress.device import broadcast_from_rank0, device_of, rank, score_dtype
+from slimship.compress.training import progress
 from slimship.errors import CompressionError
 from slimship.exporters.registry import ExportRequest, format_for_runtime
 from slimship.runtimes.measure import median_latencies_ms

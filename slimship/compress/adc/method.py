@@ -33,18 +33,18 @@ from slimship.compress.adc.search import (
     select_policy,
     top_policies,
 )
-from slimship.compress.base import (
+from slimship.compress.checks import check_choice
+from slimship.compress.device import device_of
+from slimship.compress.groups import GroupTensors
+from slimship.compress.registry import CompressResult, register
+from slimship.compress.training import (
     Batch,
-    CompressResult,
-    GroupTensors,
+    LoopOptions,
     make_optimizer,
     maybe_accuracy,
-    register,
     train_loop,
     working_copy,
 )
-from slimship.compress.checks import check_choice
-from slimship.compress.device import device_of
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
 
@@ -97,10 +97,9 @@ def finetune(model, tensors: GroupTensors, removed: list[int], train, epochs: in
     history = train_loop(
         model,
         train,
-        epochs=epochs,
+        LoopOptions(epochs=epochs, seed=seed),
         optimizer=make_optimizer(model, lr),
         step_hook=keep_zero,
-        seed=seed,
         desc="adc fine-tune",
     )
     keep_zero(model, 0, 0)
@@ -111,49 +110,56 @@ def finetune(model, tensors: GroupTensors, removed: list[int], train, epochs: in
 DEFAULT_FLOPS_KEPT = 0.25
 
 
-@register("adc")
+@dataclass(frozen=True)
+class AdcOptions:
+    """The options of :func:`adc` (see its documentation); ``adc(..., options=AdcOptions(...))``."""
+
+    target_flops_kept: float | None = None
+    target_latency_ms: float | None = None
+    target_runtime: str = "onnxruntime"
+    target_threads: int = 1
+    latency_fractions: Sequence[float] = (0.25, 0.5, 0.75)
+    latency_runs: int = 60
+    search: str = "ddpg"
+    episodes: int = 200
+    warmup_episodes: int = 40
+    min_keep: float = 0.1
+    max_keep: float = 1.0
+    importance: str = "magnitude"
+    recalibrate_bn: int = 4
+    seed_uniform: bool = True
+    top_k: int = 4
+    select_epochs: int = 1
+    latency_margin: float = 0.05
+    latency_rounds: int = 6
+    latency_repeats: int = 3
+    latency_fill: bool = True
+    latency_multiple: int | None = None
+    val_fraction: float = 0.2
+    sigma: float = 0.5
+    sigma_decay: float = 0.97
+    hidden: int = 64
+    lr_actor: float = 1e-3
+    lr_critic: float = 1e-3
+    tau: float = 0.01
+    gamma: float = 1.0
+    batch_size: int = 64
+    updates_per_step: int = 4
+    buffer_size: int = 4000
+    finetune_epochs: int = 5
+    lr: float = 0.01
+    checkpoint: str | Path | None = None
+    seed: int = 0
+
+
+@register("adc", options=AdcOptions)
 def adc(
     model: nn.Module,
     example_inputs: Any,
     train: Iterable[Batch] | None,
     test: Iterable[Batch] | None = None,
     *,
-    target_flops_kept: float | None = None,
-    target_latency_ms: float | None = None,
-    target_runtime: str = "onnxruntime",
-    target_threads: int = 1,
-    latency_fractions: Sequence[float] = (0.25, 0.5, 0.75),
-    latency_runs: int = 60,
-    search: str = "ddpg",
-    episodes: int = 200,
-    warmup_episodes: int = 40,
-    min_keep: float = 0.1,
-    max_keep: float = 1.0,
-    importance: str = "magnitude",
-    recalibrate_bn: int = 4,
-    seed_uniform: bool = True,
-    top_k: int = 4,
-    select_epochs: int = 1,
-    latency_margin: float = 0.05,
-    latency_rounds: int = 6,
-    latency_repeats: int = 3,
-    latency_fill: bool = True,
-    latency_multiple: int | None = None,
-    val_fraction: float = 0.2,
-    sigma: float = 0.5,
-    sigma_decay: float = 0.97,
-    hidden: int = 64,
-    lr_actor: float = 1e-3,
-    lr_critic: float = 1e-3,
-    tau: float = 0.01,
-    gamma: float = 1.0,
-    batch_size: int = 64,
-    updates_per_step: int = 4,
-    buffer_size: int = 4000,
-    finetune_epochs: int = 5,
-    lr: float = 0.01,
-    checkpoint: str | Path | None = None,
-    seed: int = 0,
+    options: AdcOptions,
 ) -> CompressResult:
     """Search per-space keep ratios with DDPG under a FLOPs (or latency) budget, prune, fine-tune.
 
@@ -169,40 +175,57 @@ def adc(
     the target's kernels favour, see ``slimship.runtimes.measure_alignment``): unaligned counts can fall
     off a runtime's fast kernels, which no per-space latency table predicts.
     """
+    target_flops_kept = options.target_flops_kept
     if train is None:
         raise CompressionError(
             "adc needs training data (train batches) for its validation split and fine-tuning"
         )
-    check_choice("search", search, SEARCHES)
-    check_keep(min_keep, max_keep)
-    if target_flops_kept is not None and target_latency_ms is not None:
+    check_choice("search", options.search, SEARCHES)
+    check_keep(options.min_keep, options.max_keep)
+    if target_flops_kept is not None and options.target_latency_ms is not None:
         raise CompressionError(
             f"give one of target_flops_kept ({target_flops_kept}) and target_latency_ms "
-            f"({target_latency_ms}), not both: the search has one budget"
+            f"({options.target_latency_ms}), not both: the search has one budget"
         )
-    if target_latency_ms is None and target_flops_kept is None:
+    if options.target_latency_ms is None and target_flops_kept is None:
         target_flops_kept = DEFAULT_FLOPS_KEPT
-    if top_k < 1 or select_epochs < 0 or latency_rounds < 1 or not 0 <= latency_margin < 1:
+    if (
+        options.top_k < 1
+        or options.select_epochs < 0
+        or options.latency_rounds < 1
+        or not 0 <= options.latency_margin < 1
+    ):
         raise CompressionError(
             "options need top_k >= 1, select_epochs >= 0, latency_rounds >= 1 and 0 <= latency_margin < 1, "
-            f"got {top_k}, {select_epochs}, {latency_rounds}, {latency_margin}"
+            f"got {options.top_k}, {options.select_epochs}, {options.latency_rounds}, "
+            f"{options.latency_margin}"
         )
     inputs = as_input_tuple(example_inputs)
     model = working_copy(model).eval()
-    rest, val = split_validation(train, val_fraction, seed)
-    setup = prepare(model, inputs, importance, rest[:1])
+    rest, val = split_validation(train, options.val_fraction, options.seed)
+    setup = prepare(model, inputs, options.importance, rest[:1])
     pruner, spaces, flops = setup.pruner, setup.spaces, setup.flops
-    info: dict[str, Any] = {"spaces": setup.names, "importance": importance, "search": search}
-    timing = Timing(target_runtime, target_threads, latency_runs, latency_repeats)
-    if target_latency_ms is not None:
-        budget, table = latency_budget(setup, inputs, timing, target_latency_ms, min_keep, latency_fractions)
+    info: dict[str, Any] = {"spaces": setup.names, "importance": options.importance, "search": options.search}
+    timing = Timing(
+        options.target_runtime, options.target_threads, options.latency_runs, options.latency_repeats
+    )
+    if options.target_latency_ms is not None:
+        budget, table = latency_budget(
+            setup, inputs, timing, options.target_latency_ms, options.min_keep, options.latency_fractions
+        )
         info["latency_table"] = table
-        info["budget"] = {"kind": "latency_ms", "target": target_latency_ms, "runtime": target_runtime}
+        info["budget"] = {
+            "kind": "latency_ms",
+            "target": options.target_latency_ms,
+            "runtime": options.target_runtime,
+        }
     else:
-        budget = flops_budget(setup, target_flops_kept, min_keep)
+        budget = flops_budget(setup, target_flops_kept, options.min_keep)
         info["budget"] = {"kind": "flops_kept", "target": target_flops_kept}
 
-    calib = [(x[i : i + 64], y[i : i + 64]) for x, y in rest for i in range(0, 64 * recalibrate_bn, 64)]
+    calib = [
+        (x[i : i + 64], y[i : i + 64]) for x, y in rest for i in range(0, 64 * options.recalibrate_bn, 64)
+    ]
     device = device_of(model)
 
     def evaluate(m: nn.Module) -> float:
@@ -210,53 +233,56 @@ def adc(
 
     score = Scorer(pruner, evaluate, calib)
     ddpg = DDPG(
-        warmup_episodes=warmup_episodes,
-        sigma=sigma,
-        sigma_decay=sigma_decay,
-        hidden=hidden,
-        lr_actor=lr_actor,
-        lr_critic=lr_critic,
-        tau=tau,
-        gamma=gamma,
-        batch_size=batch_size,
-        updates_per_step=updates_per_step,
-        buffer_size=buffer_size,
+        warmup_episodes=options.warmup_episodes,
+        sigma=options.sigma,
+        sigma_decay=options.sigma_decay,
+        hidden=options.hidden,
+        lr_actor=options.lr_actor,
+        lr_critic=options.lr_critic,
+        tau=options.tau,
+        gamma=options.gamma,
+        batch_size=options.batch_size,
+        updates_per_step=options.updates_per_step,
+        buffer_size=options.buffer_size,
     )
     state, incumbent = search_policies(
         setup,
         budget,
         score,
-        search=search,
-        episodes=episodes,
+        search=options.search,
+        episodes=options.episodes,
         ddpg=ddpg,
-        keep=(min_keep, max_keep),
-        seed_uniform=seed_uniform,
-        checkpoint=checkpoint,
-        seed=seed,
+        keep=(options.min_keep, options.max_keep),
+        seed_uniform=options.seed_uniform,
+        checkpoint=options.checkpoint,
+        seed=options.seed,
     )
-    candidates = top_policies(state.curve, incumbent, top_k)
+    candidates = top_policies(state.curve, incumbent, options.top_k)
     counts, selection = candidates[0]["counts"], []
-    if select_epochs > 0 and len(candidates) > 1:
-        tune = training_batches(rest, getattr(train, "batch_size", 64), seed)
+    if options.select_epochs > 0 and len(candidates) > 1:
+        tune = training_batches(rest, getattr(train, "batch_size", 64), options.seed)
 
         def select_score(c: list[int]) -> dict[str, float]:
             removed = pruner.apply(c)
             recalibrate_batchnorm(model, calib, pruner.tensors, removed)
-            finetune(model, pruner.tensors, removed, tune, select_epochs, lr, seed)
+            finetune(model, pruner.tensors, removed, tune, options.select_epochs, options.lr, options.seed)
             return validation_scores(model, val)
 
         counts, selection = select_policy(candidates, select_score)
     info["selection"] = selection
-    if target_latency_ms is not None:
-        caps = [max(1, math.floor(max_keep * s.n)) for s in spaces] if latency_fill else None
-        counts, checks = check_latency(setup, inputs, timing, budget, counts, target_latency_ms, caps,
-                                       latency_margin, latency_rounds, latency_multiple)  # fmt: skip
+    if options.target_latency_ms is not None:
+        caps = [max(1, math.floor(options.max_keep * s.n)) for s in spaces] if options.latency_fill else None
+        o = options
+        counts, checks = check_latency(setup, inputs, timing, budget, counts, o.target_latency_ms, caps,
+                                       o.latency_margin, o.latency_rounds, o.latency_multiple)  # fmt: skip
         chosen = next(c for c in checks if c["chosen"])
         info.update(latency_checks=checks, predicted_latency_ms=chosen["predicted_ms"])
         info["measured_latency_ms"] = chosen["measured_ms"]
     info["search_val_accuracy"] = 100.0 * score(counts, "the chosen policy")  # leaves it applied
     removed = pruner.pruned(counts)
-    history = finetune(model, pruner.tensors, removed, train, finetune_epochs, lr, seed)
+    history = finetune(
+        model, pruner.tensors, removed, train, options.finetune_epochs, options.lr, options.seed
+    )
     fr = budget.fractions(counts)
     info.update(
         policy={s.name: f for s, f in zip(spaces, fr, strict=True)},

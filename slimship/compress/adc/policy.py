@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimship.compress.adc.budget import Space
-from slimship.compress.base import Batch, GroupTensors, prunable_groups
 from slimship.compress.checks import check_module, refuse
 from slimship.compress.device import device_of, mean_across_ranks, score_dtype, unwrap
+from slimship.compress.groups import GroupTensors, prunable_groups
+from slimship.compress.training import Batch
 from slimship.errors import CompressionError
 from slimship.slimming.api import ChannelGroup
 from slimship.slimming.trace import as_input_tuple

@@ -36,16 +36,17 @@ from slimship.compress.adc.agent import (
 )
 from slimship.compress.adc.budget import Budget, FlopsModel, Space, build_spaces, uniform_counts
 from slimship.compress.adc.policy import AdcPolicy, Pruner, importance_scores, recalibrate_batchnorm
-from slimship.compress.base import (
-    Batch,
-    load_checkpoint,
-    progress,
-    prunable_groups,
-    save_checkpoint,
-    working_copy,
+from slimship.compress.checks import (
+    check_batches,
+    check_int,
+    check_module,
+    check_number,
+    refuse,
+    with_overrides,
 )
-from slimship.compress.checks import check_batches, check_int, check_module, check_number, refuse
 from slimship.compress.device import device_of, mean_across_ranks, rank, score_dtype, unwrap
+from slimship.compress.groups import prunable_groups
+from slimship.compress.training import Batch, load_checkpoint, progress, save_checkpoint, working_copy
 from slimship.errors import CompressionError
 from slimship.slimming.trace import as_input_tuple
 
@@ -303,32 +304,55 @@ class SearchResult:
     uniform_reward: float | None  # the uniform policy's reward (None without seed_uniform)
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """The options of :func:`adc_search`.
+
+    `target_flops_kept` is the FLOPs budget, `episodes` the search length, `search` a name in
+    ``SEARCHES``, `ddpg` the agent's settings (``DDPG(...)``; None: the defaults), keep ratios per space
+    lie in [`min_keep`, `max_keep`], `seed_uniform` scores the uniform policy first, `calibrate` batches
+    re-estimate BatchNorm statistics before each `evaluate`, `spaces` restricts the spaces searched,
+    `checkpoint` is the file the search saves to and resumes from, `seed` seeds the draws.
+    """
+
+    target_flops_kept: float = 0.5
+    episodes: int = 100
+    ddpg: DDPG | None = None
+    min_keep: float = 0.1
+    max_keep: float = 1.0
+    search: str = "ddpg"
+    seed_uniform: bool = True
+    calibrate: Iterable[Batch] = ()
+    spaces: Sequence[str] | None = None
+    checkpoint: str | Path | None = None
+    seed: int = 0
+
+
 def adc_search(
     model: nn.Module,
     example_inputs: Any,
     evaluate: Evaluate,
-    *,
-    target_flops_kept: float = 0.5,
-    episodes: int = 100,
-    ddpg: DDPG | None = None,
-    min_keep: float = 0.1,
-    max_keep: float = 1.0,
-    search: str = "ddpg",
-    seed_uniform: bool = True,
-    calibrate: Iterable[Batch] = (),
-    spaces: Sequence[str] | None = None,
-    checkpoint: str | Path | None = None,
-    seed: int = 0,
+    options: SearchOptions | None = None,
+    **overrides: Any,
 ) -> SearchResult:
     """Search how much of each channel space to keep under a FLOPs budget, scoring each policy with
     `evaluate(pruned_model) -> float` (higher is better; your validation loop, on the model's device).
 
+    The options are a :class:`SearchOptions`; keyword `overrides` name its fields
+    (``adc_search(model, x, evaluate, episodes=60)``) and replace them, an unknown name is refused.
     `model` (DDP-wrapped or not) is not modified: the search prunes a copy on the same device. Before
     each `evaluate`, BatchNorm statistics are re-estimated on the `calibrate` batches when given. DDPG
     settings (warm-up episodes, exploration noise, networks) are ``ddpg``; `spaces` restricts the spaces
     searched. Under torchrun run it on every rank: all ranks return the same policy. Raises
     CompressionError when `evaluate` returns a non-finite value or no real number.
     """
+    o = with_overrides("adc_search", options or SearchOptions(), overrides)
+    target_flops_kept, episodes, ddpg, min_keep, max_keep = (
+        o.target_flops_kept, o.episodes, o.ddpg, o.min_keep, o.max_keep
+    )  # fmt: skip
+    search, seed_uniform, calibrate, spaces, checkpoint, seed = (
+        o.search, o.seed_uniform, o.calibrate, o.spaces, o.checkpoint, o.seed
+    )  # fmt: skip
     check_module("adc_search model", model)
     if not callable(evaluate):
         raise CompressionError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")

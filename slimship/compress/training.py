@@ -1,27 +1,15 @@
-"""Shared ground for compression methods: result type, registry, the training loop, group helpers.
-
-A method is a function ``fn(model, example_inputs, train, test=None, *, option=default, ...)`` that
-returns a :class:`CompressResult`; ``@register("name")`` makes it callable as ``compress("name", ...)``.
-A method that trains with SGD takes ``training: Training`` instead of repeating the shared options:
-``@register("name", training=Training(epochs=20))`` gives it flat keyword options (``epochs=``, ``lr=``,
-...) with those per-method defaults, visible in its signature and in ``method_options``.
-Methods work on the channel groups ``slimship.slimming.find_groups`` derives from the graph, never on
-hand-listed layers, and leave structure the slimming engine can remove: exactly-zero groups or exactly
-identical groups.
-"""
+"""The training loop the methods share: `Training` options, `train_loop`, checkpoints, RNG state."""
 
 from __future__ import annotations
 
 import copy
-import functools
-import importlib
 import inspect
 import io
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,139 +33,12 @@ from slimship.compress.device import (
     world_size,
     wrap_for_training,
 )
-from slimship.compress.shards import sharded_model
 from slimship.errors import CompressionError
-from slimship.slimming.api import ChannelGroup, GroupSet, find_groups
-from slimship.slimming.graph import get_tensor, slice_index
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Hook = Callable[..., dict[str, Any] | None]
-
-#: modules whose import registers methods; missing ones are skipped (they may not exist yet)
-BUILTIN_MODULES = ("hspg", "csgd", "drop", "distill", "imports", "adc", "simguided", "lorita")
-
-
-@dataclass
-class CompressResult:
-    """A compressed model (same architecture; structure shows as zero or identical groups)."""
-
-    model: nn.Module
-    method: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-METHODS: dict[str, Callable[..., CompressResult]] = {}
-#: methods that train under the fsdp strategy (their sparsifier follows the shards; see sparsifier.py)
-SHARDABLE: set[str] = set()
-
-
-def register(
-    name: str, *, training: Training | None = None
-) -> Callable[[Callable[..., CompressResult]], Callable[..., CompressResult]]:
-    """Decorator: make `fn` available as ``compress(name, ...)``.
-
-    With `training`, `fn` takes a ``training: Training`` argument; the registered method takes the
-    fields of :class:`Training` as flat keyword options instead, defaulting to `training`'s values.
-    """
-
-    def wrap(fn: Callable[..., CompressResult]) -> Callable[..., CompressResult]:
-        method = fn if training is None else _with_training(fn, training)
-        if name in METHODS and METHODS[name] is not method:
-            raise CompressionError(f"compression method {name!r} is registered twice")
-        METHODS[name] = method
-        return method
-
-    return wrap
-
-
-def _with_training(fn: Callable[..., CompressResult], defaults: Training) -> Callable[..., CompressResult]:
-    """`fn(..., training=Training)` as a method with the Training fields as flat keyword options."""
-    signature = inspect.signature(fn)
-    own = [p for p in signature.parameters.values() if p.name != "training"]
-    shared = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, f.name))
-        for f in fields(Training)
-    ]
-    clash = {p.name for p in own} & {p.name for p in shared}
-    if "training" not in signature.parameters or clash:
-        raise CompressionError(
-            f"method {fn.__name__} must take `training` and none of the Training options "
-            f"itself (clash: {sorted(clash)})"
-        )
-    names = {p.name for p in shared}
-
-    @functools.wraps(fn)
-    def method(model: nn.Module, example_inputs: Any, train: Any, test: Any = None, **options: Any):
-        run = {k: options.pop(k) for k in list(options) if k in names}
-        return fn(model, example_inputs, train, test, training=replace(defaults, **run), **options)
-
-    method.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
-    return method
-
-
-def load_builtin_methods() -> None:
-    """Import the method modules that exist so that they register themselves."""
-    for module in BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"slimship.compress.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"slimship.compress.{module}":
-                raise
-
-
-def method_options(method: str) -> dict[str, Any]:
-    """The keyword options of `method` with their defaults."""
-    fn = _lookup(method)
-    return {
-        p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-
-
-def _lookup(method: str) -> Callable[..., CompressResult]:
-    load_builtin_methods()
-    if method not in METHODS:
-        raise CompressionError(
-            f"unknown compression method {method!r}; allowed: {', '.join(sorted(METHODS)) or '(none)'}"
-        )
-    return METHODS[method]
-
-
-def compress(
-    method: str,
-    model: nn.Module,
-    example_inputs: Any,
-    train: Iterable[Batch] | None,
-    test: Iterable[Batch] | None = None,
-    **options: Any,
-) -> CompressResult:
-    """Run compression `method` on a copy of `model`; unknown methods or options raise CompressionError."""
-    fn = _lookup(method)
-    if sharded_model(model):
-        raise CompressionError(
-            f"compress({method!r}): the model is already sharded (DTensor parameters); pass the plain model: "
-            "slimship's loop shards its own copy under training_strategy('fsdp') (train.strategy: fsdp)"
-        )
-    allowed = method_options(method)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise CompressionError(
-            f"compression method {method!r} has no option {', '.join(map(repr, unknown))}; "
-            f"allowed options: {', '.join(sorted(allowed))}"
-        )
-    if strategy() == "fsdp" and world_size() > 1 and method not in SHARDABLE:
-        raise CompressionError(
-            f"compression method {method!r} does not train under strategy fsdp (its hooks assume a plain "
-            f"model); methods that do: {', '.join(sorted(SHARDABLE))}; or use strategy ddp"
-        )
-    log.info("compress: %s with %s", method, options or "defaults")
-    result = fn(model, example_inputs, train, test, **options)
-    result.method = method
-    return result
 
 
 # ---- training loop ---------------------------------------------------------------------------------
@@ -367,19 +228,21 @@ class Training:
         return train_loop(
             model,
             batches,
-            epochs=self.epochs,
+            LoopOptions(
+                epochs=self.epochs,
+                seed=self.seed,
+                lr_schedule=self.lr_schedule,
+                lr_floor=self.lr_floor,
+                checkpoint=self.checkpoint,
+                stop_after=self.stop_after,
+            ),
             optimizer=make_optimizer(model, self.lr, self.momentum, self.weight_decay),
             loss_fn=loss_fn,
             grad_hook=grad_hook,
             step_hook=step_hook,
             epoch_hook=epoch_hook,
-            checkpoint=self.checkpoint,
             state=state,
-            stop_after=self.stop_after,
-            seed=self.seed,
             desc=desc,
-            lr_schedule=self.lr_schedule,
-            lr_floor=self.lr_floor,
         )
 
     def completed(self, history: list[dict[str, Any]]) -> bool:
@@ -392,25 +255,40 @@ def _set_epoch(batches: Iterable[Batch], epoch: int) -> None:
         batches.set_epoch(epoch)
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """The options of one :func:`train_loop` run: its length, seed, rate schedule and checkpoint.
+
+    `epochs` passes over the batches; `seed` seeds torch, numpy and `random` first; `lr_schedule` (a name
+    in ``LR_SCHEDULES``) and `lr_floor` shape the rate; `checkpoint` is the file a run saves to and
+    resumes from; `stop_after` ends the call after that many epochs in total (the checkpoint finishes it).
+    """
+
+    epochs: int
+    seed: int = 0
+    lr_schedule: str = "constant"
+    lr_floor: float = 0.0
+    checkpoint: Path | str | None = None
+    stop_after: int | None = None
+
+
 def train_loop(
     model: nn.Module,
     batches: Iterable[Batch],
+    options: LoopOptions,
     *,
-    epochs: int,
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
     step_hook: Hook | None = None,
     epoch_hook: Hook | None = None,
     grad_hook: Hook | None = None,
-    checkpoint: Path | str | None = None,
     state: dict[str, Any] | None = None,
-    stop_after: int | None = None,
-    seed: int = 0,
     desc: str = "train",
-    lr_schedule: str = "constant",
-    lr_floor: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Train `model` in place for `epochs` passes over `batches`; return one record per epoch.
+    """Train `model` in place for ``options.epochs`` passes over `batches`; return one record per epoch.
+
+    ``train_loop(model, batches, LoopOptions(epochs=3), optimizer=opt)``; the fields of `options` below
+    are named as in :class:`LoopOptions`.
 
     Hooks get ``(model, epoch, step)``: ``grad_hook`` after ``backward`` (may edit gradients),
     ``step_hook`` after ``optimizer.step()``, ``epoch_hook`` at the end of an epoch (its dict is merged
@@ -433,6 +311,13 @@ def train_loop(
     the samples of all ranks. At the end every rank takes rank 0's parameters and buffers (under DDP each
     rank's BatchNorm statistics follow its own last batches), so all hold the model rank 0 publishes.
     """
+    epochs, seed, checkpoint, stop_after = (
+        options.epochs,
+        options.seed,
+        options.checkpoint,
+        options.stop_after,
+    )
+    lr_schedule, lr_floor = options.lr_schedule, options.lr_floor
     if epochs < 0:
         raise CompressionError(f"epochs must be >= 0, got {epochs}")
     steps_per_epoch = _check_schedule(lr_schedule, lr_floor, batches)
@@ -616,99 +501,6 @@ class _progress:
 progress = _progress
 
 
-# ---- groups ----------------------------------------------------------------------------------------
-def as_groups(groups: GroupSet | Sequence[ChannelGroup]) -> list[ChannelGroup]:
-    return list(groups.groups) if isinstance(groups, GroupSet) else list(groups)
-
-
-def group_slices(
-    model: nn.Module, group: ChannelGroup, params_only: bool = True
-) -> list[tuple[torch.Tensor, tuple[Any, ...]]]:
-    """(tensor, index) of each producing slice of `group`; buffers (running means) only if asked."""
-    params = {id(p) for p in model.parameters()}
-    out = []
-    for name, dim, positions in group.produce:
-        t = get_tensor(model, name)
-        if params_only and id(t) not in params:
-            continue
-        out.append((t, slice_index(dim, positions, t.dim())))
-    return out
-
-
-def group_vector(model: nn.Module, group: ChannelGroup, grad: bool = False) -> torch.Tensor:
-    """The group's parameter slices (or their gradients) flattened into one vector."""
-    parts = []
-    for t, idx in group_slices(model, group):
-        src = t.grad if grad else t
-        parts.append(torch.zeros(t[idx].numel()) if src is None else src.detach()[idx].reshape(-1))
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-@torch.no_grad()
-def group_norms(model: nn.Module, groups: GroupSet | Sequence[ChannelGroup]) -> torch.Tensor:
-    """L2 norm of each group's producing parameter slices (float64, one entry per group)."""
-    return torch.tensor([float(group_vector(model, g).double().norm()) for g in as_groups(groups)])
-
-
-@torch.no_grad()
-def zero_groups(model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
-    """Set every producing slice (parameters and running means) of `groups` to exactly zero."""
-    for g in groups:
-        for name, dim, positions in g.produce:
-            t = get_tensor(model, name)
-            t[slice_index(dim, positions, t.dim())] = 0
-
-
-def zero_mask(model: nn.Module, groups: GroupSet | Sequence[ChannelGroup]) -> list[bool]:
-    """True for each group whose producing parameter slices are all exactly zero."""
-    return [bool((group_vector(model, g) == 0).all()) for g in as_groups(groups)]
-
-
-def prunable_groups(
-    model: nn.Module, example_inputs: Any, spaces: Sequence[str] | None = None
-) -> tuple[GroupSet, dict[str, list[int]]]:
-    """find_groups plus the spaces with at least two groups (a space keeps one channel at least).
-
-    `spaces` restricts the spaces used (unknown names raise CompressionError listing the known ones).
-    """
-    found = find_groups(model, example_inputs)
-    by_space = {s: idx for s, idx in found.by_space.items() if len(idx) >= 2}
-    if spaces is not None:
-        missing = sorted(set(spaces) - set(found.by_space))
-        if missing:
-            raise CompressionError(
-                f"spaces {missing} are not prunable channel spaces of this model; "
-                f"known: {sorted(found.by_space)}"
-            )
-        by_space = {s: idx for s, idx in by_space.items() if s in set(spaces)}
-    if not by_space:
-        raise CompressionError(
-            "the model has no prunable channel groups (every space is pinned: "
-            f"{found.pinned_spaces or 'no channel spaces found'})"
-        )
-    return found, by_space
-
-
-def group_sparsity(model: nn.Module, groups: GroupSet | Sequence[ChannelGroup]) -> float:
-    """Fraction of `groups` that are exactly zero."""
-    mask = zero_mask(model, groups)
-    return sum(mask) / max(len(mask), 1)
-
-
-def run_with_hooks(
-    model: nn.Module, inputs: tuple[Any, ...], hooks: dict[nn.Module, Callable[..., None]]
-) -> None:
-    """One no-grad forward of `model` on `inputs` with each forward hook of `hooks` (module -> hook)
-    registered for that pass only."""
-    handles = [module.register_forward_hook(fn) for module, fn in hooks.items()]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def working_copy(model: nn.Module) -> nn.Module:
     """A deep copy to train, so the caller's model is left untouched."""
     return copy.deepcopy(model)
@@ -726,91 +518,3 @@ def maybe_accuracy(model: nn.Module, batches: Iterable[Batch] | None) -> float |
     from slimship.data import evaluate_accuracy
 
     return float(evaluate_accuracy(model, batches))
-
-
-class GroupTensors:
-    """Fast access to the parameter slices of a fixed list of groups on one model.
-
-    Built once per training run; the slices index the model's own parameters, so a checkpoint loaded
-    with ``load_state_dict`` (which copies in place) is seen immediately.
-    """
-
-    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
-        self.model = model
-        self.groups = list(groups)
-        self.slices = [group_slices(model, g) for g in self.groups]
-        self.buffers = [
-            [(t, idx) for t, idx in group_slices(model, g, params_only=False) if not t.requires_grad]
-            for g in self.groups
-        ]
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def vector(self, i: int, grad: bool = False) -> torch.Tensor:
-        parts = []
-        for t, idx in self.slices[i]:
-            src = t.grad if grad else t
-            parts.append(torch.zeros(t[idx].numel()) if src is None else src.detach()[idx].reshape(-1))
-        return torch.cat(parts)
-
-    def norm(self, i: int) -> float:
-        return float(self.vector(i).double().norm())
-
-    def norms(self) -> torch.Tensor:
-        return torch.tensor([self.norm(i) for i in range(len(self))], dtype=torch.float64)
-
-    def sizes(self) -> list[int]:
-        return [sum(t[idx].numel() for t, idx in s) for s in self.slices]
-
-    @torch.no_grad()
-    def set_vector(self, i: int, vector: torch.Tensor) -> None:
-        offset = 0
-        for t, idx in self.slices[i]:
-            n = t[idx].numel()
-            t[idx] = vector[offset : offset + n].reshape(t[idx].shape).to(t.dtype)
-            offset += n
-
-    @torch.no_grad()
-    def scale(self, i: int, factor: float) -> None:
-        for t, idx in self.slices[i]:
-            t[idx] = t[idx] * factor
-
-    @torch.no_grad()
-    def zero(self, i: int) -> None:
-        for t, idx in self.slices[i] + self.buffers[i]:
-            t[idx] = 0
-
-    @torch.no_grad()
-    def zero_grad(self, i: int) -> None:
-        for t, idx in self.slices[i]:
-            if t.grad is not None:
-                t.grad[idx] = 0
-
-    @torch.no_grad()
-    def add_grad(self, i: int, vector: torch.Tensor) -> None:
-        offset = 0
-        for t, idx in self.slices[i]:
-            n = t[idx].numel()
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
-            t.grad[idx] = t.grad[idx] + vector[offset : offset + n].reshape(t[idx].shape)
-            offset += n
-
-    def is_zero(self, i: int) -> bool:
-        return bool((self.vector(i) == 0).all())
-
-    @torch.no_grad()
-    def set_grad(self, i: int, vector: torch.Tensor) -> None:
-        offset = 0
-        for t, idx in self.slices[i]:
-            n = t[idx].numel()
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
-            t.grad[idx] = vector[offset : offset + n].reshape(t[idx].shape).to(t.dtype)
-            offset += n
-
-    def shape_key(self, i: int) -> tuple[tuple[int, ...], ...]:
-        """Shapes of the group's producing slices (parameters, buffers) and statistics."""
-        g = self.groups[i]
-        return tuple((len(p[2]), p[1]) for p in g.produce + g.stats)
