@@ -1,0 +1,75 @@
+"""The pass base class and the graph-editing helpers the graph passes share."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+class Pass:
+    """Base class: subclasses set `name`, `level` and implement `run`."""
+
+    name: ClassVar[str] = "pass"
+    level: ClassVar[str] = "graph"
+
+    def __init__(self) -> None:
+        self.last_changes = 0
+
+    def run(self, target) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every consumer of `old` read `new` instead."""
+    for consumer in list(old.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[i] = new
+
+
+def bypass(graph: gs.Graph, node: gs.Node) -> bool:
+    """Remove a node whose first output equals its first input; False when it cannot be removed."""
+    src, dst = node.inputs[0], node.outputs[0]
+    if not is_graph_output(graph, dst):
+        replace_uses(graph, dst, src)
+        node.outputs.clear()
+        return True
+    # dst is a graph output: keep its name by making src's producer write dst directly.
+    if (
+        isinstance(src, gs.Constant)
+        or not src.inputs
+        or is_graph_output(graph, src)
+        or any(t is src for t in graph.inputs)
+    ):
+        return False
+    producer = src.inputs[0]
+    replace_uses(graph, src, dst)
+    node.outputs.clear()
+    node.inputs.clear()
+    for i, tensor in enumerate(producer.outputs):
+        if tensor is src:
+            producer.outputs[i] = dst
+    if dst.dtype is None:
+        dst.dtype = src.dtype
+    return True
+
+
+def const_value(tensor: gs.Tensor) -> np.ndarray | None:
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def static_dims(tensor: gs.Tensor) -> list[int | None] | None:
+    """The tensor's dims with None for unknown/symbolic ones, or None when even the rank is unknown."""
+    if tensor.shape is None:
+        return None
+    return [d if isinstance(d, int | np.integer) and d >= 0 else None for d in tensor.shape]
+
+
+def unused(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    return not tensor.outputs and not is_graph_output(graph, tensor)
