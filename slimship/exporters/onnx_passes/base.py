@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
 
 class Pass:
@@ -19,6 +20,15 @@ class Pass:
 
     def run(self, target) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+# ours (on a gs graph or the ModelProto) or an onnx-ir pass (`call(model) -> PassResult`)
+AnyPass = Pass | ir.passes.PassBase
+
+
+def pass_name(p: AnyPass) -> str:
+    """The key a pass's changes are reported under: its `name`, else its class name."""
+    return getattr(p, "name", None) or type(p).__name__
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from slimship.exporters.onnx_passes.add_metadata import AddMetadata
-from slimship.exporters.onnx_passes.base import Pass
+from slimship.exporters.onnx_passes.base import AnyPass
 from slimship.exporters.onnx_passes.deduplicate_constants import DeduplicateConstants
 from slimship.exporters.onnx_passes.fold_castlike import FoldCastLike
 from slimship.exporters.onnx_passes.fold_constants import FoldConstants
@@ -15,9 +15,9 @@ from slimship.exporters.onnx_passes.remove_unused_initializers import RemoveUnus
 from slimship.exporters.onnx_passes.simplify_shape_ops import SimplifyShapeOps
 
 
-def default_passes(metadata: dict[str, str] | None = None) -> list[Pass]:
+def default_passes(metadata: dict[str, str] | None = None) -> list[AnyPass]:
     """The standard pipeline, in the order one round runs them."""
-    passes: list[Pass] = [
+    passes: list[AnyPass] = [
         RemoveUnusedInitializers(),
         RemoveIdentity(),
         RemoveNoOpCast(),

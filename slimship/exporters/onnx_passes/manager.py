@@ -12,9 +12,10 @@ from collections import Counter
 
 import onnx
 import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
 from slimship.errors import ExportError
-from slimship.exporters.onnx_passes.base import Pass
+from slimship.exporters.onnx_passes.base import AnyPass, Pass, pass_name
 from slimship.exporters.onnx_passes.defaults import default_passes
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,18 @@ def _export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def run_surgery(
-    model: onnx.ModelProto, passes: list[Pass] | None = None, max_iterations: int = 8
+    model: onnx.ModelProto, passes: list[AnyPass] | None = None, max_iterations: int = 8
 ) -> tuple[onnx.ModelProto, SurgeryReport]:
-    """Run `passes` (default: `default_passes()`) to a fixed point; return the new model and a report."""
+    """Run `passes` (default: `default_passes()`) to a fixed point; return the new model and a report.
+
+    Each round runs the onnx-ir passes (on one `ir.Model`), then our model passes, then our graph passes.
+    """
     if not isinstance(model, onnx.ModelProto):
         raise ExportError(f"run_surgery expects an onnx.ModelProto, got {type(model).__name__}")
     passes = default_passes() if passes is None else passes
-    changes = {p.name: 0 for p in passes}
+    changes = {pass_name(p): 0 for p in passes}
+    ir_passes = [p for p in passes if isinstance(p, ir.passes.PassBase)]
+    ours = [p for p in passes if not isinstance(p, ir.passes.PassBase)]
     before = model
     current = onnx.ModelProto()
     current.CopyFrom(model)
@@ -72,11 +78,11 @@ def run_surgery(
     iterations = 0
     while iterations < max_iterations:
         iterations += 1
-        changed = False
-        for p in (p for p in passes if p.level == "model"):
+        current, changed = _apply_ir(ir_passes, current, changes)
+        for p in (p for p in ours if p.level == "model"):
             changed |= _apply(p, current, changes)
         graph = gs.import_onnx(_infer(current))
-        for p in (p for p in passes if p.level == "graph"):
+        for p in (p for p in ours if p.level == "graph"):
             if _apply(p, graph, changes):
                 changed = True
                 graph.cleanup().toposort()
@@ -110,14 +116,45 @@ def run_surgery(
     return current, report
 
 
+def _failed(p: AnyPass, exc: Exception) -> ExportError:
+    return ExportError(
+        f"ONNX surgery pass {pass_name(p)!r} failed: {type(exc).__name__}: {exc}. "
+        "Run export_onnx(..., surgery=False) to skip surgery, or drop this pass from `passes`."
+    )
+
+
 def _apply(p: Pass, target, changes: dict[str, int]) -> bool:
     p.last_changes = 0
     try:
         changed = bool(p.run(target))
     except Exception as exc:
-        raise ExportError(
-            f"ONNX surgery pass {p.name!r} failed: {type(exc).__name__}: {exc}. "
-            "Run export_onnx(..., surgery=False) to skip surgery, or drop this pass from `passes`."
-        ) from exc
+        raise _failed(p, exc) from exc
     changes[p.name] = changes.get(p.name, 0) + p.last_changes
     return changed
+
+
+def _size(model: ir.Model) -> int:
+    return sum(len(g) + len(g.initializers) for g in model.graphs())
+
+
+def _apply_ir(
+    passes: list[ir.passes.PassBase], proto: onnx.ModelProto, changes: dict[str, int]
+) -> tuple[onnx.ModelProto, bool]:
+    """Run onnx-ir passes in order on one `ir.Model`; a pass's changes are the nodes and initializers
+    it removed (at least 1 when it reports `modified`)."""
+    if not passes:
+        return proto, False
+    model = ir.serde.deserialize_model(proto)
+    changed = False
+    for p in passes:
+        size = _size(model)
+        try:
+            result = p(model)
+        except Exception as exc:
+            raise _failed(p, exc) from exc
+        model = result.model
+        if result.modified:
+            changed = True
+            name = pass_name(p)
+            changes[name] = changes.get(name, 0) + max(size - _size(model), 1)
+    return (ir.serde.serialize_model(model), True) if changed else (proto, False)

@@ -1,40 +1,29 @@
-"""Delete initializers no node (including subgraphs) or graph output reads."""
+"""Delete initializers (and nodes) nothing reads: onnx-ir's dead-code pass, plus old-IR input entries."""
 
 from __future__ import annotations
 
-import onnx
+from typing import ClassVar
 
-from slimship.exporters.onnx_passes.base import Pass
-
-
-class RemoveUnusedInitializers(Pass):
-    """Delete initializers no node (including subgraphs) or graph output reads."""
-
-    name = "remove_unused_initializers"
-    level = "model"
-
-    def run(self, model: onnx.ModelProto) -> bool:
-        used = _names_read(model.graph) | {o.name for o in model.graph.output}
-        for function in model.functions:
-            used |= {name for node in function.node for name in node.input}
-        keep = [init for init in model.graph.initializer if init.name in used]
-        removed = {init.name for init in model.graph.initializer} - {init.name for init in keep}
-        self.last_changes = len(removed)
-        if removed:
-            del model.graph.initializer[:]
-            model.graph.initializer.extend(keep)
-            # old IR versions also list initializers as graph inputs: drop those entries with them
-            inputs = [value for value in model.graph.input if value.name not in removed]
-            del model.graph.input[:]
-            model.graph.input.extend(inputs)
-        return self.last_changes > 0
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                names |= _names_read(sub) | {o.name for o in sub.output}
-    return names
+class RemoveUnusedInitializers(ir.passes.InPlacePass):
+    """onnx-ir's `RemoveUnusedNodesPass`; an unused initializer an old IR version also lists as a graph
+    input (which that pass keeps, as part of the signature) goes too, with its input entry."""
+
+    name: ClassVar[str] = "remove_unused_initializers"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = RemoveUnusedNodesPass()(model).modified
+        graph = model.graph
+        for value in list(graph.inputs):
+            if (
+                graph.initializers.get(value.name) is value
+                and not value.uses()
+                and not value.is_graph_output()
+            ):
+                graph.inputs.remove(value)
+                del graph.initializers[value.name]
+                modified = True
+        return ir.passes.PassResult(model, modified)
