@@ -1,12 +1,15 @@
 """ONNX graph surgery: small passes, one per module, run to a fixed point by a pass manager.
 
-A pass is a class with a `name`, a `level` ("graph": works on an onnx-graphsurgeon `gs.Graph`;
-"model": works on the `onnx.ModelProto`) and `run(target) -> bool` (changed anything?). A pass also
-records how many rewrites its last run made in `last_changes`. `run_surgery` (in `manager`) runs them.
+Two kinds of pass: an onnx-ir pass (`ir.passes.PassBase`, `call(model) -> PassResult`; ours return a
+`CountedResult` carrying how many rewrites they made): AddMetadata, RemoveUnusedInitializers and
+DeduplicateConstants (the last two are onnx-ir's own passes), or any pass onnx-ir ships; and a `Pass`
+(`name`, `level` "graph" on an onnx-graphsurgeon `gs.Graph` or "model" on the `onnx.ModelProto`,
+`run(target) -> bool`, its count in `last_changes`) for the graph rewrites not yet ported.
+`run_surgery` (in `manager`) runs both.
 """
 
 from slimship.exporters.onnx_passes.add_metadata import AddMetadata
-from slimship.exporters.onnx_passes.base import Pass, bypass
+from slimship.exporters.onnx_passes.base import CountedResult, Pass, bypass
 from slimship.exporters.onnx_passes.deduplicate_constants import DeduplicateConstants
 from slimship.exporters.onnx_passes.defaults import default_passes
 from slimship.exporters.onnx_passes.fold_castlike import FoldCastLike
@@ -21,6 +24,7 @@ from slimship.exporters.onnx_passes.simplify_shape_ops import SimplifyShapeOps
 
 __all__ = [
     "AddMetadata",
+    "CountedResult",
     "DeduplicateConstants",
     "FoldCastLike",
     "FoldConstants",

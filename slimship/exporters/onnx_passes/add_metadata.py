@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import onnx
+from typing import ClassVar
 
-from slimship.exporters.onnx_passes.base import Pass
+import onnx_ir as ir
+
+from slimship.exporters.onnx_passes.base import CountedResult
 
 
-class AddMetadata(Pass):
-    """Set `metadata_props` entries (slimship version, source hash, slimming summary ...)."""
+class AddMetadata(ir.passes.InPlacePass):
+    """Set `metadata_props` entries, keys sorted; its changes are the entries it added or changed."""
 
-    name = "add_metadata"
-    level = "model"
+    name: ClassVar[str] = "add_metadata"
 
     def __init__(self, entries: dict[str, str]) -> None:
         super().__init__()
         self.entries = {str(k): str(v) for k, v in entries.items()}
 
-    def run(self, model: onnx.ModelProto) -> bool:
-        current = {p.key: p.value for p in model.metadata_props}
-        self.last_changes = sum(current.get(k) != v for k, v in self.entries.items())
-        if self.last_changes:
-            current.update(self.entries)
-            del model.metadata_props[:]
-            for key in sorted(current):
-                model.metadata_props.add(key=key, value=current[key])
-        return self.last_changes > 0
+    def call(self, model: ir.Model) -> CountedResult:
+        current = model.metadata_props
+        changes = sum(current.get(k) != v for k, v in self.entries.items())
+        if changes:
+            merged = {**current, **self.entries}
+            current.clear()
+            current.update(sorted(merged.items()))
+        return CountedResult(model, bool(changes), changes)

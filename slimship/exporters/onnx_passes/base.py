@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import numpy as np
@@ -24,6 +25,13 @@ class Pass:
 
 # ours (on a gs graph or the ModelProto) or an onnx-ir pass (`call(model) -> PassResult`)
 AnyPass = Pass | ir.passes.PassBase
+
+
+@dataclasses.dataclass
+class CountedResult(ir.passes.PassResult):
+    """An onnx-ir `PassResult` that also says how many rewrites the pass made (the report's count)."""
+
+    changes: int = 0
 
 
 def pass_name(p: AnyPass) -> str:

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 import onnx_ir as ir
 
 from slimship.errors import ExportError
-from slimship.exporters.onnx_passes.base import AnyPass, Pass, pass_name
+from slimship.exporters.onnx_passes.base import AnyPass, CountedResult, Pass, pass_name
 from slimship.exporters.onnx_passes.defaults import default_passes
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ def _size(model: ir.Model) -> int:
 def _apply_ir(
     passes: list[ir.passes.PassBase], proto: onnx.ModelProto, changes: dict[str, int]
 ) -> tuple[onnx.ModelProto, bool]:
-    """Run onnx-ir passes in order on one `ir.Model`; a pass's changes are the nodes and initializers
-    it removed (at least 1 when it reports `modified`)."""
+    """Run onnx-ir passes in order on one `ir.Model`; a pass's changes are its `CountedResult.changes`,
+    else the nodes and initializers it removed (at least 1 when it reports `modified`)."""
     if not passes:
         return proto, False
     model = ir.serde.deserialize_model(proto)
@@ -156,5 +156,6 @@ def _apply_ir(
         if result.modified:
             changed = True
             name = pass_name(p)
-            changes[name] = changes.get(name, 0) + max(size - _size(model), 1)
+            count = result.changes if isinstance(result, CountedResult) else max(size - _size(model), 1)
+            changes[name] = changes.get(name, 0) + count
     return (ir.serde.serialize_model(model), True) if changed else (proto, False)
