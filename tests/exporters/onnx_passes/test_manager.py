@@ -9,7 +9,8 @@ from onnx import TensorProto, helper
 from onnx_ir.passes.common import IdentityEliminationPass
 
 from slimship.errors import ExportError
-from slimship.exporters.onnx_passes import run_surgery
+from slimship.exporters.onnx_passes import Pass, run_surgery
+from tests.exporters.onnx_passes.helpers import make_model, value
 
 
 def _identity_relu() -> onnx.ModelProto:
@@ -39,3 +40,27 @@ class BrokenIr(ir.passes.InPlacePass):
 def test_a_failing_onnx_ir_pass_is_named():
     with pytest.raises(ExportError, match=r"'broken_ir' failed: .*boom"):
         run_surgery(_identity_relu(), [BrokenIr()])
+
+
+class AlwaysChanges(Pass):
+    name = "always"
+    level = "model"
+
+    def run(self, model):
+        self.last_changes = 1
+        return True
+
+
+class Broken(Pass):
+    name = "broken"
+
+    def run(self, graph):
+        raise RuntimeError("boom")
+
+
+def test_manager_is_bounded_and_reports_failing_pass():
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [value("x", [2])], [value("y", [2])])
+    _, report = run_surgery(model, [AlwaysChanges()], max_iterations=3)
+    assert report.iterations == 3 and not report.converged and report.changes["always"] == 3
+    with pytest.raises(ExportError, match="broken"):
+        run_surgery(model, [Broken()])

@@ -1,0 +1,26 @@
+"""RemoveNoOpCast: on small hand-built ONNX graphs, with numerics kept."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from slimship.exporters.onnx_passes import RemoveNoOpCast
+from tests.exporters.onnx_passes.helpers import RNG, make_model, ops, surgery_keeps_numerics, value
+
+
+def test_remove_noop_cast_keeps_real_cast(tmp_path):
+    model = make_model(
+        [
+            helper.make_node("Cast", ["x"], ["a"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["a"], ["b"], to=TensorProto.FLOAT16),
+            helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT),
+        ],
+        [value("x", [4])],
+        [value("y", [4])],
+    )
+    new, report = surgery_keeps_numerics(
+        model, [RemoveNoOpCast()], [RNG.standard_normal(4).astype(np.float32)], tmp_path
+    )
+    assert ops(new) == ["Cast", "Cast"]
+    assert report.changes["remove_noop_cast"] == 1
