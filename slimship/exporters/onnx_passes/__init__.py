@@ -1,8 +1,9 @@
 """ONNX graph surgery: small passes, one per module, run to a fixed point by a pass manager.
 
 Two kinds of pass: an onnx-ir pass (`ir.passes.PassBase`, `call(model) -> PassResult`; ours return a
-`CountedResult` carrying how many rewrites they made): AddMetadata, RemoveUnusedInitializers and
-DeduplicateConstants (the last two are onnx-ir's own passes), or any pass onnx-ir ships; and a `Pass`
+`CountedResult` carrying how many rewrites they made): AddMetadata, RemoveIdentity,
+RemoveUnusedInitializers and DeduplicateConstants (the last three wrap onnx-ir's own passes), or any
+pass onnx-ir ships; and a `Pass`
 (`name`, `level` "graph" on an onnx-graphsurgeon `gs.Graph` or "model" on the `onnx.ModelProto`,
 `run(target) -> bool`, its count in `last_changes`) for the graph rewrites not yet ported.
 `run_surgery` (in `manager`) runs both.
