@@ -91,3 +91,28 @@ def static_dims(tensor: gs.Tensor) -> list[int | None] | None:
 
 def unused(tensor: gs.Tensor, graph: gs.Graph) -> bool:
     return not tensor.outputs and not is_graph_output(graph, tensor)
+
+
+# ---------------------------------------------------------------- onnx-ir helpers
+
+
+def bypass_ir(node: ir.Node) -> bool:
+    """Remove a node whose first output equals its first input; False when it cannot be removed.
+
+    When that output is a graph output, the input takes its name (unless the input is itself a graph
+    input, initializer or graph output: then the node stays).
+    """
+    src, dst = node.inputs[0], node.outputs[0]
+    if src is None or node.graph is None:
+        return False
+    if dst.is_graph_output():
+        if src.is_graph_input() or src.is_initializer() or src.is_graph_output():
+            return False
+        name = dst.name
+        ir.convenience.replace_all_uses_with(dst, src, replace_graph_outputs=True)
+        dst.name = None
+        src.name = name
+    else:
+        ir.convenience.replace_all_uses_with(dst, src)
+    node.graph.remove(node, safe=True)
+    return True

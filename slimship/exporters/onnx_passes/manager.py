@@ -78,10 +78,11 @@ def run_surgery(
     iterations = 0
     while iterations < max_iterations:
         iterations += 1
+        current = _infer(current)  # the onnx-ir passes read dtypes too
         current, changed = _apply_ir(ir_passes, current, changes)
         for p in (p for p in ours if p.level == "model"):
             changed |= _apply(p, current, changes)
-        graph = gs.import_onnx(_infer(current))
+        graph = gs.import_onnx(_infer(current) if changed else current)
         for p in (p for p in ours if p.level == "graph"):
             if _apply(p, graph, changes):
                 changed = True

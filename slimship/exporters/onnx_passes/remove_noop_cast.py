@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
+from typing import ClassVar
 
-from slimship.exporters.onnx_passes.base import Pass, bypass
+import onnx_ir as ir
+
+from slimship.exporters.onnx_passes.base import CountedResult, bypass_ir
 
 
-class RemoveNoOpCast(Pass):
-    """Drop Cast nodes whose target type equals the input's type."""
+class RemoveNoOpCast(ir.passes.InPlacePass):
+    """Drop Cast nodes whose target type equals the input's (known) type."""
 
-    name = "remove_noop_cast"
+    name: ClassVar[str] = "remove_noop_cast"
 
-    def run(self, graph: gs.Graph) -> bool:
-        self.last_changes = 0
-        for node in list(graph.nodes):
-            if node.op != "Cast" or node.inputs[0].dtype is None:
+    def call(self, model: ir.Model) -> CountedResult:
+        changes = 0
+        for node in list(model.graph):
+            if node.op_type != "Cast" or node.domain != "" or node.inputs[0] is None:
                 continue
-            target = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
-            if np.dtype(node.inputs[0].dtype) == target:
-                self.last_changes += bypass(graph, node)
-        return self.last_changes > 0
+            to = node.attributes.get("to")
+            if to is not None and node.inputs[0].dtype == ir.DataType(to.as_int()):
+                changes += bypass_ir(node)
+        return CountedResult(model, bool(changes), changes)
