@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
-import numpy as np
-import onnx_graphsurgeon as gs
+from typing import ClassVar
 
-from slimship.exporters.onnx_passes.base import Pass, const_value, is_graph_output, replace_uses
+import onnx_ir as ir
+
+from slimship.exporters.onnx_passes.base import CountedResult
 
 
-class FoldCastLike(Pass):
-    """CastLike(constant, x) with x's dtype known -> a constant (the exporter's way to type a literal)."""
+class FoldCastLike(ir.passes.InPlacePass):
+    """CastLike(initializer, x) with x's dtype known -> a new initializer of that dtype."""
 
-    name = "fold_castlike"
+    name: ClassVar[str] = "fold_castlike"
 
-    def run(self, graph: gs.Graph) -> bool:
-        self.last_changes = 0
-        for node in list(graph.nodes):
-            if node.op != "CastLike" or not node.outputs or is_graph_output(graph, node.outputs[0]):
+    def call(self, model: ir.Model) -> CountedResult:
+        changes = 0
+        graph = model.graph
+        for node in list(graph):
+            if node.op_type != "CastLike" or node.domain != "" or node.outputs[0].is_graph_output():
                 continue
-            values, like = const_value(node.inputs[0]), node.inputs[1]
-            if values is None or like.dtype is None:
+            src, like = node.inputs[0], node.inputs[1]
+            if src is None or like is None or src.const_value is None or like.dtype is None:
                 continue
-            const = gs.Constant(f"{node.outputs[0].name}.folded", values.astype(np.dtype(like.dtype)))
-            replace_uses(graph, node.outputs[0], const)
-            node.outputs.clear()
-            self.last_changes += 1
-        return self.last_changes > 0
+            out = node.outputs[0]
+            array = src.const_value.numpy().astype(like.dtype.numpy())
+            folded = ir.Value(
+                name=f"{out.name}.folded",
+                type=ir.TensorType(like.dtype),
+                shape=ir.Shape(array.shape),
+                const_value=ir.tensor(array, name=f"{out.name}.folded"),
+            )
+            graph.register_initializer(folded)
+            ir.convenience.replace_all_uses_with(out, folded)
+            graph.remove(node, safe=True)
+            changes += 1
+        return CountedResult(model, bool(changes), changes)
