@@ -1,16 +1,16 @@
 """ONNX graph surgery: small passes, one per module, run to a fixed point by a pass manager.
 
 Two kinds of pass. An onnx-ir pass (`ir.passes.PassBase`, `call(model) -> PassResult`; ours return a
-`CountedResult` carrying how many rewrites they made): AddMetadata, FoldCastLike, RemoveNoOpCast, and
-RemoveIdentity, RemoveUnusedInitializers, DeduplicateConstants (these three wrap onnx-ir's own passes),
-or any pass onnx-ir ships. And a `Pass` (`name`, `level` "graph" on an onnx-graphsurgeon `gs.Graph` or
-"model" on the `onnx.ModelProto`, `run(target) -> bool`, its count in `last_changes`) for the rewrites
-not yet ported: FoldConstants, SimplifyShapeOps, RemoveNoOpReshape, FuseConvBatchNorm.
+`CountedResult` carrying how many rewrites they made): AddMetadata, FoldCastLike, RemoveNoOpCast,
+RemoveNoOpReshape, and RemoveIdentity, RemoveUnusedInitializers, DeduplicateConstants (these three
+wrap onnx-ir's own passes), or any pass onnx-ir ships. And a `Pass` (`name`, `level` "graph" on an
+onnx-graphsurgeon `gs.Graph` or "model" on the `onnx.ModelProto`, `run(target) -> bool`, its count in
+`last_changes`) for the rewrites not yet ported: FoldConstants, SimplifyShapeOps, FuseConvBatchNorm.
 `run_surgery` (in `manager`) runs both.
 """
 
 from slimship.exporters.onnx_passes.add_metadata import AddMetadata
-from slimship.exporters.onnx_passes.base import CountedResult, Pass, bypass
+from slimship.exporters.onnx_passes.base import CountedResult, Pass, bypass_ir
 from slimship.exporters.onnx_passes.deduplicate_constants import DeduplicateConstants
 from slimship.exporters.onnx_passes.defaults import default_passes
 from slimship.exporters.onnx_passes.fold_castlike import FoldCastLike
@@ -37,7 +37,7 @@ __all__ = [
     "RemoveUnusedInitializers",
     "SimplifyShapeOps",
     "SurgeryReport",
-    "bypass",
+    "bypass_ir",
     "default_passes",
     "run_surgery",
 ]

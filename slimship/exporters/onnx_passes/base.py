@@ -51,33 +51,6 @@ def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
                 consumer.inputs[i] = new
 
 
-def bypass(graph: gs.Graph, node: gs.Node) -> bool:
-    """Remove a node whose first output equals its first input; False when it cannot be removed."""
-    src, dst = node.inputs[0], node.outputs[0]
-    if not is_graph_output(graph, dst):
-        replace_uses(graph, dst, src)
-        node.outputs.clear()
-        return True
-    # dst is a graph output: keep its name by making src's producer write dst directly.
-    if (
-        isinstance(src, gs.Constant)
-        or not src.inputs
-        or is_graph_output(graph, src)
-        or any(t is src for t in graph.inputs)
-    ):
-        return False
-    producer = src.inputs[0]
-    replace_uses(graph, src, dst)
-    node.outputs.clear()
-    node.inputs.clear()
-    for i, tensor in enumerate(producer.outputs):
-        if tensor is src:
-            producer.outputs[i] = dst
-    if dst.dtype is None:
-        dst.dtype = src.dtype
-    return True
-
-
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 

@@ -29,3 +29,21 @@ def test_remove_noop_reshape_and_collapse_chain(tmp_path):
     new, report = surgery_keeps_numerics(model, [RemoveNoOpReshape()], feeds, tmp_path)
     assert ops(new) == ["Reshape", "Relu"]
     assert report.changes["remove_noop_reshape"] == 2
+
+
+def test_collapse_keeps_an_inner_reshape_another_node_reads(tmp_path):
+    model = make_model(
+        [
+            helper.make_node("Reshape", ["x", "flat"], ["a"]),
+            helper.make_node("Reshape", ["a", "two"], ["b"]),
+            helper.make_node("Relu", ["a"], ["y"]),
+            helper.make_node("Relu", ["b"], ["z"]),
+        ],
+        [value("x", [3, 4])],
+        [value("y", [2, 6]), value("z", [12])],
+        [init("flat", np.array([2, 6], np.int64)), init("two", np.array([12], np.int64))],
+    )
+    feeds = [RNG.standard_normal((3, 4), np.float32)]
+    new, report = surgery_keeps_numerics(model, [RemoveNoOpReshape()], feeds, tmp_path)
+    assert ops(new) == ["Reshape", "Reshape", "Relu", "Relu"] and report.changes["remove_noop_reshape"] == 1
+    assert new.graph.node[1].input[0] == "x"  # the outer Reshape now reads x
