@@ -1,11 +1,11 @@
 """ONNX graph surgery: small passes, one per module, run to a fixed point by a pass manager.
 
 Two kinds of pass. An onnx-ir pass (`ir.passes.PassBase`, `call(model) -> PassResult`; ours return a
-`CountedResult` carrying how many rewrites they made): AddMetadata, FoldCastLike, RemoveNoOpCast,
-RemoveNoOpReshape, and RemoveIdentity, RemoveUnusedInitializers, DeduplicateConstants (these three
-wrap onnx-ir's own passes), or any pass onnx-ir ships. And a `Pass` (`name`, `level` "graph" on an
-onnx-graphsurgeon `gs.Graph` or "model" on the `onnx.ModelProto`, `run(target) -> bool`, its count in
-`last_changes`) for the rewrites not yet ported: FoldConstants, SimplifyShapeOps, FuseConvBatchNorm.
+`CountedResult` carrying how many rewrites they made): AddMetadata, FoldCastLike, FuseConvBatchNorm,
+RemoveNoOpCast, RemoveNoOpReshape, and RemoveIdentity, RemoveUnusedInitializers, DeduplicateConstants
+(these three wrap onnx-ir's own passes), or any pass onnx-ir ships. And a `Pass` (`name`, `level`
+"graph" on an onnx-graphsurgeon `gs.Graph` or "model" on the `onnx.ModelProto`, `run(target) -> bool`,
+its count in `last_changes`) for the rewrites not yet ported: FoldConstants, SimplifyShapeOps.
 `run_surgery` (in `manager`) runs both.
 """
 

@@ -62,10 +62,6 @@ def static_dims(tensor: gs.Tensor) -> list[int | None] | None:
     return [d if isinstance(d, int | np.integer) and d >= 0 else None for d in tensor.shape]
 
 
-def unused(tensor: gs.Tensor, graph: gs.Graph) -> bool:
-    return not tensor.outputs and not is_graph_output(graph, tensor)
-
-
 # ---------------------------------------------------------------- onnx-ir helpers
 
 

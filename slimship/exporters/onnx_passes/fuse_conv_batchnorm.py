@@ -2,55 +2,65 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from slimship.exporters.onnx_passes.base import Pass, const_value, is_graph_output, unused
+from slimship.exporters.onnx_passes.base import CountedResult, bypass_ir
 
 
-class FuseConvBatchNorm(Pass):
+class FuseConvBatchNorm(ir.passes.InPlacePass):
     """Fold an inference-mode BatchNormalization into the Conv that feeds only it."""
 
-    name = "fuse_conv_batchnorm"
+    name: ClassVar[str] = "fuse_conv_batchnorm"
 
-    def run(self, graph: gs.Graph) -> bool:
-        self.last_changes = 0
-        for bn in list(graph.nodes):
-            if bn.op == "BatchNormalization" and self._fuse(graph, bn):
-                self.last_changes += 1
-        return self.last_changes > 0
+    def call(self, model: ir.Model) -> CountedResult:
+        changes = 0
+        for bn in list(model.graph):
+            if bn.op_type == "BatchNormalization" and bn.domain == "" and _fuse(model.graph, bn):
+                changes += 1
+        return CountedResult(model, bool(changes), changes)
 
-    @staticmethod
-    def _fuse(graph: gs.Graph, bn: gs.Node) -> bool:
-        x = bn.inputs[0]
-        if not x.inputs or x.inputs[0].op != "Conv" or len(x.outputs) != 1 or is_graph_output(graph, x):
-            return False
-        if int(bn.attrs.get("training_mode", 0)) or any(not unused(t, graph) for t in bn.outputs[1:]):
-            return False
-        conv = x.inputs[0]
-        weight = const_value(conv.inputs[1])
-        params = [const_value(t) for t in bn.inputs[1:5]]
-        if weight is None or any(p is None for p in params):
-            return False
-        bias = (
-            const_value(conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(weight.shape[0], weight.dtype)
-        )
-        if bias is None:
-            return False
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-        new_w = (weight.astype(np.float64) * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(
-            weight.dtype
-        )
-        new_b = ((bias.astype(np.float64) - mean) * scale + beta).astype(weight.dtype)
-        conv.inputs[1] = gs.Constant(f"{conv.name}.fused_weight", new_w)
-        fused_bias = gs.Constant(f"{conv.name}.fused_bias", new_b)
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = fused_bias
-        else:
-            conv.inputs.append(fused_bias)
-        out = bn.outputs[0]
-        bn.outputs.clear()
-        bn.inputs.clear()
-        conv.outputs[0] = out
-        return True
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+def _fuse(graph: ir.Graph, bn: ir.Node) -> bool:
+    x = bn.inputs[0]
+    conv = None if x is None else x.producer()
+    if (
+        conv is None
+        or conv.op_type != "Conv"
+        or conv.domain != ""
+        or len(x.uses()) != 1
+        or x.is_graph_output()
+    ):
+        return False
+    if bn.attributes.get_int("training_mode", 0) or any(
+        v.uses() or v.is_graph_output() for v in bn.outputs[1:]
+    ):
+        return False
+    weight = _const(conv.inputs[1])
+    params = [_const(v) for v in bn.inputs[1:5]]
+    if weight is None or len(params) != 4 or any(p is None for p in params):
+        return False
+    has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
+    bias = _const(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0], weight.dtype)
+    if bias is None:
+        return False
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    scale = gamma / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
+    new_w = (weight.astype(np.float64) * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
+    new_b = ((bias.astype(np.float64) - mean) * scale + beta).astype(weight.dtype)
+    if not bypass_ir(bn):
+        return False
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    for index, array, suffix in ((1, new_w, "fused_weight"), (2, new_b, "fused_bias")):
+        name = f"{x.name}.{suffix}"
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+        conv.replace_input_with(index, value)
+    return True

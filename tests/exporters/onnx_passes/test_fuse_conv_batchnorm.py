@@ -53,3 +53,27 @@ def test_conv_feeding_two_consumers_is_not_fused():
     )
     new, _ = run_surgery(model, [FuseConvBatchNorm()])
     assert "BatchNormalization" in ops(new)
+
+
+def test_fuse_into_a_conv_without_bias_gives_it_one(tmp_path):
+    c = 2
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["a"]),
+            helper.make_node("BatchNormalization", ["a", "s", "bb", "m", "v"], ["n"]),
+            helper.make_node("Relu", ["n"], ["y"]),
+        ],
+        [value("x", [1, 1, 3, 3])],
+        [value("y", [1, c, 3, 3])],
+        [
+            init("w", RNG.standard_normal((c, 1, 1, 1)).astype(np.float32)),
+            init("s", (RNG.random(c) + 0.5).astype(np.float32)),
+            init("bb", RNG.standard_normal(c).astype(np.float32)),
+            init("m", RNG.standard_normal(c).astype(np.float32)),
+            init("v", (RNG.random(c) + 0.5).astype(np.float32)),
+        ],
+    )
+    feeds = [RNG.standard_normal((1, 1, 3, 3), np.float32)]
+    new, report = surgery_keeps_numerics(model, [FuseConvBatchNorm()], feeds, tmp_path)
+    assert ops(new) == ["Conv", "Relu"] and len(new.graph.node[0].input) == 3
+    assert report.changes["fuse_conv_batchnorm"] == 1
