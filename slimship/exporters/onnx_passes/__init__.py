@@ -1,16 +1,16 @@
 """ONNX graph surgery: small passes, one per module, run to a fixed point by a pass manager.
 
 Two kinds of pass. An onnx-ir pass (`ir.passes.PassBase`, `call(model) -> PassResult`; ours return a
-`CountedResult` carrying how many rewrites they made): AddMetadata, FoldCastLike, FuseConvBatchNorm,
-RemoveNoOpCast, RemoveNoOpReshape, and RemoveIdentity, RemoveUnusedInitializers, DeduplicateConstants
-(these three wrap onnx-ir's own passes), or any pass onnx-ir ships. And a `Pass` (`name`, `level`
-"graph" on an onnx-graphsurgeon `gs.Graph` or "model" on the `onnx.ModelProto`, `run(target) -> bool`,
-its count in `last_changes`) for the rewrites not yet ported: FoldConstants, SimplifyShapeOps.
+`CountedResult` carrying how many rewrites they made): every pass here but FoldConstants, and any pass
+onnx-ir ships; RemoveIdentity, RemoveUnusedInitializers and DeduplicateConstants wrap onnx-ir's own.
+And a `Pass` (`name`, `level` "graph" on an onnx-graphsurgeon `gs.Graph` or "model" on the
+`onnx.ModelProto`, `run(target) -> bool`, its count in `last_changes`): FoldConstants (onnx-ir 1.1.0
+ships no constant folding; graphsurgeon evaluates with onnxruntime) and users' own passes.
 `run_surgery` (in `manager`) runs both.
 """
 
 from slimship.exporters.onnx_passes.add_metadata import AddMetadata
-from slimship.exporters.onnx_passes.base import CountedResult, Pass, bypass_ir
+from slimship.exporters.onnx_passes.base import CountedResult, Pass, bypass_ir, const_array, static_dims
 from slimship.exporters.onnx_passes.deduplicate_constants import DeduplicateConstants
 from slimship.exporters.onnx_passes.defaults import default_passes
 from slimship.exporters.onnx_passes.fold_castlike import FoldCastLike
@@ -38,6 +38,8 @@ __all__ = [
     "SimplifyShapeOps",
     "SurgeryReport",
     "bypass_ir",
+    "const_array",
     "default_passes",
     "run_surgery",
+    "static_dims",
 ]

@@ -6,7 +6,6 @@ import dataclasses
 from typing import ClassVar
 
 import numpy as np
-import onnx_graphsurgeon as gs
 import onnx_ir as ir
 
 
@@ -39,29 +38,6 @@ def pass_name(p: AnyPass) -> str:
     return getattr(p, "name", None) or type(p).__name__
 
 
-def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(out is tensor for out in graph.outputs)
-
-
-def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make every consumer of `old` read `new` instead."""
-    for consumer in list(old.outputs):
-        for i, tensor in enumerate(consumer.inputs):
-            if tensor is old:
-                consumer.inputs[i] = new
-
-
-def const_value(tensor: gs.Tensor) -> np.ndarray | None:
-    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
-
-
-def static_dims(tensor: gs.Tensor) -> list[int | None] | None:
-    """The tensor's dims with None for unknown/symbolic ones, or None when even the rank is unknown."""
-    if tensor.shape is None:
-        return None
-    return [d if isinstance(d, int | np.integer) and d >= 0 else None for d in tensor.shape]
-
-
 # ---------------------------------------------------------------- onnx-ir helpers
 
 
@@ -85,3 +61,15 @@ def bypass_ir(node: ir.Node) -> bool:
         ir.convenience.replace_all_uses_with(dst, src)
     node.graph.remove(node, safe=True)
     return True
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """An initializer's values, or None for anything else (a computed or absent value)."""
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+def static_dims(value: ir.Value) -> list[int | None] | None:
+    """The value's dims with None for unknown/symbolic ones, or None when even the rank is unknown."""
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) and d >= 0 else None for d in value.shape]

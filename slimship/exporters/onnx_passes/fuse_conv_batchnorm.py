@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from slimship.exporters.onnx_passes.base import CountedResult, bypass_ir
+from slimship.exporters.onnx_passes.base import CountedResult, bypass_ir, const_array
 
 
 class FuseConvBatchNorm(ir.passes.InPlacePass):
@@ -21,10 +21,6 @@ class FuseConvBatchNorm(ir.passes.InPlacePass):
             if bn.op_type == "BatchNormalization" and bn.domain == "" and _fuse(model.graph, bn):
                 changes += 1
         return CountedResult(model, bool(changes), changes)
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
 def _fuse(graph: ir.Graph, bn: ir.Node) -> bool:
@@ -42,12 +38,12 @@ def _fuse(graph: ir.Graph, bn: ir.Node) -> bool:
         v.uses() or v.is_graph_output() for v in bn.outputs[1:]
     ):
         return False
-    weight = _const(conv.inputs[1])
-    params = [_const(v) for v in bn.inputs[1:5]]
+    weight = const_array(conv.inputs[1])
+    params = [const_array(v) for v in bn.inputs[1:5]]
     if weight is None or len(params) != 4 or any(p is None for p in params):
         return False
     has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
-    bias = _const(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0], weight.dtype)
+    bias = const_array(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0], weight.dtype)
     if bias is None:
         return False
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from slimship.exporters.onnx_passes.base import CountedResult, bypass_ir
+from slimship.exporters.onnx_passes.base import CountedResult, bypass_ir, static_dims
 
 
 class RemoveNoOpReshape(ir.passes.InPlacePass):
@@ -25,18 +25,11 @@ class RemoveNoOpReshape(ir.passes.InPlacePass):
                 continue
             target = shape.const_value.numpy()
             allowzero = node.attributes.get_int("allowzero", 0)
-            if _is_noop(_static_dims(node.inputs[0]), target.tolist(), allowzero):
+            if _is_noop(static_dims(node.inputs[0]), target.tolist(), allowzero):
                 changes += bypass_ir(node)
             elif _collapse(node, target, allowzero):
                 changes += 1
         return CountedResult(model, bool(changes), changes)
-
-
-def _static_dims(value: ir.Value) -> list[int | None] | None:
-    """The value's dims with None for unknown/symbolic ones, or None when even the rank is unknown."""
-    if value.shape is None:
-        return None
-    return [d if isinstance(d, int) and d >= 0 else None for d in value.shape]
 
 
 def _is_noop(dims: list[int | None] | None, target: list[int], allowzero: int) -> bool:

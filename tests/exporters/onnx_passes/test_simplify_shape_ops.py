@@ -46,3 +46,21 @@ def test_shape_of_dynamic_dim_is_kept():
     )
     new, report = run_surgery(model, [SimplifyShapeOps()])
     assert ops(new) == ["Shape", "Gather"] and report.changes["simplify_shape_ops"] == 0
+
+
+def test_static_dim_of_a_dynamic_shape_folds_and_the_shape_goes(tmp_path):
+    model = make_model(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "one"], ["c"], axis=0),
+            helper.make_node("Cast", ["c"], ["cf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "cf"], ["y"]),
+        ],
+        [value("x", ["N", 3])],
+        [value("y", ["N", 3])],
+        [init("one", np.array(1, np.int64))],
+    )
+    new, report = surgery_keeps_numerics(
+        model, [SimplifyShapeOps()], [RNG.standard_normal((4, 3), np.float32)], tmp_path
+    )
+    assert ops(new) == ["Cast", "Mul"] and report.changes["simplify_shape_ops"] == 1
