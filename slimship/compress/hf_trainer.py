@@ -33,7 +33,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from slimship._util import atomic_write_bytes
-from slimship.compress.sparsifier import Sparsifier, sparsifier, sparsifier_options
+from slimship.compress.sparsifier import Sparsifier, check_sparsifier_options, sparsifier
 from slimship.errors import CompressionError
 
 STATE_FILE = "sparsifier.pt"
@@ -45,12 +45,7 @@ class SparsifierTrainerCallback(TrainerCallback):
     def __init__(
         self, name: str, example_inputs: Any, *, total_steps: int | None = None, **options: Any
     ) -> None:
-        unknown = sorted(set(options) - set(sparsifier_options(name)))  # named now, not when training starts
-        if unknown:
-            raise CompressionError(
-                f"sparsifier {name!r} has no option {', '.join(map(repr, unknown))}; "
-                f"allowed options: {', '.join(sorted(sparsifier_options(name)))}"
-            )
+        check_sparsifier_options(name, options)
         self.name, self.example_inputs = name, example_inputs
         self.total_steps, self.options = total_steps, options
         self.sparsifier: Sparsifier | None = None

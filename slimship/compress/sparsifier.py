@@ -76,6 +76,17 @@ def sparsifier_options(name: str) -> dict[str, Any]:
     return options
 
 
+def check_sparsifier_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options sparsifier `name` does not take, naming them and the allowed ones (a callback checks
+    when it is made, not when training starts)."""
+    unknown = sorted(set(options) - set(sparsifier_options(name)))
+    if unknown:
+        raise CompressionError(
+            f"sparsifier {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"allowed options: {', '.join(sorted(sparsifier_options(name)))}"
+        )
+
+
 def _lookup(name: str) -> type[Sparsifier]:
     load_builtin_methods()
     if name not in SPARSIFIERS:
