@@ -66,11 +66,14 @@ def test_a_pte_precision_comes_from_its_role_or_name_else_the_strict_bound() -> 
 
 def test_config_takes_every_registry_format_and_align_runtime() -> None:
     base = {"model": {"factory": "slimship.models:lenet5", "input_shape": [1, 8, 8]}}
-    config = validate(base | {"export": {"formats": list(FORMATS)}, "slim": {"align_runtime": "executorch"},
+    one_pass = [name for name, record in FORMATS.items() if record.task is None]
+    config = validate(base | {"export": {"formats": one_pass}, "slim": {"align_runtime": "executorch"},
                               "bench": {"profile": True}})  # fmt: skip
-    assert config.export.formats == list(FORMATS) and config.bench.profile
+    assert config.export.formats == one_pass and config.bench.profile
     with pytest.raises(ConfigError, match="executorch-fp32"):  # the message lists the registry's names
         validate(base | {"export": {"formats": ["coreml"]}})
+    with pytest.raises(ConfigError, match="executorch-8da4w"):  # a decoder's KV-cache format: not a run's
+        validate(base | {"export": {"formats": ["executorch-8da4w"]}})
 
 
 def test_quantised_gate_and_bench_filter_read_the_registry() -> None:
