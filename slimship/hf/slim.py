@@ -89,9 +89,12 @@ def slim_loaded(
     out: Path,
     channel_multiple: int | None = None,
 ) -> FolderSlimResult:
-    """`slim_checkpoint` for a model already loaded from `ckpt` and wrapped for tracing (slimmed in place)."""
+    """`slim_checkpoint` for a model already loaded from `ckpt` and wrapped for tracing (slimmed in place).
+
+    The model is ours (loaded from the folder), so each dense tensor is released as its slim one is made
+    (`release_source=True`): the peak stays near one copy of the weights."""
     check_new_folder(out)
-    result = slim(wrapper, example, channel_multiple=channel_multiple)
+    result = slim(wrapper, example, channel_multiple=channel_multiple, release_source=True)
     _apply(result, wrapper, example)
     summary = result.summary()
     del result
