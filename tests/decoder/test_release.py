@@ -59,8 +59,9 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 def _release_argv(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         "release", str(files["slim"]), "--task", "text-generation", "--name", "tiny", "--version", "1.0.0",
-        "--files", str(files["pte"]), str(files["pte4"]), str(files["onnx"]), "--dense", str(files["dense_onnx"]),
-        "--prompt-len", "8", "--new-tokens", "8", "--runs", "2", "--warmup", "1", "--out", str(out), *extra,
+        "--files", str(files["pte"]), str(files["pte4"]), str(files["onnx"]),
+        "--dense", str(files["dense_onnx"]), "--prompt-len", "8", "--new-tokens", "8", "--runs", "2",
+        "--warmup", "1", "--out", str(out), *extra,
     ]  # fmt: skip
 
 
@@ -70,8 +71,9 @@ def test_slim_decoder_release_verifies_and_generates_text(exported: dict[str, Pa
     slim_model = load_pretrained(files["slim"]).eval()
     assert files["pte4"].stat().st_size < 0.5 * files["pte"].stat().st_size
 
-    measured = _json(["bench", "--task", "text-generation", str(files["onnx"]), "--dense", str(files["dense_onnx"]),
-                      "--prompt-len", "8", "--new-tokens", "8", "--runs", "2", "--warmup", "1"], capsys)  # fmt: skip
+    bench = ["bench", "--task", "text-generation", "--prompt-len", "8", "--new-tokens", "8", "--runs", "2",
+             "--warmup", "1"]  # fmt: skip
+    measured = _json([*bench, str(files["onnx"]), "--dense", str(files["dense_onnx"])], capsys)
     assert measured["decode_speedups"][0]["pairs"] == 2
 
     # a failing gate publishes nothing and names the gate
@@ -79,7 +81,8 @@ def test_slim_decoder_release_verifies_and_generates_text(exported: dict[str, Pa
            "nothing was published")  # fmt: skip
     assert not out.exists() or not any(out.iterdir())
 
-    result = _json(_release_argv(files, out, "--min-token-agreement", "0.3", "--min-decode-speedup", "0.01"), capsys)
+    gates = ["--min-token-agreement", "0.3", "--min-decode-speedup", "0.01"]
+    result = _json(_release_argv(files, out, *gates), capsys)
     bundle = Path(result["bundle"]["bundle_dir"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     section = manifest["text_generation"]
@@ -155,5 +158,5 @@ def test_slim_decoder_release_verifies_and_generates_text(exported: dict[str, Pa
 def test_text_needs_a_tokenizer(tmp_path: Path, capsys):
     pte = tmp_path / "slim.fp32.pte"
     pte.write_bytes(b"x")
-    _fails(["generate", str(pte), "--prompt", "hello"], capsys, 2, "slimship: error:", "text needs a tokenizer")
+    _fails(["generate", str(pte), "--prompt", "hi"], capsys, 2, "slimship: error:", "text needs a tokenizer")
     _fails(["generate", str(pte), "--prompt", "hello", "--format", "onnx"], capsys, 2, "--format onnx")
