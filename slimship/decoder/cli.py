@@ -59,7 +59,7 @@ def add_release_arguments(p: argparse.ArgumentParser) -> None:
         help="the .pte / .onnx files `slimship export MODEL --task text-generation` wrote (named by format)",
     )  # fmt: skip
     group.add_argument(
-        "--dense", nargs="+", type=Path, default=[], metavar="FILE",
+        "--dense", nargs="+", type=Path, default=None, metavar="FILE",
         help="dense files of the same kinds: each file's decode speedup is measured against its kind's",
     )  # fmt: skip
     group.add_argument("--prompt-len", type=int, default=32, help="timed generations: random prompt tokens")
@@ -322,12 +322,12 @@ def release_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
     )  # fmt: skip
     config = {
         "command": "release", "task": "text-generation", "model": origin,
-        "files": [Path(f).name for f in args.files], "dense": [Path(f).name for f in args.dense],
+        "files": [Path(f).name for f in args.files], "dense": [Path(f).name for f in args.dense or []],
         "target": target.name, "gates": gates.model_dump(),
     }  # fmt: skip
     request = DecoderReleaseRequest(
         args.name, args.version, Path(args.out), model, list(args.files), _source_sha256(model, folder),
-        gates, target, options, dense=list(args.dense), folder=folder, config=config,
+        gates, target, options, dense=list(args.dense or []), folder=folder, config=config,
     )  # fmt: skip
     with pinned(target):
         result = release_decoder(request, steps.step)
