@@ -415,7 +415,7 @@ def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
 
 
 def _text_generation(command: str, args: argparse.Namespace) -> int:
-    """`export`/`bench --task text-generation` and `generate`: slimship.decoder.cli's commands."""
+    """`export`/`bench`/`release --task text-generation` and `generate`: slimship.decoder.cli's commands."""
     from slimship.decoder import cli as decoder_cli
 
     return getattr(decoder_cli, command)(args, _human(args), lambda payload: _emit(args, payload))
@@ -440,7 +440,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    """Bundle a slim model with fresh exports (no bench figures)."""
+    """Bundle a slim model with fresh exports (no bench figures); a decoder: slimship.decoder.release."""
+    if args.task == "text-generation":
+        return _text_generation("release_command", args)
     from slimship._util import sha256_file
     from slimship.pipeline.bench import gate_release
     from slimship.pipeline.config import gates_from_options

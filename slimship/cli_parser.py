@@ -44,9 +44,11 @@ EXAMPLES = {
     "  slimship bench slim.fp32.pte --dense dense.fp32.pte --task text-generation --prompt-len 32 "
     "--new-tokens 32 --runs 10 --target mobile-1t",
     "release": "slimship release slim.pt2 --name my-model --version 1.0.0 --format onnx tflite-int8 "
-    "--calibration calib.npz",
+    "--calibration calib.npz\n  slimship release llama-slim/ --task text-generation --name llama-slim "
+    "--version 1.0.0 --files phone/llama-slim.fp32.pte phone/llama-slim.8da4w.pte --dense dense/llama.pte",
     "verify": "slimship verify artifacts/my-model-1.0.0",
-    "generate": "slimship generate exported/slim.fp32.pte --prompt-ids 1,2,3 --max-new-tokens 16",
+    "generate": "slimship generate exported/slim.fp32.pte --prompt-ids 1,2,3 --max-new-tokens 16\n"
+    "  slimship generate artifacts/llama-slim-1.0.0 --prompt 'Once upon a time' --max-new-tokens 32",
 }
 
 
@@ -195,11 +197,12 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--calibration", **calibration)
     p.add_argument("--target", default="host", help=f"where gates time the exports: {targets_help}")
     _add_gate_options(p)
+    decoder_cli.add_release_arguments(p)
 
     p = _command(sub, "verify", "check a release bundle: checksums, schema, parity", commands["verify"])
     p.add_argument("bundle", help="bundle directory or .tar.gz")
 
-    p = _command(sub, "generate", "greedy text generation from token ids with a .pte / .onnx decoder",
+    p = _command(sub, "generate", "greedy text generation with a .pte / .onnx decoder or a release bundle",
                  commands["generate"])  # fmt: skip
     decoder_cli.add_generate_arguments(p)
     return parser

@@ -7,10 +7,11 @@ here with the parsed arguments, a console for humans and the function that write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,40 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
 
 
+def add_release_arguments(p: argparse.ArgumentParser) -> None:
+    """`release SLIM_DIR --task text-generation --files ...` (see slimship.decoder.release)."""
+    add_task_argument(p)
+    group = p.add_argument_group("text generation (--task text-generation)")
+    group.add_argument(
+        "--files", nargs="+", type=Path, default=None, metavar="FILE",
+        help="the .pte / .onnx files `slimship export MODEL --task text-generation` wrote (named by format)",
+    )  # fmt: skip
+    group.add_argument(
+        "--dense", nargs="+", type=Path, default=None, metavar="FILE",
+        help="dense files of the same kinds: each file's decode speedup is measured against its kind's",
+    )  # fmt: skip
+    group.add_argument("--prompt-len", type=int, default=32, help="timed generations: random prompt tokens")
+    group.add_argument("--new-tokens", type=int, default=32, help="timed generations: new tokens per run")
+    group.add_argument("--runs", type=int, default=10, help="timed generations per file")
+    group.add_argument("--warmup", type=int, default=2, help="untimed generations per file first")
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="a text-generation .pte or .onnx (slimship export --task ...)")
-    p.add_argument("--prompt-ids", required=True, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
+    p.add_argument(
+        "model", type=Path,
+        help="a text-generation .pte or .onnx (slimship export --task ...), or a text-generation release "
+        "bundle (folder or .tar.gz: its fp32 file unless --format)",
+    )  # fmt: skip
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, e.g. 1,2,3")
+    prompt.add_argument(
+        "--prompt", metavar="TEXT", help="prompt text (needs the bundle's tokenizer or --tokenizer)"
+    )
+    p.add_argument(
+        "--tokenizer", type=Path, default=None, metavar="DIR",
+        help="a folder with tokenizer files (read by transformers.AutoTokenizer from local files only)",
+    )  # fmt: skip
+    p.add_argument("--format", default=None, help="the bundle's file of this format (omitted: its fp32 file)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (fewer at an EOS)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS ids")
     p.add_argument(
@@ -174,54 +206,145 @@ def _parity_text(parity: Any) -> str:
     return f"greedy tokens {same} as transformers generate(); logits max|diff| {parity.max_abs_diff:.3g}"
 
 
-def bench_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
-    from slimship.decoder.bench import bench_decode, format_decode_table
+def local_target(name: str, targets_file: Any = None) -> Any:
+    """The target named on the command line; text generation runs on this machine (local targets)."""
     from slimship.runtimes.targets import get_target, load_targets
 
-    extra = load_targets(args.targets_file) if args.targets_file else None
-    target = get_target(args.target, extra)
+    target = get_target(name, load_targets(targets_file) if targets_file else None)
     if target.transport != "local" or target.emulated:
         raise ConfigError(
-            f"--target {target.name}: text-generation bench runs on this machine for now (local targets)"
+            f"--target {target.name}: text-generation timing runs on this machine for now (local targets)"
         )
+    return target
+
+
+@contextlib.contextmanager
+def pinned(target: Any) -> Iterator[None]:
+    """This process (which runs the files) pinned to the target's cores while timing, then unpinned."""
     pin = bool(target.affinity) and hasattr(os, "sched_setaffinity")
     before = os.sched_getaffinity(0) if pin else None
-    steps = Steps()
     try:
         if pin:
-            os.sched_setaffinity(0, target.affinity)  # this process runs the files: pinned as the target says
-        with steps.step(f"decode {len(args.models)} file(s), {args.runs} generations each"):
-            result = bench_decode(
-                args.models, dense=args.dense, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                runs=args.runs, warmup=args.warmup, threads=target.threads,
-            )  # fmt: skip
+            os.sched_setaffinity(0, target.affinity)
+        yield
     finally:
         if before is not None:
             os.sched_setaffinity(0, before)
+
+
+def bench_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
+    from slimship.decoder.bench import bench_decode, format_decode_table
+
+    target = local_target(args.target, args.targets_file)
+    steps = Steps()
+    with pinned(target), steps.step(f"decode {len(args.models)} file(s), {args.runs} generations each"):
+        result = bench_decode(
+            args.models, dense=args.dense, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+            runs=args.runs, warmup=args.warmup, threads=target.threads,
+        )  # fmt: skip
     console.print(format_decode_table(result))
     emit(to_jsonable(result) | {"target": target.name})
     return 0
 
 
 def generate_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
+    from slimship.decoder.bundle import is_bundle, load_tokenizer, open_bundle, pick_file
     from slimship.decoder.runner import greedy, open_decoder
     from slimship.decoder.tokens import parse_ids
 
-    prompt = parse_ids(args.prompt_ids)
-    decoder = open_decoder(args.model, args.threads)
-    result = greedy(decoder, prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos)
+    path, tokenizer_dir = Path(args.model), args.tokenizer
+    with contextlib.ExitStack() as stack:
+        if is_bundle(path):
+            root, manifest = open_bundle(path, stack)  # schema and checksums first
+            model = pick_file(root, manifest, args.format, path)
+            if tokenizer_dir is None and manifest["text_generation"]["tokenizer_files"]:
+                tokenizer_dir = root
+        elif args.format is not None:
+            raise ConfigError(f"--format {args.format}: picks a file of a release bundle; {path} is a file")
+        else:
+            model = path
+        tokenizer = None
+        if args.prompt is not None:
+            if tokenizer_dir is None:
+                raise ConfigError(
+                    f"--prompt: text needs a tokenizer, and {path} has none; pass --tokenizer DIR (a "
+                    "folder with tokenizer.json ...), a release bundle that holds one, or --prompt-ids"
+                )
+            tokenizer = load_tokenizer(Path(tokenizer_dir))
+            prompt = [int(t) for t in tokenizer.encode(args.prompt)]
+        else:
+            prompt = parse_ids(args.prompt_ids)
+        decoder = open_decoder(model, args.threads)
+        result = greedy(decoder, prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos)
+    text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer is not None else None
     decode_s = sum(result.step_s)
     rate = len(result.step_s) / decode_s if decode_s > 0 else None
-    console.print(",".join(map(str, result.tokens)))
+    console.print(text if text is not None else ",".join(map(str, result.tokens)), markup=False)
     speed = f", decode {rate:.1f} tok/s" if rate else ""
     console.print(f"({len(result.tokens)} tokens; first after {result.prefill_s * 1e3:.1f} ms{speed})")
     emit(
         {
-            "model": str(args.model), "prompt": prompt, "tokens": result.tokens,
+            "model": str(model), "prompt": prompt, "tokens": result.tokens, "text": text,
             "ttft_ms": result.prefill_s * 1e3, "decode_tok_s": rate,
         }
     )  # fmt: skip
     return 0
+
+
+def release_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
+    """`slimship release SLIM_DIR --task text-generation --files ...`: see slimship.decoder.release."""
+    from slimship.decoder.release import DecoderReleaseOptions, DecoderReleaseRequest, release_decoder
+    from slimship.decoder.tokens import load_token_file
+    from slimship.pipeline.config import gates_from_options
+    from slimship.pipeline.gates import GATE_RULES
+    from slimship.pipeline.release import check_new_version
+
+    check_new_version(Path(args.out), args.name, args.version)  # before any work
+    gates = gates_from_options({n: getattr(args, n) for n in GATE_RULES if getattr(args, n) is not None})
+    if not args.files:
+        raise ConfigError(
+            "--task text-generation: give the decoder files with --files (what `slimship export SLIM_DIR "
+            "--task text-generation --format ...` wrote)"
+        )
+    target = local_target(args.target)
+    steps = Steps()
+    with steps.step("load decoder"):
+        model, origin, _ = decoder_from_args(args)
+    folder = Path(args.model) if getattr(args, "model", None) is not None else None
+    calibration, source = None, ""
+    if args.calibration:
+        vocab = int(model.config.get_text_config().vocab_size)
+        calibration = load_token_file(args.calibration, vocab, 1 << 20)
+        source = f"{len(calibration)} sequences from {args.calibration}"
+    options = DecoderReleaseOptions(
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
+        calibration=calibration, calibration_source=source,
+    )  # fmt: skip
+    config = {
+        "command": "release", "task": "text-generation", "model": origin,
+        "files": [Path(f).name for f in args.files], "dense": [Path(f).name for f in args.dense or []],
+        "target": target.name, "gates": gates.model_dump(),
+    }  # fmt: skip
+    request = DecoderReleaseRequest(
+        args.name, args.version, Path(args.out), model, list(args.files), _source_sha256(model, folder),
+        gates, target, options, dense=list(args.dense or []), folder=folder, config=config,
+    )  # fmt: skip
+    with pinned(target):
+        result = release_decoder(request, steps.step)
+    console.print(str(result.bundle_dir))
+    emit({"bundle": to_jsonable(result), "seconds": steps.times})
+    return 0
+
+
+def _source_sha256(model: Any, folder: Path | None) -> str:
+    """The slim checkpoint folder's digest (names and sha256 of its files), or its weights' sha256."""
+    if folder is not None:
+        from slimship.hf.folder import folder_digest, read_folder
+
+        return folder_digest(read_folder(folder))
+    from slimship.pipeline.publish import weights_sha256
+
+    return weights_sha256(model)
 
 
 def text_generation_formats() -> list[str]:

@@ -26,6 +26,7 @@ PASSED, FAILED, NOT_EVALUATED, OFF = "passed", "failed", "not evaluated", "off"
 # formats whose top-1 agreement with the slim model is gated: the registry's reduced-precision ones
 QUANTISED_FORMATS: tuple[str, ...] = tuple(name for name, r in FORMATS.items() if r.precision != "fp32")
 TORCH_SUBJECT = "torch top-1"  # the subject of a figure on the torch models, not on a target/format
+TEXT_GENERATION = "text-generation"  # the task of a decoder release (slimship.decoder.release)
 
 
 class GatesSpec(Section):
@@ -47,6 +48,20 @@ class GatesSpec(Section):
         0.9, "the smallest top-1 agreement of quantised variants with the slim model, in [0, 1], or null",
         ge=0, le=1,
     )  # fmt: skip
+    min_decode_speedup: float | None = spec_field(
+        None, "text generation: the smallest dense/slim decode speedup per file (> 0), or null", gt=0
+    )
+    max_ms_per_token: Annotated[float, Field(gt=0)] | dict[str, Annotated[float, Field(gt=0)]] | None = (
+        spec_field(
+            None,
+            "text generation: the largest median decode ms per token, one number or a mapping target -> ms, "
+            "or null",
+        )
+    )
+    min_token_agreement: float | None = spec_field(
+        None, "text generation: the smallest next-token top-1 agreement of quantised files with the slim "
+        "model along the stored reference decode, in [0, 1], or null", ge=0, le=1,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,10 @@ class GateFigures:
     speedup: Mapping[str, float] = field(default_factory=dict)  # interleaved, same format (device targets)
     p50_ms: Mapping[str, float] = field(default_factory=dict)  # device targets
     agreement: Mapping[str, float] = field(default_factory=dict)  # quantised variants vs the slim model
+    # text generation (slimship.decoder.release), per `target/format`
+    decode_speedup: Mapping[str, float] = field(default_factory=dict)  # interleaved dense/slim decode time
+    ms_per_token: Mapping[str, float] = field(default_factory=dict)  # median decode ms per token
+    token_agreement: Mapping[str, float] = field(default_factory=dict)  # quantised files vs the slim model
 
     @classmethod
     def of(cls, bench: BenchFigures) -> GateFigures:
@@ -90,6 +109,7 @@ class GateRule:
     missing: str  # why a gate that is on can have no figure
     metavar: str  # the CLI option's value (--NAME METAVAR)
     help: str  # the CLI option's help
+    task: str | None = None  # what the gate applies to: None one-pass models, "text-generation" decoders
 
 
 GATE_RULES: dict[str, GateRule] = {
@@ -108,6 +128,20 @@ GATE_RULES: dict[str, GateRule] = {
     "min_agreement": GateRule(
         "top-1 agreement with the slim model", lambda f: f.agreement, operator.ge, "", "no quantised variant",
         "FRACTION", "top-1 agreement of quantised variants with the slim model (omitted: 0.9)",
+    ),
+    "min_decode_speedup": GateRule(
+        "decode speedup", lambda f: f.decode_speedup, operator.ge, "x", "no dense file of its kind (--dense)",
+        "X", "text generation: smallest dense/slim decode speedup per file (omitted: off)", TEXT_GENERATION,
+    ),
+    "max_ms_per_token": GateRule(
+        "decode ms per token", lambda f: f.ms_per_token, operator.le, " ms", "no decode timing",
+        "MS", "text generation: largest median decode ms per token per file (omitted: off)", TEXT_GENERATION,
+    ),
+    "min_token_agreement": GateRule(
+        "next-token top-1 agreement with the slim model", lambda f: f.token_agreement, operator.ge, "",
+        "no quantised file", "FRACTION",
+        "text generation: next-token top-1 agreement of quantised files with the slim model (omitted: off)",
+        TEXT_GENERATION,
     ),
 }  # fmt: skip
 
@@ -143,11 +177,18 @@ def _limit_for(limit: Any, subject: str) -> float | None:
     return limit
 
 
-def evaluate_gates(gates: GatesSpec, figures: GateFigures) -> list[GateResult]:
-    """Every gate of `gates` against `figures`, in GATE_RULES order."""
+def evaluate_gates(gates: GatesSpec, figures: GateFigures, task: str | None = None) -> list[GateResult]:
+    """Every gate of `gates` for `task` (None: a one-pass model) against `figures`, in GATE_RULES order.
+
+    A gate of another task is left out, or listed as not evaluated when it was set explicitly."""
     results: list[GateResult] = []
     for name, rule in GATE_RULES.items():
         limit = getattr(gates, name)
+        if rule.task != task:
+            if limit is not None and name in gates.model_fields_set:
+                what = f"applies to {rule.task} releases" if rule.task else "applies to one-pass models"
+                results.append(GateResult(name, NOT_EVALUATED, detail=what))
+            continue
         if limit is None:
             results.append(GateResult(name, OFF))
             continue

@@ -26,6 +26,9 @@ Top-level fields (schema version 1.0):
 - `calibration` (optional): `samples` (int) and `source` (str) of the data int8 variants were calibrated on.
 - `gates` (optional): the quality gate results decided before publishing.
 - `targets` (optional): target name -> runtime, threads, affinity, xnnpack, precision, transport, emulated.
+- `task` (optional, schema 1.1): "text-generation" for a decoder bundle (slimship.decoder.release); then
+  it has `text_generation` (the reference decode verify replays, how the decode figures were measured,
+  per file its check and figures, the tokenizer files) instead of `reference_io`.
 
 Model files are stored at the top of the bundle, named by role and format: `model.onnx`,
 `model.fp32.tflite`, `model.int8.tflite`, `model.fp32.pte` (`FormatRecord.file_name("model")`).

@@ -47,6 +47,11 @@ def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table whose cells are shown literally (the model card's tables; public for other cards)."""
+    return _md_table(headers, rows)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"

@@ -39,7 +39,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,15 +143,27 @@ def write_release(inputs: ReleaseInputs, out_dir: Path, *, verify: bool = True) 
     With `verify` (default) the staged bundle is checked with `verify_bundle` before it is published.
     """
     _validate_inputs(inputs)
+    return publish_bundle(
+        inputs.name, inputs.version, Path(out_dir), lambda b: _write_bundle(inputs, b), verify
+    )
+
+
+def publish_bundle(
+    name: str, version: str, out_dir: Path, write: Callable[[Path], dict[str, Any]], verify: bool = True
+) -> ReleaseResult:
+    """Stage, verify and publish the bundle `out_dir/NAME-VERSION` whose files `write(bundle_dir)` writes
+    (returning its manifest, already written): every kind of release goes through here (see the module
+    doc: staged in a hidden folder, tarball, `verify_bundle`, renamed into place, never overwriting)."""
+    check_name_version(name, version)
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = bundle_stem(inputs.name, inputs.version)
+    stem = bundle_stem(name, version)
     final_dir, final_tar = out_dir / stem, out_dir / f"{stem}.tar.gz"
     _refuse_existing(final_dir, final_tar)
     remove_stale_staging(out_dir)
     with _sigterm_unwinds():
-        manifest = _stage_and_publish(inputs, out_dir, stem, final_dir, final_tar, verify)
+        manifest = _stage_and_publish(write, out_dir, stem, final_dir, final_tar, verify)
     log.info("release %s written to %s", stem, final_dir)
     return ReleaseResult(
         bundle_dir=final_dir,
@@ -163,14 +175,15 @@ def write_release(inputs: ReleaseInputs, out_dir: Path, *, verify: bool = True) 
 
 
 def _stage_and_publish(
-    inputs: ReleaseInputs, out_dir: Path, stem: str, final_dir: Path, final_tar: Path, verify: bool
-) -> dict[str, Any]:
+    write: Callable[[Path], dict[str, Any]], out_dir: Path, stem: str, final_dir: Path, final_tar: Path,
+    verify: bool,
+) -> dict[str, Any]:  # fmt: skip
     """Write the bundle in a staging folder named after this process, verify, publish; always clean up."""
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.{os.getpid()}.", suffix=STAGING_SUFFIX, dir=out_dir))
     try:
         bundle = staging / stem
         bundle.mkdir()
-        manifest = _write_bundle(inputs, bundle)
+        manifest = write(bundle)
         normalise_modes(bundle)
         staged_tar = staging / final_tar.name
         write_tarball(bundle, staged_tar)
@@ -281,7 +294,7 @@ def _validate_model_file(role: str, path: Path, parity: dict[str, dict[str, floa
         )
 
 
-def _copy_model_file(role: str, source: Path, dest: Path) -> None:
+def copy_model_file(role: str, source: Path, dest: Path) -> None:
     """Copy a model file; an ONNX model with external data is stored with its tensors inlined."""
     if format_of(source) == "onnx" and _onnx_has_external_data(source):
         import onnx
@@ -356,7 +369,7 @@ def _write_bundle(inputs: ReleaseInputs, bundle: Path) -> dict[str, Any]:
 
     roles = {PT2_NAME: "pt2", WEIGHTS_NAME: "safetensors", REFERENCE_NAME: "reference-io"}
     for role, rel in bundle_file_names(inputs.model_files).items():
-        _copy_model_file(role, Path(inputs.model_files[role]), bundle / rel)
+        copy_model_file(role, Path(inputs.model_files[role]), bundle / rel)
         roles[rel] = role
 
     parity = {"pt2": pt2_parity, **to_jsonable(inputs.parity)}
@@ -365,7 +378,7 @@ def _write_bundle(inputs: ReleaseInputs, bundle: Path) -> dict[str, Any]:
     (bundle / CARD_NAME).write_text(render_model_card(manifest, inputs.model_card_notes), encoding="utf-8")
     (bundle / REPORT_NAME).write_text(render_report(manifest, inputs.extra_plots), encoding="utf-8")
     roles.update({CARD_NAME: "model-card", REPORT_NAME: "report"})
-    manifest["files"] = _file_entries(bundle, roles)
+    manifest["files"] = file_entries(bundle, roles)
     mf.validate_manifest(manifest, where=f"{bundle / mf.MANIFEST_NAME} (being written)")
     (bundle / mf.MANIFEST_NAME).write_text(dump_json(manifest), encoding="utf-8")
     return manifest
@@ -472,7 +485,7 @@ def _manifest(
         "name": inputs.name,
         "version": inputs.version,
         "created_by": f"slimship {__version__}",
-        "files": _file_entries(bundle, roles),
+        "files": file_entries(bundle, roles),
         "model": model,
         "reference_io": {
             "path": REFERENCE_NAME,
@@ -495,7 +508,8 @@ def _manifest(
     return mf.finite_or_none(manifest)
 
 
-def _file_entries(bundle: Path, roles: dict[str, str]) -> list[dict[str, Any]]:
+def file_entries(bundle: Path, roles: dict[str, str]) -> list[dict[str, Any]]:
+    """The manifest's `files`: path, sha256, bytes, role and format of each file in `roles`, sorted."""
     return [
         {
             "path": rel,

@@ -34,10 +34,12 @@ import numpy as np
 
 from slimship._util import sha256_file
 from slimship.compare import Comparison, bounds, judge_cases
+from slimship.decoder.replay import ReplayCheck, replay_file
 from slimship.errors import ReleaseError, SlimshipError
 from slimship.inputs import read_npz_arrays
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.bundle_files import RUNNABLE_FORMATS, flatten_outputs, format_of
+from slimship.pipeline.gates import TEXT_GENERATION
 
 log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 16 << 20
@@ -71,6 +73,7 @@ class VerifyResult:
     parity: dict[str, ParityCheck] = field(default_factory=dict)
     parity_skipped: dict[str, str] = field(default_factory=dict)  # role -> why it was not re-run
     ok: bool = True
+    replay: dict[str, ReplayCheck] = field(default_factory=dict)  # text generation: role -> greedy replay
 
 
 def verify_bundle(path: str | Path, *, run_parity: bool = True) -> VerifyResult:
@@ -285,7 +288,9 @@ def _verify_dir(root: Path, source: Path, run_parity: bool) -> VerifyResult:
         files_checked=[f["path"] for f in manifest["files"]],
         bytes_checked=sum(f["bytes"] for f in manifest["files"]),
     )
-    if run_parity:
+    if run_parity and manifest.get("task") == TEXT_GENERATION:
+        result.replay = _check_replay(root, source, manifest)
+    elif run_parity:
         result.parity_skipped = pt2_parity_skips(root, source, manifest)
         result.parity = _check_parity(root, source, manifest, skip=set(result.parity_skipped))
     log.info("verified %s: %d files, %d parity checks", source, len(result.files_checked), len(result.parity))
@@ -424,6 +429,29 @@ def _check_parity(
             failures.append(f"{_shown(source, root, path)}: {check.reason}")
     if failures:
         raise ReleaseError(f"{source}: parity check failed:\n  " + "\n  ".join(failures))
+    return checks
+
+
+def _check_replay(root: Path, source: Path, manifest: dict[str, Any]) -> dict[str, ReplayCheck]:
+    """A text-generation bundle: each decoder file replays the stored greedy decode
+    (slimship.decoder.replay); ReleaseError naming every file that fails and its first differing position."""
+    section = manifest["text_generation"]
+    manifest_shown = _shown(source, root, root / mf.MANIFEST_NAME)
+    listed = {f["path"] for f in manifest["files"]}
+    checks, failures = {}, []
+    for role, entry in sorted(section["files"].items()):
+        path = confined_path(root, entry["path"], f"text_generation.files.{role}.path", manifest_shown)
+        shown = _shown(source, root, path)
+        if entry["path"] not in listed:
+            raise ReleaseError(
+                f"{shown}: text_generation.files.{role} is not listed in files[], so no checksum covers it; "
+                "the manifest was edited, fetch the bundle again"
+            )
+        checks[role] = replay_file(path, role, entry, section["reference"], shown)
+        if not checks[role].ok:
+            failures.append(f"{shown}: {checks[role].reason}")
+    if failures:
+        raise ReleaseError(f"{source}: reference decode check failed:\n  " + "\n  ".join(failures))
     return checks
 
 

@@ -63,3 +63,32 @@ def tiny_zeroed_llama(seed: int = 0) -> nn.Module:
     model = tiny_llama(seed)
     zero_groups(model, {"layers.0.self_attn": 0.5, "layers.0.mlp": 0.4, "layers.1.mlp": 0.3}, seed)
     return model
+
+
+SENTENCES = [
+    "the slim model runs on the phone",
+    "a small decoder writes one token at a time",
+    "the cache holds keys and values for every layer",
+    "tokens per second is what the phone measures",
+]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer trained on a few sentences (nothing downloaded): <unk> 0, <s> 1, </s> 2, as the
+    tiny Llama's bos/eos ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    assert tok.get_vocab_size() <= VOCAB
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def write_checkpoint(folder, seed: int = 0):
+    """The zeroed tiny Llama as a checkpoint folder with its tokenizer and generation config beside it."""
+    model = tiny_zeroed_llama(seed)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tiny_tokenizer().save_pretrained(str(folder))
+    return folder
