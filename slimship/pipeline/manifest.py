@@ -44,6 +44,7 @@ import jsonschema
 
 from slimship._version import __version__
 from slimship.errors import ReleaseError
+from slimship.runtimes.measure import speedup_text
 
 SCHEMA_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
@@ -112,8 +113,12 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-#: columns of a per-target latency table (model card and report)
-LATENCY_HEADERS = ["target", "where", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup"]
+#: columns of a per-target latency table (model card and report); the speedup's definition is stated
+#: under the table (slimship.runtimes.measure.SPEEDUP_DEFINITION)
+LATENCY_HEADERS = [
+    "target", "where", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup (p10-p90)",
+    "efficiency",
+]  # fmt: skip
 
 
 def latency_rows(entries: dict[str, dict[str, Any]]) -> list[list[Any]]:
@@ -127,10 +132,22 @@ def latency_rows(entries: dict[str, dict[str, Any]]) -> list[list[Any]]:
             e["p90_ms"],
             e["p99_ms"],
             e.get("dense_p50_ms"),
-            e.get("speedup"),
+            entry_speedup_text(e),
+            e.get("efficiency"),
         ]
         for t, e in sorted(entries.items())
     ]
+
+
+def entry_speedup_text(entry: dict[str, Any]) -> str | None:
+    """A latency entry's speedup as every table shows it (median of the pair ratios, p10-p90, and whether
+    the p50s of the same pairs disagree with it), or None without a speedup."""
+    if entry.get("speedup") is None:
+        return None
+    dense, slim = entry.get("dense_p50_ms"), entry.get("p50_ms")
+    p50_ratio = dense / slim if dense and slim else None
+    p10, p90 = entry.get("speedup_p10", entry["speedup"]), entry.get("speedup_p90", entry["speedup"])
+    return speedup_text(entry["speedup"], p10, p90, p50_ratio)
 
 
 def split_latency(latency: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
