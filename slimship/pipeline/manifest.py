@@ -44,7 +44,7 @@ import jsonschema
 
 from slimship._version import __version__
 from slimship.errors import ReleaseError
-from slimship.runtimes.measure import speedup_text
+from slimship.runtimes.speedup import disturbance, speedup_text
 
 SCHEMA_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
@@ -140,14 +140,15 @@ def latency_rows(entries: dict[str, dict[str, Any]]) -> list[list[Any]]:
 
 
 def entry_speedup_text(entry: dict[str, Any]) -> str | None:
-    """A latency entry's speedup as every table shows it (median of the pair ratios, p10-p90, and whether
-    the p50s of the same pairs disagree with it), or None without a speedup."""
-    if entry.get("speedup") is None:
+    """A latency entry's speedup as every table shows it (median of the pair ratios, p10-p90, and why the
+    measurement was disturbed, if it was: `slimship.runtimes.speedup.disturbance`), or None without one."""
+    median = entry.get("speedup")
+    if median is None:
         return None
     dense, slim = entry.get("dense_p50_ms"), entry.get("p50_ms")
     p50_ratio = dense / slim if dense and slim else None
-    p10, p90 = entry.get("speedup_p10", entry["speedup"]), entry.get("speedup_p90", entry["speedup"])
-    return speedup_text(entry["speedup"], p10, p90, p50_ratio)
+    why = disturbance(median, p50_ratio, entry.get("pairs"), entry.get("lost_pairs"), entry.get("cpu_ratio"))
+    return speedup_text(median, entry.get("speedup_p10", median), entry.get("speedup_p90", median), why)
 
 
 def split_latency(latency: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

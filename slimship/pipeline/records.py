@@ -156,6 +156,8 @@ class BenchEntry:
             "speedup_p90": round(speedup.p90, 4),
             "pairs": speedup.pairs,
             "pair_ratios": list(speedup.ratios),
+            "lost_pairs": speedup.lost_pairs,  # pairs that lost time to other processes (one thread only)
+            "cpu_ratio": round(speedup.cpu_ratio, 4) if speedup.cpu_ratio else None,
             "flops_ratio": round(speedup.flops_ratio, 4) if speedup.flops_ratio else None,
             "efficiency": round(speedup.efficiency, 4) if speedup.efficiency else None,
             "dense_variant": "dense-torch",
@@ -256,6 +258,8 @@ class LatencyRecord(TypedDict, total=False):
     speedup_p90: float
     pairs: int
     pair_ratios: list[float]  # the per-pair dense/slim ratios `speedup` is the median of
+    lost_pairs: int | None
+    cpu_ratio: float | None
     flops_ratio: float | None
     efficiency: float | None
     model_rss_kb: int | None

@@ -8,7 +8,8 @@ from typing import Any
 from rich.table import Table
 
 from slimship.pipeline.gates import GateResult
-from slimship.runtimes.measure import SPEEDUP_DEFINITION, speedup_text
+from slimship.pipeline.manifest import entry_speedup_text
+from slimship.runtimes.measure import SPEEDUP_DEFINITION
 
 _GATE_STYLE = {"passed": "green", "failed": "bold red", "not evaluated": "yellow", "off": "dim"}
 
@@ -52,8 +53,7 @@ def summary_table(summary: dict[str, Any], gates: Sequence[GateResult] = ()) -> 
         if row.get("speedup") is None:  # timed without a dense partner
             table.add_row(label, "", f"{row['p50_ms']:.3f} ms", "")
         else:
-            p50_ratio = row["dense_p50_ms"] / row["p50_ms"] if row["p50_ms"] > 0 else None
-            text = speedup_text(row["speedup"], row["speedup_p10"], row["speedup_p90"], p50_ratio)
+            text = entry_speedup_text(row)
             dense_p50, slim_p50 = f"{row['dense_p50_ms']:.3f} ms", f"{row['p50_ms']:.3f} ms"
             table.add_row(label, dense_p50, slim_p50, f"speedup {text}")
             if row.get("efficiency") is not None:

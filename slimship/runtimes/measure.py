@@ -8,11 +8,10 @@ one model.
 
 A speedup is measured as interleaved pairs (dense, slim, dense, slim ...) in one process on the
 target and reported as the median of the per-pair ratios dense/slim, with p10-p90 and the IQR
-(`SPEEDUP_DEFINITION`, the one definition every table, report and JSON states). It is only computed
-between files of the same format and precision (registry format); a dense .pt2 is exported by `bench`
-into the format of each slim file. The p50s shown beside a speedup are those of the same pairs; where
-their ratio differs from the median of the ratios by more than `DISTURBED_GAP` the timings were bimodal
-(another process took whole time slices of the pinned core) and the speedup says so (`Speedup.disturbed`).
+(`SPEEDUP_DEFINITION`, the one definition every table, report and JSON states; the record and its text
+are in `slimship.runtimes.speedup`, which also says when a measurement was disturbed). It is only
+computed between files of the same format and precision (registry format); a dense .pt2 is exported by
+`bench` into the format of each slim file. The p50s shown beside a speedup are those of the same pairs.
 """
 
 from __future__ import annotations
@@ -29,6 +28,12 @@ import numpy as np
 
 from slimship.compare import compare
 from slimship.runtimes.execute import as_array_list, run_on_target
+from slimship.runtimes.speedup import SPEEDUP_DEFINITION as SPEEDUP_DEFINITION  # re-exported: the
+from slimship.runtimes.speedup import Speedup as Speedup  # speedup's record and text live in speedup.py
+from slimship.runtimes.speedup import speedup_from_ratios as speedup_from_ratios
+from slimship.runtimes.speedup import speedup_text as speedup_text
+from slimship.runtimes.speedup import with_flops as with_flops
+from slimship.runtimes.speedup import with_waits
 from slimship.runtimes.targets import Target
 
 EvalBatch = tuple[Any, Any]  # (inputs: array | list of arrays, labels: int array | None)
@@ -82,66 +87,6 @@ class Measurement:
     agreement: float | None = None  # top-1 agreement with the reference model
     eval_samples: int = 0
     parity: Parity | None = None
-
-
-SPEEDUP_DEFINITION = (
-    "speedup: the median of per-pair dense/slim latency ratios over interleaved pairs (dense, slim, dense, "
-    "slim ...) run in one process on the target, with the p10-p90 of those ratios in brackets; the p50s "
-    "beside it are those of the same pairs; efficiency: speedup / FLOPs ratio (dense FLOPs / slim FLOPs)"
-)
-DISTURBED_GAP = 0.10  # p50 ratio vs median of pair ratios: beyond 10% apart the timings were bimodal
-
-
-@dataclass
-class Speedup:
-    """The headline speedup (`SPEEDUP_DEFINITION`) of one dense/slim pair of files, with the per-pair
-    ratios it is the median of and the p50s of the same runs."""
-
-    dense: str
-    slim: str
-    target: str
-    pairs: int
-    median: float  # median of per-pair dense/slim latency ratios
-    p10: float
-    p90: float
-    q25: float
-    q75: float
-    flops_ratio: float | None = None  # dense FLOPs / slim FLOPs
-    efficiency: float | None = None  # median speedup / flops_ratio
-    format: str | None = None  # the one format (and precision) both files are in
-    ratios: tuple[float, ...] = ()  # the per-pair dense/slim ratios, in run order
-    dense_p50_ms: float | None = None  # p50 of the dense runs of the same pairs
-    slim_p50_ms: float | None = None  # p50 of the slim runs of the same pairs
-    flops_source: str | None = None  # where the FLOPs came from (e.g. "torch.utils.flop_counter on the .pt2")
-
-    @property
-    def iqr(self) -> float:
-        return self.q75 - self.q25
-
-    @property
-    def p50_ratio(self) -> float | None:
-        """dense p50 / slim p50 of the same pairs: a different figure from the median of their ratios."""
-        if not self.dense_p50_ms or not self.slim_p50_ms:
-            return None
-        return self.dense_p50_ms / self.slim_p50_ms
-
-    @property
-    def disturbed(self) -> bool:
-        """The p50 ratio and the median of the pair ratios are more than DISTURBED_GAP apart (`disturbed`)."""
-        return disturbed(self.median, self.p50_ratio)
-
-    def text(self) -> str:
-        """The headline with its spread; a disturbed measurement names the p50 ratio it disagrees with."""
-        return speedup_text(self.median, self.p10, self.p90, self.p50_ratio)
-
-
-def disturbed(median: float, p50_ratio: float | None) -> bool:
-    """Whether a speedup's median of pair ratios and the p50 ratio of the same pairs are more than
-    DISTURBED_GAP apart: the timings were bimodal (other processes took whole time slices of the core),
-    so each median sits in whichever mode holds half its runs and neither figure is steady."""
-    if p50_ratio is None or median <= 0 or p50_ratio <= 0:
-        return False
-    return abs(math.log(p50_ratio / median)) > math.log1p(DISTURBED_GAP)
 
 
 @dataclass
@@ -281,41 +226,6 @@ def median_latencies_ms(
     return best
 
 
-def speedup_from_ratios(ratios: Sequence[float], dense: str, slim: str, target: str,
-                        flops: tuple[float, float] | None = None) -> Speedup:  # fmt: skip
-    """Median and spread of per-pair dense/slim ratios; efficiency if FLOPs (dense, slim) are given.
-
-    With a FLOPs count of 0 on either side the FLOPs ratio and efficiency are None (shown as n/a).
-    """
-    r = np.asarray(ratios, dtype=np.float64)
-    if r.size == 0:
-        raise ValueError("no pairs: runs must be >= 1")
-    p10, q25, med, q75, p90 = (float(v) for v in np.percentile(r, [10, 25, 50, 75, 90]))
-    sp = Speedup(dense, slim, target, int(r.size), med, p10, p90, q25, q75, ratios=tuple(float(v) for v in r))
-    return with_flops(sp, flops)
-
-
-def with_flops(sp: Speedup, flops: tuple[float, float] | None, source: str | None = None) -> Speedup:
-    """`sp` with the FLOPs ratio (dense/slim) and efficiency (speedup / FLOPs ratio) of `flops`; None
-    (shown as n/a) without FLOPs or with a count of 0 on either side (e.g. a model of reshapes only)."""
-    if flops is None or min(flops) <= 0:
-        return dataclasses.replace(sp, flops_ratio=None, efficiency=None, flops_source=None)
-    ratio = flops[0] / flops[1]
-    return dataclasses.replace(sp, flops_ratio=ratio, efficiency=sp.median / ratio, flops_source=source)
-
-
-def speedup_text(median: float, p10: float, p90: float, p50_ratio: float | None = None) -> str:
-    """A speedup with its spread of per-pair ratios; a spread on both sides of 1.0 is said to be unclear
-    (the pairs disagree on which model is faster, whatever the median says); with the p50 ratio of the
-    same pairs, a disturbed measurement (`disturbed`) says so and names that ratio."""
-    text = f"{median:.2f}x ({p10:.2f}-{p90:.2f})"
-    if p10 <= 1.0 <= p90:
-        text += " unclear: the spread crosses 1.0"
-    if p50_ratio is not None and disturbed(median, p50_ratio):
-        text += f"; disturbed: the p50 ratio of the same pairs is {p50_ratio:.2f}x (rerun on an idle core)"
-    return text
-
-
 def measure_speedup(
     dense: str | Path,
     slim: str | Path,
@@ -337,6 +247,8 @@ def measure_speedup(
     measured = [_measurement(p, e, run.result, target) for p, e in zip(pair, entries, strict=True)]
     p50s = {"dense_p50_ms": measured[0].latency.p50_ms, "slim_p50_ms": measured[1].latency.p50_ms}
     sp = dataclasses.replace(sp, **p50s)
+    if target.threads == 1:  # the runtime computes on the runner's thread: its CPU time shows the waits
+        sp = with_waits(sp, entries[0], entries[1])
     return sp, measured
 
 

@@ -117,3 +117,33 @@ def test_a_file_without_a_flops_counter_says_why(tmp_path) -> None:
     pte = tmp_path / "model.fp32.pte"
     pte.write_bytes(b"\0" * 16)
     assert file_flops(pte) == (None, "FLOPs of .pte files are not counted (only .pt2, .onnx and .tflite)")
+
+
+def test_pairs_that_lost_time_to_other_processes_are_counted_and_said() -> None:
+    """A run whose wall time exceeds its thread's CPU time lost that time to other processes; when more
+    than a quarter of the pairs did, the speedup says so, with the CPU-time ratio of the same pairs."""
+    from slimship.runtimes.speedup import lost_time, with_waits
+
+    dense = {"latencies_ms": PAIR_DENSE, "cpu_ms": [3.2] * len(PAIR_DENSE)}
+    slim = {"latencies_ms": PAIR_SLIM, "cpu_ms": [2.2] * len(PAIR_SLIM)}
+    assert lost_time(PAIR_DENSE, dense["cpu_ms"]) == [w > 5 for w in PAIR_DENSE]
+    ratios = [d / s for d, s in zip(PAIR_DENSE, PAIR_SLIM, strict=True)]
+    sp = with_waits(speedup_from_ratios(ratios, "d", "s", "mobile-1t"), dense, slim)
+    lost = sum(d > 5 or s > 5 for d, s in zip(PAIR_DENSE, PAIR_SLIM, strict=True))
+    assert sp.lost_pairs == lost == 7 and sp.cpu_ratio == pytest.approx(3.2 / 2.2)
+    assert sp.disturbed and f"{lost} of 9 pairs lost time to other processes" in sp.text()
+    assert "their CPU-time ratio 1.45x" in sp.text()
+    idle = with_waits(speedup_from_ratios([1.45] * 9, "d", "s", "mobile-1t"),
+                      {"latencies_ms": [3.2] * 9, "cpu_ms": [3.19] * 9},
+                      {"latencies_ms": [2.2] * 9, "cpu_ms": [2.2] * 9})  # fmt: skip
+    assert idle.lost_pairs == 0 and not idle.disturbed and idle.text() == "1.45x (1.45-1.45)"
+
+
+def test_the_runner_reports_each_runs_cpu_time(tiny_models) -> None:
+    from slimship.runtimes.execute import run_on_target
+
+    files = [tiny_models["dense"]["tflite"], tiny_models["slim"]["tflite"]]
+    run = run_on_target(BUILTIN_TARGETS["mobile-1t"], files, [tiny_models["x"]], warmup=1, runs=7)
+    for entry in run.result["models"]:
+        wall, cpu = np.array(entry["latencies_ms"]), np.array(entry["cpu_ms"])
+        assert len(cpu) == len(wall) == 7 and (cpu > 0).all() and (cpu <= wall + 0.05).all()
