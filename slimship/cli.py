@@ -444,7 +444,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     if args.task == "text-generation":
         return _text_generation("release_command", args)
     from slimship._util import sha256_file
-    from slimship.pipeline.bench import gate_release
+    from slimship.pipeline.bench import release_figures, release_slimming
     from slimship.pipeline.config import gates_from_options
     from slimship.pipeline.publish import ReleaseRequest, publish
     from slimship.pipeline.release import check_new_version
@@ -456,8 +456,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         exported = _export_all(args, source, Path(tmp), "model", steps)
         exported.require_all()  # a release holds every format asked for, or none
-        with steps.step("quality gates"):
-            results = gate_release(  # GateError
+        with steps.step(f"measure on {args.target}, quality gates"):
+            bench, results = release_figures(  # GateError
                 source.module, source.example, exported.files(), gates, args.target,
                 samples=exported.calibration.real_batches(),
             )  # fmt: skip
@@ -466,6 +466,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
             sha256_file(args.model) if args.model and source.kind == "pt2" else source.sha256,
             exported, results,
             {"command": "release", "model": source.origin, "gates": gates.model_dump()},
+            bench, release_slimming(source.module, source.example),
         )  # fmt: skip
         with steps.step("write release bundle"):
             result = publish(request)

@@ -4,6 +4,7 @@ gates, the summary and the manifest read."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from slimship.pipeline.gates import (
+    FAILED,
+    PASSED,
     QUANTISED_FORMATS,
     GateFigures,
     GateResult,
@@ -46,7 +49,7 @@ def bench_targets(
     """Each slim format on each target that runs it: on a device target, timed interleaved with its dense
     export (speedup) and checked once on the evaluation samples; on an emulated target, checked only.
     `top1` is the (dense, slim) torch top-1 on the same samples."""
-    from slimship.runtimes.measure import layer_profile, measure, measure_speedup, where_measured
+    from slimship.runtimes.measure import layer_profile, measure, measure_speedup, where_measured, with_flops
     from slimship.runtimes.torch_runner import TorchRunner
 
     inputs = [t.numpy() for t in plan.example]
@@ -65,8 +68,9 @@ def bench_targets(
                 entries.append(BenchEntry(target.name, fmt, True, checked))
                 continue
             speedup, (dense_m, slim_m) = measure_speedup(
-                dense_path, slim_path, inputs, target, warmup=plan.warmup, runs=plan.runs, flops=plan.flops
+                dense_path, slim_path, inputs, target, warmup=plan.warmup, runs=plan.runs
             )
+            speedup = with_flops(speedup, plan.flops, TORCH_FLOPS)
             checked = measure(slim_path, inputs, target, warmup=1, runs=1, eval_batches=pairs or None,
                               reference=reference)  # fmt: skip
             profile = None
@@ -74,7 +78,11 @@ def bench_targets(
                 profile = layer_profile(dense_path, slim_path, inputs, target, f"dense-{fmt}", plan.runs)
             entries.append(BenchEntry(target.name, fmt, False, checked, slim_m, dense_m, speedup,
                                       where_measured(target), profile))  # fmt: skip
-    return BenchFigures(tuple(entries), *top1)
+    on = f"evaluation data ({len(pairs)} samples)" if pairs else None
+    return BenchFigures(tuple(entries), *top1, agreement_on=on)
+
+
+TORCH_FLOPS = "torch.utils.flop_counter on the dense and slim PyTorch models (example inputs)"
 
 
 def runs_on(target: Any, fmt: str) -> bool:
@@ -105,17 +113,20 @@ RELEASE_EVAL_SAMPLES = 64
 
 def _agreement_inputs(
     example: tuple[torch.Tensor, ...], samples: list[tuple[torch.Tensor, ...]] | None
-) -> list[tuple[np.ndarray, ...]]:
-    """Single-sample inputs for the agreement gate: the user's samples split one by one, else random
-    inputs shaped like `example` (seeded, so a rerun measures the same)."""
+) -> tuple[list[tuple[np.ndarray, ...]], str]:
+    """Single-sample inputs for the agreement gate and what they are: the user's samples split one by one
+    ("calibration data (N samples)"), else random inputs shaped like `example` (seeded, so a rerun measures
+    the same; "random inputs (N seeded samples, not real data)")."""
     if samples:
         rows = [tuple(t[i : i + 1].numpy() for t in batch) for batch in samples for i in range(len(batch[0]))]
-        return rows[:RELEASE_EVAL_SAMPLES]
+        rows = rows[:RELEASE_EVAL_SAMPLES]
+        return rows, f"calibration data ({len(rows)} samples)"
     generator = torch.Generator().manual_seed(0)
-    return [
+    rows = [
         tuple(torch.randn(t.shape, generator=generator).numpy() for t in example)
         for _ in range(RELEASE_EVAL_SAMPLES)
     ]
+    return rows, f"random inputs ({len(rows)} seeded samples, not real data)"
 
 
 def release_bench(
@@ -127,25 +138,37 @@ def release_bench(
     runs: int = 30,
     samples: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> BenchFigures:
-    """What `slimship release` measures for its gates (no labels, no dense model): each file on `target`
-    when `max_latency_ms` is set, and quantised files' top-1 agreement with `module` on the user's `samples`
-    (the --calibration batches, one sample at a time, at most RELEASE_EVAL_SAMPLES) or, without them, on
-    random inputs."""
-    from slimship.runtimes.measure import measure
+    """What `slimship release` measures (no labels, no dense model): each file's latency and parity on
+    `target`, and quantised files' top-1 agreement with `module` (when `min_agreement` is on) on the user's
+    `samples` (the --calibration batches, one sample at a time, at most RELEASE_EVAL_SAMPLES) or, without
+    them, on random inputs; `agreement_on` says which."""
+    from slimship.runtimes.measure import measure, where_measured
 
-    batches = [(inputs, None) for inputs in _agreement_inputs(example, samples)]
+    rows, on = _agreement_inputs(example, samples)
+    batches = [(inputs, None) for inputs in rows]
     inputs = [t.numpy() for t in example]
     entries = []
     for fmt, path in files.items():
         quantised = fmt in QUANTISED_FORMATS and gates.min_agreement is not None
-        if not quantised and gates.max_latency_ms is None:
-            continue
         evals = batches if quantised else None
         checked = measure(
             path, inputs, target, warmup=2, runs=runs, eval_batches=evals, reference=_eager(module)
         )
-        entries.append(BenchEntry(target.name, fmt, bool(target.emulated), checked))
-    return BenchFigures(tuple(entries))
+        where = where_measured(target)
+        entries.append(BenchEntry(target.name, fmt, bool(target.emulated), checked, where=where))
+    scored = any(e.checked.agreement is not None for e in entries)
+    return BenchFigures(tuple(entries), agreement_on=on if scored else None)
+
+
+def agreement_said(results: list[GateResult], bench: BenchFigures) -> list[GateResult]:
+    """The gate results with each measured `min_agreement` saying what it was measured on."""
+    if not bench.agreement_on:
+        return results
+    return [
+        dataclasses.replace(r, detail=f"measured on {bench.agreement_on}")
+        if r.gate == "min_agreement" and r.status in (PASSED, FAILED) else r
+        for r in results
+    ]  # fmt: skip
 
 
 def gate_release(
@@ -159,14 +182,38 @@ def gate_release(
 ) -> list[GateResult]:
     """Gates for `slimship release` on `release_bench`'s figures; accuracy drop and speedup have no figures
     there: "not evaluated". Each gate's line goes to stderr; raises GateError on a failure."""
+    return release_figures(module, example, files, gates, target_name, runs, samples)[1]
+
+
+def release_figures(
+    module: Any,
+    example: tuple[torch.Tensor, ...],
+    files: dict[str, Path],
+    gates: GatesSpec,
+    target_name: str = "host",
+    runs: int = 30,
+    samples: list[tuple[torch.Tensor, ...]] | None = None,
+) -> tuple[BenchFigures, list[GateResult]]:
+    """`release_bench`'s figures and the gates decided on them (see `gate_release`)."""
     from slimship.runtimes.targets import get_target
 
     bench = release_bench(module, example, files, gates, get_target(target_name), runs, samples)
-    results = evaluate_gates(gates, GateFigures.of(bench))
+    results = agreement_said(evaluate_gates(gates, GateFigures.of(bench)), bench)
     for result in results:
         print(f"gate {result.line()}", file=sys.stderr)  # stdout may carry --json -
     enforce(results)
-    return results
+    return bench, results
+
+
+def release_slimming(module: Any, example: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """The manifest's `slimming` for a release made from the slim model alone: its parameters and FLOPs
+    (the dense model's are unknown there), and where the FLOPs come from."""
+    from slimship.slimming import count_flops
+
+    params = sum(int(p.numel()) for p in module.parameters()) if hasattr(module, "parameters") else None
+    flops = count_flops(module, example)
+    source = "torch.utils.flop_counter on the slim model (example inputs)"
+    return {"params_after": params, "flops_after": flops, "flops_source": source}
 
 
 def _eager(module: Any):

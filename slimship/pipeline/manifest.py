@@ -47,6 +47,7 @@ import jsonschema
 
 from slimship._version import __version__
 from slimship.errors import ReleaseError
+from slimship.runtimes.speedup import disturbance, speedup_text
 
 SCHEMA_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
@@ -115,8 +116,12 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-#: columns of a per-target latency table (model card and report)
-LATENCY_HEADERS = ["target", "where", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup"]
+#: columns of a per-target latency table (model card and report); the speedup's definition is stated
+#: under the table (slimship.runtimes.measure.SPEEDUP_DEFINITION)
+LATENCY_HEADERS = [
+    "target", "where", "variant", "p50 ms", "p90 ms", "p99 ms", "dense p50 ms", "speedup (p10-p90)",
+    "efficiency",
+]  # fmt: skip
 
 
 def latency_rows(entries: dict[str, dict[str, Any]]) -> list[list[Any]]:
@@ -130,10 +135,23 @@ def latency_rows(entries: dict[str, dict[str, Any]]) -> list[list[Any]]:
             e["p90_ms"],
             e["p99_ms"],
             e.get("dense_p50_ms"),
-            e.get("speedup"),
+            entry_speedup_text(e),
+            e.get("efficiency"),
         ]
         for t, e in sorted(entries.items())
     ]
+
+
+def entry_speedup_text(entry: dict[str, Any]) -> str | None:
+    """A latency entry's speedup as every table shows it (median of the pair ratios, p10-p90, and why the
+    measurement was disturbed, if it was: `slimship.runtimes.speedup.disturbance`), or None without one."""
+    median = entry.get("speedup")
+    if median is None:
+        return None
+    dense, slim = entry.get("dense_p50_ms"), entry.get("p50_ms")
+    p50_ratio = dense / slim if dense and slim else None
+    why = disturbance(median, p50_ratio, entry.get("pairs"), entry.get("lost_pairs"), entry.get("cpu_ratio"))
+    return speedup_text(median, entry.get("speedup_p10", median), entry.get("speedup_p90", median), why)
 
 
 def split_latency(latency: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -16,6 +16,7 @@ from slimship.pipeline.explain import (
 )
 from slimship.pipeline.manifest import LATENCY_HEADERS, latency_rows
 from slimship.pipeline.report import GATE_HEADERS, gate_rows
+from slimship.runtimes.measure import SPEEDUP_DEFINITION
 
 
 def render_model_card(manifest: dict[str, Any], notes: str = "") -> str:
@@ -101,7 +102,7 @@ def _size(slimming: dict[str, Any]) -> str:
         ("parameters", slimming.get("params_before"), slimming.get("params_after")),
         ("FLOPs", slimming.get("flops_before"), slimming.get("flops_after")),
     ):
-        if before is not None and after is not None:
+        if after is not None:  # a release made from the slim model alone knows no dense figure
             rows.append([label, before, after, f"{after / before:.1%}" if before else "-"])
     layers = slimming.get("per_layer") or {}
     text = "## Size\n\n" + (
@@ -168,6 +169,8 @@ def _latency(manifest: dict[str, Any]) -> str:
             text += f"### {title}\n\n" + _md_table(LATENCY_HEADERS, latency_rows(entries)) + "\n"
     if not latency["device"] and not latency["emulated"]:
         text += "No latency was measured for this release.\n"
+    if any(e.get("speedup") is not None for kind in latency.values() for e in kind.values()):
+        text += f"The {SPEEDUP_DEFINITION}.\n"
     return text
 
 

@@ -126,31 +126,40 @@ class BenchEntry:
         return self.checked.parity.max_abs if self.checked.parity else None
 
     def latency_record(self) -> LatencyRecord:
-        """The manifest's latency entry (filed under latency.emulated or latency.device)."""
+        """The manifest's latency entry (filed under latency.emulated or latency.device): the slim file's
+        timings with their per-run samples; with a dense partner, the speedup (median of the per-pair
+        ratios, which it carries) and the dense timings of the same pairs."""
+        timed = self.timed or self.checked
+        stats = timed.latency
+        record: LatencyRecord = {
+            "target": self.target, "format": self.format, "emulated": self.emulated,
+            "p50_ms": stats.p50_ms, "p90_ms": stats.p90_ms, "p99_ms": stats.p99_ms,
+        }  # fmt: skip
         if self.emulated:
-            stats = self.checked.latency
-            return {
-                "target": self.target, "format": self.format, "emulated": True,
-                "p50_ms": stats.p50_ms, "p90_ms": stats.p90_ms, "p99_ms": stats.p99_ms,
-            }  # fmt: skip
-        timed, speedup = self.timed, self.speedup
-        return {
-            "target": self.target,
-            "format": self.format,
+            return record
+        record |= {
             "precision": timed.precision,
             "where": self.where,
             "runtime": timed.runtime.get("backend"),
-            "emulated": False,
-            "p50_ms": timed.latency.p50_ms,
-            "p90_ms": timed.latency.p90_ms,
-            "p99_ms": timed.latency.p99_ms,
+            "samples": list(stats.samples),
+            "model_rss_kb": self.checked.model_rss_kb,  # its own load and first run, in a fresh process
+            "variant": self.variant,
+        }
+        speedup = self.speedup
+        if speedup is None or self.dense is None:
+            return record
+        return record | {
             "dense_p50_ms": self.dense.latency.p50_ms,
+            "dense_samples": list(self.dense.latency.samples),
             "speedup": round(speedup.median, 4),
             "speedup_p10": round(speedup.p10, 4),
             "speedup_p90": round(speedup.p90, 4),
+            "pairs": speedup.pairs,
+            "pair_ratios": list(speedup.ratios),
+            "lost_pairs": speedup.lost_pairs,  # pairs that lost time to other processes (one thread only)
+            "cpu_ratio": round(speedup.cpu_ratio, 4) if speedup.cpu_ratio else None,
+            "flops_ratio": round(speedup.flops_ratio, 4) if speedup.flops_ratio else None,
             "efficiency": round(speedup.efficiency, 4) if speedup.efficiency else None,
-            "model_rss_kb": self.checked.model_rss_kb,  # its own load and first run, in a fresh process
-            "variant": self.variant,
             "dense_variant": "dense-torch",
         }
 
@@ -177,12 +186,16 @@ class BenchFigures:
     entries: tuple[BenchEntry, ...] = ()
     dense_top1: float | None = None
     slim_top1: float | None = None
+    agreement_on: str | None = None  # what agreement was measured on: "evaluation data (200 samples)", ...
 
     def latency(self) -> dict[str, LatencyRecord]:
         return {e.subject: e.latency_record() for e in self.entries}
 
     def accuracy(self) -> dict[str, AccuracyRecord]:
+        """Per variant its figures; the torch models' top-1 where it was measured (no rows of nothing)."""
         torch_rows = {"dense-torch": {"top1": self.dense_top1}, "slim-torch": {"top1": self.slim_top1}}
+        if self.dense_top1 is None and self.slim_top1 is None:
+            torch_rows = {}
         return {e.variant: e.accuracy_record() for e in self.entries} | torch_rows
 
     def rows(self) -> list[dict[str, Any]]:
@@ -243,6 +256,11 @@ class LatencyRecord(TypedDict, total=False):
     speedup: float
     speedup_p10: float
     speedup_p90: float
+    pairs: int
+    pair_ratios: list[float]  # the per-pair dense/slim ratios `speedup` is the median of
+    lost_pairs: int | None
+    cpu_ratio: float | None
+    flops_ratio: float | None
     efficiency: float | None
     model_rss_kb: int | None
     variant: str

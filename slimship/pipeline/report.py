@@ -29,8 +29,9 @@ from slimship.pipeline.explain import (
     target_sentence,
     tolerance_sentences,
 )
-from slimship.pipeline.manifest import LATENCY_HEADERS, latency_rows
+from slimship.pipeline.manifest import LATENCY_HEADERS, entry_speedup_text, latency_rows
 from slimship.pipeline.report_profile import draw_layer_profile
+from slimship.runtimes.measure import SPEEDUP_DEFINITION
 
 __all__ = ["GATE_HEADERS", "gate_rows", "primary_metric", "render_report"]
 
@@ -86,6 +87,7 @@ def render_report(manifest: dict[str, Any], extra_plots: dict[str, Any] | None =
         _section("Quality gates", _gates_table(manifest.get("gates"))),
         _section("Accuracy", _accuracy_table(manifest["accuracy"])),
         _section("Accuracy vs latency", _plot_figure("accuracy-latency", _plot_accuracy_latency, manifest)),
+        _section("Model files", _file_figures(manifest)),
         _section("Latency per target", _latency_tables(manifest["latency"])),
         _section("Targets", _targets(manifest)),
         _section(
@@ -186,7 +188,7 @@ def _summary(manifest: dict[str, Any]) -> str:
     for kind, tail in (("device", ""), ("emulated", " (emulated)")):
         for key, entry in sorted(manifest["latency"][kind].items()):
             if entry.get("speedup") is not None:
-                where = html.escape(key.replace("/", " &middot; ") if "/" in key else key)
+                where = " &middot; ".join(html.escape(part) for part in key.split("/"))
                 cards.append(_card(f"{entry['speedup']:.2f}&times;", f"speedup on {where}{tail}"))
     inputs = ", ".join(f"{t['name']} {_shape(t['shape'])} {t['dtype']}" for t in manifest["model"]["inputs"])
     body = "".join(cards)
@@ -239,11 +241,44 @@ def _latency_tables(latency: dict[str, dict[str, dict[str, Any]]]) -> str:
         entries = latency[kind]
         if not entries:
             continue
-        samples = [len(e.get("samples", [])) for _, e in sorted(entries.items())]
-        rows = [[*row, n] for row, n in zip(latency_rows(entries), samples, strict=True)]
-        headers = [*LATENCY_HEADERS, "samples"]
+        rows, headers = latency_rows(entries), list(LATENCY_HEADERS)
+        if any(e.get("samples") for e in entries.values()):  # the runs measured; no column without them
+            runs = [len(e["samples"]) if e.get("samples") else None for _, e in sorted(entries.items())]
+            rows, headers = [[*row, n] for row, n in zip(rows, runs, strict=True)], [*headers, "runs"]
         parts.append(f"<h3>{kind.capitalize()}</h3><p>{note}</p>" + _table(headers, rows))
+    if any(e.get("speedup") is not None for kind in latency.values() for e in kind.values()):
+        parts.append(f'<p class="sub">{html.escape(SPEEDUP_DEFINITION)}.</p>')
     return "\n".join(parts)
+
+
+def _file_figures(manifest: dict[str, Any]) -> str:
+    """Per model file: its size, the FLOPs of the model it holds (slim, and dense where known), and per
+    target its p50 latency, speedup and efficiency where they were measured."""
+    slim = manifest["slimming"]
+    flops, dense_flops = slim.get("flops_after"), slim.get("flops_before")
+    timed: dict[str, list[dict[str, Any]]] = {}
+    for kind in ("device", "emulated"):
+        for entry in manifest["latency"][kind].values():
+            timed.setdefault(str(entry.get("format")), []).append(entry | {"emulated": kind == "emulated"})
+    if flops is None and not timed:
+        return ""  # sizes alone are in the Files table
+    rows = []
+    for f in manifest["files"]:
+        if f["role"] in ("safetensors", "reference-io", "model-card", "report"):
+            continue
+        for entry in timed.get(f["role"]) or [{}]:
+            where = (entry.get("target") or "") + (" (emulated)" if entry.get("emulated") else "")
+            rows.append([_Raw(f"<code>{html.escape(f['path'])}</code>"), f["role"], f["bytes"], flops,
+                         dense_flops, where or "not timed", entry.get("p50_ms"), entry_speedup_text(entry),
+                         entry.get("efficiency")])  # fmt: skip
+    if not rows:
+        return ""
+    headers = ["file", "role", "bytes", "FLOPs slim", "FLOPs dense", "target", "p50 ms", "speedup",
+               "efficiency"]  # fmt: skip
+    source = slim.get("flops_source") or "torch.utils.flop_counter on the example inputs"
+    note = (f"FLOPs are those of the model every file holds ({html.escape(source)}); a dense figure needs "
+            "the dense model, which a release made from the slim model alone does not have.")  # fmt: skip
+    return _table(headers, rows) + f'<p class="sub">{note}</p>'
 
 
 def _parity(parity: dict[str, dict[str, Any]]) -> str:

@@ -8,7 +8,8 @@ from typing import Any
 from rich.table import Table
 
 from slimship.pipeline.gates import GateResult
-from slimship.runtimes.measure import speedup_text
+from slimship.pipeline.manifest import entry_speedup_text
+from slimship.runtimes.measure import SPEEDUP_DEFINITION
 
 _GATE_STYLE = {"passed": "green", "failed": "bold red", "not evaluated": "yellow", "off": "dim"}
 
@@ -49,12 +50,17 @@ def summary_table(summary: dict[str, Any], gates: Sequence[GateResult] = ()) -> 
             )  # fmt: skip
             continue
         label = f"p50 {row['target']}/{row['format']}"
-        table.add_row(
-            label,
-            f"{row['dense_p50_ms']:.3f} ms",
-            f"{row['p50_ms']:.3f} ms",
-            f"speedup {speedup_text(row['speedup'], row['speedup_p10'], row['speedup_p90'])}",
-        )
+        if row.get("speedup") is None:  # timed without a dense partner
+            table.add_row(label, "", f"{row['p50_ms']:.3f} ms", "")
+        else:
+            text = entry_speedup_text(row)
+            dense_p50, slim_p50 = f"{row['dense_p50_ms']:.3f} ms", f"{row['p50_ms']:.3f} ms"
+            table.add_row(label, dense_p50, slim_p50, f"speedup {text}")
+            if row.get("efficiency") is not None:
+                table.add_row(f"efficiency {row['target']}/{row['format']}", "", "",
+                              f"{row['efficiency']:.2f} (FLOPs ratio {row['flops_ratio']:.2f})")  # fmt: skip
         if row.get("accuracy") is not None:
             table.add_row(f"top-1 {row['target']}/{row['format']}", "", f"{row['accuracy']:.2f}%", "")
+    if any(row.get("speedup") is not None for row in summary["latency"]):
+        table.caption = SPEEDUP_DEFINITION
     return table

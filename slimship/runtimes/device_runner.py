@@ -19,8 +19,10 @@ A .pte program needs the `executorch` package, whose Python runtime also imports
 
 Result JSON (always written, atomically): ok, model, load_ms, runtime, latencies_ms (first model),
 peak_rss_kb, baseline_rss_kb, affinity, and in every mode `models`: one entry per --model with
-model, load_ms, runtime, latencies_ms and (with --eval) eval_top1. With two or more models,
-`pair_ratios` holds latency(model 0) / latency(model k) for each interleaved round.
+model, load_ms, runtime, latencies_ms, cpu_ms (the calling thread's CPU time of each run: a run whose
+latency exceeds it lost time to other processes, where the runtime computes on that thread, as with one
+thread) and (with --eval) eval_top1. With two or more models, `pair_ratios` holds latency(model 0) /
+latency(model k) for each interleaved round.
 On failure: ok=false and `error` ("Type: message"); exit status 1.
 
 peak_rss_kb is resource.getrusage(RUSAGE_SELF).ru_maxrss of this process: the high-water mark
@@ -308,15 +310,20 @@ def _preload_runtime(path: str, runtime: str) -> None:
             RUNNERS[names[0]][1].preload(runtime)
 
 
-def _time_interleaved(runners: list[Any], inputs: list[np.ndarray], runs: int) -> list[list[float]]:
-    """Time `runs` rounds; in each round every model runs once, in order (A B A B ...)."""
+def _time_interleaved(
+    runners: list[Any], inputs: list[np.ndarray], runs: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Time `runs` rounds; in each round every model runs once, in order (A B A B ...). Returns the wall
+    latencies and the calling thread's CPU time of each run (ms)."""
     latencies: list[list[float]] = [[] for _ in runners]
+    cpu: list[list[float]] = [[] for _ in runners]
     for _ in range(runs):
         for k, runner in enumerate(runners):
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             runner.run(inputs)
             latencies[k].append((time.perf_counter() - t0) * 1e3)
-    return latencies
+            cpu[k].append((time.thread_time() - c0) * 1e3)
+    return latencies, cpu
 
 
 def _top1(outputs: list[np.ndarray]) -> list[int]:
@@ -350,9 +357,9 @@ def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
     for _ in range(max(args.warmup - 1, 0)):
         for runner in runners:
             runner.run(inputs)
-    latencies = _time_interleaved(runners, inputs, args.runs)
-    for entry, lat in zip(entries, latencies, strict=True):
-        entry["latencies_ms"] = lat
+    latencies, cpu = _time_interleaved(runners, inputs, args.runs)
+    for entry, lat, cpu_ms in zip(entries, latencies, cpu, strict=True):
+        entry["latencies_ms"], entry["cpu_ms"] = lat, cpu_ms
     if args.eval:
         batches = load_eval_batches(args.eval)
         for entry, runner in zip(entries, runners, strict=True):

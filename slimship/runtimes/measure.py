@@ -7,9 +7,11 @@ on Linux a runner started from this process keeps its parent's mark across exec,
 one model.
 
 A speedup is measured as interleaved pairs (dense, slim, dense, slim ...) in one process on the
-target and reported as the median of the per-pair ratios dense/slim, with p10-p90 and the IQR. It is
-only computed between files of the same format and precision (registry format); a dense .pt2 is
-exported by `bench` into the format of each slim file.
+target and reported as the median of the per-pair ratios dense/slim, with p10-p90 and the IQR
+(`SPEEDUP_DEFINITION`, the one definition every table, report and JSON states; the record and its text
+are in `slimship.runtimes.speedup`, which also says when a measurement was disturbed). It is only
+computed between files of the same format and precision (registry format); a dense .pt2 is exported by
+`bench` into the format of each slim file. The p50s shown beside a speedup are those of the same pairs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ import numpy as np
 
 from slimship.compare import compare
 from slimship.runtimes.execute import as_array_list, run_on_target
+from slimship.runtimes.speedup import SPEEDUP_DEFINITION as SPEEDUP_DEFINITION  # re-exported: the
+from slimship.runtimes.speedup import Speedup as Speedup  # speedup's record and text live in speedup.py
+from slimship.runtimes.speedup import speedup_from_ratios as speedup_from_ratios
+from slimship.runtimes.speedup import speedup_text as speedup_text
+from slimship.runtimes.speedup import with_flops as with_flops
+from slimship.runtimes.speedup import with_waits
 from slimship.runtimes.targets import Target
 
 EvalBatch = tuple[Any, Any]  # (inputs: array | list of arrays, labels: int array | None)
@@ -41,6 +49,7 @@ class LatencyStats:
     p99_ms: float
     min_ms: float
     max_ms: float
+    samples: tuple[float, ...] = ()  # the per-run latencies (ms) the figures come from, in run order
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
@@ -49,7 +58,7 @@ class LatencyStats:
             raise ValueError("no latency samples: runs must be >= 1")
         p50, p90, p99 = np.percentile(a, [50, 90, 99])
         return cls(int(a.size), float(a.mean()), float(a.std()), float(p50), float(p90), float(p99),
-                   float(a.min()), float(a.max()))  # fmt: skip
+                   float(a.min()), float(a.max()), tuple(float(v) for v in a))  # fmt: skip
 
 
 @dataclass
@@ -78,26 +87,6 @@ class Measurement:
     agreement: float | None = None  # top-1 agreement with the reference model
     eval_samples: int = 0
     parity: Parity | None = None
-
-
-@dataclass
-class Speedup:
-    dense: str
-    slim: str
-    target: str
-    pairs: int
-    median: float  # median of per-pair dense/slim latency ratios
-    p10: float
-    p90: float
-    q25: float
-    q75: float
-    flops_ratio: float | None = None  # dense FLOPs / slim FLOPs
-    efficiency: float | None = None  # median speedup / flops_ratio
-    format: str | None = None  # the one format (and precision) both files are in
-
-    @property
-    def iqr(self) -> float:
-        return self.q75 - self.q25
 
 
 @dataclass
@@ -237,31 +226,6 @@ def median_latencies_ms(
     return best
 
 
-def speedup_from_ratios(ratios: Sequence[float], dense: str, slim: str, target: str,
-                        flops: tuple[float, float] | None = None) -> Speedup:  # fmt: skip
-    """Median and spread of per-pair dense/slim ratios; efficiency if FLOPs (dense, slim) are given.
-
-    With a FLOPs count of 0 on either side the FLOPs ratio and efficiency are None (shown as n/a).
-    """
-    r = np.asarray(ratios, dtype=np.float64)
-    if r.size == 0:
-        raise ValueError("no pairs: runs must be >= 1")
-    p10, q25, med, q75, p90 = (float(v) for v in np.percentile(r, [10, 25, 50, 75, 90]))
-    flops_ratio = efficiency = None
-    if flops is not None and min(flops) > 0:  # a model without FLOPs (e.g. only reshapes) has no ratio: n/a
-        dense_flops, slim_flops = flops
-        flops_ratio = dense_flops / slim_flops
-        efficiency = med / flops_ratio
-    return Speedup(dense, slim, target, int(r.size), med, p10, p90, q25, q75, flops_ratio, efficiency)
-
-
-def speedup_text(median: float, p10: float, p90: float) -> str:
-    """A speedup with its spread of per-pair ratios; a spread on both sides of 1.0 is said to be unclear
-    (the pairs disagree on which model is faster, whatever the median says)."""
-    text = f"{median:.2f}x ({p10:.2f}-{p90:.2f})"
-    return text + " unclear: the spread crosses 1.0" if p10 <= 1.0 <= p90 else text
-
-
 def measure_speedup(
     dense: str | Path,
     slim: str | Path,
@@ -280,7 +244,12 @@ def measure_speedup(
     entries = run.result["models"]
     sp = speedup_from_ratios(run.result["pair_ratios"][0], str(dense), str(slim), target.name, flops)
     pair = (Path(dense), Path(slim))
-    return sp, [_measurement(p, e, run.result, target) for p, e in zip(pair, entries, strict=True)]
+    measured = [_measurement(p, e, run.result, target) for p, e in zip(pair, entries, strict=True)]
+    p50s = {"dense_p50_ms": measured[0].latency.p50_ms, "slim_p50_ms": measured[1].latency.p50_ms}
+    sp = dataclasses.replace(sp, **p50s)
+    if target.threads == 1:  # the runtime computes on the runner's thread: its CPU time shows the waits
+        sp = with_waits(sp, entries[0], entries[1])
+    return sp, measured
 
 
 def bench(
@@ -328,15 +297,29 @@ def bench(
             if partner is None:
                 result.notes.append(_no_pair_note(model, record, dense))
                 continue
-            pair_flops = None
-            if flops and str(dense) in flops and str(model) in flops:
-                pair_flops = (flops[str(dense)], flops[str(model)])
-            sp, _ = measure_speedup(partner, model, inputs, target, **options, flops=pair_flops)
+            sp, _ = measure_speedup(partner, model, inputs, target, **options)
+            counted, source = _flops_of_pair(flops, dense, partner, model)
+            if counted is None:
+                result.notes.append(f"{model}: efficiency n/a: {source}")
             shown = f"{dense} as {record.name}" if from_pt2 else str(dense)
-            result.speedups.append(dataclasses.replace(sp, dense=shown, format=record.name))
+            sp = with_flops(dataclasses.replace(sp, dense=shown, format=record.name), counted, source)
+            result.speedups.append(sp)
             if profile:
                 result.profiles.append(layer_profile(partner, model, inputs, target, shown, runs))
     return result
+
+
+def _flops_of_pair(
+    given: dict[str, float] | None, dense: Path, partner: Path, model: Path
+) -> tuple[tuple[float, float] | None, str]:
+    """(dense FLOPs, slim FLOPs) for a speedup's efficiency and where they come from: the caller's `flops`
+    (path as given -> FLOPs) when it names both files, else counted from the two files of the pair
+    (`slimship.runtimes.file_flops`: the same counter on both sides)."""
+    if given and str(dense) in given and str(model) in given:
+        return (given[str(dense)], given[str(model)]), "given by the caller"
+    from slimship.runtimes.file_flops import pair_flops
+
+    return pair_flops(partner, model)
 
 
 def _dense_partners(
@@ -404,13 +387,23 @@ def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
 
 BENCH_COLUMNS = (
     "model", "format", "precision", "runtime", "load ms", "p50 ms", "p90 ms", "p99 ms", "mean±std ms",
-    "model MB", "top-1", "agree", "max |Δ|", "speedup (p10-p90)", "efficiency",
+    "model MB", "top-1", "agree", "max |Δ|", "speedup (p10-p90)", "pair p50 ms", "FLOPs ratio", "efficiency",
 )  # fmt: skip
+SOLO_RUNS = "p50/p90/p99 ms: each file alone in its own runner process"
+
+
+def bench_caption(speedups: Sequence[Speedup], notes: Sequence[str] = ()) -> str:
+    """The footer of a table of speedups: the one definition, where the FLOPs came from, and the notes."""
+    sources = sorted({s.flops_source for s in speedups if s.flops_source})
+    lines = [f"{SPEEDUP_DEFINITION}; pair p50 ms: dense -> slim of those pairs", SOLO_RUNS]
+    lines += [f"FLOPs: {source}" for source in sources]
+    return "\n".join([*lines, *notes])
 
 
 def format_bench_table(result: BenchResult) -> Any:
     """A rich Table: one row per model with its format and precision, its own memory where measured, and
-    the speedup over the dense file of the same format and precision; notes as the caption."""
+    the speedup over the dense file of the same format and precision; the definition and notes as the
+    caption."""
     from rich.table import Table
 
     t = result.target
@@ -423,6 +416,7 @@ def format_bench_table(result: BenchResult) -> Any:
     speedups = {s.slim: s for s in result.speedups}
     for m in result.measurements:
         s = speedups.get(m.model)
+        pair_p50 = f"{s.dense_p50_ms:.3f} -> {s.slim_p50_ms:.3f}" if s and s.dense_p50_ms else "-"
         table.add_row(
             m.model,
             m.format or "unknown",
@@ -437,10 +431,14 @@ def format_bench_table(result: BenchResult) -> Any:
             _fmt(m.accuracy, ".3f"),
             _fmt(m.agreement, ".3f"),
             _fmt(m.parity.max_abs if m.parity else None, ".2e"),
-            speedup_text(s.median, s.p10, s.p90) if s else "-",
+            s.text() if s else "-",
+            pair_p50,
+            _fmt(s.flops_ratio, ".2f", "n/a") if s else "-",
             _fmt(s.efficiency, ".2f", "n/a") if s else "-",
         )
-    if result.notes:
+    if result.speedups:
+        table.caption = bench_caption(result.speedups, result.notes)
+    elif result.notes:
         table.caption = "\n".join(result.notes)
     return table
 

@@ -221,3 +221,96 @@ def test_report_renders_in_headless_chromium(released, chromium, tmp_path):
     assert float(rgb.var()) > 1e-3, "screenshot is blank"
     # the plots are drawn: many distinct colours, not just text on a plain background
     assert len(np.unique((rgb.reshape(-1, 3) * 255).astype(np.uint8), axis=0)) > 50
+
+
+def _timed_entry(ratios: list[float], flops: tuple[float, float] | None):
+    """A BenchEntry of one interleaved run: dense and slim samples whose per-pair ratios are `ratios`."""
+    from slimship.pipeline.records import BenchEntry
+    from slimship.runtimes.measure import LatencyStats, Measurement, speedup_from_ratios, with_flops
+
+    slim_ms = [2.0 + 0.1 * i for i in range(len(ratios))]
+    dense_ms = [r * s for r, s in zip(ratios, slim_ms, strict=True)]
+
+    def measured(name: str, samples: list[float]) -> Measurement:
+        return Measurement(name, "mobile-1t", {"backend": "onnxruntime"}, "fp32", 1.0,
+                           LatencyStats.from_samples(samples), 100, 50, 10, [0], "onnx")  # fmt: skip
+
+    dense, slim = measured("dense.onnx", dense_ms), measured("slim.onnx", slim_ms)
+    sp = with_flops(speedup_from_ratios(ratios, "dense.onnx", "slim.onnx", "mobile-1t"), flops, "counted")
+    sp = type(sp)(**{**sp.__dict__, "dense_p50_ms": dense.latency.p50_ms, "slim_p50_ms": slim.latency.p50_ms})
+    return BenchEntry("mobile-1t", "onnx", False, slim, slim, dense, sp, "local profile (this machine)")
+
+
+def test_the_headline_is_the_median_of_the_pair_ratios_the_json_carries(released):
+    """Manifest, report and card show one speedup: the median of the pair ratios the record carries, with
+    efficiency = speedup / FLOPs ratio, the real run count, and the definition under each table."""
+    from slimship.pipeline.model_card import render_model_card
+    from slimship.runtimes.measure import SPEEDUP_DEFINITION
+
+    ratios = [1.2, 2.9, 1.9, 1.94, 2.1, 1.3, 2.5]
+    record = _timed_entry(ratios, (4.0e6, 2.0e6)).latency_record()
+    assert record["speedup"] == round(float(np.median(record["pair_ratios"])), 4) == 1.94
+    assert record["pairs"] == len(record["pair_ratios"]) == len(record["samples"]) == 7
+    assert record["flops_ratio"] == 2.0 and record["efficiency"] == round(1.94 / 2.0, 4)
+    manifest = _manifest(released)
+    manifest["latency"]["device"] = {"mobile-1t/onnx": record}
+    page = render_report(manifest)
+    assert "&amp;" not in page.replace("&amp;amp;", "")  # no entity escaped twice
+    assert "speedup on mobile-1t &middot; onnx" in page
+    row = page.split("<h3>Device</h3>", 1)[1].split("</tr>", 2)[1]
+    assert ">1.94x (1.26-2.66)<" in row and '<td class="num">0.97</td>' in row
+    assert row.endswith('<td class="num">7</td>')  # runs: the real count
+    assert f"{SPEEDUP_DEFINITION}." in page and ">samples<" not in page
+    card = render_model_card(manifest)
+    assert "| 1.94x (1.26-2.66) | 0.97 |" in card and SPEEDUP_DEFINITION in card
+
+
+def test_a_latency_without_samples_shows_no_run_count(released):
+    manifest = _manifest(released)
+    for kind in manifest["latency"].values():
+        for entry in kind.values():
+            entry.pop("samples", None)
+            entry.pop("dense_samples", None)
+    page = render_report(manifest)
+    assert ">runs<" not in page
+    assert ">samples<" not in page
+
+
+def test_a_standalone_release_reports_size_flops_latency_and_what_agreement_was_measured_on(tmp_path):
+    """`slimship release` from a .pt2 on disk: per file its size, the slim FLOPs, its p50 on the target;
+    the agreement gate says it was measured on random inputs and how many."""
+    import torch
+
+    from slimship.cli import main
+    from slimship.slimming import count_flops
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 10)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 8, 8)
+    program, out = tmp_path / "slim.pt2", tmp_path / "rel"
+    torch.export.save(torch.export.export(model, (x,), strict=False), program)
+    argv = ["release", str(program), "--name", "m", "--version", "1.0.0", "--out", str(out),
+            "--format", "onnx", "tflite-int8-dynamic", "--min-agreement", "0.5"]  # fmt: skip
+    assert main(argv) == 0
+    bundle = out / "m-1.0.0"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["slimming"]["flops_after"] == count_flops(model, (x,)) > 0
+    timed = manifest["latency"]["device"]
+    assert set(timed) == {"host/onnx", "host/tflite-int8-dynamic"}
+    assert all(e["p50_ms"] > 0 and len(e["samples"]) == 30 for e in timed.values())
+    (agreement,) = [g for g in manifest["gates"] if g["gate"] == "min_agreement"]
+    assert agreement["detail"] == "measured on random inputs (64 seeded samples, not real data)"
+    page = (bundle / "report.html").read_text()
+    table = page.split("<h2>Model files</h2>", 1)[1].split("</table>", 1)[0]
+    sizes = {f["role"]: f["bytes"] for f in manifest["files"]}
+    for role in ("onnx", "tflite-int8-dynamic"):
+        row = table.split(f"<td>{role}</td>", 1)[1].split("</tr>", 1)[0]
+        p50 = timed[f"host/{role}"]["p50_ms"]
+        assert row.startswith(
+            f'<td class="num">{sizes[role]:,}</td><td class="num">{count_flops(model, (x,)):,}</td>'
+        )
+        assert f'<td>host</td><td class="num">{p50:.4g}</td>' in row
+    assert "measured on random inputs (64 seeded samples, not real data)" in page
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert f"| FLOPs | - | {count_flops(model, (x,)):,} | - |" in card
