@@ -83,7 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
     except SlimshipError as exc:  # the same file on every rank: the same refusal
         raise on_every_rank(exc) from exc.__cause__
-    result = run_pipeline(config, _human(args))
+    result = run_pipeline(config, _human(args), exports=args.exports)
     env = torchrun_env()
     if env is None or env.rank == 0:  # under torchrun rank 0 speaks for the job (and writes --json)
         _emit(args, result)
@@ -270,9 +270,12 @@ def _reexport(module: Any, example: tuple[Any, ...], dynamic_shapes: Any, source
         ) from exc
 
 
-def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, steps: Steps) -> ExportResult:
+def _export_all(
+    args: argparse.Namespace, source: Any, out: Path, stem: str, steps: Steps, reuse: Any = None
+) -> tuple[ExportResult, Any]:
     """Export `source` to every --format into `out`, one progress step per format (the pipeline's export
-    stage), calibrated on --calibration or the pipeline's one fallback (see slimship.pipeline.calibration)."""
+    stage), calibrated on --calibration or the pipeline's one fallback (see slimship.pipeline.calibration);
+    with `reuse`, checked files of its index are reused. Returns the result and the export request."""
     import torch
 
     from slimship.exporters.registry import ExportRequest, describe
@@ -300,8 +303,9 @@ def _export_all(args: argparse.Namespace, source: Any, out: Path, stem: str, ste
         output_names=output_names(source.module, source.example),
     )
 
-    return export_stage(request, args.format, out, stem, calib, steps.step,
-                        lambda result: describe(result) + _batch_note(result, request))  # fmt: skip
+    said = lambda result: describe(result) + _batch_note(result, request)  # noqa: E731
+    exported = export_stage(request, args.format, out, stem, calib, steps.step, said, reuse)
+    return exported, request
 
 
 def _batch_note(result: Any, request: Any) -> str:
@@ -324,6 +328,7 @@ def _batch_note(result: Any, request: Any) -> str:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from slimship.exporters.registry import get_format
+    from slimship.pipeline.export_index import ExportIndex, provenance_of, record_exports
 
     if args.task == "text-generation":
         return _text_generation("export_command", args)
@@ -333,13 +338,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     steps = Steps()
     source = _source(args, steps)
     refuse_existing([out / get_format(f).file_name(source.stem) for f in args.format], "--out")
+    index = ExportIndex.load(out)  # an index already there must be sound before any work
     with tempfile.TemporaryDirectory(prefix="slimship-export-") as tmp:
-        exported = _export_all(args, source, Path(tmp), source.stem, steps)
+        exported, request = _export_all(args, source, Path(tmp), source.stem, steps)
         out.mkdir(parents=True, exist_ok=True)
         files = {}
         for fmt, result in exported.results.items():
             files[fmt] = out / Path(result.path).name
             shutil.move(str(result.path), files[fmt])
+    provenance = provenance_of(source)
+    if provenance is not None and files:  # what `release --exports` / `run --exports` reuse
+        record_exports(index, provenance, request, {f: (files[f], r) for f, r in exported.results.items()})
     console = _human(args)
     rows = []
     for fmt, result in exported.results.items():
@@ -446,15 +455,19 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from slimship._util import sha256_file
     from slimship.pipeline.bench import release_figures, release_slimming
     from slimship.pipeline.config import gates_from_options
-    from slimship.pipeline.publish import ReleaseRequest, publish
+    from slimship.pipeline.export_index import ExportIndex, provenance_of
+    from slimship.pipeline.publish import ReleaseRequest, Reuse, publish
     from slimship.pipeline.release import check_new_version
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options(_gate_overrides(args))  # checked before any export
+    index = ExportIndex.load(args.exports, required=True) if args.exports else None  # before any work
     steps = Steps()
     source = _source(args, steps)
+    provenance = provenance_of(source) if index is not None else None
+    reuse = Reuse(index, provenance) if index is not None and provenance is not None else None
     with tempfile.TemporaryDirectory() as tmp:
-        exported = _export_all(args, source, Path(tmp), "model", steps)
+        exported, _ = _export_all(args, source, Path(tmp), "model", steps, reuse)
         exported.require_all()  # a release holds every format asked for, or none
         with steps.step(f"measure on {args.target}, quality gates"):
             bench, results = release_figures(  # GateError

@@ -122,6 +122,14 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p = _command(sub, "run", "the pipeline driven by a YAML config", commands["run"])
     p.add_argument("config", type=Path, help="pipeline config (see configs/example.yaml)")
     p.add_argument("--out", type=Path, default=None, help="override release.out")
+    p.add_argument(
+        "--exports",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="reuse files exported and checked for the same model and options from DIR's export index, and "
+        "record the run's new exports there (a cache folder)",
+    )
     _add_gate_options(p)
 
     p = _command(sub, "config-schema", "the JSON Schema of a pipeline config", commands["config-schema"])
@@ -195,6 +203,14 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="releases folder")
     p.add_argument("--format", **formats)
     p.add_argument("--calibration", **calibration)
+    p.add_argument(
+        "--exports",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="reuse the files `slimship export --out DIR` wrote and checked for the same model, formats and "
+        "data (their sha256 is checked again); the others are exported",
+    )
     p.add_argument("--target", default="host", help=f"where gates time the exports: {targets_help}")
     _add_gate_options(p)
     decoder_cli.add_release_arguments(p)

@@ -400,7 +400,8 @@ def test_executorch_export_bench_profile_and_no_overwrite(tmp_path, capsys) -> N
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert "no --calibration given" in captured.err and "random inputs" in report["calibration"]["source"]
-    assert sorted(p.name for p in out.iterdir()) == ["slim.fp32.pte", "slim.int8.pte"]
+    listed = sorted(p.name for p in out.iterdir())
+    assert listed == ["slim.fp32.pte", "slim.int8.pte", "slimship-exports.json"]
     assert all(row["parity"]["passed"] for row in report["formats"])
     before = (out / "slim.fp32.pte").read_bytes()
     assert main(args) == 2 and "already exists" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from slimship._util import atomic_write_bytes
 from slimship.compare import bounds
 from slimship.errors import ExportError, VerificationError, first_line
 from slimship.exporters.common import (
+    ParityReport,
     Timings,
     agreement_check,
     as_input_tuple,
@@ -78,8 +79,8 @@ def export_onnx_quantised(
     atomic_write_bytes(path, data)
     try:
         with timings.measure("parity"):
-            parity = _parity(model, path, inputs, variant, calib, batches_as_tuples(eval_batches),
-                             reference_inputs, base.dynamic_batch)  # fmt: skip
+            parity = quantised_parity(model, path, inputs, variant, calib, batches_as_tuples(eval_batches),
+                                      reference_inputs, base.dynamic_batch)  # fmt: skip
     except Exception:
         path.unlink(missing_ok=True)
         raise
@@ -95,7 +96,9 @@ def export_onnx_quantised(
     )  # fmt: skip
 
 
-def _parity(model, path, inputs, variant, calib, evals, reference_inputs, dynamic):
+def quantised_parity(model, path, inputs, variant, calib, evals, reference_inputs, dynamic) -> ParityReport:
+    """The verdict on a quantised ONNX file: parity on the example and (quantised) calibration inputs,
+    then top-1 agreement on `evals`."""
     rel_bound, cap = bounds(variant)
     reference = fitting_reference(reference_inputs, inputs, dynamic)
     checked = (without_shape_guards(model) or model) if dynamic else model

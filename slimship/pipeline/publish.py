@@ -6,13 +6,24 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slimship._util import sha256_bytes
-from slimship.exporters.registry import ExportFailures, ExportRequest, export_formats
+from slimship.exporters.judge import judge_file
+from slimship.exporters.registry import ExportFailures, ExportRequest, export_formats, get_format
+from slimship.pipeline.export_index import (
+    ExportIndex,
+    Provenance,
+    ReusedExport,
+    atomic_copy,
+    data_sha256,
+    record_exports,
+)
+from slimship.pipeline.export_index import reuse as reuse_file
 from slimship.pipeline.gates import GateResult
 from slimship.pipeline.records import BenchFigures, CalibrationData, ExportResult
 from slimship.pipeline.release import ReleaseInputs, ReleaseResult, write_release
@@ -25,6 +36,16 @@ def _silent(name: str) -> Iterator[dict[str, Any]]:
     yield {}
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """Where an export stage looks for files already exported and checked (`index`), keyed by the model's
+    content (`provenance`); `record` also adds the stage's new exports to that index (a cache folder)."""
+
+    index: ExportIndex
+    provenance: Provenance
+    record: bool = False
+
+
 def export_stage(
     request: ExportRequest,
     formats: Iterable[str],
@@ -33,16 +54,58 @@ def export_stage(
     calibration: CalibrationData,
     step: Step = _silent,
     detail: Callable[[Any], str] | None = None,
+    reuse: Reuse | None = None,
 ) -> ExportResult:
     """Export `request.model` to each format (once each, in order) into `out_dir`, named by the format
     record; each exporter checks its parity. Every format is tried: the result holds the ones that passed
     and each failure's reason (`ExportResult.require_all` raises for a stage that needs them all). `step`
-    wraps each format (the CLI's progress line, whose `detail` is said from the exporter's result)."""
+    wraps each format (the CLI's progress line, whose `detail` is said from the exporter's result).
+    With `reuse`, a format whose checked file is in `reuse.index` for the same inputs is copied from there
+    instead (see slimship.pipeline.export_index)."""
+    formats = list(dict.fromkeys(formats))
+    reused = _reused(request, formats, Path(out_dir), stem, reuse, step) if reuse is not None else {}
+    todo = [f for f in formats if f not in reused]
+    failures: dict[str, str] = {}
     try:
-        results = export_formats(formats, request, Path(out_dir), stem, lambda f: step(f"export {f}"), detail)
+        results = export_formats(todo, request, Path(out_dir), stem, lambda f: step(f"export {f}"), detail)
     except ExportFailures as exc:  # the formats that passed are kept
-        return ExportResult(exc.results, calibration, exc.failures)
-    return ExportResult(results, calibration)
+        results, failures = exc.results, exc.failures
+    if reuse is not None and reuse.record and results:
+        _record(reuse, request, results)
+    ordered = {f: reused.get(f) or results[f] for f in formats if f in reused or f in results}
+    return ExportResult(ordered, calibration, failures)
+
+
+def _reused(
+    request: ExportRequest, formats: list[str], out_dir: Path, stem: str, reuse: Reuse, step: Step
+) -> dict[str, ReusedExport]:
+    """The formats whose checked file `reuse.index` holds for these inputs, copied into `out_dir`."""
+    found, data = {}, data_sha256(request)
+    for name in formats:
+        record = get_format(name)
+        key = reuse.provenance.key(record, request)
+        if reuse.index.find(key) is None:
+            continue
+        with step(f"reuse {name}") as info:
+            judge = partial(judge_file, record, request)
+            result = reuse_file(reuse.index, key, record, out_dir / record.file_name(stem), data, judge)
+            if result is not None:
+                found[name] = result
+            info["detail"] = f"from {result.reused_from}" if result else "changed since checked: export again"
+    return found
+
+
+def _record(reuse: Reuse, request: ExportRequest, results: dict[str, Any]) -> None:
+    """Copy the new exports into the cache folder under content-addressed names, and index them."""
+    files = {}
+    for fmt, result in results.items():
+        source = Path(result.path)
+        dest = reuse.index.folder / f"{result.sha256[:16]}-{source.name}"
+        if not dest.is_file():
+            reuse.index.folder.mkdir(parents=True, exist_ok=True)
+            atomic_copy(source, dest)
+        files[fmt] = (dest, result)
+    record_exports(reuse.index, reuse.provenance, request, files)
 
 
 def weights_sha256(module: torch.nn.Module) -> str:

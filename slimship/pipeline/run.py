@@ -31,8 +31,9 @@ from slimship.pipeline.bench import BenchPlan, EvalPair, agreement_said, bench_t
 from slimship.pipeline.calibration import calibration, from_data
 from slimship.pipeline.config import PipelineConfig
 from slimship.pipeline.explain import target_record
+from slimship.pipeline.export_index import ExportIndex, Provenance, program_sha256
 from slimship.pipeline.gates import FAILED, GateFigures, GateResult, enforce, evaluate_gates
-from slimship.pipeline.publish import ReleaseRequest, export_stage, publish, weights_sha256
+from slimship.pipeline.publish import ReleaseRequest, Reuse, export_stage, publish, weights_sha256
 from slimship.pipeline.records import BenchFigures, ExportResult
 from slimship.pipeline.summary import summary_table
 from slimship.pipeline.training import (
@@ -83,7 +84,9 @@ class OtherRankFailed(SlimshipError):
     """A torchrun rank other than 0 learns that rank 0 failed (its own error is printed by rank 0)."""
 
 
-def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:
+def run_pipeline(
+    config: PipelineConfig, console: Console | None = None, exports: Path | None = None
+) -> PipelineResult:
     """Run every configured stage (`config` from `validate` / `load_config`); gates decide before the
     release is written. Returns the release location and the summary figures.
 
@@ -91,11 +94,15 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
     process group is opened (nccl for cuda, gloo otherwise) and closed at the end, errors included: every
     rank trains its shard of the train data under DistributedDataParallel and takes the same compression
     decisions; rank 0 alone slims, exports, benchmarks, gates and writes the bundle while the others wait,
-    then they return a result without a bundle (or raise OtherRankFailed when rank 0 failed)."""
+    then they return a result without a bundle (or raise OtherRankFailed when rank 0 failed).
+
+    `exports`: a cache folder of checked exports (see slimship.pipeline.export_index): a format exported
+    and checked there before for the same model, options and data is reused, the new ones are added."""
     from slimship.pipeline.release import check_new_version
 
     rcfg = config.release
     check_new_version(Path(rcfg.out), rcfg.name, rcfg.version)  # fail before any work
+    cache = ExportIndex.load(Path(exports)) if exports is not None else None
     device = resolve_device(config.device)
     with process_group(device), _rank0_voice():
         console = (console or Console()) if rank() == 0 else Console(quiet=True)
@@ -103,8 +110,8 @@ def run_pipeline(config: PipelineConfig, console: Console | None = None) -> Pipe
         with training_strategy(config.train.strategy if config.train else "ddp"):
             trained = _train_stages(config, stages, device)
         if world_size() == 1:
-            return _publish(config, console, stages, trained)
-        return _publish_on_rank0(config, console, stages, trained)
+            return _publish(config, console, stages, trained, cache)
+        return _publish_on_rank0(config, console, stages, trained, cache)
 
 
 @contextlib.contextmanager
@@ -121,7 +128,7 @@ def _rank0_voice() -> Iterator[None]:
 
 
 def _publish_on_rank0(
-    config: PipelineConfig, console: Console, stages: _Stages, trained: Trained
+    config: PipelineConfig, console: Console, stages: _Stages, trained: Trained, cache: ExportIndex | None
 ) -> PipelineResult:
     """Rank 0 publishes and then tells the others whether it succeeded; they wait for that word."""
     if rank() != 0:
@@ -130,7 +137,7 @@ def _publish_on_rank0(
         return PipelineResult(None, {}, stages.timings)
     done = False
     try:
-        result = _publish(config, console, stages, trained)
+        result = _publish(config, console, stages, trained, cache)
         done = True
         return result
     finally:
@@ -295,7 +302,13 @@ def _summary(trained: Trained, slimmed: Slimmed, dense: ExportResult, slim: Expo
     }
 
 
-def _publish(config: PipelineConfig, console: Console, stages: _Stages, trained: Trained) -> PipelineResult:
+def _publish(
+    config: PipelineConfig,
+    console: Console,
+    stages: _Stages,
+    trained: Trained,
+    cache: ExportIndex | None = None,
+) -> PipelineResult:
     """Slim, export, bench, gate and release the compressed model (rank 0 only under torchrun)."""
     slimmed = _slim_stage(config, stages, trained)
     slim_model = slimmed.result.model
@@ -310,7 +323,9 @@ def _publish(config: PipelineConfig, console: Console, stages: _Stages, trained:
         def export(model: torch.nn.Module, stem: str) -> ExportResult:
             request = ExportRequest(model, example, trained.trace_example, calib.batches, evals,
                                     config.export.dynamic_batch)  # fmt: skip
-            exported = export_stage(request, formats, Path(tmp), stem, calib)
+            digest = program_sha256(model, trained.trace_example) if cache is not None else None
+            reuse = Reuse(cache, Provenance(digest), record=True) if cache is not None and digest else None
+            exported = export_stage(request, formats, Path(tmp), stem, calib, reuse=reuse)
             exported.require_all()  # a run releases every format it names, or stops naming the failures
             return exported
 

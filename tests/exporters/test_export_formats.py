@@ -11,6 +11,7 @@ import torch
 from slimship.cli import main
 from slimship.errors import ExportError
 from slimship.exporters.registry import FORMATS, ExportFailures, ExportRequest, export_formats
+from slimship.pipeline.export_index import INDEX_NAME
 from tests.exporters.conftest import TwoInTwoOut
 
 
@@ -43,7 +44,11 @@ def test_cli_export_writes_what_passed_and_reports_the_failure(tmp_path, monkeyp
     out, report = tmp_path / "out", tmp_path / "export.json"
     formats = ["--format", "onnx", "tflite-fp16"]
     assert main(["export", *model, *formats, "--out", str(out), "--json", str(report)]) == 2
-    assert [p.suffix for p in out.iterdir()] == [".onnx"]  # the passing file is kept, nothing else
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ConvBNNet.onnx",
+        INDEX_NAME,
+    ]  # the passing file (indexed)
+    assert [e["format"] for e in json.loads((out / INDEX_NAME).read_text())["entries"]] == ["onnx"]
     payload = json.loads(report.read_text())
     assert [r["format"] for r in payload["formats"]] == ["onnx"]
     assert payload["failures"] == [{"format": "tflite-fp16", "reason": "the converter refused op aten.foo"}]
