@@ -303,8 +303,8 @@ class SpaceDecision:
 @dataclass
 class LatencyAwareCounts:
     """Per space, the kept count whose layers run fastest: the needed count unless a rounded-up one
-    (`multiples`) is at least `margin` faster. `passes` > 1 re-decides each space with its neighbours
-    at the counts chosen in the pass before. `decisions` holds the last choice made, per space."""
+    (`multiples`) is at least `margin` faster (then the smallest count within `margin` of the fastest).
+    `passes` > 1 re-decides each space with its neighbours at the counts chosen in the pass before. `decisions` holds the last choice made, per space."""
 
     source: LatencySource
     multiples: tuple[int, ...] = ROUND_UP_MULTIPLES
@@ -328,14 +328,22 @@ class LatencyAwareCounts:
             new = {}
             for s, lat in zip(names, measured, strict=True):
                 n, total, cands = spaces[s]
-                best = min(range(len(cands)), key=lambda i: (lat[i], cands[i]))
-                chosen = cands[best] if lat[best] < lat[0] * (1.0 - self.margin) else n
+                chosen = _fastest(cands, lat, self.margin)
                 new[s] = chosen
                 self.decisions[s] = SpaceDecision(s, n, total, tuple(cands), tuple(lat), chosen)
             if new == counts:
                 break
             counts = new
         return {s: k for s, k in counts.items() if k != spaces[s][0]}
+
+
+def _fastest(cands: Sequence[int], lat: Sequence[float], margin: float) -> int:
+    """The needed count (cands[0]) unless one rounded up is `margin` faster; then the smallest count
+    within `margin` of the fastest one (counts that time alike: the fewest FLOPs)."""
+    best = min(lat)
+    if not best < lat[0] * (1.0 - margin):
+        return cands[0]
+    return next(c for c, t in zip(cands, lat, strict=True) if t <= best * (1.0 + margin))
 
 
 def resolve_counts(
