@@ -114,7 +114,8 @@ def tables(cells: list[Cell], infos: dict) -> list[str]:
     for c in cells:
         ok = "yes" if c.efficiency >= TARGET_EFFICIENCY else "no"
         out.append(f"| {c.model} | {c.runtime} | {c.variant} | {c.channels} | {c.flops_ratio:.2f}x "
-                   f"| {c.p50_ms:.2f} | {c.speedup:.2f}x ({c.p10:.2f}-{c.p90:.2f}) | {c.efficiency:.2f} | {ok} |")  # fmt: skip
+                   f"| {c.p50_ms:.2f} | {c.speedup:.2f}x ({c.p10:.2f}-{c.p90:.2f}) "
+                   f"| {c.efficiency:.2f} | {ok} |")  # fmt: skip
     out += ["", "Efficiency side by side (plain / uniform / latency-aware):", "",
             "| model | runtime | dense p50 ms | plain | uniform | latency-aware | latency table |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -304,7 +304,8 @@ class SpaceDecision:
 class LatencyAwareCounts:
     """Per space, the kept count whose layers run fastest: the needed count unless a rounded-up one
     (`multiples`) is at least `margin` faster (then the smallest count within `margin` of the fastest).
-    `passes` > 1 re-decides each space with its neighbours at the counts chosen in the pass before. `decisions` holds the last choice made, per space."""
+    `passes` > 1 re-decides each space with its neighbours at the counts chosen in the pass before.
+    `decisions` holds the last choice made, per space."""
 
     source: LatencySource
     multiples: tuple[int, ...] = ROUND_UP_MULTIPLES
