@@ -80,7 +80,7 @@ class ProbeNet(nn.Module):
             x = _feed(at, shape)
             if x is not None:
                 outs.append(layer(x))
-        return tuple(outs) if outs else tuple(at.values())
+        return (*outs, *at.values())  # every producer's work is an output: none is dead code
 
 
 def _feed(at: dict[tuple, torch.Tensor], shape: LayerShape) -> torch.Tensor | None:
