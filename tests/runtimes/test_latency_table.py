@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from slimship import zero_random_groups
@@ -17,6 +18,7 @@ from slimship.cli import main
 from slimship.runtimes import get_target, latency_table
 from slimship.runtimes.latency_table import MeasuredLatency, ProbeNet, export_probe
 from slimship.slimming.channel_counts import LayerShape, SpaceProbe
+from tests.test_cli import CONFIG, _run_config
 
 
 def _conv(cin, cout, size, k=1, stride=1, groups=1) -> LayerShape:
@@ -107,3 +109,26 @@ def test_bad_channel_multiple_names_the_choices(tmp_path, capsys, spec) -> None:
     path, _, _ = _saved_program(tmp_path)
     assert main(["slim", str(path), "--out", str(tmp_path / "o.pt2"), "--channel-multiple", spec]) == 2
     assert "'latency'" in capsys.readouterr().err
+
+
+def test_run_with_latency_counts_records_each_space(tmp_path) -> None:
+    """`slim.channel_multiple: latency` in a pipeline config: the manifest records what was measured and
+    kept per space, the model card says so."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["train"]["epochs"] = 1
+    config["compress"]["options"] = {"target": 0.5, "epochs": 2}
+    config["slim"]["channel_multiple"] = "latency"
+    config["export"]["formats"] = ["onnx"]
+    config["targets"] = ["host"]
+    _, bundle, manifest = _run_config(config, tmp_path)
+    slimming = manifest["slimming"]
+    record = slimming["alignment"]
+    assert slimming["channel_multiple"] is None
+    assert record["target"] == "host" and record["runtime"] == "onnxruntime" and record["spaces"]
+    for d in record["spaces"].values():
+        assert d["needed"] <= d["kept"] <= d["total"] and d["kept"] in d["candidates"]
+    assert slimming["flops_after"] < slimming["flops_before"]
+    assert (
+        "per space from latency measured on target `host` (onnxruntime)"
+        in (bundle / "MODEL_CARD.md").read_text()
+    )
