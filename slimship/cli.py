@@ -163,20 +163,27 @@ def _source(args: argparse.Namespace, steps: Steps) -> Any:
     return source
 
 
-def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any, ...]) -> int | None:
-    """--channel-multiple: a number, or 'auto' (measured for the model's op kinds on --target)."""
-    spec = args.channel_multiple
-    if spec is None:
-        return None
-    if spec != "auto":
-        if not spec.isdigit() or int(spec) < 1:
-            raise SlimshipError(f"--channel-multiple is {spec!r}; expected a positive integer or 'auto'")
-        return int(spec)
-    from slimship.pipeline.alignment import choose_channel_multiple
+def _align_target(args: argparse.Namespace) -> Any:
     from slimship.runtimes import get_target, load_targets
 
     extra = load_targets(args.targets_file) if args.targets_file else None
-    target = get_target(args.target, extra).with_overrides(runtime=args.align_runtime)
+    return get_target(args.target, extra).with_overrides(runtime=args.align_runtime)
+
+
+def _channel_multiple(args: argparse.Namespace, module: Any, example: tuple[Any, ...]) -> int | None:
+    """--channel-multiple: a number, or 'auto' (measured for the model's op kinds on --target)."""
+    spec = args.channel_multiple
+    if spec is None or spec == "latency":
+        return None
+    if spec != "auto":
+        if not spec.isdigit() or int(spec) < 1:
+            raise SlimshipError(
+                f"--channel-multiple is {spec!r}; expected a positive integer, 'auto' or 'latency'"
+            )
+        return int(spec)
+    from slimship.pipeline.alignment import choose_channel_multiple
+
+    target = _align_target(args)
     multiple, info = choose_channel_multiple(module, example, example, target)
     per_kind = ", ".join(f"{k}: {m or 'none'}" for k, m in info["per_kind"].items())
     whole = info["whole_model"]
@@ -199,8 +206,13 @@ def _cmd_slim(args: argparse.Namespace) -> int:
     steps = Steps()
     source = _source(args, steps)
     multiple = _channel_multiple(args, source.module, source.example)
+    counts = None
+    if args.channel_multiple == "latency":  # per space: the kept count measured fastest on --target
+        from slimship.pipeline.alignment import latency_counts
+
+        counts = latency_counts(_align_target(args))
     with steps.step("slim (trace, analyse, rewrite, verify)"):
-        result = slim(source.module, source.example, channel_multiple=multiple)
+        result = slim(source.module, source.example, channel_multiple=multiple, channel_counts=counts)
     with steps.step("save the slim program"):
         program = _reexport(result.model, source.example, source.dynamic_shapes, source.origin)
         partial = Path(args.out).with_name(f".{Path(args.out).name}.partial")
@@ -210,6 +222,13 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         finally:
             partial.unlink(missing_ok=True)
     summary = _jsonable(result.summary())
+    if counts is not None:
+        from slimship.pipeline.alignment import counts_record
+
+        summary["channel_counts"] = counts_record(counts)
+        rounded = sum(d.chosen != d.needed for d in counts.decisions.values())
+        note(f"latency-aware channel counts on {counts.source.target.name} ({args.align_runtime}): "
+             f"{rounded} of {len(counts.decisions)} spaces kept extra channels")  # fmt: skip
     _slim_summary(args, summary)
     _emit(args, {"out": str(args.out), "source": source.origin, "summary": summary, "seconds": steps.times})
     return 0
@@ -225,6 +244,10 @@ def _slim_folder(args: argparse.Namespace) -> int:
     read_folder(args.model, allow_pickle=args.allow_pickle)  # a folder that is no checkpoint: named first
     if out.suffix == ".pt2":
         raise SlimshipError(f"--out {out}: a checkpoint folder slims into a folder; give a folder path")
+    if args.channel_multiple == "latency":
+        raise SlimshipError(
+            f"--channel-multiple latency: not for a checkpoint folder ({args.model}); use a number"
+        )
     steps = Steps()
     source = _source(args, steps)
     multiple = _channel_multiple(args, source.module, source.example)

@@ -146,7 +146,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument(
         "--channel-multiple",
         default=None,
-        help="round kept channels up to N, or 'auto': measured on --target",
+        help="round kept channels up to N; 'auto': one multiple measured on --target; 'latency': per channel"
+        " space, the kept count its layers run fastest at on --target",
     )
     p.add_argument("--target", default="mobile-1t", help=f"where 'auto' measures: {targets_help}")
     p.add_argument("--targets-file", **targets_file)
@@ -154,7 +155,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
         "--align-runtime",
         default="onnxruntime",
         choices=[name for name, record in RUNTIMES.items() if record.times_alignment],
-        help="runtime 'auto' measures with",
+        help="runtime 'auto' and 'latency' measure with",
     )
 
     p = _command(

@@ -1,5 +1,5 @@
 """Choose the channel multiple to slim a model with for a target: measured per op kind, then confirmed on
-the whole model.
+the whole model. Or, per space, the kept count measured fastest there (`latency_counts`).
 
 The per-kind sweep (`favoured_multiple`) times one-layer models; it is a proxy. In a network a rounded
 space pads its producer's outputs and its consumers' inputs, and layers differ from the swept one in
@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 
 from slimship.exporters.registry import format_for_runtime
+from slimship.runtimes.alignment import sweep_format
+from slimship.runtimes.latency_table import MeasuredLatency
 from slimship.runtimes.targets import Target
+from slimship.slimming.channel_counts import LatencyAwareCounts
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +113,31 @@ def choose_channel_multiple(
                  target.name, speedups, info["whole_model"]["kept"])  # fmt: skip
     info["multiple"] = chosen
     return chosen, info
+
+
+def latency_counts(target: Target, **measure: Any) -> LatencyAwareCounts:
+    """`slim(channel_counts=...)` for `target`: per space, the kept count its layers run fastest at there
+    (`LatencyAwareCounts`), timed in the format the target's runtime opens (ONNX for `auto`)."""
+    return LatencyAwareCounts(MeasuredLatency(target, sweep_format(target.runtime), **measure))
+
+
+def counts_record(policy: LatencyAwareCounts) -> dict[str, Any]:
+    """What a latency-aware policy measured and chose, as JSON: per space the candidate counts, their
+    measured latency (ms) and the count kept."""
+    source = policy.source
+    return {
+        "target": source.target.name,
+        "runtime": source.target.runtime,
+        "format": source.fmt,
+        "probes_timed": source.timed,
+        "spaces": {
+            d.space: {
+                "needed": d.needed,
+                "total": d.total,
+                "candidates": list(d.candidates),
+                "p50_ms": [round(t, 4) for t in d.latencies],
+                "kept": d.chosen,
+            }
+            for d in policy.decisions.values()
+        },
+    }

@@ -84,8 +84,10 @@ class SlimSpec(Section):
     merge: bool = _f(True, "true or false")
     fold_constants: bool = _f(True, "true or false")
     rtol: float = _f(1e-5, "a number in (0, 1)", gt=0, lt=1)
-    channel_multiple: Annotated[int, Field(ge=1)] | Literal["auto"] | None = _f(
-        None, "a positive integer, 'auto' (measured on the first target) or null"
+    channel_multiple: Annotated[int, Field(ge=1)] | Literal["auto", "latency"] | None = _f(
+        None,
+        "a positive integer, 'auto' (one multiple measured on the first target), 'latency' (per channel "
+        "space, the kept count measured fastest on the first target) or null",
     )
     align_runtime: AlignRuntime | None = _f(
         None, f"{', '.join(ALIGN_RUNTIMES)} (the runtime 'auto' measures on) or null"

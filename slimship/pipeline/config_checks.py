@@ -39,14 +39,15 @@ def _check_targets(config: PipelineConfig) -> list[str]:
 
 
 def _check_alignment(config: PipelineConfig) -> list[str]:
-    if config.slim.channel_multiple != "auto":
+    mode = config.slim.channel_multiple
+    if mode not in ("auto", "latency"):
         return []
     if not config.targets:
-        return ["'slim.channel_multiple' is 'auto' but 'targets' is empty; name one"]
+        return [f"'slim.channel_multiple' is '{mode}' but 'targets' is empty; name one"]
     first = config.target_profiles()[0]
     if first.emulated:
         return [
-            f"'slim.channel_multiple' is 'auto' but the first target {first.name!r} is emulated "
+            f"'slim.channel_multiple' is '{mode}' but the first target {first.name!r} is emulated "
             "(its timings are not a device's); put a real target first or give the multiple as a number"
         ]
     return []

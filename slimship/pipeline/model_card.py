@@ -127,6 +127,13 @@ def _size(slimming: dict[str, Any]) -> str:
             f"Rounding kept channels up to multiples of {tried} was measured on {where} and made the whole "
             "model slower, so the kept counts are exact.\n"
         )
+    elif alignment and "spaces" in alignment:  # slim.channel_multiple: latency
+        spaces = alignment["spaces"].values()
+        extra = sum(1 for s in spaces if s["kept"] != s["needed"])
+        text += (
+            f"Kept channel counts were chosen per space from latency measured on {where}: {extra} of "
+            f"{len(spaces)} spaces keep extra channels (the outputs are unchanged).\n"
+        )
     elif alignment:
         text += f"Channel alignment was measured on {where} and did not pay, so the kept counts are exact.\n"
     return text

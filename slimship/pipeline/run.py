@@ -27,6 +27,7 @@ from slimship.compress.device import (
 )
 from slimship.errors import SlimshipError
 from slimship.exporters.registry import ExportRequest, get_format
+from slimship.pipeline.alignment import choose_channel_multiple, counts_record, latency_counts
 from slimship.pipeline.bench import BenchPlan, EvalPair, agreement_said, bench_targets, profile_plots
 from slimship.pipeline.calibration import calibration, from_data
 from slimship.pipeline.config import PipelineConfig
@@ -244,7 +245,9 @@ def _slim_stage(config: PipelineConfig, stages: _Stages, trained: Trained) -> Sl
         )  # fmt: skip
         slim_source = factorized.model
     scfg = config.slim
-    multiple, alignment = scfg.channel_multiple, None
+    multiple, alignment, counts = scfg.channel_multiple, None, None
+    if multiple == "latency":  # per space: the kept count measured fastest on the first target
+        multiple, counts = None, latency_counts(_alignment_target(config), runs=config.bench.runs)
     if multiple == "auto":
         multiple, alignment = stages.run(
             "measure channel alignment on the first target", _measure_alignment, config, slim_source,
@@ -253,7 +256,10 @@ def _slim_stage(config: PipelineConfig, stages: _Stages, trained: Trained) -> Sl
     slim_result = stages.run(
         "slim (trace, analyse, rewrite, verify)", slim, slim_source, trained.trace_example,
         merge=scfg.merge, fold_constants=scfg.fold_constants, rtol=scfg.rtol, channel_multiple=multiple,
+        channel_counts=counts,
     )  # fmt: skip
+    if counts is not None:
+        alignment = counts_record(counts)
     if factorized is None:
         return Slimmed(slim_result, multiple, alignment)
     layers = [
@@ -363,17 +369,20 @@ def _measure_alignment(
     """`slim.channel_multiple: auto`: the multiple the first target's kernels favour for the op kinds the
     model contains, confirmed on the whole model there (see `choose_channel_multiple`), on
     `slim.align_runtime` (default: the target's own runtime, else that of the first export format)."""
-    from slimship.pipeline.alignment import choose_channel_multiple
-
-    target = config.target_profiles()[0]  # not emulated: checked with the config
-
-    first = get_format(config.export.formats[0])
     scfg = config.slim
-    runtime = scfg.align_runtime or (target.runtime if target.runtime != "auto" else first.runtimes[0])
     return choose_channel_multiple(
-        model, trace_example, example, target.with_overrides(runtime=runtime), runs=config.bench.runs,
+        model, trace_example, example, _alignment_target(config), runs=config.bench.runs,
         merge=scfg.merge, fold_constants=scfg.fold_constants, rtol=scfg.rtol,
     )  # fmt: skip
+
+
+def _alignment_target(config: PipelineConfig) -> Any:
+    """The first target (not emulated: checked with the config) on `slim.align_runtime` (default: the
+    target's own runtime, else that of the first export format)."""
+    target = config.target_profiles()[0]
+    first = get_format(config.export.formats[0])
+    runtime = config.slim.align_runtime or (target.runtime if target.runtime != "auto" else first.runtimes[0])
+    return target.with_overrides(runtime=runtime)
 
 
 def _from_factorized(slim_result: Any, factorized: Any, source: torch.nn.Module) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimship.errors import SlimmingError, VerificationError
+from slimship.slimming.channel_counts import (
+    ChannelCountPolicy,
+    aligned_counts,
+    apply_counts,
+    keep_components,
+    resolve_counts,
+    space_view,
+)
 from slimship.slimming.graph import ChannelGraph, Unreadable, get_tensor, slice_index
 from slimship.slimming.plan import Plan, make_plan, spaces
 from slimship.slimming.release import DenseRelease
@@ -176,6 +185,9 @@ def count_flops(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
 
 
 # ---- slimming --------------------------------------------------------------------------------
+_Counts = int | Mapping[str, int] | ChannelCountPolicy | None  # channel_multiple or channel_counts
+
+
 @dataclass
 class _Analysis:
     graph: ChannelGraph
@@ -188,7 +200,7 @@ def _analyse(
     merge: bool,
     fold: bool,
     exclude: set[str],
-    channel_multiple: int | None = None,
+    counts: _Counts = None,
     unreadable: dict[str, str] | None = None,
 ) -> _Analysis:
     g = build_channel_graph(gm, unreadable)
@@ -197,40 +209,17 @@ def _analyse(
     for name in exclude:
         for node, d in named.get(name, []):
             comps = np.unique(g.component[g.layouts[node][d]])
-            _keep(plan, comps, "kept in place: slimming this space did not verify")
-    if channel_multiple and channel_multiple > 1:
-        _align(g, plan, named, channel_multiple)
+            keep_components(plan, comps, "kept in place: slimming this space did not verify")
+    if isinstance(counts, int):
+        if counts > 1:
+            view = space_view(g, plan, named)
+            apply_counts(
+                view, aligned_counts(view, counts), f"kept for channel alignment (multiple of {counts})"
+            )
+    elif counts is not None:
+        view = space_view(g, plan, named)
+        apply_counts(view, *resolve_counts(view, counts))
     return _Analysis(g, plan, named)
-
-
-def _align(g: ChannelGraph, plan: Plan, named: dict[str, list], multiple: int) -> None:
-    """Round each space's kept channels up to a multiple the target's kernels favour."""
-    for members in named.values():
-        comps = np.unique(np.concatenate([g.component[g.layouts[n][d]] for n, d in members]))
-        dropped = [int(c) for c in comps if not plan.keep[c]]
-        if not dropped:
-            continue
-        need = (-(len(comps) - len(dropped))) % multiple
-        _keep(
-            plan,
-            np.array(dropped[:need], dtype=np.int64),
-            f"kept for channel alignment (multiple of {multiple})",
-        )
-
-
-def _keep(plan: Plan, comps: np.ndarray, reason: str) -> None:
-    for comp in comps:
-        comp = int(comp)
-        if plan.removed[comp] or comp in plan.merged_into:
-            plan.removed[comp] = False
-            plan.merged_into.pop(comp, None)
-            plan.kept_reason[comp] = reason
-        for other, rep in list(plan.merged_into.items()):
-            if rep == comp:
-                plan.merged_into.pop(other)
-                plan.kept_reason[other] = reason
-    plan.folds = [f for f in plan.folds if plan.removed[f.comp]]
-    plan.__post_init__()
 
 
 def _report_spaces(a: _Analysis) -> list[SpaceReport]:
@@ -265,13 +254,18 @@ def slim(
     seed: int = 0,
     channel_multiple: int | None = None,
     release_source: bool = False,
+    channel_counts: Mapping[str, int] | ChannelCountPolicy | None = None,
 ) -> SlimResult:
     """Remove zero-invariant channel groups and merge identical ones; verify the result numerically.
 
     Returns a SlimResult whose `.model` is a GraphModule with the source's parameter names. A space
     whose rewrite does not verify is kept in place (named in `report.excluded_spaces`); if the model
     still does not match, a VerificationError is raised. `channel_multiple` rounds every space's kept
-    channels up to that multiple (see `slimship.runtimes.measure_alignment` for a target's value).
+    channels up to that multiple (see `slimship.runtimes.measure_alignment` for a target's value);
+    `channel_counts` instead sets each space's kept count: a mapping (space name as in the report ->
+    count; a space not named keeps what it needs) or a policy such as `LatencyAwareCounts`, which keeps
+    extra channels only where the target's measured latency says they make the space's layers faster.
+    Extra kept channels are real channels, so the result stays exact.
 
     No weight is copied: the trace shares the model's tensors, the reference outputs are computed
     before the rewrite, and the rewrite makes one new tensor at a time, in the model's dtype. The
@@ -284,6 +278,9 @@ def slim(
     file first, to retry from), so the peak stays near the model's own size, and the model's
     modules are left holding the slim tensors (as after `apply_to`).
     """
+    if channel_multiple is not None and channel_counts is not None:
+        raise SlimmingError("give channel_multiple or channel_counts, not both")
+    counts: _Counts = channel_counts if channel_counts is not None else channel_multiple
     inputs = as_input_tuple(example_inputs)
     traced = trace(model, inputs, dynamic_batch=dynamic_batch)
     pristine = traced.gm
@@ -293,7 +290,7 @@ def slim(
     holders = [pristine] + ([model] if isinstance(model, nn.Module) and model is not pristine else [])
     release = DenseRelease(holders) if release_source else None
     try:
-        done = _slim_verified(pristine, reference, merge, fold_constants, rtol, channel_multiple, release)
+        done = _slim_verified(pristine, reference, merge, fold_constants, rtol, counts, release)
     finally:
         if release is not None:
             release.close()
@@ -348,14 +345,14 @@ def _slim_verified(
     merge: bool,
     fold: bool,
     rtol: float,
-    channel_multiple: int | None,
+    counts: _Counts,
     release: DenseRelease | None,
 ) -> _Verified:
     """Rewrite and verify, keeping in place the spaces that do not verify (up to 4 rounds)."""
     excluded: set[str] = set()
     pinned: dict[str, Unreadable] = {}  # nodes whose sizes the rewrite could not fix
     for _attempt in range(4):
-        gm, analysis, new = _rewrite_copy(pristine, merge, fold, excluded, channel_multiple, pinned, release)
+        gm, analysis, new = _rewrite_copy(pristine, merge, fold, excluded, counts, pinned, release)
         bound = verify_bound(rtol, lowest_precision(pristine, reference), accumulation_depth(analysis.graph))
         check, flops = check_against(reference, gm, bound)
         if check.passed:
@@ -384,7 +381,7 @@ def _rewrite_copy(
     merge: bool,
     fold: bool,
     exclude: set[str],
-    channel_multiple: int | None,
+    counts: _Counts,
     pinned: dict[str, Unreadable],
     release: Release | None = None,
 ) -> tuple[torch.fx.GraphModule, _Analysis, dict[str, torch.Tensor]]:
@@ -396,7 +393,7 @@ def _rewrite_copy(
         reasons = {
             name: f"rewrite could not read {u.op} (node {name}): {u.reason}" for name, u in pinned.items()
         }
-        analysis = _analyse(gm, merge, fold, exclude, channel_multiple, reasons)
+        analysis = _analyse(gm, merge, fold, exclude, counts, reasons)
         g, plan = analysis.graph, analysis.plan
         new = rewrite(g, plan, release) if release else rewrite(g, plan)
         failed = {
