@@ -16,13 +16,15 @@ import os
 import resource
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from slimship.decoder.runner import Decoder, check_room, greedy, open_decoder
+from slimship.decoder.runner import Decoder, OnnxDecoder, check_room, greedy, open_decoder
 from slimship.errors import SlimshipError
 from slimship.exporters.registry import precision_from_name
-from slimship.runtimes.measure import Speedup, speedup_from_ratios, speedup_text
+from slimship.runtimes.measure import PROFILE_KEYS, Speedup, speedup_from_ratios, speedup_text
+from slimship.runtimes.profile import profile_models
 
 RUNTIME_MODULES = {".pte": "executorch.runtime", ".onnx": "onnxruntime"}
 
@@ -67,6 +69,7 @@ class DecodeBench:
     prefill_speedups: list[Speedup]
     peak_rss_kb: int
     notes: list[str] = dataclasses.field(default_factory=list)
+    profiles: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per-layer, one decode step
 
 
 def _rss_kb() -> int | None:
@@ -94,10 +97,11 @@ def _first_run(decoder: Decoder, path: Path, prompt: list[int], new_tokens: int)
 def bench_decode(
     files: Sequence[str | Path], *, dense: str | Path | None = None, prompt_len: int = 32,
     new_tokens: int = 32,
-    runs: int = 10, warmup: int = 2, threads: int | None = 1, seed: int = 0,
+    runs: int = 10, warmup: int = 2, threads: int | None = 1, seed: int = 0, profile: bool = False,
 ) -> DecodeBench:  # fmt: skip
     """Time greedy generation of every file (see the module doc); speedups of each file against `dense`
-    where both are of one kind (suffix and precision)."""
+    where both are of one kind (suffix and precision); `profile`: a per-layer dense vs slim profile of one
+    decode step of each such pair (`decode_profile`)."""
     if runs < 1 or warmup < 0:
         raise SlimshipError(f"runs must be >= 1 and warmup >= 0 (got {runs}, {warmup})")
     paths = [Path(f) for f in files]
@@ -129,9 +133,45 @@ def bench_decode(
     ]
     decode, prefill, notes = _speedups(paths, dense_path, times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return DecodeBench(
+    result = DecodeBench(
         threads, prompt_len, new_tokens, runs, warmup, measurements, decode, prefill, int(peak), notes
     )
+    if profile:
+        steps = max(10, min(runs * new_tokens, 50))
+        result.profiles = [decode_profile(Path(s.dense), Path(s.slim), prompt, runs=steps, threads=threads)
+                           for s in decode]  # fmt: skip
+        if dense_path is None:
+            result.notes.append("--profile compares a slim file with its dense one: give --dense")
+    return result
+
+
+def decode_step_inputs(path: Path, prompt: Sequence[int], threads: int | None = 1) -> list[np.ndarray]:
+    """The inputs of the decode step after `prompt` (its next token, at position len(prompt)). An .onnx
+    file's include the past keys and values its prefill returned; a .pte holds its cache inside, and the
+    profiled program's cache is left unfilled (a step's kernels do the same work whatever it holds)."""
+    decoder = open_decoder(path, threads)
+    check_room(decoder.info, len(prompt), 1, str(path))
+    token = int(np.argmax(decoder.forward(prompt, 0)[-1]))
+    if isinstance(decoder, OnnxDecoder):
+        feeds = decoder.feeds([token], len(prompt))
+        return [feeds[name] for name in decoder.input_names]
+    return [np.asarray([[token]], np.int64), np.asarray([len(prompt)], np.int64)]
+
+
+def decode_profile(
+    dense: Path, slim: Path, prompt: Sequence[int], *, runs: int = 50, threads: int | None = 1
+) -> dict[str, Any]:
+    """Per-layer dense vs slim kernel times of one decode step (the step after `prompt`), run `runs`
+    times interleaved on this machine (`slimship.runtimes.profile`): the rows of `bench --profile`."""
+    prof = profile_models(
+        dense, slim, decode_step_inputs(dense, prompt, threads), runs=runs, threads=threads or 1,
+        slim_inputs=decode_step_inputs(slim, prompt, threads),
+    )  # fmt: skip
+    return {
+        "dense": str(dense), "slim": str(slim), "where": "local profile (this machine)",
+        "runtime": prof.runtime, "rows": [{k: row[k] for k in PROFILE_KEYS} for row in prof.rows()],
+        "note": "; ".join(n for n in (f"one decode step at position {len(prompt)}", prof.note) if n),
+    }  # fmt: skip
 
 
 def _measurement(

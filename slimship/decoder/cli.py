@@ -176,6 +176,7 @@ def _parity_text(parity: Any) -> str:
 
 def bench_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
     from slimship.decoder.bench import bench_decode, format_decode_table
+    from slimship.runtimes.measure import format_profile_table
     from slimship.runtimes.targets import get_target, load_targets
 
     extra = load_targets(args.targets_file) if args.targets_file else None
@@ -193,12 +194,14 @@ def bench_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
         with steps.step(f"decode {len(args.models)} file(s), {args.runs} generations each"):
             result = bench_decode(
                 args.models, dense=args.dense, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                runs=args.runs, warmup=args.warmup, threads=target.threads,
+                runs=args.runs, warmup=args.warmup, threads=target.threads, profile=args.profile,
             )  # fmt: skip
     finally:
         if before is not None:
             os.sched_setaffinity(0, before)
     console.print(format_decode_table(result))
+    for profile in result.profiles:
+        console.print(format_profile_table(profile))
     emit(to_jsonable(result) | {"target": target.name})
     return 0
 

@@ -125,6 +125,7 @@ class OnnxDecoder:
         )  # fmt: skip
         self._past_names, self._present_names = past_names(self.info.layers)
         self._shapes = {i.name: i.shape for i in self._session.get_inputs()}
+        self.input_names = list(self._shapes)
         self.reset()
 
     def reset(self) -> None:
@@ -133,13 +134,16 @@ class OnnxDecoder:
             for name in self._past_names
         }
 
-    def forward(self, tokens: Sequence[int], start: int) -> np.ndarray:
-        feeds = {
+    def feeds(self, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
+        """The session's inputs for `tokens` at positions `start ...`, with the cache held so far."""
+        return {
             "input_ids": np.asarray([list(tokens)], np.int64),
             "position_ids": np.arange(start, start + len(tokens), dtype=np.int64)[None],
             **self._past,
         }
-        outputs = self._session.run(None, feeds)
+
+    def forward(self, tokens: Sequence[int], start: int) -> np.ndarray:
+        outputs = self._session.run(None, self.feeds(tokens, start))
         self._past = dict(zip(self._past_names, outputs[1:], strict=True))
         return outputs[0].reshape(len(tokens), -1)
 
