@@ -175,30 +175,30 @@ def _parity_text(parity: Any) -> str:
 
 
 def bench_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
-    from slimship.decoder.bench import bench_decode, format_decode_table
+    from slimship.decoder.bench import bench_decode, bench_decode_on_target, format_decode_table
     from slimship.runtimes.measure import format_profile_table
     from slimship.runtimes.targets import get_target, load_targets
 
     extra = load_targets(args.targets_file) if args.targets_file else None
     target = get_target(args.target, extra)
-    if target.transport != "local" or target.emulated:
-        raise ConfigError(
-            f"--target {target.name}: text-generation bench runs on this machine for now (local targets)"
-        )
-    pin = bool(target.affinity) and hasattr(os, "sched_setaffinity")
-    before = os.sched_getaffinity(0) if pin else None
+    settings = dict(dense=args.dense, prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs,
+                    warmup=args.warmup, profile=args.profile)  # fmt: skip
     steps = Steps()
-    try:
-        if pin:
-            os.sched_setaffinity(0, target.affinity)  # this process runs the files: pinned as the target says
-        with steps.step(f"decode {len(args.models)} file(s), {args.runs} generations each"):
-            result = bench_decode(
-                args.models, dense=args.dense, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                runs=args.runs, warmup=args.warmup, threads=target.threads, profile=args.profile,
-            )  # fmt: skip
-    finally:
-        if before is not None:
-            os.sched_setaffinity(0, before)
+    what = f"decode {len(args.models)} file(s), {args.runs} generations each"
+    if target.transport != "local" or target.emulated:  # the device runner, shipped to the target
+        with steps.step(f"{what} on {target.name}"):
+            result = bench_decode_on_target(args.models, target, **settings)
+    else:
+        pin = bool(target.affinity) and hasattr(os, "sched_setaffinity")
+        before = os.sched_getaffinity(0) if pin else None
+        try:
+            if pin:  # this process runs the files: pinned as the target says
+                os.sched_setaffinity(0, target.affinity)
+            with steps.step(what):
+                result = bench_decode(args.models, threads=target.threads, **settings)
+        finally:
+            if before is not None:
+                os.sched_setaffinity(0, before)
     console.print(format_decode_table(result))
     for profile in result.profiles:
         console.print(format_profile_table(profile))

@@ -2,7 +2,7 @@
 
 - `executorch-fp32` / `executorch-8da4w`: `StaticKVDecoder` -> `torch.export` (strict, dynamic sequence
   length up to `max_seq_len`) -> `to_edge_transform_and_lower(XnnpackPartitioner)` with ExecuTorch's LLM
-  runner metadata methods (`runner.PTE_METADATA`) -> `.pte`.
+  runner metadata methods (`device_runner.PTE_METADATA`) -> `.pte`.
 - `onnx`: `PastKVDecoder` -> `torch.onnx.export(dynamo=True)` with dynamic sequence and past lengths;
   `onnx-int4`: the same graph with onnxruntime's `MatMulNBits` (weight-only int4, blocks of 32).
 
