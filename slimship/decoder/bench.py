@@ -16,13 +16,17 @@ import os
 import resource
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from slimship.decoder.runner import Decoder, check_room, greedy, open_decoder
-from slimship.errors import SlimshipError
+from slimship.decoder.runner import Decoder, OnnxDecoder, check_room, greedy, open_decoder
+from slimship.errors import ModelFileError, SlimshipError
 from slimship.exporters.registry import precision_from_name
-from slimship.runtimes.measure import Speedup, speedup_from_ratios, speedup_text
+from slimship.runtimes.execute import run_on_target
+from slimship.runtimes.measure import PROFILE_KEYS, Speedup, speedup_from_ratios, speedup_text, where_measured
+from slimship.runtimes.profile import profile_models
+from slimship.runtimes.targets import Target
 
 RUNTIME_MODULES = {".pte": "executorch.runtime", ".onnx": "onnxruntime"}
 
@@ -53,6 +57,7 @@ class DecodeMeasurement:
     decode_tok_s: Spread
     ms_per_token: Spread  # decode
     rss_kb: int | None
+    tokens: list[int] = dataclasses.field(default_factory=list)  # generated in the first run
 
 
 @dataclasses.dataclass
@@ -67,6 +72,9 @@ class DecodeBench:
     prefill_speedups: list[Speedup]
     peak_rss_kb: int
     notes: list[str] = dataclasses.field(default_factory=list)
+    where: str = "local (this process)"
+    prompt: list[int] = dataclasses.field(default_factory=list)
+    profiles: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per-layer, one decode step
 
 
 def _rss_kb() -> int | None:
@@ -82,56 +90,142 @@ def file_kind(path: Path) -> str:
     return f"{path.suffix.lower()} {precision_from_name(path) or 'fp32'}"
 
 
-def _first_run(decoder: Decoder, path: Path, prompt: list[int], new_tokens: int) -> None:
+def _first_run(decoder: Decoder, path: Path, prompt: list[int], new_tokens: int) -> list[int]:
     check_room(decoder.info, len(prompt), new_tokens, str(path))
     if max(prompt) >= decoder.info.vocab_size:
         raise SlimshipError(
             f"{path}: its vocabulary of {decoder.info.vocab_size} is smaller than the others'"
         )
-    greedy(decoder, prompt, new_tokens, stop_at_eos=False)  # allocations, XNNPACK weight packing
+    return greedy(decoder, prompt, new_tokens, stop_at_eos=False).tokens  # allocations, weight packing
 
 
-def bench_decode(
-    files: Sequence[str | Path], *, dense: str | Path | None = None, prompt_len: int = 32,
-    new_tokens: int = 32,
-    runs: int = 10, warmup: int = 2, threads: int | None = 1, seed: int = 0,
-) -> DecodeBench:  # fmt: skip
-    """Time greedy generation of every file (see the module doc); speedups of each file against `dense`
-    where both are of one kind (suffix and precision)."""
+Times = dict[Path, dict[str, list[float]]]  # file -> "prefill"/"decode" -> seconds per timed run
+
+
+def _paths(files: Sequence[str | Path], dense: str | Path | None, runs: int, warmup: int):
     if runs < 1 or warmup < 0:
         raise SlimshipError(f"runs must be >= 1 and warmup >= 0 (got {runs}, {warmup})")
     paths = [Path(f) for f in files]
     dense_path = Path(dense) if dense is not None else None
     if dense_path is not None and dense_path not in paths:
         paths.insert(0, dense_path)
+    return paths, dense_path
+
+
+def bench_decode(
+    files: Sequence[str | Path], *, dense: str | Path | None = None, prompt_len: int = 32,
+    new_tokens: int = 32,
+    runs: int = 10, warmup: int = 2, threads: int | None = 1, seed: int = 0, profile: bool = False,
+) -> DecodeBench:  # fmt: skip
+    """Time greedy generation of every file in this process (see the module doc); speedups of each file
+    against `dense` where both are of one kind (suffix and precision); `profile`: a per-layer dense vs slim
+    profile of one decode step of each such pair (`decode_profile`)."""
+    paths, dense_path = _paths(files, dense, runs, warmup)
     for suffix in {p.suffix.lower() for p in paths}:  # runtimes imported first: RSS is then the model's
         importlib.import_module(RUNTIME_MODULES.get(suffix, "numpy"))
     opened: list[tuple[Decoder, int | None]] = []
     prompt: list[int] = []
+    tokens: list[list[int]] = []
     for path in paths:
         before = _rss_kb()
         decoder = open_decoder(path, threads)
         if not prompt:
             rng = np.random.default_rng(seed)
             prompt = [int(t) for t in rng.integers(0, decoder.info.vocab_size, prompt_len)]
-        _first_run(decoder, path, prompt, new_tokens)
+        tokens.append(_first_run(decoder, path, prompt, new_tokens))
         after = _rss_kb()
         opened.append((decoder, None if before is None or after is None else max(after - before, 0)))
-    times: dict[Path, dict[str, list[float]]] = {p: {"prefill": [], "decode": []} for p in paths}
+    times: Times = {p: {"prefill": [], "decode": []} for p in paths}
     for run in range(warmup + runs):
         for path, (decoder, _) in zip(paths, opened, strict=True):
             result = greedy(decoder, prompt, new_tokens, stop_at_eos=False)
             if run >= warmup:
                 times[path]["prefill"].append(result.prefill_s)
                 times[path]["decode"].append(sum(result.step_s))
-    measurements = [
-        _measurement(p, times[p], rss, prompt_len, new_tokens) for p, (_, rss) in zip(paths, opened)
-    ]
-    decode, prefill, notes = _speedups(paths, dense_path, times)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    result = _bench_result(paths, dense_path, times, [rss for _, rss in opened], peak,
+                           (threads, prompt_len, new_tokens, runs, warmup))  # fmt: skip
+    result.prompt = prompt
+    for measurement, generated in zip(result.measurements, tokens, strict=True):
+        measurement.tokens = generated
+    if profile:
+        steps = max(10, min(runs * new_tokens, 50))
+        result.profiles = [decode_profile(Path(s.dense), Path(s.slim), prompt, runs=steps, threads=threads)
+                           for s in result.decode_speedups]  # fmt: skip
+        if dense_path is None:
+            result.notes.append("--profile compares a slim file with its dense one: give --dense")
+    return result
+
+
+def bench_decode_on_target(
+    files: Sequence[str | Path], target: Target, *, dense: str | Path | None = None, prompt_len: int = 32,
+    new_tokens: int = 32, runs: int = 10, warmup: int = 2, seed: int = 0, profile: bool = False,
+    staging_dir: Path | None = None,
+) -> DecodeBench:  # fmt: skip
+    """`bench_decode` through the self-contained device runner on `target` (SSH, adb, emulated or local):
+    the files are shipped, generated with in turn in one process there, and the timings read back."""
+    paths, dense_path = _paths(files, dense, runs, warmup)
+    if prompt_len < 1 or new_tokens < 1:
+        raise SlimshipError(f"--prompt-len and --new-tokens must be >= 1 (got {prompt_len}, {new_tokens})")
+    for path in paths:
+        if path.suffix.lower() not in RUNTIME_MODULES:
+            raise ModelFileError(f"{path}: text generation runs .pte and .onnx files (got {path.suffix})")
+    extra = ["--task", "text-generation", "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
+             "--seed", str(seed)]  # fmt: skip
+    run = run_on_target(target, paths, [], warmup=warmup, runs=runs, staging_dir=staging_dir,
+                        extra_args=extra).result  # fmt: skip
+    times: Times = {p: {"prefill": e["prefill_s"], "decode": e["decode_s"]}
+                    for p, e in zip(paths, run["models"], strict=True)}  # fmt: skip
+    rss = [e.get("model_rss_kb") for e in run["models"]]
+    result = _bench_result(paths, dense_path, times, rss, int(run["peak_rss_kb"]),
+                           (target.threads, prompt_len, new_tokens, runs, warmup), target.name)  # fmt: skip
+    result.where, result.prompt = where_measured(target), [int(t) for t in run["prompt"]]
+    for measurement, entry in zip(result.measurements, run["models"], strict=True):
+        measurement.tokens = [int(t) for t in entry["tokens"]]
+    if profile:
+        result.notes.append(f"--profile: per-layer profiles run on this machine, not on {target.transport}")
+    return result
+
+
+def _bench_result(
+    paths: list[Path], dense: Path | None, times: Times, rss: list[int | None], peak_rss_kb: int,
+    settings: tuple[int | None, int, int, int, int], target: str = "local",
+) -> DecodeBench:  # fmt: skip
+    threads, prompt_len, new_tokens, runs, warmup = settings
+    measurements = [_measurement(p, times[p], kb, prompt_len, new_tokens) for p, kb in zip(paths, rss)]
+    decode, prefill, notes = _speedups(paths, dense, times, target)
     return DecodeBench(
-        threads, prompt_len, new_tokens, runs, warmup, measurements, decode, prefill, int(peak), notes
+        threads, prompt_len, new_tokens, runs, warmup, measurements, decode, prefill, peak_rss_kb, notes
     )
+
+
+def decode_step_inputs(path: Path, prompt: Sequence[int], threads: int | None = 1) -> list[np.ndarray]:
+    """The inputs of the decode step after `prompt` (its next token, at position len(prompt)). An .onnx
+    file's include the past keys and values its prefill returned; a .pte holds its cache inside, and the
+    profiled program's cache is left unfilled (a step's kernels do the same work whatever it holds)."""
+    decoder = open_decoder(path, threads)
+    check_room(decoder.info, len(prompt), 1, str(path))
+    token = int(np.argmax(decoder.forward(prompt, 0)[-1]))
+    if isinstance(decoder, OnnxDecoder):
+        feeds = decoder.feeds([token], len(prompt))
+        return [feeds[name] for name in decoder.input_names]
+    return [np.asarray([[token]], np.int64), np.asarray([len(prompt)], np.int64)]
+
+
+def decode_profile(
+    dense: Path, slim: Path, prompt: Sequence[int], *, runs: int = 50, threads: int | None = 1
+) -> dict[str, Any]:
+    """Per-layer dense vs slim kernel times of one decode step (the step after `prompt`), run `runs`
+    times interleaved on this machine (`slimship.runtimes.profile`): the rows of `bench --profile`."""
+    prof = profile_models(
+        dense, slim, decode_step_inputs(dense, prompt, threads), runs=runs, threads=threads or 1,
+        slim_inputs=decode_step_inputs(slim, prompt, threads),
+    )  # fmt: skip
+    return {
+        "dense": str(dense), "slim": str(slim), "where": "local profile (this machine)",
+        "runtime": prof.runtime, "rows": [{k: row[k] for k in PROFILE_KEYS} for row in prof.rows()],
+        "note": "; ".join(n for n in (f"one decode step at position {len(prompt)}", prof.note) if n),
+    }  # fmt: skip
 
 
 def _measurement(
@@ -147,7 +241,7 @@ def _measurement(
 
 
 def _speedups(
-    paths: list[Path], dense: Path | None, times: dict[Path, dict[str, list[float]]]
+    paths: list[Path], dense: Path | None, times: Times, target: str
 ) -> tuple[list[Speedup], list[Speedup], list[str]]:
     if dense is None:
         return [], [], []
@@ -162,7 +256,7 @@ def _speedups(
             continue
         for key, out in (("decode", decode), ("prefill", prefill)):
             ratios = [d / s for d, s in zip(times[dense][key], times[path][key], strict=True)]
-            record = speedup_from_ratios(ratios, str(dense), str(path), "local")
+            record = speedup_from_ratios(ratios, str(dense), str(path), target)
             record.format = file_kind(path)
             out.append(record)
     return decode, prefill, notes
@@ -173,8 +267,8 @@ def format_decode_table(result: DecodeBench):
     from rich.table import Table
 
     title = (
-        f"text generation: prompt {result.prompt_len}, {result.new_tokens} new tokens, {result.runs} runs, "
-        f"threads={result.threads or 'default'} (median, p10-p90)"
+        f"text generation, {result.where}: prompt {result.prompt_len}, {result.new_tokens} new tokens, "
+        f"{result.runs} runs, threads={result.threads or 'default'} (median, p10-p90)"
     )
     table = Table(title=title)
     for header in ("model", "kind", "MB", "TTFT ms", "prefill tok/s", "decode tok/s", "ms/token", "RSS MB"):
@@ -191,6 +285,8 @@ def format_decode_table(result: DecodeBench):
                 f"\n{label} speedup {Path(s.dense).name} -> {Path(s.slim).name}: "
                 f"{speedup_text(s.median, s.p10, s.p90)}"
             )
+    for line in result.notes:
+        table.caption = (table.caption or "") + f"\n{line}"
     return table
 
 

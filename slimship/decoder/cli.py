@@ -207,13 +207,14 @@ def _parity_text(parity: Any) -> str:
 
 
 def local_target(name: str, targets_file: Any = None) -> Any:
-    """The target named on the command line; text generation runs on this machine (local targets)."""
+    """The target named on the command line, for a release's decode figures (timed on this machine)."""
     from slimship.runtimes.targets import get_target, load_targets
 
     target = get_target(name, load_targets(targets_file) if targets_file else None)
     if target.transport != "local" or target.emulated:
         raise ConfigError(
-            f"--target {target.name}: text-generation timing runs on this machine for now (local targets)"
+            f"--target {target.name}: a text-generation release times its files on this machine (local "
+            "targets); measure other targets with `slimship bench --task text-generation --target ...`"
         )
     return target
 
@@ -233,16 +234,25 @@ def pinned(target: Any) -> Iterator[None]:
 
 
 def bench_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
-    from slimship.decoder.bench import bench_decode, format_decode_table
+    from slimship.decoder.bench import bench_decode, bench_decode_on_target, format_decode_table
+    from slimship.runtimes.measure import format_profile_table
+    from slimship.runtimes.targets import get_target, load_targets
 
-    target = local_target(args.target, args.targets_file)
+    extra = load_targets(args.targets_file) if args.targets_file else None
+    target = get_target(args.target, extra)
+    settings = dict(dense=args.dense, prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs,
+                    warmup=args.warmup, profile=args.profile)  # fmt: skip
     steps = Steps()
-    with pinned(target), steps.step(f"decode {len(args.models)} file(s), {args.runs} generations each"):
-        result = bench_decode(
-            args.models, dense=args.dense, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-            runs=args.runs, warmup=args.warmup, threads=target.threads,
-        )  # fmt: skip
+    what = f"decode {len(args.models)} file(s), {args.runs} generations each"
+    if target.transport != "local" or target.emulated:  # the device runner, shipped to the target
+        with steps.step(f"{what} on {target.name}"):
+            result = bench_decode_on_target(args.models, target, **settings)
+    else:
+        with pinned(target), steps.step(what):  # this process runs the files: pinned as the target says
+            result = bench_decode(args.models, threads=target.threads, **settings)
     console.print(format_decode_table(result))
+    for profile in result.profiles:
+        console.print(format_profile_table(profile))
     emit(to_jsonable(result) | {"target": target.name})
     return 0
 

@@ -2,7 +2,7 @@
 
 - `executorch-fp32` / `executorch-8da4w`: `StaticKVDecoder` -> `torch.export` (strict, dynamic sequence
   length up to `max_seq_len`) -> `to_edge_transform_and_lower(XnnpackPartitioner)` with ExecuTorch's LLM
-  runner metadata methods (`runner.PTE_METADATA`) -> `.pte`.
+  runner metadata methods (`device_runner.PTE_METADATA`) -> `.pte`.
 - `onnx`: `PastKVDecoder` -> `torch.onnx.export(dynamo=True)` with dynamic sequence and past lengths;
   `onnx-int4`: the same graph with onnxruntime's `MatMulNBits` (weight-only int4, blocks of 32).
 
@@ -15,6 +15,7 @@ time (a floor against a broken file, see `DecoderExportOptions`), and the perple
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import json
@@ -33,6 +34,7 @@ from slimship.decoder.cache import DecoderInfo, PastKVDecoder, StaticKVDecoder, 
 from slimship.decoder.quant import GROUP_SIZE, quantize_8da4w
 from slimship.decoder.runner import ONNX_METADATA_KEY, FileInfo, TorchDecoder, greedy, open_decoder
 from slimship.errors import ExportError, VerificationError, first_line
+from slimship.runtimes.profile import SCOPES_KEY
 
 RANDOM_SEQUENCES = (4, 32)  # the fallback calibration: sequences x tokens of random ids
 
@@ -184,11 +186,27 @@ def _onnx_proto(model: nn.Module, info: DecoderInfo, options: DecoderExportOptio
         ) from exc
     proto = exported.model_proto
     for node in proto.graph.node:  # the exporter's per-node stack traces: half the file of a small model
+        scopes = _module_scopes(node)
         del node.metadata_props[:]
+        if scopes:  # kept: `bench --profile` names a node's layer by it
+            node.metadata_props.add(key=SCOPES_KEY, value=repr(scopes))
     meta = {"vocab_size": info.vocab_size, "max_seq_len": options.max_seq_len, "layers": layout.layers,
             "bos_id": info.bos_id, "eos_ids": list(info.eos_ids), "kv_heads": list(layout.heads)}  # fmt: skip
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(meta, sort_keys=True)})
     return proto
+
+
+def _module_scopes(node: Any) -> list[str]:
+    """The torch exporter's module path of a node, relative to the user's model (the wrapper's `model.`
+    prefix removed): ['', 'model', 'model.layers.0', ..., op name]."""
+    value = next((p.value for p in node.metadata_props if p.key == SCOPES_KEY), None)
+    try:
+        names = ast.literal_eval(value) if value and len(value) < 4096 else []
+    except (ValueError, SyntaxError):
+        return []
+    if not isinstance(names, list) or len(names) < 2 or names[1] != "model":
+        return []
+    return [""] + [str(n).removeprefix("model.") for n in names[2:]]
 
 
 def _build_onnx(model: nn.Module, info: DecoderInfo, options: DecoderExportOptions, path: Path) -> list[str]:
@@ -202,10 +220,16 @@ def _build_onnx_int4(
     """Weight-only int4 (onnxruntime's MatMulNBits, symmetric blocks of `group_size` along the input)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(_onnx_proto(model, info, options), block_size=options.group_size,
-                                     is_symmetric=True)  # fmt: skip
+    float_proto = _onnx_proto(model, info, options)
+    scopes = {n.name: p.value for n in float_proto.graph.node for p in n.metadata_props}
+    quantizer = MatMulNBitsQuantizer(float_proto, block_size=options.group_size, is_symmetric=True)
     quantizer.process()
     proto = quantizer.model.model
+    for node in proto.graph.node:  # a MatMulNBits node keeps the module scope of the MatMul it replaced
+        if node.op_type == "MatMulNBits" and not node.metadata_props:
+            source = scopes.get(node.name.removesuffix("_Q4"))
+            if source is not None:
+                node.metadata_props.add(key=SCOPES_KEY, value=source)
     count = sum(node.op_type == "MatMulNBits" for node in proto.graph.node)
     atomic_write_bytes(path, proto.SerializeToString())
     return [

@@ -3,14 +3,13 @@
 A runner holds one sequence's cache: `forward(tokens, start)` feeds `tokens` at positions `start ...` and
 returns their logits ([len(tokens), vocab], float32); `reset()` starts a new sequence. `greedy` is the
 loop every command shares: the prompt in one call (prefill), then one call per new token (decode), each
-timed.
+timed. The file runners and that loop are the self-contained device runner's
+(`slimship.runtimes.device_runner`), so a device decodes with the same code as this host.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,16 +17,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from slimship.decoder.cache import past_names
 from slimship.errors import ModelFileError, SlimshipError, first_line
+from slimship.runtimes import device_runner
 
-#: ExecuTorch LLM runner metadata methods a text-generation .pte carries (read by `PteDecoder`)
-PTE_METADATA = (
-    "get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_n_layers", "get_bos_id", "get_eos_ids",
-    "use_kv_cache", "use_sdpa_with_kv_cache", "enable_dynamic_shape",
-)  # fmt: skip
-#: ONNX metadata_props key holding the same facts as JSON
-ONNX_METADATA_KEY = "slimship.text_generation"
+#: ONNX metadata_props key holding a text-generation file's facts as JSON
+ONNX_METADATA_KEY = device_runner.ONNX_METADATA_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,92 +50,33 @@ def _not_text_generation(path: Path, why: str) -> ModelFileError:
     )
 
 
-class PteDecoder:
+class _FileDecoder:
+    """A text-generation file opened by the device runner's decoder (the same code a device runs), its
+    load errors as slimship's ModelFileError."""
+
+    runtime = ""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        try:
+            super().__init__(str(self.path), threads)  # type: ignore[call-arg]
+        except device_runner.NotTextGeneration as exc:
+            raise _not_text_generation(self.path, str(exc)) from None
+        except device_runner.RunnerLoadError as exc:
+            raise ModelFileError(f"{self.path}: {first_line(exc).removeprefix(f'{self.path}: ')}") from None
+        self.info = FileInfo(**self.meta)  # type: ignore[attr-defined]
+
+
+class PteDecoder(_FileDecoder, device_runner.PteTokenDecoder):
     """A .pte with `forward(tokens[1, S], input_pos[1]) -> logits` and the LLM runner's metadata methods."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        from executorch.runtime import Runtime
-
-        self.path = Path(path)
-        if threads:
-            _executorch_threads(threads)
-        try:
-            program = Runtime.get().load_program(str(self.path))
-        except Exception as exc:
-            raise ModelFileError(f"{self.path}: executorch cannot load it ({first_line(exc)})") from None
-        names = set(program.method_names)
-        if "use_kv_cache" not in names or "forward" not in names:
-            raise _not_text_generation(self.path, "it has no use_kv_cache metadata method")
-        meta = {n: program.load_method(n).execute([])[0] for n in PTE_METADATA if n in names}
-        self._forward = program.load_method("forward")
-        eos = meta.get("get_eos_ids", ())
-        self.info = FileInfo(
-            vocab_size=int(meta["get_vocab_size"]),
-            max_seq_len=int(meta["get_max_seq_len"]),
-            layers=int(meta.get("get_n_layers", 0)),
-            bos_id=int(meta["get_bos_id"]) if "get_bos_id" in meta else None,
-            eos_ids=tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])),
-        )
-
-    def reset(self) -> None:  # the cache position comes with every call: nothing to clear
-        return None
-
-    def forward(self, tokens: Sequence[int], start: int) -> np.ndarray:
-        ids = torch.tensor([list(tokens)], dtype=torch.long)
-        logits = self._forward.execute([ids, torch.tensor([start], dtype=torch.long)])[0]
-        return logits.detach().numpy().reshape(len(tokens), -1)
+    runtime = "executorch"
 
 
-def _executorch_threads(threads: int) -> None:
-    """XNNPACK's thread pool in this process (ExecuTorch's portable kernels run on the calling thread)."""
-    from executorch.extension.pybindings import portable_lib
-
-    portable_lib._unsafe_reset_threadpool(int(threads))
-    torch.set_num_threads(int(threads))
-
-
-class OnnxDecoder:
+class OnnxDecoder(_FileDecoder, device_runner.OrtTokenDecoder):
     """An .onnx with past/present keys and values (`slimship.decoder.cache.PastKVDecoder`)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
-        try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelFileError(f"{self.path}: onnxruntime cannot load it ({first_line(exc)})") from None
-        raw = self._session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
-        if raw is None:
-            raise _not_text_generation(self.path, f"no {ONNX_METADATA_KEY} metadata")
-        meta = json.loads(raw)
-        self.info = FileInfo(
-            vocab_size=int(meta["vocab_size"]), max_seq_len=meta.get("max_seq_len"),
-            layers=int(meta["layers"]),
-            bos_id=meta.get("bos_id"), eos_ids=tuple(meta.get("eos_ids", ())),
-        )  # fmt: skip
-        self._past_names, self._present_names = past_names(self.info.layers)
-        self._shapes = {i.name: i.shape for i in self._session.get_inputs()}
-        self.reset()
-
-    def reset(self) -> None:
-        self._past = {
-            name: np.zeros((1, self._shapes[name][1], 0, self._shapes[name][3]), np.float32)
-            for name in self._past_names
-        }
-
-    def forward(self, tokens: Sequence[int], start: int) -> np.ndarray:
-        feeds = {
-            "input_ids": np.asarray([list(tokens)], np.int64),
-            "position_ids": np.arange(start, start + len(tokens), dtype=np.int64)[None],
-            **self._past,
-        }
-        outputs = self._session.run(None, feeds)
-        self._past = dict(zip(self._past_names, outputs[1:], strict=True))
-        return outputs[0].reshape(len(tokens), -1)
+    runtime = "onnxruntime"
 
 
 class TorchDecoder:
@@ -215,16 +150,7 @@ def greedy(decoder: Decoder, prompt: Sequence[int], new_tokens: int, *, stop_at_
     """Greedy decoding: the prompt in one call, then one call per token (until an EOS id if asked)."""
     check_room(decoder.info, len(prompt), new_tokens, "generate")
     check_tokens(prompt, decoder.info.vocab_size, "prompt")
-    decoder.reset()
-    began = time.perf_counter()
-    rows = [decoder.forward(prompt, 0)]
-    prefill = time.perf_counter() - began
-    tokens = [int(np.argmax(rows[-1][-1]))]
-    steps: list[float] = []
-    eos = set(decoder.info.eos_ids) if stop_at_eos else set()
-    while len(tokens) < new_tokens and tokens[-1] not in eos:
-        began = time.perf_counter()
-        rows.append(decoder.forward([tokens[-1]], len(prompt) + len(tokens) - 1))
-        steps.append(time.perf_counter() - began)
-        tokens.append(int(np.argmax(rows[-1][-1])))
-    return Greedy(list(map(int, prompt)), tokens, np.concatenate(rows), prefill, steps)
+    eos = frozenset(decoder.info.eos_ids) if stop_at_eos else frozenset()
+    prompt = [int(t) for t in prompt]
+    tokens, rows, prefill, steps = device_runner.greedy_decode(decoder, prompt, new_tokens, eos)
+    return Greedy(prompt, tokens, np.concatenate(rows), prefill, steps)

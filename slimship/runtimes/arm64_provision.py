@@ -217,10 +217,15 @@ class _Steps:
 
     def __enter__(self) -> _Steps:
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()
+            self.bar = Progress(  # on stderr: stdout may carry `--json -`
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
             )
             self.bar.start()
             self.task = self.bar.add_task("ARM64 emulation", total=self.total)

@@ -11,7 +11,12 @@ CLI contract (stable; other modules rely on it):
         [--warmup W] [--runs R] [--save-outputs outputs.npz]
         [--model M2 ...]            (pair mode: models are timed interleaved, A B A B ...)
         [--affinity 0,1] [--xnnpack on|off] [--eval eval.npz]
+        [--task text-generation --prompt-len P --new-tokens T [--seed S]]
 `inputs.npz` holds arrays named in0, in1, ... in the model's input order.
+With `--task text-generation` (decoders from `slimship export --task text-generation`; `inputs.npz` may be
+empty) a run is one greedy generation of T tokens (EOS ignored) after P ids drawn by numpy's default_rng(S)
+from the first model's vocabulary; each `models` entry has tokens (of the first run), prefill_s and
+decode_s (seconds per run: the prompt's call; the T - 1 one-token calls); latencies_ms: whole generations.
 `eval.npz` holds batches as b0_in0, b0_in1, b1_in0, ...; the result gets each batch's top-1
 predictions (argmax over the last axis of output 0) per model.
 
@@ -226,6 +231,187 @@ def _dequantize(value: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return value.copy()
 
 
+# ------------------------------------------------------------------------------------ text generation
+#: ONNX metadata_props key holding a text-generation file's facts as JSON
+ONNX_METADATA_KEY = "slimship.text_generation"
+#: ExecuTorch LLM runner metadata methods a text-generation .pte carries
+PTE_METADATA = (
+    "get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_n_layers", "get_bos_id", "get_eos_ids",
+    "use_kv_cache", "use_sdpa_with_kv_cache", "enable_dynamic_shape",
+)  # fmt: skip
+
+
+class NotTextGeneration(RunnerLoadError):
+    """The file loads but holds no decoder with a KV cache."""
+
+
+class OrtTokenDecoder:
+    """An .onnx with past/present keys and values: `forward(tokens, start)` feeds `tokens` at positions
+    `start ...` and returns their logits [len(tokens), vocab]; `reset()` starts a new sequence."""
+
+    def __init__(self, path: str, threads: int | None = None) -> None:
+        self._runner = OrtRunner(path, threads)
+        self._session = self._runner.session
+        raw = self._session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+        if raw is None:
+            raise NotTextGeneration(f"no {ONNX_METADATA_KEY} metadata")
+        meta = json.loads(raw)
+        layers = int(meta["layers"])
+        self.meta = {
+            "vocab_size": int(meta["vocab_size"]), "max_seq_len": meta.get("max_seq_len"), "layers": layers,
+            "bos_id": meta.get("bos_id"), "eos_ids": tuple(meta.get("eos_ids", ())),
+        }  # fmt: skip
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        self._shapes = {i.name: i.shape for i in self._session.get_inputs()}
+        self.input_names = list(self._shapes)
+        self.reset()
+
+    def reset(self) -> None:
+        self._past = {
+            name: np.zeros((1, self._shapes[name][1], 0, self._shapes[name][3]), np.float32)
+            for name in self._past_names
+        }
+
+    def feeds(self, tokens: list[int], start: int) -> dict[str, np.ndarray]:
+        """The session's inputs for `tokens` at positions `start ...`, with the cache held so far."""
+        return {
+            "input_ids": np.asarray([list(tokens)], np.int64),
+            "position_ids": np.arange(start, start + len(tokens), dtype=np.int64)[None],
+            **self._past,
+        }
+
+    def forward(self, tokens: list[int], start: int) -> np.ndarray:
+        outputs = self._session.run(None, self.feeds(tokens, start))
+        self._past = dict(zip(self._past_names, outputs[1:], strict=True))
+        return outputs[0].reshape(len(tokens), -1)
+
+    def describe(self) -> dict[str, Any]:
+        return self._runner.describe()
+
+
+class PteTokenDecoder:
+    """A .pte with `forward(tokens[1, S], input_pos[1]) -> logits` and the LLM runner's metadata methods
+    (its cache lives in the program; the position comes with every call, so `reset` has nothing to clear)."""
+
+    def __init__(self, path: str, threads: int | None = None) -> None:
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ImportError:
+            raise RunnerLoadError("runtime 'executorch' is not installed (pip install executorch)") from None
+        self._torch, self.threads = torch, threads
+        if threads:
+            executorch_threads(threads)
+        try:
+            program = Runtime.get().load_program(path)
+        except Exception as exc:
+            raise RunnerLoadError(
+                f"executorch cannot load it ({(str(exc) or 'error').splitlines()[0]})"
+            ) from None
+        names = set(program.method_names)
+        if "use_kv_cache" not in names or "forward" not in names:
+            raise NotTextGeneration("it has no use_kv_cache metadata method")
+        meta = {n: program.load_method(n).execute([])[0] for n in PTE_METADATA if n in names}
+        self._forward = program.load_method("forward")
+        eos = meta.get("get_eos_ids", ())
+        self.meta = {
+            "vocab_size": int(meta["get_vocab_size"]), "max_seq_len": int(meta["get_max_seq_len"]),
+            "layers": int(meta.get("get_n_layers", 0)),
+            "bos_id": int(meta["get_bos_id"]) if "get_bos_id" in meta else None,
+            "eos_ids": tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])),
+        }  # fmt: skip
+
+    def reset(self) -> None:
+        return None
+
+    def forward(self, tokens: list[int], start: int) -> np.ndarray:
+        torch = self._torch  # the program holds its cache
+        ids = torch.tensor([list(tokens)], dtype=torch.long)
+        logits = self._forward.execute([ids, torch.tensor([start], dtype=torch.long)])[0]
+        return logits.detach().numpy().reshape(len(tokens), -1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "executorch", "version": _dist_version("executorch"), "threads": self.threads}
+
+
+def executorch_threads(threads: int) -> None:
+    """XNNPACK's thread pool in this process (ExecuTorch's portable kernels run on the calling thread)."""
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(int(threads))
+    torch.set_num_threads(int(threads))
+
+
+#: file suffix -> the decoder class that opens a text-generation file
+TOKEN_DECODERS: dict[str, type] = {".onnx": OrtTokenDecoder, ".pte": PteTokenDecoder}
+
+
+def greedy_decode(
+    decoder: Any, prompt: list[int], new_tokens: int, eos: frozenset[int] = frozenset()
+) -> tuple[list[int], list[np.ndarray], float, list[float]]:
+    """(tokens, logits rows per call, prefill seconds, seconds per decode step): the prompt in one call,
+    then one call per new token, until `new_tokens` or an id in `eos`."""
+    decoder.reset()
+    began = time.perf_counter()
+    rows = [decoder.forward(prompt, 0)]
+    prefill = time.perf_counter() - began
+    tokens = [int(np.argmax(rows[-1][-1]))]
+    steps: list[float] = []
+    while len(tokens) < new_tokens and tokens[-1] not in eos:
+        began = time.perf_counter()
+        rows.append(decoder.forward([tokens[-1]], len(prompt) + len(tokens) - 1))
+        steps.append(time.perf_counter() - began)
+        tokens.append(int(np.argmax(rows[-1][-1])))
+    return tokens, rows, prefill, steps
+
+
+def _open_token_decoder(path: str, threads: int | None) -> Any:
+    cls = TOKEN_DECODERS.get(os.path.splitext(path)[1].lower())
+    if cls is None:
+        raise RunnerLoadError(f"{path}: text generation runs .pte and .onnx files")
+    try:
+        return cls(path, threads)
+    except RunnerLoadError as exc:
+        raise type(exc)(f"{os.path.basename(path)}: {exc}") from None
+
+
+def _measure_decode(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """`--task text-generation`: every run one greedy generation per model, interleaved (module doc)."""
+    result["affinity"], result["baseline_rss_kb"] = apply_affinity(args.affinity), _peak_rss_kb()
+    pairs: list[tuple[dict[str, Any], Any]] = []  # (entry, decoder) per model
+    prompt: list[int] = []
+    for path in args.model:
+        _preload_runtime(path, args.runtime)
+        before, start = _current_rss_kb(), time.perf_counter()
+        decoder = _open_token_decoder(path, args.threads)
+        entry = {"model": os.path.basename(path), "load_ms": (time.perf_counter() - start) * 1e3}
+        vocab, room = decoder.meta["vocab_size"], decoder.meta["max_seq_len"]
+        if not prompt:
+            rng = np.random.default_rng(args.seed)
+            prompt = [int(t) for t in rng.integers(0, vocab, args.prompt_len)]
+        if max(prompt) >= vocab:
+            raise ValueError(f"{entry['model']}: its vocabulary of {vocab} is smaller than the others'")
+        if room is not None and args.prompt_len + args.new_tokens > room:
+            raise ValueError(f"{entry['model']}: {args.prompt_len} prompt + {args.new_tokens} new tokens "
+                             f"exceed its cache of {room} (export with a larger --max-seq-len)")  # fmt: skip
+        entry["tokens"] = greedy_decode(decoder, prompt, args.new_tokens)[0]  # allocations, weight packing
+        after = _current_rss_kb()
+        entry["model_rss_kb"] = None if before is None or after is None else max(after - before, 0)
+        entry.update(runtime=decoder.describe(), prefill_s=[], decode_s=[], latencies_ms=[])
+        pairs.append((entry, decoder))
+    for run in range(args.warmup + args.runs):
+        for entry, decoder in pairs:
+            _, _, prefill, steps = greedy_decode(decoder, prompt, args.new_tokens)
+            if run >= args.warmup:
+                entry["prefill_s"].append(prefill)
+                entry["decode_s"].append(sum(steps))
+                entry["latencies_ms"].append((prefill + sum(steps)) * 1e3)
+    first = pairs[0][0]
+    result.update(ok=True, models=[e for e, _ in pairs], prompt=prompt, load_ms=first["load_ms"],
+                  runtime=first["runtime"], latencies_ms=first["latencies_ms"])  # fmt: skip
+
+
 # The runtimes this script runs, by name: the file suffixes each opens and its runner class (constructed as
 # `cls(path, threads, runtime, xnnpack)`). This copy keeps the script self-contained on a device;
 # `slimship.runtimes.registry.RUNTIMES` holds the same names and suffixes, and a test ties the two.
@@ -398,10 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--affinity", default=None, help="comma-separated CPU cores, e.g. 0,1")
     parser.add_argument("--xnnpack", default="on", choices=("on", "off"))
     parser.add_argument("--eval", default=None, help="npz of evaluation batches b{i}_in{j}")
+    parser.add_argument("--task", default=None, choices=("text-generation",))
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"ok": False, "model": os.path.basename(args.model[0])}
     try:
-        _measure(args, result)
+        (_measure_decode if args.task == "text-generation" else _measure)(args, result)
     except Exception as exc:  # reported to the host as data, never as a traceback
         result["error"] = f"{type(exc).__name__}: {exc}"
     result["peak_rss_kb"] = _peak_rss_kb()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,9 @@ def as_array_list(inputs: Any) -> list[np.ndarray]:
 
 
 def runner_argv(target: Target, python: str, runner: str, models: list[str], files: dict[str, str], *,
-                warmup: int, runs: int) -> list[str]:  # fmt: skip
-    """The device_runner command line for a target (argv list, never a string)."""
+                warmup: int, runs: int, extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    """The device_runner command line for a target (argv list, never a string); `extra`: further options
+    (e.g. `--task text-generation ...`)."""
     argv = [python, runner]
     for model in models:
         argv += ["--model", model]
@@ -62,7 +64,7 @@ def runner_argv(target: Target, python: str, runner: str, models: list[str], fil
         argv += ["--eval", files["eval"]]
     if "outputs" in files:
         argv += ["--save-outputs", files["outputs"]]
-    return argv
+    return argv + list(extra)
 
 
 def run_on_target(
@@ -75,6 +77,7 @@ def run_on_target(
     eval_inputs: list[list[np.ndarray]] | None = None,
     save_outputs: bool = False,
     staging_dir: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> DeviceRun:
     """Ship device_runner, models and inputs to `target`, run them (interleaved if several), read back."""
     models = [Path(m) for m in models]
@@ -108,7 +111,8 @@ def run_on_target(
             if save_outputs:
                 files["outputs"] = f"{workdir}/outputs.npz"
             python = target.python or host_python()
-            argv = runner_argv(target, python, runner, remote_models, files, warmup=warmup, runs=runs)
+            argv = runner_argv(target, python, runner, remote_models, files, warmup=warmup, runs=runs,
+                               extra=extra_args)  # fmt: skip
             log.debug("target %s: %s", target.name, argv)
             proc = transport.run(argv, timeout=target.run_timeout)
             result = _fetch_result(transport, target, proc, files["out"], stage / "result.json")

@@ -3,7 +3,9 @@
 onnxruntime: its own profiler (per-node kernel time, median over runs, both models' sessions run
 interleaved so host load drifts hit both alike). A profiled node is attributed to the source model's
 layer through its weight initializer, whose name is the PyTorch parameter name (`block.conv.weight`
--> layer `block.conv`); nodes without weights are summed per op type ("other: Relu"). FLOPs of convs and
+-> layer `block.conv`), else through the module scope the torch exporter records on the node
+(`pkg.torch.onnx.name_scopes`, kept by the decoder export); other nodes are summed per op type
+("other: Relu"). FLOPs of convs and
 matmuls come from the shapes onnxruntime records, so the FLOPs ratio is that of the kernels it ran.
 
 ExecuTorch: its event tracer (ETDump, read with `executorch.devtools.Inspector`) times every XNNPACK
@@ -16,6 +18,7 @@ LiteRT: its Python interpreter exposes no per-operator timing; `profile_models` 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -90,16 +93,19 @@ class LayerProfile:
 
 
 def profile_models(
-    dense: str | Path, slim: str | Path, inputs: Sequence[np.ndarray], *, runs: int = 20, threads: int = 1
-) -> LayerProfile:
-    """Per-layer dense vs slim profile of two files of the same format (onnxruntime today)."""
+    dense: str | Path, slim: str | Path, inputs: Sequence[np.ndarray], *, runs: int = 20, threads: int = 1,
+    slim_inputs: Sequence[np.ndarray] | None = None,
+) -> LayerProfile:  # fmt: skip
+    """Per-layer dense vs slim profile of two files of the same format (onnxruntime, ExecuTorch).
+    `slim_inputs`: the slim file's own inputs where they differ from the dense one's (a decoder's cache)."""
     suffix = Path(slim).suffix.lower()
     if Path(dense).suffix.lower() != suffix:
         raise TargetError(f"a per-layer profile compares files of one format: {dense} vs {slim}")
+    both = (inputs, inputs if slim_inputs is None else slim_inputs)
     if suffix == ".onnx":
-        return profile_onnx(dense, slim, inputs, runs=runs, threads=threads)
+        return profile_onnx(dense, slim, both, runs=runs, threads=threads)
     if suffix == ".pte":
-        return profile_executorch(dense, slim, inputs, runs=runs, threads=threads)
+        return profile_executorch(dense, slim, both, runs=runs, threads=threads)
     return LayerProfile(
         "litert", [], runs,
         note="litert: its Python interpreter exposes no per-operator timing; profile the ONNX or "
@@ -107,10 +113,21 @@ def profile_models(
     )  # fmt: skip
 
 
+Inputs = Sequence[np.ndarray] | tuple[Sequence[np.ndarray], Sequence[np.ndarray]]
+
+
+def _per_model(inputs: Inputs) -> tuple[Sequence[np.ndarray], Sequence[np.ndarray]]:
+    """(dense inputs, slim inputs): one list for both, or a pair of lists."""
+    if isinstance(inputs, tuple) and len(inputs) == 2 and not isinstance(inputs[0], np.ndarray):
+        return inputs[0], inputs[1]
+    return inputs, inputs  # type: ignore[return-value]
+
+
 def profile_onnx(
-    dense: str | Path, slim: str | Path, inputs: Sequence[np.ndarray], *, runs: int = 20, threads: int = 1
+    dense: str | Path, slim: str | Path, inputs: Inputs, *, runs: int = 20, threads: int = 1
 ) -> LayerProfile:
-    """onnxruntime's per-node kernel times, attributed to layers, dense vs slim (see module doc)."""
+    """onnxruntime's per-node kernel times, attributed to layers, dense vs slim (see module doc).
+    `inputs`: one list for both files, or a (dense, slim) pair of lists."""
     import onnx
     import onnxruntime as ort
 
@@ -125,7 +142,8 @@ def profile_onnx(
             session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             sessions.append(session)
             owners.append(_layer_of_nodes(onnx.load(str(path)), onnx.load(opts.optimized_model_filepath)))
-        feeds = [dict(zip([i.name for i in s.get_inputs()], inputs, strict=True)) for s in sessions]
+        feeds = [dict(zip([i.name for i in s.get_inputs()], x, strict=True))
+                 for s, x in zip(sessions, _per_model(inputs), strict=True)]  # fmt: skip
         for _ in range(runs):
             for session, feed in zip(sessions, feeds, strict=True):
                 session.run(None, feed)
@@ -142,19 +160,20 @@ def profile_onnx(
 
 
 def profile_executorch(
-    dense: str | Path, slim: str | Path, inputs: Sequence[np.ndarray], *, runs: int = 20, threads: int = 1
+    dense: str | Path, slim: str | Path, inputs: Inputs, *, runs: int = 20, threads: int = 1
 ) -> LayerProfile:
-    """ExecuTorch's per-kernel times from ETDump, dense vs slim, runs interleaved (see module doc)."""
+    """ExecuTorch's per-kernel times from ETDump, dense vs slim, runs interleaved (see module doc).
+    `inputs`: one list for both files, or a (dense, slim) pair of lists."""
     import torch
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib
 
     torch.set_num_threads(threads)
-    tensors = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
+    tensors = [[torch.from_numpy(np.ascontiguousarray(x)) for x in xs] for xs in _per_model(inputs)]
     modules = [portable_lib._load_for_executorch(str(p), enable_etdump=True) for p in (dense, slim)]
     for _ in range(runs):
-        for module in modules:
-            module.forward(tensors)
+        for module, feed in zip(modules, tensors, strict=True):
+            module.forward(feed)
     per_model = []
     with tempfile.TemporaryDirectory(prefix="slimship-etdump-") as tmp:
         for k, module in enumerate(modules):
@@ -193,12 +212,16 @@ def _kernel_times(inspector: Any) -> dict[str, float]:
 def _layer_of_nodes(source: Any, optimized: Any) -> dict[str, tuple[str, str]]:
     """Optimized node name -> (layer, op type).
 
-    A conv or matmul takes the layer of the same-kind node at the same position in the source graph,
-    whose weight initializer is named after the PyTorch parameter (`block.conv.weight` -> `block.conv`);
-    onnxruntime's layout passes rename reordered or padded weights but keep the order of the kernels.
-    Where the counts differ, the node's own parameter names decide; other nodes are summed per op type.
+    A conv or matmul takes the layer of the source node it was made from, where onnxruntime kept that
+    node's name (before a '/': `node_linear_1/MatMulAddFusion`); else the layer of the same-kind node at the
+    same position in the source graph (onnxruntime's layout passes rename reordered or padded weights but
+    keep the order of the kernels); where the counts differ, the node's own parameter names decide. A
+    source node's layer is its weight initializer's name, the PyTorch parameter (`block.conv.weight` ->
+    `block.conv`), else its module scope. Other nodes are summed per op type.
     """
-    source_layers = {kind: [_param_layer(n, source) for n in _compute_nodes(source, kind)] for kind in _KINDS}
+    source_layers = {kind: [_node_layer(n, source) for n in _compute_nodes(source, kind)] for kind in _KINDS}
+    by_name = {n.name: layer for kind in _KINDS for n in _compute_nodes(source, kind)
+               if (layer := _node_layer(n, source))}  # fmt: skip
     owners = {node.name: (_param_layer(node, optimized) or f"other: {node.op_type}", node.op_type)
               for node in optimized.graph.node}  # fmt: skip
     for kind in _KINDS:
@@ -207,10 +230,16 @@ def _layer_of_nodes(source: Any, optimized: Any) -> dict[str, tuple[str, str]]:
             for node, layer in zip(nodes, source_layers[kind], strict=True):
                 if layer:
                     owners[node.name] = (layer, node.op_type)
+        for node in nodes:
+            layer = by_name.get(node.name.split("/")[0])
+            if layer:
+                owners[node.name] = (layer, node.op_type)
     return owners
 
 
-_KINDS = {"conv": ("Conv", "FusedConv"), "matmul": ("Gemm", "MatMul", "FusedMatMul", "FusedGemm")}
+_MATMULS = ("Gemm", "MatMul", "FusedMatMul", "FusedGemm", "MatMulNBits")
+_KINDS = {"conv": ("Conv", "FusedConv"), "matmul": _MATMULS}
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # the torch exporter's module path of a node: ['', 'a', 'a.b', op]
 
 
 def _compute_nodes(model: Any, kind: str) -> list[Any]:
@@ -221,6 +250,21 @@ def _param_layer(node: Any, model: Any) -> str | None:
     initializers = {t.name for t in model.graph.initializer}
     params = [m[1] for i in node.input[1:] if i in initializers and (m := _PARAM_RE.match(i))]
     return params[0] if params else None
+
+
+def _node_layer(node: Any, model: Any) -> str | None:
+    """The layer of a compute node: its parameter's name (`a.b.weight` -> `a.b`), else its module scope."""
+    layer = _param_layer(node, model)
+    if layer is not None:
+        return layer
+    scopes = next((p.value for p in node.metadata_props if p.key == SCOPES_KEY), None)
+    if scopes is None:
+        return None
+    try:
+        names = [n for n in ast.literal_eval(scopes[:4096]) if isinstance(n, str) and n]
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return names[-2] if len(names) >= 2 else None  # the innermost module (the last name is the op)
 
 
 def _per_layer(
@@ -253,6 +297,6 @@ def _node_flops(args: dict[str, Any]) -> float:
     if "Conv" in op and len(shapes) >= 2 and outs and len(outs[0]) >= 3:
         spatial = outs[0][2:4] if len(outs[0]) == 5 else outs[0][2:]  # NCHWc: [N, C/8, H, W, 8]
         return 2.0 * math.prod(shapes[1]) * math.prod(spatial) * outs[0][0]
-    if op in ("Gemm", "MatMul", "FusedMatMul", "FusedGemm") and len(shapes) >= 2 and outs:
+    if op in _MATMULS and shapes and outs:  # a prepacked weight may be missing from the shapes
         return 2.0 * math.prod(outs[0]) * shapes[0][-1]
     return 0.0

@@ -4,6 +4,7 @@ as the device's python."""
 from __future__ import annotations
 
 import glob
+import json
 import shutil
 import sys
 import threading
@@ -165,3 +166,56 @@ def test_server_killed_mid_run_is_a_device_error(edge_python, tiny_models, tmp_p
         for leftover in remote_leftovers():  # the 'device' vanished before cleanup could reach it
             shutil.rmtree(Path(leftover).parent)
     assert list(staging.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_decoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A dense tiny Llama (zeroed groups in place) and its slim twin, exported to ONNX with their KV cache."""
+    from slimship.decoder import DecoderExportOptions, export_decoder
+    from tests.decoder.tiny import tiny_slim_llama, tiny_zeroed_llama
+
+    options = DecoderExportOptions(max_seq_len=32, prompt_len=4, new_tokens=4)
+    root = tmp_path_factory.mktemp("decoders")
+    files = {}
+    for name, model in (("dense", tiny_zeroed_llama()), ("slim", tiny_slim_llama())):
+        (root / name).mkdir()
+        files[name] = export_decoder(model, ["onnx"], root / name, "llama", options)["onnx"].path
+    return files
+
+
+def test_decode_bench_runs_in_the_device_runner_over_ssh(sshd_server, tiny_decoders, tmp_path, capsys,
+                                                        remote_leftovers):  # fmt: skip
+    """`bench --task text-generation --target SSH`: the greedy loop runs in the shipped device runner (this
+    venv's python as the device's: numpy + onnxruntime); it generates what this host's runner does."""
+    from slimship.cli import main
+    from slimship.decoder.runner import greedy, open_decoder
+
+    server = sshd_server
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(
+        f"targets:\n  loopback:\n    transport: ssh://{server.user}@127.0.0.1:{server.port}\n"
+        f"    python: {sys.executable}\n    threads: 1\n    runtime: onnxruntime\n"
+        f"    ssh: {{key: {server.client_key}, known_hosts: {server.known_hosts}, connect_timeout: 5}}\n"
+    )
+    dense, slim = tiny_decoders["dense"], tiny_decoders["slim"]
+    argv = ["bench", "--task", "text-generation", str(slim), "--dense", str(dense), "--prompt-len", "5",
+            "--new-tokens", "6", "--runs", "4", "--warmup", "1", "--target", "loopback",
+            "--targets-file", str(targets), "--json", "-"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["target"] == "loopback" and result["where"].startswith("device (ssh://")
+    assert [Path(m["model"]) for m in result["measurements"]] == [dense, slim]
+    prompt = result["prompt"]
+    assert len(prompt) == 5
+    for m in result["measurements"]:
+        assert m["decode_tok_s"]["median"] > 0 and m["ttft_ms"]["median"] > 0
+        assert m["tokens"] == greedy(open_decoder(m["model"]), prompt, 6, stop_at_eos=False).tokens
+    (speedup,) = result["decode_speedups"]
+    assert speedup["pairs"] == 4 and speedup["target"] == "loopback"
+    assert remote_leftovers() == []
+
+    tflite = tmp_path / "m.tflite"
+    tflite.write_bytes(b"x")
+    assert main([*argv[:3], str(tflite), *argv[6:-2]]) == 2  # refused on the host, before any shipping
+    assert "text generation runs .pte and .onnx" in capsys.readouterr().err
