@@ -475,6 +475,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
     """Bundle a slim model with fresh exports (no bench figures); a decoder: slimship.decoder.release."""
     if args.task == "text-generation":
         return _text_generation("release_command", args)
+    from slimship.cli_parser import DEFAULT_FORMATS
+
+    args.format = args.format or list(DEFAULT_FORMATS)
     from slimship._util import sha256_file
     from slimship.pipeline.bench import release_figures, release_slimming
     from slimship.pipeline.config import gates_from_options

@@ -20,6 +20,9 @@ Every command takes --json PATH (- for stdout: then stdout holds only that JSON;
 tables go to stderr). Progress and notes are on stderr; third-party logs are silenced unless -v."""
 
 
+DEFAULT_FORMATS = ("onnx", "tflite-fp32")  # export's formats, and release's when --format is omitted
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Option defaults in every help line (not for options off by default); epilogs kept as written."""
 
@@ -87,7 +90,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     targets_help = _targets_help()
     formats = {
         "nargs": "+",
-        "default": ["onnx", "tflite-fp32"],
+        "default": list(DEFAULT_FORMATS),
         "choices": list(FORMATS),
         "metavar": "FORMAT",
         "help": "formats: " + "; ".join(f"{n} ({r.description})" for n, r in FORMATS.items()),
@@ -202,7 +205,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--name", required=True, help="release name")
     p.add_argument("--version", dest="version", required=True, help="release version MAJOR.MINOR.PATCH")
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="releases folder")
-    p.add_argument("--format", **formats)
+    p.add_argument(
+        "--format", **{**formats, "default": None, "help": formats["help"] + " (omitted: onnx tflite-fp32)"}
+    )
     p.add_argument("--calibration", **calibration)
     p.add_argument(
         "--exports",

@@ -15,6 +15,8 @@ _EXPORTS = {
     "DecoderExportOptions": "export", "DecoderParity": "export", "export_decoder": "export",
     "Greedy": "runner", "greedy": "runner", "open_decoder": "runner",
     "DecodeBench": "bench", "bench_decode": "bench",
+    "DecoderReleaseOptions": "release", "DecoderReleaseRequest": "release", "release_decoder": "release",
+    "ReplayCheck": "replay", "load_tokenizer": "bundle",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimship.pipeline.explain import target_definitions, target_sentence
+from slimship.pipeline.explain import target_sentence
 from slimship.pipeline.model_card import md_table, md_text
 from slimship.pipeline.report import GATE_HEADERS, gate_rows
 
@@ -64,7 +64,8 @@ def _checks(section: dict[str, Any]) -> str:
     rows = []
     for name, e in sorted(section["files"].items()):
         if e["quantised"]:
-            how = f"top-1 agreement {e['token_agreement']:.3f} (verify needs >= {e['min_token_agreement']})"
+            need = e["min_token_agreement"]
+            how = f"top-1 agreement {e['token_agreement']:.3f} (verify needs at least {need})"
             if e.get("calibration_agreement") is not None:
                 how += f"; {e['calibration_agreement']:.3f} on {md_text(str(e.get('calibration')))}"
         else:
@@ -85,8 +86,7 @@ def _checks(section: dict[str, Any]) -> str:
 
 def _decode(manifest: dict[str, Any], section: dict[str, Any]) -> str:
     m = section["measurement"]
-    definitions = target_definitions(manifest)
-    target = target_sentence(m["target"], definitions.get(m["target"], {}))
+    target = target_sentence(m["target"], (manifest.get("targets") or {}).get(m["target"], {}))
     host = m.get("host") or {}
     text = (
         "## Decoding speed\n\n"

@@ -311,6 +311,11 @@ def release_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options({n: getattr(args, n) for n in GATE_RULES if getattr(args, n) is not None})
+    if args.format:
+        raise ConfigError(
+            "--format: a text-generation release takes the files `slimship export --task text-generation` "
+            "wrote (--files), named by format; it exports nothing itself"
+        )
     if not args.files:
         raise ConfigError(
             "--task text-generation: give the decoder files with --files (what `slimship export SLIM_DIR "

@@ -126,6 +126,7 @@ def test_slim_decoder_release_verifies_and_generates_text(exported: dict[str, Pa
     said = _json(["generate", str(bundle), "--prompt", TEXT, "--max-new-tokens", "6"], capsys)
     assert said["prompt"] == ids and said["tokens"] == _generate(slim_model, ids, 6)[: len(said["tokens"])]
     assert said["text"] == tokenizer.decode(said["tokens"], skip_special_tokens=True)
+    assert len(said["text"].split()) == len([t for t in said["tokens"] if t > 2]) > 0  # every word decodes
     assert Path(said["model"]).name == "model.fp32.pte"
     tar = _json(["generate", str(bundle) + ".tar.gz", "--prompt", TEXT, "--max-new-tokens", "6", "--format",
                  "onnx"], capsys)  # fmt: skip

@@ -141,3 +141,21 @@ def test_first_difference() -> None:
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 9, 3], [1, 2, 3]) == 1
     assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_release_refuses_bad_options_before_any_work(tmp_path: Path, capsys) -> None:
+    from slimship.cli import main
+
+    out = tmp_path / "releases"
+    base = ["release", str(tmp_path), "--task", "text-generation", "--name", "t", "--out", str(out)]
+    cases = [
+        (["--version", "1.0", "--files", "a.onnx"], "release version '1.0' is invalid"),
+        (["--version", "1.0.0", "--format", "onnx"], "--format: a text-generation release takes the files"),
+        (["--version", "1.0.0"], "give the decoder files with --files"),
+        (["--version", "1.0.0", "--files", "a.onnx", "--min-token-agreement", "2"], "--min-token-agreement"),
+    ]
+    for extra, needle in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "slimship: error:" in err and needle in err, err
+    assert not out.exists()

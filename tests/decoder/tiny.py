@@ -75,14 +75,15 @@ SENTENCES = [
 
 def tiny_tokenizer():
     """A word-level tokenizer trained on a few sentences (nothing downloaded): <unk> 0, <s> 1, </s> 2, as the
-    tiny Llama's bos/eos ids."""
+    tiny Llama's bos/eos ids; filler words w<i> make its vocabulary the model's, so every id decodes."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
-    assert tok.get_vocab_size() <= VOCAB
+    tok.add_tokens([f"w{i}" for i in range(tok.get_vocab_size(), VOCAB)])
+    assert tok.get_vocab_size() == VOCAB
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
