@@ -440,12 +440,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    """Bundle a slim model with fresh exports (no bench figures)."""
+    """Bundle a slim model with fresh exports, each timed on --target (no dense model: no speedup)."""
     from slimship._util import sha256_file
-    from slimship.pipeline.bench import release_figures, release_slimming
+    from slimship.pipeline.bench import release_bench, release_gates, release_slimming
     from slimship.pipeline.config import gates_from_options
     from slimship.pipeline.publish import ReleaseRequest, publish
     from slimship.pipeline.release import check_new_version
+    from slimship.runtimes.targets import get_target
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options(_gate_overrides(args))  # checked before any export
@@ -455,10 +456,10 @@ def _cmd_release(args: argparse.Namespace) -> int:
         exported = _export_all(args, source, Path(tmp), "model", steps)
         exported.require_all()  # a release holds every format asked for, or none
         with steps.step(f"measure on {args.target}, quality gates"):
-            bench, results = release_figures(  # GateError
-                source.module, source.example, exported.files(), gates, args.target,
-                samples=exported.calibration.real_batches(),
-            )  # fmt: skip
+            target, files = get_target(args.target), exported.files()
+            samples = exported.calibration.real_batches()
+            bench = release_bench(source.module, source.example, files, gates, target, samples=samples)
+            results = release_gates(gates, bench)  # GateError
         request = ReleaseRequest(
             args.name, args.version, Path(args.out), source.module, source.example,
             sha256_file(args.model) if args.model and source.kind == "pt2" else source.sha256,
