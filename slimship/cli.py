@@ -440,7 +440,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    """Bundle a slim model with fresh exports, each timed on --target (no dense model: no speedup)."""
+    """Bundle a slim model with fresh exports (no bench figures)."""
     from slimship._util import sha256_file
     from slimship.pipeline.bench import release_bench, release_gates, release_slimming
     from slimship.pipeline.config import gates_from_options

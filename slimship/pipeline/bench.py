@@ -4,7 +4,6 @@ gates, the summary and the manifest read."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ import numpy as np
 import torch
 
 from slimship.pipeline.gates import (
-    FAILED,
-    PASSED,
     QUANTISED_FORMATS,
     GateFigures,
     GateResult,
@@ -160,17 +157,6 @@ def release_bench(
     return BenchFigures(tuple(entries), agreement_on=on if scored else None)
 
 
-def agreement_said(results: list[GateResult], bench: BenchFigures) -> list[GateResult]:
-    """The gate results with each measured `min_agreement` saying what it was measured on."""
-    if not bench.agreement_on:
-        return results
-    return [
-        dataclasses.replace(r, detail=f"measured on {bench.agreement_on}")
-        if r.gate == "min_agreement" and r.status in (PASSED, FAILED) else r
-        for r in results
-    ]  # fmt: skip
-
-
 def gate_release(
     module: Any,
     example: tuple[torch.Tensor, ...],
@@ -190,7 +176,7 @@ def gate_release(
 def release_gates(gates: GatesSpec, bench: BenchFigures) -> list[GateResult]:
     """The gates of `slimship release` on `release_bench`'s figures; accuracy drop and speedup have no
     figures there: "not evaluated". Each gate's line goes to stderr; raises GateError on a failure."""
-    results = agreement_said(evaluate_gates(gates, GateFigures.of(bench)), bench)
+    results = bench.agreement_said(evaluate_gates(gates, GateFigures.of(bench)))
     for result in results:
         print(f"gate {result.line()}", file=sys.stderr)  # stdout may carry --json -
     enforce(results)
