@@ -479,11 +479,12 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
     args.format = args.format or list(DEFAULT_FORMATS)
     from slimship._util import sha256_file
-    from slimship.pipeline.bench import release_figures, release_slimming
+    from slimship.pipeline.bench import release_bench, release_gates, release_slimming
     from slimship.pipeline.config import gates_from_options
     from slimship.pipeline.export_index import ExportIndex, provenance_of
     from slimship.pipeline.publish import ReleaseRequest, Reuse, publish
     from slimship.pipeline.release import check_new_version
+    from slimship.runtimes.targets import get_target
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
     gates = gates_from_options(_gate_overrides(args))  # checked before any export
@@ -496,10 +497,10 @@ def _cmd_release(args: argparse.Namespace) -> int:
         exported, _ = _export_all(args, source, Path(tmp), "model", steps, reuse)
         exported.require_all()  # a release holds every format asked for, or none
         with steps.step(f"measure on {args.target}, quality gates"):
-            bench, results = release_figures(  # GateError
-                source.module, source.example, exported.files(), gates, args.target,
-                samples=exported.calibration.real_batches(),
-            )  # fmt: skip
+            target, files = get_target(args.target), exported.files()
+            samples = exported.calibration.real_batches()
+            bench = release_bench(source.module, source.example, files, gates, target, samples=samples)
+            results = release_gates(gates, bench)  # GateError
         request = ReleaseRequest(
             args.name, args.version, Path(args.out), source.module, source.example,
             sha256_file(args.model) if args.model and source.kind == "pt2" else source.sha256,

@@ -4,7 +4,6 @@ gates, the summary and the manifest read."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ import numpy as np
 import torch
 
 from slimship.pipeline.gates import (
-    FAILED,
-    PASSED,
     QUANTISED_FORMATS,
     GateFigures,
     GateResult,
@@ -160,17 +157,6 @@ def release_bench(
     return BenchFigures(tuple(entries), agreement_on=on if scored else None)
 
 
-def agreement_said(results: list[GateResult], bench: BenchFigures) -> list[GateResult]:
-    """The gate results with each measured `min_agreement` saying what it was measured on."""
-    if not bench.agreement_on:
-        return results
-    return [
-        dataclasses.replace(r, detail=f"measured on {bench.agreement_on}")
-        if r.gate == "min_agreement" and r.status in (PASSED, FAILED) else r
-        for r in results
-    ]  # fmt: skip
-
-
 def gate_release(
     module: Any,
     example: tuple[torch.Tensor, ...],
@@ -180,29 +166,21 @@ def gate_release(
     runs: int = 30,
     samples: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> list[GateResult]:
-    """Gates for `slimship release` on `release_bench`'s figures; accuracy drop and speedup have no figures
-    there: "not evaluated". Each gate's line goes to stderr; raises GateError on a failure."""
-    return release_figures(module, example, files, gates, target_name, runs, samples)[1]
-
-
-def release_figures(
-    module: Any,
-    example: tuple[torch.Tensor, ...],
-    files: dict[str, Path],
-    gates: GatesSpec,
-    target_name: str = "host",
-    runs: int = 30,
-    samples: list[tuple[torch.Tensor, ...]] | None = None,
-) -> tuple[BenchFigures, list[GateResult]]:
-    """`release_bench`'s figures and the gates decided on them (see `gate_release`)."""
+    """Gates for `slimship release` on `release_bench`'s figures (`release_gates`)."""
     from slimship.runtimes.targets import get_target
 
     bench = release_bench(module, example, files, gates, get_target(target_name), runs, samples)
-    results = agreement_said(evaluate_gates(gates, GateFigures.of(bench)), bench)
+    return release_gates(gates, bench)
+
+
+def release_gates(gates: GatesSpec, bench: BenchFigures) -> list[GateResult]:
+    """The gates of `slimship release` on `release_bench`'s figures; accuracy drop and speedup have no
+    figures there: "not evaluated". Each gate's line goes to stderr; raises GateError on a failure."""
+    results = bench.agreement_said(evaluate_gates(gates, GateFigures.of(bench)))
     for result in results:
         print(f"gate {result.line()}", file=sys.stderr)  # stdout may carry --json -
     enforce(results)
-    return bench, results
+    return results
 
 
 def release_slimming(module: Any, example: tuple[torch.Tensor, ...]) -> dict[str, Any]:

@@ -8,8 +8,8 @@ gates read `GateFigures` (slimship.pipeline.gates) made from these; the release 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Required, TypedDict
 
@@ -200,6 +200,15 @@ class BenchFigures:
 
     def rows(self) -> list[dict[str, Any]]:
         return [e.summary_row() for e in self.entries]
+
+    def agreement_said(self, results: Sequence[Any]) -> list[Any]:
+        """Gate results (`slimship.pipeline.gates.GateResult`) with each measured `min_agreement` (one with
+        a figure) saying what it was measured on (`agreement_on`)."""
+        if not self.agreement_on:
+            return list(results)
+        said = f"measured on {self.agreement_on}"
+        return [replace(r, detail=said) if r.gate == "min_agreement" and r.figure is not None else r
+                for r in results]  # fmt: skip
 
     def profiles(self) -> list[dict[str, Any]]:
         return [

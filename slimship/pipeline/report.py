@@ -276,8 +276,10 @@ def _file_figures(manifest: dict[str, Any]) -> str:
     headers = ["file", "role", "bytes", "FLOPs slim", "FLOPs dense", "target", "p50 ms", "speedup",
                "efficiency"]  # fmt: skip
     source = slim.get("flops_source") or "torch.utils.flop_counter on the example inputs"
-    note = (f"FLOPs are those of the model every file holds ({html.escape(source)}); a dense figure needs "
-            "the dense model, which a release made from the slim model alone does not have.")  # fmt: skip
+    note = f"FLOPs are those of the model every file holds ({html.escape(source)})"
+    if dense_flops is None:
+        note += "; a dense figure needs the dense model, which a release of the slim model alone lacks"
+    note += "."
     return _table(headers, rows) + f'<p class="sub">{note}</p>'
 
 

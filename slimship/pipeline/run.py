@@ -28,7 +28,7 @@ from slimship.compress.device import (
 from slimship.errors import SlimshipError
 from slimship.exporters.registry import ExportRequest, get_format
 from slimship.pipeline.alignment import choose_channel_multiple, counts_record, latency_counts
-from slimship.pipeline.bench import BenchPlan, EvalPair, agreement_said, bench_targets, profile_plots
+from slimship.pipeline.bench import BenchPlan, EvalPair, bench_targets, profile_plots
 from slimship.pipeline.calibration import calibration, from_data
 from slimship.pipeline.config import PipelineConfig
 from slimship.pipeline.explain import target_record
@@ -342,7 +342,7 @@ def _publish(
                          (result.flops_before, result.flops_after))  # fmt: skip
         top1 = (trained.dense_acc, slim_acc)
         bench = stages.run("bench on targets", bench_targets, plan, dense, slim, slim_model, top1)
-        gates = agreement_said(evaluate_gates(config.gates, GateFigures.of(bench)), bench)
+        gates = bench.agreement_said(evaluate_gates(config.gates, GateFigures.of(bench)))
         summary = _summary(trained, slimmed, dense, slim, bench, gates)
         if any(g.status == FAILED for g in gates):
             console.print(summary_table(summary, gates))

@@ -147,3 +147,25 @@ def test_the_runner_reports_each_runs_cpu_time(tiny_models) -> None:
     for entry in run.result["models"]:
         wall, cpu = np.array(entry["latencies_ms"]), np.array(entry["cpu_ms"])
         assert len(cpu) == len(wall) == 7 and (cpu > 0).all() and (cpu <= wall + 0.05).all()
+
+
+def test_bench_command_on_files_gives_one_speedup_with_its_efficiency(tiny_models, tmp_path, capsys) -> None:
+    """`slimship bench` on two .tflite files on disk: the JSON's headline is the median of the ratios it
+    carries; efficiency = headline / FLOPs ratio, FLOPs counted on both files; the table states both."""
+    from slimship.cli import main
+
+    dense, slim = tiny_models["dense"]["tflite"], tiny_models["slim"]["tflite"]
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(dense), str(slim), "--dense", str(dense), "--target", "mobile-1t", "--runs", "6"]
+    assert main([*argv, "--warmup", "1", "--json", str(out)]) == 0
+    (sp,) = json.loads(out.read_text())["speedups"]
+    x = torch.from_numpy(tiny_models["x"])
+    flops_ratio = count_flops(tiny_models["dense"]["module"], (x,)) / count_flops(
+        tiny_models["slim"]["module"], (x,)
+    )
+    assert sp["median"] == float(np.median(sp["ratios"])) and sp["pairs"] == len(sp["ratios"]) == 6
+    assert sp["flops_ratio"] == pytest.approx(flops_ratio) and sp["efficiency"] == pytest.approx(
+        sp["median"] / flops_ratio
+    )
+    shown = capsys.readouterr().out
+    assert f"{sp['flops_ratio']:.2f}" in shown and f"{sp['efficiency']:.2f}" in shown and "n/a" not in shown
