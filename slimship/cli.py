@@ -472,14 +472,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    """Bundle a slim model with fresh exports (no bench figures); a decoder: slimship.decoder.release."""
+    """Bundle a slim model with checked exports, timed with --target or a latency gate (a decoder:
+    slimship.decoder.release)."""
     if args.task == "text-generation":
         return _text_generation("release_command", args)
     from slimship.cli_parser import DEFAULT_FORMATS
 
     args.format = args.format or list(DEFAULT_FORMATS)
     from slimship._util import sha256_file
-    from slimship.pipeline.bench import release_bench, release_gates, release_slimming
+    from slimship.pipeline.bench import (
+        RELEASE_RUNS,
+        release_bench,
+        release_gates,
+        release_slimming,
+        release_timed,
+    )
     from slimship.pipeline.config import gates_from_options
     from slimship.pipeline.export_index import ExportIndex, provenance_of
     from slimship.pipeline.publish import ReleaseRequest, Reuse, publish
@@ -496,11 +503,16 @@ def _cmd_release(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         exported, _ = _export_all(args, source, Path(tmp), "model", steps, reuse)
         exported.require_all()  # a release holds every format asked for, or none
-        with steps.step(f"measure on {args.target}, quality gates"):
-            target, files = get_target(args.target), exported.files()
+        timed = release_timed(args.target, gates)
+        what = f"time on {timed}, quality gates" if timed else "check files, quality gates"
+        with steps.step(what):
+            target, files = get_target(timed or "host"), exported.files()
             samples = exported.calibration.real_batches()
-            bench = release_bench(source.module, source.example, files, gates, target, samples=samples)
+            runs = RELEASE_RUNS if timed else 1
+            bench = release_bench(source.module, source.example, files, gates, target, runs, samples)
             results = release_gates(gates, bench)  # GateError
+            if not timed:  # figures of this process's load: kept out of a reproducible bundle
+                bench = bench.untimed()
         request = ReleaseRequest(
             args.name, args.version, Path(args.out), source.module, source.example,
             sha256_file(args.model) if args.model and source.kind == "pt2" else source.sha256,

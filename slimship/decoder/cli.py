@@ -321,7 +321,7 @@ def release_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
             "--task text-generation: give the decoder files with --files (what `slimship export SLIM_DIR "
             "--task text-generation --format ...` wrote)"
         )
-    target = local_target(args.target)
+    target = local_target(args.target or "host")
     steps = Steps()
     with steps.step("load decoder"):
         model, origin, _ = decoder_from_args(args)

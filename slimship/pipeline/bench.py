@@ -126,13 +126,17 @@ def _agreement_inputs(
     return rows, f"random inputs ({len(rows)} seeded samples, not real data)"
 
 
+#: timed runs per file when a release records latency
+RELEASE_RUNS = 30
+
+
 def release_bench(
     module: Any,
     example: tuple[torch.Tensor, ...],
     files: dict[str, Path],
     gates: GatesSpec,
     target: Any,
-    runs: int = 30,
+    runs: int = RELEASE_RUNS,
     samples: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> BenchFigures:
     """What `slimship release` measures (no labels, no dense model): each file's latency and parity on
@@ -157,13 +161,22 @@ def release_bench(
     return BenchFigures(tuple(entries), agreement_on=on if scored else None)
 
 
+def release_timed(target: str | None, gates: GatesSpec) -> str | None:
+    """The target a standalone release times its files on, or None: only when `--target` names one or a
+    latency gate needs the figure. Timings differ from run to run, so an untimed bundle stays byte-identical
+    across processes for the same inputs; a timed one records what was measured."""
+    if target is not None:
+        return target
+    return "host" if gates.max_latency_ms is not None else None
+
+
 def gate_release(
     module: Any,
     example: tuple[torch.Tensor, ...],
     files: dict[str, Path],
     gates: GatesSpec,
     target_name: str = "host",
-    runs: int = 30,
+    runs: int = RELEASE_RUNS,
     samples: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> list[GateResult]:
     """Gates for `slimship release` on `release_bench`'s figures (`release_gates`)."""

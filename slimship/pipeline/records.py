@@ -187,9 +187,14 @@ class BenchFigures:
     dense_top1: float | None = None
     slim_top1: float | None = None
     agreement_on: str | None = None  # what agreement was measured on: "evaluation data (200 samples)", ...
+    timed: bool = True  # False: the latencies are not figures to publish (a release not asked to time)
 
     def latency(self) -> dict[str, LatencyRecord]:
-        return {e.subject: e.latency_record() for e in self.entries}
+        return {e.subject: e.latency_record() for e in self.entries} if self.timed else {}
+
+    def untimed(self) -> BenchFigures:
+        """These figures without their latency (a release that was not asked to time its files)."""
+        return replace(self, timed=False)
 
     def accuracy(self) -> dict[str, AccuracyRecord]:
         """Per variant its figures; the torch models' top-1 where it was measured (no rows of nothing)."""

@@ -292,7 +292,7 @@ def test_a_standalone_release_reports_size_flops_latency_and_what_agreement_was_
     torch.export.save(torch.export.export(model, (x,), strict=False), program)
     argv = ["release", str(program), "--name", "m", "--version", "1.0.0", "--out", str(out),
             "--format", "onnx", "tflite-int8-dynamic", "--min-agreement", "0.5"]  # fmt: skip
-    assert main(argv) == 0
+    assert main([*argv, "--target", "host"]) == 0
     bundle = out / "m-1.0.0"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["slimming"]["flops_after"] == count_flops(model, (x,)) > 0
@@ -314,3 +314,19 @@ def test_a_standalone_release_reports_size_flops_latency_and_what_agreement_was_
     assert "measured on random inputs (64 seeded samples, not real data)" in page
     card = (bundle / "MODEL_CARD.md").read_text()
     assert f"| FLOPs | - | {count_flops(model, (x,)):,} | - |" in card
+    # without --target the files are checked, not timed: no latency, sizes and FLOPs still reported
+    assert main([*argv, "--version", "1.0.1"]) == 0
+    untimed = json.loads((out / "m-1.0.1" / "manifest.json").read_text())
+    assert untimed["latency"]["device"] == {} and untimed["slimming"]["flops_after"] == count_flops(
+        model, (x,)
+    )
+    (agreement,) = [g for g in untimed["gates"] if g["gate"] == "min_agreement"]
+    assert agreement["status"] == "passed" and agreement["figure"] == manifest_agreement(manifest)
+    page = (out / "m-1.0.1" / "report.html").read_text()
+    assert "not timed" in page.split("<h2>Model files</h2>", 1)[1].split("</table>", 1)[0]
+
+
+def manifest_agreement(manifest: dict) -> float:
+    """The measured value of a manifest's min_agreement gate."""
+    (gate,) = [g for g in manifest["gates"] if g["gate"] == "min_agreement"]
+    return gate["figure"]
