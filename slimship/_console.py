@@ -169,12 +169,35 @@ def native_stderr_quiet(enabled: bool = True) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ output
 
+_USER_STDOUT: list[TextIO] = []
+
+
+def user_stdout() -> TextIO:
+    """Where a command's own output goes: the real stdout, while `library_prints_to_stderr` holds."""
+    return _USER_STDOUT[-1] if _USER_STDOUT else sys.stdout
+
+
+@contextlib.contextmanager
+def library_prints_to_stderr() -> Iterator[None]:
+    """During a command, Python-level prints of the libraries it calls (a quantiser's size summary, a
+    converter's progress) go to stderr: stdout carries only what slimship writes (`user_stdout`), so
+    `--json -` stays parseable and a table is not interleaved with foreign lines."""
+    real = sys.stdout
+    _USER_STDOUT.append(real)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        _USER_STDOUT.pop()
+
 
 def stdout_console(to_stderr: bool = False) -> Console:
     """Console for human output; never cuts cells when the stream is not a terminal (wide, no wrap)."""
-    console = Console(stderr=to_stderr, highlight=False)
+    stream = None if to_stderr else user_stdout()
+    console = Console(file=stream, stderr=to_stderr, highlight=False)
     if not console.is_terminal:
-        console = Console(stderr=to_stderr, highlight=False, width=1000, soft_wrap=True)
+        console = Console(file=stream, stderr=to_stderr, highlight=False, width=1000, soft_wrap=True)
     return console
 
 

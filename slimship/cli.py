@@ -16,7 +16,15 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimship._console import Steps, native_stderr_quiet, note, setup_logging, stdout_console
+from slimship._console import (
+    Steps,
+    library_prints_to_stderr,
+    native_stderr_quiet,
+    note,
+    setup_logging,
+    stdout_console,
+    user_stdout,
+)
 from slimship.budget import set_max_memory
 from slimship.errors import STOPPED_EXIT, GateError, SlimshipError, StoppedEarly, on_every_rank
 from slimship.pipeline.gates import GATE_RULES
@@ -47,8 +55,8 @@ def _emit(args: argparse.Namespace, payload: Any) -> None:
         return
     text = dump_json(payload)
     if _json_to_stdout(args):
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        user_stdout().write(text)
+        user_stdout().flush()
     else:
         atomic_write_bytes(args.json, text.encode())
 
@@ -99,7 +107,7 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write_bytes(args.out, text.encode())
     elif not args.json:
-        sys.stdout.write(text)
+        user_stdout().write(text)
     _emit(args, schema)
     return 0
 
@@ -467,7 +475,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         _emit(args, payload)
     else:
-        print(json.dumps(payload, indent=2, default=str))
+        user_stdout().write(json.dumps(payload, indent=2, default=str) + "\n")
     return 0
 
 
@@ -590,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.json and args.json != "-":
             check_output_file(Path(args.json), "--json")
-        with native_stderr_quiet(enabled=not args.verbose):
+        with native_stderr_quiet(enabled=not args.verbose), library_prints_to_stderr():
             return args.fn(args)
     except GateError as exc:
         print(f"slimship: gate failed: {exc}", file=sys.stderr)
