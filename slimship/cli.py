@@ -26,7 +26,7 @@ from slimship._console import (
     user_stdout,
 )
 from slimship.budget import set_max_memory
-from slimship.errors import STOPPED_EXIT, GateError, SlimshipError, StoppedEarly, on_every_rank
+from slimship.errors import STOPPED_EXIT, ConfigError, GateError, SlimshipError, StoppedEarly, on_every_rank
 from slimship.pipeline.gates import GATE_RULES
 
 if TYPE_CHECKING:
@@ -422,15 +422,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         models, dense, notes = bench_files(models, dense, Path(tmp))
         _notes(notes)
         inputs = _bench_inputs(args, models)
+        calibration = _bench_calibration(args, dense, inputs)
         with steps.step(f"bench {len(models)} model(s) on {target.name}, {args.runs} runs each"):
             result = bench(
-                models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup, profile=args.profile
-            )
+                models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup, profile=args.profile,
+                calibration=calibration,
+            )  # fmt: skip
     _human(args).print(format_bench_table(result))
     for profile in result.profiles:
         _human(args).print(format_profile_table(profile))
     _emit(args, result)
     return 0
+
+
+def _bench_calibration(args: argparse.Namespace, dense: Path | None, inputs: list[Any]) -> list[Any] | None:
+    """--calibration's batches for a dense .pt2's full-int8 twins (checked against the bench inputs)."""
+    if not args.calibration:
+        return None
+    if dense is None or dense.suffix.lower() != ".pt2":
+        raise ConfigError(
+            f"--calibration {args.calibration}: it calibrates the int8 files bench exports from a dense .pt2 "
+            "(--dense MODEL.pt2); the files given are already calibrated"
+        )
+    import torch
+
+    from slimship.pipeline.calibration import from_file
+
+    return from_file(Path(args.calibration), tuple(torch.from_numpy(a) for a in inputs)).batches
 
 
 def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:

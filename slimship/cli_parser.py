@@ -192,6 +192,11 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--runs", type=int, default=50, help="timed runs per model")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
     p.add_argument(
+        "--calibration", default=None, metavar="FILE.npz",
+        help="with a dense .pt2: calibration samples for the full-int8 files bench exports from it (give the "
+        "samples the slim files were calibrated on, so the pair compares like with like)",
+    )  # fmt: skip
+    p.add_argument(
         "--profile",
         action="store_true",
         help="also a per-layer profile of each dense/slim pair (onnxruntime profiler, ExecuTorch ETDump)",

@@ -48,6 +48,11 @@ class FormatRecord:
     def quantised(self) -> bool:
         return self.precision not in ("fp32", "fp16")
 
+    @property
+    def calibrated(self) -> bool:
+        """Static int8: activation ranges come from calibration data (dynamic and weight-only need none)."""
+        return self.precision == "int8"
+
     def file_name(self, stem: str) -> str:
         """The bundle / export file name of this format for a model called `stem`."""
         tail = "" if (self.family, self.precision) == ("onnx", "fp32") else f".{self.precision}"

@@ -264,6 +264,7 @@ def bench(
     reference: Any = None,
     flops: dict[str, float] | None = None,
     profile: bool = False,
+    calibration: list[tuple[Any, ...]] | None = None,
 ) -> BenchResult:
     """Measure every model on `target`, each in its own runner process; with `dense`, the speedup of each
     model over the dense file of its own format and precision.
@@ -271,7 +272,8 @@ def bench(
     A dense .onnx/.tflite/.pte pairs only with files of its format; a dense .pt2 is exported (through the
     format registry, with parity) into each slim file's format and those are measured too. A file without
     a partner gets no speedup and a note why. `flops` maps a path (as given) to FLOPs for the efficiency;
-    `profile` adds a per-layer dense vs slim profile per pair (`slimship.runtimes.profile`).
+    `profile` adds a per-layer dense vs slim profile per pair (`slimship.runtimes.profile`); `calibration`
+    (tensor batches) calibrates a dense .pt2's full-int8 twins, as the slim files were.
     """
     result = BenchResult(target=target, where=where_measured(target))
     dense = Path(dense) if dense is not None else None
@@ -285,7 +287,7 @@ def bench(
     if dense is None:
         return result
     with tempfile.TemporaryDirectory(prefix="slimship-bench-") as tmp:
-        partners = _dense_partners(dense, models, inputs, Path(tmp), result.notes)
+        partners = _dense_partners(dense, models, inputs, Path(tmp), result.notes, calibration)
         for model, label in ((p, f"{dense} as {name}") for name, p in partners.items() if from_pt2):
             m = measure(model, inputs, target, **options)
             result.measurements.append(dataclasses.replace(m, model=label))
@@ -323,10 +325,11 @@ def _flops_of_pair(
 
 
 def _dense_partners(
-    dense: Path, models: list[Path], inputs: Any, folder: Path, notes: list[str]
+    dense: Path, models: list[Path], inputs: Any, folder: Path, notes: list[str], calibration: Any = None
 ) -> dict[str, Path]:
     """Format name -> dense file of that format: the dense file itself, or the dense .pt2 exported into the
-    formats of `models` (registry records, parity checked by each exporter)."""
+    formats of `models` (registry records, parity checked by each exporter; full-int8 twins calibrated on
+    `calibration`, else on the bench inputs, which the notes say)."""
     if dense.suffix.lower() != ".pt2":
         record = format_of_file(dense)
         return {record.name: dense} if record else {}
@@ -340,12 +343,14 @@ def _dense_partners(
 
     module = load_program(dense).module
     example = tuple(torch.from_numpy(np.array(x)) for x in as_array_list(inputs))
-    request = ExportRequest(module, example, example, dynamic_batch=False)
+    request = ExportRequest(module, example, example, calibration=calibration, dynamic_batch=False)
     out = {}
     for name, record in wanted.items():
         out[name] = Path(record.export(request, folder / record.file_name("dense")).path)
-        if record.quantised:
-            notes.append(f"{dense} as {name}: calibrated on the bench inputs only")
+        if record.calibrated:
+            on = f"{len(calibration)} --calibration batches" if calibration else "the bench inputs only"
+            hint = "" if calibration else " (give --calibration, the samples the slim file was calibrated on)"
+            notes.append(f"{dense} as {name}: calibrated on {on}{hint}")
     return out
 
 
