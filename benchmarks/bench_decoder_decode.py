@@ -1,19 +1,20 @@
 """Does slimming a decoder make it decode faster on ExecuTorch and onnxruntime? Dense vs slim Llamas.
 
     PYTHONPATH=. python benchmarks/bench_decoder_decode.py [--sizes s,m] [--prompt-len 64] [--new-tokens 64]
-        [--runs 10] [--max-seq-len 160] [--formats executorch-fp32,executorch-8da4w,onnx] [--out results.md]
+        [--runs 10] [--max-seq-len 160] [--formats executorch-fp32,executorch-8da4w,onnx,onnx-int4]
+        [--out results.md]
 
 Each size is a random-init Llama (`LlamaForCausalLM`, eager attention, untied head). In every layer 50%
 of the KV groups (a KV head with the query heads that read it) and 320/768 = 41.7% of the FFN channels
 are zeroed (seed 0; the kept FFN width stays a multiple of 32, so 8da4w keeps every Linear at 4 bits);
 `slimship.slim` + `apply_to` removes them. Dense (zeroed, unslimmed: the same function) and slim are
 exported with their KV caches by `slimship.decoder.export_decoder` (each file checked from disk: fp32
-files decode the same greedy tokens as transformers' generate(); 8da4w agreement with the float model is
-printed) and timed by `slimship.decoder.bench_decode`: one process, 1 thread, interleaved dense/slim
-greedy generations of `--new-tokens` after a random `--prompt-len` prompt; a speedup is the median of the
-per-run ratios dense/slim (p10-p90 beside it). FLOPs ratio: dense/slim FLOPs of one forward pass over
-`--prompt-len` tokens without cache (`torch.utils.flop_counter`, via slim's report); efficiency =
-decode speedup / FLOPs ratio.
+files decode the same greedy tokens as transformers' generate(); the quantised files' (8da4w, int4)
+top-1 agreement with the float model is printed) and timed by `slimship.decoder.bench_decode`: one
+process, 1 thread, interleaved dense/slim greedy generations of `--new-tokens` after a random
+`--prompt-len` prompt; a speedup is the median of the per-run ratios dense/slim (p10-p90 beside it).
+FLOPs ratio: dense/slim FLOPs of one forward pass over `--prompt-len` tokens without cache
+(`torch.utils.flop_counter`, via slim's report); efficiency = decode speedup / FLOPs ratio.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> list[str]:
     rows = [
         "| size | format | dense MB | slim MB | FLOPs ratio | dense decode tok/s | slim decode tok/s "
         "| decode speedup | efficiency | dense prefill tok/s | slim prefill tok/s | prefill speedup "
-        "| TTFT ms dense / slim | 8da4w agreement (dense / slim) |",
+        "| TTFT ms dense / slim | quantised top-1 agreement (dense / slim) |",
         "|" + "---|" * 14,
     ]
     for size in args.sizes.split(","):
@@ -136,7 +137,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="s,m")
-    parser.add_argument("--formats", default="executorch-fp32,executorch-8da4w,onnx")
+    parser.add_argument("--formats", default="executorch-fp32,executorch-8da4w,onnx,onnx-int4")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=160)

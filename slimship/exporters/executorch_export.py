@@ -120,9 +120,7 @@ def export_executorch(
     with timings.measure("trace"):
         program, dynamic = _trace(model, inputs, dynamic_batch, notes)
     with timings.measure("lower"), _quiet_executorch():
-        if variant == "int8":
-            program = _quantize(model, program, inputs, calib, dynamic)
-        data, delegated, portable = _lower(program, model, inputs)
+        data, delegated, portable, dynamic = _lowered(model, program, inputs, calib, variant, dynamic, notes)
     atomic_write_bytes(path, data)
     with timings.measure("parity"):
         reference = (without_shape_guards(model) or model) if dynamic else model  # checked at batch 3 too
@@ -194,6 +192,28 @@ def _quantize(
     except Exception as exc:
         stage = "PT2E quantization (ExecuTorch int8)"
         raise export_error(stage, exc, program.graph_module, _WAY_OUT) from exc
+
+
+def _lowered(
+    model: torch.nn.Module, program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
+    calib: list[tuple[torch.Tensor, ...]], variant: str, dynamic: bool, notes: list[str],
+) -> tuple[bytes, int, int, bool]:  # fmt: skip
+    """Quantise (int8) and lower; a dynamic-batch program ExecuTorch cannot lower (GPT-2: a view its memory
+    planner sees as static on a dynamic base) is lowered again with the example's batch fixed (noted)."""
+    try:
+        if variant == "int8":
+            program = _quantize(model, program, inputs, calib, dynamic)
+        return (*_lower(program, model, inputs), dynamic)
+    except ExportError as exc:
+        if not dynamic:
+            raise
+        notes.append(f"batch fixed to {inputs[0].shape[0]}: ExecuTorch cannot lower the model with a dynamic "
+                     f"batch ({first_line(exc.__cause__ or exc, 200)})")  # fmt: skip
+        log.info("ExecuTorch export: %s", notes[-1])
+    program = torch.export.export(model, inputs, strict=False)
+    if variant == "int8":
+        program = _quantize(model, program, inputs, calib, False)
+    return (*_lower(program, model, inputs), False)
 
 
 def _xnnpack_quantizer() -> Any:

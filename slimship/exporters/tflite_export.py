@@ -6,7 +6,8 @@ How each variant is made with what litert-torch 0.10 ships:
   weights for FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D / CONV_2D_TRANSPOSE / EMBEDDING_LOOKUP, with
   DEQUANTIZE ops feeding float kernels).
 - int8-dynamic: PT2E with litert-torch's `PT2EQuantizer` (symmetric, per-channel, is_dynamic=True),
-  converted with `QuantConfig(pt2e_quantizer=...)` -> dynamic-range int8 kernels.
+  converted with `QuantConfig(pt2e_quantizer=...)` -> dynamic-range int8 kernels; an embedding table the
+  converter made asymmetric int8 is requantised per row, symmetric (`tflite_embedding`), so LiteRT loads it.
 - int8: the same quantizer with static activation observers, calibrated on the user's batches (or the
   example inputs), -> full-integer model (int8 inputs/outputs with scale/zero point).
 
@@ -52,6 +53,7 @@ from slimship.exporters.common import (
     with_reference_case,
 )
 from slimship.exporters.tflite_compat import input_order, output_order, read_ops, tensor_specs
+from slimship.exporters.tflite_embedding import symmetric_embedding_tables
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,10 @@ def _convert(
         raise export_error(f"LiteRT conversion ({variant})", exc, graph, _WAY_OUT) from exc
     if variant == "fp16":
         data = _fp16_weights(data)
+    if variant == "int8-dynamic":  # a decoder's embedding table, made loadable (tflite_embedding)
+        data, tables = symmetric_embedding_tables(data)
+        if tables:
+            log.info("int8-dynamic: %d embedding table(s) requantised per row, symmetric", len(tables))
     return data
 
 
