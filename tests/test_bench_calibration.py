@@ -1,4 +1,4 @@
-"""bench --dense MODEL.pt2 --calibration: the dense int8 twin is calibrated like the slim file, and says so."""
+"""bench --dense MODEL.pt2 --calibration: the dense int8 twin is calibrated like the slim one, and says so."""
 
 from __future__ import annotations
 
