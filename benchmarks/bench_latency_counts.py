@@ -82,7 +82,7 @@ def run_model(
     for rt in runtimes:
         t0 = time.perf_counter()
         source = MeasuredLatency(target.with_overrides(runtime=rt), FORMATS[rt], runs=args.probe_runs)
-        policy = LatencyAwareCounts(source)
+        policy = LatencyAwareCounts(source, passes=args.passes, prefer_aligned=args.prefer_aligned)
         variants = {
             "plain": slim(model, (x,)),
             f"aligned-{multiples[rt]}": slim(model, (x,), channel_multiple=multiples[rt]),
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-runs", type=int, default=20, help="interleaved rounds per latency probe")
     parser.add_argument("--multiple", default=DEFAULT_MULTIPLES, help="uniform multiple per runtime")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--passes", type=int, default=1, help="LatencyAwareCounts passes")
+    parser.add_argument("--prefer-aligned", action="store_true", help="LatencyAwareCounts prefer_aligned")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
