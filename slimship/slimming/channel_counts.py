@@ -304,7 +304,10 @@ class SpaceDecision:
 class LatencyAwareCounts:
     """Per space, the kept count whose layers run fastest: the needed count unless a rounded-up one
     (`multiples`) is at least `margin` faster (then the smallest count within `margin` of the fastest).
-    `passes` > 1 re-decides each space with its neighbours at the counts chosen in the pass before.
+    `passes` > 1 re-decides each space with its neighbours at the counts chosen in the pass before; with
+    `start` the first pass sees its neighbours rounded up to that multiple (kernels that switch layout
+    only when every layer around them is aligned, as onnxruntime's NCHWc, pay only in such a neighbourhood,
+    so a pass from the needed counts alone would never find it).
     `decisions` holds the last choice made, per space."""
 
     source: LatencySource
@@ -312,6 +315,9 @@ class LatencyAwareCounts:
     margin: float = FASTER_MARGIN
     passes: int = 1
     prefer_aligned: bool = False  # among counts within `margin` of the fastest: the most aligned one
+    start: int | None = (
+        None  # first pass: neighbours rounded up to this multiple (None: at their needed counts)
+    )
     reason: str = "kept for latency (measured faster at {count} on the target)"
     decisions: dict[str, SpaceDecision] = field(default_factory=dict)
 
@@ -323,6 +329,8 @@ class LatencyAwareCounts:
             if len(cands) > 1 and view.probe(space, {}).layers:
                 spaces[space] = (n, total, cands)
         counts: dict[str, int] = {}
+        if self.start:  # the first pass sees every neighbour rounded up (an aligned neighbourhood)
+            counts = {s: min(math.ceil(n / self.start) * self.start, t) for s, (n, t, _) in spaces.items()}
         for _ in range(max(self.passes, 1)):
             names = list(spaces)
             probes = [[view.probe(s, {**counts, s: c}) for c in spaces[s][2]] for s in names]
