@@ -82,7 +82,9 @@ def run_model(
     for rt in runtimes:
         t0 = time.perf_counter()
         source = MeasuredLatency(target.with_overrides(runtime=rt), FORMATS[rt], runs=args.probe_runs)
-        policy = LatencyAwareCounts(source)
+        policy = LatencyAwareCounts(
+            source, args.round_up, passes=args.passes, prefer_aligned=args.prefer_aligned, start=args.start
+        )
         variants = {
             "plain": slim(model, (x,)),
             f"aligned-{multiples[rt]}": slim(model, (x,), channel_multiple=multiples[rt]),
@@ -140,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-runs", type=int, default=20, help="interleaved rounds per latency probe")
     parser.add_argument("--multiple", default=DEFAULT_MULTIPLES, help="uniform multiple per runtime")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--passes", type=int, default=1, help="LatencyAwareCounts passes")
+    parser.add_argument("--start", type=int, default=None, help="LatencyAwareCounts start multiple")
+    parser.add_argument("--round-up", default="4,8,16", help="candidate multiples per space")
+    parser.add_argument("--prefer-aligned", action="store_true", help="LatencyAwareCounts prefer_aligned")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     runtimes = [r for r in args.runtimes.split(",") if r]
+    args.round_up = tuple(int(m) for m in args.round_up.split(","))
     multiples = parse_multiples(args.multiple)
     started = time.perf_counter()
     cells: list[Cell] = []
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             got, info = run_model(name, runtimes, multiples, args, Path(tmp))
             cells += got
             infos.update({(name, rt): v for rt, v in info.items()})
+            print("\n".join(tables(got, {(name, rt): v for rt, v in info.items()})), flush=True)  # as it goes
     loads = ", ".join(f"{v['load']}" for v in infos.values())
     lines = [
         f"target {args.target} (1 thread, core 0), input 1x3x{args.res}x{args.res}, fp32, 50% +- 10% of each "

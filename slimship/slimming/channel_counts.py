@@ -304,13 +304,20 @@ class SpaceDecision:
 class LatencyAwareCounts:
     """Per space, the kept count whose layers run fastest: the needed count unless a rounded-up one
     (`multiples`) is at least `margin` faster (then the smallest count within `margin` of the fastest).
-    `passes` > 1 re-decides each space with its neighbours at the counts chosen in the pass before.
+    `passes` > 1 re-decides each space with its neighbours at the counts chosen in the pass before; with
+    `start` the first pass sees its neighbours rounded up to that multiple (kernels that switch layout
+    only when every layer around them is aligned, as onnxruntime's NCHWc, pay only in such a neighbourhood,
+    so a pass from the needed counts alone would never find it).
     `decisions` holds the last choice made, per space."""
 
     source: LatencySource
     multiples: tuple[int, ...] = ROUND_UP_MULTIPLES
     margin: float = FASTER_MARGIN
     passes: int = 1
+    prefer_aligned: bool = False  # among counts within `margin` of the fastest: the most aligned one
+    start: int | None = (
+        None  # first pass: neighbours rounded up to this multiple (None: at their needed counts)
+    )
     reason: str = "kept for latency (measured faster at {count} on the target)"
     decisions: dict[str, SpaceDecision] = field(default_factory=dict)
 
@@ -322,6 +329,8 @@ class LatencyAwareCounts:
             if len(cands) > 1 and view.probe(space, {}).layers:
                 spaces[space] = (n, total, cands)
         counts: dict[str, int] = {}
+        if self.start:  # the first pass sees every neighbour rounded up (an aligned neighbourhood)
+            counts = {s: min(math.ceil(n / self.start) * self.start, t) for s, (n, t, _) in spaces.items()}
         for _ in range(max(self.passes, 1)):
             names = list(spaces)
             probes = [[view.probe(s, {**counts, s: c}) for c in spaces[s][2]] for s in names]
@@ -329,7 +338,7 @@ class LatencyAwareCounts:
             new = {}
             for s, lat in zip(names, measured, strict=True):
                 n, total, cands = spaces[s]
-                chosen = _fastest(cands, lat, self.margin)
+                chosen = fastest_count(cands, lat, self.margin, self.prefer_aligned)
                 new[s] = chosen
                 self.decisions[s] = SpaceDecision(s, n, total, tuple(cands), tuple(lat), chosen)
             if new == counts:
@@ -338,13 +347,15 @@ class LatencyAwareCounts:
         return {s: k for s, k in counts.items() if k != spaces[s][0]}
 
 
-def _fastest(cands: Sequence[int], lat: Sequence[float], margin: float) -> int:
-    """The needed count (cands[0]) unless one rounded up is `margin` faster; then the smallest count
-    within `margin` of the fastest one (counts that time alike: the fewest FLOPs)."""
+def fastest_count(cands: Sequence[int], lat: Sequence[float], margin: float, aligned: bool = False) -> int:
+    """The needed count (cands[0]) unless one rounded up is `margin` faster; then, among the counts
+    within `margin` of the fastest one, the smallest (fewest FLOPs) or with `aligned` the one divisible
+    by the largest power of two (its neighbours' layers then meet a count the kernels block by)."""
     best = min(lat)
     if not best < lat[0] * (1.0 - margin):
         return cands[0]
-    return next(c for c, t in zip(cands, lat, strict=True) if t <= best * (1.0 + margin))
+    near = [c for c, t in zip(cands, lat, strict=True) if t <= best * (1.0 + margin)]
+    return max(near, key=lambda c: ((c & -c), -c)) if aligned else near[0]
 
 
 def resolve_counts(

@@ -6,7 +6,13 @@ from torch import nn
 
 from slimship.errors import SlimmingError
 from slimship.slimming import slim
-from slimship.slimming.channel_counts import LatencyAwareCounts, LayerShape, TableLatency, candidate_counts
+from slimship.slimming.channel_counts import (
+    LatencyAwareCounts,
+    LayerShape,
+    TableLatency,
+    candidate_counts,
+    fastest_count,
+)
 
 
 def _model() -> tuple[nn.Module, torch.Tensor]:
@@ -113,3 +119,11 @@ def test_candidate_counts_stay_within_the_width() -> None:
     assert candidate_counts(15, 24) == [15, 16]
     assert candidate_counts(13, 14) == [13, 14]
     assert candidate_counts(16, 64) == [16]
+
+
+def test_fastest_count_keeps_the_needed_count_unless_a_round_up_is_clearly_faster() -> None:
+    assert fastest_count([9, 12, 16], [1.0, 0.99, 0.985], 0.03) == 9  # within the margin: noise
+    assert fastest_count([9, 12, 16], [1.0, 0.5, 0.51], 0.03) == 12  # equally fast: fewer FLOPs
+    assert fastest_count([9, 12, 16], [1.0, 0.5, 0.51], 0.03, aligned=True) == 16  # ... or more aligned
+    assert fastest_count([9, 12, 16], [1.0, 0.7, 0.5], 0.03, aligned=True) == 16
+    assert fastest_count([9, 12, 16], [1.0, 0.5, 0.7], 0.03, aligned=True) == 12
