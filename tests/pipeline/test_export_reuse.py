@@ -164,3 +164,25 @@ def test_release_from_a_folder_without_an_index_is_refused(tmp_path, capsys) -> 
     args = ["release", str(model), "--name", "m", "--version", "1.0.0", "--out", str(tmp_path / "a")]
     assert main([*args, "--exports", str(tmp_path)]) == 2
     assert "no export index" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two `slimship run`s of the tiny torchrun config in this process: 40-100 s
+def test_run_reuses_its_cache_folder(tmp_path, exports, monkeypatch) -> None:
+    """A second `run --exports DIR` of the same seeded config exports nothing: its dense and slim files
+    come from DIR, each file is the same, and so is its recorded verdict."""
+    from tests.pipeline.test_torchrun import _config
+
+    folder, cache = tmp_path / "p", tmp_path / "cache"
+    monkeypatch.syspath_prepend(str(folder))
+    first = _config(folder, "reuse_run", "out1")
+    second = _config(folder, "reuse_run", "out2")
+    assert main(["run", str(first), "--exports", str(cache)]) == 0
+    assert exports == ["onnx", "onnx"]  # dense and slim
+    assert len(json.loads((cache / INDEX_NAME).read_text())["entries"]) == 2
+    exports.clear()
+    assert main(["run", str(second), "--exports", str(cache)]) == 0
+    assert exports == []
+    one, two = (folder / out / "tiny-0.1.0" for out in ("out1", "out2"))
+    assert (one / "model.onnx").read_bytes() == (two / "model.onnx").read_bytes()
+    manifests = [json.loads((b / "manifest.json").read_text()) for b in (one, two)]
+    assert manifests[0]["parity"] == manifests[1]["parity"]
