@@ -196,15 +196,16 @@ class ExportIndex:
 
     folder: Path
     entries: dict[str, IndexEntry] = field(default_factory=dict)
+    cache: bool = False  # a cache folder (`run --exports`): its files are its own, evicted with their entry
 
     @property
     def path(self) -> Path:
         return self.folder / INDEX_NAME
 
     @classmethod
-    def load(cls, folder: Path, *, required: bool = False) -> ExportIndex:
+    def load(cls, folder: Path, *, required: bool = False, cache: bool = False) -> ExportIndex:
         """The index of `folder` (empty without one, unless `required`); ExportIndexError names the file
-        and the key that is wrong."""
+        and the key that is wrong. A `cache` folder's files are evicted with their entries."""
         folder = Path(folder)
         path = folder / INDEX_NAME
         if not path.is_file():
@@ -212,7 +213,7 @@ class ExportIndex:
                 raise ExportIndexError(
                     f"{path}: no export index there; write one with `slimship export MODEL --out {folder}`"
                 )
-            return cls(folder)
+            return cls(folder, cache=cache)
         with open(path, "rb") as handle:
             data = handle.read(MAX_INDEX_BYTES + 1)
         if len(data) > MAX_INDEX_BYTES:
@@ -222,18 +223,19 @@ class ExportIndex:
             parsed = IndexFile.model_validate(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ExportIndexError(f"{path}: not an export index ({_why(exc)})") from None
-        return cls(folder, {e.key: e for e in parsed.entries})
+        return cls(folder, {e.key: e for e in parsed.entries}, cache)
 
     def find(self, key: str) -> IndexEntry | None:
         return self.entries.get(key)
 
     def add(self, entry: IndexEntry) -> None:
-        """Add (or refresh) an entry; past MAX_ENTRIES the oldest entries and their files go."""
+        """Add (or refresh) an entry; past MAX_ENTRIES the oldest entries go (in a cache, with their files;
+        an export folder's files stay where the user put them)."""
         self.entries.pop(entry.key, None)
         self.entries[entry.key] = entry
         while len(self.entries) > MAX_ENTRIES:
             oldest = self.entries.pop(next(iter(self.entries)))
-            if all(e.file != oldest.file for e in self.entries.values()):
+            if self.cache and all(e.file != oldest.file for e in self.entries.values()):
                 (self.folder / oldest.file).unlink(missing_ok=True)
 
     def save(self) -> None:

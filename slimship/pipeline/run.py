@@ -103,7 +103,7 @@ def run_pipeline(
 
     rcfg = config.release
     check_new_version(Path(rcfg.out), rcfg.name, rcfg.version)  # fail before any work
-    cache = ExportIndex.load(Path(exports)) if exports is not None else None
+    cache = ExportIndex.load(Path(exports), cache=True) if exports is not None else None
     device = resolve_device(config.device)
     with process_group(device), _rank0_voice():
         console = (console or Console()) if rank() == 0 else Console(quiet=True)

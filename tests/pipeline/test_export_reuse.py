@@ -186,3 +186,26 @@ def test_run_reuses_its_cache_folder(tmp_path, exports, monkeypatch) -> None:
     assert (one / "model.onnx").read_bytes() == (two / "model.onnx").read_bytes()
     manifests = [json.loads((b / "manifest.json").read_text()) for b in (one, two)]
     assert manifests[0]["parity"] == manifests[1]["parity"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_past_its_bound_an_index_drops_its_oldest_entries(tmp_path, monkeypatch, cache) -> None:
+    """A cache evicts its oldest files with their entries; an export folder's files stay where they are."""
+    from slimship.pipeline import export_index
+
+    monkeypatch.setattr(export_index, "MAX_ENTRIES", 2)
+    index = export_index.ExportIndex(tmp_path, cache=cache)
+    verdict = export_index.Verdict(
+        max_abs_diff=0.0, max_rel_diff=0.0, tolerance=1e-4, rel_bound=1e-4, passed=True, cases=["example"],
+        per_case={"example": {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "tolerance": 1e-4}},
+    )  # fmt: skip
+    for i in range(3):
+        (tmp_path / f"f{i}.onnx").write_bytes(b"x" * (i + 1))
+        key, digest = hashlib.sha256(b"%d" % i).hexdigest(), hashlib.sha256(b"x" * (i + 1)).hexdigest()
+        entry = export_index.IndexEntry(key=key, format="onnx", file=f"f{i}.onnx", sha256=digest,
+                                        bytes=i + 1, data_sha256=key, parity=verdict)  # fmt: skip
+        index.add(entry)
+    index.save()
+    kept = export_index.ExportIndex.load(tmp_path).entries.values()
+    assert [e.file for e in kept] == ["f1.onnx", "f2.onnx"]
+    assert (tmp_path / "f0.onnx").exists() is not cache
