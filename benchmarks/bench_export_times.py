@@ -3,14 +3,16 @@ parity checks on one intra-op thread (`slimship.exporters.pt2e_calibration.SMALL
 
     python benchmarks/bench_export_times.py [--model mobilenet_v2] [--formats onnx tflite-int8 ...]
         [--calibration 32] [--breakdown]
+    python benchmarks/bench_export_times.py --release [--formats ...]
 
 Each format is exported twice in one process, side by side: with calibration and parity on torch's own
 thread count (before), then on one thread (after); each line gives the total seconds, the file's sha256
 (the same file: the same verdict), the verdict's figures and the exporter's stages, then the ratio.
 `--breakdown` adds, for tflite-int8 and executorch-int8, the stage-by-stage split (trace, PT2E prepare,
 calibration, convert, conversion/lowering) in both modes, with the quantised graph's top-1 agreement and
-max|diff| against PyTorch on 16 held-out inputs. Run it from the repository root (the model comes from
-tests/zoo). Times are wall-clock on this machine.
+max|diff| against PyTorch on 16 held-out inputs. `--release` instead times `slimship release` of the model
+(as a .pt2) with fresh exports and with `--exports DIR` from `slimship export`. Run it from the
+repository root (the model comes from tests/zoo). Times are wall-clock on this machine.
 """
 
 from __future__ import annotations
@@ -129,18 +131,48 @@ def _timed_export(
     return total
 
 
+def release_times(case, formats: list[str], tmp: Path) -> None:
+    """`slimship release` of the model saved as a .pt2, without and with `--exports` (the folder `slimship
+    export` wrote): seconds each, and whether the two bundles are the same bytes."""
+    import hashlib
+
+    from slimship.cli import main as cli
+
+    example = tuple(t[:1] for t in case.example_inputs)
+    model = tmp / "model.pt2"
+    torch.export.save(torch.export.export(case.model, example, strict=False), model)
+    start = time.perf_counter()
+    assert cli(["export", str(model), "--format", *formats, "--out", str(tmp / "ex")]) == 0
+    print(f"release: slimship export {' '.join(formats)}: {time.perf_counter() - start:.1f} s", flush=True)
+    digests, seconds = [], []
+    for name, extra in (("fresh", []), ("reused", ["--exports", str(tmp / "ex")])):
+        start = time.perf_counter()
+        args = ["release", str(model), "--name", "m", "--version", "1.0.0", "--out", str(tmp / name)]
+        assert cli([*args, "--format", *formats, *extra]) == 0
+        seconds.append(time.perf_counter() - start)
+        digests.append(hashlib.sha256((tmp / name / "m-1.0.0.tar.gz").read_bytes()).hexdigest())
+    same = "the same bundle bytes" if digests[0] == digests[1] else "DIFFERENT bundles"
+    print(f"release: fresh exports {seconds[0]:.1f} s, --exports {seconds[1]:.1f} s "
+          f"(ratio {seconds[1] / seconds[0]:.2f}), {same}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenet_v2", choices=sorted(ZOO))
     parser.add_argument("--formats", nargs="+", default=list(FORMATS))
     parser.add_argument("--calibration", type=int, default=32, help="calibration batches (batch 1)")
     parser.add_argument("--breakdown", action="store_true", help="also the stage-by-stage int8 split")
+    parser.add_argument("--release", action="store_true", help="only: release without and with --exports")
     args = parser.parse_args()
     case = ZOO[args.model]()
     gen = torch.Generator().manual_seed(3)
     calib = [tuple(t[:1] for t in case.random_inputs(gen)) for _ in range(args.calibration)]
     example = tuple(t[:1] for t in case.example_inputs)
     request = ExportRequest(case.model, example, case.example_inputs, calib, calib, dynamic_batch=True)
+    if args.release:
+        with tempfile.TemporaryDirectory() as tmp:
+            release_times(case, args.formats, Path(tmp))
+        return
     print(f"{args.model}: {len(calib)} calibration batches, torch threads {torch.get_num_threads()}")
     modes = {f"torch's {torch.get_num_threads()} threads (before)": None, "1 thread (after)": 1}
     print("each format exported with calibration and parity checks on torch's threads, then on one")

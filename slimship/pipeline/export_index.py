@@ -320,17 +320,25 @@ def reuse(
         log.info("%s: not reused: %s changed since it was checked (sha256 %s, recorded %s); exporting again",
                  record.name, source, digest[:12], entry.sha256[:12])  # fmt: skip
         return None
-    parity, rejudged = entry.parity.report(), False
-    if data != entry.data_sha256:
-        parity, rejudged = judge(dest, entry.dynamic_batch), True
-        if not parity.passed:
-            dest.unlink(missing_ok=True)
-            log.info("%s: not reused: %s fails its check on this data; exporting again", record.name, source)
-            return None
+    rejudged = data != entry.data_sha256
+    parity, problem = _judged_again(judge, dest, entry) if rejudged else (entry.parity.report(), "")
+    if problem:
+        dest.unlink(missing_ok=True)
+        log.info("%s: not reused: %s: %s; exporting again", record.name, source, problem)
+        return None
     log.info("%s: reused %s (sha256 checked%s)", record.name, source,
              ", judged again on this data" if rejudged else "")  # fmt: skip
     return ReusedExport(dest, entry.bytes, digest, record.name, parity, entry.dynamic_batch,
                         list(entry.notes), source, rejudged)  # fmt: skip
+
+
+def _judged_again(judge: Any, path: Path, entry: IndexEntry) -> tuple[Any, str]:
+    """(the verdict on this data, "") when it passes, else (None, why not)."""
+    try:
+        parity = judge(path, entry.dynamic_batch)
+    except SlimshipError as exc:  # the file does not load or run here: exporting it says why
+        return None, str(exc)[:300]
+    return (parity, "") if parity.passed else (None, "it fails its check on this data")
 
 
 def atomic_copy(source: Path, dest: Path) -> None:

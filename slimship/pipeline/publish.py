@@ -91,7 +91,7 @@ def _reused(
             result = reuse_file(reuse.index, key, record, out_dir / record.file_name(stem), data, judge)
             if result is not None:
                 found[name] = result
-            info["detail"] = f"from {result.reused_from}" if result else "changed since checked: export again"
+            info["detail"] = f"from {result.reused_from}" if result else "not reusable (-v says why): export"
     return found
 
 

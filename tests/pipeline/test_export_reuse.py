@@ -209,3 +209,36 @@ def test_past_its_bound_an_index_drops_its_oldest_entries(tmp_path, monkeypatch,
     kept = export_index.ExportIndex.load(tmp_path).entries.values()
     assert [e.file for e in kept] == ["f1.onnx", "f2.onnx"]
     assert (tmp_path / "f0.onnx").exists() is not cache
+
+
+def test_a_file_that_fails_its_check_on_the_releases_data_is_not_reused(tmp_path, caplog) -> None:
+    """Other data: the copy is judged again, and a failing (or unrunnable) verdict means exporting again."""
+    from slimship.errors import ModelFileError
+    from slimship.exporters.common import ParityReport
+    from slimship.pipeline import export_index
+
+    verdict = export_index.Verdict(
+        max_abs_diff=0.0, max_rel_diff=0.0, tolerance=1e-4, rel_bound=1e-4, passed=True, cases=["example"],
+        per_case={"example": {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "tolerance": 1e-4}},
+    )  # fmt: skip
+    (tmp_path / "m.onnx").write_bytes(b"model")
+    key = hashlib.sha256(b"k").hexdigest()
+    digest = hashlib.sha256(b"model").hexdigest()
+    entry = export_index.IndexEntry(key=key, format="onnx", file="m.onnx", sha256=digest, bytes=5,
+                                    data_sha256=key, parity=verdict)  # fmt: skip
+    index = export_index.ExportIndex(tmp_path, {key: entry})
+    failing = ParityReport(0.5, 0.5, 1e-4, 1e-4, False, ["example"])
+
+    def unrunnable(path, dynamic):
+        raise ModelFileError(f"{path}: cannot be loaded")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = hashlib.sha256(b"other data").hexdigest()
+    onnx = registry.FORMATS["onnx"]
+    for judge, said in ((lambda p, d: failing, "fails its check"), (unrunnable, "cannot be loaded")):
+        with caplog.at_level(logging.INFO, logger="slimship"):
+            assert export_index.reuse(index, key, onnx, out / "m.onnx", other, judge) is None
+        assert said in caplog.text and not (out / "m.onnx").exists()
+    reused = export_index.reuse(index, key, onnx, out / "m.onnx", key, unrunnable)
+    assert reused is not None and not reused.rejudged  # the same data: the recorded verdict stands
