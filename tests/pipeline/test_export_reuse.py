@@ -17,7 +17,7 @@ from slimship.cli import main
 from slimship.exporters import registry
 from slimship.pipeline.export_index import INDEX_NAME, MAX_INDEX_BYTES
 
-FORMATS = ["onnx", "onnx-int8"]
+FORMATS = ["onnx", "onnx-int8", "tflite-int8"]
 
 
 def _program(path: Path, seed: int = 0) -> Path:
@@ -25,9 +25,8 @@ def _program(path: Path, seed: int = 0) -> Path:
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
     ).eval()
-    x = torch.randn(2, 3, 12, 12)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False), path)
+    x = torch.randn(1, 3, 12, 12)  # a static batch of 1, as a device runs it
+    torch.export.save(torch.export.export(model, (x,), strict=False), path)
     return path
 
 
@@ -100,10 +99,11 @@ def test_release_reuses_checked_exports_and_its_bundle_is_the_same(exported, exp
     index = json.loads((folder / INDEX_NAME).read_text())
     assert sorted(e["format"] for e in index["entries"]) == sorted(FORMATS)
     exports.clear()
-    reused = _release(model, calib, tmp_path / "a", folder)
-    assert exports == []  # no exporter ran: both files came from the export folder
-    fresh = _release(model, calib, tmp_path / "b")
+    fresh = _release(model, calib, tmp_path / "b")  # first: the exporters see the example before the .pt2
     assert exports == FORMATS
+    exports.clear()
+    reused = _release(model, calib, tmp_path / "a", folder)
+    assert exports == []  # no exporter ran: every file came from the export folder
     assert reused == fresh  # the same bundle, byte for byte
 
 
@@ -127,7 +127,7 @@ def test_a_changed_model_or_calibration_is_not_reused(exported, exports, tmp_pat
     other_calib = _calibration(tmp_path / "other.npz", 1)
     with caplog.at_level(logging.INFO, logger="slimship"):
         _release(model, other_calib, tmp_path / "a", folder)
-    assert exports == ["onnx-int8"]  # the int8 file depends on the calibration; the fp32 one does not
+    assert exports == ["onnx-int8", "tflite-int8"]  # the int8 files depend on the calibration, not onnx
     assert any("judged again on this data" in r.message for r in caplog.records)  # its verdict: on this data
     exports.clear()
     _release(_program(tmp_path / "other.pt2", seed=1), calib, tmp_path / "b", folder)
