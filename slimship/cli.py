@@ -82,7 +82,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from slimship.compress.device import torchrun_env
     from slimship.pipeline.config import load_config
-    from slimship.pipeline.run import run_pipeline
+    from slimship.pipeline.run import OtherRankFailed, run_pipeline
 
     overrides: dict[str, Any] = {"gates": _gate_overrides(args)}
     if args.out:
@@ -91,7 +91,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
     except SlimshipError as exc:  # the same file on every rank: the same refusal
         raise on_every_rank(exc) from exc.__cause__
-    result = run_pipeline(config, _human(args), exports=args.exports)
+    try:
+        result = run_pipeline(config, _human(args), exports=args.exports)
+    except OtherRankFailed as exc:  # the failed rank exits 2 naming itself; this one stops cleanly, so
+        print(f"slimship: stopped: {exc}", file=sys.stderr)  # torchrun's summary blames that rank alone
+        return 0
     env = torchrun_env()
     if env is None or env.rank == 0:  # under torchrun rank 0 speaks for the job (and writes --json)
         _emit(args, result)
@@ -609,6 +613,14 @@ def _speaks_for_all() -> bool:
     return env is None or env.rank == 0
 
 
+def _rank_said() -> str:
+    """The prefix of a torchrun rank's own error ("rank R: ", two or more processes), else nothing."""
+    from slimship.compress.device import torchrun_env
+
+    env = torchrun_env()
+    return f"rank {env.rank}: " if env is not None and env.world_size > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -627,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
             _emit(args, {"stopped": str(exc), "exit_code": STOPPED_EXIT, "released": False})
         return STOPPED_EXIT
     except SlimshipError as exc:
-        if not exc.every_rank or _speaks_for_all():  # torchrun: rank 0 speaks for all
+        if not exc.every_rank:  # under torchrun, the rank that failed names itself
+            print(f"slimship: error: {_rank_said()}{exc}", file=sys.stderr)
+        elif _speaks_for_all():  # every rank raised it alike: rank 0 speaks for all
             print(f"slimship: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -637,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc(file=sys.stderr)
         hint = "" if args.verbose else " (run with -v for the traceback; please report)"
-        print(f"slimship: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        print(f"slimship: internal error: {_rank_said()}{type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 1
 
 

@@ -46,6 +46,7 @@ from slimship.exporters.common import (
     with_reference_case,
     without_shape_guards,
 )
+from slimship.exporters.pt2e_calibration import calibrate, small_ops
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def export_executorch(
     with timings.measure("lower"), _quiet_executorch():
         data, delegated, portable, dynamic = _lowered(model, program, inputs, calib, variant, dynamic, notes)
     atomic_write_bytes(path, data)
-    with timings.measure("parity"):
+    with timings.measure("parity"), small_ops():
         reference = (without_shape_guards(model) or model) if dynamic else model  # checked at batch 3 too
         parity = executorch_parity(
             reference, path, inputs, variant=variant, check_inputs=calib if variant == "int8" else [],
@@ -182,9 +183,7 @@ def _quantize(
     quantizer = _xnnpack_quantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     try:
         prepared = prepare_pt2e(program.module(), quantizer)
-        with torch.no_grad():
-            for batch in calib:
-                prepared(*batch)
+        calibrate(prepared, calib)
         converted = convert_pt2e(prepared)
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         shapes = tuple({0: batch} for _ in inputs) if dynamic else None

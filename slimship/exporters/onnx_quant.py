@@ -44,6 +44,7 @@ from slimship.exporters.common import (
     without_shape_guards,
 )
 from slimship.exporters.onnx_export import OnnxExport, export_onnx, onnx_parity, onnx_tensor_specs
+from slimship.exporters.pt2e_calibration import small_ops
 
 VARIANTS = ("fp16", "int8-dynamic", "int8")
 
@@ -78,7 +79,7 @@ def export_onnx_quantised(
             data = _QUANTISERS[variant](base.path, calib, [s.name for s in base.inputs], Path(tmp))
     atomic_write_bytes(path, data)
     try:
-        with timings.measure("parity"):
+        with timings.measure("parity"), small_ops():
             parity = quantised_parity(model, path, inputs, variant, calib, batches_as_tuples(eval_batches),
                                       reference_inputs, base.dynamic_batch)  # fmt: skip
     except Exception:

@@ -52,6 +52,7 @@ from slimship.exporters.common import (
     torch_outputs,
     with_reference_case,
 )
+from slimship.exporters.pt2e_calibration import calibrate, small_ops
 from slimship.exporters.tflite_compat import input_order, output_order, read_ops, tensor_specs
 from slimship.exporters.tflite_embedding import symmetric_embedding_tables
 
@@ -125,7 +126,7 @@ def export_tflite(
         data = _convert(model, inputs, variant, calib, nhwc_args)
     atomic_write_bytes(path, data)
     evals = batches_as_tuples(eval_batches)
-    with timings.measure("parity"), _loadable(path, variant):
+    with timings.measure("parity"), _loadable(path, variant), small_ops():
         parity = tflite_parity(
             model,
             path,
@@ -309,9 +310,7 @@ def _pt2e_quantize(
     try:
         traced = torch.export.export(module, args, strict=False).module()
         prepared = quantize_pt2e.prepare_pt2e(traced, quantizer)
-        with torch.no_grad():
-            for batch in calib if not dynamic else [args]:
-                prepared(*batch)
+        calibrate(prepared, calib if not dynamic else [args])
         converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
     except Exception as exc:
         raise export_error(

@@ -196,15 +196,16 @@ class ExportIndex:
 
     folder: Path
     entries: dict[str, IndexEntry] = field(default_factory=dict)
+    cache: bool = False  # a cache folder (`run --exports`): its files are its own, evicted with their entry
 
     @property
     def path(self) -> Path:
         return self.folder / INDEX_NAME
 
     @classmethod
-    def load(cls, folder: Path, *, required: bool = False) -> ExportIndex:
+    def load(cls, folder: Path, *, required: bool = False, cache: bool = False) -> ExportIndex:
         """The index of `folder` (empty without one, unless `required`); ExportIndexError names the file
-        and the key that is wrong."""
+        and the key that is wrong. A `cache` folder's files are evicted with their entries."""
         folder = Path(folder)
         path = folder / INDEX_NAME
         if not path.is_file():
@@ -212,7 +213,7 @@ class ExportIndex:
                 raise ExportIndexError(
                     f"{path}: no export index there; write one with `slimship export MODEL --out {folder}`"
                 )
-            return cls(folder)
+            return cls(folder, cache=cache)
         with open(path, "rb") as handle:
             data = handle.read(MAX_INDEX_BYTES + 1)
         if len(data) > MAX_INDEX_BYTES:
@@ -222,18 +223,19 @@ class ExportIndex:
             parsed = IndexFile.model_validate(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ExportIndexError(f"{path}: not an export index ({_why(exc)})") from None
-        return cls(folder, {e.key: e for e in parsed.entries})
+        return cls(folder, {e.key: e for e in parsed.entries}, cache)
 
     def find(self, key: str) -> IndexEntry | None:
         return self.entries.get(key)
 
     def add(self, entry: IndexEntry) -> None:
-        """Add (or refresh) an entry; past MAX_ENTRIES the oldest entries and their files go."""
+        """Add (or refresh) an entry; past MAX_ENTRIES the oldest entries go (in a cache, with their files;
+        an export folder's files stay where the user put them)."""
         self.entries.pop(entry.key, None)
         self.entries[entry.key] = entry
         while len(self.entries) > MAX_ENTRIES:
             oldest = self.entries.pop(next(iter(self.entries)))
-            if all(e.file != oldest.file for e in self.entries.values()):
+            if self.cache and all(e.file != oldest.file for e in self.entries.values()):
                 (self.folder / oldest.file).unlink(missing_ok=True)
 
     def save(self) -> None:
@@ -318,17 +320,25 @@ def reuse(
         log.info("%s: not reused: %s changed since it was checked (sha256 %s, recorded %s); exporting again",
                  record.name, source, digest[:12], entry.sha256[:12])  # fmt: skip
         return None
-    parity, rejudged = entry.parity.report(), False
-    if data != entry.data_sha256:
-        parity, rejudged = judge(dest, entry.dynamic_batch), True
-        if not parity.passed:
-            dest.unlink(missing_ok=True)
-            log.info("%s: not reused: %s fails its check on this data; exporting again", record.name, source)
-            return None
+    rejudged = data != entry.data_sha256
+    parity, problem = _judged_again(judge, dest, entry) if rejudged else (entry.parity.report(), "")
+    if problem:
+        dest.unlink(missing_ok=True)
+        log.info("%s: not reused: %s: %s; exporting again", record.name, source, problem)
+        return None
     log.info("%s: reused %s (sha256 checked%s)", record.name, source,
              ", judged again on this data" if rejudged else "")  # fmt: skip
     return ReusedExport(dest, entry.bytes, digest, record.name, parity, entry.dynamic_batch,
                         list(entry.notes), source, rejudged)  # fmt: skip
+
+
+def _judged_again(judge: Any, path: Path, entry: IndexEntry) -> tuple[Any, str]:
+    """(the verdict on this data, "") when it passes, else (None, why not)."""
+    try:
+        parity = judge(path, entry.dynamic_batch)
+    except SlimshipError as exc:  # the file does not load or run here: exporting it says why
+        return None, str(exc)[:300]
+    return (parity, "") if parity.passed else (None, "it fails its check on this data")
 
 
 def atomic_copy(source: Path, dest: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ def export_stage(
     With `reuse`, a format whose checked file is in `reuse.index` for the same inputs is copied from there
     instead (see slimship.pipeline.export_index)."""
     formats = list(dict.fromkeys(formats))
+    request = _own_inputs(request)
     reused = _reused(request, formats, Path(out_dir), stem, reuse, step) if reuse is not None else {}
     todo = [f for f in formats if f not in reused]
     failures: dict[str, str] = {}
@@ -74,6 +75,18 @@ def export_stage(
         _record(reuse, request, results)
     ordered = {f: reused.get(f) or results[f] for f in formats if f in reused or f in results}
     return ExportResult(ordered, calibration, failures)
+
+
+def _own_inputs(request: ExportRequest) -> ExportRequest:
+    """`request` with copies of its example tensors: torch.export tags the tensors it traces with (its
+    `_dynamo_*` attributes, pickled with them), and the caller's example goes on into the release's .pt2,
+    which must not depend on which formats were exported rather than reused."""
+    copies: dict[int, Any] = {}
+
+    def copy(tensors: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(copies.setdefault(id(t), t.clone()) if torch.is_tensor(t) else t for t in tensors)
+
+    return replace(request, example=copy(request.example), trace_example=copy(request.trace_example))
 
 
 def _reused(
@@ -91,7 +104,7 @@ def _reused(
             result = reuse_file(reuse.index, key, record, out_dir / record.file_name(stem), data, judge)
             if result is not None:
                 found[name] = result
-            info["detail"] = f"from {result.reused_from}" if result else "changed since checked: export again"
+            info["detail"] = f"from {result.reused_from}" if result else "not reusable (-v says why): export"
     return found
 
 

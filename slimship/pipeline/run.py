@@ -82,7 +82,8 @@ class _Stages:
 
 
 class OtherRankFailed(SlimshipError):
-    """A torchrun rank other than 0 learns that rank 0 failed (its own error is printed by rank 0)."""
+    """A torchrun rank other than 0 learns that rank 0 failed (rank 0 prints its own error, naming itself;
+    the CLI stops this rank cleanly, so torchrun's summary names rank 0 as the one that failed)."""
 
 
 def run_pipeline(
@@ -103,7 +104,7 @@ def run_pipeline(
 
     rcfg = config.release
     check_new_version(Path(rcfg.out), rcfg.name, rcfg.version)  # fail before any work
-    cache = ExportIndex.load(Path(exports)) if exports is not None else None
+    cache = ExportIndex.load(Path(exports), cache=True) if exports is not None else None
     device = resolve_device(config.device)
     with process_group(device), _rank0_voice():
         console = (console or Console()) if rank() == 0 else Console(quiet=True)
@@ -134,7 +135,10 @@ def _publish_on_rank0(
     """Rank 0 publishes and then tells the others whether it succeeded; they wait for that word."""
     if rank() != 0:
         if not broadcast_object_from_rank0(None):
-            raise OtherRankFailed(f"rank 0 failed after training (see its error); rank {rank()} stops too")
+            raise OtherRankFailed(
+                f"rank {rank()}: rank 0 failed after training (its error is the one that says 'rank 0'); "
+                f"rank {rank()} stops with it, nothing published"
+            )
         return PipelineResult(None, {}, stages.timings)
     done = False
     try:

@@ -17,7 +17,7 @@ from slimship.cli import main
 from slimship.exporters import registry
 from slimship.pipeline.export_index import INDEX_NAME, MAX_INDEX_BYTES
 
-FORMATS = ["onnx", "onnx-int8"]
+FORMATS = ["onnx", "onnx-int8", "tflite-int8"]
 
 
 def _program(path: Path, seed: int = 0) -> Path:
@@ -25,9 +25,8 @@ def _program(path: Path, seed: int = 0) -> Path:
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
     ).eval()
-    x = torch.randn(2, 3, 12, 12)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False), path)
+    x = torch.randn(1, 3, 12, 12)  # a static batch of 1, as a device runs it
+    torch.export.save(torch.export.export(model, (x,), strict=False), path)
     return path
 
 
@@ -100,10 +99,11 @@ def test_release_reuses_checked_exports_and_its_bundle_is_the_same(exported, exp
     index = json.loads((folder / INDEX_NAME).read_text())
     assert sorted(e["format"] for e in index["entries"]) == sorted(FORMATS)
     exports.clear()
-    reused = _release(model, calib, tmp_path / "a", folder)
-    assert exports == []  # no exporter ran: both files came from the export folder
-    fresh = _release(model, calib, tmp_path / "b")
+    fresh = _release(model, calib, tmp_path / "b")  # first: the exporters see the example before the .pt2
     assert exports == FORMATS
+    exports.clear()
+    reused = _release(model, calib, tmp_path / "a", folder)
+    assert exports == []  # no exporter ran: every file came from the export folder
     assert reused == fresh  # the same bundle, byte for byte
 
 
@@ -127,7 +127,7 @@ def test_a_changed_model_or_calibration_is_not_reused(exported, exports, tmp_pat
     other_calib = _calibration(tmp_path / "other.npz", 1)
     with caplog.at_level(logging.INFO, logger="slimship"):
         _release(model, other_calib, tmp_path / "a", folder)
-    assert exports == ["onnx-int8"]  # the int8 file depends on the calibration; the fp32 one does not
+    assert exports == ["onnx-int8", "tflite-int8"]  # the int8 files depend on the calibration, not onnx
     assert any("judged again on this data" in r.message for r in caplog.records)  # its verdict: on this data
     exports.clear()
     _release(_program(tmp_path / "other.pt2", seed=1), calib, tmp_path / "b", folder)
@@ -164,3 +164,81 @@ def test_release_from_a_folder_without_an_index_is_refused(tmp_path, capsys) -> 
     args = ["release", str(model), "--name", "m", "--version", "1.0.0", "--out", str(tmp_path / "a")]
     assert main([*args, "--exports", str(tmp_path)]) == 2
     assert "no export index" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two `slimship run`s of the tiny torchrun config in this process: 40-100 s
+def test_run_reuses_its_cache_folder(tmp_path, exports, monkeypatch) -> None:
+    """A second `run --exports DIR` of the same seeded config exports nothing: its dense and slim files
+    come from DIR, each file is the same, and so is its recorded verdict."""
+    from tests.pipeline.test_torchrun import _config
+
+    folder, cache = tmp_path / "p", tmp_path / "cache"
+    monkeypatch.syspath_prepend(str(folder))
+    first = _config(folder, "reuse_run", "out1")
+    second = _config(folder, "reuse_run", "out2")
+    assert main(["run", str(first), "--exports", str(cache)]) == 0
+    assert exports == ["onnx", "onnx"]  # dense and slim
+    assert len(json.loads((cache / INDEX_NAME).read_text())["entries"]) == 2
+    exports.clear()
+    assert main(["run", str(second), "--exports", str(cache)]) == 0
+    assert exports == []
+    one, two = (folder / out / "tiny-0.1.0" for out in ("out1", "out2"))
+    assert (one / "model.onnx").read_bytes() == (two / "model.onnx").read_bytes()
+    manifests = [json.loads((b / "manifest.json").read_text()) for b in (one, two)]
+    assert manifests[0]["parity"] == manifests[1]["parity"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_past_its_bound_an_index_drops_its_oldest_entries(tmp_path, monkeypatch, cache) -> None:
+    """A cache evicts its oldest files with their entries; an export folder's files stay where they are."""
+    from slimship.pipeline import export_index
+
+    monkeypatch.setattr(export_index, "MAX_ENTRIES", 2)
+    index = export_index.ExportIndex(tmp_path, cache=cache)
+    verdict = export_index.Verdict(
+        max_abs_diff=0.0, max_rel_diff=0.0, tolerance=1e-4, rel_bound=1e-4, passed=True, cases=["example"],
+        per_case={"example": {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "tolerance": 1e-4}},
+    )  # fmt: skip
+    for i in range(3):
+        (tmp_path / f"f{i}.onnx").write_bytes(b"x" * (i + 1))
+        key, digest = hashlib.sha256(b"%d" % i).hexdigest(), hashlib.sha256(b"x" * (i + 1)).hexdigest()
+        entry = export_index.IndexEntry(key=key, format="onnx", file=f"f{i}.onnx", sha256=digest,
+                                        bytes=i + 1, data_sha256=key, parity=verdict)  # fmt: skip
+        index.add(entry)
+    index.save()
+    kept = export_index.ExportIndex.load(tmp_path).entries.values()
+    assert [e.file for e in kept] == ["f1.onnx", "f2.onnx"]
+    assert (tmp_path / "f0.onnx").exists() is not cache
+
+
+def test_a_file_that_fails_its_check_on_the_releases_data_is_not_reused(tmp_path, caplog) -> None:
+    """Other data: the copy is judged again, and a failing (or unrunnable) verdict means exporting again."""
+    from slimship.errors import ModelFileError
+    from slimship.exporters.common import ParityReport
+    from slimship.pipeline import export_index
+
+    verdict = export_index.Verdict(
+        max_abs_diff=0.0, max_rel_diff=0.0, tolerance=1e-4, rel_bound=1e-4, passed=True, cases=["example"],
+        per_case={"example": {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "tolerance": 1e-4}},
+    )  # fmt: skip
+    (tmp_path / "m.onnx").write_bytes(b"model")
+    key = hashlib.sha256(b"k").hexdigest()
+    digest = hashlib.sha256(b"model").hexdigest()
+    entry = export_index.IndexEntry(key=key, format="onnx", file="m.onnx", sha256=digest, bytes=5,
+                                    data_sha256=key, parity=verdict)  # fmt: skip
+    index = export_index.ExportIndex(tmp_path, {key: entry})
+    failing = ParityReport(0.5, 0.5, 1e-4, 1e-4, False, ["example"])
+
+    def unrunnable(path, dynamic):
+        raise ModelFileError(f"{path}: cannot be loaded")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = hashlib.sha256(b"other data").hexdigest()
+    onnx = registry.FORMATS["onnx"]
+    for judge, said in ((lambda p, d: failing, "fails its check"), (unrunnable, "cannot be loaded")):
+        with caplog.at_level(logging.INFO, logger="slimship"):
+            assert export_index.reuse(index, key, onnx, out / "m.onnx", other, judge) is None
+        assert said in caplog.text and not (out / "m.onnx").exists()
+    reused = export_index.reuse(index, key, onnx, out / "m.onnx", key, unrunnable)
+    assert reused is not None and not reused.rejudged  # the same data: the recorded verdict stands

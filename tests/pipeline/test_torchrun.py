@@ -52,6 +52,21 @@ FACTORY = textwrap.dedent(
         return (b for b in train), test
 
 
+    def broken_on_rank_0(batch_size: int = 16):
+        import dataclasses
+        import os
+
+        from slimship.errors import VerificationError
+        from slimship.exporters import registry
+
+        def fails(request, path):
+            raise VerificationError(f"{path}: ONNX outputs differ from PyTorch (injected on rank 0)")
+
+        if os.environ["RANK"] == "0":
+            registry.FORMATS["onnx"] = dataclasses.replace(registry.FORMATS["onnx"], exporter=fails)
+        return data(batch_size)
+
+
     def flaky(batch_size: int = 16):
         import os
 
@@ -117,7 +132,7 @@ def test_unshardable_train_data_is_refused_before_training(tmp_path, fake_rank, 
     fake_rank(0)
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "slimship: error: 'data.factory' returned train data of type generator" in err
+    assert "slimship: error: rank 0: 'data.factory' returned train data of type generator" in err
     assert "return slimship.data.Batches" in err and "train dense model" not in err
     assert not (tmp_path / "p" / "out").exists()
 
@@ -145,7 +160,7 @@ def test_a_data_error_is_printed_by_the_rank_that_has_it(tmp_path, fake_rank, ca
     err = capsys.readouterr().err
     expected = RANK_ERRORS[case]
     assert err.count("slimship: error:") == (1 if expected else 0), err
-    assert not expected or f"slimship: error: {expected}" in err
+    assert not expected or f"slimship: error: rank {r}: {expected}" in err  # the rank names itself
     assert not (tmp_path / "p" / "out").exists()
 
 
@@ -160,8 +175,9 @@ def test_other_ranks_train_publish_nothing_and_follow_rank_0s_word(tmp_path, fak
     assert out == ""  # no JSON, no table: rank 0 speaks for the job
     if word:
         assert code == 0 and err == ""
-    else:
-        assert code == 2 and "slimship: error: rank 0 failed after training" in err
+    else:  # it stops cleanly with its own word: torchrun names rank 0, the one that failed, alone
+        assert code == 0 and "slimship: stopped: rank 1: rank 0 failed after training" in err
+        assert "slimship: error:" not in err
 
 
 def test_rank_0_tells_the_others_when_its_gate_fails(tmp_path, fake_rank, capsys) -> None:
@@ -210,6 +226,34 @@ def test_torchrun_two_processes_write_one_bundle_equal_to_one_process(tmp_path) 
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
     for name, value in expected.items():  # the same channels kept, the same weights up to rounding
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow  # two torchrun processes: ~30 s on a loaded machine
+def test_torchrun_names_the_rank_whose_export_failed(tmp_path) -> None:
+    """Rank 0's export fails (after training on both ranks): rank 0 says `rank 0: ...` and exits 2, rank 1
+    says it stopped because rank 0 failed and exits 0, so torchrun's summary names rank 0 alone."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun is not None
+    folder = tmp_path / "p"
+    config = _config(folder, "torchrun_broken", "out")
+    text = json.loads(config.read_text())
+    text["data"]["factory"] = "torchrun_broken:broken_on_rank_0"
+    config.write_text(json.dumps(text))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{folder}", "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(28700 + os.getpid() % 1000)]
+    done = subprocess.run(
+        [*cmd, "--tee", "2", "-m", "slimship", "run", str(config)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=folder,
+    )  # fmt: skip
+    err = done.stderr
+    assert done.returncode != 0
+    said = "slimship: error: rank 0: 1 of 1 formats failed"
+    assert said in err and "injected on rank 0" in err, err[-3000:]
+    assert "slimship: stopped: rank 1: rank 0 failed after training" in err
+    assert "slimship: error: rank 1" not in err
+    failures = err[err.find("Failures:") :] if "Failures:" in err else err[err.find("Root Cause") :]
+    assert "rank      : 0" in failures and "rank      : 1" not in failures, err[-3000:]
+    assert not (folder / "out").exists()
 
 
 def test_rank_alone_does_not_make_a_torchrun_rank(tmp_path, monkeypatch, capsys) -> None:
