@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimship.errors import ModelFileError, first_line
+from slimship.hf.claims import check_claims
 from slimship.pt2_checks import OPT_IN
 
 CONFIG = "config.json"
@@ -94,6 +95,7 @@ def read_folder(path: str | Path, *, allow_pickle: bool = False) -> CheckpointFo
     ckpt = CheckpointFolder(folder, config, weights, index, pickled)
     if not pickled:
         ckpt.shapes = _safetensors_shapes(folder, weights, index)
+        check_claims(folder / CONFIG, config, ckpt.shapes, slim=SLIM_KEY in config)
     ckpt.other_files = [n for n in names if n not in {CONFIG, CHECKSUMS, index, *weights} and _extra(n)]
     _check_slim_entry(ckpt)
     return ckpt

@@ -139,3 +139,25 @@ def test_missing_tensor_or_shard_is_named(dense, tmp_path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelFileError, match=r"model-00002-of-00002\.safetensors, missing"):
         slimship.load_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("num_hidden_layers", 40_000, "layers the weights hold"),  # would build 40,000 layers first
+        ("vocab_size", 10**12, "rows of the embedding"),
+        ("hidden_size", 128, "width of the embedding"),
+        ("num_hidden_layers", "2", "not a size"),
+    ],
+)
+def test_a_size_config_json_claims_is_checked_against_the_weights_first(
+    dense, tmp_path, capsys, key, value, named
+) -> None:
+    """Before any model is built: the claim and the tensor that contradicts it are named, within seconds."""
+    folder = _copy(dense, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    err = _fails(["slim", str(folder), "--out", str(tmp_path / "slim")], capsys, "config.json", key, named)
+    assert "transformers" not in err
+    assert _left(tmp_path) == {"copy"}
