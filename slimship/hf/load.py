@@ -78,6 +78,7 @@ def load_checkpoint(
                 weights_only=True,
                 dtype=dtype,
                 output_loading_info=True,
+                ignore_mismatched_sizes=True,  # returned in `info` and refused below, by name
                 **options,
             )
     except SlimshipError:
@@ -92,17 +93,21 @@ def load_checkpoint(
 
 @contextmanager
 def quiet_progress() -> Iterator[None]:
-    """transformers' progress bars off (loading and writing shards), unless slimship runs with -v."""
+    """transformers' progress bars and its load report off (loading and writing shards), unless slimship
+    runs with -v: what went wrong is said by slimship's own message (`_check_loading_info`)."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
     if logging.getLogger().isEnabledFor(logging.INFO):
         yield
         return
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_on:
             hf_logging.enable_progress_bar()
 
@@ -172,17 +177,28 @@ def _tensor_table(owner: nn.Module | None, leaf: str) -> dict[str, Any] | None:
 def _check_loading_info(ckpt: CheckpointFolder, info: dict[str, Any]) -> None:
     """A weight transformers had to make up (missing), or could not fit (mismatched), is an error."""
     missing = sorted(info.get("missing_keys") or [])
-    mismatched = [str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or []]
+    mismatched = [_mismatch_text(m) for m in info.get("mismatched_keys") or []]
     if missing:
         raise ModelFileError(
             f"{ckpt.path}: the weights lack {len(missing)} tensor(s) the model has, e.g. {missing[:3]} "
             "(they would be random)"
         )
     if mismatched:
-        raise ModelFileError(f"{ckpt.path}: tensors of the wrong shape for the model: {mismatched[:3]}")
+        raise ModelFileError(
+            f"{ckpt.path}: {len(mismatched)} tensor(s) of the wrong shape for the model config.json describes: "
+            + "; ".join(mismatched[:3])
+        )
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         log.warning("%s: tensors the model does not use were ignored: %s", ckpt.path, unexpected[:5])
+
+
+def _mismatch_text(entry: Any) -> str:
+    """One mismatched key of transformers' loading info: (name, weights' shape, model's shape) or a name."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        name, held, needed = entry
+        return f"{name!r} is {list(held)} in the weights, the model needs {list(needed)}"
+    return repr(entry[0] if isinstance(entry, tuple) else entry)
 
 
 def dense_shapes(model: Any) -> dict[str, list[int]]:

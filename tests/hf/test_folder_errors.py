@@ -161,3 +161,16 @@ def test_a_size_config_json_claims_is_checked_against_the_weights_first(
     err = _fails(["slim", str(folder), "--out", str(tmp_path / "slim")], capsys, "config.json", key, named)
     assert "transformers" not in err
     assert _left(tmp_path) == {"copy"}
+
+
+def test_a_size_transformers_cannot_fit_is_named_without_its_load_report(dense, tmp_path, capsys) -> None:
+    folder = _copy(dense, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (folder / "config.json").write_text(json.dumps(config))
+    err = _fails(["slim", str(folder), "--out", str(tmp_path / "slim")], capsys, "wrong shape", "mlp")
+    assert "LOAD REPORT" not in err and "above report" not in err
+    assert (
+        f"the model needs [{config['intermediate_size']}," in err
+        or f", {config['intermediate_size']}]" in err
+    )
