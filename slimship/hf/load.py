@@ -185,7 +185,7 @@ def _check_loading_info(ckpt: CheckpointFolder, info: dict[str, Any]) -> None:
         )
     if mismatched:
         raise ModelFileError(
-            f"{ckpt.path}: {len(mismatched)} tensor(s) of the wrong shape for the model config.json describes: "
+            f"{ckpt.path}: {len(mismatched)} tensor(s) of the wrong shape for the model of its config.json: "
             + "; ".join(mismatched[:3])
         )
     unexpected = sorted(info.get("unexpected_keys") or [])
