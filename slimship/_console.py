@@ -15,7 +15,9 @@ import io
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -233,3 +235,35 @@ class Steps:
         self.times[name] = round(seconds, 3)
         detail = f"  {info['detail']}" if info.get("detail") else ""
         self.console.print(f"✓ {name} ({seconds:.1f} s){detail}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the `slimship` command: unwinds like Ctrl-C (temporary folders removed,
+    nothing partial kept); the command exits 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: the signals the command treats like Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP raise Terminated (the previous handlers are restored
+    afterwards). Only in the main thread, where Python delivers signals; library calls never install it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

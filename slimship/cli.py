@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import traceback
@@ -18,15 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 from slimship._console import (
     Steps,
+    Terminated,
     library_prints_to_stderr,
     native_stderr_quiet,
     note,
     setup_logging,
     stdout_console,
+    stop_signals_interrupt,
     user_stdout,
 )
 from slimship.budget import set_max_memory
 from slimship.errors import STOPPED_EXIT, ConfigError, GateError, SlimshipError, StoppedEarly, on_every_rank
+from slimship.outputs import check_output_dir, check_output_file, move_all, refuse_existing, writing
 from slimship.pipeline.gates import GATE_RULES
 
 if TYPE_CHECKING:
@@ -58,7 +60,8 @@ def _emit(args: argparse.Namespace, payload: Any) -> None:
         user_stdout().write(text)
         user_stdout().flush()
     else:
-        atomic_write_bytes(args.json, text.encode())
+        with writing(Path(args.json), "--json"):
+            atomic_write_bytes(args.json, text.encode())
 
 
 def _notes(messages: list[str]) -> None:
@@ -106,10 +109,13 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     from slimship._util import atomic_write_bytes
     from slimship.pipeline.config import config_json_schema
 
+    if args.out:
+        check_output_file(Path(args.out), "--out")
     schema = config_json_schema()
     text = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     if args.out:
-        atomic_write_bytes(args.out, text.encode())
+        with writing(Path(args.out), "--out"):
+            atomic_write_bytes(args.out, text.encode())
     elif not args.json:
         user_stdout().write(text)
     _emit(args, schema)
@@ -229,8 +235,10 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         program = _reexport(result.model, source.example, source.dynamic_shapes, source.origin)
         partial = Path(args.out).with_name(f".{Path(args.out).name}.partial")
         try:
-            torch.export.save(program, str(partial))
-            os.replace(partial, args.out)  # whole or nothing
+            with writing(Path(args.out), "--out"), open(partial, "wb") as handle:  # OSError: names --out
+                torch.export.save(program, handle)
+            with writing(Path(args.out), "--out"):
+                os.replace(partial, args.out)  # whole or nothing
         finally:
             partial.unlink(missing_ok=True)
     summary = _jsonable(result.summary())
@@ -253,6 +261,7 @@ def _slim_folder(args: argparse.Namespace) -> int:
     from slimship.hf.write import check_new_folder
 
     out = check_new_folder(Path(args.out))
+    check_output_dir(out, "--out")  # its folder can be written
     read_folder(args.model, allow_pickle=args.allow_pickle)  # a folder that is no checkpoint: named first
     if out.suffix == ".pt2":
         raise SlimshipError(f"--out {out}: a checkpoint folder slims into a folder; give a folder path")
@@ -376,11 +385,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     index = ExportIndex.load(out)  # an index already there must be sound before any work
     with tempfile.TemporaryDirectory(prefix="slimship-export-") as tmp:
         exported, request = _export_all(args, source, Path(tmp), source.stem, steps)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for fmt, result in exported.results.items():
-            files[fmt] = out / Path(result.path).name
-            shutil.move(str(result.path), files[fmt])
+        with writing(out, "--out"):
+            out.mkdir(parents=True, exist_ok=True)
+        files = {fmt: out / Path(result.path).name for fmt, result in exported.results.items()}
+        move_all([(Path(r.path), files[fmt]) for fmt, r in exported.results.items()], "--out")
     provenance = provenance_of(source)
     if provenance is not None and files:  # what `release --exports` / `run --exports` reuse
         record_exports(index, provenance, request, {f: (files[f], r) for f, r in exported.results.items()})
@@ -578,32 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
     return build({name: globals()[function] for name, function in COMMANDS.items()})  # looked up per parse
 
 
-def check_output_file(path: Path, option: str) -> None:
-    """Refuse an output file path that is a folder or whose parent is not an existing folder."""
-    if path.is_dir():
-        raise SlimshipError(f"{option} {path}: is a folder; give the path of a file to write")
-    if not path.parent.is_dir():
-        what = "is a file" if path.parent.exists() else "does not exist"
-        raise SlimshipError(f"{option} {path}: its folder {path.parent} {what}; create the folder first")
-
-
-def refuse_existing(paths: list[Path], option: str) -> None:
-    """Nothing is overwritten: an output file that already exists is an error before any work."""
-    taken = [p for p in paths if p.exists() or p.is_symlink()]
-    if taken:
-        names = ", ".join(str(p) for p in taken)
-        raise SlimshipError(f"{option}: {names} already exists; remove it or choose another {option}")
-
-
-def check_output_dir(path: Path, option: str) -> None:
-    """Refuse an output folder path that is an existing file (or lies below one)."""
-    from slimship._util import file_in_the_way
-
-    blocker = file_in_the_way(path)
-    if blocker is not None:
-        raise SlimshipError(f"{option} {path}: {blocker} is a file, not a folder; give a folder path")
-
-
 def _speaks_for_all() -> bool:
     """True outside torchrun and on its rank 0 (the same rule as the rest of slimship: all three of
     torchrun's variables make a rank, not RANK alone)."""
@@ -625,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     set_max_memory(args.max_memory)
+    with stop_signals_interrupt():  # SIGTERM / SIGHUP unwind like Ctrl-C: temporary folders removed
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; every outcome becomes an exit status (and a message on stderr)."""
     try:
         if args.json and args.json != "-":
             check_output_file(Path(args.json), "--json")
@@ -644,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
         elif _speaks_for_all():  # every rank raised it alike: rank 0 speaks for all
             print(f"slimship: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"slimship: terminated ({exc})", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("slimship: interrupted", file=sys.stderr)
         return 130

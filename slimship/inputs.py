@@ -174,8 +174,9 @@ def _check_keys(path: Path, keys: list[str]) -> None:
     wrong = sorted(k for k in keys if not _KEY.match(k))
     expected = {f"in{i}" for i in range(len(keys))}
     if wrong or set(keys) != expected:
+        names = "key in0" if len(keys) == 1 else "keys " + ", ".join(f"in{i}" for i in range(len(keys)))
         raise ConfigError(
-            f"{path}: arrays are named {sorted(keys)}; expected in0..in{len(keys) - 1} "
+            f"{path}: arrays are named {', '.join(sorted(keys))}; expected {names} "
             "(one per model input, in order)"
         )
 
@@ -232,8 +233,16 @@ _FEEDABLE = frozenset(
 
 
 def check_feedable(path: str | Path, specs: Sequence[TensorSpec]) -> None:
-    """Refuse a model input slimship cannot build or feed from numpy (bfloat16, strings, undefined)."""
+    """Refuse a model input slimship cannot build or feed from numpy (bfloat16, strings, undefined), or
+    one that declares a negative size."""
     for spec in specs:
+        negative = [(axis, d) for axis, d in enumerate(spec.shape) if isinstance(d, int) and d < 0]
+        if negative:
+            axis, size = negative[0]
+            raise ModelFileError(
+                f"{path}: input {spec.name!r} declares size {size} for dim {axis} "
+                f"(shape {list(spec.shape)}); a size is 0 or more, a dynamic dim has a name"
+            )
         if str(spec.dtype) not in _FEEDABLE:
             raise ModelFileError(
                 f"{path}: input {spec.name!r} has element type {spec.dtype}, which slimship cannot feed "

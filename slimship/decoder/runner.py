@@ -105,6 +105,11 @@ RUNNERS = {".pte": PteDecoder, ".onnx": OnnxDecoder}
 def open_decoder(path: str | Path, threads: int | None = None) -> Decoder:
     """The runner of a text-generation file (.pte or .onnx); ModelFileError for anything else."""
     path = Path(path)
+    if path.is_dir():  # e.g. a checkpoint folder: exported first
+        raise ModelFileError(
+            f"{path}: a folder, not a release bundle; generate takes a .pte or .onnx file (write one with "
+            "`slimship export FOLDER --task text-generation`) or a release bundle"
+        )
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
     runner = RUNNERS.get(path.suffix.lower())

@@ -17,7 +17,7 @@ import torch
 from slimship._util import atomic_write_bytes
 from slimship._version import __version__
 from slimship.compare import REL_BOUNDS
-from slimship.errors import ExportError, ModelFileError, VerificationError, first_line
+from slimship.errors import ExportError, VerificationError, first_line
 from slimship.exporters.common import (
     ParityReport,
     TensorSpec,
@@ -36,6 +36,7 @@ from slimship.exporters.common import (
     with_reference_case,
     without_shape_guards,
 )
+from slimship.exporters.onnx_load import load_onnx
 from slimship.exporters.onnx_passes import AddMetadata, Pass, SurgeryReport, default_passes, run_surgery
 
 log = logging.getLogger(__name__)
@@ -482,50 +483,6 @@ def _dtype_name(elem_type: int) -> str:
     except (KeyError, ValueError, TypeError):
         known = elem_type in onnx.TensorProto.DataType.values()
         return onnx.TensorProto.DataType.Name(elem_type).lower() if known else f"undefined ({elem_type})"
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load an .onnx file; a missing, corrupt or truncated file gives a ModelFileError."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelFileError(f"{p}: no such ONNX file")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:
-        raise ModelFileError(
-            f"{p}: not a readable ONNX model ({type(exc).__name__}); the file is corrupt or truncated"
-        ) from None
-    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    for tensor in external:
-        problem = _external_data_problem(tensor, p.parent)
-        if problem:
-            raise ModelFileError(f"{p}: initializer {tensor.name[:80]!r} keeps its data in {problem}")
-    if external:
-        try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except Exception as exc:
-            raise ModelFileError(f"{p}: its external data could not be read ({first_line(exc)})") from None
-    return model
-
-
-def _external_data_problem(tensor: onnx.TensorProto, folder: Path) -> str | None:
-    """Why an initializer's external data cannot be read safely (None: a file inside `folder`)."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
-    if not location or Path(location).is_absolute() or ".." in Path(location).parts:
-        return f"{location[:200]!r}, which is not a relative path inside the model's folder {folder}"
-    target = folder / location
-    if not target.is_file():
-        return f"{location[:200]!r}, which is missing (expected at {target}; copy it next to the model)"
-    if not target.resolve().is_relative_to(folder.resolve()):
-        return f"{location[:200]!r}, which resolves outside the model's folder {folder}"
-    try:
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-    except ValueError:
-        return f"{location[:200]!r} at an invalid offset or length"
-    if end > target.stat().st_size:
-        return f"{location[:200]!r}, which is truncated ({target.stat().st_size} bytes, {end} needed)"
-    return None
 
 
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd"})

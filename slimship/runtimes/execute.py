@@ -115,7 +115,8 @@ def run_on_target(
                                extra=extra_args)  # fmt: skip
             log.debug("target %s: %s", target.name, argv)
             proc = transport.run(argv, timeout=target.run_timeout)
-            result = _fetch_result(transport, target, proc, files["out"], stage / "result.json")
+            copies = dict(zip(remote_models, models, strict=True))  # errors name the user's files
+            result = _fetch_result(transport, target, proc, files["out"], stage / "result.json", copies)
             outputs: list[list[np.ndarray]] = []
             if save_outputs:
                 local = transport.get(files["outputs"], stage / "outputs.npz")
@@ -125,7 +126,10 @@ def run_on_target(
     return DeviceRun(result, outputs)
 
 
-def _fetch_result(transport: Any, target: Target, proc: Any, remote: str, local: Path) -> dict[str, Any]:
+def _fetch_result(
+    transport: Any, target: Target, proc: Any, remote: str, local: Path, copies: dict[str, Path] | None = None
+) -> dict[str, Any]:
+    """The device's result.json; a failure is an error naming the user's model file, not its copy."""
     where = f"target {target.name!r} ({target.transport})"
     if proc.returncode == _TIMEOUT_EXIT and target.scheme != "local":
         raise DeviceError(f"{where}: the run exceeded run_timeout={target.run_timeout:g} s and was stopped")
@@ -149,6 +153,8 @@ def _fetch_result(transport: Any, target: Target, proc: Any, remote: str, local:
         raise DeviceError(f"{where}: the device returned an unreadable result: {exc}") from exc
     if not result.get("ok"):
         error = str(result.get("error", "unknown error"))
+        for copy, model in (copies or {}).items():
+            error = error.replace(copy, str(model))
         detail = error.split(": ", 1)[-1]
         if error.startswith("RunnerLoadError") and (
             "not installed" in error or "no TFLite interpreter" in error
