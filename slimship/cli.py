@@ -22,51 +22,24 @@ from slimship._console import (
     native_stderr_quiet,
     note,
     setup_logging,
-    stdout_console,
     stop_signals_interrupt,
     user_stdout,
 )
 from slimship.budget import set_max_memory
-from slimship.errors import STOPPED_EXIT, ConfigError, GateError, SlimshipError, StoppedEarly, on_every_rank
+from slimship.cli_bench import cmd_bench as _cmd_bench  # noqa: F401 (COMMANDS names it)
+from slimship.cli_io import (
+    emit,
+    gate_overrides,
+    human,
+    jsonable,
+    print_notes,
+    text_generation,
+)
+from slimship.errors import STOPPED_EXIT, GateError, SlimshipError, StoppedEarly, on_every_rank
 from slimship.outputs import check_output_dir, check_output_file, move_all, refuse_existing, writing
-from slimship.pipeline.gates import GATE_RULES
 
 if TYPE_CHECKING:
     from slimship.pipeline.records import ExportResult
-
-
-def _gate_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The gate options given on the command line (they override the config's `gates:`)."""
-    return {name: getattr(args, name) for name in GATE_RULES if getattr(args, name) is not None}
-
-
-def _json_to_stdout(args: argparse.Namespace) -> bool:
-    return getattr(args, "json", None) == "-"
-
-
-def _human(args: argparse.Namespace) -> Any:
-    """The console for tables and summaries: stdout, or stderr when stdout carries --json -."""
-    return stdout_console(to_stderr=_json_to_stdout(args))
-
-
-def _emit(args: argparse.Namespace, payload: Any) -> None:
-    """Write the command's JSON result where --json says (nothing without --json)."""
-    from slimship._util import atomic_write_bytes, dump_json
-
-    if not getattr(args, "json", None):
-        return
-    text = dump_json(payload)
-    if _json_to_stdout(args):
-        user_stdout().write(text)
-        user_stdout().flush()
-    else:
-        with writing(Path(args.json), "--json"):
-            atomic_write_bytes(args.json, text.encode())
-
-
-def _notes(messages: list[str]) -> None:
-    for message in messages:
-        note(message)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -77,8 +50,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from slimship.pipeline.run import run_pipeline
 
     release = {"out": str(args.out)} | ({"version": args.version} if args.version else {})
-    result = run_pipeline(demo_config({"release": release, "gates": _gate_overrides(args)}), _human(args))
-    _emit(args, result)
+    result = run_pipeline(demo_config({"release": release, "gates": gate_overrides(args)}), human(args))
+    emit(args, result)
     return 0
 
 
@@ -87,7 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from slimship.pipeline.config import load_config
     from slimship.pipeline.run import OtherRankFailed, run_pipeline
 
-    overrides: dict[str, Any] = {"gates": _gate_overrides(args)}
+    overrides: dict[str, Any] = {"gates": gate_overrides(args)}
     if args.out:
         overrides["release"] = {"out": str(args.out)}
     try:
@@ -95,13 +68,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except SlimshipError as exc:  # the same file on every rank: the same refusal
         raise on_every_rank(exc) from exc.__cause__
     try:
-        result = run_pipeline(config, _human(args), exports=args.exports)
+        result = run_pipeline(config, human(args), exports=args.exports)
     except OtherRankFailed as exc:  # the failed rank exits 2 naming itself; this one stops cleanly, so
         print(f"slimship: stopped: {exc}", file=sys.stderr)  # torchrun's summary blames that rank alone
         return 0
     env = torchrun_env()
     if env is None or env.rank == 0:  # under torchrun rank 0 speaks for the job (and writes --json)
-        _emit(args, result)
+        emit(args, result)
     return 0
 
 
@@ -118,7 +91,7 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
             atomic_write_bytes(args.out, text.encode())
     elif not args.json:
         user_stdout().write(text)
-    _emit(args, schema)
+    emit(args, schema)
     return 0
 
 
@@ -158,8 +131,8 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         }
         payload.append(entry)
         table.add_row(*(_cell(entry[key]) for key in TARGET_COLUMNS))
-    _human(args).print(table)
-    _emit(args, payload)
+    human(args).print(table)
+    emit(args, payload)
     return 0
 
 
@@ -177,7 +150,7 @@ def _source(args: argparse.Namespace, steps: Steps) -> Any:
 
     with steps.step("load model"):
         source = model_from_args(args)
-    _notes(source.notes)
+    print_notes(source.notes)
     return source
 
 
@@ -241,7 +214,7 @@ def _cmd_slim(args: argparse.Namespace) -> int:
                 os.replace(partial, args.out)  # whole or nothing
         finally:
             partial.unlink(missing_ok=True)
-    summary = _jsonable(result.summary())
+    summary = jsonable(result.summary())
     if counts is not None:
         from slimship.pipeline.alignment import counts_record
 
@@ -250,7 +223,7 @@ def _cmd_slim(args: argparse.Namespace) -> int:
         note(f"latency-aware channel counts on {counts.source.target.name} ({args.align_runtime}): "
              f"{rounded} of {len(counts.decisions)} spaces kept extra channels")  # fmt: skip
     _slim_summary(args, summary)
-    _emit(args, {"out": str(args.out), "source": source.origin, "summary": summary, "seconds": steps.times})
+    emit(args, {"out": str(args.out), "source": source.origin, "summary": summary, "seconds": steps.times})
     return 0
 
 
@@ -274,19 +247,19 @@ def _slim_folder(args: argparse.Namespace) -> int:
     multiple = _channel_multiple(args, source.module, source.example)
     with steps.step("slim (trace, analyse, rewrite, verify), write the folder and load it back"):
         result = slim_loaded(source.checkpoint, source.module, source.example, out, multiple)
-    summary = _jsonable(result.summary)
+    summary = jsonable(result.summary)
     _slim_summary(args, summary)
     before, after = result.weight_bytes_before, result.weight_bytes_after
-    _human(args).print(
+    human(args).print(
         f"  weight files: {before:,} -> {after:,} bytes; per-layer sizes in config.json 'slimship'"
     )
-    _emit(args, {**_jsonable(result.to_dict()), "seconds": steps.times})
+    emit(args, {**jsonable(result.to_dict()), "seconds": steps.times})
     return 0
 
 
 def _slim_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     """A few lines: parameters, FLOPs and bytes before -> after, and the verification."""
-    console = _human(args)
+    console = human(args)
     console.print(f"slim model written to {args.out}")
     for key in ("params", "flops", "bytes"):
         before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
@@ -375,7 +348,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from slimship.pipeline.export_index import ExportIndex, provenance_of, record_exports
 
     if args.task == "text-generation":
-        return _text_generation("export_command", args)
+        return text_generation("export_command", args)
 
     out = Path(args.out)
     check_output_dir(out, "--out")
@@ -392,15 +365,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     provenance = provenance_of(source)
     if provenance is not None and files:  # what `release --exports` / `run --exports` reuse
         record_exports(index, provenance, request, {f: (files[f], r) for f, r in exported.results.items()})
-    console = _human(args)
+    console = human(args)
     rows = []
     for fmt, result in exported.results.items():
         console.print(
             f"{files[fmt]}  {result.bytes} bytes  parity max|diff| {result.parity.max_abs_diff:.3g}"
         )
-        rows.append({"format": fmt, **_jsonable(result), "path": str(files[fmt])})
+        rows.append({"format": fmt, **jsonable(result), "path": str(files[fmt])})
     failures = [{"format": fmt, "reason": reason} for fmt, reason in exported.failures.items()]
-    _emit(
+    emit(
         args,
         {
             "source": source.origin,
@@ -415,84 +388,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from slimship.runtimes.measure import bench, format_bench_table, format_profile_table
-    from slimship.runtimes.targets import get_target, load_targets
-    from slimship.sources import bench_files
-
-    if args.task == "text-generation":
-        return _text_generation("bench_command", args)
-
-    extra = load_targets(args.targets_file) if args.targets_file else None
-    target = get_target(args.target, extra)
-    models = [Path(m) for m in args.models]
-    dense = Path(args.dense) if args.dense else None
-    if dense is not None and dense not in models:
-        models.insert(0, dense)
-    steps = Steps()
-    with tempfile.TemporaryDirectory(prefix="slimship-bench-") as tmp:  # checkpoint folders -> .pt2
-        models, dense, notes = bench_files(models, dense, Path(tmp))
-        _notes(notes)
-        inputs = _bench_inputs(args, models)
-        calibration = _bench_calibration(args, dense, inputs)
-        with steps.step(f"bench {len(models)} model(s) on {target.name}, {args.runs} runs each"):
-            result = bench(
-                models, target, inputs, dense=dense, runs=args.runs, warmup=args.warmup, profile=args.profile,
-                calibration=calibration,
-            )  # fmt: skip
-    _human(args).print(format_bench_table(result))
-    for profile in result.profiles:
-        _human(args).print(format_profile_table(profile))
-    _emit(args, result)
-    return 0
-
-
-def _bench_calibration(args: argparse.Namespace, dense: Path | None, inputs: list[Any]) -> list[Any] | None:
-    """--calibration's batches for a dense .pt2's full-int8 twins (checked against the bench inputs)."""
-    if not args.calibration:
-        return None
-    if dense is None or dense.suffix.lower() != ".pt2":
-        raise ConfigError(
-            f"--calibration {args.calibration}: it calibrates the int8 files bench exports from a dense .pt2 "
-            "(--dense MODEL.pt2); the files given are already calibrated"
-        )
-    import torch
-
-    from slimship.pipeline.calibration import from_file
-
-    return from_file(Path(args.calibration), tuple(torch.from_numpy(a) for a in inputs)).batches
-
-
-def _bench_inputs(args: argparse.Namespace, models: list[Path]) -> list[Any]:
-    """--inputs (checked against every model's inputs, read on this host), else random inputs of the shapes
-    read from the first model file (--input-shape replaces the first input's shape)."""
-    from slimship.inputs import check_inputs, load_npz_inputs
-    from slimship.sources import input_specs, random_inputs
-
-    specs = {model: input_specs(model) for model in models}  # each model opened here first
-    if not args.inputs:
-        inputs, notes = random_inputs(specs[models[0]], args.input_shape)
-        _notes(notes)
-        shapes = ", ".join(f"{s.name} {list(a.shape)} {a.dtype}" for s, a in zip(specs[models[0]], inputs))
-        note(f"random inputs from {models[0].name}: {shapes}")
-        for model, model_specs in specs.items():  # a shape the file fixes otherwise fails "on the device"
-            check_inputs(inputs, model_specs, f"random inputs of --input-shape / {models[0]} (for {model})")
-        return inputs
-    inputs = load_npz_inputs(args.inputs, specs[models[0]])  # shapes checked from headers, before data
-    for model, model_specs in specs.items():
-        check_inputs(inputs, model_specs, f"{args.inputs} (for {model})")
-    return inputs
-
-
-def _text_generation(command: str, args: argparse.Namespace) -> int:
-    """`export`/`bench`/`release --task text-generation` and `generate`: slimship.decoder.cli's commands."""
-    from slimship.decoder import cli as decoder_cli
-
-    return getattr(decoder_cli, command)(args, _human(args), lambda payload: _emit(args, payload))
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
-    return _text_generation("generate_command", args)
+    return text_generation("generate_command", args)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -501,9 +398,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     steps = Steps()
     with steps.step(f"verify {args.bundle}"):
         result = verify_bundle(Path(args.bundle))
-    payload = _jsonable(result)
+    payload = jsonable(result)
     if args.json:
-        _emit(args, payload)
+        emit(args, payload)
     else:
         user_stdout().write(json.dumps(payload, indent=2, default=str) + "\n")
     return 0
@@ -513,7 +410,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     """Bundle a slim model with checked exports, timed with --target or a latency gate (a decoder:
     slimship.decoder.release)."""
     if args.task == "text-generation":
-        return _text_generation("release_command", args)
+        return text_generation("release_command", args)
     from slimship.cli_parser import DEFAULT_FORMATS
 
     args.format = args.format or list(DEFAULT_FORMATS)
@@ -532,7 +429,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from slimship.runtimes.targets import get_target
 
     check_new_version(Path(args.out), args.name, args.version)  # before any work
-    gates = gates_from_options(_gate_overrides(args))  # checked before any export
+    gates = gates_from_options(gate_overrides(args))  # checked before any export
     index = ExportIndex.load(args.exports, required=True) if args.exports else None  # before any work
     steps = Steps()
     source = _source(args, steps)
@@ -560,15 +457,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
         )  # fmt: skip
         with steps.step("write release bundle"):
             result = publish(request)
-    _human(args).print(str(result.bundle_dir))
-    _emit(args, {"bundle": result, "seconds": steps.times})
+    human(args).print(str(result.bundle_dir))
+    emit(args, {"bundle": result, "seconds": steps.times})
     return 0
-
-
-def _jsonable(value: Any) -> Any:
-    from slimship._util import to_jsonable
-
-    return to_jsonable(value)
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -624,7 +515,7 @@ def _run_command(args: argparse.Namespace) -> int:
     except StoppedEarly as exc:
         if _speaks_for_all():  # every rank stops alike (rank 0's checkpoint)
             print(f"slimship: stopped: {exc}", file=sys.stderr)
-            _emit(args, {"stopped": str(exc), "exit_code": STOPPED_EXIT, "released": False})
+            emit(args, {"stopped": str(exc), "exit_code": STOPPED_EXIT, "released": False})
         return STOPPED_EXIT
     except SlimshipError as exc:
         if not exc.every_rank:  # under torchrun, the rank that failed names itself

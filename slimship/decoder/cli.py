@@ -143,9 +143,9 @@ def _from_folder(path: Path, allow_pickle: bool) -> tuple[Any, str, str]:
 
 
 def export_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
-    from slimship.cli import check_output_dir, refuse_existing
     from slimship.decoder.export import DecoderExporter, DecoderExportOptions, file_name, get_decoder_format
     from slimship.decoder.tokens import load_token_file
+    from slimship.outputs import check_output_dir, refuse_existing
 
     formats = list(dict.fromkeys(args.format))
     records = [get_decoder_format(name) for name in formats]  # ExportError before any work
