@@ -344,7 +344,7 @@ def _publish(
         dense = stages.run("export dense", export, trained.compressed, "dense")
         slim = stages.run("export slim", export, slim_model, "slim")
         bcfg, result = config.bench, slimmed.result
-        logits = logits_index(slim_model, example, choice)
+        logits = logits_index(slim_model, example, choice) if eval_pairs else 0  # no labels: no top-1
         plan = BenchPlan(config.target_profiles(), bcfg.runs, bcfg.warmup, bcfg.profile, example, eval_pairs,
                          (result.flops_before, result.flops_after), logits)  # fmt: skip
         top1 = (trained.dense_acc, slim_acc)
