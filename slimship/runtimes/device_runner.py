@@ -10,7 +10,7 @@ CLI contract (stable; other modules rely on it):
         [--runtime auto|onnxruntime|litert|tflite_runtime|executorch] [--threads N]
         [--warmup W] [--runs R] [--save-outputs outputs.npz]
         [--model M2 ...]            (pair mode: models are timed interleaved, A B A B ...)
-        [--affinity 0,1] [--xnnpack on|off] [--eval eval.npz]
+        [--affinity 0,1] [--xnnpack on|off] [--eval eval.npz [--eval-output K]]
         [--task text-generation --prompt-len P --new-tokens T [--seed S]]
 `inputs.npz` holds arrays named in0, in1, ... in the model's input order.
 With `--task text-generation` (decoders from `slimship export --task text-generation`; `inputs.npz` may be
@@ -18,7 +18,7 @@ empty) a run is one greedy generation of T tokens (EOS ignored) after P ids draw
 from the first model's vocabulary; each `models` entry has tokens (of the first run), prefill_s and
 decode_s (seconds per run: the prompt's call; the T - 1 one-token calls); latencies_ms: whole generations.
 `eval.npz` holds batches as b0_in0, b0_in1, b1_in0, ...; the result gets each batch's top-1
-predictions (argmax over the last axis of output 0) per model.
+predictions (argmax over the last axis of output K, default 0) per model.
 
 A .pte program needs the `executorch` package, whose Python runtime also imports torch.
 
