@@ -153,23 +153,86 @@ def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[Batches, Batche
     return train, test
 
 
-def _logits(output: object) -> torch.Tensor:
-    if isinstance(output, tuple | list):
-        output = output[0]
+OutputChoice = int | str | None  # the `data.output` option: a leaf index, a dict key, or None
+
+
+def output_leaves(output: object) -> list[tuple[str, Any]]:
+    """A model's output flattened the way the exported files order it (tensor, tuple, dict ...), each leaf
+    with its name: the keys on its path joined by '.' (`cls`, `heads.box`), or its index for a tuple."""
+    from torch.utils import _pytree as pytree
+
+    leaves, _ = pytree.tree_flatten_with_path(output)
+    named = []
+    for i, (path, leaf) in enumerate(leaves):
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        named.append((".".join(keys) or str(i), leaf))
+    return named
+
+
+def _is_named(output: object) -> bool:
+    from torch.utils import _pytree as pytree
+
+    leaves, _ = pytree.tree_flatten_with_path(output)
+    return any(isinstance(k, pytree.MappingKey | pytree.GetAttrKey) for path, _ in leaves for k in path)
+
+
+def describe_outputs(output: object) -> str:
+    """`0 'cls' [1, 7], 1 'box' [1, 4]`: the leaves a `data.output` can select."""
+    return ", ".join(
+        f"{i} {name!r} {list(getattr(leaf, 'shape', []))}"
+        for i, (name, leaf) in enumerate(output_leaves(output))
+    )
+
+
+def output_index(output: object, choice: OutputChoice) -> int:
+    """The index of the leaf `choice` selects (see `select_logits`); ConfigError naming the outputs and the
+    `data.output` option when it selects none or the choice is ambiguous."""
+    leaves = output_leaves(output)
+    names = [name for name, _ in leaves]
+    how = "set data.output to one of their indices or keys"
+    if choice is None:
+        if len(leaves) > 1 and _is_named(output):
+            raise ConfigError(
+                f"the model returns {len(leaves)} named outputs ({describe_outputs(output)}); which one "
+                f"holds the class logits accuracy is measured on is ambiguous: {how}"
+            )
+        return 0  # one output, or a tuple: its first (the convention of (logits, ...) models)
+    if isinstance(choice, int) and not isinstance(choice, bool):
+        if 0 <= choice < len(leaves):
+            return choice
+    elif choice in names:
+        return names.index(choice)
+    raise ConfigError(
+        f"'data.output' is {choice!r}, but the model's outputs are {describe_outputs(output)}; {how}"
+    )
+
+
+def select_logits(output: object, choice: OutputChoice = None) -> torch.Tensor:
+    """The (batch, classes) logits among a model's outputs: the leaf `choice` selects (index or dict key;
+    None: the only one, or the first of a tuple). SlimshipError naming the outputs otherwise."""
     if isinstance(output, np.ndarray):
         output = torch.from_numpy(output)
-    if not isinstance(output, torch.Tensor) or output.ndim != 2:
+    leaves = output_leaves(output)
+    logits = leaves[output_index(output, choice)][1] if leaves else None
+    if isinstance(logits, np.ndarray):
+        logits = torch.from_numpy(logits)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        chosen = "" if choice is None else f" selected by data.output={choice!r}"
         raise SlimshipError(
-            f"evaluate_accuracy: the model must return (batch, classes) logits, got {type(output).__name__}"
-            f" with shape {getattr(output, 'shape', None)}"
+            f"accuracy: the model output{chosen} must be (batch, classes) logits, got "
+            f"{type(logits).__name__} with shape {list(getattr(logits, 'shape', []))} (outputs: "
+            f"{describe_outputs(output) or type(output).__name__}); name the logits with data.output"
         )
-    return output
+    return logits
 
 
 def evaluate_accuracy(
-    model_or_fn: nn.Module | Callable[[torch.Tensor], object], batches: Iterable[Batch]
+    model_or_fn: nn.Module | Callable[[torch.Tensor], object],
+    batches: Iterable[Batch],
+    output: OutputChoice = None,
 ) -> float:
-    """Top-1 accuracy in percent. A module runs in eval mode (its mode is restored after) without grad."""
+    """Top-1 accuracy in percent of the logits `output` selects (see `select_logits`). A module runs in eval
+    mode (its mode is restored after) without grad."""
     from slimship.compress.device import device_of, to_device
 
     was_training = isinstance(model_or_fn, nn.Module) and model_or_fn.training
@@ -181,7 +244,7 @@ def evaluate_accuracy(
         with torch.no_grad():
             for x, y in batches:
                 x = x if device is None else to_device(x, device)  # a module: its inputs go where it is
-                pred = _logits(model_or_fn(x)).argmax(dim=1)
+                pred = select_logits(model_or_fn(x), output).argmax(dim=1)
                 correct += int((pred.cpu() == torch.as_tensor(y)).sum())
                 total += len(y)
     finally:

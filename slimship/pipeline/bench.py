@@ -38,6 +38,15 @@ class BenchPlan:
     example: tuple[torch.Tensor, ...]
     eval_pairs: Sequence[EvalPair] = ()
     flops: tuple[int, int] | None = None
+    eval_output: int = 0  # which flattened output holds the logits top-1 is read from (`data.output`)
+
+
+def logits_index(module: Any, example: tuple[torch.Tensor, ...], choice: int | str | None) -> int:
+    """The flattened-output index `choice` (the config's `data.output`) selects on `module`'s outputs."""
+    from slimship.data import output_index
+
+    with torch.no_grad():
+        return output_index(module(*example), choice)
 
 
 def bench_targets(
@@ -61,7 +70,7 @@ def bench_targets(
             if target.emulated:  # parity and accuracy on its kernels; its timings are not a device's
                 evals = pairs[:50] or None
                 checked = measure(slim_path, inputs, target, warmup=0, runs=2, eval_batches=evals,
-                                  reference=reference)  # fmt: skip
+                                  reference=reference, eval_output=plan.eval_output)  # fmt: skip
                 entries.append(BenchEntry(target.name, fmt, True, checked))
                 continue
             speedup, (dense_m, slim_m) = measure_speedup(
@@ -69,7 +78,7 @@ def bench_targets(
             )
             speedup = with_flops(speedup, plan.flops, TORCH_FLOPS)
             checked = measure(slim_path, inputs, target, warmup=1, runs=1, eval_batches=pairs or None,
-                              reference=reference)  # fmt: skip
+                              reference=reference, eval_output=plan.eval_output)  # fmt: skip
             profile = None
             if plan.profile:
                 profile = layer_profile(dense_path, slim_path, inputs, target, f"dense-{fmt}", plan.runs)

@@ -65,6 +65,12 @@ class DataSpec(Section):
         ..., "an import path 'package.module:function' returning (train, test)", pattern=IMPORT_PATH
     )
     kwargs: dict[str, Any] = _f(dict, "a mapping of the factory's keyword arguments")
+    output: Annotated[int, Field(ge=0)] | str | None = _f(
+        None,
+        "which model output holds the (batch, classes) logits accuracy is measured on: its index among "
+        "the flattened outputs (0, 1 ...) or its dict key (e.g. cls); needed when the model returns "
+        "named outputs (a dict)",
+    )
 
 
 class TrainSpec(Section):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimship._util import write_problem
-from slimship.errors import ConfigError, first_line
+from slimship.errors import ConfigError, SlimshipError, first_line
 from slimship.pipeline.factories import signature_problems
 
 if TYPE_CHECKING:
@@ -128,7 +128,25 @@ def _check_input_shape(config: PipelineConfig) -> list[str]:
                 f"'model.factory' {config.model.factory} returned {type(model).__name__}, not an nn.Module"
             ]
         model.eval()
-        return _trace_problems(model, shape)
+        return _trace_problems(model, shape) or _output_problems(config, model, shape)
+
+
+def _output_problems(config: PipelineConfig, model: Any, shape: list[int]) -> list[str]:
+    """With data, `data.output` selects one (batch, classes) output to measure accuracy on: a model with
+    several named outputs must name it (an ambiguous choice is refused here, not after training)."""
+    if config.data is None:
+        return []
+    import torch
+
+    from slimship.data import select_logits
+
+    with torch.no_grad():
+        output = model(torch.randn(1, *shape))
+    try:
+        select_logits(output, config.data.output)
+    except SlimshipError as exc:
+        return [f"'data.output': {exc}"]
+    return []
 
 
 def _trace_problems(model: Any, shape: list[int]) -> list[str]:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from slimship.compare import REL_BOUNDS
+from slimship.compare import MAGNITUDE_CAPS, REL_BOUNDS
 from slimship.pipeline.records import TargetRecord
 
 #: accuracy drop (percentage points, slim vs dense) past which the headline is shown as a warning
@@ -91,8 +91,9 @@ def precision_of(role: str) -> str:
     return record.precision if record is not None else "fp32"
 
 
-def tolerance_sentences(roles: list[str]) -> list[str]:
-    """One sentence per precision among `roles`: the bound, what it is relative to, and why."""
+def tolerance_sentences(roles: list[str], figures: dict[str, str] | None = None) -> list[str]:
+    """One sentence per precision among `roles`: the bound, what it is relative to (and its magnitude cap),
+    why, and (from `figures`: role -> the tolerance as the caller's table prints it) what it came to."""
     from slimship.exporters.tflite_export import PARITY_BOUNDS
 
     by_precision: dict[str, list[str]] = {}
@@ -105,8 +106,17 @@ def tolerance_sentences(roles: list[str]) -> list[str]:
         files = ", ".join(by_precision[precision])
         text = (
             f"{precision} ({files}): outputs may differ from the slim PyTorch model by at most "
-            f"{REL_BOUNDS[precision]:g} x max(1, largest |reference output|) ({_TOLERANCE_WHY[precision]})"
+            f"{REL_BOUNDS[precision]:g} x max(1, largest |reference output|)"
         )
+        if MAGNITUDE_CAPS[precision] is not None:
+            text += (
+                f", and by no more than {MAGNITUDE_CAPS[precision]:g} x largest |reference output| itself "
+                "(so on small outputs an error as large as the outputs fails)"
+            )
+        text += f" ({_TOLERANCE_WHY[precision]})"
+        came = [f"{role} {figures[role]}" for role in by_precision[precision] if figures and role in figures]
+        if came:
+            text += f"; on the stored reference outputs that is {', '.join(came)}"
         if precision.startswith("int8") or precision == "fp16":
             text += (
                 f"; and top-1 agreement on evaluation data must be at least {PARITY_BOUNDS[precision][1]:.0%}"

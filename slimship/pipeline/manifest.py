@@ -105,6 +105,30 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def io_record(
+    input_shapes: list[list[int]],
+    output_shapes: list[list[int]],
+    output_names: list[str] | None,
+    dynamic_batch: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's `model.inputs` / `model.outputs` names and shapes as the exported files carry them:
+    inputs `input`, `input_1` ..., outputs named by the model's output structure (`cls`, `box`; else
+    `output`, `output_1` ...), the batch dim named `batch` when every file keeps it dynamic."""
+    from slimship.exporters.onnx_export import default_names
+
+    def specs(names: list[str], shapes: list[list[int]]) -> list[dict[str, Any]]:
+        return [
+            {"name": n, "shape": (["batch", *s[1:]] if dynamic_batch and s else list(s))}
+            for n, s in zip(names, shapes, strict=True)
+        ]
+
+    outputs = output_names or default_names("output", len(output_shapes))
+    return {
+        "inputs": specs(default_names("input", len(input_shapes)), input_shapes),
+        "outputs": specs(outputs, output_shapes),
+    }
+
+
 def finite_or_none(value: Any) -> Any:
     """Recursively replace non-finite floats (nan, inf) by None so the JSON stays valid."""
     if isinstance(value, float) and not math.isfinite(value):

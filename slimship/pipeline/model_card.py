@@ -185,7 +185,8 @@ def _parity(parity: dict[str, dict[str, Any]]) -> str:
     rows = [
         [r, e.get("max_abs_diff"), e.get("max_rel_diff"), e["tolerance"]] for r, e in sorted(parity.items())
     ]
-    why = "".join(f"- {sentence}\n" for sentence in tolerance_sentences(list(parity)))
+    figures = {r: _cell(e["tolerance"]) for r, e in parity.items()}  # the sentences say the table's figures
+    why = "".join(f"- {sentence}\n" for sentence in tolerance_sentences(list(parity), figures))
     return (
         "## Parity with the slim PyTorch model\n\n"
         + _md_table(["model file", "max abs diff", "max rel diff", "tolerance (abs)"], rows)

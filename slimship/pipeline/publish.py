@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from slimship._util import sha256_bytes
+from slimship.exporters.common import torch_outputs
 from slimship.exporters.judge import judge_file
 from slimship.exporters.registry import ExportFailures, ExportRequest, export_formats, get_format
 from slimship.pipeline.export_index import (
@@ -25,8 +26,10 @@ from slimship.pipeline.export_index import (
 )
 from slimship.pipeline.export_index import reuse as reuse_file
 from slimship.pipeline.gates import GateResult
+from slimship.pipeline.manifest import io_record
 from slimship.pipeline.records import BenchFigures, CalibrationData, ExportResult
 from slimship.pipeline.release import ReleaseInputs, ReleaseResult, write_release
+from slimship.sources import output_names
 
 Step = Callable[[str], contextlib.AbstractContextManager[dict[str, Any]]]  # a progress step: its info dict
 
@@ -165,7 +168,7 @@ def release_inputs(request: ReleaseRequest) -> ReleaseInputs:
         slim_module=request.module,
         example_inputs=request.example,
         model_files=request.exports.files(),
-        reference={"source_sha256": request.source_sha256},
+        reference={"source_sha256": request.source_sha256, **_io(request)},
         slimming=request.slimming,
         parity={fmt: p.to_dict() for fmt, p in request.exports.parity().items()},
         accuracy=bench.accuracy() if bench is not None else {},
@@ -177,6 +180,17 @@ def release_inputs(request: ReleaseRequest) -> ReleaseInputs:
         calibration=record.to_dict() if record is not None else None,
         targets=request.targets,
     )
+
+
+def _io(request: ReleaseRequest) -> dict[str, Any]:
+    """Input/output names and shapes as the request's exported files carry them (see `io_record`)."""
+    outputs = torch_outputs(request.module, request.example)
+    results = request.exports.results.values()
+    dynamic = bool(results) and all(getattr(r, "dynamic_batch", False) for r in results)
+    return io_record(
+        [list(t.shape) for t in request.example], [list(o.shape) for o in outputs],
+        output_names(request.module, request.example), dynamic,
+    )  # fmt: skip
 
 
 def publish(request: ReleaseRequest) -> ReleaseResult:

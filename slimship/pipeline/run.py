@@ -28,7 +28,7 @@ from slimship.compress.device import (
 from slimship.errors import SlimshipError
 from slimship.exporters.registry import ExportRequest, get_format
 from slimship.pipeline.alignment import choose_channel_multiple, counts_record, latency_counts
-from slimship.pipeline.bench import BenchPlan, EvalPair, bench_targets, profile_plots
+from slimship.pipeline.bench import BenchPlan, EvalPair, bench_targets, logits_index, profile_plots
 from slimship.pipeline.calibration import calibration, from_data
 from slimship.pipeline.config import PipelineConfig
 from slimship.pipeline.explain import target_record
@@ -49,6 +49,7 @@ from slimship.pipeline.training import (
     train_and_test,
     train_dense,
 )
+from slimship.sources import output_names
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -173,7 +174,7 @@ def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device)
     if tcfg is not None and train is not None and tcfg.epochs > 0:
         stages.run("train dense model", train_dense, model, shard, tcfg.epochs, tcfg.lr, seed)
     model.eval()
-    dense_acc = top1_accuracy(model, test)
+    dense_acc = top1_accuracy(model, test, config.data.output if config.data else None)
 
     compressed, result, compress_info, compress_plots = model, None, {}, {}
     if config.compress is not None:
@@ -322,7 +323,8 @@ def _publish(
     """Slim, export, bench, gate and release the compressed model (rank 0 only under torchrun)."""
     slimmed = _slim_stage(config, stages, trained)
     slim_model = slimmed.result.model
-    slim_acc = top1_accuracy(slim_model, trained.test)
+    choice = config.data.output if config.data else None
+    slim_acc = top1_accuracy(slim_model, trained.test, choice)
     evals, eval_pairs = _eval_samples(trained.test)
     formats, example = config.export.formats, trained.example
     data = from_data(trained.train, trained.test, config.data.factory if config.data else None)
@@ -332,7 +334,7 @@ def _publish(
 
         def export(model: torch.nn.Module, stem: str) -> ExportResult:
             request = ExportRequest(model, example, trained.trace_example, calib.batches, evals,
-                                    config.export.dynamic_batch)  # fmt: skip
+                                    config.export.dynamic_batch, output_names(model, example))  # fmt: skip
             digest = program_sha256(model, trained.trace_example) if cache is not None else None
             reuse = Reuse(cache, Provenance(digest), record=True) if cache is not None and digest else None
             exported = export_stage(request, formats, Path(tmp), stem, calib, reuse=reuse)
@@ -342,8 +344,9 @@ def _publish(
         dense = stages.run("export dense", export, trained.compressed, "dense")
         slim = stages.run("export slim", export, slim_model, "slim")
         bcfg, result = config.bench, slimmed.result
+        logits = logits_index(slim_model, example, choice) if eval_pairs else 0  # no labels: no top-1
         plan = BenchPlan(config.target_profiles(), bcfg.runs, bcfg.warmup, bcfg.profile, example, eval_pairs,
-                         (result.flops_before, result.flops_after))  # fmt: skip
+                         (result.flops_before, result.flops_after), logits)  # fmt: skip
         top1 = (trained.dense_acc, slim_acc)
         bench = stages.run("bench on targets", bench_targets, plan, dense, slim, slim_model, top1)
         gates = bench.agreement_said(evaluate_gates(config.gates, GateFigures.of(bench)))

@@ -14,12 +14,13 @@ from slimship.errors import ConfigError, StoppedEarly
 from slimship.pipeline.config import PipelineConfig
 
 
-def top1_accuracy(model: torch.nn.Module, test: Any) -> float | None:
+def top1_accuracy(model: torch.nn.Module, test: Any, output: int | str | None = None) -> float | None:
+    """Top-1 (percent) on `test` of the logits `output` (the config's `data.output`) selects."""
     if test is None:
         return None
     from slimship.data import evaluate_accuracy
 
-    return round(float(evaluate_accuracy(model, test)), 3)
+    return round(float(evaluate_accuracy(model, test, output)), 3)
 
 
 def train_dense(model: torch.nn.Module, train: Any, epochs: int, lr: float, seed: int) -> None:

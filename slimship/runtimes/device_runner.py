@@ -10,7 +10,7 @@ CLI contract (stable; other modules rely on it):
         [--runtime auto|onnxruntime|litert|tflite_runtime|executorch] [--threads N]
         [--warmup W] [--runs R] [--save-outputs outputs.npz]
         [--model M2 ...]            (pair mode: models are timed interleaved, A B A B ...)
-        [--affinity 0,1] [--xnnpack on|off] [--eval eval.npz]
+        [--affinity 0,1] [--xnnpack on|off] [--eval eval.npz [--eval-output K]]
         [--task text-generation --prompt-len P --new-tokens T [--seed S]]
 `inputs.npz` holds arrays named in0, in1, ... in the model's input order.
 With `--task text-generation` (decoders from `slimship export --task text-generation`; `inputs.npz` may be
@@ -18,7 +18,7 @@ empty) a run is one greedy generation of T tokens (EOS ignored) after P ids draw
 from the first model's vocabulary; each `models` entry has tokens (of the first run), prefill_s and
 decode_s (seconds per run: the prompt's call; the T - 1 one-token calls); latencies_ms: whole generations.
 `eval.npz` holds batches as b0_in0, b0_in1, b1_in0, ...; the result gets each batch's top-1
-predictions (argmax over the last axis of output 0) per model.
+predictions (argmax over the last axis of output K, default 0) per model.
 
 A .pte program needs the `executorch` package, whose Python runtime also imports torch.
 
@@ -512,9 +512,9 @@ def _time_interleaved(
     return latencies, cpu
 
 
-def _top1(outputs: list[np.ndarray]) -> list[int]:
-    """argmax over the last axis of output 0 per row; -1 for a row holding a NaN (it names no class)."""
-    rows = np.asarray(outputs[0]).reshape(-1, np.asarray(outputs[0]).shape[-1])
+def _top1(outputs: list[np.ndarray], index: int = 0) -> list[int]:
+    """argmax over the last axis of output `index` per row; -1 for a row holding a NaN (it names no class)."""
+    rows = np.asarray(outputs[index]).reshape(-1, np.asarray(outputs[index]).shape[-1])
     top = rows.argmax(-1)
     if rows.dtype.kind in "fc":
         top = np.where(np.isnan(rows).any(-1), -1, top)
@@ -549,7 +549,7 @@ def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
     if args.eval:
         batches = load_eval_batches(args.eval)
         for entry, runner in zip(entries, runners, strict=True):
-            entry["eval_top1"] = [_top1(runner.run(batch)) for batch in batches]
+            entry["eval_top1"] = [_top1(runner.run(batch), args.eval_output) for batch in batches]
     if len(runners) > 1:
         result["pair_ratios"] = [
             [a / b for a, b in zip(latencies[0], lat, strict=True)] for lat in latencies[1:]
@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--affinity", default=None, help="comma-separated CPU cores, e.g. 0,1")
     parser.add_argument("--xnnpack", default="on", choices=("on", "off"))
     parser.add_argument("--eval", default=None, help="npz of evaluation batches b{i}_in{j}")
+    parser.add_argument("--eval-output", type=int, default=0, help="the output whose argmax is top-1")
     parser.add_argument("--task", default=None, choices=("text-generation",))
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)

@@ -123,9 +123,10 @@ def _reference_fn(reference: Any) -> Callable[[list[np.ndarray]], list[np.ndarra
     return lambda xs: [np.asarray(o) for o in run(xs)]
 
 
-def _top1(outputs: list[np.ndarray]) -> np.ndarray:
-    """argmax over the last axis of output 0 per row; -1 for a row holding a NaN (as the device runner)."""
-    first = np.asarray(outputs[0])
+def _top1(outputs: list[np.ndarray], index: int = 0) -> np.ndarray:
+    """argmax over the last axis of output `index` per row; -1 for a row holding a NaN (as the device
+    runner)."""
+    first = np.asarray(outputs[index])
     rows = first.reshape(-1, first.shape[-1])
     top = rows.argmax(-1)
     return np.where(np.isnan(rows).any(-1), -1, top) if rows.dtype.kind in "fc" else top
@@ -150,7 +151,7 @@ def parity(outputs: list[np.ndarray], reference: list[np.ndarray]) -> Parity:
 
 
 def _accuracy(
-    top1: list[list[int]], eval_batches: list[EvalBatch], ref: Any
+    top1: list[list[int]], eval_batches: list[EvalBatch], ref: Any, index: int = 0
 ) -> tuple[float | None, float | None, int]:
     preds = np.concatenate([np.asarray(t, dtype=np.int64) for t in top1]) if top1 else np.zeros(0, np.int64)
     labels = [b[1] for b in eval_batches]
@@ -159,7 +160,7 @@ def _accuracy(
         accuracy = float((preds == np.concatenate([np.asarray(lab).reshape(-1) for lab in labels])).mean())
     agreement = None
     if ref is not None and preds.size:
-        ref_preds = np.concatenate([_top1(ref(as_array_list(b[0]))) for b in eval_batches])
+        ref_preds = np.concatenate([_top1(ref(as_array_list(b[0])), index) for b in eval_batches])
         agreement = float((preds == ref_preds).mean())
     return accuracy, agreement, int(preds.size)
 
@@ -192,8 +193,10 @@ def measure(
     eval_batches: list[EvalBatch] | None = None,
     reference: Any = None,
     staging_dir: Path | None = None,
+    eval_output: int = 0,
 ) -> Measurement:
-    """Load time, latency stats, peak RSS; accuracy/agreement on `eval_batches`; parity vs `reference`.
+    """Load time, latency stats, peak RSS; accuracy/agreement on `eval_batches` (top-1 of output
+    `eval_output`); parity vs `reference`.
 
     `reference` is a Runner (or a callable) taking a list of arrays and returning a list of arrays,
     run on this host (typically the torch model).
@@ -203,11 +206,14 @@ def measure(
         target, [Path(model_path)], inputs, warmup=warmup, runs=runs,
         eval_inputs=[as_array_list(b[0]) for b in eval_batches] if eval_batches else None,
         save_outputs=ref is not None, staging_dir=staging_dir,
+        extra_args=["--eval-output", str(eval_output)] if eval_batches and eval_output else (),
     )  # fmt: skip
     entry = run.result["models"][0]
     m = _measurement(Path(model_path), entry, run.result, target)
     if eval_batches:
-        m.accuracy, m.agreement, m.eval_samples = _accuracy(entry["eval_top1"], eval_batches, ref)
+        m.accuracy, m.agreement, m.eval_samples = _accuracy(
+            entry["eval_top1"], eval_batches, ref, eval_output
+        )
     if ref is not None:
         m.parity = parity(run.outputs[0], ref(as_array_list(inputs)))
     return m

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from slimship.errors import ModelFileError
+from slimship.exporters.common import torch_outputs
 
 
 class TorchRunner:
@@ -37,13 +38,10 @@ class TorchRunner:
         previous = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
-        try:
-            with torch.inference_mode():
-                out = self.module(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
+        try:  # outputs flattened (tensor, tuple, dict ...) the way the exported files order them
+            return torch_outputs(self.module, [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
         finally:
             torch.set_num_threads(previous)
-        outs = out if isinstance(out, list | tuple) else [out]
-        return [o.detach().cpu().numpy() for o in outs]
 
     def describe(self) -> dict[str, Any]:
         return {
