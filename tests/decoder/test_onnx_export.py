@@ -11,6 +11,7 @@ import pytest
 
 from slimship.decoder import DecoderExportOptions, export_decoder, greedy, open_decoder
 from slimship.decoder.runner import ONNX_METADATA_KEY
+from slimship.runtimes.profile import SCOPES_KEY
 from slimship.errors import SlimshipError
 from tests.decoder.tiny import tiny_slim_llama
 
