@@ -11,8 +11,8 @@ import pytest
 
 from slimship.decoder import DecoderExportOptions, export_decoder, greedy, open_decoder
 from slimship.decoder.runner import ONNX_METADATA_KEY
-from slimship.runtimes.profile import SCOPES_KEY
 from slimship.errors import SlimshipError
+from slimship.runtimes.profile import SCOPES_KEY
 from tests.decoder.tiny import tiny_slim_llama
 
 pytestmark = pytest.mark.slow  # two ONNX exports and a slim: 30-160 s on a shared 2-core host
