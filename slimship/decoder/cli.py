@@ -168,7 +168,7 @@ def export_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
         prompt_len=min(8, args.max_seq_len - new_tokens), new_tokens=new_tokens,
     )  # fmt: skip
     with steps.step("reference generation (transformers generate)"):
-        exporter = DecoderExporter(model, options)
+        exporter = DecoderExporter(model, options, formats)  # a static cache's size checked first
     results = {}
     with tempfile.TemporaryDirectory(prefix="slimship-export-") as tmp:
         for name in formats:
