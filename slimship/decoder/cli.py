@@ -249,7 +249,7 @@ def bench_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
             result = bench_decode_on_target(args.models, target, **settings)
     else:
         with pinned(target), steps.step(what):  # this process runs the files: pinned as the target says
-            result = bench_decode(args.models, threads=target.threads, **settings)
+            result = bench_decode(args.models, threads=target.threads, target=target, **settings)
     console.print(format_decode_table(result))
     for profile in result.profiles:
         console.print(format_profile_table(profile))
