@@ -3,16 +3,16 @@
 Every run is one greedy generation of `new_tokens` after a random prompt of `prompt_len` tokens (the same
 prompt for every file, EOS ignored), through the runner `slimship generate` uses. Files are run in turn
 within each run (dense, slim, dense, slim ...) in this process, so a dense/slim speedup is the median of
-per-run ratios with its spread, as for every other speedup in slimship. Memory: the resident memory a
-file's load and first generation added to this process (`rss_kb`, Linux) and the process's high-water
-mark after all runs (`peak_rss_kb`); each runtime is imported before the first file is opened.
+per-run ratios with its spread, as for every other speedup in slimship. Memory (`rss_kb`, Linux): what a
+file's load and first generation added to a fresh runner process of its own on the target, after its
+runtime was imported, as for one-pass models (`slimship.runtimes.measure`): the same figure whichever
+files are benched beside it and in whatever order (a runtime's start-up is in every file's figure, not
+only in the first one's); `peak_rss_kb`: the timing process's high-water mark after all runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
 import resource
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +29,7 @@ from slimship.runtimes.profile import profile_models
 from slimship.runtimes.targets import Target
 
 RUNTIME_MODULES = {".pte": "executorch.runtime", ".onnx": "onnxruntime"}
+LOCAL = "local"  # the target name of a bench run in this process without a named target
 
 
 @dataclasses.dataclass
@@ -73,16 +74,29 @@ class DecodeBench:
     peak_rss_kb: int
     notes: list[str] = dataclasses.field(default_factory=list)
     where: str = "local (this process)"
+    target: str = LOCAL  # the target's name (as in every speedup's `target`)
     prompt: list[int] = dataclasses.field(default_factory=list)
     profiles: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per-layer, one decode step
 
 
-def _rss_kb() -> int | None:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except (OSError, ValueError, IndexError):
-        return None
+def _decode_args(prompt_len: int, new_tokens: int, seed: int) -> list[str]:
+    return ["--task", "text-generation", "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
+            "--seed", str(seed)]  # fmt: skip
+
+
+def file_memory_kb(
+    paths: Sequence[Path], target: Target, prompt_len: int, new_tokens: int, seed: int = 0,
+    staging_dir: Path | None = None,
+) -> list[int | None]:  # fmt: skip
+    """What each file's load and first generation add to a fresh runner process of its own on `target`
+    (after its runtime is imported): independent of the other files and of their order."""
+    memory: list[int | None] = []
+    for path in paths:
+        run = run_on_target(target, [path], [], warmup=0, runs=1, staging_dir=staging_dir,
+                            extra_args=_decode_args(prompt_len, new_tokens, seed))  # fmt: skip
+        rss = run.result["models"][0].get("model_rss_kb")
+        memory.append(None if rss is None else int(rss))
+    return memory
 
 
 def file_kind(path: Path) -> str:
@@ -116,35 +130,36 @@ def bench_decode(
     files: Sequence[str | Path], *, dense: str | Path | None = None, prompt_len: int = 32,
     new_tokens: int = 32,
     runs: int = 10, warmup: int = 2, threads: int | None = 1, seed: int = 0, profile: bool = False,
+    target: Target | None = None,
 ) -> DecodeBench:  # fmt: skip
     """Time greedy generation of every file in this process (see the module doc); speedups of each file
     against `dense` where both are of one kind (suffix and precision); `profile`: a per-layer dense vs slim
-    profile of one decode step of each such pair (`decode_profile`)."""
+    profile of one decode step of each such pair (`decode_profile`). `target`: the local target this
+    process runs as (its name labels the figures; each file's memory is measured in a runner process of its
+    own there); None: "local" with `threads`."""
     paths, dense_path = _paths(files, dense, runs, warmup)
-    for suffix in {p.suffix.lower() for p in paths}:  # runtimes imported first: RSS is then the model's
-        importlib.import_module(RUNTIME_MODULES.get(suffix, "numpy"))
-    opened: list[tuple[Decoder, int | None]] = []
+    opened: list[Decoder] = []
     prompt: list[int] = []
     tokens: list[list[int]] = []
     for path in paths:
-        before = _rss_kb()
         decoder = open_decoder(path, threads)
         if not prompt:
             rng = np.random.default_rng(seed)
             prompt = [int(t) for t in rng.integers(0, decoder.info.vocab_size, prompt_len)]
         tokens.append(_first_run(decoder, path, prompt, new_tokens))
-        after = _rss_kb()
-        opened.append((decoder, None if before is None or after is None else max(after - before, 0)))
+        opened.append(decoder)
     times: Times = {p: {"prefill": [], "decode": []} for p in paths}
     for run in range(warmup + runs):
-        for path, (decoder, _) in zip(paths, opened, strict=True):
+        for path, decoder in zip(paths, opened, strict=True):
             result = greedy(decoder, prompt, new_tokens, stop_at_eos=False)
             if run >= warmup:
                 times[path]["prefill"].append(result.prefill_s)
                 times[path]["decode"].append(sum(result.step_s))
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    result = _bench_result(paths, dense_path, times, [rss for _, rss in opened], peak,
-                           (threads, prompt_len, new_tokens, runs, warmup))  # fmt: skip
+    target = target or Target(LOCAL, threads=threads)
+    rss = file_memory_kb(paths, target, prompt_len, new_tokens, seed)
+    result = _bench_result(paths, dense_path, times, rss, peak,
+                           (threads, prompt_len, new_tokens, runs, warmup), target.name)  # fmt: skip
     result.prompt = prompt
     for measurement, generated in zip(result.measurements, tokens, strict=True):
         measurement.tokens = generated
@@ -170,13 +185,12 @@ def bench_decode_on_target(
     for path in paths:
         if path.suffix.lower() not in RUNTIME_MODULES:
             raise ModelFileError(f"{path}: text generation runs .pte and .onnx files (got {path.suffix})")
-    extra = ["--task", "text-generation", "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
-             "--seed", str(seed)]  # fmt: skip
+    extra = _decode_args(prompt_len, new_tokens, seed)
     run = run_on_target(target, paths, [], warmup=warmup, runs=runs, staging_dir=staging_dir,
                         extra_args=extra).result  # fmt: skip
     times: Times = {p: {"prefill": e["prefill_s"], "decode": e["decode_s"]}
                     for p, e in zip(paths, run["models"], strict=True)}  # fmt: skip
-    rss = [e.get("model_rss_kb") for e in run["models"]]
+    rss = file_memory_kb(paths, target, prompt_len, new_tokens, seed, staging_dir)  # a process per file
     result = _bench_result(paths, dense_path, times, rss, int(run["peak_rss_kb"]),
                            (target.threads, prompt_len, new_tokens, runs, warmup), target.name)  # fmt: skip
     result.where, result.prompt = where_measured(target), [int(t) for t in run["prompt"]]
@@ -189,14 +203,15 @@ def bench_decode_on_target(
 
 def _bench_result(
     paths: list[Path], dense: Path | None, times: Times, rss: list[int | None], peak_rss_kb: int,
-    settings: tuple[int | None, int, int, int, int], target: str = "local",
+    settings: tuple[int | None, int, int, int, int], target: str,
 ) -> DecodeBench:  # fmt: skip
     threads, prompt_len, new_tokens, runs, warmup = settings
     measurements = [_measurement(p, times[p], kb, prompt_len, new_tokens) for p, kb in zip(paths, rss)]
     decode, prefill, notes = _speedups(paths, dense, times, target)
     return DecodeBench(
-        threads, prompt_len, new_tokens, runs, warmup, measurements, decode, prefill, peak_rss_kb, notes
-    )
+        threads, prompt_len, new_tokens, runs, warmup, measurements, decode, prefill, peak_rss_kb, notes,
+        target=target,
+    )  # fmt: skip
 
 
 def decode_step_inputs(path: Path, prompt: Sequence[int], threads: int | None = 1) -> list[np.ndarray]:
@@ -267,14 +282,15 @@ def format_decode_table(result: DecodeBench):
     from rich.table import Table
 
     title = (
-        f"text generation, {result.where}: prompt {result.prompt_len}, {result.new_tokens} new tokens, "
-        f"{result.runs} runs, threads={result.threads or 'default'} (median, p10-p90)"
+        f"text generation on {result.target}, {result.where}: prompt {result.prompt_len}, "
+        f"{result.new_tokens} new tokens, {result.runs} runs, threads={result.threads or 'default'} "
+        "(median, p10-p90)"
     )
     table = Table(title=title)
     for header in ("model", "kind", "MB", "TTFT ms", "prefill tok/s", "decode tok/s", "ms/token", "RSS MB"):
         table.add_column(header)
     for m in result.measurements:
-        table.add_row(
+        table.add_row(  # RSS MB: what the file adds to a fresh runner process (the module doc)
             Path(m.model).name, m.kind, f"{m.bytes / 1e6:.2f}", _spread(m.ttft_ms, ".2f"),
             _spread(m.prefill_tok_s, ".0f"), _spread(m.decode_tok_s, ".0f"), _spread(m.ms_per_token, ".3f"),
             "-" if m.rss_kb is None else f"{m.rss_kb / 1024:.1f}",

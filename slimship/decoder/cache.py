@@ -24,7 +24,14 @@ import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
 
+from slimship.budget import check_bytes, human
 from slimship.errors import ExportError, first_line
+
+#: copies of a static KV cache an ExecuTorch export holds at once, roughly: the module's buffers, the
+#: exported and lowered programs' copies, the runtime's planned memory when the file is read back
+STATIC_CACHE_COPIES = 3
+#: copies of the weights it holds (the model, the lowered program, the file read back)
+WEIGHT_COPIES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,27 @@ class KVLayout:
             h * (k + v) for h, k, v in zip(self.heads, self.key_dims, self.value_dims, strict=True)
         )
         return per_slot * max_seq_len * itemsize
+
+
+def check_static_cache(
+    layout: KVLayout, max_seq_len: int, max_positions: int | None, weight_bytes: int, itemsize: int = 4
+) -> int:
+    """Refuse a static cache of `max_seq_len` slots (batch 1) beyond the model's positions or, with the
+    export's working set, beyond the memory budget, before anything is allocated; returns its bytes."""
+    if max_positions is not None and max_seq_len > max_positions:
+        raise ExportError(
+            f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings {max_positions}"
+        )
+    cache = layout.slots_bytes(max_seq_len, itemsize)
+    what = (
+        f"the static KV cache ({human(cache)}: {layout.layers} layers x K,V x KV heads x head size x "
+        f"{max_seq_len} slots x {itemsize} bytes) with the export's working set ({STATIC_CACHE_COPIES} "
+        f"copies of it, {WEIGHT_COPIES} of the {human(weight_bytes)} of weights)"
+    )
+    check_bytes(
+        f"--max-seq-len {max_seq_len}", what, cache * STATIC_CACHE_COPIES + weight_bytes * WEIGHT_COPIES
+    )
+    return cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,7 +95,8 @@ def _decode(manifest: dict[str, Any], section: dict[str, Any]) -> str:
         f"{m['prompt_len']} tokens, {m['new_tokens']} new tokens. Figures are medians with p10-p90; a "
         "speedup is the median of per-run dense/slim ratios against the dense file of the same kind. Peak "
         f"resident memory of the release process: {m['peak_rss_kb'] / 1024:.0f} MiB (it also holds the "
-        "PyTorch model); the memory column is what loading a file and its first generation added.\n\n"
+        "PyTorch model); the memory column is what loading a file and its first generation added to a fresh "
+        "runner process of its own (its runtime imported first).\n\n"
     )
     rows = []
     for name, e in sorted(section["files"].items()):

@@ -168,7 +168,7 @@ def export_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
         prompt_len=min(8, args.max_seq_len - new_tokens), new_tokens=new_tokens,
     )  # fmt: skip
     with steps.step("reference generation (transformers generate)"):
-        exporter = DecoderExporter(model, options)
+        exporter = DecoderExporter(model, options, formats)  # a static cache's size checked first
     results = {}
     with tempfile.TemporaryDirectory(prefix="slimship-export-") as tmp:
         for name in formats:
@@ -249,7 +249,7 @@ def bench_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
             result = bench_decode_on_target(args.models, target, **settings)
     else:
         with pinned(target), steps.step(what):  # this process runs the files: pinned as the target says
-            result = bench_decode(args.models, threads=target.threads, **settings)
+            result = bench_decode(args.models, threads=target.threads, target=target, **settings)
     console.print(format_decode_table(result))
     for profile in result.profiles:
         console.print(format_profile_table(profile))

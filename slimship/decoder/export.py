@@ -30,7 +30,14 @@ from torch import nn
 
 from slimship._util import atomic_write_bytes, sha256_file
 from slimship.compare import REL_BOUNDS, compare
-from slimship.decoder.cache import DecoderInfo, PastKVDecoder, StaticKVDecoder, decoder_info, past_names
+from slimship.decoder.cache import (
+    DecoderInfo,
+    PastKVDecoder,
+    StaticKVDecoder,
+    check_static_cache,
+    decoder_info,
+    past_names,
+)
 from slimship.decoder.quant import GROUP_SIZE, quantize_8da4w
 from slimship.decoder.runner import ONNX_METADATA_KEY, FileInfo, TorchDecoder, greedy, open_decoder
 from slimship.errors import ExportError, VerificationError, first_line
@@ -95,12 +102,14 @@ Builder = Callable[[nn.Module, DecoderInfo, DecoderExportOptions, Path], list[st
 
 @dataclasses.dataclass(frozen=True)
 class DecoderFormat:
-    """One text-generation format: how to build the file and whether it is quantised."""
+    """One text-generation format: how to build the file, whether it is quantised and whether its cache
+    is static (`max_seq_len` slots allocated up front, checked against the memory budget first)."""
 
     name: str
     suffix: str
     precision: str
     build: Builder
+    static_cache: bool = False
 
     @property
     def quantised(self) -> bool:
@@ -241,8 +250,8 @@ def _build_onnx_int4(
 DECODER_FORMATS: dict[str, DecoderFormat] = {
     f.name: f
     for f in (
-        DecoderFormat("executorch-fp32", ".pte", "fp32", _build_pte_fp32),
-        DecoderFormat("executorch-8da4w", ".pte", "8da4w", _build_pte_8da4w),
+        DecoderFormat("executorch-fp32", ".pte", "fp32", _build_pte_fp32, static_cache=True),
+        DecoderFormat("executorch-8da4w", ".pte", "8da4w", _build_pte_8da4w, static_cache=True),
         DecoderFormat("onnx", ".onnx", "fp32", _build_onnx),
         DecoderFormat("onnx-int4", ".onnx", "int4", _build_onnx_int4),
     )
@@ -388,9 +397,13 @@ def _prompt(info: DecoderInfo, options: DecoderExportOptions) -> list[int]:
 
 
 class DecoderExporter:
-    """Exports one decoder to formats one at a time, against one reference generation (made once)."""
+    """Exports one decoder to formats one at a time, against one reference generation (made once).
+    With a static-cache format among `formats`, the cache is checked against the memory budget here,
+    before the reference generation; `export` checks it again for any static format."""
 
-    def __init__(self, model: nn.Module, options: DecoderExportOptions | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, options: DecoderExportOptions | None = None, formats: Sequence[str] = ()
+    ) -> None:
         self.model, self.options = model.eval(), options or DecoderExportOptions()
         options = self.options
         self.info = decoder_info(model)
@@ -399,6 +412,8 @@ class DecoderExporter:
                 f"--max-seq-len {options.max_seq_len} exceeds the model's max_position_embeddings "
                 f"{self.info.max_positions}"
             )
+        if any(get_decoder_format(name).static_cache for name in formats):
+            self.check_static_cache()
         needed = options.prompt_len + options.new_tokens
         if needed > options.max_seq_len:
             raise ExportError(
@@ -409,10 +424,21 @@ class DecoderExporter:
             model, self.info, _prompt(self.info, options), options.new_tokens
         )
 
+    def check_static_cache(self) -> int:
+        """The bytes of this export's static cache, refused over the memory budget (`check_static_cache`)."""
+        params = list(self.model.parameters()) + list(self.model.buffers())
+        weights = sum(p.numel() * p.element_size() for p in params)
+        itemsize = params[0].element_size() if params else 4
+        return check_static_cache(
+            self.info.layout, self.options.max_seq_len, self.info.max_positions, weights, itemsize
+        )
+
     def export(self, name: str, out_dir: Path, stem: str) -> DecoderExport:
         """Write `out_dir/file_name(stem)` and check it from disk; a file that fails is removed and
         VerificationError raised."""
         fmt = get_decoder_format(name)
+        if fmt.static_cache:
+            self.check_static_cache()
         path = Path(out_dir) / file_name(stem, fmt)
         notes = fmt.build(self.model, self.info, self.options, path)
         try:
@@ -443,7 +469,7 @@ def export_decoder(
     names = list(dict.fromkeys(formats))
     for name in names:
         get_decoder_format(name)  # every name known before any work
-    exporter = DecoderExporter(model, options)
+    exporter = DecoderExporter(model, options, names)
     return {name: exporter.export(name, out_dir, stem) for name in names}
 
 

@@ -247,7 +247,7 @@ def measure(
         with step(f"decode {path.name}" + (f" vs {other.name}" if other else "") + f", {options.runs} runs"):
             result = bench_decode(
                 [path], dense=other, prompt_len=options.prompt_len, new_tokens=options.new_tokens,
-                runs=options.runs, warmup=options.warmup, threads=target.threads,
+                runs=options.runs, warmup=options.warmup, threads=target.threads, target=target,
             )  # fmt: skip
         slim = next(m for m in result.measurements if Path(m.model) == path)
         speedup = next((s for s in result.decode_speedups if Path(s.slim) == path), None)

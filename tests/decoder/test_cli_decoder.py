@@ -65,3 +65,86 @@ def test_unknown_format_is_refused_before_any_work(tmp_path: Path):
     with pytest.raises(ExportError, match="no text-generation exporter; known: executorch-fp32"):
         export_decoder(object(), ["tflite-fp32"], tmp_path, "x")  # type: ignore[arg-type]
     assert not list(tmp_path.iterdir())
+
+
+def _no_cache_allowed(monkeypatch) -> None:
+    """Building the static cache or the reference generation fails the test: the refusal comes first."""
+
+    def allocates(*args, **kwargs):
+        raise AssertionError("allocated before the memory check")
+
+    monkeypatch.setattr("slimship.decoder.export.StaticKVDecoder", allocates)
+    monkeypatch.setattr("slimship.decoder.export.reference_generation", allocates)
+
+
+def test_a_static_cache_over_the_memory_budget_is_refused_before_it_is_allocated(
+    tmp_path: Path, capsys, monkeypatch
+):
+    import json
+
+    from tests.decoder.tiny import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "tiny")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 10**9  # a claim: the cache it allows is 95 GB here
+    (folder / "config.json").write_text(json.dumps(config))
+    _no_cache_allowed(monkeypatch)
+    out = tmp_path / "out"
+    argv = [
+        "export",
+        str(folder),
+        "--task",
+        "text-generation",
+        "--format",
+        "executorch-fp32",
+        "--out",
+        str(out),
+    ]
+    _fails([*argv, "--max-seq-len", "100000000"], capsys, "--max-seq-len 100000000", "static KV cache",
+           "GiB", "memory budget")  # fmt: skip
+    # a small budget refuses a modest cache too, and names the budget given
+    _fails(["--max-memory", "1MiB", *argv, "--max-seq-len", "4096"], capsys, "--max-seq-len 4096",
+           "over the --max-memory budget of 1.0 MiB")  # fmt: skip
+    _fails(["--max-memory", "1MiB", *argv[:-4], "--format", "onnx", "executorch-8da4w", *argv[-2:],
+            "--max-seq-len", "4096"], capsys, "static KV cache")  # fmt: skip
+    assert not out.exists()
+
+
+def test_max_seq_len_beyond_the_model_positions_is_refused_naming_both(tmp_path: Path, capsys, monkeypatch):
+    from tests.decoder.tiny import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "tiny")  # max_position_embeddings 256
+    _no_cache_allowed(monkeypatch)
+    argv = [
+        "export",
+        str(folder),
+        "--task",
+        "text-generation",
+        "--format",
+        "onnx",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    _fails([*argv, "--max-seq-len", "257"], capsys, "--max-seq-len 257", "max_position_embeddings 256")
+
+
+def test_static_cache_bytes_are_counted_per_layer():
+    from slimship.budget import MemoryBudgetError, set_max_memory
+    from slimship.decoder.cache import STATIC_CACHE_COPIES, KVLayout, check_static_cache
+    from slimship.decoder.export import DECODER_FORMATS
+
+    layout = KVLayout(heads=(1, 2), key_dims=(16, 16), value_dims=(16, 8))
+    per_slot = 1 * (16 + 16) + 2 * (16 + 8)  # a slim layer keeps its own heads and widths
+    assert check_static_cache(layout, 100, None, 0) == per_slot * 100 * 4
+    assert check_static_cache(layout, 100, None, 0, itemsize=2) == per_slot * 100 * 2
+    try:
+        set_max_memory(per_slot * 100 * 4 * STATIC_CACHE_COPIES)
+        check_static_cache(layout, 100, 100, 0)  # exactly at the budget
+        with pytest.raises(MemoryBudgetError, match="--max-seq-len 101"):
+            check_static_cache(layout, 101, None, 0)
+    finally:
+        set_max_memory(None)
+    assert {n for n, f in DECODER_FORMATS.items() if f.static_cache} == {
+        "executorch-fp32",
+        "executorch-8da4w",
+    }
