@@ -1,41 +1,38 @@
 #!/usr/bin/env python3
 """Self-contained model runner: needs only Python, numpy and one runtime.
 
-The host imports this module for local runs and ships the very same file to remote devices,
-where it is executed as a script and prints nothing but a JSON result file. Keep it free of
-imports from slimship, torch or anything beyond numpy and the runtime it loads.
+The host imports this module for local runs and ships the very same file to remote devices, where it runs as
+a script and writes nothing but a JSON result file: no imports beyond numpy and the one runtime it loads.
 
 CLI contract (stable; other modules rely on it):
     python device_runner.py --model M.tflite|M.onnx|M.pte --inputs inputs.npz --out result.json
-        [--runtime auto|onnxruntime|litert|tflite_runtime|executorch] [--threads N]
-        [--warmup W] [--runs R] [--save-outputs outputs.npz]
+        [--runtime auto|onnxruntime|litert|tflite_runtime|executorch] [--threads N] [--warmup W] [--runs R]
+        [--save-outputs outputs.npz]
         [--model M2 ...]            (pair mode: models are timed interleaved, A B A B ...)
         [--affinity 0,1] [--xnnpack on|off] [--eval eval.npz [--eval-output K]]
         [--task text-generation --prompt-len P --new-tokens T [--seed S]]
 `inputs.npz` holds arrays named in0, in1, ... in the model's input order.
 With `--task text-generation` (decoders from `slimship export --task text-generation`; `inputs.npz` may be
 empty) a run is one greedy generation of T tokens (EOS ignored) after P ids drawn by numpy's default_rng(S)
-from the first model's vocabulary; each `models` entry has tokens (of the first run), prefill_s and
-decode_s (seconds per run: the prompt's call; the T - 1 one-token calls); latencies_ms: whole generations.
-`eval.npz` holds batches as b0_in0, b0_in1, b1_in0, ...; the result gets each batch's top-1
-predictions (argmax over the last axis of output K, default 0) per model.
+from the first model's vocabulary; each `models` entry has tokens (of the first run), prefill_s and decode_s
+(seconds per run: the prompt's call; the T - 1 one-token calls); latencies_ms: whole generations.
+`eval.npz` holds batches as b0_in0, b0_in1, b1_in0, ...; the result gets each batch's top-1 predictions
+(argmax over the last axis of output K, default 0) per model.
 
 A .pte program needs the `executorch` package, whose Python runtime also imports torch.
 
 Result JSON (always written, atomically): ok, model, load_ms, runtime, latencies_ms (first model),
-peak_rss_kb, baseline_rss_kb, affinity, and in every mode `models`: one entry per --model with
-model, load_ms, runtime, latencies_ms, cpu_ms (the calling thread's CPU time of each run: a run whose
-latency exceeds it lost time to other processes, where the runtime computes on that thread, as with one
-thread) and (with --eval) eval_top1. With two or more models, `pair_ratios` holds latency(model 0) /
-latency(model k) for each interleaved round.
-On failure: ok=false and `error` ("Type: message"); exit status 1.
+peak_rss_kb, baseline_rss_kb, affinity, and `models`: per --model its model, load_ms, runtime, latencies_ms,
+cpu_ms (the calling thread's CPU time of each run: a run whose latency exceeds it lost time to other
+processes, where the runtime computes on that thread, as with one thread) and (with --eval) eval_top1. With
+two or more models, `pair_ratios` holds latency(model 0) / latency(model k) per interleaved round. On failure:
+ok=false and `error` ("Type: message"); exit status 1.
 
-peak_rss_kb is resource.getrusage(RUSAGE_SELF).ru_maxrss of this process: the high-water mark
-of resident memory of everything it holds (Python, numpy, the runtime and all loaded models), not
-of one model alone. baseline_rss_kb is the same figure taken before any model was loaded.
-Each `models` entry has model_rss_kb: the resident memory (Linux /proc/self/statm) the model's load and
-first run added, measured after its runtime was imported (null where it cannot be read).
-`--save-outputs` writes out0, out1, ... of the first model, and m1_out0, ... of further ones.
+peak_rss_kb is getrusage(RUSAGE_SELF).ru_maxrss: the high-water mark of everything this process holds (Python,
+numpy, the runtime, all models), not of one model; baseline_rss_kb is the same before any model was loaded.
+Each `models` entry has model_rss_kb: the resident memory (/proc/self/statm) the model's load and first run
+added, after its runtime was imported (null where it cannot be read). `--save-outputs` writes out0, out1, ...
+of the first model, and m1_out0, ... of further ones.
 """
 
 from __future__ import annotations
@@ -559,16 +556,11 @@ def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
         for k, outputs in enumerate(first_outputs):
             prefix = "" if k == 0 else f"m{k}_"
             arrays.update({f"{prefix}out{i}": o for i, o in enumerate(outputs)})
-        tmp = args.save_outputs + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, args.save_outputs)
-    result.update(
-        ok=True,
-        models=entries,
-        load_ms=entries[0]["load_ms"],
-        runtime=entries[0]["runtime"],
-        latencies_ms=entries[0]["latencies_ms"],
-    )
+        np.savez(args.save_outputs + ".tmp.npz", **arrays)
+        os.replace(args.save_outputs + ".tmp.npz", args.save_outputs)
+    first = entries[0]
+    result.update(ok=True, models=entries, load_ms=first["load_ms"], runtime=first["runtime"],
+                  latencies_ms=first["latencies_ms"])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
