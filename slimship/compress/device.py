@@ -18,6 +18,8 @@ import copy
 import datetime
 import os
 import re
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +122,35 @@ def gather_object(value: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def rank_processes() -> list[tuple[str, int]]:
+    """(host, pid) of every rank's process, in rank order (this process alone without a group)."""
+    return gather_object((socket.gethostname(), os.getpid()))
+
+
+def wait_for_exit(processes: list[tuple[str, int]], timeout_s: float = 10.0) -> None:
+    """Wait until the other ranks' processes on this host have exited (at most `timeout_s`): a rank that
+    fails exits after the ranks it stopped, so torchrun's summary names it alone."""
+    here = socket.gethostname()
+    others = [pid for host, pid in processes if host == here and pid != os.getpid()]
+    deadline = time.monotonic() + timeout_s
+    while others and time.monotonic() < deadline:
+        others = [pid for pid in others if _alive(pid)]
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # an exited child of ours is a zombie until reaped: not alive
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    return True
 
 
 # ---- devices -----------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from slimship.compress.device import (
     gather_object,
     process_group,
     rank,
+    rank_processes,
     resolve_device,
     to_device,
     training_strategy,
+    wait_for_exit,
     world_size,
 )
 from slimship.errors import SlimshipError
@@ -133,7 +135,9 @@ def _rank0_voice() -> Iterator[None]:
 def _publish_on_rank0(
     config: PipelineConfig, console: Console, stages: _Stages, trained: Trained, cache: ExportIndex | None
 ) -> PipelineResult:
-    """Rank 0 publishes and then tells the others whether it succeeded; they wait for that word."""
+    """Rank 0 publishes and then tells the others whether it succeeded; they wait for that word. When it
+    failed, rank 0 exits after the others have stopped, so torchrun names rank 0 alone."""
+    processes = rank_processes()
     if rank() != 0:
         if not broadcast_object_from_rank0(None):
             raise OtherRankFailed(
@@ -148,6 +152,8 @@ def _publish_on_rank0(
         return result
     finally:
         broadcast_object_from_rank0(done)
+        if not done:
+            wait_for_exit(processes)
 
 
 def _train_stages(config: PipelineConfig, stages: _Stages, device: torch.device) -> Trained:
