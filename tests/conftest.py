@@ -4,7 +4,7 @@
   end while the others sit idle.
 * A worker gets its share of the cores as torch threads (and OMP/MKL threads for the processes it
   starts), not all of them each: two workers on two cores with two threads each would contend. A test or
-  target that sets its own thread count still gets it.
+  target that sets its own thread count still gets it; an OMP_NUM_THREADS set before pytest wins.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def worker_threads() -> int | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     threads = worker_threads()
-    if threads is None:
+    if threads is None or "OMP_NUM_THREADS" in os.environ:  # torch took the user's figure at import
         return
     import torch
 
