@@ -19,7 +19,9 @@ from torch import nn
 from slimship.compress.adc import DDPG, SearchOptions, adc_search, apply_policy
 from slimship.errors import CompressionError
 from slimship.slimming.api import count_flops, slim
+from tests.compress.gloo import single_process_group
 from tests.compress.test_adc import tiny_cnn
+from tests.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -139,19 +141,12 @@ def test_a_bad_value_in_a_later_episode_names_that_episode() -> None:
         search(small_cnn(), evaluate)
 
 
-def test_a_single_process_gloo_group_and_ddp_wrapper_give_the_same_policy() -> None:
-    import torch.distributed as dist
-
+def test_a_single_process_gloo_group_and_ddp_wrapper_give_the_same_policy(tmp_path: Path) -> None:
     model = small_cnn()
     alone = search(model, closeness(model))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with single_process_group(tmp_path):
         wrapped = nn.parallel.DistributedDataParallel(model)
         grouped = search(wrapped, closeness(model))
-    finally:
-        dist.destroy_process_group()
     assert grouped.policy == alone.policy and grouped.rewards == alone.rewards
 
 
@@ -189,7 +184,7 @@ def test_two_processes_with_different_evaluates_end_with_the_same_policy(tmp_pat
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun is not None
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29800 + os.getpid() % 100)]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(free_port())]
     cmd += ["-m", "tests.compress.ddp_adc", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -32,6 +32,7 @@ from slimship.slimming.api import count_flops
 from tests.compress.gloo import single_process_group
 from tests.compress.test_base import example, one_thread, same_state, tiny_data, tiny_model
 from tests.compress.test_sparsifier import ROOT, run_readme_example
+from tests.parallel import free_port
 
 assert one_thread  # autouse fixture
 
@@ -319,7 +320,7 @@ def test_two_processes_build_the_same_student(tmp_path) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun is not None
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29400 + os.getpid() % 1000)]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(free_port())]
     cmd += ["-m", "tests.compress.ddp_distill", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

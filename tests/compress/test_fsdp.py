@@ -22,6 +22,7 @@ from slimship.errors import CompressionError, ConfigError
 from slimship.pipeline.config import merge, validate
 from tests.compress.gloo import single_process_group
 from tests.compress.test_base import example, one_thread, tiny_data, tiny_model
+from tests.parallel import free_port
 from tests.pipeline.test_torchrun import _config, _initializers
 
 assert one_thread  # autouse fixture
@@ -36,7 +37,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun is not None
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(28600 + os.getpid() % 1000)]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(free_port())]
     cmd += ["-m", "tests.compress.fsdp_sparsifier", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -134,7 +135,7 @@ def test_slimship_run_with_train_strategy_fsdp(tmp_path: Path) -> None:
     two = _config(folder, "fsdp_run", "out2", batch_size=16, train={**train, "strategy": "fsdp"})
     one = _config(folder, "fsdp_run", "out1", batch_size=32, train=train)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{folder}", "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(27700 + os.getpid() % 1000)]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(free_port())]
     done = subprocess.run(
         [*cmd, "-m", "slimship", "run", str(two), "--json", "-"],
         capture_output=True, text=True, env=env, timeout=600, cwd=folder,

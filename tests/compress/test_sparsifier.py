@@ -19,7 +19,9 @@ from slimship.compress import sparsifier
 from slimship.compress.sparsifier import SPARSIFIERS
 from slimship.errors import CompressionError
 from slimship.slimming import slim
+from tests.compress.gloo import single_process_group
 from tests.compress.test_base import check_slims, example, one_thread, same_state, tiny_data, tiny_model
+from tests.parallel import free_port
 
 assert one_thread  # autouse fixture
 
@@ -140,14 +142,9 @@ def test_unknown_name_and_option_are_named() -> None:
     assert set(OPTIONS) <= set(SPARSIFIERS)
 
 
-def test_ddp_wrapper_is_unwrapped() -> None:
+def test_ddp_wrapper_is_unwrapped(tmp_path: Path) -> None:
     """A DDP-wrapped model (one gloo process) gives the same groups and decisions as the plain one."""
-    import torch.distributed as dist
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with single_process_group(tmp_path):
         model = tiny_model()
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
         sp = sparsifier("hesso", wrapped, example(), total_steps=len(batches()), **OPTIONS["hesso"])
@@ -155,8 +152,6 @@ def test_ddp_wrapper_is_unwrapped() -> None:
         assert sp.model is model and [g.produce for g in sp.groups] == [g.produce for g in plain.groups]
         train(wrapped, sp, OPTIMIZERS["sgd"](wrapped.parameters()), batches())
         assert {s: v["zero"] for s, v in sp.summary()["spaces"].items()} == ZERO_TARGET
-    finally:
-        dist.destroy_process_group()
 
 
 def run_readme_example(heading: str, tmp_path: Path) -> str:
@@ -193,7 +188,7 @@ def test_two_processes_decide_alike(tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun is not None
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29600 + os.getpid() % 1000)]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(free_port())]
     cmd += ["-m", "tests.compress.ddp_sparsifier", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

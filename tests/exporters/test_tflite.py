@@ -10,6 +10,7 @@ from slimship._util import sha256_file
 from slimship.errors import ExportError, ModelFileError, TargetError
 from slimship.exporters import export_tflite, read_ops, tflite_compatibility, tflite_parity
 from tests.exporters.test_onnx_export import UsesCustomOp
+from tests.parallel import machine_lock
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def edge_python():
     from slimship.runtimes.edge_env import ensure_edge_python
 
     try:
-        return ensure_edge_python()
+        with machine_lock("edge-venv"):  # built once into ~/.cache: a parallel worker may be building it
+            return ensure_edge_python()
     except TargetError as exc:
         pytest.skip(f"edge environment unavailable: {exc}")
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from slimship.pipeline.release import ReleaseInputs, ReleaseResult, write_release
+from tests.parallel import machine_lock
 
 
 class TinyCNN(torch.nn.Module):
@@ -198,16 +199,14 @@ def chromium() -> str:
     """Path of a headless-capable chromium; installed from Debian when root and missing."""
     found = next((shutil.which(n) for n in CHROMIUM_NAMES if shutil.which(n)), None)
     if found is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, env=env, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "chromium"],
-            check=False,
-            capture_output=True,
-            env=env,
-            timeout=600,
-        )
-        found = shutil.which("chromium")
+        with machine_lock("apt"):  # one dpkg at a time: a parallel worker may be installing it too
+            found = shutil.which("chromium")
+            if found is None:
+                env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+                run = {"check": False, "capture_output": True, "env": env}
+                subprocess.run(["apt-get", "update", "-qq"], timeout=300, **run)
+                subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], timeout=600, **run)
+                found = shutil.which("chromium")
     if found is None:
         pytest.skip("chromium is not installed and cannot be installed here (not root or no apt-get)")
     return found

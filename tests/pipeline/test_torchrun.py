@@ -20,6 +20,7 @@ import pytest
 
 from slimship.cli import main
 from slimship.pipeline import run as run_module
+from tests.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -205,7 +206,7 @@ def test_torchrun_two_processes_write_one_bundle_equal_to_one_process(tmp_path) 
     two = _config(folder, "torchrun_slow", "out2", batch_size=16)
     one = _config(folder, "torchrun_slow", "out1", batch_size=32)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{folder}", "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29700 + os.getpid() % 1000)]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(free_port())]
     done = subprocess.run(
         [*cmd, "-m", "slimship", "run", str(two), "--json", "-"],
         capture_output=True, text=True, env=env, timeout=300, cwd=folder,
@@ -240,7 +241,7 @@ def test_torchrun_names_the_rank_whose_export_failed(tmp_path) -> None:
     text["data"]["factory"] = "torchrun_broken:broken_on_rank_0"
     config.write_text(json.dumps(text))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{folder}", "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(28700 + os.getpid() % 1000)]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(free_port())]
     done = subprocess.run(
         [*cmd, "--tee", "2", "-m", "slimship", "run", str(config)],
         capture_output=True, text=True, env=env, timeout=300, cwd=folder,

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import psutil
 
+from tests.parallel import free_port, machine_lock
+
 SSHD = "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def keygen(path: Path) -> Path:
@@ -35,12 +31,14 @@ def ensure_sshd() -> str | None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "sshd is missing and installing openssh-server needs root and apt-get"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server"], capture_output=True, env=env)
-    if proc.returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-        proc = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "openssh-server"], capture_output=True, env=env
-        )
+    with machine_lock("apt"):  # one dpkg at a time: a parallel worker may be installing too
+        if os.path.exists(SSHD):
+            return None
+        install = ["apt-get", "install", "-y", "-q", "openssh-server"]
+        proc = subprocess.run(install, capture_output=True, env=env)
+        if proc.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+            proc = subprocess.run(install, capture_output=True, env=env)
     return None if os.path.exists(SSHD) else f"apt-get install openssh-server failed: {proc.stderr[-300:]!r}"
 
 
@@ -52,6 +50,11 @@ class SshServer:
     client_key: Path
     known_hosts: Path
     proc: subprocess.Popen
+
+    @property
+    def remote_tmp(self) -> Path:
+        """The sessions' $TMPDIR: where a remote `mktemp -d` lands (this server's own, not /tmp)."""
+        return self.root / "remote-tmp"
 
     def stop(self) -> None:
         """Stop sshd and every session process it forked (all started by this test)."""
@@ -73,6 +76,7 @@ def start_sshd(root: Path) -> SshServer:
     host_key, client_key = keygen(root / "host_ed25519"), keygen(root / "client_ed25519")
     (root / "authorized_keys").write_text(Path(f"{client_key}.pub").read_text())
     os.chmod(root / "authorized_keys", 0o600)
+    (root / "remote-tmp").mkdir(exist_ok=True)
     port = free_port()
     config = root / "sshd_config"
     config.write_text(
@@ -88,6 +92,7 @@ def start_sshd(root: Path) -> SshServer:
             "UsePAM no",
             "StrictModes no",
             "Subsystem sftp internal-sftp",
+            f"SetEnv TMPDIR={root / 'remote-tmp'}",  # a parallel worker's runs stay out of this one's
             "LogLevel ERROR",
             "",
         ])

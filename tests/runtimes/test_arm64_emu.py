@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import zipfile
 from pathlib import Path
 
@@ -17,20 +16,13 @@ from slimship.runtimes import arm64_provision
 from slimship.runtimes.arm64_emu import Arm64EmuTransport, check_arm64_parity, run_device_runner_arm64
 from slimship.runtimes.arm64_env import Arm64Env, run_python
 from slimship.runtimes.arm64_provision import RUNTIMES, prepare_arm64
-
-
-def _closed_loopback_port() -> int:
-    """A loopback port with nothing listening (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from tests.parallel import free_port
 
 # ----------------------------------------------------------------------------- fast: errors
 
 
 def test_unreachable_debian_mirror_gives_clear_error_and_leaves_no_partial_part(tmp_path: Path) -> None:
-    mirror = f"http://127.0.0.1:{_closed_loopback_port()}/debian"
+    mirror = f"http://127.0.0.1:{free_port()}/debian"
     with pytest.raises(TargetError) as info:
         prepare_arm64(tmp_path, runtimes=["litert"], progress=False, debian_mirror=mirror)
     message = str(info.value)
@@ -42,7 +34,7 @@ def test_unreachable_debian_mirror_gives_clear_error_and_leaves_no_partial_part(
 
 
 def test_unreachable_pypi_names_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    port = _closed_loopback_port()
+    port = free_port()
     monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "no-pip.conf"))
     monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{port}/simple")
     for var in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):

@@ -228,6 +228,7 @@ def test_adb_transport_against_fake_adb(tmp_path, monkeypatch, tiny_models):
     adb.write_text(FAKE_ADB.format(python=sys.executable, log=str(log)))
     adb.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the fake device's mktemp -d: here, not the shared /tmp
     target = Target("phone", transport="adb://FAKE123", python=sys.executable, threads=1)
     ref = TorchRunner(tiny_models["dense"]["module"])
     m = measure(tiny_models["dense"]["tflite"], [tiny_models["x"]], target, runs=3, reference=ref)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -18,6 +20,7 @@ from slimship.runtimes.execute import RUNNER_NAME
 from slimship.runtimes.measure import measure, measure_speedup
 from slimship.runtimes.targets import SshOptions, Target
 from slimship.runtimes.torch_runner import TorchRunner
+from tests.parallel import machine_lock
 
 from .sshd import SshServer, ensure_sshd, free_port, keygen, start_sshd
 
@@ -36,7 +39,8 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def edge_python() -> str:
-    return str(ensure_edge_python())
+    with machine_lock("edge-venv"):  # built once into ~/.cache: a parallel worker may be building it
+        return str(ensure_edge_python())
 
 
 def ssh_target(server: SshServer, python: str, **changes) -> Target:
@@ -54,10 +58,26 @@ def ssh_target(server: SshServer, python: str, **changes) -> Target:
 
 
 @pytest.fixture
-def remote_leftovers():
-    """Remote work dirs (mktemp -d on the loopback 'device') created during the test and not removed."""
-    before = set(glob.glob(f"/tmp/tmp.*/{RUNNER_NAME}"))
-    return lambda: sorted(set(glob.glob(f"/tmp/tmp.*/{RUNNER_NAME}")) - before)
+def remote_leftovers(tmp_path_factory: pytest.TempPathFactory):
+    """Remote work dirs (mktemp -d on a loopback 'device' of this test process, in its servers' own
+    `remote_tmp`, so a parallel worker's runs never show here) created during the test and not removed."""
+    pattern = str(tmp_path_factory.getbasetemp() / "**" / "remote-tmp" / "tmp.*" / RUNNER_NAME)
+    found = lambda: {os.path.realpath(p) for p in glob.glob(pattern, recursive=True)}  # noqa: E731
+    before = found()  # (realpath: pytest's *current symlinks show a folder twice)
+    return lambda: sorted(found() - before)
+
+
+def test_a_remote_mktemp_lands_in_the_servers_own_tmpdir(sshd_server) -> None:
+    """What remote_leftovers relies on: the sessions of a test sshd make their temp dirs in its remote_tmp."""
+    server = sshd_server
+    argv = ["ssh", "-p", str(server.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={server.known_hosts}", "-o", "IdentitiesOnly=yes",
+            "-i", str(server.client_key), f"{server.user}@127.0.0.1", "--", "mktemp -d"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    made = Path(done.stdout.strip())
+    assert made.parent == server.remote_tmp and made.is_dir()
+    made.rmdir()
 
 
 def test_bench_runs_in_edge_env_over_ssh(sshd_server, edge_python, tiny_models, tmp_path, remote_leftovers):
