@@ -6,12 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
-
-from slimship.decoder import DecoderExportOptions, export_decoder
-from tests.decoder.tiny import tiny_slim_llama, tiny_zeroed_llama
-
-OPTIONS = DecoderExportOptions(max_seq_len=32, prompt_len=4, new_tokens=4)
 
 
 def _bench(*argv: str) -> dict:
@@ -25,9 +19,8 @@ def _bench(*argv: str) -> dict:
     return json.loads(run.stdout)
 
 
-def test_decode_memory_is_per_file_whatever_the_order_and_labelled_with_the_target(tmp_path: Path):
-    dense = export_decoder(tiny_zeroed_llama(), ["onnx"], tmp_path / "dense", "dense", OPTIONS)["onnx"].path
-    slim = export_decoder(tiny_slim_llama(), ["onnx"], tmp_path / "slim", "slim", OPTIONS)["onnx"].path
+def test_decode_memory_is_per_file_whatever_the_order_and_labelled_with_the_target(tiny_onnx: dict):
+    dense, slim = tiny_onnx["dense_onnx"], tiny_onnx["onnx"]  # the session's exports (conftest.py)
     dense_first = _bench(str(slim), "--dense", str(dense))
     slim_first = _bench(str(slim), str(dense))
     assert [m["model"] for m in dense_first["measurements"]] == [str(dense), str(slim)]

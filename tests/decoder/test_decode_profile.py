@@ -1,5 +1,6 @@
 """`bench --task text-generation --profile`: per-layer rows of one decode step, dense vs slim, from files on
-disk (onnxruntime's profiler with layers named by module; ExecuTorch's ETDump kernels)."""
+disk (onnxruntime's profiler with layers named by module; ExecuTorch's ETDump kernels); the files are the
+session's exports of the tiny Llama's checkpoint folders (tests/decoder/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,7 @@ from pathlib import Path
 import pytest
 
 from slimship.cli import main
-from slimship.decoder import DecoderExportOptions, export_decoder
-from tests.decoder.tiny import tiny_slim_llama, tiny_zeroed_llama
-
-OPTIONS = DecoderExportOptions(max_seq_len=32, prompt_len=4, new_tokens=4)
-
-
-def _export(tmp_path: Path, formats: list[str]) -> tuple[dict, dict, object]:
-    slim_model = tiny_slim_llama()
-    slim = export_decoder(slim_model, formats, tmp_path / "slim", "llama", OPTIONS)
-    dense = export_decoder(tiny_zeroed_llama(), formats, tmp_path / "dense", "llama", OPTIONS)
-    return dense, slim, slim_model
+from slimship.hf import load_pretrained
 
 
 def _bench(dense: Path, slim: Path, capsys) -> dict:
@@ -31,13 +22,10 @@ def _bench(dense: Path, slim: Path, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_onnx_decode_profile_names_each_projection_and_its_flops_ratio(tmp_path: Path, capsys):
-    for sub in ("slim", "dense"):
-        (tmp_path / sub).mkdir()
-    dense, slim, slim_model = _export(tmp_path, ["onnx", "onnx-int4"])
-    widths = {n: p.shape for n, p in slim_model.named_parameters()}
-    for fmt, op in (("onnx", "MatMul"), ("onnx-int4", "MatMulNBits")):
-        result = _bench(dense[fmt].path, slim[fmt].path, capsys)
+def test_onnx_decode_profile_names_each_projection_and_its_flops_ratio(tiny_folders, tiny_onnx, capsys):
+    widths = {n: p.shape for n, p in load_pretrained(tiny_folders["slim"]).named_parameters()}
+    for key, op in (("onnx", "MatMul"), ("int4", "MatMulNBits")):
+        result = _bench(tiny_onnx[f"dense_{key}"], tiny_onnx[key], capsys)
         (profile,) = result["profiles"]
         assert profile["runtime"] == "onnxruntime" and "decode step at position 6" in profile["note"]
         rows = {r["layer"]: r for r in profile["rows"]}
@@ -55,12 +43,8 @@ def test_onnx_decode_profile_names_each_projection_and_its_flops_ratio(tmp_path:
 
 
 @pytest.mark.slow
-def test_executorch_decode_profile_times_each_xnnpack_kernel(tmp_path: Path, capsys):
-    pytest.importorskip("executorch.runtime")
-    for sub in ("slim", "dense"):
-        (tmp_path / sub).mkdir()
-    dense, slim, _ = _export(tmp_path, ["executorch-fp32"])
-    result = _bench(dense["executorch-fp32"].path, slim["executorch-fp32"].path, capsys)
+def test_executorch_decode_profile_times_each_xnnpack_kernel(tiny_pte, capsys):
+    result = _bench(tiny_pte["dense_pte"], tiny_pte["pte"], capsys)
     (profile,) = result["profiles"]
     layers = {r["layer"] for r in profile["rows"]}
     assert profile["runtime"] == "executorch"

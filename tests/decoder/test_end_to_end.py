@@ -1,5 +1,6 @@
-"""A tiny Llama with zeroed KV and FFN groups, slimmed, through export (executorch-fp32, executorch-8da4w,
-onnx) -> bench --task text-generation -> generate, all through the CLI on files on disk."""
+"""A tiny Llama checkpoint folder with zeroed KV and FFN groups, slimmed, through export (executorch-fp32,
+executorch-8da4w, onnx, onnx-int4) -> generate -> ExecuTorch's own LLM runner -> bench --task
+text-generation, all through the CLI on files on disk (the session's exports: tests/decoder/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from slimship.cli import main
-from tests.decoder.tiny import tiny_slim_llama
+from tests.decoder.tiny import VOCAB, tiny_slim_llama
 
 PROMPT = [5, 17, 3, 60, 42, 7]
 
@@ -21,30 +22,52 @@ def _json(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _byte(token: int) -> str:
+    """Token i is byte 33 + i, spelled in the byte-level alphabet of a Hugging Face BPE tokenizer."""
+    byte = 33 + token
+    return chr(byte) if byte <= 126 else chr(256 + 33 + byte - 127)
+
+
+def write_runner_tokenizer(path: Path) -> Path:
+    """A tokenizer.json ExecuTorch's runner reads whose vocabulary is the model's (VOCAB ids): token i is
+    the single byte 33 + i, except the model's <s> 1 and </s> 2. The runner samples over its tokenizer's
+    vocabulary, so a bigger one (a .tiktoken file: its 256 reserved special tokens come on top) makes it
+    read past the logits."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {_byte(i): i for i in range(VOCAB) if i not in (1, 2)} | {"<s>": 1, "</s>": 2}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    assert tok.get_vocab_size() == VOCAB and tok.encode(_prompt_text(PROMPT)).ids == PROMPT
+    tok.save(str(path))
+    return path
+
+
+def _prompt_text(prompt: list[int]) -> str:
+    return bytes(33 + t for t in prompt).decode()
+
+
 def _executorch_llm_runner(pte: Path, tmp_path: Path, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy tokens from ExecuTorch's own LLM runner (its C++ TextLLMRunner, which reads the .pte's metadata
-    methods), with a tiktoken file whose token i is the single byte 33 + i."""
-    import base64
-
+    methods) with a tokenizer.json of the model's vocabulary, as an app would ship the two."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    vocab = tmp_path / "bytes.tiktoken"
-    vocab.write_text("".join(f"{base64.b64encode(bytes([33 + i])).decode()} {i}\n" for i in range(96)))
+    tokenizer = write_runner_tokenizer(tmp_path / "tokenizer.json")
     pieces: list[str] = []
-    runner = TextLLMRunner(str(pte), str(vocab))
+    runner = TextLLMRunner(str(pte), str(tokenizer))
     config = GenerationConfig(echo=False, max_new_tokens=new_tokens, temperature=0.0, num_bos=0, num_eos=0)
-    runner.generate("".join(chr(33 + t) for t in prompt), config, token_callback=pieces.append)
-    return [ord(c) - 33 for c in "".join(pieces)]
+    runner.generate(_prompt_text(prompt), config, token_callback=pieces.append)
+    ids = {chr(33 + i): i for i in range(VOCAB) if 33 + i < 128} | {"<s>": 1, "</s>": 2}  # decoded pieces
+    return [ids[piece] for piece in pieces]
 
 
 @pytest.mark.slow
-def test_slim_decoder_export_bench_generate(tmp_path: Path, capsys):
-    slim_dir, dense_dir = tmp_path / "slim", tmp_path / "dense"
-    export = ["export", "--task", "text-generation", "--max-seq-len", "48"]
-    result = _json([*export, "--model", "tests.decoder.tiny:tiny_slim_llama", "--out", str(slim_dir),
-                    "--format", "executorch-fp32", "executorch-8da4w", "onnx"], capsys)  # fmt: skip
-    assert result["kv_heads"] == [1, 2]  # the layers keep their own KV head counts
-    rows = {row["format"]: row for row in result["formats"]}
+def test_slim_decoder_export_bench_generate(tiny_onnx: dict, tiny_pte: dict, tmp_path: Path, capsys):
+    for report in (tiny_pte["report"], tiny_onnx["report"]):
+        assert report["kv_heads"] == [1, 2]  # the layers keep their own KV head counts
+    rows = {row["format"]: row for r in (tiny_pte["report"], tiny_onnx["report"]) for row in r["formats"]}
     for fmt in ("executorch-fp32", "onnx"):
         parity = rows[fmt]["parity"]
         assert parity["tokens_match"] and parity["passed"]
@@ -53,10 +76,14 @@ def test_slim_decoder_export_bench_generate(tmp_path: Path, capsys):
     quant = rows["executorch-8da4w"]
     assert quant["parity"]["top1_agreement"] >= 0.5 and "random tokens" in quant["parity"]["calibration"]
     pte, pte4, onnx = (Path(rows[f]["path"]) for f in ("executorch-fp32", "executorch-8da4w", "onnx"))
-    assert {p.name for p in slim_dir.iterdir()} == {pte.name, pte4.name, onnx.name}  # nothing else left
+    assert (pte, pte4, onnx) == (tiny_pte["pte"], tiny_pte["pte4"], tiny_onnx["onnx"])
+    # nothing else left beside the files each export wrote
+    assert {p.name for p in tiny_pte["dir"].iterdir()} == {pte.name, pte4.name}
+    assert {p.name for p in tiny_onnx["dir"].iterdir()} == {onnx.name, tiny_onnx["int4"].name}
     assert pte4.stat().st_size < 0.5 * pte.stat().st_size
 
-    # the same greedy tokens as transformers' generate() on the slim model, from the files on disk
+    # the same greedy tokens as transformers' generate() on the tiny Llama slimmed in memory, from the
+    # files the slim folder exported
     model = tiny_slim_llama()
     ids = torch.tensor([PROMPT])
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
@@ -68,9 +95,7 @@ def test_slim_decoder_export_bench_generate(tmp_path: Path, capsys):
 
     assert _executorch_llm_runner(pte, tmp_path, PROMPT, 12) == expected
 
-    _json([*export, "--model", "tests.decoder.tiny:tiny_zeroed_llama", "--out", str(dense_dir), "--format",
-           "onnx"], capsys)  # fmt: skip
-    dense_onnx = dense_dir / "tiny_zeroed_llama.onnx"
+    dense_onnx = tiny_onnx["dense_onnx"]
     bench = ["bench", "--task", "text-generation", "--prompt-len", "8", "--new-tokens", "8", "--runs", "3",
              "--warmup", "1", "--target", "host"]  # fmt: skip
     measured = _json([*bench, str(onnx), "--dense", str(dense_onnx)], capsys)

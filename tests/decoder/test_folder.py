@@ -1,30 +1,24 @@
 """A checkpoint folder through the text-generation path: `slimship slim DIR --out SLIM_DIR`, then
-`slimship export SLIM_DIR --task text-generation`, then `slimship generate` from the file on disk."""
+`slimship export SLIM_DIR --task text-generation` (the session's exports: tests/decoder/conftest.py), then
+`slimship generate` from the file on disk."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from slimship.cli import main
 from slimship.hf import load_pretrained
-from tests.decoder.tiny import tiny_zeroed_llama
 
 PROMPT = [5, 17, 3, 60, 42, 7]
 
 
 @pytest.mark.slow
-def test_slim_folder_exports_with_its_cache_and_decodes_like_transformers(tmp_path: Path, capsys):
-    dense, slim, out = tmp_path / "dense", tmp_path / "slim", tmp_path / "out"
-    tiny_zeroed_llama().save_pretrained(str(dense), safe_serialization=True)
-    assert main(["slim", str(dense), "--out", str(slim)]) == 0
-    assert main(["export", str(slim), "--task", "text-generation", "--max-seq-len", "40", "--format", "onnx",
-                 "--out", str(out)]) == 0  # fmt: skip
-    onnx_file = out / "slim.onnx"
-    model = load_pretrained(slim)
+def test_slim_folder_exports_with_its_cache_and_decodes_like_transformers(tiny_folders, tiny_onnx, capsys):
+    onnx_file = tiny_onnx["onnx"]
+    model = load_pretrained(tiny_folders["slim"])
     assert model.model.layers[0].self_attn.k_proj.out_features == 16  # one KV head left in layer 0
     ids = torch.tensor([PROMPT])
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)

@@ -14,7 +14,6 @@ import torch
 from slimship._util import sha256_file
 from slimship.cli import main
 from slimship.hf import load_pretrained
-from tests.decoder.tiny import write_checkpoint
 
 TEXT = "the slim model writes"
 
@@ -41,19 +40,13 @@ def _generate(model, prompt: list[int], new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, Path]:
-    """The dense folder, the slim folder and its three files, and the dense model's .onnx."""
-    root = tmp_path_factory.mktemp("decrel")
-    dense, slim, out, dense_out = root / "dense", root / "slim", root / "out", root / "dense-out"
-    write_checkpoint(dense)
-    assert main(["slim", str(dense), "--out", str(slim)]) == 0
-    export = ["export", "--task", "text-generation", "--max-seq-len", "40"]
-    assert main([*export, str(slim), "--format", "executorch-fp32", "executorch-8da4w", "onnx",
-                 "--out", str(out)]) == 0  # fmt: skip
-    assert main([*export, str(dense), "--format", "onnx", "--out", str(dense_out)]) == 0
-    return {"dense": dense, "slim": slim, "pte": out / "slim.fp32.pte", "pte4": out / "slim.8da4w.pte",
-            "onnx": out / "slim.onnx", "dense_onnx": dense_out / "dense.onnx", "root": root}  # fmt: skip
+@pytest.fixture
+def exported(tiny_folders: dict, tiny_onnx: dict, tiny_pte: dict, tmp_path: Path) -> dict[str, Path]:
+    """The dense folder, the slim folder and its three files, and the dense model's .onnx (the session's
+    exports, tests/decoder/conftest.py); `root`: this test's own folder for what it writes."""
+    return {"dense": tiny_folders["dense"], "slim": tiny_folders["slim"], "pte": tiny_pte["pte"],
+            "pte4": tiny_pte["pte4"], "onnx": tiny_onnx["onnx"], "dense_onnx": tiny_onnx["dense_onnx"],
+            "root": tmp_path}  # fmt: skip
 
 
 def _release_argv(files: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -5,6 +5,7 @@ every check it meets (its export verdict, the release's quality gates and bundle
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import yaml
 
 from slimship import zero_random_groups
+from slimship._util import sha256_file
 from slimship.cli import main
 from slimship.compare import REL_BOUNDS
 from slimship.pipeline.verify import verify_bundle
@@ -59,8 +61,8 @@ def test_int8_formats_through_run(tmp_path) -> None:
     _int8_checks_hold(tmp_path / "artifacts" / "mbv2-int8-0.1.0")
 
 
-@pytest.mark.slow  # three int8 exports, then a release that exports them again
-def test_int8_formats_through_export_bench_release_and_verify(tmp_path) -> None:
+@pytest.mark.slow  # three int8 exports, then a release that reuses them (`release --exports`)
+def test_int8_formats_through_export_bench_release_and_verify(tmp_path, caplog) -> None:
     pytest.importorskip("executorch.runtime")
     samples = np.random.default_rng(0).standard_normal((16, *SHAPE)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", in0=samples)
@@ -80,8 +82,14 @@ def test_int8_formats_through_export_bench_release_and_verify(tmp_path) -> None:
     assert main(["bench", str(files["tflite-int8"]), "--inputs", str(tmp_path / "x.npz"), "--runs", "3"]) == 0
     assert main(["bench", str(files["tflite-int8"]), "--runs", "3"]) == 0  # random floats in its range
     releases = tmp_path / "releases"
-    code = main(["release", *model, "--name", "mbv2", "--version", "0.1.0", "--format", *INT8, *calib,
-                 "--out", str(releases)])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="slimship"):
+        code = main(["release", *model, "--name", "mbv2", "--version", "0.1.0", "--format", *INT8, *calib,
+                     "--exports", str(out), "--out", str(releases)])  # fmt: skip
     assert code == 0
+    assert all(f"{fmt}: reused {files[fmt]}" in caplog.text for fmt in INT8), caplog.text
     _int8_checks_hold(releases / "mbv2-0.1.0")
+    # the release bundled the very files the export wrote and checked (reused from its index, not redone)
+    manifest = json.loads((releases / "mbv2-0.1.0" / "manifest.json").read_text())
+    bundled = {f["role"]: f["sha256"] for f in manifest["files"] if f["role"] in INT8}
+    assert bundled == {fmt: sha256_file(path) for fmt, path in files.items()}
     assert main(["verify", str(releases / "mbv2-0.1.0.tar.gz")]) == 0
