@@ -2,6 +2,6 @@
 
 import sys
 
-from slimship.cli import main
+from slimship._entry import main
 
 sys.exit(main())

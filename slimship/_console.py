@@ -179,14 +179,22 @@ def user_stdout() -> TextIO:
     return _USER_STDOUT[-1] if _USER_STDOUT else sys.stdout
 
 
+class _Discard(io.TextIOBase):
+    """A text stream that drops what is written to it."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
 @contextlib.contextmanager
-def library_prints_to_stderr() -> Iterator[None]:
+def library_prints_to_stderr(quiet: bool = False) -> Iterator[None]:
     """During a command, Python-level prints of the libraries it calls (a quantiser's size summary, a
-    converter's progress) go to stderr: stdout carries only what slimship writes (`user_stdout`), so
-    `--json -` stays parseable and a table is not interleaved with foreign lines."""
+    converter's progress) go to stderr, or nowhere when `quiet` (the command without -v: their lines are
+    noise beside slimship's own): stdout carries only what slimship writes (`user_stdout`), so `--json -`
+    stays parseable and a table is not interleaved with foreign lines."""
     real = sys.stdout
     _USER_STDOUT.append(real)
-    sys.stdout = sys.stderr
+    sys.stdout = _Discard() if quiet else sys.stderr
     try:
         yield
     finally:

@@ -507,7 +507,8 @@ def _run_command(args: argparse.Namespace) -> int:
     try:
         if args.json and args.json != "-":
             check_output_file(Path(args.json), "--json")
-        with native_stderr_quiet(enabled=not args.verbose), library_prints_to_stderr():
+        quiet = not args.verbose
+        with native_stderr_quiet(enabled=quiet), library_prints_to_stderr(quiet=quiet):
             return args.fn(args)
     except GateError as exc:
         print(f"slimship: gate failed: {exc}", file=sys.stderr)

@@ -33,7 +33,7 @@ def test_the_dense_twin_is_calibrated_on_the_given_samples_and_dynamic_formats_n
     bench = ["bench", *files, "--dense", str(dense), "--runs", "3", "--warmup", "1", "--json", "-"]
     assert main([*bench, "--calibration", str(calib)]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
-    assert f"{dense} as onnx-int8: calibrated on 8 --calibration batches" in notes
+    assert f"{dense} as onnx-int8: calibrated on the 8 --calibration samples" in notes
     assert not any("int8-dynamic" in n and "calibrated" in n for n in notes)
     assert main(bench) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]

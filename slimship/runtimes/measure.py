@@ -354,7 +354,8 @@ def _dense_partners(
     for name, record in wanted.items():
         out[name] = Path(record.export(request, folder / record.file_name("dense")).path)
         if record.calibrated:
-            on = f"{len(calibration)} --calibration batches" if calibration else "the bench inputs only"
+            samples = sum(len(batch[0]) for batch in calibration or [])
+            on = f"the {samples} --calibration samples" if calibration else "the bench inputs only"
             hint = "" if calibration else " (give --calibration, the samples the slim file was calibrated on)"
             notes.append(f"{dense} as {name}: calibrated on {on}{hint}")
     return out
