@@ -109,3 +109,19 @@ def test_release_exits_2_and_writes_no_bundle(nan_pt2, tmp_path, capsys):
     assert main(["release", str(nan_pt2), *args]) == 2
     assert "hold 5 NaN values" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_release_agreement_on_the_target_never_counts_nan_reference_rows():
+    from slimship.runtimes.measure import _accuracy
+
+    batches = [([np.zeros((2, 3), np.float32)], None)]
+
+    def nan_reference(arrays):
+        return [np.full((2, 4), NAN, np.float32)]
+
+    def half_nan_reference(arrays):
+        return [np.array([[0.0, 1.0, 0.0, 0.0], [NAN, 0.0, 0.0, 0.0]], np.float32)]
+
+    # the file's own NaN rows come back as -1, as the reference's do: before, -1 == -1 agreed
+    assert _accuracy([[-1, -1]], batches, nan_reference)[1] == 0.0
+    assert _accuracy([[1, -1]], batches, half_nan_reference)[1] == 0.5
