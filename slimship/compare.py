@@ -6,6 +6,12 @@ tolerance = rel_bound * max(1, max|finite reference|) over all the outputs compa
 outputs compare exactly. A different number of outputs, a different shape (beyond size-1 dimensions) or a
 float output where the reference is integer (or the reverse) fails with its own reason.
 
+A reference that is itself broken proves nothing: a float reference output with no finite value at all
+(every entry NaN or ±Inf, e.g. after a NaN BatchNorm running_var) fails every check that compares against
+it, naming the output and its NaN count, whatever the candidate holds. A reference with some NaN or ±Inf
+among finite values is compared as values (NaN and ±Inf must sit at the same places); top-1 agreement
+never counts a row whose reference holds a NaN (see `exporters.common.top1_agreement`).
+
 This module depends on numpy only (torch tensors are accepted without importing torch), so every layer,
 slimming included, may import it.
 """
@@ -145,6 +151,10 @@ def compare(
         diff, problem = _compare_one(name, as_array(ref), as_array(cand), tolerance)
         worst = max(worst, diff)
         failure = failure or problem
+    broken = broken_reference(refs, names)
+    if broken is not None:  # named first: the candidate's own mismatch, if any, follows
+        worst = math.inf
+        failure = (f"{broken}; also {failure[0]}" if failure else broken, failure[1] if failure else None)
     passed = failure is None
     return Comparison(
         max_abs_diff=worst,
@@ -155,6 +165,25 @@ def compare(
         reason="" if passed else failure[0],
         first_mismatch=None if passed else failure[1],
     )
+
+
+#: Why a reference with no finite value cannot be checked against (filled with name, NaN count, size).
+BROKEN_REFERENCE = (
+    "{name}: the model's own outputs hold {nan:,} NaN values ({size:,} values, none finite) on the check "
+    "inputs: nothing can be verified; fix the model (e.g. a NaN in a BatchNorm running_var, a NaN weight "
+    "or config value)"
+)
+
+
+def broken_reference(reference: Sequence[Any] | Any, labels: Sequence[str] | None = None) -> str | None:
+    """The reason a reference proves nothing (a float output with no finite value), or None if it is sound."""
+    refs = _as_list(reference)
+    names = list(labels) if labels is not None else [f"output {i}" for i in range(len(refs))]
+    for name, value in zip(names, refs, strict=False):
+        ref = as_array(value)
+        if _is_float(ref) and ref.size and not np.isfinite(ref).any():
+            return BROKEN_REFERENCE.format(name=name, nan=int(np.isnan(ref).sum()), size=ref.size)
+    return None
 
 
 def compare_cases(

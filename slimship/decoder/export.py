@@ -328,7 +328,8 @@ def agreement(
             loss, n = _perplexity(rows[key], sequence)
             nll[key] += loss
         count += n
-        same += int((rows["file"].argmax(axis=1) == rows["ref"].argmax(axis=1)).sum())
+        named = ~np.isnan(rows["ref"]).any(axis=1)  # NaN logits name no token: never an agreement
+        same += int(((rows["file"].argmax(axis=1) == rows["ref"].argmax(axis=1)) & named).sum())
         total += len(sequence)
     return (
         same / max(total, 1),

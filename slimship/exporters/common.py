@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimship.compare import judge_cases
+from slimship.compare import broken_reference, judge_cases
 from slimship.errors import ExportError, ModelFileError
 from slimship.runtimes.device_runner import RunnerLoadError, open_runner
 
@@ -123,6 +123,20 @@ def torch_outputs(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> lis
         out = model(*inputs)
     leaves = [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
     return [x.detach().cpu().numpy() for x in leaves]
+
+
+def check_reference(model: Any, example: Sequence[Any], names: Sequence[str] | None = None) -> None:
+    """Raise ExportError when the PyTorch model's outputs on `example` hold no finite value (every parity and
+    agreement check would compare against NaN and prove nothing). A model that does not run here is left
+    to the exporters, which name their own failure."""
+    try:
+        outputs = torch_outputs(model, example)
+    except Exception:  # the exporters report a model that does not run
+        return
+    labels = list(names) if names and len(names) == len(outputs) else None
+    broken = broken_reference(outputs, labels)
+    if broken is not None:
+        raise ExportError(f"PyTorch model on the example inputs: {broken}")
 
 
 class Memo:
@@ -290,7 +304,8 @@ def top1_agreement(reference: list[list[np.ndarray]], candidate: list[list[np.nd
     """Share of rows whose argmax over the last axis of the first output agrees.
 
     A row holding a NaN in one model and not at the same places in the other disagrees (argmax would
-    otherwise pick the NaN's index as if it were a class).
+    otherwise pick the NaN's index as if it were a class), and so does any row whose reference holds a NaN:
+    NaN logits name no class, so two NaN rows do not agree.
     """
     agree = total = 0
     for ref_outs, cand_outs in zip(reference, candidate, strict=True):
@@ -299,7 +314,7 @@ def top1_agreement(reference: list[list[np.ndarray]], candidate: list[list[np.nd
         ref_rows, cand_rows = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
         same = ref_rows.argmax(-1) == cand_rows.argmax(-1)
         if ref_rows.dtype.kind in "fc" or cand_rows.dtype.kind in "fc":
-            same &= (np.isnan(ref_rows) == np.isnan(cand_rows)).all(-1)
+            same &= (np.isnan(ref_rows) == np.isnan(cand_rows)).all(-1) & ~np.isnan(ref_rows).any(-1)
         agree += int(same.sum())
         total += same.size
     return agree / total if total else float("nan")

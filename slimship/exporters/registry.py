@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimship.errors import ExportError, SlimshipError
+from slimship.exporters.common import check_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +245,9 @@ def export_formats(
     when another fails: a failed format leaves no file and raises, once all are done, ExportFailures
     with the results that passed and each failure's reason. `progress(name)` wraps each format; its
     detail is `detail(result)` (default `describe`)."""
+    names = list(dict.fromkeys(names))
+    if any(get_format(name).task is None for name in names):
+        check_reference(request.model, request.example, request.output_names)
     results, failures = {}, {}
     for name in dict.fromkeys(names):
         record = get_format(name)

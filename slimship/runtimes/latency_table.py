@@ -7,7 +7,9 @@ average pool where they read it at a smaller size, a global one for a linear lay
 Between candidates of one space only the space's width changes, so their networks take the same inputs:
 they are exported in the target runtime's format and timed in one process, interleaved. Results are cached
 per target, format and probe (all layer shapes), so a shape is timed once per run of a policy. Layers the
-network cannot feed from the space's tensors are left out of it (they are timed nowhere; rare in convnets).
+network cannot feed from the space's tensors are left out of it (they are timed nowhere; rare in convnets),
+and so is, with a log line, a probe that cannot be built, exported or run: it is slimship's own network, so
+its failure is never the user's model's or device's (that space keeps its needed count).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimship.errors import DeviceError
 from slimship.runtimes.execute import run_on_target
 from slimship.runtimes.targets import Target
 from slimship.slimming.channel_counts import LayerShape, SpaceProbe
@@ -141,15 +144,40 @@ class MeasuredLatency:
 
     def _time(self, probes: list[SpaceProbe]) -> None:
         with tempfile.TemporaryDirectory(prefix="slimship-latency-", dir=self.workdir) as tmp:
-            nets = [ProbeNet(p) for p in probes]
-            paths = [
-                export_probe(net, self.fmt, Path(tmp) / f"probe{k}.{self.fmt}") for k, net in enumerate(nets)
-            ]
-            inputs = [t.numpy() for t in nets[0].inputs()]
-            run = run_on_target(self.target, paths, inputs, warmup=self.warmup, runs=self.runs)
-        for probe, entry in zip(probes, run.result["models"], strict=True):
+            built = [(p, path) for k, p in enumerate(probes) if (path := self._build(p, Path(tmp), k))]
+            shapes = {tuple(t.shape for t in ProbeNet(p).inputs()) for p, _ in built}
+            if len(shapes) != 1:  # none built, or candidates fed differently (one process times them all)
+                if shapes:
+                    log.warning(
+                        "latency probes of one space take different inputs %s: left out", sorted(shapes)
+                    )
+                return
+            inputs = [t.numpy() for t in ProbeNet(built[0][0]).inputs()]
+            try:
+                paths = [path for _, path in built]
+                run = run_on_target(self.target, paths, inputs, warmup=self.warmup, runs=self.runs)
+            except DeviceError as exc:  # a probe slimship built, not the user's model: leave it out
+                cause = str(exc).splitlines()[0][:300]
+                log.warning(
+                    "latency probes failed on %s, left out (needed counts kept): %s", self.target.name, cause
+                )
+                return
+        for (probe, _), entry in zip(built, run.result["models"], strict=True):
             self.table[probe] = float(np.median(entry["latencies_ms"]))
-        self.timed += len(probes)
+        self.timed += len(built)
+
+    def _build(self, probe: SpaceProbe, folder: Path, k: int) -> Path | None:
+        """The probe's file, or None (with a log line) when its network cannot be built or exported."""
+        try:
+            net = ProbeNet(probe)
+            with torch.no_grad():
+                net(*net.inputs())
+            return export_probe(net, self.fmt, folder / f"probe{k}.{self.fmt}")
+        except Exception as exc:  # a probe of slimship's own making: timed nowhere, never the user's fault
+            layers = [vars(s) for s in probe.layers]
+            cause = f"{type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("latency probe %s left out: it cannot be built (%s)", layers, cause)
+            return None
 
     def rows(self) -> list[dict[str, Any]]:
         """The table as JSON rows: the probe's layers and p50 ms."""

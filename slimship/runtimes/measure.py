@@ -161,7 +161,8 @@ def _accuracy(
     agreement = None
     if ref is not None and preds.size:
         ref_preds = np.concatenate([_top1(ref(as_array_list(b[0])), index) for b in eval_batches])
-        agreement = float((preds == ref_preds).mean())
+        named = ref_preds >= 0  # -1: a NaN reference row names no class, so it never agrees
+        agreement = float(((preds == ref_preds) & named).mean())
     return accuracy, agreement, int(preds.size)
 
 

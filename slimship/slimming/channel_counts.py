@@ -67,8 +67,9 @@ class LayerShape:
 @dataclass(frozen=True)
 class SpaceProbe:
     """The layers of one space at one kept count: producers write the space (their inputs come from other
-    spaces), inner layers read and write it (depthwise convs), consumers read it. A latency source times
-    them as one small network: producers -> inner -> consumers."""
+    spaces), inner layers read and write it (depthwise convs, a residual block's conv whose input and output
+    are the space), consumers read it. A latency source times them as one small network: producers ->
+    inner -> consumers."""
 
     producers: tuple[LayerShape, ...]
     inner: tuple[LayerShape, ...]
@@ -119,8 +120,8 @@ class SpaceView:
         producers, inner, consumers = [], [], []
         for layer in self.layers:
             shape = self._shape_at(layer, keep)
-            if layer.out_space == space and layer.shape.depthwise:
-                inner.append(shape)
+            if layer.out_space == space and (layer.shape.depthwise or layer.in_space == space):
+                inner.append(shape)  # reads and writes the space (depthwise, a residual block's conv)
             elif layer.out_space == space:
                 producers.append(shape)
             elif layer.in_space == space:

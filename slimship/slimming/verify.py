@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimship.compare import UNIT_ROUNDOFF, compare, rounding_bound
+from slimship.compare import UNIT_ROUNDOFF, broken_reference, compare, rounding_bound
+from slimship.errors import VerificationError
 from slimship.slimming.graph import ChannelGraph
 
 VERIFY_SCALE_FLOOR = 1e-8  # slimming is exact: its bound is relative to the outputs, not to max(1, ...)
@@ -128,8 +129,15 @@ def _merged_outputs(
 def reference_outputs(
     model: nn.Module, example_inputs: tuple[Any, ...], n_random: int, seed: int, merge: bool = False
 ) -> Reference:
+    """The source model's outputs on the check batches; raises VerificationError where they hold no finite
+    value (nothing could be verified against them)."""
     batches = input_batches(example_inputs, n_random, seed)
     outputs, flops, merged = run_batches(model, batches, merge=merge)
+    for n, outs in enumerate(outputs):
+        broken = broken_reference(outs)
+        if broken is not None:
+            batch = "example inputs" if n == 0 else f"random inputs {n}"
+            raise VerificationError(f"source model on {batch}: {broken}")
     return Reference(batches, outputs, flops, merged)
 
 
