@@ -68,26 +68,38 @@ def test_the_reference_is_generated_from_the_fp32_model(monkeypatch):
     [
         (lambda: _qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=1),
          "use_sliding_window", "True"),
-        (lambda: _mistral(sliding_window=8), "sliding_window", "8"),
+        (lambda: _mistral(sliding_window=16), "sliding_window", "16"),
     ],
 )  # fmt: skip
-def test_a_sliding_window_decoder_is_refused_naming_its_config_key(tmp_path, capsys, make, key, value):
+def test_a_window_shorter_than_the_cache_is_refused_naming_its_config_key(tmp_path, capsys, make, key, value):
     folder = tmp_path / "sw"
     make().save_pretrained(str(folder), safe_serialization=True)
     out = tmp_path / "out"
-    assert main(_export(folder, out, "onnx", "executorch-fp32")) == 2
+    assert main(_export(folder, out, "onnx", "executorch-fp32", seq=48)) == 2
     err = capsys.readouterr().err
-    assert f"slimship: error: config.json {key} = {value}" in err, err
-    assert "sliding-window attention is not supported" in err and "Traceback" not in err
+    assert f"slimship: error: config.json {key} = {value}: a sliding window of 16 tokens" in err, err
+    assert "give --max-seq-len 16 or less" in err and "Traceback" not in err
     assert not out.exists()
 
 
-def test_a_window_as_long_as_the_cache_says_the_config_edit_that_exports_it(tmp_path, capsys):
-    folder = tmp_path / "sw"
-    _mistral(sliding_window=64).save_pretrained(str(folder), safe_serialization=True)
-    assert main(_export(folder, tmp_path / "out", "onnx", seq=48)) == 2
-    err = capsys.readouterr().err
-    assert "sliding_window = 64" in err and "covers --max-seq-len 48" in err, err
+@pytest.mark.parametrize(
+    "make",
+    [lambda: _qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+     lambda: _mistral(sliding_window=16)],
+)  # fmt: skip
+def test_a_window_covering_the_cache_is_switched_off_with_the_same_outputs(make):
+    model = make()
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        windowed = model(tokens).logits
+        longer = model(torch.cat([tokens, tokens], 1)).logits  # 32 tokens: the window masks some
+    options = decoder_export.DecoderExportOptions(max_seq_len=16, prompt_len=8, new_tokens=8)
+    exporter = decoder_export.DecoderExporter(model, options, ["onnx"])
+    assert sliding_window(model) is None
+    assert "covers --max-seq-len 16: exported with full attention" in exporter.notes[0]
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, windowed)  # within the cache: the same outputs
+        assert not torch.allclose(model(torch.cat([tokens, tokens], 1)).logits, longer)  # the window is off
 
 
 def test_a_window_that_is_switched_off_is_no_sliding_window():
