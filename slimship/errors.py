@@ -5,6 +5,8 @@ Every message says what went wrong, where (file, config key, graph node, op) and
 
 from __future__ import annotations
 
+import re
+
 
 class SlimshipError(Exception):
     """Base class: a problem a user can act on.
@@ -77,7 +79,11 @@ class StoppedEarly(SlimshipError):
 STOPPED_EXIT = 4
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of `exc`'s message for a one-line error (its type's name when it has no message)."""
-    text = str(exc).strip()
+    """The first line of `exc`'s message for a one-line error (its type's name when it has no message),
+    without ANSI colour codes (some exporters colour their messages)."""
+    text = _ANSI.sub("", str(exc)).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any
 from slimship._console import Steps
 from slimship._util import to_jsonable
 from slimship.errors import ConfigError
-from slimship.exporters.registry import FORMATS
+from slimship.exporters.registry import FORMATS, ExportFailures, export_each
 
 TASKS = ("text-generation",)
 Emit = Callable[[Any], None]
@@ -145,7 +145,7 @@ def _from_folder(path: Path, allow_pickle: bool) -> tuple[Any, str, str]:
 def export_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
     from slimship.decoder.export import DecoderExporter, DecoderExportOptions, file_name, get_decoder_format
     from slimship.decoder.tokens import load_token_file
-    from slimship.outputs import check_output_dir, refuse_existing
+    from slimship.outputs import check_output_dir, move_all, refuse_existing, writing
 
     formats = list(dict.fromkeys(args.format))
     records = [get_decoder_format(name) for name in formats]  # ExportError before any work
@@ -169,31 +169,45 @@ def export_command(args: argparse.Namespace, console: Any, emit: Emit) -> int:
     )  # fmt: skip
     with steps.step("reference generation (transformers generate)"):
         exporter = DecoderExporter(model, options, formats)  # a static cache's size checked first
-    results = {}
     with tempfile.TemporaryDirectory(prefix="slimship-export-") as tmp:
-        for name in formats:
-            with steps.step(f"export {name} (text-generation, cache {args.max_seq_len})") as info:
-                results[name] = exporter.export(name, Path(tmp), stem)
-                info["detail"] = _parity_text(results[name].parity)
-        out.mkdir(parents=True, exist_ok=True)
-        for result in results.values():
-            target = out / result.path.name
-            shutil.move(str(result.path), target)
-            result.path = target
+        path_of = lambda name: Path(tmp) / file_name(stem, get_decoder_format(name))  # noqa: E731
+        step = lambda name: steps.step(f"export {name} (text-generation, cache {args.max_seq_len})")  # noqa: E731
+        failures: dict[str, str] = {}
+        try:  # every format is tried; the ones that passed are kept (as for one-pass models)
+            results = export_each(
+                formats, lambda n: exporter.export(n, Path(tmp), stem), path_of, step, _detail
+            )
+        except ExportFailures as exc:
+            results, failures = exc.results, exc.failures
+        if results:
+            with writing(out, "--out"):
+                out.mkdir(parents=True, exist_ok=True)
+            files = {name: out / result.path.name for name, result in results.items()}
+            move_all([(result.path, files[name]) for name, result in results.items()], "--out")
+            for name, result in results.items():
+                result.path = files[name]
     for result in results.values():
         console.print(f"{result.path}  {result.bytes} bytes  {_parity_text(result.parity)}")
         for line in result.notes:
             console.print(f"  note: {line}")
+    rows = [{"format": name, "reason": reason} for name, reason in failures.items()]
     emit(
         {
             "source": origin,
             "task": "text-generation",
             "kv_heads": list(exporter.info.layout.heads),
             "formats": [{"format": n, **to_jsonable(r)} for n, r in results.items()],
+            "failures": rows,
             "seconds": steps.times,
         }
     )
-    return 0
+    for row in rows:  # the files that passed are written; each failure is named with its reason
+        print(f"slimship: error: {row['format']} failed: {row['reason']}", file=sys.stderr)
+    return 2 if rows else 0
+
+
+def _detail(result: Any) -> str:
+    return _parity_text(result.parity)
 
 
 def _parity_text(parity: Any) -> str:

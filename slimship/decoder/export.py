@@ -38,6 +38,7 @@ from slimship.decoder.cache import (
     decoder_info,
     past_names,
 )
+from slimship.decoder.prepare import check_sliding_window, switch_off_sliding_window, to_fp32
 from slimship.decoder.quant import GROUP_SIZE, quantize_8da4w
 from slimship.decoder.runner import ONNX_METADATA_KEY, FileInfo, TorchDecoder, greedy, open_decoder
 from slimship.errors import ExportError, VerificationError, first_line
@@ -408,6 +409,7 @@ class DecoderExporter:
         self.model, self.options = model.eval(), options or DecoderExportOptions()
         options = self.options
         self.info = decoder_info(model)
+        window = check_sliding_window(model, options.max_seq_len)  # a short one: ConfigError
         if self.info.max_positions is not None and options.max_seq_len > self.info.max_positions:
             raise ExportError(
                 f"--max-seq-len {options.max_seq_len} exceeds the model's max_position_embeddings "
@@ -421,9 +423,12 @@ class DecoderExporter:
                 f"--max-seq-len {options.max_seq_len} leaves no room for the parity check's "
                 f"{options.prompt_len} + {options.new_tokens} tokens; give at least {needed}"
             )
+        self.notes = to_fp32(model)  # every format from fp32, judged against the fp32 reference
         self.reference = reference_generation(
             model, self.info, _prompt(self.info, options), options.new_tokens
         )
+        if window is not None:  # exported with full attention, judged against the windowed reference
+            self.notes.append(switch_off_sliding_window(model, window, options.max_seq_len))
 
     def check_static_cache(self) -> int:
         """The bytes of this export's static cache, refused over the memory budget (`check_static_cache`)."""
@@ -441,7 +446,7 @@ class DecoderExporter:
         if fmt.static_cache:
             self.check_static_cache()
         path = Path(out_dir) / file_name(stem, fmt)
-        notes = fmt.build(self.model, self.info, self.options, path)
+        notes = self.notes + fmt.build(self.model, self.info, self.options, path)
         try:
             parity = check_file(path, fmt, self.model, self.info, self.reference, self.options)
         except BaseException:

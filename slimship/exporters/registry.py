@@ -242,20 +242,34 @@ def export_formats(
     detail: Callable[[Any], str] | None = None,
 ) -> dict[str, Any]:
     """Export to each named format in `out_dir` (file names from `FormatRecord.file_name`), every one even
-    when another fails: a failed format leaves no file and raises, once all are done, ExportFailures
-    with the results that passed and each failure's reason. `progress(name)` wraps each format; its
-    detail is `detail(result)` (default `describe`)."""
+    when another fails (see `export_each`). `progress(name)` wraps each format; its detail is
+    `detail(result)` (default `describe`)."""
     names = list(dict.fromkeys(names))
     if any(get_format(name).task is None for name in names):
         check_reference(request.model, request.example, request.output_names)
+    path_of = lambda name: Path(out_dir) / get_format(name).file_name(stem)  # noqa: E731
+    run = lambda name: get_format(name).export(request, path_of(name))  # noqa: E731
+    return export_each(names, run, path_of, progress, detail or describe)
+
+
+def export_each(
+    names: Iterable[str],
+    export: Callable[[str], Any],
+    path_of: Callable[[str], Path],
+    progress: Progress | None,
+    detail: Callable[[Any], str],
+) -> dict[str, Any]:
+    """`export(name)` for each name (once each, in order), every one even when another fails: a format
+    that raises a SlimshipError leaves no file at `path_of(name)` and, once all are done, ExportFailures
+    is raised with the results that passed and each failure's reason. `progress(name)` wraps each
+    format; its detail is `detail(result)`."""
     results, failures = {}, {}
     for name in dict.fromkeys(names):
-        record = get_format(name)
-        path = Path(out_dir) / record.file_name(stem)
+        path = path_of(name)
         try:
             with progress(name) if progress else nullcontext({}) as info:
-                results[name] = record.export(request, path)
-                info["detail"] = (detail or describe)(results[name])
+                results[name] = export(name)
+                info["detail"] = detail(results[name])
         except SlimshipError as exc:
             path.unlink(missing_ok=True)
             failures[name] = str(exc)
