@@ -1,14 +1,17 @@
-"""Small shared helpers: hashing, atomic writes, JSON conversion, seeding."""
+"""Small shared helpers: hashing, atomic writes, a cache folder's lock, JSON conversion, seeding."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import fcntl
 import hashlib
 import json
 import os
 import random
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s lock (a `.lock` file in it, created with the folder): one preparer of a shared cache
+    at a time, other processes wait."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def dangling_link(folder: Path) -> Path | None:

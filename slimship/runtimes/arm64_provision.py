@@ -18,9 +18,7 @@ Timings under emulation say nothing about a device: results carry them only unde
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -36,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from slimship._util import atomic_write_bytes, dump_json
+from slimship._util import atomic_write_bytes, dump_json, folder_lock
 from slimship.errors import TargetError
 from slimship.runtimes.arm64_env import Arm64Env, emulate, process_tail
 from slimship.runtimes.edge_env import default_cache_dir
@@ -130,7 +128,7 @@ def prepare_arm64(
                 _site_builder(root, runtime, specs),
             )
         )
-    with _locked(root), _Steps(progress, len(parts)) as steps:
+    with folder_lock(root), _Steps(progress, len(parts)) as steps:
         _clean_stale_temps(root)
         versions: dict[str, str] = {}
         for name, recipe, build in parts:
@@ -195,17 +193,6 @@ def _read_marker(part: Path) -> dict[str, Any] | None:
 def _clean_stale_temps(root: Path) -> None:
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """One preparer at a time per cache directory (other processes wait)."""
-    with open(root / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _Steps:

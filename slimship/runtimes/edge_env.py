@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from slimship._util import folder_lock
 from slimship.errors import TargetError
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,23 @@ def ensure_edge_python(cache_dir: Path | None = None) -> Path:
     override = os.environ.get("SLIMSHIP_EDGE_PYTHON")
     if override:
         return Path(override)
-    env_dir = (cache_dir or default_cache_dir()) / "edge-venv"
+    cache = cache_dir or default_cache_dir()
+    env_dir = cache / "edge-venv"
     python = env_dir / "bin" / "python"
     if (env_dir / _MARKER).exists() and python.exists():
         return python
+    with folder_lock(cache):  # another slimship process may be building it: wait, then look again
+        if not ((env_dir / _MARKER).exists() and python.exists()):
+            _create(env_dir, python)
+    return python
+
+
+def _create(env_dir: Path, python: Path) -> None:
     log.info("creating edge environment in %s (%s)", env_dir, ", ".join(EDGE_PACKAGES))
     _run([sys.executable, "-m", "venv", "--clear", str(env_dir)], "create the edge virtualenv")
     _run([str(python), "-m", "pip", "install", "-q", *EDGE_PACKAGES], "install tflite-runtime into it")
     _run([str(python), "-c", "import tflite_runtime.interpreter, numpy"], "import tflite_runtime")
     (env_dir / _MARKER).write_text(" ".join(EDGE_PACKAGES) + "\n")
-    return python
 
 
 def _run(argv: list[str], what: str) -> None:
