@@ -11,7 +11,7 @@ import json
 import pickletools
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,12 @@ MAX_NODES = 20_000  # graph nodes, all subgraphs together: torch rebuilds a few 
 # transformer has a few thousand)
 
 
-def parse_json(data: bytes, where: str, unique_keys: bool = True) -> Any:
+def parse_json(
+    data: bytes, where: str, unique_keys: bool = True, parse_constant: Callable[[str], Any] | None = None
+) -> Any:
     """JSON text parsed within bounds: nesting at most MAX_JSON_DEPTH levels and, with `unique_keys`, no key
-    twice in one object (a second entry would hide the first from a check)."""
+    twice in one object (a second entry would hide the first from a check). Every JSON file slimship reads
+    from a user goes through here (`parse_constant` as json.loads takes it)."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
@@ -84,7 +87,11 @@ def parse_json(data: bytes, where: str, unique_keys: bool = True) -> Any:
         return seen
 
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates if unique_keys else None)
+        doc = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=no_duplicates if unique_keys else None,
+            parse_constant=parse_constant,
+        )
     except RecursionError:
         raise ModelFileError(
             f"{where}: nests deeper than JSON can be parsed (over {MAX_JSON_DEPTH} levels)"

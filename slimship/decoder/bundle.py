@@ -14,6 +14,7 @@ from slimship.errors import ConfigError, ModelFileError, first_line
 from slimship.pipeline import manifest as mf
 from slimship.pipeline.gates import TEXT_GENERATION
 from slimship.pipeline.verify import safe_extract, verify_bundle
+from slimship.pt2_checks import parse_json
 
 TARBALL_SUFFIXES = (".tar.gz", ".tgz")
 #: files copied from the checkpoint folder byte for byte, with their role in the bundle
@@ -74,13 +75,16 @@ def tokenizer_files(folder: Path | None) -> dict[str, Path]:
         return {}
     found = {name: Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()}
     config = found.get("tokenizer_config.json")
+    if config is not None and config.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
+        raise ModelFileError(f"{config}: larger than {MAX_TOKENIZER_CONFIG_BYTES >> 20} MiB")
+    # transformers parses these with json.load: nesting is bounded here first (a RecursionError otherwise)
+    parsed = {
+        name: parse_json(path.read_bytes(), str(path), unique_keys=False)
+        for name, path in found.items()
+        if name.endswith(".json")
+    }
     if config is not None:
-        if config.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
-            raise ModelFileError(f"{config}: larger than {MAX_TOKENIZER_CONFIG_BYTES >> 20} MiB")
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelFileError(f"{config}: not valid JSON ({exc})") from None
+        data = parsed["tokenizer_config.json"]
         if isinstance(data, dict) and data.get("auto_map"):
             raise ModelFileError(
                 f"{config}: 'auto_map' names custom tokenizer code; slimship bundles only tokenizers "

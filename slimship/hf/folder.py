@@ -8,7 +8,6 @@ its per-tensor shapes under the `slimship` key of `config.json` and a `SHA256SUM
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from slimship.errors import ModelFileError, first_line
 from slimship.hf.claims import check_claims
-from slimship.pt2_checks import OPT_IN
+from slimship.pt2_checks import OPT_IN, parse_json
 
 CONFIG = "config.json"
 SAFE_SINGLE = "model.safetensors"
@@ -68,10 +67,7 @@ def read_json(path: Path, what: str) -> Any:
         raise ModelFileError(f"{path}: no {what} in the checkpoint folder")
     if path.stat().st_size > MAX_JSON_BYTES:
         raise ModelFileError(f"{path}: {path.stat().st_size} bytes is too large for {what}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: {what} is not valid JSON ({first_line(exc)})") from None
+    return parse_json(path.read_bytes(), f"{path} ({what})", unique_keys=False)
 
 
 def read_folder(path: str | Path, *, allow_pickle: bool = False) -> CheckpointFolder:

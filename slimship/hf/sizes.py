@@ -1,10 +1,11 @@
 """Per-layer sizes of a slim transformers model, read from its weights and written into its modules.
 
-transformers modules keep sizes next to their weights: a Linear's `out_features`, an attention's
-`num_key_value_groups`, and some read sizes from the config every layer shares (Phi-3 splits its fused
-`qkv_proj` at `config.num_attention_heads * head_dim`). After slimming, each layer has its own sizes:
-`sync_sizes` sets the attributes a module keeps and gives a module whose sizes differ from the shared
-config a `LayerConfig`: its own sizes, everything else read live from the shared config.
+transformers modules keep sizes next to their weights: a Linear's `out_features` (GPT-2's transposed
+`Conv1D`: `nf`), an attention's `num_key_value_groups` (GPT-2's: `split_size`), and some read sizes
+from the config every layer shares (Phi-3 splits its fused `qkv_proj` at
+`config.num_attention_heads * head_dim`). After slimming, each layer has its own sizes: `sync_sizes`
+sets the attributes a module keeps and gives a module whose sizes differ from the shared config a
+`LayerConfig`: its own sizes, everything else read live from the shared config.
 """
 
 from __future__ import annotations
@@ -25,6 +26,29 @@ def _linear(module: nn.Module, *names: str) -> nn.Linear | None:
     return None
 
 
+def _conv1d(module: nn.Module, name: str) -> nn.Module | None:
+    """The child `name` when it is a transformers `Conv1D` (GPT-2): a Linear whose weight is stored
+    transposed, [in, out], with its widths kept as `nx` (in) and `nf` (out)."""
+    child = getattr(module, name, None)
+    return child if isinstance(child, nn.Module) and _is_conv1d(child) else None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    widths = (getattr(module, "nf", None), getattr(module, "nx", None))
+    return all(isinstance(w, int) for w in widths) and isinstance(weight, nn.Parameter) and weight.dim() == 2
+
+
+def _split_size(module: nn.Module) -> int | None:
+    """GPT-2 attention's query width: a fused `c_attn` holds q, k, v (k, v with a separate `q_attn`)."""
+    if (fused := _conv1d(module, "c_attn")) is None:
+        return None
+    if getattr(module, "is_cross_attention", False):
+        query = _conv1d(module, "q_attn")
+        return query.weight.shape[1] if query is not None else None
+    return fused.weight.shape[1] // 3
+
+
 def _head_dim(module: nn.Module) -> int | None:
     head_dim = getattr(module, "head_dim", None)
     return head_dim if isinstance(head_dim, int) and head_dim > 0 else None
@@ -39,6 +63,8 @@ def _heads(module: nn.Module) -> int | None:
         return q.out_features // head_dim
     if (o := _linear(module, "o_proj")) is not None and _linear(module, "qkv_proj") is not None:
         return o.in_features // head_dim
+    if (split := _split_size(module)) is not None:
+        return split // head_dim
     return None
 
 
@@ -65,6 +91,8 @@ def _width(module: nn.Module) -> int | None:
         return up.out_features
     if (fused := _linear(module, "gate_up_proj")) is not None:
         return fused.out_features // 2
+    if (conv := _conv1d(module, "c_fc")) is not None:
+        return conv.weight.shape[1]
     return None
 
 
@@ -75,6 +103,7 @@ SIZE_RULES: dict[str, SizeRule] = {
     "num_key_value_heads": _kv_heads,
     "num_key_value_groups": _groups,
     "intermediate_size": _width,
+    "split_size": _split_size,
 }
 #: the sizes reported per module and given to a module's own LayerConfig (config field names)
 LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -112,6 +141,8 @@ def sync_sizes(model: nn.Module) -> None:
             module.out_features, module.in_features = module.weight.shape
         elif isinstance(module, nn.Embedding):
             module.num_embeddings, module.embedding_dim = module.weight.shape
+        elif _is_conv1d(module):
+            module.nx, module.nf = module.weight.shape
         for attr, rule in SIZE_RULES.items():
             current = getattr(module, attr, None)
             if isinstance(current, int) and not isinstance(current, bool):

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slimship.errors import ConfigError, ModelFileError, first_line
 from slimship.hf.folder import SLIM_FORMAT, SLIM_KEY, CheckpointFolder, write_checksums
 from slimship.hf.load import dense_shapes, quiet_progress
@@ -60,6 +62,7 @@ def write_folder(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         setattr(model.config, SLIM_KEY, slim_entry(model, extra))
+        keep_tied(model)
         _save(model, source, staging)
         for name in source.other_files:  # tokenizer, generation config, README ... as they are
             shutil.copy2(source.path / name, staging / name)
@@ -73,6 +76,21 @@ def write_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def keep_tied(model: Any) -> bool:
+    """Tie the output embedding back to the input one when the config ties them and their tensors are
+    equal (slimming gives each its own tensor): one storage, written once, as save_pretrained does."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is inputs.weight:
+        return outputs is not None and inputs is not None
+    a, b = inputs.weight, outputs.weight
+    if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+        return False
+    outputs.weight = inputs.weight
+    return True
 
 
 def _save(model: Any, source: CheckpointFolder, folder: Path) -> None:

@@ -32,9 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slimship._util import atomic_write_bytes, sha256_file
 from slimship._version import __version__
-from slimship.errors import SlimshipError
+from slimship.errors import ModelFileError, SlimshipError
 from slimship.exporters.common import ParityReport, module_hash
 from slimship.exporters.registry import FORMATS, ExportRequest, FormatRecord
+from slimship.pt2_checks import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,11 @@ class ExportIndex:
         if len(data) > MAX_INDEX_BYTES:
             raise ExportIndexError(f"{path}: larger than {MAX_INDEX_BYTES} bytes; not an export index")
         try:
-            raw = json.loads(data, parse_constant=_no_constant)
+            raw = parse_json(data, str(path), unique_keys=False, parse_constant=_no_constant)
             parsed = IndexFile.model_validate(raw)
+        except ModelFileError as exc:  # not JSON, or nested too deeply
+            why = str(exc).removeprefix(f"{path}: ")
+            raise ExportIndexError(f"{path}: not an export index ({why})") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ExportIndexError(f"{path}: not an export index ({_why(exc)})") from None
         return cls(folder, {e.key: e for e in parsed.entries}, cache)
