@@ -351,7 +351,7 @@ def _deserialize(path: Path, members: dict[str, bytes]) -> torch.export.Exported
     check_graph_json(doc, where)
     check_declared_values(doc, where)
     drop_free_text(doc, where)
-    fallback_unknown_pytree_types(doc)
+    fallback_unknown_pytree_types(doc, where)
     state_dict = _payload(path, members, _WEIGHTS_DIR, _WEIGHTS_CONFIG)
     constants = _payload(path, members, _CONSTANTS_DIR, _CONSTANTS_CONFIG)
     try:
@@ -363,11 +363,12 @@ def _deserialize(path: Path, members: dict[str, bytes]) -> torch.export.Exported
         raise ModelFileError(f"{where}: could not rebuild the program: {_cause(exc)}") from None
 
 
-def fallback_unknown_pytree_types(doc: dict[str, Any]) -> list[str]:
+def fallback_unknown_pytree_types(doc: dict[str, Any], where: str = "model.json") -> list[str]:
     """Output/input containers of unregistered pytree types (e.g. a transformers ModelOutput) become dicts.
 
     Only nodes whose context is a JSON list of string keys (as dict-like containers store it) are
-    rewritten; anything else is left for the deserializer to report. Returns the types replaced.
+    rewritten; anything else is left for the deserializer to report. The specs are JSON inside JSON,
+    parsed within the same bounds (ModelFileError naming `where` and the spec). Returns the types replaced.
     """
     from torch.utils._pytree import SERIALIZED_TYPE_TO_PYTHON_TYPE
 
@@ -382,6 +383,8 @@ def fallback_unknown_pytree_types(doc: dict[str, Any]) -> list[str]:
                 keys = json.loads(node.get("context") or "null")
             except ValueError:
                 keys = None
+            except RecursionError:
+                raise ModelFileError(f"{where}: a pytree context nests deeper than can be parsed") from None
             if isinstance(keys, list) and all(isinstance(k, str) for k in keys):
                 replaced.append(kind)
                 node["type"] = "builtins.dict"
@@ -392,10 +395,7 @@ def fallback_unknown_pytree_types(doc: dict[str, Any]) -> list[str]:
         signature = entry.get("signature") or {}
         for key in ("in_spec", "out_spec"):
             if isinstance(signature.get(key), str):
-                try:
-                    spec = json.loads(signature[key])
-                except ValueError:
-                    continue
+                spec = parse_json(signature[key].encode(), f"{where}: {key}", unique_keys=False)
                 if isinstance(spec, list) and len(spec) == 2:
                     fix(spec[1])
                     signature[key] = json.dumps(spec)

@@ -298,3 +298,21 @@ def test_inflating_members_are_refused_before_they_are_read(tmp_path) -> None:
     with pytest.raises(ModelFileError, match="sample-inputs archive"):
         load_program(hostile)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: far below 1 GiB
+
+
+def test_a_deeply_nested_spec_inside_the_program_is_refused_naming_it(tmp_path) -> None:
+    x = torch.randn(2, 3)
+    source = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(nn.Linear(3, 2), (x,), strict=False), source)
+
+    def nest_out_spec(doc: dict) -> None:  # JSON inside JSON: 100,000 levels
+        signature = doc["graph_module"]["module_call_graph"][0]["signature"]
+        signature["out_spec"] = "[" * 100_000 + "]" * 100_000
+
+    path = tamper.rewrite(
+        source,
+        tmp_path / "deep.pt2",
+        lambda members: tamper.edit_json(members, "models/model.json", nest_out_spec),
+    )
+    with pytest.raises(ModelFileError, match="out_spec: nests deeper"):
+        load_program(path)
