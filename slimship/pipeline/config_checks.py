@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimship._util import write_problem
+from slimship.budget import INPUT_COPIES, MemoryBudgetError, check_tensor
 from slimship.errors import ConfigError, SlimshipError, first_line
 from slimship.pipeline.factories import signature_problems
 
@@ -103,6 +104,7 @@ def _check_latency_gate(config: PipelineConfig) -> list[str]:
 
 def _check_input_shape(config: PipelineConfig) -> list[str]:
     """One trace before any training: build the model, run one forward on a batch of 1 and export it once.
+    The example batch is checked against the memory budget first (nothing that large is allocated).
 
     Skipped when the factory or its kwargs are already reported. An input_shape that only works with its
     first entry taken as the batch is named as such."""
@@ -112,9 +114,13 @@ def _check_input_shape(config: PipelineConfig) -> list[str]:
         return []
     if signature_problems(build, config.model.kwargs, "model.kwargs", config.model.factory):
         return []
+    shape = list(config.model.input_shape)
+    try:  # the trace's batch of 2 (float32) against --max-memory, as a file's declared inputs are
+        check_tensor("'model.input_shape'", "the example batch", [2, *shape], 4, INPUT_COPIES)
+    except MemoryBudgetError as exc:
+        return [str(exc).replace("a file's declared sizes are", "an example input is")]
     import torch
 
-    shape = list(config.model.input_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         try:

@@ -56,3 +56,9 @@ def test_non_finite_numbers_are_refused_everywhere(tmp_path, capsys, key: str, v
     node[last] = value
     err = run_config(tmp_path, capsys, extra)
     assert f"'{key}' is {value!r}; expected " in err
+
+
+def test_example_input_over_the_memory_budget_is_refused_before_allocating(tmp_path, capsys) -> None:
+    err = run_config(tmp_path, capsys, {"model": {"input_shape": [1, 30000, 30000]}}, "--max-memory", "1GiB")
+    assert "'model.input_shape': the example batch of shape [2, 1, 30000, 30000] would take" in err
+    assert "over the --max-memory budget of 1.0 GiB; an example input is checked before" in err
