@@ -118,6 +118,7 @@ def _with_options(
                     f"{fn.__name__}: options must be a {options_type.__name__}, got {type(base).__name__}"
                 )
             kwargs["options"] = replace(base, **{k: v for k, v in flat.items() if k in option_names})
+            check_object(kwargs["options"])
         elif options is not None:
             raise CompressionError(f"{fn.__name__} takes no options object")
         return fn(model, example_inputs, train, test, **kwargs)
@@ -127,6 +128,27 @@ def _with_options(
     method.options_type = options  # type: ignore[attr-defined]
     method.training_defaults = training  # type: ignore[attr-defined]
     return method
+
+
+def check_object(options: Any) -> None:
+    """Run an options object's own rules: its ``check()`` method, when its class defines one."""
+    check = getattr(options, "check", None)
+    if callable(check):
+        check()
+
+
+def check_options(method: str, values: dict[str, Any]) -> None:
+    """The rules `method` applies to its flat options when it runs, applied to `values` now (a config is
+    checked with them before any work): Training's for the shared ones, the options object's for the rest.
+    A method registered without an options object or Training has no rules here."""
+    fn = _lookup(method)
+    options, training = getattr(fn, "options_type", None), getattr(fn, "training_defaults", None)
+    shared = {f.name for f in fields(Training)} if training is not None else set()
+    if training is not None:
+        replace(training, **{k: v for k, v in values.items() if k in shared})  # Training.__post_init__
+    if options is not None:
+        own = {f.name for f in fields(options)}
+        check_object(options(**{k: v for k, v in values.items() if k in own}))
 
 
 def load_builtin_methods() -> None:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from slimship._util import write_problem
 from slimship.budget import INPUT_COPIES, MemoryBudgetError, check_tensor
-from slimship.errors import ConfigError, SlimshipError, first_line
+from slimship.compress.registry import check_options
+from slimship.errors import CompressionError, ConfigError, SlimshipError, first_line
 from slimship.pipeline.factories import signature_problems
 
 if TYPE_CHECKING:
@@ -195,6 +196,18 @@ def _runs(model: Any, shape: list[int]) -> bool:
     return True
 
 
+def _check_options(config: PipelineConfig) -> list[str]:
+    """`compress.options` under the rules the method applies when it runs (registry.check_options)."""
+    if config.compress is None:
+        return []
+    try:
+        check_options(config.compress.method, config.compress.options.model_dump())
+    except CompressionError as exc:
+        option = getattr(exc, "option", None)
+        return [f"'compress.options{'.' + option if option else ''}': {exc}"]
+    return []
+
+
 def _check_device(config: PipelineConfig) -> list[str]:
     """`train.device` names a device this machine has (cuda asked on a machine without it is refused)."""
     from slimship.compress.device import device_problem
@@ -206,6 +219,7 @@ def _check_device(config: PipelineConfig) -> list[str]:
 
 
 READINESS_CHECKS: tuple[Callable[[PipelineConfig], list[str]], ...] = (
+    _check_options,
     _check_device,
     _check_targets,
     _check_kwargs,

@@ -62,3 +62,43 @@ def test_example_input_over_the_memory_budget_is_refused_before_allocating(tmp_p
     err = run_config(tmp_path, capsys, {"model": {"input_shape": [1, 30000, 30000]}}, "--max-memory", "1GiB")
     assert "'model.input_shape': the example batch of shape [2, 1, 30000, 30000] would take" in err
     assert "over the --max-memory budget of 1.0 GiB; an example input is checked before" in err
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "key", "message"),
+    [
+        ("hesso", {"target": 1.5}, "target", "option 'target' must be a number in [0, 1), got 1.5"),
+        ("hesso", {"periods": 0}, "periods", "option 'periods' must be an int >= 1, got 0"),
+        ("hspg", {"space_targets": {"conv": 1.0}}, "space_targets", "space_targets['conv'] must be"),
+        ("hspg", {"criterion": "random"}, "criterion", "criterion='random' is not one of"),
+        ("drop", {"pool": 0.5}, "pool", "option 'pool' must be a number >= 1, got 0.5"),
+        ("drop", {"drop_in": 1.5}, "drop_in", "option 'drop_in' must be a number in [0, 1], got 1.5"),
+        ("csgd", {"centripetal": 0.0}, "centripetal", "option 'centripetal' must be a number > 0"),
+        ("csgd", {"clustering": "spectral"}, "clustering", "clustering='spectral' is not one of"),
+    ],
+)
+def test_method_option_rules_run_at_config_check(tmp_path, capsys, method, options, key, message) -> None:
+    """The rules a method applies when it runs refuse the config before dense training, naming the key."""
+    err = run_config(tmp_path, capsys, {"compress": {"method": method, "options": options}})
+    assert f"'compress.options.{key}': {message}" in err
+
+
+def test_training_option_rules_run_at_config_check(tmp_path, capsys) -> None:
+    err = run_config(tmp_path, capsys, {"compress": {"options": {"momentum": -0.5}}})
+    assert "'compress.options': lr must be > 0 and momentum, weight_decay >= 0" in err
+
+
+def test_the_same_rule_refuses_the_option_when_the_method_runs() -> None:
+    """The run-time path (compress(...) with flat options) applies the very rule the config check does."""
+    import torch
+
+    from slimship.compress.registry import check_options, compress
+    from slimship.errors import CompressionError
+    from slimship.models import lenet5
+
+    with pytest.raises(CompressionError, match=r"option 'target' must be a number in \[0, 1\), got 1.5") as a:
+        check_options("hesso", {"target": 1.5})
+    batches = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))]
+    with pytest.raises(CompressionError, match=r"option 'target' must be a number in \[0, 1\), got 1.5") as b:
+        compress("hesso", lenet5(), torch.randn(1, 1, 8, 8), batches, target=1.5, epochs=1)
+    assert str(a.value) == str(b.value) and a.value.option == b.value.option == "target"
