@@ -51,7 +51,11 @@ SHARDABLE: set[str] = set()
 
 
 def register(
-    name: str, *, training: Training | None = None, options: type | None = None
+    name: str,
+    *,
+    training: Training | None = None,
+    options: type | None = None,
+    check: Callable[..., None] | None = None,
 ) -> Callable[[Callable[..., CompressResult]], Callable[..., CompressResult]]:
     """Decorator: make `fn` available as ``compress(name, ...)``.
 
@@ -65,6 +69,8 @@ def register(
         method = fn if training is None and options is None else _with_options(fn, training, options)
         if name in METHODS and METHODS[name] is not method:
             raise CompressionError(f"compression method {name!r} is registered twice")
+        if check is not None:
+            method.option_check = check  # type: ignore[attr-defined]
         METHODS[name] = method
         return method
 
@@ -149,6 +155,9 @@ def check_options(method: str, values: dict[str, Any]) -> None:
     if options is not None:
         own = {f.name for f in fields(options)}
         check_object(options(**{k: v for k, v in values.items() if k in own}))
+    rule = getattr(fn, "option_check", None)
+    if rule is not None:
+        rule(**(method_options(method) | values))
 
 
 def load_builtin_methods() -> None:

@@ -17,10 +17,13 @@ EXAMPLE = yaml.safe_load((ROOT / "configs" / "example.yaml").read_text())
 
 
 def run_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: dict, *flags: str) -> str:
-    """`slimship [flags] run CONFIG` on the example with `extra` merged in: exit 2 before any stage, nothing
-    written; returns stderr."""
+    """`slimship [flags] run CONFIG` on the example with `extra` merged in (a `compress` naming its method
+    replaces the example's): exit 2 before any stage, nothing written; returns stderr."""
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(merge(EXAMPLE, extra)))
+    raw = merge(EXAMPLE, extra)
+    if "method" in extra.get("compress", {}):  # another method: only the options given
+        raw["compress"] = extra["compress"]
+    path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "artifacts"
     assert main([*flags, "run", str(path), "--out", str(out)]) == 2
     captured = capsys.readouterr()
@@ -75,6 +78,8 @@ def test_example_input_over_the_memory_budget_is_refused_before_allocating(tmp_p
         ("drop", {"drop_in": 1.5}, "drop_in", "option 'drop_in' must be a number in [0, 1], got 1.5"),
         ("csgd", {"centripetal": 0.0}, "centripetal", "option 'centripetal' must be a number > 0"),
         ("csgd", {"clustering": "spectral"}, "clustering", "clustering='spectral' is not one of"),
+        ("simguided", {"target": 1.5}, "target", "option 'target' must be a number in [0, 1), got 1.5"),
+        ("magnitude", {"prune_steps": 0}, "prune_steps", "option 'prune_steps' must be an int >= 1, got 0"),
     ],
 )
 def test_method_option_rules_run_at_config_check(tmp_path, capsys, method, options, key, message) -> None:
