@@ -81,6 +81,8 @@ def test_example_input_over_the_memory_budget_is_refused_before_allocating(tmp_p
         ("simguided", {"target": 1.5}, "target", "option 'target' must be a number in [0, 1), got 1.5"),
         ("lorita", {"energy": 1.5}, "energy", "option 'energy' must be a number in (0, 1], got 1.5"),
         ("lorita", {"finetune_lr": 0.0}, "finetune_lr", "option 'finetune_lr' must be a number > 0"),
+        ("adc", {"min_keep": 0.0}, "min_keep", "option 'min_keep' must be a number in (0, 1], got 0.0"),
+        ("adc", {"search": "grid"}, "search", "search='grid' is not one of"),
         ("magnitude", {"prune_steps": 0}, "prune_steps", "option 'prune_steps' must be an int >= 1, got 0"),
     ],
 )
