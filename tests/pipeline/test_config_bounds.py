@@ -83,6 +83,8 @@ def test_example_input_over_the_memory_budget_is_refused_before_allocating(tmp_p
         ("lorita", {"finetune_lr": 0.0}, "finetune_lr", "option 'finetune_lr' must be a number > 0"),
         ("adc", {"min_keep": 0.0}, "min_keep", "option 'min_keep' must be a number in (0, 1], got 0.0"),
         ("adc", {"search": "grid"}, "search", "search='grid' is not one of"),
+        ("hakd", {"alpha": 1.5}, "alpha", "option 'alpha' must be in [0, 1]"),
+        ("hakd", {"widths": [1.5]}, "widths", "option 'widths' must be a non-empty list of multipliers"),
         ("magnitude", {"prune_steps": 0}, "prune_steps", "option 'prune_steps' must be an int >= 1, got 0"),
     ],
 )
