@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -37,6 +38,15 @@ def check_module(name: str, value: Any, *, optional: bool = False) -> None:
         raise refuse(name, "a torch nn.Module" + (" or None" if optional else ""), value)
 
 
+def named(name: str, message: str) -> CompressionError:
+    """A CompressionError about option `name`; its ``option`` attribute holds the bare option name (what a
+    config names as ``compress.options.NAME``), or None when `name` names no option."""
+    found = re.match(r"(?:option ')?([A-Za-z_]\w*)(?:'|\[|$)", name)
+    error = CompressionError(message)
+    error.option = found.group(1) if found else None  # type: ignore[attr-defined]
+    return error
+
+
 def label(name: str) -> str:
     """How an argument is named in a message: a bare option name as ``option 'name'``, else as given."""
     return f"option {name!r}" if name.isidentifier() else name
@@ -55,7 +65,7 @@ def is_int(value: Any) -> bool:
 def check_int(name: str, value: Any, low: int = 0) -> int:
     """`value` as an int if it is an integer (not a bool) >= `low`, else CompressionError naming it."""
     if not is_int(value) or value < low:
-        raise CompressionError(f"{label(name)} must be an int >= {low}, got {value!r}")
+        raise named(name, f"{label(name)} must be an int >= {low}, got {value!r}")
     return int(value)
 
 
@@ -77,7 +87,7 @@ def check_number(
             bound = f"{'>' if low_open else '>='} {low:g}"
         else:
             bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise CompressionError(f"{label(name)} must be a number {bound}, got {value!r}")
+        raise named(name, f"{label(name)} must be a number {bound}, got {value!r}")
     return float(value)
 
 
@@ -89,7 +99,7 @@ def check_fraction(name: str, value: Any, high_open: bool = True) -> float:
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
     """`value` if it is one of `allowed`, else CompressionError naming the option."""
     if value not in allowed:
-        raise CompressionError(f"{name}={value!r} is not one of {tuple(allowed)}")
+        raise named(name, f"{name}={value!r} is not one of {tuple(allowed)}")
     return value
 
 

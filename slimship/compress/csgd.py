@@ -23,7 +23,13 @@ from slimship.compress.checks import check_choice, check_number
 from slimship.compress.device import broadcast_from_rank0
 from slimship.compress.registry import CompressResult, register
 from slimship.compress.shards import sum_over_shards
-from slimship.compress.sparsifier import Sparsifier, register_sparsifier, steps_per_epoch, train_with
+from slimship.compress.sparsifier import (
+    Sparsifier,
+    TargetOptions,
+    register_sparsifier,
+    steps_per_epoch,
+    train_with,
+)
 from slimship.compress.training import Batch, Training, maybe_accuracy, working_copy
 from slimship.compress.views import Block, Slot
 
@@ -42,6 +48,12 @@ def kmeans_labels(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
 def even_labels(n: int, k: int) -> np.ndarray:
     """`n` rows in `k` runs of consecutive rows of (almost) equal length."""
     return np.concatenate([np.full(len(c), j) for j, c in enumerate(np.array_split(np.arange(n), k))])
+
+
+def check_centripetal(centripetal: float, clustering: str) -> None:
+    """CSGD's own options: centripetal > 0 and a known clustering."""
+    check_choice("clustering", clustering, CLUSTERINGS)
+    check_number("centripetal", centripetal, low_open=True)
 
 
 @register_sparsifier("csgd")
@@ -64,8 +76,7 @@ class CSGD(Sparsifier):
         clustering: str = "kmeans",
         merge_at_end: bool = True,
     ) -> None:
-        check_choice("clustering", clustering, CLUSTERINGS)
-        check_number("centripetal", centripetal, low_open=True)
+        check_centripetal(centripetal, clustering)
         super().__init__(
             model,
             example_inputs,
@@ -208,7 +219,7 @@ class CSGD(Sparsifier):
 
 
 @dataclass(frozen=True)
-class CsgdOptions:
+class CsgdOptions(TargetOptions):
     """The options of :func:`csgd` (see its documentation); ``csgd(..., options=CsgdOptions(...))``."""
 
     target: float = 0.5
@@ -216,6 +227,10 @@ class CsgdOptions:
     spaces: list[str] | None = None
     centripetal: float = 0.1
     clustering: str = "kmeans"
+
+    def check(self) -> None:
+        super().check()
+        check_centripetal(self.centripetal, self.clustering)
 
 
 @register("csgd", training=Training(epochs=20), options=CsgdOptions)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimship.compress.checks import check_callable, check_int, check_module
+from slimship.compress.checks import check_callable, check_int, check_module, named
 from slimship.compress.device import (
     broadcast_module_from_rank0,
     broadcast_object_from_rank0,
@@ -137,12 +137,13 @@ def check_distillation(temperature: float, alpha: float) -> None:
         or not isinstance(temperature, int | float)
         or not 0 < temperature < math.inf
     ):
-        raise CompressionError(
-            f"option 'temperature' must be a finite number > 0 (softmax temperature), got {temperature!r}"
+        raise named(
+            "temperature",
+            f"option 'temperature' must be a finite number > 0 (softmax temperature), got {temperature!r}",
         )
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
-        raise CompressionError(
-            f"option 'alpha' must be in [0, 1] (weight of the soft-target term), got {alpha!r}"
+        raise named(
+            "alpha", f"option 'alpha' must be in [0, 1] (weight of the soft-target term), got {alpha!r}"
         )
 
 
@@ -256,7 +257,7 @@ def check_student_options(**options: Any) -> None:
         except TypeError:
             ok = False
         if not ok:
-            raise CompressionError(f"option {name!r} must be {what}, got {value!r}")
+            raise named(name, f"option {name!r} must be {what}, got {value!r}")
     if options.get("latency_budget_ms") is not None and options.get("speedup") is not None:
         raise CompressionError(
             f"give one of speedup={options['speedup']!r} or "
@@ -430,6 +431,18 @@ class HakdOptions:
     temperature: float = 4.0
     alpha: float = 0.7
     clip_grad: float | None = 5.0
+
+    def check(self) -> None:
+        """The rules of the student builder and the distillation loss (at config check and when hakd runs)."""
+        check_student_options(
+            widths=self.widths,
+            speedup=self.speedup,
+            latency_budget_ms=self.latency_budget_ms,
+            min_flops_ratio=self.min_flops_ratio,
+            repeats=self.repeats,
+            student_init=self.student_init,
+        )
+        check_distillation(self.temperature, self.alpha)
 
 
 @register("distill")

@@ -26,7 +26,14 @@ from slimship.compress.checks import check_choice, check_fraction, check_int, ch
 from slimship.compress.device import decision_generator
 from slimship.compress.hspg import epoch_stages, finish
 from slimship.compress.registry import CompressResult, register
-from slimship.compress.sparsifier import CRITERIA, Sparsifier, check_steps, register_sparsifier, train_with
+from slimship.compress.sparsifier import (
+    CRITERIA,
+    Sparsifier,
+    TargetOptions,
+    check_steps,
+    register_sparsifier,
+    train_with,
+)
 from slimship.compress.training import Batch, Training, working_copy
 from slimship.compress.views import Block
 from slimship.errors import CompressionError
@@ -35,6 +42,15 @@ log = logging.getLogger(__name__)
 
 #: how a dropped-in group comes back: its values from when it was dropped, or a noisy copy of a live group
 REVIVALS = ("restore", "copy")
+
+
+def check_dropping(rounds: int, drop_in: float, pool: float, revive: str, criterion: str) -> None:
+    """Drop's own options: rounds >= 1, drop_in in [0, 1], pool >= 1, a known revival and criterion."""
+    check_fraction("drop_in", drop_in, high_open=False)
+    check_choice("criterion", criterion, CRITERIA)
+    check_choice("revive", revive, REVIVALS)
+    check_int("rounds", rounds, low=1)
+    check_number("pool", pool, low=1.0)
 
 
 @register_sparsifier("drop")
@@ -58,11 +74,7 @@ class Drop(Sparsifier):
         criterion: str = "magnitude",
         **options: Any,
     ) -> None:
-        check_fraction("drop_in", drop_in, high_open=False)
-        check_choice("criterion", criterion, CRITERIA)
-        check_choice("revive", revive, REVIVALS)
-        check_int("rounds", rounds, low=1)
-        check_number("pool", pool, low=1.0)
+        check_dropping(rounds, drop_in, pool, revive, criterion)
         check_steps(pruning_steps=pruning_steps)
         super().__init__(
             model,
@@ -201,7 +213,7 @@ class Drop(Sparsifier):
 
 
 @dataclass(frozen=True)
-class DropOptions:
+class DropOptions(TargetOptions):
     """The options of :func:`drop` (see its documentation); ``drop(..., options=DropOptions(...))``."""
 
     target: float = 0.5
@@ -213,6 +225,10 @@ class DropOptions:
     pool: float = 2.0
     revive: str = "restore"
     criterion: str = "magnitude"
+
+    def check(self) -> None:
+        super().check()
+        check_dropping(self.rounds, self.drop_in, self.pool, self.revive, self.criterion)
 
 
 @register("drop", training=Training(), options=DropOptions)
@@ -227,8 +243,6 @@ def drop(
 ) -> CompressResult:
     """Iterative stochastic prune-retrain on channel groups towards `target` group sparsity per space."""
     pruning_epochs = options.pruning_epochs
-    check_int("rounds", options.rounds, low=1)
-    check_number("pool", options.pool, low=1.0)
     model = working_copy(model)
     if pruning_epochs is None:
         pruning_epochs = max(options.rounds, round(0.6 * training.epochs))

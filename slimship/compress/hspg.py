@@ -36,6 +36,7 @@ from slimship.compress.registry import CompressResult, register
 from slimship.compress.sparsifier import (
     CRITERIA,
     Sparsifier,
+    TargetOptions,
     check_parts,
     check_steps,
     register_sparsifier,
@@ -50,6 +51,13 @@ from slimship.errors import CompressionError
 log = logging.getLogger(__name__)
 
 __all__ = ["CRITERIA", "HESSO", "HSPG", "finish", "hesso", "hspg", "space_fractions"]
+
+
+def check_projection(criterion: str, lam: float, epsilon: float) -> None:
+    """HSPG's own options: a known criterion, lam and epsilon >= 0."""
+    check_choice("criterion", criterion, CRITERIA)
+    check_number("lam", lam)
+    check_number("epsilon", epsilon)
 
 
 @register_sparsifier("hspg")
@@ -72,9 +80,7 @@ class HSPG(Sparsifier):
         lr: float = 0.05,
         **options: Any,
     ) -> None:
-        check_choice("criterion", criterion, CRITERIA)
-        check_number("lam", lam)
-        check_number("epsilon", epsilon)
+        check_projection(criterion, lam, epsilon)
         check_number("lr", lr, low_open=True)
         check_steps(warmup_steps=warmup_steps, projection_steps=projection_steps)
         super().__init__(
@@ -281,7 +287,7 @@ def epoch_stages(
 
 
 @dataclass(frozen=True)
-class HspgOptions:
+class HspgOptions(TargetOptions):
     """The options of :func:`hspg` (see its documentation); ``hspg(..., options=HspgOptions(...))``."""
 
     target: float = 0.5
@@ -292,6 +298,10 @@ class HspgOptions:
     lam: float = 1e-3
     epsilon: float = 0.0
     criterion: str = "salience"
+
+    def check(self) -> None:
+        super().check()
+        check_projection(self.criterion, self.lam, self.epsilon)
 
 
 @register("hspg", training=Training(), options=HspgOptions)
@@ -335,7 +345,7 @@ def hspg(
 
 
 @dataclass(frozen=True)
-class HessoOptions:
+class HessoOptions(TargetOptions):
     """The options of :func:`hesso` (see its documentation); ``hesso(..., options=HessoOptions(...))``."""
 
     target: float = 0.5
@@ -344,6 +354,10 @@ class HessoOptions:
     warmup_epochs: int | None = None
     pruning_epochs: int | None = None
     periods: int = 5
+
+    def check(self) -> None:
+        super().check()
+        check_int("periods", self.periods, low=1)
 
 
 @register("hesso", training=Training(), options=HessoOptions)
@@ -361,7 +375,6 @@ def hesso(
     n, warmup, middle = epoch_stages(
         training, train, options.warmup_epochs, options.pruning_epochs, "pruning_epochs"
     )
-    check_int("periods", options.periods, low=1)
     check_parts(f"pruning_epochs={middle // max(n, 1)} x {n} batches", middle, options.periods, "periods")
     sp = HESSO(
         model,

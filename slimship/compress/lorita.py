@@ -184,6 +184,11 @@ class LoritaOptions:
     checkpoint: str | None = None
     seed: int = 0
 
+    def check(self) -> None:
+        """The rules of the options ``factorize`` is handed (checked before the training, not after)."""
+        _check_rank_options(self.rank_ratio, self.energy)
+        _check_finetune(self.finetune_epochs, self.finetune_lr, None, need_train=False)
+
 
 @register("lorita", options=LoritaOptions)
 def lorita(
@@ -203,8 +208,6 @@ def lorita(
     """
     if train is None:
         raise CompressionError("lorita needs training data (train batches)")
-    _check_rank_options(options.rank_ratio, options.energy)
-    _check_finetune(options.finetune_epochs, options.finetune_lr, train)
     model = working_copy(model)
     lowrank = parametrize_low_rank(model, depth=options.depth)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
@@ -274,10 +277,12 @@ def _check_rank_options(rank_ratio: float | None, energy: float | None) -> None:
             check_number(f"option {name!r}", value, 0.0, 1.0, low_open=True, high_open=False)
 
 
-def _check_finetune(epochs: int, lr: float, train: Iterable[Batch] | None) -> None:
+def _check_finetune(
+    epochs: int, lr: float, train: Iterable[Batch] | None, *, need_train: bool = True
+) -> None:
     check_int("option 'finetune_epochs'", epochs, 0)
     check_number("option 'finetune_lr'", lr, 0.0, math.inf, low_open=True, high_open=True)
-    if epochs > 0 and train is None:
+    if need_train and epochs > 0 and train is None:
         raise CompressionError(
             f"finetune_epochs={epochs} needs training batches (pass train=...), or set finetune_epochs=0"
         )

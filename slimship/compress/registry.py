@@ -51,7 +51,11 @@ SHARDABLE: set[str] = set()
 
 
 def register(
-    name: str, *, training: Training | None = None, options: type | None = None
+    name: str,
+    *,
+    training: Training | None = None,
+    options: type | None = None,
+    check: Callable[..., None] | None = None,
 ) -> Callable[[Callable[..., CompressResult]], Callable[..., CompressResult]]:
     """Decorator: make `fn` available as ``compress(name, ...)``.
 
@@ -65,6 +69,8 @@ def register(
         method = fn if training is None and options is None else _with_options(fn, training, options)
         if name in METHODS and METHODS[name] is not method:
             raise CompressionError(f"compression method {name!r} is registered twice")
+        if check is not None:
+            method.option_check = check  # type: ignore[attr-defined]
         METHODS[name] = method
         return method
 
@@ -118,6 +124,7 @@ def _with_options(
                     f"{fn.__name__}: options must be a {options_type.__name__}, got {type(base).__name__}"
                 )
             kwargs["options"] = replace(base, **{k: v for k, v in flat.items() if k in option_names})
+            check_object(kwargs["options"])
         elif options is not None:
             raise CompressionError(f"{fn.__name__} takes no options object")
         return fn(model, example_inputs, train, test, **kwargs)
@@ -127,6 +134,30 @@ def _with_options(
     method.options_type = options  # type: ignore[attr-defined]
     method.training_defaults = training  # type: ignore[attr-defined]
     return method
+
+
+def check_object(options: Any) -> None:
+    """Run an options object's own rules: its ``check()`` method, when its class defines one."""
+    check = getattr(options, "check", None)
+    if callable(check):
+        check()
+
+
+def check_options(method: str, values: dict[str, Any]) -> None:
+    """The rules `method` applies to its flat options when it runs, applied to `values` now (a config is
+    checked with them before any work): Training's for the shared ones, the options object's for the rest.
+    A method registered without an options object or Training has no rules here."""
+    fn = _lookup(method)
+    options, training = getattr(fn, "options_type", None), getattr(fn, "training_defaults", None)
+    shared = {f.name for f in fields(Training)} if training is not None else set()
+    if training is not None:
+        replace(training, **{k: v for k, v in values.items() if k in shared})  # Training.__post_init__
+    if options is not None:
+        own = {f.name for f in fields(options)}
+        check_object(options(**{k: v for k, v in values.items() if k in own}))
+    rule = getattr(fn, "option_check", None)
+    if rule is not None:
+        rule(**(method_options(method) | values))
 
 
 def load_builtin_methods() -> None:

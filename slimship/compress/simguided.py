@@ -198,6 +198,25 @@ class SimGuided(IterativePruning):
         return {**super().decisions(), "masked": self.masked.nonzero().flatten().tolist()}
 
 
+def check_iterative(
+    target: float,
+    prune_steps: int,
+    epochs_per_step: int,
+    finetune_epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> None:
+    """The options of simguided and magnitude (checked when they run, and by a config before any work;
+    every option is passed, `seed` has no rule here)."""
+    check_int("prune_steps", prune_steps, low=1)
+    check_int("epochs_per_step", epochs_per_step)
+    check_int("finetune_epochs", finetune_epochs)
+    check_number("lr", lr, low_open=True)
+    check_number("weight_decay", weight_decay)
+    schedule(check_fraction("target", target), prune_steps)  # checks prune_steps
+
+
 def _run(
     kind: str,
     model: nn.Module,
@@ -215,13 +234,8 @@ def _run(
     """`compress(kind)`: the sparsifier in slimship's loop (SGD with momentum, constant rate)."""
     if train is None:
         raise CompressionError(f"{kind} needs training data (train batches)")
-    check_int("prune_steps", prune_steps, low=1)
-    check_int("epochs_per_step", epochs_per_step)
-    check_int("finetune_epochs", finetune_epochs)
-    check_number("lr", lr, low_open=True)
-    check_number("weight_decay", weight_decay)
-    target = check_fraction("target", target)
-    schedule(target, prune_steps)  # checks prune_steps
+    check_iterative(target, prune_steps, epochs_per_step, finetune_epochs, lr, weight_decay, seed)
+    target = float(target)
     model = working_copy(model)
     n = steps_per_epoch(train)
     epochs = prune_steps * epochs_per_step + finetune_epochs
@@ -287,7 +301,7 @@ def _method(kind: str, summary: str):
 
     method.__name__ = method.__qualname__ = kind
     method.__doc__ = summary
-    return register(kind)(method)
+    return register(kind, check=check_iterative)(method)
 
 
 simguided = _method("simguided", "Simulation-guided iterative pruning to group sparsity `target`.")

@@ -122,6 +122,24 @@ def space_fractions(
     return {s: check_fraction(f"space_targets[{s!r}]", overrides.get(s, target)) for s in by_space}
 
 
+def check_targets(target: Any, space_targets: dict[str, Any] | None) -> float:
+    """`target` and each entry of `space_targets` must be fractions in [0, 1); returns `target`."""
+    for space, value in (space_targets or {}).items():
+        check_fraction(f"space_targets[{space!r}]", value)
+    return check_fraction("target", target)
+
+
+class TargetOptions:
+    """Mixin of a method's options object holding ``target`` and ``space_targets``: ``check()`` applies
+    the sparsifier's rules to them (a subclass adds its own rules after ``super().check()``)."""
+
+    target: float
+    space_targets: dict[str, float] | None
+
+    def check(self) -> None:
+        check_targets(self.target, self.space_targets)
+
+
 #: the arguments every sparsifier takes: name -> (test, what it must be)
 ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": (lambda v: isinstance(v, nn.Module), "a torch.nn.Module (plain or DDP-wrapped)"),
@@ -220,7 +238,7 @@ class Sparsifier:
         refuse_sharded(self.model, f"sparsifier {self.name!r}")
         self.device = device_of(self.model)
         self.total_steps, self.seed = int(total_steps), int(seed)
-        self.target = check_fraction("target", target)
+        self.target = check_targets(target, space_targets)
         found, by_space = prunable_groups(self.model, example_inputs, spaces)
         self.fractions = fractions = space_fractions(by_space, self.target, space_targets)
         order = [i for idx in by_space.values() for i in idx]

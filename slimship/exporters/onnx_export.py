@@ -267,7 +267,7 @@ def _torch_export(
                     return program, (True, None), unguarded
                 except Exception:
                     pass
-            reason = specialisation_reason(exc)
+            reason = saved_static_batch(model) or specialisation_reason(exc)
             log.warning(
                 "ONNX export keeps a static batch of %s: %s",
                 inputs[0].shape[0] if inputs[0].dim() else "?",
@@ -277,6 +277,24 @@ def _torch_export(
         return torch.export.export(model, inputs, strict=False), (False, reason), model
     except Exception as exc:
         raise export_error("torch.export of the model", exc, None, _WAY_OUT_EXPORT) from exc
+
+
+def saved_static_batch(model: torch.nn.Module) -> str | None:
+    """Why the batch is static when `model` is a saved program's graph (``ExportedProgram.module()``) whose
+    inputs all have a fixed first dim: it was exported without dynamic_shapes; None for anything else."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return None
+    inputs = [n for n in model.graph.nodes if n.op == "placeholder"]
+    vals = [(n.name, n.meta.get("val")) for n in inputs]
+    tensors = [(name, v) for name, v in vals if isinstance(v, torch.Tensor) and v.dim()]  # batched ones
+    if not tensors or any(isinstance(v.shape[0], torch.SymInt) for _, v in tensors):
+        return None
+    per_input = ", ".join("{0: batch}" if v.dim() else "{}" for _, v in vals if isinstance(v, torch.Tensor))
+    fixed = int(tensors[0][1].shape[0])
+    return (
+        f"the program was saved without dynamic_shapes (its batch is fixed at {fixed}): export it with "
+        f"batch = Dim('batch'); torch.export.export(model, args, dynamic_shapes=({per_input},))"
+    )
 
 
 def specialisation_reason(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from slimship._yaml import load_yaml
@@ -42,6 +42,7 @@ from slimship.runtimes.registry import RUNTIMES
 # names come from the format and runtime registries (one table each; adding one there adds it here)
 FORMATS: tuple[str, ...] = tuple(name for name, r in FORMAT_TABLE.items() if r.task is None)  # one pass
 ALIGN_RUNTIMES: tuple[str, ...] = tuple(name for name, r in RUNTIMES.items() if r.times_alignment)
+SEED_MAX = 2**32 - 1  # np.random.seed's largest (torch and random take more)
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 Format = Literal[FORMATS]  # type: ignore[valid-type]
@@ -130,7 +131,7 @@ class CompressSpec(Section):
 class PipelineConfig(Section):
     """The whole config. `targets_file` entries are resolved into `target_profiles()` at validation."""
 
-    seed: int = _f(0, "a non-negative integer", ge=0)
+    seed: int = _f(0, f"a non-negative integer up to {SEED_MAX} (numpy's seed range)", ge=0, le=SEED_MAX)
     model: ModelSpec = _f(..., "a mapping with factory, input_shape, kwargs")
     data: DataSpec | None = _f(None, "a mapping with factory and kwargs, or null")
     train: TrainSpec | None = _f(None, "a mapping with epochs and lr, or null")
@@ -251,7 +252,7 @@ def options_model(method: str) -> type[BaseModel]:
         for name, (tp, default) in _option_types(method).items()
     }
     title = "".join(part.capitalize() for part in method.replace("-", "_").split("_")) + "Options"
-    return create_model(title, __config__=ConfigDict(extra="forbid", strict=True, frozen=True), **fields)
+    return create_model(title, __config__=Section.model_config, **fields)
 
 
 @functools.cache

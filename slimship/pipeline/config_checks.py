@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimship._util import write_problem
-from slimship.errors import ConfigError, SlimshipError, first_line
+from slimship.budget import INPUT_COPIES, MemoryBudgetError, check_tensor
+from slimship.compress.registry import check_options
+from slimship.errors import CompressionError, ConfigError, SlimshipError, first_line
 from slimship.pipeline.factories import signature_problems
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ def _check_latency_gate(config: PipelineConfig) -> list[str]:
 
 def _check_input_shape(config: PipelineConfig) -> list[str]:
     """One trace before any training: build the model, run one forward on a batch of 1 and export it once.
+    The example batch is checked against the memory budget first (nothing that large is allocated).
 
     Skipped when the factory or its kwargs are already reported. An input_shape that only works with its
     first entry taken as the batch is named as such."""
@@ -112,9 +115,13 @@ def _check_input_shape(config: PipelineConfig) -> list[str]:
         return []
     if signature_problems(build, config.model.kwargs, "model.kwargs", config.model.factory):
         return []
+    shape = list(config.model.input_shape)
+    try:  # the trace's batch of 2 (float32) against --max-memory, as a file's declared inputs are
+        check_tensor("'model.input_shape'", "the example batch", [2, *shape], 4, INPUT_COPIES)
+    except MemoryBudgetError as exc:
+        return [str(exc).replace("a file's declared sizes are", "an example input is")]
     import torch
 
-    shape = list(config.model.input_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         try:
@@ -189,6 +196,18 @@ def _runs(model: Any, shape: list[int]) -> bool:
     return True
 
 
+def _check_options(config: PipelineConfig) -> list[str]:
+    """`compress.options` under the rules the method applies when it runs (registry.check_options)."""
+    if config.compress is None:
+        return []
+    try:
+        check_options(config.compress.method, config.compress.options.model_dump())
+    except CompressionError as exc:
+        option = getattr(exc, "option", None)
+        return [f"'compress.options{'.' + option if option else ''}': {exc}"]
+    return []
+
+
 def _check_device(config: PipelineConfig) -> list[str]:
     """`train.device` names a device this machine has (cuda asked on a machine without it is refused)."""
     from slimship.compress.device import device_problem
@@ -200,6 +219,7 @@ def _check_device(config: PipelineConfig) -> list[str]:
 
 
 READINESS_CHECKS: tuple[Callable[[PipelineConfig], list[str]], ...] = (
+    _check_options,
     _check_device,
     _check_targets,
     _check_kwargs,

@@ -16,6 +16,6 @@ def spec_field(default: Any, expected: str, **constraints: Any) -> Any:
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys refused, strict types."""
+    """Base of every config section: unknown keys refused, strict types, no NaN or infinite number."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)

@@ -151,6 +151,27 @@ class AdcOptions:
     checkpoint: str | Path | None = None
     seed: int = 0
 
+    def check(self) -> None:
+        """The option rules (checked at config check and when adc runs)."""
+        check_choice("search", self.search, SEARCHES)
+        check_keep(self.min_keep, self.max_keep)
+        if self.target_flops_kept is not None and self.target_latency_ms is not None:
+            raise CompressionError(
+                f"give one of target_flops_kept ({self.target_flops_kept}) and target_latency_ms "
+                f"({self.target_latency_ms}), not both: the search has one budget"
+            )
+        if (
+            self.top_k < 1
+            or self.select_epochs < 0
+            or self.latency_rounds < 1
+            or not 0 <= self.latency_margin < 1
+        ):
+            raise CompressionError(
+                "options need top_k >= 1, select_epochs >= 0, latency_rounds >= 1 and "
+                f"0 <= latency_margin < 1, got {self.top_k}, {self.select_epochs}, {self.latency_rounds}, "
+                f"{self.latency_margin}"
+            )
+
 
 @register("adc", options=AdcOptions)
 def adc(
@@ -180,26 +201,8 @@ def adc(
         raise CompressionError(
             "adc needs training data (train batches) for its validation split and fine-tuning"
         )
-    check_choice("search", options.search, SEARCHES)
-    check_keep(options.min_keep, options.max_keep)
-    if target_flops_kept is not None and options.target_latency_ms is not None:
-        raise CompressionError(
-            f"give one of target_flops_kept ({target_flops_kept}) and target_latency_ms "
-            f"({options.target_latency_ms}), not both: the search has one budget"
-        )
     if options.target_latency_ms is None and target_flops_kept is None:
         target_flops_kept = DEFAULT_FLOPS_KEPT
-    if (
-        options.top_k < 1
-        or options.select_epochs < 0
-        or options.latency_rounds < 1
-        or not 0 <= options.latency_margin < 1
-    ):
-        raise CompressionError(
-            "options need top_k >= 1, select_epochs >= 0, latency_rounds >= 1 and 0 <= latency_margin < 1, "
-            f"got {options.top_k}, {options.select_epochs}, {options.latency_rounds}, "
-            f"{options.latency_margin}"
-        )
     inputs = as_input_tuple(example_inputs)
     model = working_copy(model).eval()
     rest, val = split_validation(train, options.val_fraction, options.seed)
