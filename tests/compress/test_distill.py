@@ -303,12 +303,15 @@ def test_other_ranks_build_the_broadcast_choice_without_measuring(monkeypatch) -
 
 
 def test_readme_hakd_example_runs(tmp_path) -> None:
-    """README "HAKD in your own loop" runs as written: a narrower student, far above chance (25%)."""
+    """README "HAKD in your own loop" runs as written: a narrower student, far above chance (25%). Which
+    width meets the latency budget is measured, so a loaded machine may choose 0.25 (8 channels from a
+    random init learn less in the example's 3 epochs: 0.53 where 0.5 reaches 0.83)."""
     stdout = run_readme_example("### HAKD in your own loop", tmp_path)
     found = re.search(r"w([\d.]+) flops ratio ([\d.]+) accuracy ([\d.]+)", stdout)
     assert found, stdout
     width, flops_ratio, accuracy = map(float, found.groups())
-    assert width in (0.5, 0.25) and flops_ratio > 1.5 and accuracy > 0.6
+    assert width in (0.5, 0.25) and flops_ratio > 1.5
+    assert accuracy > {0.5: 0.6, 0.25: 0.45}[width], stdout
 
 
 @pytest.mark.slow  # two torchrun processes importing torch, rank 0 exporting and timing three models: ~30 s
