@@ -147,6 +147,7 @@ def test_a_single_process_gloo_group_and_ddp_wrapper_give_the_same_policy(tmp_pa
     with single_process_group(tmp_path):
         wrapped = nn.parallel.DistributedDataParallel(model)
         grouped = search(wrapped, closeness(model))
+        del wrapped  # a DDP reducer must not outlive its process group (its teardown then hangs)
     assert grouped.policy == alone.policy and grouped.rewards == alone.rewards
 
 

@@ -277,6 +277,7 @@ def test_build_student_in_a_process_group(tmp_path, monkeypatch) -> None:
         DistillationLoss(teacher)(ddp(x), y, x).backward()
         optimizer.step()
         assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+        del ddp, optimizer  # a DDP reducer must not outlive its process group (its teardown then hangs)
         monkeypatch.setattr(distill, "latency_table", _no_measuring)  # the floor is checked first
         with pytest.raises(CompressionError, match="min_flops_ratio=1000"):
             build_student(teacher, example(), **FAST, min_flops_ratio=1000.0)

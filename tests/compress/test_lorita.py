@@ -247,6 +247,7 @@ def test_parametrise_before_ddp_then_factorise_the_wrapper(data, tmp_path):
         assert lowrank.layers == ["1", "3", "5"]
         assert not any("parametrizations" in n for n, _ in model.named_parameters())
         assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
+        del ddp  # a DDP reducer must not outlive its process group (its teardown then hangs)
 
 
 def test_factors_follow_the_model_dtype(data):

@@ -152,6 +152,7 @@ def test_ddp_wrapper_is_unwrapped(tmp_path: Path) -> None:
         assert sp.model is model and [g.produce for g in sp.groups] == [g.produce for g in plain.groups]
         train(wrapped, sp, OPTIMIZERS["sgd"](wrapped.parameters()), batches())
         assert {s: v["zero"] for s, v in sp.summary()["spaces"].items()} == ZERO_TARGET
+        del wrapped, sp  # a DDP reducer must not outlive its process group (its teardown then hangs)
 
 
 def run_readme_example(heading: str, tmp_path: Path) -> str:
